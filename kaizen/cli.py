@@ -1,0 +1,192 @@
+"""The `kaizen` command line.
+
+    kaizen up                 # broker + chat API + trainer on embedded defaults
+    kaizen --help             # every verb
+
+Options override settings (services/settings.py): each command builds its
+settings once, then copies them with the options given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from services.settings import Settings, get_settings
+
+app = typer.Typer(help="Kaizen: a chat service that gets better while people use it.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+model_app = typer.Typer(help="Model folders: the default model, tiny test models.", no_args_is_help=True)
+prefs_app = typer.Typer(help="The preference store.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(prefs_app, name="prefs")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def settings_with(**overrides: Any) -> Settings:
+    base = get_settings()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return base
+    return Settings.model_validate({**base.model_dump(), **given})
+
+
+def setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # kafka-python logs every group (re)join at INFO; keep its warnings only.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/bold red] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def config(as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False) -> None:
+    """Print the effective settings, secrets masked."""
+    values = get_settings().masked()
+    if as_json:
+        console.print_json(json.dumps(values, default=str))
+        return
+    for key, value in values.items():
+        console.print(f"[bold]{key}[/bold] = {value}")
+
+
+@app.command()
+def up(
+    port: Annotated[int | None, typer.Option(help="chat API port")] = None,
+    model: Annotated[Path | None, typer.Option(help="model folder to serve")] = None,
+) -> None:
+    """Start broker, chat API and trainer; Ctrl-C stops all."""
+    from kaizen.supervisor import run_up
+
+    settings = settings_with(port=port, model=model)
+    raise typer.Exit(run_up(settings))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="address to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="port to bind")] = None,
+    model: Annotated[Path | None, typer.Option(help="model folder to serve")] = None,
+) -> None:
+    """Run the chat API only."""
+    from services.app import serve as run_serve
+    from services.models import ModelError, require_model
+
+    settings = settings_with(host=host, port=port, model=model)
+    setup_logging(settings)
+    try:
+        require_model(settings.model_dir)
+    except ModelError as exc:
+        raise fail(str(exc)) from None
+    from services.broker import port_in_use
+
+    if port_in_use("127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host, settings.port):
+        raise fail(f"port {settings.port} is already in use: is `kaizen serve` or `kaizen up` running?")
+    run_serve(settings)
+
+
+@app.command()
+def train(once: Annotated[bool, typer.Option("--once", help="one pass now, then exit")] = False) -> None:
+    """Run the trainer daemon (consumes votes into the preference store)."""
+    from trainer.daemon import run
+
+    settings = get_settings()
+    setup_logging(settings)
+    stored = run(settings, once=once)
+    if once:
+        console.print(f"stored {stored} new preference events")
+
+
+@app.command()
+def broker(port: Annotated[int | None, typer.Option(help="port to listen on")] = None) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu) and create Kaizen's topics."""
+    from services.broker import BrokerError, ensure_topics, start_embedded_broker
+
+    settings = settings_with(broker_port=port)
+    setup_logging(settings)
+    try:
+        if not settings.embedded_broker:
+            created = ensure_topics(settings)
+            console.print(f"KAIZEN_KAFKA_BOOTSTRAP is set ({settings.bootstrap_servers}): no embedded "
+                          f"broker started; topics created: {created or 'none missing'}")
+            return
+        proc = start_embedded_broker(settings)
+        created = ensure_topics(settings)
+    except BrokerError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"broker on {settings.bootstrap_servers} (in memory); topics created: {created}")
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    raise typer.Exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
+
+
+@model_app.command("prepare")
+def model_prepare(
+    force: Annotated[bool, typer.Option(help="rebuild even if present")] = False,
+    verify: Annotated[bool, typer.Option(help="check by a greedy answer")] = True,
+) -> None:
+    """Build the default model (SmolLM2-135M-Instruct) into the data dir."""
+    from services.models import ModelError, prepare_default
+
+    settings = get_settings()
+    try:
+        result = prepare_default(settings, force=force, verify=verify)
+    except ModelError as exc:
+        raise fail(str(exc)) from None
+    if not result.created:
+        console.print(f"already prepared: {result.path}")
+        return
+    console.print(f"prepared {result.path}")
+    if result.answer is not None:
+        console.print(f"verification, greedy answer to 'What is the capital of France?': {result.answer}")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    directory: Annotated[Path, typer.Argument(help="folder to write")],
+    seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
+) -> None:
+    """Write a tiny random Llama with the default model's tokenizer (for tests)."""
+    from services.models import build_tiny
+
+    path = build_tiny(get_settings(), directory, seed=seed)
+    console.print(f"wrote tiny model to {path}")
+
+
+@prefs_app.command("stats")
+def prefs_stats() -> None:
+    """Totals of the preference store, by choice and by model-version pair."""
+    from trainer.store import PreferenceStore
+
+    store = PreferenceStore(get_settings().preferences_db)
+    try:
+        console.print_json(json.dumps(store.stats()))
+    finally:
+        store.close()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

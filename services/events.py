@@ -1,0 +1,77 @@
+"""Event schemas on Kafka, shared by the API (producer) and trainer (consumer).
+
+A Preference event (schema_version 1) is one vote on one comparison; the
+chosen/rejected pair is derived from it, never stored twice. Events are
+versioned: a consumer that meets an unknown `schema_version` dead-letters the
+event rather than guess.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+Choice = Literal[0, 1, "tie", "both_bad"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    model_version: str
+    finish_reason: str | None = None
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreferenceEvent(BaseModel):
+    """Schema v1 (ARCHITECTURE.md): one vote, with everything needed to learn from it."""
+
+    model_config = ConfigDict(extra="forbid")
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    schema_version: Literal[1] = SCHEMA_VERSION
+    comparison_id: str = Field(min_length=1, max_length=200)
+    user: str = Field(min_length=1, max_length=200, description="pseudonymous id, never the key")
+    served_at: datetime
+    voted_at: datetime = Field(default_factory=utcnow)
+    messages: Annotated[list[Message], Field(min_length=1)]
+    answers: Annotated[list[Answer], Field(min_length=2, max_length=2)]
+    choice: Choice
+    reason: str | None = Field(default=None, max_length=2000)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class InvalidEvent(ValueError):
+    """A message on a topic that is not a valid event; the reason says why."""
+
+
+def parse_preference(raw: bytes) -> PreferenceEvent:
+    """Decode and validate one message value, or raise InvalidEvent with the reason."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidEvent("not a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InvalidEvent(f"unknown schema_version {version!r} (this consumer reads {SCHEMA_VERSION})")
+    try:
+        return PreferenceEvent.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEvent(f"invalid event: {exc.errors(include_url=False)}") from exc

@@ -1,0 +1,64 @@
+"""Every Prometheus metric Kaizen exports, declared in one place.
+
+Names carry the `kaizen_` prefix and a base-unit suffix; labels stay
+low-cardinality (route templates, status codes, model versions). Recording
+happens where the event happens; declaring happens only here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# -- chat API -----------------------------------------------------------------------
+HTTP_REQUESTS = Counter(
+    "kaizen_http_requests_total",
+    "HTTP requests answered, by route template, method and status code.",
+    ["route", "method", "status"],
+)
+HTTP_DURATION = Histogram(
+    "kaizen_http_request_duration_seconds",
+    "Time from request received to response complete (streams: last byte).",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "kaizen_time_to_first_token_seconds",
+    "Time from a chat request received to its first generated token.",
+    ["model_version"],
+    buckets=TTFT_BUCKETS,
+)
+PROMPT_TOKENS = Counter(
+    "kaizen_prompt_tokens_total", "Prompt tokens of chat requests.", ["model_version"]
+)
+GENERATED_TOKENS = Counter(
+    "kaizen_generated_tokens_total", "Tokens generated for chat answers.", ["model_version"]
+)
+ENGINE_READY = Gauge(
+    "kaizen_engine_ready", "1 when the chat engine has loaded its model and serves, else 0."
+)
+ENGINE_REQUESTS_IN_FLIGHT = Gauge(
+    "kaizen_engine_requests_in_flight",
+    "Requests the engine holds now (queued or generating), read from vLLM's output processor.",
+)
+CLIENT_DISCONNECTS = Counter(
+    "kaizen_client_disconnects_total",
+    "Streams whose client went away before the answer was complete (the engine request is aborted).",
+)
+MODEL_INFO = Gauge(
+    "kaizen_served_model_info",
+    "Always 1; labels name the model version served.",
+    ["model_version"],
+)
+
+# -- trainer ------------------------------------------------------------------------
+TRAINER_READY = Gauge(
+    "kaizen_trainer_ready", "1 when the trainer's consumer has joined its group, else 0."
+)
+EVENTS_CONSUMED = Counter(
+    "kaizen_trainer_events_consumed_total",
+    "Preference events read from Kafka, by outcome (stored, duplicate, dead_lettered).",
+    ["outcome"],
+)

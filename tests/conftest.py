@@ -1,0 +1,134 @@
+"""Shared real parts for the test suite.
+
+Session-scoped: a tiny random Llama (built once, reusing SmolLM2's tokenizer),
+a real Tansu broker on a free port, and one chat API process holding a real
+vLLM engine (engine start is ~20 s, so every API test shares it). Tests never
+touch the user's data dir: KAIZEN_DATA_DIR points into pytest's temp dir
+before any settings are built.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    data_dir = tmp_path_factory.mktemp("kaizen-data")
+    old = os.environ.get("KAIZEN_DATA_DIR")
+    os.environ["KAIZEN_DATA_DIR"] = str(data_dir)
+    for key in [k for k in os.environ if k.startswith("KAIZEN_") and k != "KAIZEN_DATA_DIR"]:
+        del os.environ[key]  # the developer's own settings must not leak in
+    get_settings.cache_clear()
+    yield data_dir
+    if old is None:
+        os.environ.pop("KAIZEN_DATA_DIR", None)
+    else:
+        os.environ["KAIZEN_DATA_DIR"] = old
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, isolated_data_dir: Path) -> Path:
+    from services.models import build_tiny
+
+    return build_tiny(Settings(), tmp_path_factory.mktemp("models") / "tiny")
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "port": free_port(),
+        "trainer_port": free_port(),
+        "broker_port": free_port(),
+        "engine_max_model_len": 512,
+        "default_max_tokens": 16,
+        "max_tokens_limit": 448,
+        "kafka_max_poll_interval_ms": 10_000,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A real embedded broker with Kaizen's topics; yields settings that point at it."""
+    from services.broker import ensure_topics, start_embedded_broker
+
+    settings = make_settings(tmp_path_factory.mktemp("broker-data"))
+    proc = start_embedded_broker(settings)
+    ensure_topics(settings)
+    yield settings
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Settings]]:
+    """One `kaizen serve` process on the tiny model; yields (base_url, settings)."""
+    settings = make_settings(tmp_path_factory.mktemp("api-data"), model=tiny_model)
+    log_path = settings.data_dir / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_http(f"{base}/readyz", 240, proc)
+    except Exception:
+        stop_group(proc)
+        print(log_path.read_text()[-5000:])
+        raise
+    yield base, settings
+    stop_group(proc)

@@ -1,0 +1,122 @@
+"""Kafka → preference store, committing offsets only after the store commits.
+
+    kaizen train          # runs this consumer (and, later, training rounds)
+
+Each poll's batch is validated with the API's own event model; valid events
+go into SQLite in one transaction, invalid ones to the dead-letter topic with
+the reason; only then are the offsets committed. A crash between the store
+commit and the offset commit redelivers the batch, and the store's primary
+key (`event_id`) turns that redelivery into no-ops: effectively exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from services import metrics
+from services.events import InvalidEvent, PreferenceEvent, parse_preference
+from services.settings import Settings
+from trainer.store import PreferenceStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsumeStats:
+    stored: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    last_event_ids: list[str] = field(default_factory=list)
+
+
+class PreferenceConsumer:
+    """Owns a consumer and a DLQ producer: stop flag, bounded poll, explicit close."""
+
+    def __init__(self, settings: Settings, store: PreferenceStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.stats = ConsumeStats()
+        self._stop = threading.Event()
+        self.consumer = KafkaConsumer(
+            settings.topic_preferences,
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=settings.consumer_group,
+            client_id="kaizen-trainer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            request_timeout_ms=max(settings.kafka_request_timeout_ms, settings.kafka_session_timeout_ms + 1000),
+        )
+        self.dlq = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="kaizen-trainer-dlq",
+            acks="all",
+            retries=5,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def joined(self) -> bool:
+        return bool(self.consumer.assignment())
+
+    def poll_once(self) -> int:
+        """Handle one poll's batch; return how many records it held."""
+        batch = self.consumer.poll(timeout_ms=self.settings.kafka_poll_timeout_ms)
+        records = [r for part in batch.values() for r in part]
+        if not records:
+            return 0
+        valid: list[PreferenceEvent] = []
+        for rec in records:
+            try:
+                valid.append(parse_preference(rec.value))
+            except InvalidEvent as exc:
+                self._dead_letter(rec, str(exc))
+        self.dlq.flush()
+        result = self.store.add_many(valid)
+        self.consumer.commit()  # only after the store and the DLQ hold the batch
+        self.stats.stored += result.stored
+        self.stats.duplicates += result.duplicates
+        self.stats.last_event_ids = [str(e.event_id) for e in valid][-10:]
+        metrics.EVENTS_CONSUMED.labels(outcome="stored").inc(result.stored)
+        metrics.EVENTS_CONSUMED.labels(outcome="duplicate").inc(result.duplicates)
+        for ev in valid:
+            log.info("received preference event %s (comparison %s, choice %s)",
+                     ev.event_id, ev.comparison_id, ev.choice)
+        return len(records)
+
+    def _dead_letter(self, rec: Any, reason: str) -> None:
+        topic, partition, offset = rec.topic, rec.partition, rec.offset
+        raw: bytes = rec.value or b""
+        log.warning("dead-lettering %s[%s]@%s: %s", topic, partition, offset, reason[:300])
+        value = {
+            "reason": reason,
+            "source": {"topic": topic, "partition": partition, "offset": offset},
+            "raw": raw.decode("utf-8", errors="backslashreplace"),
+        }
+        self.dlq.send(self.settings.topic_preferences_dlq, key=rec.key,
+                      value=json.dumps(value).encode())
+        self.stats.dead_lettered += 1
+        metrics.EVENTS_CONSUMED.labels(outcome="dead_lettered").inc()
+
+    def run(self) -> None:
+        """Poll until `stop()`; each iteration is bounded by the poll timeout."""
+        try:
+            while not self._stop.is_set():
+                self.poll_once()
+                metrics.TRAINER_READY.set(1 if self.joined else 0)
+        finally:
+            metrics.TRAINER_READY.set(0)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.dlq.close()

@@ -1,0 +1,110 @@
+"""The preference store: one SQLite row per vote event (WAL mode).
+
+    kaizen prefs stats
+
+The event's `event_id` is the primary key, so a redelivered event is ignored,
+not counted twice. Chosen/rejected pairs are derived from rows on read.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.events import PreferenceEvent
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS preferences (
+    event_id      TEXT PRIMARY KEY,
+    comparison_id TEXT NOT NULL,
+    user          TEXT NOT NULL,
+    served_at     TEXT NOT NULL,
+    voted_at      TEXT NOT NULL,
+    choice        TEXT NOT NULL,
+    version_a     TEXT NOT NULL,
+    version_b     TEXT NOT NULL,
+    event         TEXT NOT NULL,          -- the whole event, JSON
+    received_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS preferences_received ON preferences (received_at);
+"""
+
+
+@dataclass(frozen=True)
+class AddResult:
+    stored: int
+    duplicates: int
+
+
+class PreferenceStore:
+    """Thread-confined SQLite connection to the store; open one per thread."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a committed vote survives power loss
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def add_many(self, events: Iterable[PreferenceEvent]) -> AddResult:
+        """Insert events in one transaction; an event already stored is skipped."""
+        stored = duplicates = 0
+        with self.transaction() as db:
+            for ev in events:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO preferences (event_id, comparison_id, user, served_at, "
+                    "voted_at, choice, version_a, version_b, event) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        str(ev.event_id), ev.comparison_id, ev.user, ev.served_at.isoformat(),
+                        ev.voted_at.isoformat(), str(ev.choice), ev.answers[0].model_version,
+                        ev.answers[1].model_version, ev.model_dump_json(),
+                    ),
+                )
+                if cur.rowcount == 1:
+                    stored += 1
+                else:
+                    duplicates += 1
+        return AddResult(stored, duplicates)
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM preferences").fetchone()[0])
+
+    def get(self, event_id: str) -> PreferenceEvent | None:
+        row = self.db.execute("SELECT event FROM preferences WHERE event_id = ?", (event_id,)).fetchone()
+        return PreferenceEvent.model_validate_json(row[0]) if row else None
+
+    def stats(self) -> dict[str, Any]:
+        by_choice = dict(self.db.execute("SELECT choice, COUNT(*) FROM preferences GROUP BY choice").fetchall())
+        by_pair = {
+            f"{a} vs {b}": n
+            for a, b, n in self.db.execute(
+                "SELECT version_a, version_b, COUNT(*) FROM preferences GROUP BY 1, 2 ORDER BY 3 DESC"
+            ).fetchall()
+        }
+        total = sum(by_choice.values())
+        return {
+            "total": total,
+            "by_choice": by_choice,
+            "by_version_pair": by_pair,
+            "tie_share": by_choice.get("tie", 0) / total if total else 0.0,
+            "both_bad_share": by_choice.get("both_bad", 0) / total if total else 0.0,
+        }
+
