@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +28,7 @@ model_app = typer.Typer(help="Model folders: the default model, tiny test models
 prefs_app = typer.Typer(help="The preference store.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(prefs_app, name="prefs")
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
 
@@ -125,17 +126,25 @@ def broker(port: Annotated[int | None, typer.Option(help="port to listen on")] =
             console.print(f"KAIZEN_KAFKA_BOOTSTRAP is set ({settings.bootstrap_servers}): no embedded "
                           f"broker started; topics created: {created or 'none missing'}")
             return
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         proc = start_embedded_broker(settings)
-        created = ensure_topics(settings)
     except BrokerError as exc:
         raise fail(str(exc)) from None
-    console.print(f"broker on {settings.bootstrap_servers} (in memory); topics created: {created}")
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     try:
+        created = ensure_topics(settings)
+        console.print(f"broker on {settings.bootstrap_servers} (in memory); topics created: {created}")
+        while proc.poll() is None and not stop.wait(0.2):
+            pass
+    except BrokerError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
         code = proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        code = proc.wait()
+    if stop.is_set():
+        code = 0
     raise typer.Exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
 
 

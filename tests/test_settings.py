@@ -1,0 +1,67 @@
+"""Settings: one class, KAIZEN_ prefix, secrets masked, unsafe production refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from services.settings import Settings
+from tests.conftest import ROOT
+
+
+def test_defaults_need_no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KAIZEN_DATA_DIR", raising=False)
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.port == 8000 and s.host == "127.0.0.1"
+    assert str(s.data_dir) == ".kaizen"
+    assert s.embedded_broker and s.bootstrap_servers == "127.0.0.1:9092"
+    assert s.model_dir == s.data_dir / "models" / "SmolLM2-135M-Instruct"
+
+
+def test_environment_overrides_and_key_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAIZEN_PORT", "9100")
+    monkeypatch.setenv("KAIZEN_API_KEYS", "k-one, k-two,,")
+    monkeypatch.setenv("KAIZEN_KAFKA_BOOTSTRAP", "kafka-0:9092,kafka-1:9092")
+    s = Settings()
+    assert s.port == 9100
+    assert [k.get_secret_value() for k in s.api_keys] == ["k-one", "k-two"]
+    assert not s.embedded_broker and s.bootstrap_servers == "kafka-0:9092,kafka-1:9092"
+    # a child process started with child_env() sees exactly the same settings
+    monkeypatch.delenv("KAIZEN_PORT")
+    child = subprocess.run([sys.executable, "-c", "from services.settings import Settings; "
+                            "import sys; sys.stdout.write(Settings().model_dump_json())"],
+                           env=s.child_env(), cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(child.stdout)["port"] == 9100
+
+
+def test_bad_values_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAIZEN_PORT", "99999")
+    with pytest.raises(ValidationError, match="port"):
+        Settings()
+
+
+def test_production_refuses_placeholders(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAIZEN_ENVIRONMENT", "production")
+    with pytest.raises(ValidationError, match="KAIZEN_API_KEYS"):
+        Settings()
+    monkeypatch.setenv("KAIZEN_API_KEYS", "real-key")
+    monkeypatch.setenv("KAIZEN_ADMIN_TOKEN", "changeme")
+    with pytest.raises(ValidationError, match="KAIZEN_ADMIN_TOKEN"):
+        Settings()
+    monkeypatch.setenv("KAIZEN_ADMIN_TOKEN", "s3cret-admin")
+    assert Settings().environment == "production"
+
+
+def test_kaizen_config_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = Settings(api_keys="user-key-123", admin_token="admin-secret-456").child_env()  # type: ignore[arg-type]
+    out = subprocess.run([sys.executable, "-m", "kaizen", "config", "--json"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "user-key-123" not in out.stdout and "admin-secret-456" not in out.stdout
+    shown = json.loads(out.stdout)
+    assert shown["api_keys"] == ["**********"] and shown["admin_token"] == "**********"
+    assert shown["port"] == 8000
