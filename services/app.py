@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import random
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -28,6 +30,9 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics
+from services.auth import AuthError, RateLimiter, check_admin, check_api_key, load_user_id_secret, retry_after, user_id
+from services.comparisons import ComparisonStore, VoteError, new_comparison_id
+from services.events import Answer
 from services.engine import Engine
 from services.models import require_model
 from services.protocol import (
@@ -40,6 +45,8 @@ from services.protocol import (
     Delta,
     ErrorInfo,
     ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     ModelCard,
     ModelList,
     Usage,
@@ -102,6 +109,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: 0)
         app.state.engine = None
         engine.shutdown()
+        app.state.comparisons.close()
 
 
 # -- dependencies ----------------------------------------------------------------------
@@ -114,31 +122,46 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def require_api_key(request: Request) -> str | None:
-    """The caller's key when keys are configured (constant-time compare), else None."""
-    settings: Settings = request.app.state.settings
-    if not settings.api_keys:
-        return None
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token:
-        for key in settings.api_keys:
-            if hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
-                return token
-    raise APIError(
-        401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-        type="authentication_error", code="invalid_api_key",
-    )
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request: a pseudonymous id, never the key."""
+
+    user: str
+
+
+def get_caller(request: Request) -> Caller:
+    """Authenticate the key (if keys are configured) and take a rate-limit token."""
+    state = request.app.state
+    try:
+        key = check_api_key(state.settings, request.headers.get("authorization"))
+    except AuthError as exc:
+        raise APIError(exc.status, exc.message, type="authentication_error", code=exc.code) from None
+    caller = Caller(user=user_id(state.user_secret, key))
+    wait = state.limiter.acquire(caller.user)
+    if wait > 0:
+        raise APIError(429, f"rate limit exceeded: retry in {wait:.1f} s", type="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": retry_after(wait)})
+    return caller
+
+
+def require_admin(request: Request) -> None:
+    try:
+        check_admin(request.app.state.settings, request.headers.get("authorization"))
+    except AuthError as exc:
+        type_ = "authentication_error" if exc.status == 401 else "permission_error"
+        raise APIError(exc.status, exc.message, type=type_, code=exc.code) from None
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-ApiKeyDep = Annotated[str | None, Depends(require_api_key)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
+AdminDep = Annotated[None, Depends(require_admin)]
 
 
 # -- routes -------------------------------------------------------------------------------
 
 probes = APIRouter(tags=["probes"])
 openai_routes = APIRouter(prefix="/v1", tags=["openai"])
+admin_routes = APIRouter(prefix="/admin", tags=["admin"])
 
 
 @probes.get("/healthz")
@@ -155,7 +178,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @openai_routes.get("/models")
-async def list_models(engine: EngineDep, _key: ApiKeyDep, request: Request) -> Response:
+async def list_models(engine: EngineDep, _caller: CallerDep, request: Request) -> Response:
     settings: Settings = request.app.state.settings
     card = ModelCard(
         id=settings.served_model_name, created=int(engine.model_dir.stat().st_mtime),
@@ -164,15 +187,23 @@ async def list_models(engine: EngineDep, _key: ApiKeyDep, request: Request) -> R
     return JSONResponse(dump(ModelList(data=[card])), headers={VERSION_HEADER: engine.version})
 
 
-def sampling_params(req: ChatCompletionRequest, max_tokens: int, stream: bool) -> Any:
+def sampling(req: ChatCompletionRequest, max_tokens: int, paired: bool, settings: Settings) -> dict[str, Any]:
+    """The sampling parameters actually used (recorded with each paired answer)."""
+    temperature = max(req.temperature, settings.comparison_temperature) if paired else req.temperature
+    return {"temperature": temperature, "top_p": req.top_p, "max_tokens": max_tokens, "seed": req.seed,
+            "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+            "stop": req.stop_list}
+
+
+def sampling_params(req: ChatCompletionRequest, used: dict[str, Any], n: int, stream: bool) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
-        n=req.n,
-        temperature=req.temperature,
+        n=n,
+        temperature=used["temperature"],
         top_p=req.top_p,
-        max_tokens=max_tokens,
+        max_tokens=used["max_tokens"],
         stop=req.stop_list or None,
         seed=req.seed,
         presence_penalty=req.presence_penalty,
@@ -204,32 +235,48 @@ def check_limits(req: ChatCompletionRequest, prompt_len: int, settings: Settings
 
 @openai_routes.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
-    req: ChatCompletionRequest, engine: EngineDep, _key: ApiKeyDep, request: Request
+    req: ChatCompletionRequest, engine: EngineDep, caller: CallerDep, request: Request
 ) -> Response:
     settings: Settings = request.app.state.settings
     if req.model not in (None, settings.served_model_name, engine.version):
         raise APIError(404, f"the model `{req.model}` does not exist; this server serves "
                        f"`{settings.served_model_name}`", param="model", code="model_not_found")
+    if len(req.messages) > settings.max_messages:
+        raise APIError(400, f"{len(req.messages)} messages; this server takes at most {settings.max_messages}",
+                       param="messages", code="too_many_messages")
+    paired = req.comparison == "force" or (
+        req.comparison == "allow" and random.random() < settings.comparison_rate)
+    if paired and req.n != 1:
+        raise APIError(400, "a paired answer has exactly two choices: send n=1 with `comparison`",
+                       param="n", code="invalid_value")
     started = time.perf_counter()
+    messages = req.chat_messages()
     try:
-        prompt_ids = engine.render(req.chat_messages())
+        prompt_ids = engine.render(messages)
     except Exception as exc:  # the template rejected the conversation (e.g. role order)
         raise APIError(400, f"the conversation does not fit the model's chat template: {exc}",
                        param="messages") from exc
     max_tokens = check_limits(req, len(prompt_ids), settings)
-    params = sampling_params(req, max_tokens, req.stream)
+    if engine.unfinished_requests() >= settings.max_inflight:
+        raise APIError(503, "the server is at capacity: retry shortly", type="overloaded_error",
+                       code="overloaded", headers={"Retry-After": "1"})
+    used = sampling(req, max_tokens, paired, settings)
+    n = 2 if paired else req.n
+    params = sampling_params(req, used, n, req.stream)
     request_id = completion_id()
     version = engine.version
+    pair = PendingPair(new_comparison_id(), caller.user, messages, used, datetime.now(UTC)) if paired else None
     metrics.PROMPT_TOKENS.labels(model_version=version).inc(len(prompt_ids))
     headers = {VERSION_HEADER: version}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_chunks(engine, req, prompt_ids, params, request_id, started, include_usage)
+        events = stream_chunks(request.app, engine, n, prompt_ids, params, request_id, started,
+                               include_usage, pair)
         return EventSourceResponse(events, headers=headers, sep="\n", ping=15)
 
-    texts = [""] * req.n
-    tokens = [0] * req.n
-    finish: list[str | None] = [None] * req.n
+    texts = [""] * n
+    tokens = [0] * n
+    finish: list[str | None] = [None] * n
     first = True
     async for out in engine.generate(prompt_ids, params, request_id):
         if first:
@@ -241,13 +288,17 @@ async def chat_completions(
             finish[c.index] = c.finish_reason
     completion_tokens = sum(tokens)
     metrics.GENERATED_TOKENS.labels(model_version=version).inc(completion_tokens)
+    comparison_id = None
+    if pair is not None:
+        comparison_id = record_pair(request.app, pair, texts, finish, version)
     body = ChatCompletionResponse(
         id=request_id,
         model=settings.served_model_name,
         model_version=version,
+        comparison_id=comparison_id,
         choices=[
             Choice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=_finish(finish[i]))
-            for i in range(req.n)
+            for i in range(n)
         ],
         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                     total_tokens=len(prompt_ids) + completion_tokens),
@@ -255,13 +306,58 @@ async def chat_completions(
     return JSONResponse(dump(body), headers=headers)
 
 
+@dataclass(frozen=True)
+class PendingPair:
+    """A paired answer being generated; stored once both answers are complete."""
+
+    comparison_id: str
+    user: str
+    messages: list[dict[str, str]]
+    sampling: dict[str, Any]
+    served_at: datetime
+
+
+def record_pair(app: FastAPI, pair: PendingPair, texts: list[str], finish: list[str | None], version: str) -> str:
+    answers = [Answer(text=texts[i], model_version=version, finish_reason=finish[i], sampling=pair.sampling)
+               for i in range(2)]
+    store: ComparisonStore = app.state.comparisons
+    store.record(pair.user, pair.messages, answers, served_at=pair.served_at, comparison_id=pair.comparison_id)
+    metrics.COMPARISONS_SERVED.labels(model_version=version).inc()
+    return pair.comparison_id
+
+
+@openai_routes.post("/feedback", status_code=202, response_model=FeedbackResponse)
+async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -> Response:
+    """A vote on a paired answer: 0 or 1 (the better choice's index), "tie" or "both_bad"."""
+    store: ComparisonStore = request.app.state.comparisons
+    try:
+        event = store.vote(body.comparison_id, caller.user, body.choice, body.reason)
+    except VoteError as exc:
+        type_ = "not_found_error" if exc.status == 404 else (
+            "permission_error" if exc.status == 403 else "invalid_request_error")
+        raise APIError(exc.status, exc.message, type=type_, param="comparison_id", code=exc.code) from None
+    metrics.VOTES.labels(choice=str(body.choice)).inc()
+    out = FeedbackResponse(event_id=str(event.event_id), comparison_id=body.comparison_id)
+    return JSONResponse(dump(out), status_code=202)
+
+
+@admin_routes.get("/versions")
+async def admin_versions(_admin: AdminDep, request: Request) -> dict[str, Any]:
+    """Model versions this server knows (until the registry lands: the one it serves)."""
+    engine: Engine | None = request.app.state.engine
+    if engine is None:
+        return {"object": "list", "data": []}
+    return {"object": "list", "data": [
+        {"version": engine.version, "stage": "champion", "path": str(engine.model_dir), "serving": True}]}
+
+
 def _finish(reason: str | None) -> Any:
     return reason if reason in ("stop", "length", "abort") else ("stop" if reason else None)
 
 
 async def stream_chunks(
-    engine: Engine, req: ChatCompletionRequest, prompt_ids: list[int], params: Any,
-    request_id: str, started: float, include_usage: bool,
+    app: FastAPI, engine: Engine, n: int, prompt_ids: list[int], params: Any,
+    request_id: str, started: float, include_usage: bool, pair: PendingPair | None,
 ) -> AsyncIterator[str]:
     """OpenAI stream chunks as SSE `data:` payloads, ending with `[DONE]`.
 
@@ -276,10 +372,13 @@ async def stream_chunks(
         return json.dumps(dump(ChatCompletionChunk(
             id=request_id, created=created, model=settings.served_model_name,
             choices=choices, usage=usage, model_version=version,
+            comparison_id=pair.comparison_id if pair else None,
         )))
 
-    for i in range(req.n):
+    for i in range(n):
         yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+    texts = [""] * n
+    finish: list[str | None] = [None] * n
     completion_tokens = 0
     first = True
     try:
@@ -290,6 +389,8 @@ async def stream_chunks(
                         time.perf_counter() - started)
                     first = False
                 completion_tokens += len(c.token_ids)
+                texts[c.index] += c.text
+                finish[c.index] = c.finish_reason or finish[c.index]
                 if c.text:
                     yield chunk([ChunkChoice(index=c.index, delta=Delta(content=c.text))])
                 if c.finish_reason is not None:
@@ -300,6 +401,8 @@ async def stream_chunks(
         metrics.GENERATED_TOKENS.labels(model_version=version).inc(completion_tokens)
         raise
     metrics.GENERATED_TOKENS.labels(model_version=version).inc(completion_tokens)
+    if pair is not None:  # only a pair the client received whole can be voted on
+        record_pair(app, pair, texts, finish, version)
     if include_usage:
         yield chunk([], Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                               total_tokens=len(prompt_ids) + completion_tokens))
@@ -340,6 +443,23 @@ class MetricsMiddleware:
             metrics.HTTP_DURATION.labels(route=path).observe(time.perf_counter() - started)
 
 
+class BodySizeLimit:
+    """Answers 413 (OpenAI shape) to a request whose declared body exceeds the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                response = error_response(413, f"request body is {int(length)} bytes; the limit is "
+                                          f"{self.max_bytes}", "invalid_request_error", code="body_too_large")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # -- error handlers --------------------------------------------------------------------------
 
 
@@ -348,14 +468,19 @@ async def handle_api_error(_: Request, exc: Exception) -> Response:
     return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
-async def handle_validation_error(_: Request, exc: Exception) -> Response:
+#: Routes whose invalid bodies answer 422 (the feedback contract) rather than OpenAI's 400.
+UNPROCESSABLE_ROUTES = {"/v1/feedback"}
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg', 'invalid request')}" if param else str(first.get("msg", "invalid request"))
-    return error_response(400, message, "invalid_request_error", param, "invalid_value")
+    status = 422 if request.url.path in UNPROCESSABLE_ROUTES else 400
+    return error_response(status, message, "invalid_request_error", param, "invalid_value")
 
 
 async def handle_http_error(_: Request, exc: Exception) -> Response:
@@ -375,9 +500,14 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Kaizen", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = None
+    app.state.comparisons = ComparisonStore(settings.api_db, settings.comparison_ttl)
+    app.state.user_secret = load_user_id_secret(settings)
+    app.state.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
     app.include_router(probes)
     app.include_router(openai_routes)
+    app.include_router(admin_routes)
     app.mount("/metrics", make_asgi_app())
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)

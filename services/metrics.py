@@ -47,6 +47,12 @@ CLIENT_DISCONNECTS = Counter(
     "kaizen_client_disconnects_total",
     "Streams whose client went away before the answer was complete (the engine request is aborted).",
 )
+COMPARISONS_SERVED = Counter(
+    "kaizen_comparisons_served_total", "Paired answers served (stored for a vote).", ["model_version"]
+)
+VOTES = Counter(
+    "kaizen_votes_total", "Votes accepted at POST /v1/feedback, by choice.", ["choice"]
+)
 MODEL_INFO = Gauge(
     "kaizen_served_model_info",
     "Always 1; labels name the model version served.",

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
+    # -- Kaizen extensions --
+    comparison: Literal["off", "allow", "force"] = "off"
+    """Opt in to paired answers: `allow` pairs at KAIZEN_COMPARISON_RATE, `force` always."""
 
     @property
     def answer_token_limit(self) -> int | None:
@@ -139,6 +142,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     usage: Usage
     # -- Kaizen extensions --
     model_version: str
+    comparison_id: str | None = None
 
 
 class Delta(OpenAIBaseModel):
@@ -162,6 +166,29 @@ class ChatCompletionChunk(OpenAIBaseModel):
     usage: Usage | None = None
     # -- Kaizen extensions --
     model_version: str
+    comparison_id: str | None = None
+
+
+# -- feedback (Kaizen) ---------------------------------------------------------------
+
+
+class FeedbackRequest(OpenAIBaseModel):
+    comparison_id: str = Field(min_length=1, max_length=200)
+    choice: Literal[0, 1, "tie", "both_bad"]
+    reason: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("choice", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true would otherwise pass as 1
+            raise ValueError("choice must be 0, 1, \"tie\" or \"both_bad\"")
+        return value
+
+
+class FeedbackResponse(OpenAIBaseModel):
+    object: Literal["feedback"] = "feedback"
+    event_id: str
+    comparison_id: str
 
 
 # -- models -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -64,6 +65,19 @@ class Settings(BaseSettings):
     """Share of `"comparison": "allow"` requests answered with a pair."""
     comparison_temperature: float = Field(default=0.8, gt=0.0)
     """Lowest sampling temperature of a paired answer, so the two differ."""
+    comparison_ttl: timedelta = timedelta(hours=24)
+    """How long a served pair can be voted on (seconds or ISO 8601, e.g. PT1H)."""
+    user_id_secret: SecretStr | None = None
+    """Key of the hash that turns API keys into pseudonymous user ids.
+    Unset: a random one is created once in the data dir."""
+    rate_limit_rps: float = Field(default=20.0, gt=0)
+    """Requests per second per API key (token bucket refill rate)."""
+    rate_limit_burst: int = Field(default=40, ge=1)
+    """Token bucket size: requests a key may send at once."""
+    max_inflight: int = Field(default=64, ge=1)
+    """Chat requests in flight at once; beyond it the API answers 503, never queues unboundedly."""
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_messages: int = Field(default=256, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     """Answer length when a request gives no `max_tokens`."""
     max_tokens_limit: int = Field(default=1024, ge=1)
@@ -151,6 +165,11 @@ class Settings(BaseSettings):
         return self.model if self.model is not None else self.default_model_dir
 
     @property
+    def api_db(self) -> Path:
+        """The chat API's own store: comparisons and the vote outbox."""
+        return self.data_dir / "api.sqlite"
+
+    @property
     def preferences_db(self) -> Path:
         return self.data_dir / "preferences.sqlite"
 
@@ -190,7 +209,7 @@ class Settings(BaseSettings):
                 out[name] = "**********"
             elif isinstance(value, list) and value and isinstance(value[0], SecretStr):
                 out[name] = ["**********"] * len(value)
-            elif isinstance(value, Path):
+            elif isinstance(value, Path | timedelta):
                 out[name] = str(value)
             else:
                 out[name] = value
@@ -217,6 +236,8 @@ class Settings(BaseSettings):
                 )
             elif isinstance(value, bool):
                 env[key] = "true" if value else "false"
+            elif isinstance(value, timedelta):
+                env[key] = f"PT{value.total_seconds():g}S"  # ISO 8601, which pydantic parses
             else:
                 env[key] = str(value)
         return env

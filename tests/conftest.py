@@ -24,6 +24,8 @@ import pytest
 from services.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Keys of the shared API server: two users and an operator.
+USER_KEY, OTHER_KEY, ADMIN_TOKEN = "key-alice-0123", "key-bob-4567", "admin-token-89ab"
 
 
 def free_port() -> int:
@@ -116,7 +118,9 @@ def api_server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Settings]]:
     """One `kaizen serve` process on the tiny model; yields (base_url, settings)."""
-    settings = make_settings(tmp_path_factory.mktemp("api-data"), model=tiny_model)
+    settings = make_settings(tmp_path_factory.mktemp("api-data"), model=tiny_model,
+                             api_keys=f"{USER_KEY},{OTHER_KEY}", admin_token=ADMIN_TOKEN,
+                             rate_limit_rps=1000, rate_limit_burst=1000)
     log_path = settings.data_dir / "serve.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(

@@ -12,12 +12,15 @@ import pytest
 from openai import OpenAI
 
 from services.settings import Settings
+from tests.conftest import USER_KEY
+
+AUTH = {"Authorization": f"Bearer {USER_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def client(api_server: tuple[str, Settings]) -> OpenAI:
     base, _ = api_server
-    return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{base}/v1", api_key=USER_KEY, max_retries=0)
 
 
 def metric(base: str, name: str) -> float:
@@ -95,7 +98,7 @@ def test_errors_use_openai_shape(client: OpenAI, api_server: tuple[str, Settings
     assert too_long.value.body["param"] == "max_tokens"  # type: ignore[index]
     for body in ({"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]},
                  {"messages": [{"role": "user", "content": "x"}], "temperature": 9}, "not json"):
-        r = httpx.post(f"{base}/v1/chat/completions", **({"json": body} if isinstance(body, dict) else {"content": body}))
+        r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, **({"json": body} if isinstance(body, dict) else {"content": body}))
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
@@ -105,7 +108,7 @@ def test_errors_use_openai_shape(client: OpenAI, api_server: tuple[str, Settings
 
 def test_unknown_fields_are_ignored(api_server: tuple[str, Settings]) -> None:
     base, settings = api_server
-    r = httpx.post(f"{base}/v1/chat/completions", json={
+    r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, json={
         "model": settings.served_model_name, "messages": [{"role": "user", "content": "hi", "x": 1}],
         "max_tokens": 4, "logit_bias": {"1": 2}, "some_future_field": True,
     }, timeout=60)
@@ -116,7 +119,8 @@ def test_unknown_fields_are_ignored(api_server: tuple[str, Settings]) -> None:
 def test_prompt_longer_than_context_is_refused(api_server: tuple[str, Settings]) -> None:
     base, settings = api_server
     long = "word " * (settings.engine_max_model_len + 10)
-    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]})
+    r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH,
+                   json={"messages": [{"role": "user", "content": long}]})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
@@ -139,7 +143,8 @@ def test_client_disconnect_aborts_generation(api_server: tuple[str, Settings]) -
     disconnects = metric(base, "kaizen_client_disconnects_total")
     body = {"model": settings.served_model_name, "messages": [{"role": "user", "content": "go on"}],
             "max_tokens": settings.max_tokens_limit, "stream": True, "n": 4, "temperature": 1.0}
-    with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/chat/completions", json=body,
+                                                             headers=AUTH) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):

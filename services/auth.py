@@ -1,0 +1,103 @@
+"""Who is calling, and how much they may ask: API keys, admin token, user ids, limits.
+
+Keys are compared in constant time. Downstream (comparisons, votes, Kafka)
+a caller is a pseudonymous id, a keyed hash of their key; the key itself is
+never stored or logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+import threading
+import time
+from pathlib import Path
+
+from services.settings import Settings
+
+ANONYMOUS = "anonymous"
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def bearer(header: str | None) -> str | None:
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def check_api_key(settings: Settings, header: str | None) -> str | None:
+    """The caller's key if it is one of ours; None when the API runs open. Raises AuthError."""
+    if not settings.api_keys:
+        return None
+    token = bearer(header)
+    if token is not None:
+        ok = False
+        for key in settings.api_keys:  # no early exit: time does not depend on which key matched
+            ok |= hmac.compare_digest(token.encode(), key.get_secret_value().encode())
+        if ok:
+            return token
+    raise AuthError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "invalid_api_key")
+
+
+def check_admin(settings: Settings, header: str | None) -> None:
+    token = bearer(header)
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    if admin and token and hmac.compare_digest(token.encode(), admin.encode()):
+        return
+    if token is None:
+        raise AuthError(401, "admin routes need `Authorization: Bearer <admin token>`", "invalid_api_key")
+    raise AuthError(403, "this key may not use admin routes", "forbidden")
+
+
+def load_user_id_secret(settings: Settings) -> bytes:
+    """The hashing key: from settings, else created once (mode 0600) in the data dir."""
+    if settings.user_id_secret is not None:
+        return settings.user_id_secret.get_secret_value().encode()
+    path: Path = settings.data_dir / "user-id.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip().encode()
+
+
+def user_id(secret: bytes, key: str | None) -> str:
+    if key is None:
+        return ANONYMOUS
+    return "u-" + hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:24]
+
+
+class RateLimiter:
+    """A token bucket per user: `rate` tokens a second, at most `burst` saved up."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, user: str) -> float:
+        """Take one token; return 0 if allowed, else seconds until one is available."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(user, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[user] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[user] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+def retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+

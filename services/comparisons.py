@@ -1,0 +1,171 @@
+"""Paired answers and votes: the API's durable SQLite store and its outbox.
+
+A comparison (two answers to one conversation) is stored when it is served.
+A vote validates against it and, in the same transaction that marks the
+comparison voted, writes the Preference event into the `outbox` table, so an
+accepted vote is never lost and never doubled: the relay (Preference pipeline
+issue) delivers outbox rows to Kafka and marks them delivered afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from services.events import Answer, Choice, Message, PreferenceEvent
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS comparisons (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL,
+    served_at   TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    messages    TEXT NOT NULL,      -- JSON, the conversation up to the answered turn
+    answers     TEXT NOT NULL,      -- JSON, two Answer objects
+    voted_at    TEXT,
+    event_id    TEXT
+);
+CREATE INDEX IF NOT EXISTS comparisons_expiry ON comparisons (expires_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id      TEXT NOT NULL UNIQUE,
+    comparison_id TEXT NOT NULL,
+    payload       BLOB NOT NULL,    -- the Preference event, JSON bytes as sent to Kafka
+    created_at    TEXT NOT NULL,
+    delivered_at  TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (delivered_at, seq);
+"""
+
+
+class VoteError(Exception):
+    """A vote that cannot be accepted; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class StoredComparison:
+    id: str
+    user: str
+    served_at: datetime
+    expires_at: datetime
+    messages: list[dict[str, Any]]
+    answers: list[dict[str, Any]]
+    voted_at: datetime | None
+    event_id: str | None
+
+
+def new_comparison_id() -> str:
+    return f"cmp-{uuid.uuid4().hex}"
+
+
+class ComparisonStore:
+    """One connection shared by the API's threads behind a lock (writes are sub-millisecond in WAL)."""
+
+    def __init__(self, path: Path, ttl: timedelta) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash can
+        # lose the last transactions. FULL would fsync on every vote.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def record(
+        self, user: str, messages: list[dict[str, Any]], answers: list[Answer],
+        served_at: datetime | None = None, comparison_id: str | None = None,
+    ) -> str:
+        """Store a served pair; return its id."""
+        cid = comparison_id or new_comparison_id()
+        served = served_at or datetime.now(UTC)
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO comparisons (id, user, served_at, expires_at, messages, answers) "
+                "VALUES (?,?,?,?,?,?)",
+                (cid, user, served.isoformat(), (served + self.ttl).isoformat(), json.dumps(messages),
+                 json.dumps([a.model_dump(mode="json") for a in answers])),
+            )
+        return cid
+
+    def get(self, comparison_id: str) -> StoredComparison | None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT id, user, served_at, expires_at, messages, answers, voted_at, event_id "
+                "FROM comparisons WHERE id = ?", (comparison_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredComparison(
+            id=row[0], user=row[1], served_at=datetime.fromisoformat(row[2]),
+            expires_at=datetime.fromisoformat(row[3]), messages=json.loads(row[4]),
+            answers=json.loads(row[5]), voted_at=datetime.fromisoformat(row[6]) if row[6] else None,
+            event_id=row[7],
+        )
+
+    def vote(self, comparison_id: str, user: str, choice: Choice, reason: str | None) -> PreferenceEvent:
+        """Accept one vote: write its event to the outbox and mark the comparison, atomically."""
+        now = datetime.now(UTC)
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.db.execute(
+                    "SELECT user, served_at, expires_at, messages, answers, voted_at FROM comparisons "
+                    "WHERE id = ?", (comparison_id,),
+                ).fetchone()
+                if row is None:
+                    raise VoteError(404, "comparison_not_found", f"no comparison {comparison_id!r}")
+                owner, served_at, expires_at, messages, answers, voted_at = row
+                if owner != user:
+                    raise VoteError(403, "not_your_comparison", "this comparison was served to another user")
+                if voted_at is not None:
+                    raise VoteError(409, "already_voted", "this comparison already has a vote")
+                if datetime.fromisoformat(expires_at) <= now:
+                    raise VoteError(410, "comparison_expired", "this comparison has expired")
+                event = PreferenceEvent(
+                    comparison_id=comparison_id, user=user, served_at=datetime.fromisoformat(served_at),
+                    voted_at=now, messages=[Message.model_validate(m) for m in json.loads(messages)],
+                    answers=[Answer.model_validate(a) for a in json.loads(answers)],
+                    choice=choice, reason=reason,
+                )
+                self.db.execute(
+                    "INSERT INTO outbox (event_id, comparison_id, payload, created_at) VALUES (?,?,?,?)",
+                    (str(event.event_id), comparison_id, event.to_bytes(), now.isoformat()),
+                )
+                self.db.execute("UPDATE comparisons SET voted_at = ?, event_id = ? WHERE id = ?",
+                                (now.isoformat(), str(event.event_id), comparison_id))
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        return event
+
+    def outbox_events(self) -> list[PreferenceEvent]:
+        """Every event in the outbox, oldest first (delivered or not)."""
+        with self._lock:
+            rows = self.db.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()
+        return [PreferenceEvent.model_validate_json(r[0]) for r in rows]
+
+    def purge_expired(self, now: datetime | None = None) -> int:
+        """Delete unvoted comparisons expired for longer than one TTL (until then a late
+        vote is told 410, not 404); voted ones live on as outbox events."""
+        cutoff = ((now or datetime.now(UTC)) - self.ttl).isoformat()
+        with self._lock:
+            cur = self.db.execute(
+                "DELETE FROM comparisons WHERE expires_at <= ? AND voted_at IS NULL", (cutoff,))
+        return int(cur.rowcount)
