@@ -29,7 +29,7 @@ from prometheus_client import make_asgi_app
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services import metrics
+from services import metrics, web
 from services.auth import AuthError, RateLimiter, check_admin, check_api_key, load_user_id_secret, retry_after, user_id
 from services.comparisons import ComparisonStore, VoteError, new_comparison_id
 from services.events import Answer
@@ -506,6 +506,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(probes)
     app.include_router(openai_routes)
     app.include_router(admin_routes)
+    app.include_router(web.router)
+    app.mount("/static", web.static_files(), name="static")
     app.mount("/metrics", make_asgi_app())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
