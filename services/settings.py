@@ -122,10 +122,59 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     kafka_request_timeout_ms: int = Field(default=15_000, ge=1000)
 
+    # -- outbox relay (API process → Kafka) ---------------------------------------------
+    outbox_retention: timedelta = timedelta(days=7)
+    """Delivered votes kept this long, to re-send if the broker loses them."""
+    outbox_max_pending: int = Field(default=100_000, ge=1)
+    """Undelivered votes before `POST /v1/feedback` answers 503 (never drops a vote)."""
+    outbox_batch_size: int = Field(default=500, ge=1)
+    outbox_poll_interval_s: float = Field(default=0.5, gt=0)
+    outbox_check_interval_s: float = Field(default=5.0, gt=0)
+    """How often an idle relay checks that the broker still holds what it acknowledged."""
+    outbox_backoff_min_s: float = Field(default=0.2, gt=0)
+    outbox_backoff_max_s: float = Field(default=10.0, gt=0)
+
     # -- trainer ----------------------------------------------------------------
     trainer_host: str = "127.0.0.1"
     trainer_port: int = Field(default=8001, ge=1, le=65535)
     """Trainer's Prometheus and health endpoint."""
+
+    # -- reward model -------------------------------------------------------------
+    reward_max_length: int = Field(default=384, ge=16)
+    """Tokens of conversation + answer; longer ones lose their oldest tokens, never the
+    answer's end, where the score is read. 384 keeps ~97% of ../shared/data pairs whole."""
+    reward_batch_size: int = Field(default=8, ge=1)
+    """Pairs per micro-batch (each pair is two sequences)."""
+    reward_grad_accum: int = Field(default=2, ge=1)
+    """Micro-batches per optimizer step."""
+    reward_lr: float = Field(default=2e-5, gt=0)
+    reward_epochs: int = Field(default=1, ge=1)
+    reward_margin: float = Field(default=0.0, ge=0)
+    """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
+    reward_train_layers: int = Field(default=8, ge=0)
+    """Top decoder layers trained (with the final norm and the score head); 0 trains all.
+    On 2 CPU cores training only the top 8 of SmolLM2's 30 layers was ~2x faster per pair."""
+    reward_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Autocast dtype; weights and optimizer stay float32. bf16 uses the CPU's AMX units."""
+    reward_threads: int | None = None
+    """torch threads for reward training/eval. Unset: torch's default (one per core)."""
+    reward_eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Share of training pairs held out for early stopping (by a stable hash of the prompt)."""
+    reward_eval_every: int = Field(default=25, ge=1)
+    """Optimizer steps between held-out evaluations (early stopping)."""
+    reward_patience: int = Field(default=3, ge=1)
+    """Evaluations without a better held-out accuracy before training stops."""
+    reward_seed: int = 0
+    reward_max_minutes: float | None = Field(default=None, gt=0)
+    """Wall-clock budget of one training run; unset: none."""
+    reward_holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Share of the store's comparisons (stable hash of comparison_id) never trained on: the gate's test set."""
+    reward_replay_fraction: float = Field(default=1.0, ge=0.0)
+    """Older votes replayed in a refresh, as a multiple of the new votes."""
+    reward_gate_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
+    """A refreshed RM is accepted unless its held-out accuracy is lower than the current one's by more."""
+    reward_min_holdout: int = Field(default=20, ge=1)
+    """Fewest held-out pairs a refresh needs to judge a new RM at all."""
 
     # -- supervisor (`kaizen up`) ------------------------------------------------
     restart_limit: int = Field(default=5, ge=0)

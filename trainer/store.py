@@ -8,6 +8,7 @@ not counted twice. Chosen/rejected pairs are derived from rows on read.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -108,3 +109,30 @@ class PreferenceStore:
             "both_bad_share": by_choice.get("both_bad", 0) / total if total else 0.0,
         }
 
+
+    # -- reads for the reward model (trainer/reward.py) ----------------------------
+    # Rows are marked by SQLite's rowid: rows are never deleted, so it only grows,
+    # and unlike `received_at` (millisecond text) two rows never share one.
+
+    def last_rowid(self) -> int:
+        """The newest row's mark (0 for an empty store)."""
+        return int(self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM preferences").fetchone()[0])
+
+    def events_between(self, after: int = 0, through: int | None = None) -> list[tuple[int, PreferenceEvent]]:
+        """(rowid, event) with `after < rowid <= through`, oldest first."""
+        through = self.last_rowid() if through is None else through
+        rows = self.db.execute(
+            "SELECT rowid, event FROM preferences WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
+            (after, through),
+        ).fetchall()
+        return [(int(rowid), PreferenceEvent.model_validate_json(event)) for rowid, event in rows]
+
+
+def holdout_share(key: str) -> float:
+    """A stable number in [0, 1) for `key` (a comparison_id): the same on every run and machine.
+
+    `holdout_share(cid) < fraction` puts a comparison in the held-out slice for good,
+    so a vote held out once is never trained on later.
+    """
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

@@ -1,0 +1,576 @@
+"""The reward model: Bradley–Terry training on preference pairs, evaluation, gated refresh.
+
+    kaizen reward train --data ../shared/data/hh_harmless_train.jsonl --out rm/
+    kaizen reward eval --model rm/ --data ../shared/data/hh_harmless_test.jsonl
+    kaizen reward refresh        # what a training round calls: votes since the last RM
+
+The model is the policy's own architecture with the LM head swapped for one scalar
+(`AutoModelForSequenceClassification`, num_labels=1, initialised from the policy). It reads
+the chat-templated conversation plus the answer and is scored at the last real token.
+
+Order of the file: config, model, loss, training, evaluation, registry + refresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from services.settings import Settings
+from trainer.reward_data import (
+    EncodedPair,
+    Pair,
+    PairCounts,
+    collate_pairs,
+    encode_pairs,
+    length_batches,
+    pad_sequences,
+    pairs_from_events,
+    split_pairs,
+)
+from trainer.store import PreferenceStore, holdout_share
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+POINTER = "current"
+VERSION_RE = re.compile(r"^rm-v(\d+)$")
+
+
+@dataclass
+class RewardConfig:
+    """One reward-model training run. Defaults come from Settings (`reward_*`); the CLI overrides."""
+
+    max_length: int = 384
+    """Tokens per conversation + answer, cut from the left (reward_data.encode_conversation)."""
+    batch_size: int = 8
+    """Pairs per micro-batch: 2 x batch_size sequences per forward."""
+    grad_accum: int = 2
+    lr: float = 2e-5
+    epochs: int = 1
+    margin: float = 0.0
+    train_layers: int = 8
+    """Top decoder layers trained, plus final norm and score head; 0 trains everything."""
+    dtype: str = "bfloat16"
+    """Autocast dtype of forward passes; parameters and AdamW state stay float32."""
+    threads: int | None = None
+    eval_fraction: float = 0.1
+    eval_every: int = 25
+    patience: int = 3
+    seed: int = 0
+    max_minutes: float | None = None
+    warmup_fraction: float = 0.05
+    """Share of optimizer steps with a linearly rising lr; then linear decay to 0."""
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RewardConfig:
+        values = {name: getattr(settings, f"reward_{name}") for name in (
+            "max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "train_layers", "dtype",
+            "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def apply_threads(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+
+# -- model ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    # Loading from the policy always reports `score.weight` as newly initialised:
+    # that is the point, so the report and the per-tensor progress bar are noise here.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def load_reward_model(path: Path, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) from a policy folder (new score head, seeded) or a reward-model folder.
+
+    Parameters are float32: AdamW updates of ~1e-5 vanish in bf16 weights; speed comes
+    from bf16 autocast instead (RewardConfig.dtype).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)  # the score head's initialisation
+    with _quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+    return model, tokenizer
+
+
+def freeze_lower_layers(model: Any, train_layers: int) -> int:
+    """Train only the top `train_layers` decoder layers, final norm and score head (0: all).
+
+    Frozen layers below build no autograd graph, so a step costs one forward plus the
+    backward of the top layers only. Returns the number of trainable parameters.
+    """
+    layers = model.base_model.layers
+    for p in model.parameters():
+        p.requires_grad_(train_layers == 0 or train_layers >= len(layers))
+    if 0 < train_layers < len(layers):
+        for module in [*layers[-train_layers:], model.base_model.norm, model.score]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward of each sequence, read at its last real token.
+
+    input_ids, attention_mask: (B, T), padded on either side. Returns (B,).
+    Position ids count real tokens only, so a left-padded row scores as it would alone.
+    We read the score ourselves instead of using the HF head's pooling: that pooling looks
+    for `pad_token_id`, which in SmolLM2 is <|im_end|>, a real token of every turn.
+    """
+    B, T = input_ids.shape
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # (B, T, H)
+    last = (torch.arange(T, device=input_ids.device) * attention_mask).argmax(-1)  # (B,) last 1 per row
+    h_last = hidden[torch.arange(B, device=input_ids.device), last]  # (B, H)
+    return model.score(h_last).squeeze(-1).float()  # (B, 1) -> (B,)
+
+
+def _autocast(config: RewardConfig) -> contextlib.AbstractContextManager[Any]:
+    if config.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=getattr(torch, config.dtype))
+
+
+# -- loss -------------------------------------------------------------------------
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float | torch.Tensor = 0.0
+) -> torch.Tensor:
+    """Mean over pairs of -log σ(r₊ − r₋ − m). chosen_rewards, rejected_rewards: (B,); returns ().
+
+    P(chosen ≻ rejected) = σ(r₊ − r₋): Bradley & Terry (1952), the reward-model loss of
+    Ouyang et al. 2022 (InstructGPT, eq. 1); the margin m is Touvron et al. 2023 (Llama 2, eq. 2).
+    logsigmoid, not log(sigmoid(.)), stays finite for large negative differences.
+    """
+    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()  # Ouyang et al. 2022, eq. 1
+
+
+# -- evaluation -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_pairs(model: Any, encoded: Sequence[EncodedPair], config: RewardConfig,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of every pair's chosen and rejected answer: (N,), (N,)."""
+    model.eval()
+    chosen, rejected = torch.empty(len(encoded)), torch.empty(len(encoded))
+    for batch in length_batches(encoded, config.batch_size * 2, rng=None):
+        ids, mask = collate_pairs([encoded[i] for i in batch], pad_id)  # (2b, T)
+        with _autocast(config):
+            r = sequence_rewards(model, ids, mask)  # (2b,)
+        chosen[batch], rejected[batch] = r[: len(batch)], r[len(batch):]
+    return chosen, rejected
+
+
+@torch.no_grad()
+def score_texts(model: Any, tokenizer: Any, seqs: Sequence[list[int]], config: RewardConfig) -> torch.Tensor:
+    """Rewards of single token sequences: (N,)."""
+    model.eval()
+    out = torch.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    step = config.batch_size * 2
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        ids, mask = pad_sequences([seqs[i] for i in idx], tokenizer.pad_token_id)
+        with _autocast(config):
+            out[idx] = sequence_rewards(model, ids, mask)
+    return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (Wilson 1927); (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+#: Calibration buckets of the model's own confidence σ(|r₊ − r₋|).
+CONFIDENCE_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, Any]:
+    """Accuracy (Wilson 95%), mean margin and calibration of rewards (N,), (N,).
+
+    Calibration: pairs bucketed by the model's confidence σ(|margin|) in the order it
+    prefers; a calibrated model is right about as often as the bucket's mean confidence.
+    A score tie (margin exactly 0) counts as wrong.
+    """
+    margin = chosen - rejected  # (N,)
+    n, correct = len(margin), int((margin > 0).sum())
+    low, high = wilson_interval(correct, n)
+    confidence = torch.sigmoid(margin.abs())  # (N,)
+    buckets = []
+    for lo, hi in zip(CONFIDENCE_EDGES[:-1], CONFIDENCE_EDGES[1:], strict=True):
+        inside = (confidence >= lo) & ((confidence < hi) if hi < 1.0 else (confidence <= hi))
+        k = int(inside.sum())
+        buckets.append({
+            "confidence": f"{lo:.1f}-{hi:.1f}", "pairs": k,
+            "accuracy": float((margin[inside] > 0).float().mean()) if k else None,
+            "mean_confidence": float(confidence[inside].mean()) if k else None,
+        })
+    return {
+        "pairs": n,
+        "accuracy": correct / n if n else None,
+        "accuracy_ci95": [low, high],
+        "mean_margin": float(margin.mean()) if n else None,
+        "bt_loss": float(bradley_terry_loss(chosen, rejected)) if n else None,
+        "calibration": buckets,
+    }
+
+
+def evaluate(model: Any, encoded: Sequence[EncodedPair], config: RewardConfig, pad_id: int) -> dict[str, Any]:
+    chosen, rejected = score_pairs(model, encoded, config, pad_id)
+    return pairwise_metrics(chosen, rejected)
+
+
+def format_metrics(name: str, m: dict[str, Any]) -> str:
+    """A few human lines: accuracy with interval, margin, calibration table."""
+    if not m["pairs"]:
+        return f"{name}: no pairs"
+    lo, hi = m["accuracy_ci95"]
+    lines = [f"{name}: accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={m['pairs']}), "
+             f"mean margin {m['mean_margin']:+.3f}, BT loss {m['bt_loss']:.3f}",
+             "  confidence  pairs  accuracy  mean conf"]
+    for b in m["calibration"]:
+        acc = "-" if b["accuracy"] is None else f"{b['accuracy']:.3f}"
+        conf = "-" if b["mean_confidence"] is None else f"{b['mean_confidence']:.3f}"
+        lines.append(f"  {b['confidence']:>10}  {b['pairs']:>5}  {acc:>8}  {conf:>9}")
+    return "\n".join(lines)
+
+
+# -- training ---------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    pairs_seen: int
+    seconds: float
+    stopped: str
+    """Why training ended: "done", "early stop", "time budget"."""
+    best_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Held-out accuracy at each evaluation: [{"step", "accuracy", "bt_loss"}]."""
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs_seen / self.seconds if self.seconds else 0.0
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.2f} held-out {task.fields[held]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+def train_reward_model(
+    model: Any, tokenizer: Any, train: Sequence[Pair], held_out: Sequence[Pair], config: RewardConfig,
+    *, progress: bool = True,
+) -> TrainResult:
+    """Fit `model` to `train` pairs in place; early-stop on accuracy on `held_out`.
+
+    Micro-batches of similar-length pairs (dynamic padding), `grad_accum` of them per AdamW
+    step, linear warmup then decay. Every `eval_every` steps the held-out accuracy is
+    measured; the best weights (step 0 included) are restored at the end.
+    """
+    if not train:
+        raise ValueError("train: no pairs to train on")
+    config.apply_threads()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    pad_id = tokenizer.pad_token_id
+    enc_train = encode_pairs(tokenizer, train, config.max_length)
+    enc_held = encode_pairs(tokenizer, held_out, config.max_length)
+    n_trainable = freeze_lower_layers(model, config.train_layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    log.info("reward training: %d pairs (%d cut to %d tokens), %d held out, %.1fM trainable parameters",
+             len(enc_train), sum(e.truncated for e in enc_train), config.max_length, len(enc_held),
+             n_trainable / 1e6)
+
+    batches_per_epoch = math.ceil(len(enc_train) / config.batch_size)
+    total_steps = max(1, math.ceil(batches_per_epoch * config.epochs / config.grad_accum))
+    warmup = max(1, int(total_steps * config.warmup_fraction))
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+
+    def held_out_score(step: int) -> tuple[float, float]:
+        # (accuracy, -BT loss): accuracy decides, the loss breaks its frequent ties
+        m = evaluate(model, enc_held, config, pad_id)
+        history.append({"step": step, "accuracy": m["accuracy"], "bt_loss": m["bt_loss"]})
+        model.train()
+        return float(m["accuracy"]), -float(m["bt_loss"])
+
+    history: list[dict[str, Any]] = []
+    best, best_step, best_state = (-1.0, -math.inf), 0, None
+    stale, step, seen, stopped = 0, 0, 0, "done"
+    if enc_held:
+        best = held_out_score(0)
+        best_state = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
+    deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes else math.inf
+    started = time.monotonic()
+    run_loss = run_acc = None
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with _progress(progress) as bar:
+        task = bar.add_task("reward model", total=total_steps, loss=float("nan"), acc=float("nan"),
+                            held=f"{best[0]:.3f}" if enc_held else "-")
+        for _epoch in range(config.epochs):
+            batches = length_batches(enc_train, config.batch_size, rng)
+            for i, batch in enumerate(batches):
+                ids, mask = collate_pairs([enc_train[j] for j in batch], pad_id)  # (2b, T)
+                with _autocast(config):
+                    rewards = sequence_rewards(model, ids, mask)  # (2b,)
+                chosen_rewards, rejected_rewards = rewards.chunk(2)  # (b,), (b,)
+                loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin)
+                (loss / config.grad_accum).backward()
+                seen += len(batch)
+                acc = float((chosen_rewards > rejected_rewards).float().mean())
+                run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
+                run_acc = acc if run_acc is None else 0.9 * run_acc + 0.1 * acc
+                if (i + 1) % config.grad_accum and i + 1 < len(batches):
+                    continue
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(task, completed=step, loss=run_loss, acc=run_acc)
+                if enc_held and step % config.eval_every == 0:
+                    score = held_out_score(step)
+                    bar.update(task, held=f"{score[0]:.3f}")
+                    if score > best:
+                        best, best_step, stale = score, step, 0
+                        best_state = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
+                    else:
+                        stale += 1
+                        if stale >= config.patience:
+                            stopped = "early stop"
+                            break
+                if time.monotonic() > deadline:
+                    stopped = "time budget"
+                    break
+            if stopped != "done":
+                break
+    seconds = time.monotonic() - started
+    if enc_held and (not history or history[-1]["step"] != step):
+        score = held_out_score(step)
+        if score > best:
+            best, best_step, best_state = score, step, None  # the current weights are the best
+    if best_state is not None and best_step != step:
+        with torch.no_grad():
+            for n, p in zip(names, params, strict=True):
+                p.copy_(best_state[n])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    log.info("reward training %s after %d steps (%.0f s, %.2f pairs/s); best held-out step %d",
+             stopped, step, seconds, seen / seconds if seconds else 0.0, best_step)
+    return TrainResult(step, seen, seconds, stopped, best_step if enc_held else step, history)
+
+
+# -- registry + refresh -------------------------------------------------------------
+
+
+def reward_root(settings: Settings) -> Path:
+    """`<data_dir>/reward`: rm-v1, rm-v2, ... and the `current` pointer."""
+    return settings.data_dir / "reward"
+
+
+def current_version(settings: Settings) -> Path | None:
+    """The folder the pointer names, or None before the first accepted RM."""
+    pointer = reward_root(settings) / POINTER
+    if not pointer.is_file():
+        return None
+    path = reward_root(settings) / pointer.read_text().strip()
+    assert (path / MANIFEST).is_file(), f"pointer {pointer} names {path}, which has no {MANIFEST}"
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((path / MANIFEST).read_text())
+    return data
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # readers see the old file or the new one, never half
+
+
+def reward_stats(model: Any, tokenizer: Any, pairs: Sequence[Pair], config: RewardConfig) -> dict[str, Any]:
+    """Mean and std of rewards over both answers of `pairs`: PPO normalises rewards with them."""
+    enc = encode_pairs(tokenizer, pairs, config.max_length)
+    r = score_texts(model, tokenizer, [e.chosen for e in enc] + [e.rejected for e in enc], config)
+    return {"mean": float(r.mean()) if len(r) else 0.0,
+            "std": float(r.std()) if len(r) > 1 else 1.0, "n": len(r)}
+
+
+def save_model(model: Any, tokenizer: Any, out: Path, manifest: dict[str, Any]) -> Path:
+    """Write an HF folder plus manifest.json into a temp dir, then rename it to `out` at once."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp made it private
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def register_version(settings: Settings, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Path:
+    """Save as the next rm-vN and point `current` at it (pointer replaced atomically)."""
+    root = reward_root(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := VERSION_RE.match(p.name))]
+    version = f"rm-v{max(taken, default=0) + 1}"
+    path = save_model(model, tokenizer, root / version, {"version": version, **manifest})
+    _write_atomic(root / POINTER, version + "\n")
+    return path
+
+
+@dataclass
+class RefreshResult:
+    accepted: bool
+    reason: str
+    version: str | None
+    """The current RM after the refresh (unchanged when rejected)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def refresh_reward_model(settings: Settings, config: RewardConfig | None = None, *,
+                         base_model: Path | None = None, progress: bool = False) -> RefreshResult:
+    """One incremental refresh of the reward model from the preference store.
+
+    1. The held-out slice: votes whose comparison_id hashes below `reward_holdout_fraction`
+       (store.holdout_share); no RM ever trains on them, so it is a fair test for all versions.
+    2. New votes: stored after the current RM's mark (`trained_through_rowid`), plus a replay
+       sample of older ones (`reward_replay_fraction` x the new ones) against forgetting.
+    3. Warm-start from the current RM (the policy `base_model` for the first), train.
+    4. Gate: accept unless held-out accuracy falls more than `reward_gate_tolerance` below the
+       current RM's (below 0.5, chance, for the first RM). Rejected votes are not marked as
+       trained: the next refresh sees them again together with newer ones.
+    """
+    config = config or RewardConfig.from_settings(settings)
+    config.apply_threads()
+    current = current_version(settings)
+    parent = read_manifest(current) if current else None
+    mark = int(parent["data"]["trained_through_rowid"]) if parent else 0
+    store = PreferenceStore(settings.preferences_db)
+    try:
+        through = store.last_rowid()
+        rows = store.events_between(0, through)
+    finally:
+        store.close()
+    fraction = settings.reward_holdout_fraction
+    held_events = [ev for _, ev in rows if holdout_share(ev.comparison_id) < fraction]
+    new_events = [ev for rid, ev in rows if rid > mark and holdout_share(ev.comparison_id) >= fraction]
+    old_events = [ev for rid, ev in rows if rid <= mark and holdout_share(ev.comparison_id) >= fraction]
+    held, held_counts = pairs_from_events(held_events)
+    new, new_counts = pairs_from_events(new_events)
+    old, _ = pairs_from_events(old_events)
+    name = current.name if current else None
+    if not new:
+        return RefreshResult(False, f"no new votes with a preference since {name or 'the start'}", name)
+    if len(held) < settings.reward_min_holdout:
+        return RefreshResult(False, f"only {len(held)} held-out pairs, need {settings.reward_min_holdout} "
+                                    "to judge a new reward model", name)
+    rng = random.Random(f"{config.seed}:{through}")
+    replay = rng.sample(old, min(len(old), round(settings.reward_replay_fraction * len(new))))
+    train_pairs, stop_pairs = split_pairs(new + replay, config.eval_fraction, salt="early-stop:")
+    if not train_pairs:
+        train_pairs, stop_pairs = stop_pairs, []
+
+    base = current or base_model or settings.model_dir
+    model, tokenizer = load_reward_model(base, seed=config.seed)
+    enc_held = encode_pairs(tokenizer, held, config.max_length)
+    before = evaluate(model, enc_held, config, tokenizer.pad_token_id) if current else None
+    result = train_reward_model(model, tokenizer, train_pairs, stop_pairs, config, progress=progress)
+    after = evaluate(model, enc_held, config, tokenizer.pad_token_id)
+    floor = (before["accuracy"] if before else 0.5) - settings.reward_gate_tolerance
+    metrics = {"holdout": after, "parent_holdout": before, "gate_floor": floor,
+               "train": {"steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
+                         "stopped": result.stopped, "best_step": result.best_step, "history": result.history}}
+    against = f"{name}'s {before['accuracy']:.3f}" if before else "chance (0.5)"
+    if after["accuracy"] < floor:
+        reason = (f"rejected: held-out accuracy {after['accuracy']:.3f} is below {against} by more than "
+                  f"the tolerance {settings.reward_gate_tolerance} (n={after['pairs']}); {name or 'no RM'} stays current")
+        log.warning("reward refresh %s", reason)
+        return RefreshResult(False, reason, name, metrics)
+    manifest = {
+        "parent": name,
+        "base_model": str(settings.model_dir if current is None else parent.get("base_model")),  # type: ignore[union-attr]
+        "created": datetime.now(UTC).isoformat(),
+        "data": {"new": new_counts.as_dict(), "replay_pairs": len(replay), "holdout": held_counts.as_dict(),
+                 "early_stop_pairs": len(stop_pairs), "trained_through_rowid": through},
+        "metrics": metrics,
+        "reward_norm": {**reward_stats(model, tokenizer, held, config), "reference": "held-out slice, both answers"},
+        "config": asdict(config),
+    }
+    path = register_version(settings, model, tokenizer, manifest)
+    reason = f"accepted: held-out accuracy {after['accuracy']:.3f} vs {against} (n={after['pairs']})"
+    log.info("reward refresh %s as %s", reason, path.name)
+    return RefreshResult(True, reason, path.name, metrics)
+
+
+__all__ = [
+    "PairCounts", "RewardConfig", "bradley_terry_loss", "evaluate", "load_reward_model", "pairwise_metrics",
+    "refresh_reward_model", "sequence_rewards", "train_reward_model", "wilson_interval",
+]
