@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics, web
 from services.auth import AuthError, RateLimiter, check_admin, check_api_key, load_user_id_secret, retry_after, user_id
-from services.comparisons import ComparisonStore, VoteError, new_comparison_id
+from services.comparisons import ComparisonStore, OutboxFull, VoteError, new_comparison_id
+from services.outbox import OutboxRelay
 from services.events import Answer
 from services.engine import Engine
 from services.models import require_model
@@ -93,22 +94,30 @@ def error_response(
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Own the outbox relay and the engine; shut both down however the app ends."""
     settings: Settings = app.state.settings
     model_dir = require_model(settings.model_dir)
-    log.info("loading %s into vLLM", model_dir)
-    engine = Engine(settings, model_dir, BASE_VERSION)
-    app.state.engine = engine
-    metrics.ENGINE_READY.set(1)
-    metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(engine.unfinished_requests)
-    metrics.MODEL_INFO.labels(model_version=engine.version).set(1)
-    log.info("serving %s (version %s) on %s", settings.served_model_name, engine.version, settings.public_url)
+    relay = OutboxRelay(settings, app.state.comparisons)
+    relay.start()  # votes accepted before a crash are delivered while the model loads
+    app.state.relay = relay
+    engine: Engine | None = None
     try:
+        log.info("loading %s into vLLM", model_dir)
+        engine = Engine(settings, model_dir, BASE_VERSION)
+        app.state.engine = engine
+        metrics.ENGINE_READY.set(1)
+        metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(engine.unfinished_requests)
+        metrics.MODEL_INFO.labels(model_version=engine.version).set(1)
+        log.info("serving %s (version %s) on %s", settings.served_model_name, engine.version,
+                 settings.public_url)
         yield
     finally:
         metrics.ENGINE_READY.set(0)
         metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: 0)
         app.state.engine = None
-        engine.shutdown()
+        if engine is not None:
+            engine.shutdown()
+        relay.stop()
         app.state.comparisons.close()
 
 
@@ -332,11 +341,18 @@ async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -
     store: ComparisonStore = request.app.state.comparisons
     try:
         event = store.vote(body.comparison_id, caller.user, body.choice, body.reason)
+    except OutboxFull as exc:
+        metrics.OUTBOX_FULL_REJECTIONS.inc()
+        raise APIError(503, f"votes are not being delivered fast enough ({exc}): retry later",
+                       type="overloaded_error", code="outbox_full", headers={"Retry-After": "5"}) from None
     except VoteError as exc:
         type_ = "not_found_error" if exc.status == 404 else (
             "permission_error" if exc.status == 403 else "invalid_request_error")
         raise APIError(exc.status, exc.message, type=type_, param="comparison_id", code=exc.code) from None
     metrics.VOTES.labels(choice=str(body.choice)).inc()
+    relay: OutboxRelay | None = getattr(request.app.state, "relay", None)
+    if relay is not None:
+        relay.notify()
     out = FeedbackResponse(event_id=str(event.event_id), comparison_id=body.comparison_id)
     return JSONResponse(dump(out), status_code=202)
 
@@ -500,7 +516,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Kaizen", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = None
-    app.state.comparisons = ComparisonStore(settings.api_db, settings.comparison_ttl)
+    app.state.comparisons = ComparisonStore(settings.api_db, settings.comparison_ttl,
+                                            settings.outbox_max_pending)
     app.state.user_secret = load_user_id_secret(settings)
     app.state.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
     app.include_router(probes)

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     delivered_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (delivered_at, seq);
+CREATE TABLE IF NOT EXISTS relay_state (  -- highest offset the broker acknowledged, per partition
+    partition   INTEGER PRIMARY KEY,
+    max_offset  INTEGER NOT NULL
+);
 """
 
 
@@ -50,6 +54,17 @@ class VoteError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+class OutboxFull(Exception):
+    """The outbox holds `limit` undelivered events: refuse new votes rather than drop any."""
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    seq: int
+    comparison_id: str
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -71,10 +86,11 @@ def new_comparison_id() -> str:
 class ComparisonStore:
     """One connection shared by the API's threads behind a lock (writes are sub-millisecond in WAL)."""
 
-    def __init__(self, path: Path, ttl: timedelta) -> None:
+    def __init__(self, path: Path, ttl: timedelta, max_pending: int = 1_000_000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.ttl = ttl
+        self.max_pending = max_pending
         self._lock = threading.Lock()
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -137,6 +153,8 @@ class ComparisonStore:
                     raise VoteError(409, "already_voted", "this comparison already has a vote")
                 if datetime.fromisoformat(expires_at) <= now:
                     raise VoteError(410, "comparison_expired", "this comparison has expired")
+                if self._pending_upper_bound() >= self.max_pending:
+                    raise OutboxFull(f"{self.max_pending} votes are waiting for the broker")
                 event = PreferenceEvent(
                     comparison_id=comparison_id, user=user, served_at=datetime.fromisoformat(served_at),
                     voted_at=now, messages=[Message.model_validate(m) for m in json.loads(messages)],
@@ -154,6 +172,62 @@ class ComparisonStore:
                 raise
             self.db.execute("COMMIT")
         return event
+
+    def _pending_upper_bound(self) -> int:
+        # seq grows by one per event, so (newest - oldest undelivered + 1) bounds the
+        # backlog from above using the index alone; a COUNT would scan it per vote.
+        lo, hi = self.db.execute(
+            "SELECT (SELECT MIN(seq) FROM outbox WHERE delivered_at IS NULL), (SELECT MAX(seq) FROM outbox)"
+        ).fetchone()
+        return 0 if lo is None else int(hi) - int(lo) + 1
+
+    # -- the relay's side ---------------------------------------------------------
+    def pending(self, limit: int) -> list[OutboxRow]:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT seq, comparison_id, payload FROM outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT ?",
+                (limit,)).fetchall()
+        return [OutboxRow(int(r[0]), r[1], bytes(r[2])) for r in rows]
+
+    def mark_delivered(self, seqs: list[int], offsets: dict[int, int]) -> None:
+        now = datetime.now(UTC).isoformat()
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany("UPDATE outbox SET delivered_at = ? WHERE seq = ?", [(now, s) for s in seqs])
+                self.db.executemany(
+                    "INSERT INTO relay_state (partition, max_offset) VALUES (?, ?) ON CONFLICT (partition) "
+                    "DO UPDATE SET max_offset = MAX(max_offset, excluded.max_offset)", list(offsets.items()))
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def max_acked_offsets(self) -> dict[int, int]:
+        with self._lock:
+            return {int(p): int(o) for p, o in self.db.execute("SELECT partition, max_offset FROM relay_state")}
+
+    def redeliver_all(self) -> int:
+        """The broker lost data: every retained event becomes pending again."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute("UPDATE outbox SET delivered_at = NULL WHERE delivered_at IS NOT NULL")
+            self.db.execute("DELETE FROM relay_state")
+            self.db.execute("COMMIT")
+        return int(cur.rowcount)
+
+    def prune_delivered(self, before: datetime) -> int:
+        with self._lock:
+            cur = self.db.execute("DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
+                                  (before.isoformat(),))
+        return int(cur.rowcount)
+
+    def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """Undelivered events and when the oldest of them was accepted."""
+        with self._lock:
+            n, oldest = self.db.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE delivered_at IS NULL").fetchone()
+        return int(n), datetime.fromisoformat(oldest) if oldest else None
 
     def outbox_events(self) -> list[PreferenceEvent]:
         """Every event in the outbox, oldest first (delivered or not)."""

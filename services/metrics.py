@@ -53,6 +53,19 @@ COMPARISONS_SERVED = Counter(
 VOTES = Counter(
     "kaizen_votes_total", "Votes accepted at POST /v1/feedback, by choice.", ["choice"]
 )
+OUTBOX_PENDING = Gauge("kaizen_outbox_pending", "Accepted votes not yet acknowledged by Kafka.")
+OUTBOX_OLDEST_PENDING_AGE = Gauge(
+    "kaizen_outbox_oldest_pending_age_seconds", "Age of the oldest vote waiting for Kafka (0 when none)."
+)
+OUTBOX_DELIVERY_ERRORS = Counter(
+    "kaizen_outbox_delivery_errors_total", "Failed attempts to deliver outbox batches to Kafka."
+)
+OUTBOX_REDELIVERIES = Counter(
+    "kaizen_outbox_redeliveries_total", "Times the broker was found to have lost votes and all were re-sent."
+)
+OUTBOX_FULL_REJECTIONS = Counter(
+    "kaizen_outbox_full_rejections_total", "Votes refused with 503 because the outbox was full."
+)
 MODEL_INFO = Gauge(
     "kaizen_served_model_info",
     "Always 1; labels name the model version served.",

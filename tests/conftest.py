@@ -115,10 +115,12 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20) -> None:
 
 @pytest.fixture(scope="session")
 def api_server(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, broker: Settings
 ) -> Iterator[tuple[str, Settings]]:
-    """One `kaizen serve` process on the tiny model; yields (base_url, settings)."""
+    """One `kaizen serve` process on the tiny model, its outbox relay delivering to the
+    session broker; yields (base_url, settings)."""
     settings = make_settings(tmp_path_factory.mktemp("api-data"), model=tiny_model,
+                             broker_port=broker.broker_port,
                              api_keys=f"{USER_KEY},{OTHER_KEY}", admin_token=ADMIN_TOKEN,
                              rate_limit_rps=1000, rate_limit_burst=1000)
     log_path = settings.data_dir / "serve.log"
