@@ -1,0 +1,662 @@
+// Kaizen chat page: plain JS, no build step, no external code.
+//
+// Talks to the same origin's OpenAI-shaped API:
+//   POST /v1/chat/completions  {"stream": true, "comparison": "allow"|"off"|"force"}
+//        -> SSE `data:` lines of chat.completion.chunk, then `data: [DONE]`;
+//           a paired answer carries a top-level `comparison_id` and choices 0 and 1
+//   POST /v1/feedback          {"comparison_id", "choice": 0|1|"tie"|"both_bad", "reason"?}
+//   GET  /v1/models            the served version (also in X-Kaizen-Model-Version)
+//
+// Hidden query parameters: ?compare=force|off (tests, demos), ?max_tokens=N.
+"use strict";
+
+(() => {
+  const KEY_STORE = "kaizen.apiKey";
+  const COMPARE_STORE = "kaizen.compare";
+  const VERSION_HEADER = "X-Kaizen-Model-Version";
+  const LABELS = ["A", "B"];
+  // Vote keys (documented on the page): digits and letters, either works.
+  const VOTE_KEYS = { "1": 0, a: 0, "2": 1, b: 1, "3": "tie", t: "tie", "4": "both_bad", x: "both_bad" };
+  const CHOICES = [
+    { choice: 0, text: "A is better", key: "1" },
+    { choice: 1, text: "B is better", key: "2" },
+    { choice: "tie", text: "Tie", key: "3" },
+    { choice: "both_bad", text: "Both are bad", key: "4" },
+  ];
+
+  const params = new URLSearchParams(location.search);
+  const compareParam = ["force", "off", "allow"].includes(params.get("compare")) ? params.get("compare") : null;
+  const maxTokensParam = Number.parseInt(params.get("max_tokens") || "", 10);
+
+  const el = (id) => document.getElementById(id);
+  const ui = {
+    log: el("log"), empty: el("empty"), main: el("main"), alerts: el("alerts"),
+    form: el("composer"), prompt: el("prompt"), send: el("send"), stop: el("stop"),
+    newChat: el("new-chat"), version: el("model-version"), status: el("status"),
+    settings: el("settings"), settingsToggle: el("settings-toggle"),
+    key: el("api-key"), showKey: el("show-key"), forgetKey: el("forget-key"), keyHint: el("key-hint"),
+    compare: el("compare"), compareNote: el("compare-note"),
+  };
+  const keyHintText = ui.keyHint.innerHTML;
+
+  const state = {
+    messages: [],        // the conversation as the API sees it (committed turns only)
+    controller: null,    // AbortController of the answer being streamed
+    pair: null,          // the paired answer waiting for a vote
+  };
+
+  // -- small helpers ------------------------------------------------------------------
+
+  function make(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function storageGet(name) {
+    try { return localStorage.getItem(name); } catch { return null; }
+  }
+
+  function storageSet(name, value) {
+    try {
+      if (value === null || value === "") localStorage.removeItem(name);
+      else localStorage.setItem(name, value);
+    } catch { /* private mode: the setting lasts for this page only */ }
+  }
+
+  function apiKey() { return ui.key.value.trim(); }
+
+  function headers(extra) {
+    const out = Object.assign({}, extra);
+    const key = apiKey();
+    if (key) out.Authorization = `Bearer ${key}`;
+    return out;
+  }
+
+  function announce(text) {
+    ui.status.textContent = "";
+    // a fresh text node so screen readers repeat an identical message
+    window.setTimeout(() => { ui.status.textContent = text; }, 30);
+  }
+
+  function nearBottom() {
+    const m = ui.main;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+  }
+
+  function scrollToEnd(force) {
+    if (force || state.stick) ui.main.scrollTop = ui.main.scrollHeight;
+  }
+
+  function comparisonMode() {
+    if (compareParam) return compareParam;
+    return ui.compare.checked ? "allow" : "off";
+  }
+
+  // -- errors, in words -----------------------------------------------------------------
+
+  /** An API error from a response: {status, message, type, code, retryAfter}. */
+  async function apiError(res) {
+    let body = null;
+    const raw = await res.text().catch(() => "");
+    try { body = JSON.parse(raw); } catch { /* not JSON: a proxy's page, say */ }
+    const info = body && typeof body.error === "object" && body.error ? body.error : {};
+    return {
+      status: res.status,
+      message: info.message || (typeof body?.detail === "string" ? body.detail : raw.slice(0, 300)) || res.statusText,
+      type: info.type || null,
+      code: info.code || null,
+      retryAfter: Number.parseInt(res.headers.get("Retry-After") || "", 10) || null,
+    };
+  }
+
+  function networkError(err) {
+    return { status: 0, message: String(err && err.message ? err.message : err), type: "network", code: null };
+  }
+
+  function seconds(n) { return n === 1 ? "1 second" : `${n} seconds`; }
+
+  /** A title and an explanation a person can act on, for the place the error happened. */
+  function describe(err, where) {
+    const wait = err.retryAfter ? seconds(err.retryAfter) : null;
+    switch (err.status) {
+      case 0:
+        return ["Could not reach the Kaizen server.", "Check your connection and that the server is running, then try again."];
+      case 401:
+        return ["Your API key was not accepted.", apiKey()
+          ? "Check the key under Settings: it may be mistyped or revoked."
+          : "This server needs an API key: enter it under Settings."];
+      case 403:
+        return where === "vote"
+          ? ["This comparison belongs to someone else.", "Only the person it was shown to can vote on it."]
+          : ["This key may not do that.", "Ask the operator for a key with access."];
+      case 404:
+        return where === "vote"
+          ? ["The server does not know this comparison.", "It may have been cleaned up; your vote was not recorded."]
+          : ["Not found.", "The server does not offer what the page asked for."];
+      case 409:
+        return ["This comparison already has a vote.", "Only the first vote on a pair counts."];
+      case 410:
+        return ["This comparison has expired.", "Pairs can only be voted on for a limited time after they are shown."];
+      case 413:
+        return ["The message is too long for this server.", "Start a new chat or shorten the message."];
+      case 429:
+        return ["Too many requests: you are being rate limited.",
+          wait ? `Please wait ${wait} before trying again.` : "Please wait a little before trying again."];
+      case 503:
+        if (err.code === "loading") return ["The model is still loading.", "Try again in a few seconds."];
+        return ["The server is busy right now.", wait ? `Try again in ${wait}.` : "Try again shortly."];
+      default:
+        if (err.status >= 500) return ["The server had a problem answering.", "Try again; if it keeps happening, tell the operator."];
+        return ["The server refused the request.", ""];
+    }
+  }
+
+  /** An alert box (role=alert): title, advice, and what the server actually said. */
+  function errorBox(err, where) {
+    const [title, advice] = describe(err, where);
+    const box = make("div", "notice error");
+    box.setAttribute("role", "alert");
+    box.append(make("strong", "notice-title", title));
+    if (advice) box.append(make("p", "notice-advice", advice));
+    const detail = err.status === 0
+      ? `Browser said: ${err.message}`
+      : `Server said: ${err.message} (HTTP ${err.status}${err.code ? `, ${err.code}` : ""})`;
+    box.append(make("p", "notice-detail", detail));
+    box.dataset.status = String(err.status);
+    return box;
+  }
+
+  function showAlert(err, where) {
+    clearAlerts();
+    const box = errorBox(err, where);
+    const close = make("button", "notice-close", "Dismiss");
+    close.type = "button";
+    close.addEventListener("click", () => { box.remove(); ui.prompt.focus(); });
+    box.append(close);
+    ui.alerts.append(box);
+    if (err.status === 401) openSettings(false);
+  }
+
+  function clearAlerts() { ui.alerts.replaceChildren(); }
+
+  // -- model version --------------------------------------------------------------------
+
+  function noteVersion(version) {
+    if (!version) return;
+    ui.version.textContent = `model ${version}`;
+    ui.version.title = `Answers come from model version ${version}`;
+    ui.version.dataset.version = version;
+  }
+
+  async function loadVersion() {
+    let res;
+    try {
+      res = await fetch("/v1/models", { headers: headers({}) });
+    } catch (err) {
+      ui.version.textContent = "offline";
+      ui.version.title = `Could not reach the server: ${err}`;
+      return;
+    }
+    if (res.ok) {
+      const body = await res.json().catch(() => null);
+      const card = body && Array.isArray(body.data) ? body.data[0] : null;
+      noteVersion(res.headers.get(VERSION_HEADER) || (card && card.version));
+      ui.keyHint.innerHTML = keyHintText;
+      ui.keyHint.classList.remove("warn");
+      return;
+    }
+    const err = await apiError(res);
+    if (!ui.version.dataset.version) ui.version.textContent = "model ?";
+    ui.version.title = describe(err).join(" ");
+    if (err.status === 401) {
+      ui.keyHint.textContent = apiKey()
+        ? "The server did not accept this key. Check it for typos."
+        : "This server needs an API key. Paste yours here.";
+      ui.keyHint.classList.add("warn");
+      if (!apiKey()) openSettings(true);
+    } else if (err.status === 503) {
+      ui.version.textContent = "model loading…";
+    }
+  }
+
+  // -- settings ---------------------------------------------------------------------------
+
+  function openSettings(focusKey) {
+    ui.settings.hidden = false;
+    ui.settingsToggle.setAttribute("aria-expanded", "true");
+    if (focusKey) ui.key.focus();
+  }
+
+  function toggleSettings() {
+    const open = ui.settings.hidden;
+    ui.settings.hidden = !open;
+    ui.settingsToggle.setAttribute("aria-expanded", String(open));
+    if (open) ui.key.focus();
+  }
+
+  function saveKey() {
+    storageSet(KEY_STORE, apiKey());
+    loadVersion();
+  }
+
+  // -- SSE ----------------------------------------------------------------------------------
+
+  /** Yields the data of each server-sent event of a fetch body (multi-line data joined by \n). */
+  async function* sseData(body) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let data = [];
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        buffer += done ? decoder.decode() : decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.search(/\r\n|\r|\n/)) >= 0) {
+          const line = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + (buffer.startsWith("\r\n", cut) ? 2 : 1));
+          if (line === "") {                       // blank line: the event is complete
+            if (data.length) yield data.join("\n");
+            data = [];
+          } else if (line.startsWith("data:")) {
+            data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+          }                                        // comments (": ping"), event:, id: are ignored
+        }
+        if (done) break;
+      }
+      if (buffer.startsWith("data:")) data.push(buffer.slice(buffer.startsWith("data: ") ? 6 : 5));
+      if (data.length) yield data.join("\n");
+    } finally {
+      reader.releaseLock();
+    }
+  }
+
+  // -- rendering ----------------------------------------------------------------------------
+
+  function hideEmpty() { ui.empty.hidden = true; }
+
+  function renderUser(text) {
+    hideEmpty();
+    const row = make("div", "msg user");
+    const bubble = make("div", "bubble text", text);
+    row.append(make("span", "sr-only", "You said:"), bubble);
+    ui.log.append(row);
+    return row;
+  }
+
+  /** One assistant turn: a single answer, or a pair once the stream says so. */
+  function renderTurn() {
+    hideEmpty();
+    const row = make("div", "msg assistant");
+    const single = make("div", "answer single");
+    const text = make("div", "text");
+    text.setAttribute("aria-busy", "true");
+    single.append(make("span", "sr-only", "Kaizen answered:"), text, typing());
+    row.append(single);
+    ui.log.append(row);
+    return { row, single, texts: [text], cards: [single], pair: null };
+  }
+
+  function typing() {
+    const dots = make("span", "typing");
+    dots.setAttribute("aria-hidden", "true");
+    dots.append(make("i"), make("i"), make("i"));
+    return dots;
+  }
+
+  function makePair(turn, comparisonId) {
+    turn.row.classList.add("paired");
+    const wrap = make("div", "pair");
+    wrap.dataset.comparisonId = comparisonId;
+    const intro = make("p", "pair-intro", "Two answers this time. Which one is better?");
+    const grid = make("div", "pair-grid");
+    const cards = [];
+    const texts = [];
+    LABELS.forEach((label, i) => {
+      const card = make("section", "answer card");
+      card.dataset.label = label;
+      card.setAttribute("aria-label", `Answer ${label}`);
+      const head = make("header", "card-head");
+      head.append(make("span", "badge", label), make("span", "card-title", `Answer ${label}`));
+      const text = make("div", "text");
+      text.setAttribute("aria-busy", "true");
+      card.append(head, text, typing());
+      grid.append(card);
+      cards.push(card);
+      texts.push(text);
+    });
+    wrap.append(intro, grid);
+    turn.single.replaceWith(wrap);
+    Object.assign(turn, { pairEl: wrap, cards, texts, intro });
+    turn.pair = { comparisonId, turn, ready: false, settled: false, voting: false };
+    return turn.pair;
+  }
+
+  function finishCard(card, text, reason) {
+    text.setAttribute("aria-busy", "false");
+    card.querySelector(".typing")?.remove();
+    if (reason === "length") card.append(make("p", "meta", "Cut off at the length limit."));
+  }
+
+  // -- votes ----------------------------------------------------------------------------------
+
+  function renderVoteBar(pair) {
+    const bar = make("div", "vote");
+    bar.setAttribute("role", "group");
+    bar.setAttribute("aria-label", "Vote for the better answer");
+    const buttons = make("div", "vote-buttons");
+    pair.buttons = CHOICES.map(({ choice, text, key }) => {
+      const b = make("button", "vote-button");
+      b.type = "button";
+      b.dataset.choice = String(choice);
+      b.append(make("span", "", text), make("kbd", "", key));
+      b.setAttribute("aria-keyshortcuts", key);
+      b.addEventListener("click", () => vote(pair, choice));
+      buttons.append(b);
+      return b;
+    });
+    const reasonId = `reason-${pair.comparisonId}`;
+    const reasonLabel = make("label", "sr-only", "Reason (optional)");
+    reasonLabel.htmlFor = reasonId;
+    pair.reason = make("input", "reason");
+    Object.assign(pair.reason, { id: reasonId, type: "text", maxLength: 2000, placeholder: "Why? (optional)" });
+    pair.reason.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") { e.preventDefault(); pair.buttons[0].focus(); } // so the vote keys work
+    });
+    const help = make("p", "vote-help");
+    help.innerHTML = "Keys: <kbd>1</kbd>/<kbd>A</kbd> A better · <kbd>2</kbd>/<kbd>B</kbd> B better · "
+      + "<kbd>3</kbd>/<kbd>T</kbd> tie · <kbd>4</kbd>/<kbd>X</kbd> both bad "
+      + "<span class=\"muted\">(outside the message box; <kbd>Esc</kbd> leaves it)</span>";
+    pair.feedback = make("div", "vote-feedback");
+    bar.append(buttons, reasonLabel, pair.reason, help, pair.feedback);
+    pair.bar = bar;
+    pair.turn.pairEl.append(bar);
+  }
+
+  function chosenIndex(choice) { return choice === 1 ? 1 : 0; } // ties and both-bad continue with A
+
+  /** The pair is done with: the conversation continues with one of its answers. */
+  function settlePair(pair, continueWith, note, cls) {
+    pair.settled = true;
+    if (state.pair === pair) state.pair = null;
+    const turn = pair.turn;
+    state.messages.push({ role: "assistant", content: pair.texts[continueWith] });
+    turn.cards.forEach((card, i) => card.classList.toggle("continued", i === continueWith));
+    turn.pairEl.classList.add("settled");
+    turn.intro.textContent = `The conversation continues with answer ${LABELS[continueWith]}.`;
+    if (pair.buttons) pair.buttons.forEach((b) => { b.disabled = true; });
+    if (pair.reason) pair.reason.disabled = true;
+    if (note) {
+      const msg = make("p", cls || "vote-note", note);
+      if (pair.feedback) pair.feedback.replaceChildren(msg); else turn.pairEl.append(msg);
+    }
+  }
+
+  async function vote(pair, choice) {
+    if (!pair.ready || pair.settled || pair.voting) return;
+    pair.voting = true;
+    pair.buttons.forEach((b) => { b.disabled = true; });
+    pair.buttons.find((b) => b.dataset.choice === String(choice))?.classList.add("picked");
+    pair.feedback.replaceChildren(make("p", "vote-note", "Sending your vote…"));
+    const body = { comparison_id: pair.comparisonId, choice };
+    const reason = pair.reason.value.trim();
+    if (reason) body.reason = reason;
+    let res, err = null;
+    try {
+      res = await fetch("/v1/feedback", {
+        method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body),
+      });
+      if (res.status !== 202) err = await apiError(res);
+    } catch (e) {
+      err = networkError(e);
+    }
+    pair.voting = false;
+    if (!err) {
+      const out = await res.json().catch(() => ({}));
+      pair.eventId = out.event_id;
+      pair.turn.pairEl.dataset.voted = String(choice);
+      pair.turn.cards.forEach((card, i) => {
+        card.classList.toggle("winner", choice === i);
+        card.classList.toggle("loser", choice === 1 - i);
+      });
+      const which = chosenIndex(choice);
+      settlePair(pair, which, `Thanks for your vote! Kaizen learns from it. Continuing with answer ${LABELS[which]}.`, "vote-thanks");
+      pair.feedback.querySelector(".vote-thanks").setAttribute("role", "status");
+      announce(`Thanks for your vote. Continuing with answer ${LABELS[which]}.`);
+      ui.prompt.focus();
+      return;
+    }
+    pair.buttons.forEach((b) => b.classList.remove("picked"));
+    const box = errorBox(err, "vote");
+    if ([403, 404, 409, 410].includes(err.status)) {
+      // this pair can never take the vote: carry on with A
+      settlePair(pair, 0, null);
+      pair.feedback.replaceChildren(box);
+    } else {
+      pair.buttons.forEach((b) => { b.disabled = false; }); // a retry may work (429, 503, network)
+      pair.feedback.replaceChildren(box);
+      if (err.status === 401) openSettings(false);
+    }
+  }
+
+  // -- sending ----------------------------------------------------------------------------------
+
+  function setBusy(busy) {
+    ui.send.hidden = busy;
+    ui.stop.hidden = !busy;
+    ui.form.classList.toggle("busy", busy);
+    if (busy && document.activeElement === ui.send) ui.stop.focus();
+  }
+
+  function requestBody() {
+    const body = { model: "kaizen", messages: state.messages.slice(), stream: true, comparison: comparisonMode() };
+    if (Number.isFinite(maxTokensParam) && maxTokensParam > 0) body.max_tokens = maxTokensParam;
+    return body;
+  }
+
+  async function send(text) {
+    if (state.controller || !text.trim()) return;
+    if (state.pair && !state.pair.settled) {
+      settlePair(state.pair, 0, "Not rated: you moved on, so the conversation continues with answer A.");
+    }
+    clearAlerts();
+    state.messages.push({ role: "user", content: text });
+    const userRow = renderUser(text);
+    const turn = renderTurn();
+    state.stick = true;
+    scrollToEnd(true);
+    const controller = new AbortController();
+    state.controller = controller;
+    setBusy(true);
+
+    // Undo the turn: the message goes back into the box so nothing typed is lost.
+    const withdraw = () => {
+      state.messages.pop();
+      userRow.remove();
+      turn.row.remove();
+      if (!ui.prompt.value) { ui.prompt.value = text; autosize(); }
+      if (!state.messages.length && !ui.log.querySelector(".msg")) ui.empty.hidden = false;
+    };
+
+    let res;
+    try {
+      res = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+        body: JSON.stringify(requestBody()), signal: controller.signal,
+      });
+    } catch (e) {
+      finishRequest();
+      withdraw();
+      if (!controller.signal.aborted) showAlert(networkError(e), "chat");
+      return;
+    }
+    if (!res.ok) {
+      const err = await apiError(res);
+      finishRequest();
+      withdraw();
+      showAlert(err, "chat");
+      announce(describe(err, "chat")[0]);
+      return;
+    }
+    noteVersion(res.headers.get(VERSION_HEADER));
+
+    const texts = [""];
+    const finish = [null];
+    let pair = null;
+    let sawDone = false;
+    let streamErr = null;
+    try {
+      for await (const data of sseData(res.body)) {
+        if (data === "[DONE]") { sawDone = true; break; }
+        let chunk;
+        try { chunk = JSON.parse(data); } catch { continue; }
+        if (chunk.error) { streamErr = { status: chunk.error.status || 500, ...chunk.error }; break; }
+        noteVersion(chunk.model_version);
+        if (chunk.comparison_id && !pair) {
+          pair = makePair(turn, chunk.comparison_id);
+          texts.push("");
+          finish.push(null);
+        }
+        for (const choice of chunk.choices || []) {
+          const i = choice.index;
+          if (i < 0 || i >= turn.texts.length) continue;
+          const piece = choice.delta && choice.delta.content;
+          if (piece) {
+            state.stick = nearBottom();
+            texts[i] += piece;
+            turn.texts[i].textContent = texts[i];
+            scrollToEnd();
+          }
+          if (choice.finish_reason) {
+            finish[i] = choice.finish_reason;
+            finishCard(turn.cards[i], turn.texts[i], choice.finish_reason);
+          }
+        }
+      }
+    } catch (e) {
+      if (!controller.signal.aborted) streamErr = networkError(e);
+    }
+    const stopped = controller.signal.aborted;
+    finishRequest();
+    turn.cards.forEach((card, i) => finishCard(card, turn.texts[i], null));
+
+    if (!pair) {
+      state.messages.push({ role: "assistant", content: texts[0] });
+      turn.row.dataset.done = "true";
+      if (stopped) turn.single.append(make("p", "meta", "Stopped."));
+      else if (streamErr || !sawDone) turn.single.append(errorBox(streamErr || networkError("the answer was cut off"), "chat"));
+      announce(stopped ? "Answer stopped." : "Answer complete.");
+      return;
+    }
+    pair.texts = texts;
+    if (stopped || streamErr || !sawDone) {
+      // the server keeps only pairs delivered whole: this one cannot be voted on
+      const why = stopped ? "Stopped before both answers were complete, so this pair can't be rated."
+        : "The answers were cut off, so this pair can't be rated.";
+      settlePair(pair, 0, why);
+      if (streamErr) turn.pairEl.append(errorBox(streamErr, "chat"));
+      announce(why);
+      return;
+    }
+    pair.ready = true;
+    state.pair = pair;
+    turn.pairEl.dataset.ready = "true";
+    renderVoteBar(pair);
+    scrollToEnd();
+    announce("Two answers are ready. Vote for the better one: 1 for A, 2 for B, 3 tie, 4 both bad.");
+  }
+
+  function finishRequest() {
+    state.controller = null;
+    setBusy(false);
+  }
+
+  function stop() {
+    if (state.controller) state.controller.abort();
+  }
+
+  function newChat() {
+    stop();
+    state.messages = [];
+    state.pair = null;
+    ui.log.querySelectorAll(".msg").forEach((node) => node.remove());
+    ui.empty.hidden = false;
+    clearAlerts();
+    ui.prompt.value = "";
+    autosize();
+    ui.prompt.focus();
+    announce("New chat.");
+  }
+
+  // -- composer ---------------------------------------------------------------------------------
+
+  function autosize() {
+    ui.prompt.style.height = "auto";
+    ui.prompt.style.height = `${Math.min(ui.prompt.scrollHeight, 200)}px`;
+  }
+
+  function submit() {
+    const text = ui.prompt.value;
+    if (!text.trim() || state.controller) return;
+    ui.prompt.value = "";
+    autosize();
+    send(text);
+  }
+
+  ui.form.addEventListener("submit", (e) => { e.preventDefault(); submit(); });
+  ui.prompt.addEventListener("input", autosize);
+  ui.prompt.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      submit();
+    } else if (e.key === "Escape") {
+      ui.prompt.blur();
+      if (state.pair && state.pair.ready && !state.pair.settled) state.pair.buttons[0].focus();
+    }
+  });
+  ui.stop.addEventListener("click", () => { stop(); ui.prompt.focus(); });
+  ui.newChat.addEventListener("click", newChat);
+  ui.settingsToggle.addEventListener("click", toggleSettings);
+  ui.key.addEventListener("change", saveKey);
+  ui.key.addEventListener("keydown", (e) => { if (e.key === "Enter") { saveKey(); ui.prompt.focus(); } });
+  ui.showKey.addEventListener("click", () => {
+    const show = ui.key.type === "password";
+    ui.key.type = show ? "text" : "password";
+    ui.showKey.textContent = show ? "Hide" : "Show";
+    ui.showKey.setAttribute("aria-pressed", String(show));
+  });
+  ui.forgetKey.addEventListener("click", () => { ui.key.value = ""; saveKey(); ui.key.focus(); });
+  ui.compare.addEventListener("change", () => storageSet(COMPARE_STORE, ui.compare.checked ? "allow" : "off"));
+  ui.main.addEventListener("scroll", () => { state.stick = nearBottom(); }, { passive: true });
+
+  // Vote shortcuts, and "/" back to the message box, whenever no text field has focus.
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.isComposing) return;
+    const t = e.target;
+    if (t instanceof HTMLElement && (t.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(t.tagName))) return;
+    if (e.key === "/") { e.preventDefault(); ui.prompt.focus(); return; }
+    const choice = VOTE_KEYS[e.key.toLowerCase()];
+    const pair = state.pair;
+    if (choice === undefined || !pair || !pair.ready || pair.settled) return;
+    e.preventDefault();
+    vote(pair, choice);
+  });
+
+  // -- start ------------------------------------------------------------------------------------
+
+  ui.key.value = storageGet(KEY_STORE) || "";
+  if (compareParam) {
+    ui.compare.checked = compareParam !== "off";
+    ui.compare.disabled = true;
+    ui.compareNote.textContent = compareParam === "force"
+      ? "Comparison mode: every answer comes as a pair." : "";
+  } else {
+    ui.compare.checked = storageGet(COMPARE_STORE) !== "off";
+  }
+  state.stick = true;
+  autosize();
+  loadVersion();
+  ui.prompt.focus();
+})();
