@@ -1,0 +1,189 @@
+"""`kaizen reward ...`: train, evaluate and refresh the reward model from the command line.
+
+    kaizen reward train --data ../shared/data/hh_harmless_train.jsonl --out rm/
+    kaizen reward train --from-store --register        # votes in the store -> next rm-vN
+    kaizen reward eval --model rm/ --data ../shared/data/hh_harmless_test.jsonl
+    kaizen reward refresh                              # the gated incremental refresh
+
+Options override the `reward_*` settings (services/settings.py). Heavy imports (torch,
+transformers) happen inside the commands, so `kaizen --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from services.settings import get_settings
+
+reward_app = typer.Typer(help="The reward model: train, evaluate, refresh.", no_args_is_help=True)
+console = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+Threads = Annotated[int | None, typer.Option(help="torch threads [settings: reward_threads]")]
+MaxLength = Annotated[int | None, typer.Option(help="tokens per sequence [reward_max_length]")]
+BatchSize = Annotated[int | None, typer.Option(help="pairs per micro-batch [reward_batch_size]")]
+Dtype = Annotated[str | None, typer.Option(help="autocast dtype: bfloat16 | float32 [reward_dtype]")]
+
+
+def _logging() -> None:
+    logging.basicConfig(level=get_settings().log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/bold red] {message}")
+    return typer.Exit(1)
+
+
+@reward_app.command("train")
+def train(
+    data: Annotated[list[Path] | None, typer.Option(
+        "--data", help="pairs file (shared-data or TRL JSONL); repeat for several", exists=True,
+        dir_okay=False)] = None,
+    from_store: Annotated[bool, typer.Option("--from-store", help="train on the preference store's votes")] = False,
+    out: Annotated[Path | None, typer.Option(help="output folder [default: <data_dir>/reward/offline]")] = None,
+    register: Annotated[bool, typer.Option(
+        "--register", help="save as the next rm-vN and make it current (no gate: you asked for it)")] = False,
+    model: Annotated[Path | None, typer.Option(help="policy (or reward model) to start from [settings: model]")] = None,
+    lr: Annotated[float | None, typer.Option(help="[reward_lr]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[reward_epochs]")] = None,
+    batch_size: BatchSize = None,
+    grad_accum: Annotated[int | None, typer.Option(help="[reward_grad_accum]")] = None,
+    max_length: MaxLength = None,
+    train_layers: Annotated[int | None, typer.Option(help="top layers trained, 0 = all [reward_train_layers]")] = None,
+    margin: Annotated[float | None, typer.Option(help="[reward_margin]")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help="held out for early stopping [reward_eval_fraction]")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="[reward_eval_every]")] = None,
+    patience: Annotated[int | None, typer.Option(help="[reward_patience]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[reward_seed]")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="training time budget [reward_max_minutes]")] = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
+    progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
+) -> None:
+    """Train a reward model (Bradley-Terry) on pairs from files and/or the preference store."""
+    from trainer.reward import (
+        RewardConfig, evaluate, format_metrics, load_reward_model, register_version, reward_root, reward_stats,
+        save_model, train_reward_model,
+    )
+    from trainer.reward_data import encode_pairs, pairs_from_events, read_pairs_file, split_pairs
+    from trainer.store import PreferenceStore, holdout_share
+
+    _logging()
+    settings = get_settings()
+    if not data and not from_store:
+        raise _fail("give --data FILE and/or --from-store")
+    config = RewardConfig.from_settings(
+        settings, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+        train_layers=train_layers, margin=margin, eval_fraction=eval_fraction, eval_every=eval_every,
+        patience=patience, seed=seed, max_minutes=max_minutes, dtype=dtype, threads=threads)
+    pairs, counts = [], {}
+    for path in data or []:
+        try:
+            found = read_pairs_file(path)
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+        pairs += found
+        counts[str(path)] = len(found)
+    if from_store:
+        store = PreferenceStore(settings.preferences_db)
+        try:
+            events = [ev for _, ev in store.events_between(0)]
+        finally:
+            store.close()
+        # the refresh gate's slice stays unseen here too, so later gates remain fair
+        trainable = [ev for ev in events if holdout_share(ev.comparison_id) >= settings.reward_holdout_fraction]
+        store_pairs, store_counts = pairs_from_events(trainable)
+        pairs += store_pairs
+        counts["store"] = store_counts.as_dict()
+    train_pairs, held = split_pairs(pairs, config.eval_fraction)
+    if not train_pairs:
+        raise _fail(f"no pairs to train on ({counts})")
+    base = model or settings.model_dir
+    rm, tokenizer = load_reward_model(base, seed=config.seed)
+    console.print(f"training on {len(train_pairs)} pairs, {len(held)} held out, from {base}")
+    result = train_reward_model(rm, tokenizer, train_pairs, held, config, progress=progress)
+    metrics = evaluate(rm, encode_pairs(tokenizer, held, config.max_length), config, tokenizer.pad_token_id)
+    before = result.history[0]["accuracy"] if result.history else None
+    console.print(f"{result.stopped} after {result.steps} steps in {result.seconds:.0f} s "
+                  f"({result.pairs_per_s:.2f} pairs/s); held-out accuracy before training: "
+                  f"{'-' if before is None else f'{before:.3f}'}")
+    console.print(format_metrics("held-out", metrics))
+    manifest: dict[str, Any] = {
+        "parent": None, "base_model": str(base), "created": datetime.now(UTC).isoformat(),
+        "data": {"files": counts, "train_pairs": len(train_pairs), "early_stop_pairs": len(held),
+                 "trained_through_rowid": 0},
+        "metrics": {"held_out": metrics, "train": {
+            "steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
+            "stopped": result.stopped, "best_step": result.best_step, "history": result.history}},
+        "reward_norm": {**reward_stats(rm, tokenizer, held or train_pairs[:256], config),
+                        "reference": "held-out split, both answers" if held else "first training pairs"},
+        "config": asdict(config),
+    }
+    if register:
+        path = register_version(settings, rm, tokenizer, manifest)
+        console.print(f"registered {path} as the current reward model")
+    else:
+        path = save_model(rm, tokenizer, out or reward_root(settings) / "offline", manifest)
+        console.print(f"saved {path}")
+
+
+@reward_app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Option("--model", help="reward-model folder", exists=True, file_okay=False)],
+    data: Annotated[list[Path], typer.Option("--data", help="pairs file; repeat for several", exists=True,
+                                             dir_okay=False)],
+    out: Annotated[Path | None, typer.Option(help="JSON report [default: <model>/eval.json]")] = None,
+    max_length: MaxLength = None,
+    batch_size: BatchSize = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
+) -> None:
+    """Pairwise accuracy (Wilson 95% interval), mean margin and calibration per file, as text and JSON."""
+    from trainer.reward import RewardConfig, evaluate, format_metrics, load_reward_model
+    from trainer.reward_data import encode_pairs, read_pairs_file
+
+    _logging()
+    config = RewardConfig.from_settings(get_settings(), max_length=max_length, batch_size=batch_size,
+                                        dtype=dtype, threads=threads)
+    config.apply_threads()
+    if not (model / "config.json").is_file():
+        raise _fail(f"{model} is not a Hugging Face model folder (no config.json)")
+    rm, tokenizer = load_reward_model(model)
+    report: dict[str, Any] = {"model": str(model), "max_length": config.max_length, "files": {}}
+    for path in data:
+        try:
+            pairs = read_pairs_file(path)
+        except ValueError as exc:
+            raise _fail(str(exc)) from exc
+        metrics = evaluate(rm, encode_pairs(tokenizer, pairs, config.max_length), config, tokenizer.pad_token_id)
+        report["files"][str(path)] = metrics
+        console.print(format_metrics(path.name, metrics))
+    target = out or model / "eval.json"
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {target}")
+
+
+@reward_app.command("refresh")
+def refresh(
+    model: Annotated[Path | None, typer.Option(help="policy to start from when no RM exists yet [settings: model]")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="training time budget [reward_max_minutes]")] = None,
+    threads: Threads = None,
+) -> None:
+    """Warm-start from the current RM on the votes since, gate on the held-out slice, keep the better."""
+    from trainer.reward import RewardConfig, refresh_reward_model
+
+    _logging()
+    settings = get_settings()
+    config = RewardConfig.from_settings(settings, max_minutes=max_minutes, threads=threads)
+    result = refresh_reward_model(settings, config, base_model=model, progress=True)
+    console.print(f"{result.reason}; current: {result.version or 'none'}")
