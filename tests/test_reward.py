@@ -62,8 +62,10 @@ def synthetic_pairs(n: int, seed: int) -> list[Pair]:
 
 
 def tiny_config(**overrides: object) -> RewardConfig:
+    # One thread: with two, and the other core busy (a parallel test run), OpenMP workers
+    # wait on each other and the same training took 96 s instead of 8 s here.
     values: dict[str, object] = dict(max_length=64, batch_size=8, grad_accum=1, lr=1e-3, epochs=2, train_layers=0,
-                                     eval_every=8, patience=50, threads=2, seed=0, eval_fraction=0.2)
+                                     eval_every=8, patience=50, threads=1, seed=0, eval_fraction=0.2)
     values.update(overrides)
     return RewardConfig(**values)  # type: ignore[arg-type]
 
@@ -288,7 +290,7 @@ def marker_vote(i: int, rng: random.Random, *, flipped: bool = False, held_out: 
 
 def refresh_settings(data_dir: Path, tiny_model: Path) -> Settings:
     return Settings(data_dir=data_dir, model=tiny_model, reward_holdout_fraction=0.3, reward_min_holdout=10,
-                    reward_replay_fraction=0.0, reward_gate_tolerance=0.05, reward_threads=2)
+                    reward_replay_fraction=0.0, reward_gate_tolerance=0.05, reward_threads=1)
 
 
 def test_refresh_accepts_a_good_rm_then_rejects_flipped_labels(tmp_path: Path, tiny_model: Path) -> None:
@@ -356,7 +358,7 @@ def test_cli_train_then_eval(tmp_path: Path, tiny_model: Path) -> None:
     trained = runner.invoke(reward_app, [
         "train", "--data", str(data), "--model", str(tiny_model), "--out", str(out), "--lr", "1e-3",
         "--epochs", "2", "--batch-size", "8", "--grad-accum", "1", "--max-length", "64", "--train-layers", "0",
-        "--eval-every", "4", "--threads", "2", "--seed", "0", "--no-progress"])
+        "--eval-every", "4", "--threads", "1", "--seed", "0", "--no-progress"])
     assert trained.exit_code == 0, trained.output
     assert "held-out: accuracy" in trained.output and (out / "manifest.json").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -367,7 +369,7 @@ def test_cli_train_then_eval(tmp_path: Path, tiny_model: Path) -> None:
                                              "rejected": p.rejected}) + "\n" for p in synthetic_pairs(40, seed=6)))
     report_path = tmp_path / "eval.json"
     evaluated = runner.invoke(reward_app, ["eval", "--model", str(out), "--data", str(test_file),
-                                           "--out", str(report_path), "--max-length", "64", "--threads", "2"])
+                                           "--out", str(report_path), "--max-length", "64", "--threads", "1"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "95% CI" in evaluated.output and "confidence" in evaluated.output
     metrics = json.loads(report_path.read_text())["files"][str(test_file)]
