@@ -197,7 +197,7 @@
     } catch (err) {
       ui.version.textContent = "offline";
       ui.version.title = `Could not reach the server: ${err}`;
-      return;
+      return false;
     }
     if (res.ok) {
       const body = await res.json().catch(() => null);
@@ -205,7 +205,7 @@
       noteVersion(res.headers.get(VERSION_HEADER) || (card && card.version));
       ui.keyHint.innerHTML = keyHintText;
       ui.keyHint.classList.remove("warn");
-      return;
+      return true;
     }
     const err = await apiError(res);
     if (!ui.version.dataset.version) ui.version.textContent = "model ?";
@@ -219,6 +219,7 @@
     } else if (err.status === 503) {
       ui.version.textContent = "model loading…";
     }
+    return false;
   }
 
   // -- settings ---------------------------------------------------------------------------
@@ -236,9 +237,19 @@
     if (open) ui.key.focus();
   }
 
-  function saveKey() {
+  function closeSettings() {
+    ui.settings.hidden = true;
+    ui.settingsToggle.setAttribute("aria-expanded", "false");
+  }
+
+  /** Store the key; once the server accepts it, fold the settings away. */
+  async function saveKey() {
     storageSet(KEY_STORE, apiKey());
-    loadVersion();
+    const ok = await loadVersion();
+    if (ok && apiKey()) {
+      announce("API key saved and accepted.");
+      if (!ui.settings.contains(document.activeElement)) closeSettings();
+    }
   }
 
   // -- SSE ----------------------------------------------------------------------------------
@@ -366,9 +377,10 @@
       if (e.key === "Escape") { e.preventDefault(); pair.buttons[0].focus(); } // so the vote keys work
     });
     const help = make("p", "vote-help");
-    help.innerHTML = "Keys: <kbd>1</kbd>/<kbd>A</kbd> A better · <kbd>2</kbd>/<kbd>B</kbd> B better · "
-      + "<kbd>3</kbd>/<kbd>T</kbd> tie · <kbd>4</kbd>/<kbd>X</kbd> both bad "
-      + "<span class=\"muted\">(outside the message box; <kbd>Esc</kbd> leaves it)</span>";
+    help.innerHTML = "<span>Keys:</span> <span><kbd>1</kbd>/<kbd>A</kbd> A better</span> "
+      + "<span><kbd>2</kbd>/<kbd>B</kbd> B better</span> <span><kbd>3</kbd>/<kbd>T</kbd> tie</span> "
+      + "<span><kbd>4</kbd>/<kbd>X</kbd> both bad</span> "
+      + "<span class=\"muted\">(outside the message box: <kbd>Esc</kbd> leaves it)</span>";
     pair.feedback = make("div", "vote-feedback");
     bar.append(buttons, reasonLabel, pair.reason, help, pair.feedback);
     pair.bar = bar;
@@ -620,7 +632,9 @@
   ui.newChat.addEventListener("click", newChat);
   ui.settingsToggle.addEventListener("click", toggleSettings);
   ui.key.addEventListener("change", saveKey);
-  ui.key.addEventListener("keydown", (e) => { if (e.key === "Enter") { saveKey(); ui.prompt.focus(); } });
+  ui.key.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); ui.prompt.focus(); } // leaving the field fires "change"
+  });
   ui.showKey.addEventListener("click", () => {
     const show = ui.key.type === "password";
     ui.key.type = show ? "text" : "password";

@@ -1,0 +1,366 @@
+"""The chat page at `/`, driven in headless Chromium against real servers.
+
+    python -m pytest tests/test_web.py -q
+
+Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` Python package;
+Playwright's own browser download is not used. The page talks to the shared
+`kaizen serve` process (tests/conftest.py); the rate-limit test starts a second
+one with a tiny token bucket, so its 429 is the server's own; the loading test
+runs the app in-process without an engine, so its 503 is the server's own too.
+Screenshots of a paired answer land in docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
+
+from services.app import build_app
+from services.comparisons import ComparisonStore
+from services.events import PreferenceEvent
+from services.settings import Settings
+from tests.conftest import ROOT, USER_KEY, make_settings, stop_group, wait_http
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+SHOTS = ROOT / "docs" / "screenshots"
+DESKTOP = {"width": 1280, "height": 800}
+NARROW = {"width": 390, "height": 844}
+#: Generous for a 16-token answer, short enough that a hung page fails fast.
+ANSWER_TIMEOUT_MS = 30_000
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def limited_server_proc(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[subprocess.Popen[bytes], Settings]]:
+    """A second `kaizen serve` allowing 2 requests per key, then ~1 per 100 s.
+
+    Autouse at session scope, so it starts loading before the shared server's
+    wait and both engines start together; only the rate-limit test waits on it.
+    """
+    settings = make_settings(tmp_path_factory.mktemp("limited-api"), model=tiny_model, api_keys=USER_KEY,
+                             rate_limit_rps=0.01, rate_limit_burst=2)
+    with open(settings.data_dir / "serve.log", "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    yield proc, settings
+    stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        # launch() gives every run a fresh temporary profile (user-data-dir)
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser: Browser, url: str, *, viewport: dict[str, int] = DESKTOP, key: str | None = None,
+              color_scheme: Any = "light") -> Page:
+    """A page in a fresh context (own localStorage); `key` pre-stored as a returning user's."""
+    context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+    if key is not None:
+        context.add_init_script(f"localStorage.setItem('kaizen.apiKey', {json.dumps(key)})")
+    page = context.new_page()
+    page.set_default_timeout(ANSWER_TIMEOUT_MS)
+    page.goto(url)
+    return page
+
+
+def chat_requests(page: Page) -> list[dict[str, Any]]:
+    """Every POST /v1/chat/completions the page sends, with its headers and JSON body."""
+    seen: list[dict[str, Any]] = []
+
+    def on_request(req: Request) -> None:
+        if req.method == "POST" and req.url.endswith("/v1/chat/completions"):
+            seen.append({"headers": req.headers, "body": req.post_data_json})
+
+    page.on("request", on_request)
+    return seen
+
+
+def send(page: Page, text: str) -> None:
+    page.locator("#prompt").fill(text)
+    page.locator("#prompt").press("Enter")
+
+
+def outbox(settings: Settings) -> list[PreferenceEvent]:
+    store = ComparisonStore(settings.api_db, settings.comparison_ttl)
+    try:
+        return store.outbox_events()
+    finally:
+        store.close()
+
+
+def card_boxes(page: Page) -> list[dict[str, float]]:
+    """Both cards' boxes in one go (the log may be mid smooth-scroll between two calls)."""
+    boxes: list[dict[str, float]] = page.locator(".pair").last.locator(".card").evaluate_all(
+        "els => els.map(e => { const r = e.getBoundingClientRect();"
+        " return {x: r.x, y: r.y, width: r.width, height: r.height}; })")
+    assert len(boxes) == 2, boxes
+    return boxes
+
+
+def pair_texts(page: Page) -> list[str]:
+    """The two answers exactly as displayed (textContent keeps every space and newline)."""
+    texts = page.locator(".pair").last.locator(".card .text").evaluate_all("els => els.map(e => e.textContent)")
+    assert len(texts) == 2, texts
+    return list(texts)
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_key_then_streamed_answer(api_server: tuple[str, Settings], browser: Browser) -> None:
+    base, _ = api_server
+    page = open_page(browser, f"{base}/?compare=off")
+    requests = chat_requests(page)
+    # no key yet: the server answered 401 to the version probe, so the page asks for one
+    expect(page.locator("#settings")).to_be_visible()
+    expect(page.locator("#key-hint")).to_contain_text("needs an API key")
+    expect(page.locator("#empty")).to_be_visible()
+
+    page.locator("#api-key").fill(USER_KEY)
+    page.locator("#api-key").press("Enter")
+    expect(page.locator("#model-version")).to_have_text("model v0")
+    expect(page.locator("#prompt")).to_be_focused()
+
+    # record every length the streaming answer goes through
+    page.evaluate("""() => {
+        window.__lengths = [];
+        new MutationObserver(() => {
+            const t = document.querySelector('.msg.assistant .text');
+            if (t) window.__lengths.push(t.textContent.length);
+        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+    }""")
+    send(page, "Tell me a short story")
+    expect(page.locator(".msg.user .bubble")).to_have_text("Tell me a short story")
+    answer = page.locator(".msg.assistant[data-done=true] .text")
+    expect(answer).to_have_count(1)
+    final = answer.text_content() or ""
+    assert final.strip(), "the streamed answer is empty"
+    lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
+    assert len(set(lengths)) >= 2 and lengths == sorted(lengths) and lengths[-1] == len(final), lengths
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator(".notice")).to_have_count(0)
+
+    body = requests[0]["body"]
+    assert requests[0]["headers"]["authorization"] == f"Bearer {USER_KEY}"
+    assert body["stream"] is True and body["comparison"] == "off"
+    assert body["messages"] == [{"role": "user", "content": "Tell me a short story"}]
+
+    # Shift+Enter is a newline, not a send; the key survives a reload (localStorage)
+    page.locator("#prompt").fill("line one")
+    page.locator("#prompt").press("Shift+Enter")
+    page.locator("#prompt").type("line two")
+    assert page.locator("#prompt").input_value() == "line one\nline two"
+    assert len(requests) == 1
+    page.reload()
+    expect(page.locator("#api-key")).to_have_value(USER_KEY)
+    expect(page.locator("#model-version")).to_have_text("model v0")
+    page.context.close()
+
+
+def test_pair_vote_by_keyboard(api_server: tuple[str, Settings], browser: Browser) -> None:
+    base, settings = api_server
+    page = open_page(browser, f"{base}/?compare=force")
+    requests = chat_requests(page)
+    page.locator("#api-key").fill(USER_KEY)
+    page.locator("#api-key").press("Enter")
+    send(page, "Which fruit is best?")
+    pair = page.locator(".pair[data-ready=true]")
+    expect(pair).to_have_count(1)
+    cid = pair.get_attribute("data-comparison-id")
+    assert cid and cid.startswith("cmp-")
+    assert requests[0]["body"]["comparison"] == "force"
+
+    a, b = pair.locator(".card[data-label=A]"), pair.locator(".card[data-label=B]")
+    expect(a).to_contain_text("Answer A")
+    expect(b).to_contain_text("Answer B")
+    box_a, box_b = card_boxes(page)
+    assert box_a["x"] + box_a["width"] <= box_b["x"] and abs(box_a["y"] - box_b["y"]) < 2  # side by side
+    for label in ("A is better", "B is better", "Tie", "Both are bad"):
+        expect(pair.get_by_role("button", name=label)).to_be_visible()
+    expect(page.locator(".vote-help")).to_contain_text("both bad")
+    shown = pair_texts(page)
+    assert all(t.strip() for t in shown), shown
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "chat-desktop.png"))
+
+    # a reason, then Esc out of the field and vote with a key: "2" is "B is better"
+    pair.locator(".reason").fill("B reads better")
+    pair.locator(".reason").press("Escape")
+    page.keyboard.press("2")
+    thanks = pair.locator(".vote-thanks")
+    expect(thanks).to_contain_text("Thanks for your vote")
+    expect(thanks).to_contain_text("answer B")
+    expect(b).to_have_class("answer card winner continued")
+    expect(pair.get_by_role("button", name="A is better")).to_be_disabled()
+
+    events = [e for e in outbox(settings) if e.comparison_id == cid]
+    assert len(events) == 1, events
+    ev = events[0]
+    assert ev.choice == 1 and ev.reason == "B reads better"
+    assert [ans.text for ans in ev.answers] == shown
+    assert [m.model_dump() for m in ev.messages] == [{"role": "user", "content": "Which fruit is best?"}]
+
+    # the conversation goes on with the chosen answer; more keys do nothing now
+    page.keyboard.press("1")
+    send(page, "Why?")
+    expect(page.locator(".pair[data-ready=true]")).to_have_count(2)
+    assert requests[1]["body"]["messages"] == [
+        {"role": "user", "content": "Which fruit is best?"},
+        {"role": "assistant", "content": shown[1]},
+        {"role": "user", "content": "Why?"},
+    ]
+    assert len([e for e in outbox(settings) if e.comparison_id == cid]) == 1
+    page.context.close()
+
+
+def test_narrow_screen_stacks_the_pair(api_server: tuple[str, Settings], browser: Browser) -> None:
+    base, settings = api_server
+    page = open_page(browser, f"{base}/?compare=force", viewport=NARROW, key=USER_KEY, color_scheme="dark")
+    send(page, "Give me a tip for learning to cook")
+    pair = page.locator(".pair[data-ready=true]")
+    expect(pair).to_have_count(1)
+    box_a, box_b = card_boxes(page)
+    assert box_a["y"] + box_a["height"] <= box_b["y"]  # stacked
+    assert box_a["x"] >= 0 and box_a["x"] + box_a["width"] <= NARROW["width"]  # no sideways scrolling
+    assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "chat-narrow-dark.png"))
+
+    # a click works as well as a key; "Tie" continues with answer A
+    pair.get_by_role("button", name="Tie").click()
+    expect(pair.locator(".vote-thanks")).to_contain_text("answer A")
+    cid = pair.get_attribute("data-comparison-id")
+    assert [e.choice for e in outbox(settings) if e.comparison_id == cid] == ["tie"]
+    page.context.close()
+
+
+def test_vote_refused_is_explained(api_server: tuple[str, Settings], browser: Browser) -> None:
+    """A pair voted elsewhere first (another tab): the page says 409 in words and moves on with A."""
+    base, _ = api_server
+    page = open_page(browser, f"{base}/?compare=force", key=USER_KEY)
+    send(page, "Hello")
+    pair = page.locator(".pair[data-ready=true]")
+    expect(pair).to_have_count(1)
+    r = httpx.post(f"{base}/v1/feedback", headers={"Authorization": f"Bearer {USER_KEY}"},
+                   json={"comparison_id": pair.get_attribute("data-comparison-id"), "choice": 0})
+    assert r.status_code == 202, r.text
+    pair.get_by_role("button", name="Both are bad").click()
+    alert = pair.get_by_role("alert")
+    expect(alert).to_contain_text("already has a vote")
+    expect(alert).to_contain_text("HTTP 409")
+    expect(pair.locator(".vote-thanks")).to_have_count(0)
+    expect(pair.get_by_role("button", name="B is better")).to_be_disabled()
+    page.context.close()
+
+
+def test_stop_keeps_the_partial_answer(api_server: tuple[str, Settings], browser: Browser) -> None:
+    base, _ = api_server
+    page = open_page(browser, f"{base}/?compare=off&max_tokens=300", key=USER_KEY)
+    requests = chat_requests(page)
+    # a slow network (Chromium's own throttling; the tiny model is faster than a person's click)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions",
+             {"offline": False, "latency": 0, "downloadThroughput": 1500, "uploadThroughput": -1})
+    send(page, "Write a long essay")
+    expect(page.locator(".msg.assistant .text")).not_to_have_text("")
+    page.locator("#stop").click()
+    expect(page.locator(".msg.assistant[data-done=true]")).to_contain_text("Stopped.")
+    partial = page.locator(".msg.assistant .text").text_content() or ""
+    assert requests[0]["body"]["max_tokens"] == 300
+    expect(page.locator("#send")).to_be_visible()
+    expect(page.locator("#prompt")).to_be_focused()
+    cdp.send("Network.emulateNetworkConditions",
+             {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    send(page, "Go on")
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(2)
+    assert requests[1]["body"]["messages"][1] == {"role": "assistant", "content": partial}
+    page.context.close()
+
+
+def test_bad_key_is_explained(api_server: tuple[str, Settings], browser: Browser) -> None:
+    base, _ = api_server
+    page = open_page(browser, f"{base}/?compare=off", key="not-a-real-key")
+    expect(page.locator("#key-hint")).to_contain_text("did not accept this key")
+    send(page, "Hello?")
+    alert = page.locator("#alerts").get_by_role("alert")
+    expect(alert).to_contain_text("Your API key was not accepted")
+    expect(alert).to_contain_text("HTTP 401")
+    expect(alert).to_contain_text("invalid_api_key")
+    # nothing typed is lost: the message is back in the box, the turn withdrawn
+    expect(page.locator("#prompt")).to_have_value("Hello?")
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.locator("#settings")).to_be_visible()
+    # fixing the key makes the same message go through
+    page.locator("#api-key").fill(USER_KEY)
+    page.locator("#api-key").press("Enter")
+    page.locator("#prompt").press("Enter")
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(1)
+    expect(page.locator("#alerts .notice")).to_have_count(0)
+    page.context.close()
+
+
+def test_loading_server_is_explained(browser: Browser, tmp_path: Path) -> None:
+    """The app in-process with no engine yet: its real 503 `loading`, in words."""
+    settings = make_settings(tmp_path)
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=settings.port,
+                                           lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        wait_http(f"{base}/healthz", 10)
+        page = open_page(browser, f"{base}/")
+        expect(page.locator("#model-version")).to_have_text("model loading…")
+        send(page, "Are you there?")
+        alert = page.locator("#alerts").get_by_role("alert")
+        expect(alert).to_contain_text("The model is still loading")
+        expect(alert).to_contain_text("HTTP 503")
+        page.context.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_rate_limit_is_explained(
+    limited_server_proc: tuple[subprocess.Popen[bytes], Settings], browser: Browser
+) -> None:
+    proc, settings = limited_server_proc
+    base = f"http://127.0.0.1:{settings.port}"
+    wait_http(f"{base}/readyz", 240, proc)
+    # a token for the version probe, one for the first message; the second is refused
+    page = open_page(browser, f"{base}/?compare=off", key=USER_KEY)
+    expect(page.locator("#model-version")).to_have_text("model v0")
+    send(page, "First question")
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(1)
+    send(page, "Second question")
+    alert = page.locator("#alerts").get_by_role("alert")
+    expect(alert).to_contain_text("Too many requests")
+    expect(alert).to_contain_text("HTTP 429")
+    expect(alert).to_contain_text(re.compile(r"Please wait (9\d|100) seconds"))  # Retry-After, ~100 s here
+    retry = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert retry.status_code == 429  # the server agrees
+    expect(page.locator("#prompt")).to_have_value("Second question")
+    page.context.close()
