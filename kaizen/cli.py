@@ -9,6 +9,7 @@ settings once, then copies them with the options given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -183,14 +184,65 @@ def model_tiny(
 
 @prefs_app.command("stats")
 def prefs_stats() -> None:
-    """Totals of the preference store, by choice and by model-version pair."""
+    """Votes in the store: totals, by choice, by version pair, per day, tie and both-bad share, DLQ size."""
+    from kafka.errors import KafkaError
+
+    from trainer.prefs import topic_size
     from trainer.store import PreferenceStore
 
-    store = PreferenceStore(get_settings().preferences_db)
+    settings = get_settings()
+    store = PreferenceStore(settings.preferences_db)
     try:
-        console.print_json(json.dumps(store.stats()))
+        stats = store.stats()
     finally:
         store.close()
+    try:
+        stats["dlq_size"] = topic_size(settings, settings.topic_preferences_dlq)
+    except KafkaError as exc:
+        stats["dlq_size"] = f"unknown: broker at {settings.bootstrap_servers} unreachable ({exc})"
+    console.print_json(json.dumps(stats))
+
+
+@prefs_app.command("export")
+def prefs_export(
+    fmt: Annotated[str, typer.Option("--format", help="output format: trl")] = "trl",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="file (default: stdout)")] = None,
+) -> None:
+    """Chosen/rejected pairs as JSONL (TRL's conversational preference format)."""
+    from trainer.prefs import trl_records
+    from trainer.store import PreferenceStore
+
+    if fmt != "trl":
+        raise fail(f"unknown --format {fmt!r}: the supported format is trl")
+    store = PreferenceStore(get_settings().preferences_db)
+    n = 0
+    try:
+        with open(output, "w", encoding="utf-8") if output else contextlib.nullcontext(sys.stdout) as out:
+            for record in trl_records(store):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                n += 1
+    finally:
+        store.close()
+    err.print(f"exported {n} pairs")
+
+
+@prefs_app.command("import")
+def prefs_import(file: Annotated[Path, typer.Argument(help="JSONL pairs (../shared/data format or TRL)")]) -> None:
+    """Send public preference pairs through the preferences topic, like live votes."""
+    from kafka.errors import KafkaError
+
+    from trainer.prefs import imported_events, send_events
+
+    settings = get_settings()
+    try:
+        events = imported_events(file)
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        sent = send_events(settings, events)
+    except KafkaError as exc:
+        raise fail(f"could not send to {settings.bootstrap_servers}: {exc} (is `kaizen up` or `kaizen broker` running?)") from None
+    console.print(f"sent {sent} pairs from {file} to {settings.topic_preferences}; the trainer stores them")
 
 
 def main() -> None:

@@ -100,8 +100,11 @@ class PreferenceStore:
                 "SELECT version_a, version_b, COUNT(*) FROM preferences GROUP BY 1, 2 ORDER BY 3 DESC"
             ).fetchall()
         }
+        per_day = dict(self.db.execute(
+            "SELECT substr(voted_at, 1, 10), COUNT(*) FROM preferences GROUP BY 1 ORDER BY 1").fetchall())
         total = sum(by_choice.values())
         return {
+            "per_day": per_day,
             "total": total,
             "by_choice": by_choice,
             "by_version_pair": by_pair,
