@@ -54,6 +54,7 @@ class Voter(threading.Thread):
         self.base, self.ids = base, ids
         self.accepted: dict[str, str] = {}  # comparison_id -> event_id from a 202
         self.conflicts: set[str] = set()  # 409: accepted earlier, the 202 was lost in a crash
+        self.unexpected: list[str] = []  # any other answer: the test fails with it
         self.done = 0
 
     def run(self) -> None:
@@ -72,7 +73,9 @@ class Voter(threading.Thread):
                     if r.status_code == 409:
                         self.conflicts.add(cid)
                         break
-                    assert r.status_code in (429, 503), r.text
+                    if r.status_code not in (429, 503):
+                        self.unexpected.append(f"{cid}: {r.status_code} {r.text[:200]}")
+                        break
                     time.sleep(0.2)
                 self.done = i + 1
 
@@ -80,7 +83,7 @@ class Voter(threading.Thread):
 def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.2)
 
 
@@ -123,6 +126,7 @@ def test_no_vote_lost_or_doubled_across_crashes(tiny_model: Path, tmp_path: Path
 
         voter.join(240)
         assert not voter.is_alive()
+        assert voter.unexpected == []
 
         def stored() -> int:
             store = PreferenceStore(settings.preferences_db)
@@ -131,7 +135,7 @@ def test_no_vote_lost_or_doubled_across_crashes(tiny_model: Path, tmp_path: Path
             finally:
                 store.close()
 
-        wait_until(lambda: stored() >= N_VOTES, 180, "the store to hold every vote")
+        wait_until(lambda: stored() >= N_VOTES, 180, lambda: f"the store to hold every vote (has {stored()})")
         time.sleep(3)  # anything late would be a double
 
         api_store = ComparisonStore(settings.api_db, timedelta(hours=1))

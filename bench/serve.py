@@ -1,0 +1,157 @@
+"""Kaizen's chat route against vLLM's own OpenAI server, same model, same prompts.
+
+    python bench/serve.py --clients 16 --requests 64 --max-tokens 64
+
+Runs `vllm serve` and `kaizen serve` one after the other on the same model
+(default: the prepared SmolLM2-135M-Instruct, float32, eager) with the same
+engine settings, and sends each the same streamed requests from 16 concurrent
+clients (greedy, `max_tokens` fixed). Reports output tokens/s of each and
+their ratio, time to first token p50/p99, and, on Kaizen alone, the latency
+of a forced paired answer over a single answer. The two servers alternate
+for `--rounds` rounds so drift on a noisy machine hits both. A report, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from rich.progress import Progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
+from services.settings import Settings  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis simply.",
+    "Give me three tips for better sleep.", "What is 17 times 23?", "Name the planets of the solar system.",
+    "How do I boil an egg?", "Summarise the plot of Romeo and Juliet.", "What is a prime number?",
+    "Suggest a name for a black cat.", "Why is the sky blue?", "Translate 'good morning' into Spanish.",
+    "What does a CPU do?", "Write a limerick about a frog.", "List four fruits that are red.",
+    "How many legs does a spider have?",
+]
+
+
+async def load(base: str, model: str, clients: int, requests: int, max_tokens: int,
+               label: str) -> tuple[float, list[float], int]:
+    """Streamed greedy requests from `clients` workers; returns (wall s, TTFTs, output tokens)."""
+    ttfts: list[float] = []
+    tokens = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=requests)
+        async with httpx.AsyncClient(base_url=base, timeout=300,
+                                     limits=httpx.Limits(max_connections=clients)) as http:
+            async def worker() -> None:
+                nonlocal tokens
+                while not queue.empty():
+                    i = queue.get_nowait()
+                    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+                    t0 = time.perf_counter()
+                    first = None
+                    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                        assert r.status_code == 200, await r.aread()
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                                first = time.perf_counter() - t0
+                            if chunk.get("usage"):
+                                tokens += chunk["usage"]["completion_tokens"]
+                    ttfts.append(first if first is not None else time.perf_counter() - t0)
+                    progress.advance(task)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - started, ttfts, tokens
+
+
+async def pair_vs_single(base: str, model: str, n: int, max_tokens: int) -> tuple[float, float]:
+    """Median latency of a single answer and of a forced pair, one request at a time."""
+    single, paired = [], []
+    async with httpx.AsyncClient(base_url=base, timeout=300) as http:
+        for i in range(n):
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": max_tokens, "temperature": 0.8, "seed": i}
+            for kind, extra in (("single", {}), ("paired", {"comparison": "force"})):
+                t0 = time.perf_counter()
+                r = await http.post("/v1/chat/completions", json={**body, **extra})
+                assert r.status_code == 200, r.text
+                (single if kind == "single" else paired).append(time.perf_counter() - t0)
+    return statistics.median(single), statistics.median(paired)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared one)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=16, help="requests of the paired-vs-single comparison")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-serve-"))
+    base_settings = Settings(data_dir=tmp / "data")
+    model = (args.model or base_settings.model_dir).resolve()
+    s = base_settings.model_copy(update={"model": model, "port": free_port(), "rate_limit_rps": 1e6,
+                                         "rate_limit_burst": 10**6, "max_inflight": 10**6})
+    env = s.child_env()
+    vllm_port = free_port()
+    servers = {
+        "kaizen": ([sys.executable, "-m", "kaizen", "serve"], f"http://127.0.0.1:{s.port}", s.served_model_name),
+        "vllm": ([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--port", str(vllm_port),
+                  "--host", "127.0.0.1", "--dtype", s.engine_dtype, "--max-model-len", str(s.engine_max_model_len),
+                  "--gpu-memory-utilization", str(s.engine_memory_utilization), "--enforce-eager",
+                  "--max-num-seqs", str(s.engine_max_num_seqs), "--seed", str(s.engine_seed),
+                  "--served-model-name", "bench"], f"http://127.0.0.1:{vllm_port}", "bench"),
+    }
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(s.engine_kv_cache_gib)
+    results: dict[str, list[tuple[float, list[float], int]]] = {"kaizen": [], "vllm": []}
+    pair_result = None
+    for rnd in range(args.rounds):
+        for name in (("kaizen", "vllm") if rnd % 2 == 0 else ("vllm", "kaizen")):
+            argv, base, served = servers[name]
+            proc = start(argv, env, tmp / f"{name}.log")
+            try:
+                wait_ready(f"{base}/health" if name == "vllm" else f"{base}/readyz", proc)
+                asyncio.run(load(base, served, args.clients, 8, args.max_tokens, f"{name} warm-up"))
+                results[name].append(asyncio.run(load(base, served, args.clients, args.requests,
+                                                      args.max_tokens, f"{name} round {rnd + 1}")))
+                if name == "kaizen" and pair_result is None and args.pairs:
+                    pair_result = asyncio.run(pair_vs_single(base, served, args.pairs, args.max_tokens))
+            finally:
+                stop(proc)
+
+    print(f"\nserving benchmark: {model.name}, {args.clients} clients, {args.requests} requests x "
+          f"{args.max_tokens} tokens, {args.rounds} round(s) ({provenance()})")
+    tps = {}
+    for name, runs in results.items():
+        wall = sum(r[0] for r in runs)
+        tokens = sum(r[2] for r in runs)
+        ttfts = [t for r in runs for t in r[1]]
+        tps[name] = tokens / wall
+        print(f"  {name:7s} {tps[name]:7.1f} output tokens/s   TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms"
+              f"   p99 {percentile(ttfts, 99) * 1000:6.0f} ms")
+    print(f"  ratio kaizen / vllm: {tps['kaizen'] / tps['vllm']:.3f} (goal >= 0.95)")
+    if pair_result:
+        single, paired = pair_result
+        print(f"  forced pair vs single answer (median latency): {paired:.2f} s / {single:.2f} s "
+              f"= {paired / single:.2f}x (goal <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
