@@ -124,7 +124,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 # -- dependencies ----------------------------------------------------------------------
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine | None = getattr(request.app.state, "engine", None)
     if engine is None:
         raise APIError(503, "the model is still loading", type="service_unavailable", code="loading")
@@ -138,8 +138,11 @@ class Caller:
     user: str
 
 
-def get_caller(request: Request) -> Caller:
-    """Authenticate the key (if keys are configured) and take a rate-limit token."""
+async def get_caller(request: Request) -> Caller:
+    """Authenticate the key (if keys are configured) and take a rate-limit token.
+
+    Async on purpose, like the other dependencies: FastAPI runs a plain `def`
+    dependency in a worker thread, a hop that cost more than the check itself."""
     state = request.app.state
     try:
         key = check_api_key(state.settings, request.headers.get("authorization"))
@@ -153,7 +156,7 @@ def get_caller(request: Request) -> Caller:
     return caller
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     try:
         check_admin(request.app.state.settings, request.headers.get("authorization"))
     except AuthError as exc:
