@@ -337,11 +337,20 @@ def test_loading_server_is_explained(browser: Browser, tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{settings.port}"
         wait_http(f"{base}/healthz", 10)
         page = open_page(browser, f"{base}/")
+        requests = chat_requests(page)
         expect(page.locator("#model-version")).to_have_text("model loading…")
         send(page, "Are you there?")
         alert = page.locator("#alerts").get_by_role("alert")
         expect(alert).to_contain_text("The model is still loading")
         expect(alert).to_contain_text("HTTP 503")
+        # an open server needs no key: none is sent; pairs are allowed unless the user opts out
+        assert "authorization" not in requests[0]["headers"]
+        assert requests[0]["body"]["comparison"] == "allow"
+        page.locator("#settings-toggle").click()
+        page.get_by_label("Help improve Kaizen: sometimes show two answers").uncheck()
+        page.locator("#prompt").press("Enter")
+        expect(alert).to_contain_text("HTTP 503")
+        assert len(requests) == 2 and requests[1]["body"]["comparison"] == "off"
         page.context.close()
     finally:
         server.should_exit = True
