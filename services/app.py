@@ -190,7 +190,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @openai_routes.get("/models")
-async def list_models(engine: EngineDep, _caller: CallerDep, request: Request) -> Response:
+async def list_models(_caller: CallerDep, engine: EngineDep, request: Request) -> Response:
     settings: Settings = request.app.state.settings
     card = ModelCard(
         id=settings.served_model_name, created=int(engine.model_dir.stat().st_mtime),
@@ -247,7 +247,7 @@ def check_limits(req: ChatCompletionRequest, prompt_len: int, settings: Settings
 
 @openai_routes.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
-    req: ChatCompletionRequest, engine: EngineDep, caller: CallerDep, request: Request
+    req: ChatCompletionRequest, caller: CallerDep, engine: EngineDep, request: Request
 ) -> Response:
     settings: Settings = request.app.state.settings
     if req.model not in (None, settings.served_model_name, engine.version):

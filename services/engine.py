@@ -67,12 +67,12 @@ class Engine:
         self.settings = settings
         self.model_dir = model_dir
         self.version = version
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self.llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir))
 
     def render(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the conversation, ending with the assistant's turn prompt."""
-        ids = self.tokenizer.apply_chat_template(
+        ids: Any = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
         if isinstance(ids, dict) or hasattr(ids, "keys"):

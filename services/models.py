@@ -126,9 +126,10 @@ def greedy_answer(model_dir: Path, question: str = VERIFY_PROMPT, max_new_tokens
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = tok.apply_chat_template(
+    # transformers' type hints are looser than its behaviour: hold its objects as Any
+    tok: Any = AutoTokenizer.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids: Any = tok.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt",
         return_dict=True,
     )
@@ -161,7 +162,7 @@ def prepare_default(settings: Settings, *, force: bool = False, verify: bool = T
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = "bfloat16"
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         # tied lm_head is the only key that may differ between the two
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
@@ -230,7 +231,8 @@ def build_tiny(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         dtype="bfloat16",
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model: Any = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    model = model.to(torch.bfloat16)
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     # -- vLLM engine ----------------------------------------------------------
-    engine_dtype: str = "float32"
+    engine_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "float32"
     """float32, not bf16: on vLLM's CPU backend SmolLM2-135M in bf16 answered the
     greedy "capital of France" check with French gibberish; float32 said Paris
     (transformers gets Paris in both)."""
