@@ -142,7 +142,7 @@ class Settings(BaseSettings):
     # -- reward model -------------------------------------------------------------
     reward_max_length: int = Field(default=384, ge=16)
     """Tokens of conversation + answer; longer ones lose their oldest tokens, never the
-    answer's end, where the score is read. 384 keeps ~97% of ../shared/data pairs whole."""
+    answer's end, where the score is read. 384 cuts 0.8% of ../shared/data pairs (256: 14%)."""
     reward_batch_size: int = Field(default=8, ge=1)
     """Pairs per micro-batch (each pair is two sequences)."""
     reward_grad_accum: int = Field(default=2, ge=1)
@@ -153,11 +153,13 @@ class Settings(BaseSettings):
     """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
     reward_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (with the final norm and the score head); 0 trains all.
-    On 2 CPU cores training only the top 8 of SmolLM2's 30 layers was ~2x faster per pair."""
+    SmolLM2 (30 layers) on 2 busy CPU cores: 44 s per 8 pairs with 8 layers, 64 s with all."""
     reward_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Autocast dtype; weights and optimizer stay float32. bf16 uses the CPU's AMX units."""
-    reward_threads: int | None = None
-    """torch threads for reward training/eval. Unset: torch's default (one per core)."""
+    reward_threads: int | None = Field(default=1, ge=1)
+    """torch threads for reward training/eval; unset: one per core. 1, because the trainer
+    shares the machine with the chat engine: with the other core busy, 2 threads took 44 s
+    per batch against 23 s for 1 (OpenMP workers wait for each other; bench/README.md)."""
     reward_eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Share of training pairs held out for early stopping (by a stable hash of the prompt)."""
     reward_eval_every: int = Field(default=25, ge=1)
