@@ -274,7 +274,10 @@ async def chat_completions(
                        code="overloaded", headers={"Retry-After": "1"})
     used = sampling(req, max_tokens, paired, settings)
     n = 2 if paired else req.n
-    params = sampling_params(req, used, n, req.stream)
+    try:
+        params = sampling_params(req, used, n, req.stream)
+    except ValueError as exc:  # vLLM's own validation of what our models let through
+        raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
     request_id = completion_id()
     version = engine.version
     pair = PendingPair(new_comparison_id(), caller.user, messages, used, datetime.now(UTC)) if paired else None

@@ -64,6 +64,9 @@ class OutboxRelay:
     # -- kafka ---------------------------------------------------------------------------
     def _producer_or_new(self) -> KafkaProducer:
         if self._producer is None:
+            # Make the topics first: a broker that restarted empty would otherwise
+            # auto-create the topic on our first send, with its default partitions.
+            ensure_topics(self.settings)
             self._producer = KafkaProducer(
                 bootstrap_servers=self.settings.bootstrap_servers,
                 client_id="kaizen-outbox",
@@ -73,6 +76,7 @@ class OutboxRelay:
                 max_block_ms=self.settings.kafka_request_timeout_ms,
                 request_timeout_ms=self.settings.kafka_request_timeout_ms,
                 delivery_timeout_ms=self.settings.kafka_request_timeout_ms * 2,
+                metadata_max_age_ms=self.settings.kafka_metadata_max_age_ms,
             )
         return self._producer
 

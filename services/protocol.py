@@ -86,6 +86,16 @@ class ChatCompletionRequest(OpenAIBaseModel):
     comparison: Literal["off", "allow", "force"] = "off"
     """Opt in to paired answers: `allow` pairs at KAIZEN_COMPARISON_RATE, `force` always."""
 
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
     @property
     def answer_token_limit(self) -> int | None:
         # `max_completion_tokens` replaces the deprecated `max_tokens` in OpenAI's API.

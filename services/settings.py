@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     """With the 10 s default a first group join took 23 s on Tansu; 6 s took 3 s."""
     kafka_heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     kafka_request_timeout_ms: int = Field(default=15_000, ge=1000)
+    kafka_metadata_max_age_ms: int = Field(default=10_000, ge=1000)
+    """Clients re-read topic metadata this often (default 5 min): a topic that was
+    re-created with other partitions is noticed within seconds."""
 
     # -- outbox relay (API process → Kafka) ---------------------------------------------
     outbox_retention: timedelta = timedelta(days=7)

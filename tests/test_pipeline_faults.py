@@ -135,7 +135,14 @@ def test_no_vote_lost_or_doubled_across_crashes(tiny_model: Path, tmp_path: Path
             finally:
                 store.close()
 
-        wait_until(lambda: stored() >= N_VOTES, 180, lambda: f"the store to hold every vote (has {stored()})")
+        def diagnosis() -> str:
+            api_store = ComparisonStore(settings.api_db, timedelta(hours=1))
+            pending, _ = api_store.outbox_backlog()
+            marks = api_store.max_acked_offsets()
+            api_store.close()
+            return f"the store to hold every vote: has {stored()}, outbox pending {pending}, acked marks {marks}"
+
+        wait_until(lambda: stored() >= N_VOTES, 180, diagnosis)
         time.sleep(3)  # anything late would be a double
 
         api_store = ComparisonStore(settings.api_db, timedelta(hours=1))

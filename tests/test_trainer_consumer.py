@@ -108,3 +108,42 @@ def test_redelivered_batch_is_not_doubled(broker: Settings, tmp_path: Path) -> N
     assert again.stats.duplicates == 4 and again.stats.stored == 0
     assert store.count() == 4
     store.close()
+
+
+def test_consumer_reads_a_restarted_broker_from_the_start(tmp_path: Path) -> None:
+    """After the in-memory broker restarts empty, a running consumer must not resume at
+    its old position on the new log (that would skip the events now sitting below it)."""
+    from services.broker import start_embedded_broker
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    broker = start_embedded_broker(settings)
+    ensure_topics(settings)
+    store = PreferenceStore(settings.preferences_db)
+    consumer = PreferenceConsumer(settings, store)
+    try:
+        before = [make_event(0) for _ in range(30)]
+        send(settings, [e.to_bytes() for e in before])
+        deadline = time.monotonic() + 60
+        while store.count() < 30 and time.monotonic() < deadline:
+            consumer.poll_once()
+        assert store.count() == 30
+
+        broker.kill()
+        broker.wait()
+        broker = start_embedded_broker(settings)
+        ensure_topics(settings)
+        after = [make_event(1) for _ in range(60)]  # the new log grows past the old position
+        send(settings, [e.to_bytes() for e in after])
+        deadline = time.monotonic() + 90
+        while store.count() < 90 and time.monotonic() < deadline:
+            try:
+                consumer.poll_once()
+            except Exception:  # noqa: BLE001 - reconnecting to the new broker
+                time.sleep(0.5)
+        assert {str(e.event_id) for e in after} <= {r[0] for r in store.db.execute("SELECT event_id FROM preferences")}
+    finally:
+        consumer.close()
+        store.close()
+        broker.kill()
+        broker.wait()

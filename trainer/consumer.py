@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from services import metrics
 from services.events import InvalidEvent, PreferenceEvent, parse_preference
@@ -35,6 +37,19 @@ class ConsumeStats:
     last_event_ids: list[str] = field(default_factory=list)
 
 
+class _RebalanceFlag(ConsumerRebalanceListener):
+    """Remembers that partitions were (re)assigned during a poll."""
+
+    def __init__(self) -> None:
+        self.assigned = False
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.assigned = True
+
+
 class PreferenceConsumer:
     """Owns a consumer and a DLQ producer: stop flag, bounded poll, explicit close."""
 
@@ -43,8 +58,8 @@ class PreferenceConsumer:
         self.store = store
         self.stats = ConsumeStats()
         self._stop = threading.Event()
+        self._rebalance = _RebalanceFlag()
         self.consumer = KafkaConsumer(
-            settings.topic_preferences,
             bootstrap_servers=settings.bootstrap_servers,
             group_id=settings.consumer_group,
             client_id="kaizen-trainer",
@@ -54,7 +69,9 @@ class PreferenceConsumer:
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             request_timeout_ms=max(settings.kafka_request_timeout_ms, settings.kafka_session_timeout_ms + 1000),
+            metadata_max_age_ms=settings.kafka_metadata_max_age_ms,
         )
+        self.consumer.subscribe([settings.topic_preferences], listener=self._rebalance)
         self.dlq = KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers,
             client_id="kaizen-trainer-dlq",
@@ -72,6 +89,16 @@ class PreferenceConsumer:
     def poll_once(self) -> int:
         """Handle one poll's batch; return how many records it held."""
         batch = self.consumer.poll(timeout_ms=self.settings.kafka_poll_timeout_ms)
+        if self._rebalance.assigned:
+            # kafka-python keeps in-memory positions across a rebalance. After a broker
+            # that lost its log (the embedded one keeps it in memory) those positions
+            # point past events re-sent to the new log: reading on from them would skip
+            # those events for good. So after any (re)assignment, drop what this poll
+            # fetched and restart from the group's committed offsets (the beginning if
+            # there are none); the store ignores what it already holds.
+            self._rebalance.assigned = False
+            self._seek_to_committed()
+            return 0
         records = [r for part in batch.values() for r in part]
         if not records:
             return 0
@@ -83,7 +110,11 @@ class PreferenceConsumer:
                 self._dead_letter(rec, str(exc))
         self.dlq.flush()
         result = self.store.add_many(valid)
-        self.consumer.commit()  # only after the store and the DLQ hold the batch
+        try:
+            self.consumer.commit()  # only after the store and the DLQ hold the batch
+        except KafkaError as exc:  # e.g. the group was rebalanced under us
+            log.warning("offset commit failed (%s): re-reading from the committed offsets", exc)
+            self._seek_to_committed()
         self.stats.stored += result.stored
         self.stats.duplicates += result.duplicates
         self.stats.last_event_ids = [str(e.event_id) for e in valid][-10:]
@@ -93,6 +124,14 @@ class PreferenceConsumer:
             log.info("received preference event %s (comparison %s, choice %s)",
                      ev.event_id, ev.comparison_id, ev.choice)
         return len(records)
+
+    def _seek_to_committed(self) -> None:
+        for tp in self.consumer.assignment():
+            committed = self.consumer.committed(tp)
+            if committed is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
 
     def _dead_letter(self, rec: Any, reason: str) -> None:
         topic, partition, offset = rec.topic, rec.partition, rec.offset
