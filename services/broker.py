@@ -68,15 +68,6 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_for_port(host: str, port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if port_in_use(host, port):
-            return
-        time.sleep(0.05)
-    raise BrokerError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
-
-
 def broker_command(settings: Settings) -> list[str]:
     url = f"tcp://{settings.broker_host}:{settings.broker_port}"
     return [

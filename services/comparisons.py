@@ -67,18 +67,6 @@ class OutboxRow:
     payload: bytes
 
 
-@dataclass(frozen=True)
-class StoredComparison:
-    id: str
-    user: str
-    served_at: datetime
-    expires_at: datetime
-    messages: list[dict[str, Any]]
-    answers: list[dict[str, Any]]
-    voted_at: datetime | None
-    event_id: str | None
-
-
 def new_comparison_id() -> str:
     return f"cmp-{uuid.uuid4().hex}"
 
@@ -118,21 +106,6 @@ class ComparisonStore:
                  json.dumps([a.model_dump(mode="json") for a in answers])),
             )
         return cid
-
-    def get(self, comparison_id: str) -> StoredComparison | None:
-        with self._lock:
-            row = self.db.execute(
-                "SELECT id, user, served_at, expires_at, messages, answers, voted_at, event_id "
-                "FROM comparisons WHERE id = ?", (comparison_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        return StoredComparison(
-            id=row[0], user=row[1], served_at=datetime.fromisoformat(row[2]),
-            expires_at=datetime.fromisoformat(row[3]), messages=json.loads(row[4]),
-            answers=json.loads(row[5]), voted_at=datetime.fromisoformat(row[6]) if row[6] else None,
-            event_id=row[7],
-        )
 
     def vote(self, comparison_id: str, user: str, choice: Choice, reason: str | None) -> PreferenceEvent:
         """Accept one vote: write its event to the outbox and mark the comparison, atomically."""

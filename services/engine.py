@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +43,6 @@ def engine_args(settings: Settings, model_dir: Path) -> Any:
         seed=settings.engine_seed,
         disable_log_stats=False,
     )
-
-
-@dataclass
-class Generation:
-    """One finished or in-progress choice, as the API reports it."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
 
 
 class Engine:

@@ -39,9 +39,10 @@ def isolated(broker: Settings, tmp_path: Path) -> Settings:
 
 def send(settings: Settings, values: list[bytes]) -> None:
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
-    for v in values:
-        producer.send(settings.topic_preferences, key=b"k", value=v)
+    futures = [producer.send(settings.topic_preferences, key=b"k", value=v) for v in values]
     producer.flush()
+    for f in futures:
+        f.get(timeout=60)  # a send that failed must fail the test here, not look like a lost event
     producer.close()
 
 
@@ -135,7 +136,7 @@ def test_consumer_reads_a_restarted_broker_from_the_start(tmp_path: Path) -> Non
         ensure_topics(settings)
         after = [make_event(1) for _ in range(60)]  # the new log grows past the old position
         send(settings, [e.to_bytes() for e in after])
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # reconnect back-off grows to 30 s under load
         while store.count() < 90 and time.monotonic() < deadline:
             try:
                 consumer.poll_once()

@@ -28,10 +28,9 @@ import uvicorn
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from services.app import build_app
-from services.comparisons import ComparisonStore
-from services.events import PreferenceEvent
 from services.settings import Settings
 from tests.conftest import ROOT, USER_KEY, make_settings, stop_group, wait_http
+from tests.test_feedback import outbox
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -100,14 +99,6 @@ def chat_requests(page: Page) -> list[dict[str, Any]]:
 def send(page: Page, text: str) -> None:
     page.locator("#prompt").fill(text)
     page.locator("#prompt").press("Enter")
-
-
-def outbox(settings: Settings) -> list[PreferenceEvent]:
-    store = ComparisonStore(settings.api_db, settings.comparison_ttl)
-    try:
-        return store.outbox_events()
-    finally:
-        store.close()
 
 
 def card_boxes(page: Page) -> list[dict[str, float]]:

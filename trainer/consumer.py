@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -34,7 +34,6 @@ class ConsumeStats:
     stored: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
-    last_event_ids: list[str] = field(default_factory=list)
 
 
 class _RebalanceFlag(ConsumerRebalanceListener):
@@ -117,7 +116,6 @@ class PreferenceConsumer:
             self._seek_to_committed()
         self.stats.stored += result.stored
         self.stats.duplicates += result.duplicates
-        self.stats.last_event_ids = [str(e.event_id) for e in valid][-10:]
         metrics.EVENTS_CONSUMED.labels(outcome="stored").inc(result.stored)
         metrics.EVENTS_CONSUMED.labels(outcome="duplicate").inc(result.duplicates)
         for ev in valid:
