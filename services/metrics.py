@@ -81,3 +81,82 @@ EVENTS_CONSUMED = Counter(
     "Preference events read from Kafka, by outcome (stored, duplicate, dead_lettered).",
     ["outcome"],
 )
+PREFERENCES_STORED = Gauge(
+    "kaizen_trainer_preferences_stored", "Votes in the trainer's preference store."
+)
+TRAINER_CONSUMER_LAG = Gauge(
+    "kaizen_trainer_consumer_lag_messages",
+    "Preference events on the topic not yet consumed by the trainer (high watermark - position).",
+)
+# -- training rounds (recorded by trainer/rounds.py) ---------------------------------
+REWARD_MODEL_ACCURACY = Gauge(
+    "kaizen_reward_model_accuracy",
+    "Held-out pairwise accuracy of the current reward model (share of votes it ranks right).",
+)
+ROUNDS = Counter(
+    "kaizen_training_rounds_total",
+    "Training rounds finished, by outcome (published, rejected, failed, skipped).",
+    ["outcome"],
+)
+ROUND_DURATION = Histogram(
+    "kaizen_training_round_duration_seconds",
+    "Wall time of one training round (reward refresh + PPO + gate + publish).",
+    buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+)
+LAST_ROUND_COMPLETED = Gauge(
+    "kaizen_training_last_round_completed_timestamp_seconds",
+    "Unix time the last training round finished (any outcome but failed).",
+)
+PPO_REWARD_MEAN = Gauge(
+    "kaizen_ppo_reward_mean", "Mean reward-model score of the last PPO iteration's answers."
+)
+PPO_KL = Gauge(
+    "kaizen_ppo_kl", "Mean KL (nats per answer) of the policy to the reference, last PPO iteration."
+)
+PPO_KL_COEF = Gauge("kaizen_ppo_kl_coef", "Current KL penalty coefficient of the adaptive controller.")
+PPO_ITERATIONS = Counter("kaizen_ppo_iterations_total", "PPO iterations completed.")
+PPO_SAMPLES_PER_SECOND = Gauge(
+    "kaizen_ppo_samples_per_second", "Answers per second through the last PPO iteration (all phases)."
+)
+GATE_WIN_RATE = Gauge(
+    "kaizen_gate_win_rate", "Reward-model win rate of the last gated candidate over the champion."
+)
+
+# -- registry and rollout (recorded by the chat API) ---------------------------------------
+VERSIONS_BY_STAGE = Gauge(
+    "kaizen_model_versions", "Model versions in the registry, by stage.", ["stage"]
+)
+SWAPS = Counter(
+    "kaizen_model_swaps_total",
+    "Weight swaps of a serving engine, by result (ok, refused, failed).",
+    ["result"],
+)
+SWAP_DURATION = Histogram(
+    "kaizen_model_swap_duration_seconds",
+    "Time a weight swap held new requests (drain + load + resume).",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+CANARY_TRAFFIC_FRACTION = Gauge(
+    "kaizen_canary_traffic_fraction", "Share of users routed to the canary (0 when none)."
+)
+CANARY_VOTES = Gauge(
+    "kaizen_canary_votes", "Champion-vs-canary votes counted for the current canary."
+)
+CANARY_WIN_RATE = Gauge(
+    "kaizen_canary_win_rate", "Canary's win rate over the champion from live votes (ties count half)."
+)
+CANARY_WIN_RATE_LOWER = Gauge(
+    "kaizen_canary_win_rate_lower", "Lower bound of the 95% Wilson interval of the canary's win rate."
+)
+CANARY_WIN_RATE_UPPER = Gauge(
+    "kaizen_canary_win_rate_upper", "Upper bound of the 95% Wilson interval of the canary's win rate."
+)
+ROLLOUT_DECISIONS = Counter(
+    "kaizen_rollout_decisions_total",
+    "Rollout changes, by action (canary, promote, rollback) and who decided (auto, operator).",
+    ["action", "actor"],
+)
+CHAT_ERRORS = Counter(
+    "kaizen_chat_errors_total", "Chat requests that failed inside the engine, by model version.",
+    ["model_version"],
+)

@@ -181,6 +181,41 @@ class Settings(BaseSettings):
     reward_min_holdout: int = Field(default=20, ge=1)
     """Fewest held-out pairs a refresh needs to judge a new RM at all."""
 
+    # -- training rounds (PPO) and the gate ------------------------------------------
+    min_new_preferences: int = Field(default=64, ge=1)
+    """New votes in the store that start a training round."""
+    round_interval: timedelta = timedelta(hours=1)
+    """A round also starts after this long if at least one new vote arrived."""
+    gate_min_win: float = Field(default=0.55, ge=0.0, le=1.0)
+    """A candidate must beat the champion by this reward-model win rate on held-out prompts."""
+    gate_max_kl: float = Field(default=0.5, gt=0.0)
+    """Mean per-answer KL (nats) to the reference policy a candidate may reach."""
+
+    # -- registry and rollout ------------------------------------------------------
+    registry_dir: Path | None = None
+    """Model registry (versions, stages, audit log). Unset: `<data_dir>/registry`.
+    In Kubernetes a shared volume seen by the chat API and the trainer."""
+    registry_poll_interval_s: float = Field(default=5.0, gt=0)
+    """How often the chat API re-reads the registry, in case it missed a model event."""
+    auto_rollout: bool = True
+    """Canary every published version and promote or roll back from live votes.
+    Off: operators decide with `kaizen models canary|promote|rollback`."""
+    canary_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    """Share of users an automatic canary is served to (sticky per user)."""
+    canary_min_votes: int = Field(default=30, ge=1)
+    """Champion-vs-canary votes needed before an automatic decision."""
+    canary_max_duration: timedelta = timedelta(hours=24)
+    """An automatic canary with no decision after this long is rolled back."""
+    canary_max_error_rate_increase: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Roll back when the canary's error rate exceeds the champion's by more."""
+    canary_max_ttft_ratio: float = Field(default=3.0, ge=1.0)
+    """Roll back when the canary's median time to first token exceeds the champion's by this factor."""
+    canary_min_requests: int = Field(default=20, ge=1)
+    """Requests per version before error rate and latency are compared at all."""
+    swap_drain_timeout_s: float = Field(default=30.0, gt=0)
+    """A weight swap first lets in-flight answers finish (so each answer comes from
+    one version); after this long the rest are frozen and resumed on the new weights."""
+
     # -- supervisor (`kaizen up`) ------------------------------------------------
     restart_limit: int = Field(default=5, ge=0)
     """Restarts of one child within `restart_window_s` before `kaizen up` gives up."""
@@ -217,6 +252,11 @@ class Settings(BaseSettings):
     def model_dir(self) -> Path:
         """The folder the chat API serves."""
         return self.model if self.model is not None else self.default_model_dir
+
+    @property
+    def registry_path(self) -> Path:
+        """The model registry (versions, stages, audit log)."""
+        return self.registry_dir if self.registry_dir is not None else self.data_dir / "registry"
 
     @property
     def api_db(self) -> Path:

@@ -99,6 +99,7 @@ class PreferenceConsumer:
             self._seek_to_committed()
             return 0
         records = [r for part in batch.values() for r in part]
+        self._record_lag()
         if not records:
             return 0
         valid: list[PreferenceEvent] = []
@@ -118,10 +119,24 @@ class PreferenceConsumer:
         self.stats.duplicates += result.duplicates
         metrics.EVENTS_CONSUMED.labels(outcome="stored").inc(result.stored)
         metrics.EVENTS_CONSUMED.labels(outcome="duplicate").inc(result.duplicates)
+        metrics.PREFERENCES_STORED.set(self.store.count())
         for ev in valid:
             log.info("received preference event %s (comparison %s, choice %s)",
                      ev.event_id, ev.comparison_id, ev.choice)
         return len(records)
+
+    def _record_lag(self) -> None:
+        """Consumer lag from the client's own fetch metadata (no extra broker request)."""
+        lag = 0
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                lag += max(0, high - self.consumer.position(tp, timeout_ms=0))
+            except Exception:  # position unknown right after a reassignment
+                continue
+        metrics.TRAINER_CONSUMER_LAG.set(lag)
 
     def _seek_to_committed(self) -> None:
         for tp in self.consumer.assignment():
