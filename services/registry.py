@@ -264,7 +264,7 @@ class Registry:
             gate=m.gate, path=str(self.path(version)), size_bytes=sum(f.size for f in m.files.values()),
         )
 
-    def list(self) -> list[VersionInfo]:
+    def all_versions(self) -> list[VersionInfo]:
         state = self.state()
         out = []
         for v in self.names():
@@ -512,7 +512,7 @@ class Registry:
 
     def stage_counts(self) -> dict[str, int]:
         state = self.state()
-        counts = dict.fromkeys(STAGES, 0)
+        counts: dict[str, int] = dict.fromkeys(STAGES, 0)
         for v in self.names():
             vs = state.versions.get(v)
             counts[vs.stage if vs else "candidate"] += 1

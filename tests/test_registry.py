@@ -49,7 +49,7 @@ def test_publish_numbers_versions_and_records_lineage(reg: Registry, tmp_path: P
     m2 = reg.publish(fake_model(tmp_path / "b", "bb"), parent="v1", who="trainer", rejected=True)
     assert (m1.version, m2.version) == ("v1", "v2")
     assert reg.lineage("v2") == ["v2", "v1", "v0"]
-    info = {v.version: v for v in reg.list()}
+    info = {v.version: v for v in reg.all_versions()}
     assert info["v1"].stage == "candidate" and info["v1"].gate["win_rate"] == 0.6
     assert info["v2"].stage == "rejected"
     assert set(reg.manifest("v1").files) == {"config.json", "tokenizer.json", "model.safetensors"}
