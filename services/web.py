@@ -1,4 +1,4 @@
-"""The web pages: the chat page at `/` (and, later, the operator page at `/admin`).
+"""The web pages: the chat page at `/` and the operator page at `/admin`.
 
 Plain HTML/CSS/JS served from services/static/ by the chat API itself: no
 build step and no external CDN, since many deployments are offline.
@@ -20,6 +20,13 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 async def chat_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/admin")
+async def admin_page() -> FileResponse:
+    """The operator page. The page itself is public (no secrets in it); everything it
+    shows comes from the `/admin/*` JSON routes, which need the admin token."""
+    return FileResponse(STATIC_DIR / "admin.html", headers={"Cache-Control": "no-cache"})
 
 
 def static_files() -> StaticFiles:

@@ -1,0 +1,226 @@
+"""The operator page at `/admin`, driven in headless Chromium against a real server.
+
+    python -m pytest tests/test_web_admin.py -q
+
+One `kaizen serve` process of its own (auto rollout off, so only the operator's
+clicks change the rollout) on the tiny model. A second version is published into
+its registry the way the trainer does; the operator puts it on canary from the
+page, sees the split change, promotes it, and the chat page's version label
+follows. The screenshot of the operator page lands in docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from services.registry import Registry
+from services.settings import Settings
+from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
+from tests.test_web import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SHOTS, open_page, send
+
+#: Starting a canary loads a second vLLM engine (~20 s on 2 CPU cores) before the
+#: server answers; promoting swaps weights into the champion first.
+ACTION_TIMEOUT_MS = 90_000
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
+    """`kaizen serve` with auto rollout off and a published candidate v1 (a copy of v0's
+    weights: the label, not the answers, is what the page follows)."""
+    settings = make_settings(tmp_path_factory.mktemp("admin-api"), model=tiny_model, api_keys=USER_KEY,
+                             admin_token=ADMIN_TOKEN, auto_rollout=False, registry_poll_interval_s=1.0,
+                             rate_limit_rps=1000, rate_limit_burst=1000)
+    log_path = settings.data_dir / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_http(f"{base}/readyz", 240, proc)
+        Registry(settings.registry_path).publish(
+            tiny_model, parent="v0", who="test", why="published by the test", reward_model="rm-v1",
+            training={"reward_mean": 0.21, "kl": 0.031, "rm_accuracy": 0.64},
+            gate={"win_rate": 0.61, "kl": 0.031, "passed": True})
+        deadline = time.monotonic() + 30
+        while "v1" not in versions(base):
+            assert time.monotonic() < deadline, "the server never listed the published v1"
+            time.sleep(0.25)
+    except Exception:
+        stop_group(proc)
+        print(log_path.read_text()[-5000:])
+        raise
+    yield base, settings
+    stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def versions(base: str) -> dict[str, str]:
+    """Version → stage, as the admin API says."""
+    r = httpx.get(f"{base}/admin/versions", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    return {v["version"]: v["stage"] for v in r.json()["data"]}
+
+
+def rollout(base: str) -> dict[str, Any]:
+    r = httpx.get(f"{base}/admin/rollout", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def open_admin(browser: Browser, base: str, token: str | None) -> Page:
+    page = open_page(browser, f"{base}/admin?refresh=1")
+    if token is not None:
+        page.get_by_role("textbox", name="Admin token").fill(token)
+        page.get_by_role("button", name="Use token").click()
+    return page
+
+
+def vote_pairs(base: str, n: int) -> None:
+    """Champion-vs-canary pairs through the chat API, each voted: the live head-to-head."""
+    with httpx.Client(base_url=base, headers=USER, timeout=60) as client:
+        for i in range(n):
+            r = client.post("/v1/chat/completions", json={
+                "model": "kaizen", "messages": [{"role": "user", "content": f"Question {i}"}],
+                "comparison": "force", "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            choice: int | str = [0, 1, 0, "tie", 1, 0][i % 6]
+            r = client.post("/v1/feedback", json={"comparison_id": r.json()["comparison_id"], "choice": choice})
+            assert r.status_code == 202, r.text
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_wrong_token_is_explained(server: tuple[str, Settings], browser: Browser) -> None:
+    base, _ = server
+    # no token at all: 401, the token field is offered and focused
+    page = open_admin(browser, base, None)
+    alert = page.locator("#alerts").get_by_role("alert")
+    expect(alert).to_contain_text("This page needs the admin token")
+    expect(alert).to_contain_text("HTTP 401")
+    expect(page.get_by_role("textbox", name="Admin token")).to_be_focused()
+
+    # a wrong token, then a user's API key: both refused in words, nothing of the dashboard shown
+    for wrong in ("not-the-admin-token", USER_KEY):
+        page.get_by_role("textbox", name="Admin token").fill(wrong)
+        page.get_by_role("button", name="Use token").click()
+        expect(alert).to_contain_text("The admin token was not accepted")
+        expect(alert).to_contain_text("HTTP 403")
+        expect(page.locator("#token-hint")).to_contain_text("did not accept this token")
+        expect(page.locator("#dashboard")).to_be_hidden()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "admin-bad-token-desktop.png"))
+
+    # the right one: the alert goes, the dashboard comes, the token field folds away
+    page.get_by_role("textbox", name="Admin token").fill(ADMIN_TOKEN)
+    page.get_by_role("textbox", name="Admin token").press("Enter")
+    expect(page.locator("#dashboard")).to_be_visible()
+    expect(page.locator("#alerts .notice")).to_have_count(0)
+    expect(page.locator("#settings")).to_be_hidden()
+    expect(page.locator("#versions-table tr[data-version=v0]")).to_contain_text("champion")
+    page.context.close()
+
+
+def test_canary_then_promote(server: tuple[str, Settings], browser: Browser) -> None:
+    base, _ = server
+    # a chat user, before anything changes: answers come from v0
+    chat = open_page(browser, f"{base}/?compare=off&max_tokens=8", key=USER_KEY)
+    send(chat, "Hello")
+    expect(chat.locator(".msg.assistant[data-done=true]")).to_have_count(1)
+    expect(chat.locator("#model-version")).to_have_text("model v0")
+
+    page = open_admin(browser, base, ADMIN_TOKEN)
+    page.set_default_timeout(ACTION_TIMEOUT_MS)
+    split = page.locator("#split")
+    expect(split).to_have_attribute("aria-label", "Traffic split: champion v0 100%, no canary")
+    v1 = page.locator("#versions-table tr[data-version=v1]")
+    expect(v1).to_have_attribute("data-stage", "candidate")
+    expect(v1).to_contain_text("61.0%")        # the gate's win rate, as published
+    expect(v1).to_contain_text("passed")
+    page.get_by_role("button", name="Details of v1").click()
+    expect(page.locator("#version-detail")).to_contain_text("v1 ← v0")
+    expect(page.locator("#version-detail")).to_contain_text("published by the test")
+
+    # nothing to roll back yet: the server's refusal shows in the dialog, which stays open
+    page.get_by_role("button", name="Roll back v0…").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text("Roll back the champion v0?")
+    dialog.get_by_role("button", name="Roll back").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("HTTP 409")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+    expect(page.get_by_role("button", name="Roll back v0…")).to_be_focused()
+
+    # canary: Escape cancels and changes nothing; then 30% for real
+    page.get_by_role("button", name="Put v1 on canary").click()
+    expect(dialog).to_contain_text("Put v1 on canary?")
+    expect(dialog.get_by_label("Share of users on the canary (%)")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    assert rollout(base)["canary"] is None
+    page.get_by_role("button", name="Put v1 on canary").click()
+    dialog.get_by_label("Share of users on the canary (%)").fill("30")
+    dialog.get_by_label("Reason (recorded in the audit log)").fill("gate passed, try it live")
+    dialog.get_by_role("button", name="Start canary").click()
+    expect(dialog.get_by_role("button", name="Start canary")).to_be_disabled()  # waits for the server
+    expect(dialog).to_be_hidden(timeout=ACTION_TIMEOUT_MS)
+    expect(page.locator("#result")).to_contain_text("v1 is on canary for 30% of users; champion v0.")
+    expect(split).to_have_attribute("aria-label", "Traffic split: champion v0 70%, canary v1 30%")
+    expect(split.locator(".split-seg.canary")).to_contain_text("v1 · 30%")
+    expect(v1).to_have_attribute("data-stage", "canary")
+    server_side = rollout(base)
+    assert (server_side["canary"], server_side["canary_fraction"]) == ("v1", 0.3), server_side
+    audit = page.locator("#audit-table tbody tr").first
+    expect(audit).to_contain_text("gate passed, try it live")
+    expect(audit).to_contain_text("operator (web)")
+
+    # live votes between the two: the head-to-head chart draws what the server computed
+    vote_pairs(base, 6)
+    h2h = rollout(base)["head_to_head"]
+    assert h2h["votes"] == 6, h2h
+    expect(page.locator("#h2h-chart .votebar")).to_have_attribute("aria-label", re.compile(r"^6 votes: "))
+    shown = page.locator("#h2h-chart figure").get_attribute("data-win-rate")
+    assert shown is not None and float(shown) == h2h["win_rate"], (shown, h2h)
+    expect(page.locator("#votes-rate")).not_to_have_text("0.00")
+    page.locator("#version-detail button", has_text="Close").click()
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "admin-desktop.png"), full_page=True)
+
+    # promote from the traffic panel
+    page.get_by_role("button", name="Promote v1…").click()
+    expect(dialog).to_contain_text("Promote v1 to champion?")
+    dialog.get_by_role("button", name="Promote v1").click()
+    expect(dialog).to_be_hidden(timeout=ACTION_TIMEOUT_MS)
+    expect(page.locator("#result")).to_contain_text("v1 is the champion now.")
+    expect(split).to_have_attribute("aria-label", "Traffic split: champion v1 100%, no canary")
+    expect(v1).to_have_attribute("data-stage", "champion")
+    expect(page.locator("#versions-table tr[data-version=v0]")).to_have_attribute("data-stage", "retired")
+    expect(page.locator("#serving-now")).to_have_text("v1")
+    assert versions(base) == {"v0": "retired", "v1": "champion"}
+
+    # the chat page, without a reload, labels its next answer with the new champion
+    send(chat, "And now?")
+    expect(chat.locator(".msg.assistant[data-done=true]")).to_have_count(2)
+    expect(chat.locator("#model-version")).to_have_text("model v1")
+    chat.context.close()
+    page.context.close()
