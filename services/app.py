@@ -16,6 +16,7 @@ import random
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import make_asgi_app
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics, web
@@ -35,6 +37,8 @@ from services.comparisons import ComparisonStore, OutboxFull, VoteError, new_com
 from services.outbox import OutboxRelay
 from services.events import Answer
 from services.engine import Engine
+from services.registry import RegistryError
+from services.rollout import Rollout
 from services.models import require_model
 from services.protocol import (
     AssistantMessage,
@@ -50,6 +54,9 @@ from services.protocol import (
     FeedbackResponse,
     ModelCard,
     ModelList,
+    PromoteRequest,
+    RollbackRequest,
+    RolloutRequest,
     Usage,
     completion_id,
     dump,
@@ -59,8 +66,6 @@ from services.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Kaizen-Model-Version"
-#: Label of the base model until the registry names versions.
-BASE_VERSION = "v0"
 
 
 class APIError(Exception):
@@ -94,29 +99,30 @@ def error_response(
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Own the outbox relay and the engine; shut both down however the app ends."""
+    """Own the outbox relay and the engines; shut both down however the app ends."""
     settings: Settings = app.state.settings
-    model_dir = require_model(settings.model_dir)
+    require_model(settings.model_dir)
     relay = OutboxRelay(settings, app.state.comparisons)
     relay.start()  # votes accepted before a crash are delivered while the model loads
     app.state.relay = relay
-    engine: Engine | None = None
+    rollout = Rollout(settings, app.state.comparisons)
     try:
-        log.info("loading %s into vLLM", model_dir)
-        engine = Engine(settings, model_dir, BASE_VERSION)
-        app.state.engine = engine
+        rollout.start()  # registers v0 if needed, loads the champion (and a running canary)
+        app.state.rollout = rollout
+        rollout.run_in_background()
         metrics.ENGINE_READY.set(1)
-        metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(engine.unfinished_requests)
-        metrics.MODEL_INFO.labels(model_version=engine.version).set(1)
-        log.info("serving %s (version %s) on %s", settings.served_model_name, engine.version,
-                 settings.public_url)
+        metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: sum(
+            e.unfinished_requests() for e in (rollout.champion, rollout.canary) if e is not None))
+        assert rollout.champion is not None
+        metrics.MODEL_INFO.labels(model_version=rollout.champion.version).set(1)
+        log.info("serving %s (champion %s%s) on %s", settings.served_model_name, rollout.champion.version,
+                 f", canary {rollout.canary.version}" if rollout.canary else "", settings.public_url)
         yield
     finally:
         metrics.ENGINE_READY.set(0)
         metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: 0)
-        app.state.engine = None
-        if engine is not None:
-            engine.shutdown()
+        app.state.rollout = None
+        await rollout.stop()
         relay.stop()
         app.state.comparisons.close()
 
@@ -124,11 +130,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 # -- dependencies ----------------------------------------------------------------------
 
 
-async def get_engine(request: Request) -> Engine:
-    engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is None:
+async def get_rollout(request: Request) -> Rollout:
+    rollout: Rollout | None = getattr(request.app.state, "rollout", None)
+    if rollout is None or not rollout.ready:
         raise APIError(503, "the model is still loading", type="service_unavailable", code="loading")
-    return engine
+    return rollout
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ async def require_admin(request: Request) -> None:
         raise APIError(exc.status, exc.message, type=type_, code=exc.code) from None
 
 
-EngineDep = Annotated[Engine, Depends(get_engine)]
+RolloutDep = Annotated[Rollout, Depends(get_rollout)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
 AdminDep = Annotated[None, Depends(require_admin)]
 
@@ -183,15 +189,18 @@ async def healthz() -> dict[str, str]:
 
 @probes.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    engine: Engine | None = getattr(request.app.state, "engine", None)
-    if engine is None:
+    rollout: Rollout | None = getattr(request.app.state, "rollout", None)
+    if rollout is None or rollout.champion is None:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "model_version": engine.version})
+    return JSONResponse({"status": "ready", "model_version": rollout.champion.version,
+                         "canary": rollout.canary.version if rollout.canary else None})
 
 
 @openai_routes.get("/models")
-async def list_models(_caller: CallerDep, engine: EngineDep, request: Request) -> Response:
+async def list_models(_caller: CallerDep, rollout: RolloutDep, request: Request) -> Response:
     settings: Settings = request.app.state.settings
+    engine = rollout.champion
+    assert engine is not None
     card = ModelCard(
         id=settings.served_model_name, created=int(engine.model_dir.stat().st_mtime),
         version=engine.version, root=str(engine.model_dir),
@@ -245,12 +254,46 @@ def check_limits(req: ChatCompletionRequest, prompt_len: int, settings: Settings
     return limit
 
 
+@dataclass
+class Part:
+    """One engine request of a chat completion: all its choices, or one side of a pair."""
+
+    engine: Engine
+    n: int
+    offset: int
+    """Index of this part's first choice in the response."""
+    request_id: str
+    version: str = ""
+
+
+def plan_parts(rollout: Rollout, caller: Caller, req: ChatCompletionRequest, paired: bool,
+               request_id: str) -> list[Part]:
+    """Which engine(s) answer: a pinned version, champion vs canary for a pair while a
+    canary runs, else the user's sticky engine."""
+    pinned = rollout.engine_named(req.model) if req.model else None
+    if pinned is not None:
+        return [Part(pinned, 2 if paired else req.n, 0, request_id)]
+    if paired:
+        pair = rollout.pair_engines()
+        if pair is not None:
+            return [Part(pair[0], 1, 0, f"{request_id}-a"), Part(pair[1], 1, 1, f"{request_id}-b")]
+        return [Part(rollout.engine_for(caller.user), 2, 0, request_id)]
+    return [Part(rollout.engine_for(caller.user), req.n, 0, request_id)]
+
+
+def response_version(parts: list[Part]) -> str:
+    """The label of a response: its version, or both of a champion-vs-canary pair (sorted,
+    so the label does not say which side is which)."""
+    versions = sorted({p.version for p in parts}, key=lambda v: (len(v), v))
+    return ",".join(versions)
+
+
 @openai_routes.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
-    req: ChatCompletionRequest, caller: CallerDep, engine: EngineDep, request: Request
+    req: ChatCompletionRequest, caller: CallerDep, rollout: RolloutDep, request: Request
 ) -> Response:
     settings: Settings = request.app.state.settings
-    if req.model not in (None, settings.served_model_name, engine.version):
+    if req.model is not None and req.model != settings.served_model_name and rollout.engine_named(req.model) is None:
         raise APIError(404, f"the model `{req.model}` does not exist; this server serves "
                        f"`{settings.served_model_name}`", param="model", code="model_not_found")
     if len(req.messages) > settings.max_messages:
@@ -262,50 +305,65 @@ async def chat_completions(
         raise APIError(400, "a paired answer has exactly two choices: send n=1 with `comparison`",
                        param="n", code="invalid_value")
     started = time.perf_counter()
+    request.app.state.rates.request()
     messages = req.chat_messages()
+    request_id = completion_id()
+    parts = plan_parts(rollout, caller, req, paired, request_id)
     try:
-        prompt_ids = engine.render(messages)
+        prompt_ids = parts[0].engine.render(messages)  # versions share the tokenizer
     except Exception as exc:  # the template rejected the conversation (e.g. role order)
         raise APIError(400, f"the conversation does not fit the model's chat template: {exc}",
                        param="messages") from exc
     max_tokens = check_limits(req, len(prompt_ids), settings)
-    if engine.unfinished_requests() >= settings.max_inflight:
+    if sum(p.engine.unfinished_requests() for p in parts) >= settings.max_inflight:
         raise APIError(503, "the server is at capacity: retry shortly", type="overloaded_error",
                        code="overloaded", headers={"Retry-After": "1"})
     used = sampling(req, max_tokens, paired, settings)
-    n = 2 if paired else req.n
     try:
-        params = sampling_params(req, used, n, req.stream)
+        params = [sampling_params(req, used, p.n, req.stream) for p in parts]
     except ValueError as exc:  # vLLM's own validation of what our models let through
         raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
-    request_id = completion_id()
-    version = engine.version
+    for p in parts:  # waits while a weight swap holds new requests
+        p.version = await p.engine.admit(p.request_id)
+        rollout.count_request(p.version)
+        metrics.PROMPT_TOKENS.labels(model_version=p.version).inc(len(prompt_ids))
+
+    def release() -> None:
+        for p in parts:
+            label = p.engine.release(p.request_id)
+            if label is not None:
+                p.version = label
+
+    version = response_version(parts)
     pair = PendingPair(new_comparison_id(), caller.user, messages, used, datetime.now(UTC)) if paired else None
-    metrics.PROMPT_TOKENS.labels(model_version=version).inc(len(prompt_ids))
-    headers = {VERSION_HEADER: version}
+    n = sum(p.n for p in parts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_chunks(request.app, engine, n, prompt_ids, params, request_id, started,
-                               include_usage, pair)
-        return EventSourceResponse(events, headers=headers, sep="\n", ping=15)
+        events = stream_chunks(request.app, rollout, parts, params, n, prompt_ids, request_id, started,
+                               include_usage, pair, release)
+        return EventSourceResponse(events, headers={VERSION_HEADER: version}, sep="\n", ping=15,
+                                   background=BackgroundTask(release))
 
     texts = [""] * n
     tokens = [0] * n
     finish: list[str | None] = [None] * n
-    first = True
-    async for out in engine.generate(prompt_ids, params, request_id):
-        if first:
-            metrics.TIME_TO_FIRST_TOKEN.labels(model_version=version).observe(time.perf_counter() - started)
-            first = False
-        for c in out.outputs:
-            texts[c.index] += c.text
-            tokens[c.index] += len(c.token_ids)
-            finish[c.index] = c.finish_reason
+    try:
+        async for part, out in generate_parts(rollout, parts, params, prompt_ids, started):
+            for c in out.outputs:
+                i = part.offset + c.index
+                texts[i] += c.text
+                tokens[i] += len(c.token_ids)
+                finish[i] = c.finish_reason
+    finally:
+        release()
+    version = response_version(parts)  # names both versions if a swap resumed it on new weights
+    for p in parts:
+        metrics.GENERATED_TOKENS.labels(model_version=p.version).inc(sum(tokens[p.offset:p.offset + p.n]))
     completion_tokens = sum(tokens)
-    metrics.GENERATED_TOKENS.labels(model_version=version).inc(completion_tokens)
     comparison_id = None
     if pair is not None:
-        comparison_id = record_pair(request.app, pair, texts, finish, version)
+        comparison_id = record_pair(request.app, pair, texts, finish,
+                                    [p.version for p in parts for _ in range(p.n)])
     body = ChatCompletionResponse(
         id=request_id,
         model=settings.served_model_name,
@@ -318,7 +376,67 @@ async def chat_completions(
         usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
                     total_tokens=len(prompt_ids) + completion_tokens),
     )
-    return JSONResponse(dump(body), headers=headers)
+    return JSONResponse(dump(body), headers={VERSION_HEADER: version})
+
+
+async def generate_parts(rollout: Rollout, parts: list[Part], params: list[Any], prompt_ids: list[int],
+                         started: float) -> AsyncIterator[tuple[Part, Any]]:
+    """Outputs of all parts as they come, with time to first token and errors per version.
+
+    One part is iterated directly; two (a champion-vs-canary pair) run as tasks feeding
+    one queue. Cancelling this iterator cancels the tasks, which aborts the engine requests."""
+    first = {p.request_id: True for p in parts}
+
+    def seen(part: Part, out: Any) -> None:
+        if first[part.request_id] and any(c.token_ids for c in out.outputs):
+            first[part.request_id] = False
+            ttft = time.perf_counter() - started
+            metrics.TIME_TO_FIRST_TOKEN.labels(model_version=part.version).observe(ttft)
+            rollout.observe(part.version, ttft_s=ttft)
+
+    if len(parts) == 1:
+        part = parts[0]
+        try:
+            async for out in part.engine.generate(prompt_ids, params[0], part.request_id):
+                seen(part, out)
+                yield part, out
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            rollout.observe(part.version, error=True)
+            raise
+        return
+
+    queue: asyncio.Queue[tuple[Part, Any] | None] = asyncio.Queue()
+
+    async def pump(part: Part, p: Any) -> None:
+        try:
+            async for out in part.engine.generate(prompt_ids, p, part.request_id):
+                await queue.put((part, out))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer below
+            rollout.observe(part.version, error=True)
+            await queue.put((part, exc))
+        await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(part, p)) for part, p in zip(parts, params, strict=True)]
+    try:
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if item is None:
+                done += 1
+                continue
+            part, out = item
+            if isinstance(out, BaseException):
+                raise out
+            seen(part, out)
+            yield part, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -332,12 +450,14 @@ class PendingPair:
     served_at: datetime
 
 
-def record_pair(app: FastAPI, pair: PendingPair, texts: list[str], finish: list[str | None], version: str) -> str:
-    answers = [Answer(text=texts[i], model_version=version, finish_reason=finish[i], sampling=pair.sampling)
+def record_pair(app: FastAPI, pair: PendingPair, texts: list[str], finish: list[str | None],
+                versions: list[str]) -> str:
+    answers = [Answer(text=texts[i], model_version=versions[i], finish_reason=finish[i], sampling=pair.sampling)
                for i in range(2)]
     store: ComparisonStore = app.state.comparisons
     store.record(pair.user, pair.messages, answers, served_at=pair.served_at, comparison_id=pair.comparison_id)
-    metrics.COMPARISONS_SERVED.labels(model_version=version).inc()
+    for v in sorted(set(versions)):
+        metrics.COMPARISONS_SERVED.labels(model_version=v).inc()
     return pair.comparison_id
 
 
@@ -356,6 +476,7 @@ async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -
             "permission_error" if exc.status == 403 else "invalid_request_error")
         raise APIError(exc.status, exc.message, type=type_, param="comparison_id", code=exc.code) from None
     metrics.VOTES.labels(choice=str(body.choice)).inc()
+    request.app.state.rates.vote(str(body.choice))
     relay: OutboxRelay | None = getattr(request.app.state, "relay", None)
     if relay is not None:
         relay.notify()
@@ -363,14 +484,126 @@ async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -
     return JSONResponse(dump(out), status_code=202)
 
 
+def _registry_error(exc: RegistryError) -> APIError:
+    type_ = "not_found_error" if exc.status == 404 else "invalid_request_error"
+    return APIError(exc.status, str(exc), type=type_, code=exc.code)
+
+
+def _version_row(rollout: Rollout, info: Any) -> dict[str, Any]:
+    row: dict[str, Any] = info.model_dump(mode="json")
+    row["serving"] = rollout.engine_named(info.version) is not None
+    row["refused"] = rollout.refused.get(info.version)
+    return row
+
+
 @admin_routes.get("/versions")
-async def admin_versions(_admin: AdminDep, request: Request) -> dict[str, Any]:
-    """Model versions this server knows (until the registry lands: the one it serves)."""
-    engine: Engine | None = request.app.state.engine
-    if engine is None:
+async def admin_versions(_admin: AdminDep, rollout: RolloutDep) -> dict[str, Any]:
+    """Every version in the registry with its stage, lineage parent, gate and training metrics."""
+    state = await asyncio.to_thread(rollout.registry.state)
+    infos = await asyncio.to_thread(rollout.registry.all_versions)
+    return {"object": "list", "champion": state.champion, "canary": state.canary,
+            "canary_fraction": state.canary_fraction,
+            "data": [_version_row(rollout, i) for i in reversed(infos)]}
+
+
+@admin_routes.get("/versions/{version}")
+async def admin_version(version: str, _admin: AdminDep, rollout: RolloutDep) -> dict[str, Any]:
+    try:
+        info = await asyncio.to_thread(rollout.registry.info, version)
+        lineage = await asyncio.to_thread(rollout.registry.lineage, version)
+    except RegistryError as exc:
+        raise _registry_error(exc) from None
+    audit = await asyncio.to_thread(rollout.registry.audit, None, version)
+    return {**_version_row(rollout, info), "lineage": lineage,
+            "audit": [e.model_dump(mode="json") for e in audit]}
+
+
+@admin_routes.get("/rollout")
+async def admin_rollout(_admin: AdminDep, rollout: RolloutDep) -> dict[str, Any]:
+    """Champion, canary and split; the live head-to-head with its 95% interval; health; decision."""
+    return await asyncio.to_thread(rollout.status)
+
+
+async def _act(rollout: Rollout, action: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        await rollout.act(action, **kwargs)
+    except RegistryError as exc:
+        raise _registry_error(exc) from None
+    state = await rollout.reconcile()  # swap or start the canary before answering
+    return await asyncio.to_thread(rollout.status, state)
+
+
+@admin_routes.post("/rollout")
+async def admin_start_canary(body: RolloutRequest, _admin: AdminDep, rollout: RolloutDep) -> dict[str, Any]:
+    """Serve `version` to `fraction` of users (sticky per user) beside the champion."""
+    return await _act(rollout, "canary", who=body.who, why=body.reason, version=body.version,
+                      fraction=body.fraction)
+
+
+@admin_routes.post("/promote")
+async def admin_promote(body: PromoteRequest, _admin: AdminDep, rollout: RolloutDep) -> dict[str, Any]:
+    """Make `version` (default: the canary) the champion; its weights are swapped in before this returns."""
+    return await _act(rollout, "promote", who=body.who, why=body.reason, version=body.version)
+
+
+@admin_routes.post("/rollback")
+async def admin_rollback(body: RollbackRequest, _admin: AdminDep, rollout: RolloutDep) -> dict[str, Any]:
+    """Withdraw the canary, or (with none) return to the previous champion."""
+    return await _act(rollout, "rollback", who=body.who, why=body.reason)
+
+
+@admin_routes.get("/audit")
+async def admin_audit(_admin: AdminDep, rollout: RolloutDep, limit: int = 100) -> dict[str, Any]:
+    entries = await asyncio.to_thread(rollout.registry.audit, max(1, min(limit, 10_000)))
+    return {"object": "list", "data": [e.model_dump(mode="json") for e in reversed(entries)]}
+
+
+@admin_routes.get("/rounds")
+async def admin_rounds(_admin: AdminDep, request: Request, limit: int = 100) -> dict[str, Any]:
+    """Training rounds as the trainer logged them (shared data dir), newest first."""
+    try:
+        from trainer.rounds import read_rounds
+    except ImportError:  # the trainer package is not part of this install
         return {"object": "list", "data": []}
-    return {"object": "list", "data": [
-        {"version": engine.version, "stage": "champion", "path": str(engine.model_dir), "serving": True}]}
+    rows = await asyncio.to_thread(read_rounds, request.app.state.settings, max(1, min(limit, 10_000)))
+    return {"object": "list", "data": rows}
+
+
+@admin_routes.get("/stats")
+async def admin_stats(_admin: AdminDep, request: Request) -> dict[str, Any]:
+    """Chat request and vote rates over the last few minutes, and votes by choice."""
+    rates: Rates = request.app.state.rates
+    return rates.snapshot()
+
+
+class Rates:
+    """Timestamps of recent chat requests and votes, for rates over a sliding window."""
+
+    def __init__(self, window_s: float = 300.0, max_events: int = 200_000) -> None:
+        self.window_s = window_s
+        self.requests: deque[float] = deque(maxlen=max_events)
+        self.votes: deque[float] = deque(maxlen=max_events)
+        self.by_choice: dict[str, int] = {"0": 0, "1": 0, "tie": 0, "both_bad": 0}
+        self.requests_total = 0
+        self.votes_total = 0
+
+    def request(self) -> None:
+        self.requests.append(time.monotonic())
+        self.requests_total += 1
+
+    def vote(self, choice: str) -> None:
+        self.votes.append(time.monotonic())
+        self.votes_total += 1
+        self.by_choice[choice] = self.by_choice.get(choice, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        cutoff = time.monotonic() - self.window_s
+        for q in (self.requests, self.votes):
+            while q and q[0] < cutoff:
+                q.popleft()
+        return {"requests_per_s": len(self.requests) / self.window_s, "votes_per_s": len(self.votes) / self.window_s,
+                "votes_by_choice": dict(self.by_choice), "requests_total": self.requests_total,
+                "votes_total": self.votes_total, "window_s": self.window_s}
 
 
 def _finish(reason: str | None) -> Any:
@@ -378,17 +611,18 @@ def _finish(reason: str | None) -> Any:
 
 
 async def stream_chunks(
-    app: FastAPI, engine: Engine, n: int, prompt_ids: list[int], params: Any,
+    app: FastAPI, rollout: Rollout, parts: list[Part], params: list[Any], n: int, prompt_ids: list[int],
     request_id: str, started: float, include_usage: bool, pair: PendingPair | None,
+    release: Callable[[], None],
 ) -> AsyncIterator[str]:
     """OpenAI stream chunks as SSE `data:` payloads, ending with `[DONE]`.
 
     If the client goes away, sse-starlette cancels this generator; vLLM's
     `generate` aborts the request on cancellation, so nothing keeps running.
     """
-    settings = engine.settings
-    version = engine.version
+    settings: Settings = app.state.settings
     created = int(time.time())
+    version = response_version(parts)
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return json.dumps(dump(ChatCompletionChunk(
@@ -397,38 +631,40 @@ async def stream_chunks(
             comparison_id=pair.comparison_id if pair else None,
         )))
 
-    for i in range(n):
-        yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-    texts = [""] * n
-    finish: list[str | None] = [None] * n
-    completion_tokens = 0
-    first = True
     try:
-        async for out in engine.generate(prompt_ids, params, request_id):
-            for c in out.outputs:
-                if first and c.token_ids:
-                    metrics.TIME_TO_FIRST_TOKEN.labels(model_version=version).observe(
-                        time.perf_counter() - started)
-                    first = False
-                completion_tokens += len(c.token_ids)
-                texts[c.index] += c.text
-                finish[c.index] = c.finish_reason or finish[c.index]
-                if c.text:
-                    yield chunk([ChunkChoice(index=c.index, delta=Delta(content=c.text))])
-                if c.finish_reason is not None:
-                    yield chunk([ChunkChoice(index=c.index, delta=Delta(),
-                                             finish_reason=_finish(c.finish_reason))])
-    except (asyncio.CancelledError, GeneratorExit):
-        metrics.CLIENT_DISCONNECTS.inc()
-        metrics.GENERATED_TOKENS.labels(model_version=version).inc(completion_tokens)
-        raise
-    metrics.GENERATED_TOKENS.labels(model_version=version).inc(completion_tokens)
-    if pair is not None:  # only a pair the client received whole can be voted on
-        record_pair(app, pair, texts, finish, version)
-    if include_usage:
-        yield chunk([], Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                              total_tokens=len(prompt_ids) + completion_tokens))
-    yield "[DONE]"
+        for i in range(n):
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        texts = [""] * n
+        finish: list[str | None] = [None] * n
+        tokens = [0] * n
+        try:
+            async for part, out in generate_parts(rollout, parts, params, prompt_ids, started):
+                for c in out.outputs:
+                    i = part.offset + c.index
+                    tokens[i] += len(c.token_ids)
+                    texts[i] += c.text
+                    finish[i] = c.finish_reason or finish[i]
+                    if c.text:
+                        yield chunk([ChunkChoice(index=i, delta=Delta(content=c.text))])
+                    if c.finish_reason is not None:
+                        yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=_finish(c.finish_reason))])
+        except (asyncio.CancelledError, GeneratorExit):
+            metrics.CLIENT_DISCONNECTS.inc()
+            raise
+        finally:
+            release()
+            for p in parts:
+                metrics.GENERATED_TOKENS.labels(model_version=p.version).inc(sum(tokens[p.offset:p.offset + p.n]))
+        version = response_version(parts)  # names both versions if a swap resumed it on new weights
+        if pair is not None:  # only a pair the client received whole can be voted on
+            record_pair(app, pair, texts, finish, [p.version for p in parts for _ in range(p.n)])
+        if include_usage:
+            completion_tokens = sum(tokens)
+            yield chunk([], Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
+                                  total_tokens=len(prompt_ids) + completion_tokens))
+        yield "[DONE]"
+    finally:
+        release()
 
 
 # -- middleware --------------------------------------------------------------------------
@@ -521,7 +757,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(title="Kaizen", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.engine = None
+    app.state.rollout = None
+    app.state.rates = Rates()
     app.state.comparisons = ComparisonStore(settings.api_db, settings.comparison_ttl,
                                             settings.outbox_max_pending)
     app.state.user_secret = load_user_id_secret(settings)

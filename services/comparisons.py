@@ -86,6 +86,9 @@ class ComparisonStore:
         # lose the last transactions. FULL would fsync on every vote.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(comparisons)")}
+        if "choice" not in columns:  # added with the live head-to-head (Rollout)
+            self.db.execute("ALTER TABLE comparisons ADD COLUMN choice TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -138,13 +141,34 @@ class ComparisonStore:
                     "INSERT INTO outbox (event_id, comparison_id, payload, created_at) VALUES (?,?,?,?)",
                     (str(event.event_id), comparison_id, event.to_bytes(), now.isoformat()),
                 )
-                self.db.execute("UPDATE comparisons SET voted_at = ?, event_id = ? WHERE id = ?",
-                                (now.isoformat(), str(event.event_id), comparison_id))
+                self.db.execute("UPDATE comparisons SET voted_at = ?, event_id = ?, choice = ? WHERE id = ?",
+                                (now.isoformat(), str(event.event_id), str(choice), comparison_id))
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
         return event
+
+    def head_to_head(self, champion: str, canary: str, since: datetime | None) -> dict[str, int]:
+        """Votes on champion-vs-canary pairs since `since`, from the canary's side."""
+        out = {"votes": 0, "canary_wins": 0, "champion_wins": 0, "ties": 0, "both_bad": 0}
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT json_extract(answers, '$[0].model_version'), json_extract(answers, '$[1].model_version'),"
+                " choice FROM comparisons WHERE choice IS NOT NULL AND voted_at >= ?",
+                ((since or datetime.min.replace(tzinfo=UTC)).isoformat(),)).fetchall()
+        for left, right, choice in rows:
+            if {left, right} != {champion, canary}:
+                continue
+            out["votes"] += 1
+            if choice == "tie":
+                out["ties"] += 1
+            elif choice == "both_bad":
+                out["both_bad"] += 1
+            else:
+                winner = left if choice == "0" else right
+                out["canary_wins" if winner == canary else "champion_wins"] += 1
+        return out
 
     def _pending_upper_bound(self) -> int:
         # seq grows by one per event, so (newest - oldest undelivered + 1) bounds the

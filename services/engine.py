@@ -8,9 +8,12 @@ and the prompt token count is known before generation starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ def configure_vllm_env(settings: Settings) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def engine_args(settings: Settings, model_dir: Path) -> Any:
+def engine_args(settings: Settings, model_dir: Path, log_stats: bool = True) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(
@@ -41,14 +44,36 @@ def engine_args(settings: Settings, model_dir: Path) -> Any:
         enforce_eager=settings.engine_enforce_eager,
         max_num_seqs=settings.engine_max_num_seqs,
         seed=settings.engine_seed,
-        disable_log_stats=False,
+        disable_log_stats=not log_stats,
     )
 
 
-class Engine:
-    """An `AsyncLLM` plus the tokenizer and the version label of its weights."""
+@dataclass(frozen=True)
+class SwapResult:
+    old_version: str
+    new_version: str
+    drain_s: float
+    load_s: float
+    held_s: float
+    """How long new requests waited (drain + load + resume)."""
+    frozen: int
+    """In-flight answers that did not finish within the drain timeout and were resumed
+    on the new weights; their label names both versions."""
 
-    def __init__(self, settings: Settings, model_dir: Path, version: str) -> None:
+
+class SwapFailed(Exception):
+    """The new weights could not be loaded; the engine serves the old ones again."""
+
+
+class Engine:
+    """An `AsyncLLM` plus the tokenizer and the version label of its weights.
+
+    Requests are *admitted* before they reach vLLM (`admit`/`release`): that is
+    how a weight swap knows what is in flight and holds new requests back, so
+    the version a response is labelled with is the one that generated it.
+    """
+
+    def __init__(self, settings: Settings, model_dir: Path, version: str, *, log_stats: bool = True) -> None:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -57,7 +82,64 @@ class Engine:
         self.model_dir = model_dir
         self.version = version
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
-        self.llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir))
+        self.llm = AsyncLLM.from_engine_args(engine_args(settings, model_dir, log_stats))
+        self._open = asyncio.Event()
+        self._open.set()
+        self._swap_lock = asyncio.Lock()
+        self._inflight: dict[str, float] = {}
+        self._straddled: dict[str, str] = {}
+
+    async def admit(self, request_id: str) -> str:
+        """Wait while a swap holds new requests; register the request; return the version it gets."""
+        await self._open.wait()
+        self._inflight[request_id] = time.monotonic()
+        return self.version
+
+    def release(self, request_id: str) -> str | None:
+        """The request is over. Returns its label if a swap resumed it on other weights."""
+        self._inflight.pop(request_id, None)
+        return self._straddled.pop(request_id, None)
+
+    @property
+    def admitted(self) -> int:
+        return len(self._inflight)
+
+    async def swap(self, model_dir: Path, version: str, drain_timeout_s: float) -> SwapResult:
+        """Load other weights into the running engine without failing any request.
+
+        New requests wait (`admit`) while in-flight ones finish, for up to
+        `drain_timeout_s`; the engine is then paused with whatever remains frozen
+        (vLLM `pause_generation(mode="keep")`), the weights are reloaded in place
+        from `model_dir`, and generation resumes. If loading fails, the old
+        weights are loaded back and `SwapFailed` is raised."""
+        async with self._swap_lock:
+            started = time.perf_counter()
+            self._open.clear()
+            try:
+                deadline = started + drain_timeout_s
+                while self._inflight and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.01)
+                drained = time.perf_counter()
+                frozen = list(self._inflight)
+                old_version, old_dir = self.version, self.model_dir
+                await self.llm.pause_generation(mode="keep", clear_cache=True)
+                try:
+                    try:
+                        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+                    except Exception as exc:
+                        log.error("loading %s failed (%s): loading %s back", model_dir, exc, old_dir)
+                        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(old_dir)})
+                        raise SwapFailed(f"could not load {version} from {model_dir}: {exc}") from exc
+                    self.model_dir, self.version = model_dir, version
+                    for rid in frozen:
+                        self._straddled[rid] = f"{old_version}+{version}"
+                finally:
+                    await self.llm.resume_generation()
+                loaded = time.perf_counter()
+            finally:
+                self._open.set()
+            return SwapResult(old_version, version, drained - started, loaded - drained,
+                              time.perf_counter() - started, len(frozen))
 
     def render(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the conversation, ending with the assistant's turn prompt."""

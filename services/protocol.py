@@ -221,3 +221,24 @@ class ModelList(OpenAIBaseModel):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude_none=False)
+
+
+# -- operators (Kaizen /admin) ----------------------------------------------------------
+
+
+class RolloutRequest(OpenAIBaseModel):
+    version: str = Field(min_length=2, max_length=32)
+    fraction: float = Field(gt=0.0, le=1.0)
+    reason: str = Field(default="", max_length=2000)
+    who: str = Field(default="operator", min_length=1, max_length=200)
+
+
+class PromoteRequest(OpenAIBaseModel):
+    version: str | None = Field(default=None, min_length=2, max_length=32)
+    reason: str = Field(default="", max_length=2000)
+    who: str = Field(default="operator", min_length=1, max_length=200)
+
+
+class RollbackRequest(OpenAIBaseModel):
+    reason: str = Field(default="", max_length=2000)
+    who: str = Field(default="operator", min_length=1, max_length=200)

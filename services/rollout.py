@@ -1,0 +1,523 @@
+"""Which weights answer whom: champion, canary, hot-swaps and the live head-to-head.
+
+The chat API process hosts up to two vLLM engines:
+
+* the **champion** engine, always; a new champion's weights are swapped into it
+  in place (`Engine.swap`: hold new requests, let in-flight answers finish,
+  pause, `reload_weights`, resume), so no request fails and no answer mixes
+  versions;
+* a **canary** engine while a canary runs: a second `AsyncLLM` in the same
+  process (its EngineCore is its own child process), serving the canary's
+  weights to a sticky share of users. On CPU a second small engine costs its
+  weights plus `KAIZEN_ENGINE_KV_CACHE_GIB`; in Kubernetes each replica hosts
+  both the same way (a separate canary Deployment is the alternative for big
+  models: see README, operator guide).
+
+The registry (services/registry.py) is the truth. This module reconciles the
+process with it: at start, whenever a model event arrives on
+`kaizen.model-events`, and every `KAIZEN_REGISTRY_POLL_INTERVAL_S` in case an
+event was missed. A version whose files do not match its manifest, or that
+does not load, is refused (metric, log, `refused` event) and the current
+weights keep serving.
+
+While a canary runs, paired answers are champion-vs-canary (positions
+randomised), so votes are a live head-to-head. With `KAIZEN_AUTO_ROLLOUT` the
+same loop promotes the canary when the 95% Wilson interval of its win rate
+(ties and "both bad" count half) lies above 0.5 after
+`KAIZEN_CANARY_MIN_VOTES` votes, and rolls it back when the interval lies
+below 0.5, when its error rate or time to first token regress, or when it has
+run longer than `KAIZEN_CANARY_MAX_DURATION`. It also puts each newly
+published candidate on canary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import random
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services import metrics, model_events
+from services.comparisons import ComparisonStore
+from services.engine import Engine, SwapFailed
+from services.registry import CorruptVersion, Registry, RegistryError, RegistryState, STAGES
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: config.json fields that must match for weights to be swapped into a running engine.
+SHAPE_FIELDS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+#: Time-to-first-token samples kept per version for the latency comparison.
+TTFT_WINDOW = 500
+Z95 = 1.959964
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (successes may be fractional: ties count half)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def canary_share(user: str, canary: str) -> float:
+    """A user's fixed position in [0, 1) for this canary: below the fraction → canary."""
+    digest = hashlib.sha256(f"{canary}:{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass
+class VersionHealth:
+    """Requests, engine errors and recent time-to-first-token of one version in this process."""
+
+    requests: int = 0
+    errors: int = 0
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=TTFT_WINDOW))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors,
+                "error_rate": self.errors / self.requests if self.requests else None,
+                "ttft_p50_s": statistics.median(self.ttft) if self.ttft else None}
+
+
+class NotReady(Exception):
+    pass
+
+
+def _shape(model_dir: Path) -> dict[str, Any]:
+    config = json.loads((model_dir / "config.json").read_text())
+    return {k: config.get(k) for k in SHAPE_FIELDS}
+
+
+class Rollout:
+    """The engines of this process and their reconciliation with the registry."""
+
+    def __init__(self, settings: Settings, comparisons: ComparisonStore) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.registry_path)
+        self.comparisons = comparisons
+        self.champion: Engine | None = None
+        self.canary: Engine | None = None
+        self.canary_fraction = 0.0
+        self.refused: dict[str, str] = {}
+        self.health: dict[str, VersionHealth] = {}
+        self.decision: dict[str, Any] = {"state": "none", "reason": "no canary"}
+        self._lock = asyncio.Lock()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._follower: ModelEventFollower | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    # -- start and stop -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register v0 if the registry is empty and load the champion (and canary). Blocking."""
+        base = self.settings.model_dir
+        self.registry.init_base(base, who="chat-api")
+        state = self.registry.state()
+        version = self._servable_champion(state)
+        log.info("loading champion %s from %s", version, self.registry.path(version))
+        self.champion = Engine(self.settings, self.registry.path(version), version)
+        if state.canary is not None:
+            try:
+                self.registry.verify(state.canary)
+                self.canary = Engine(self.settings, self.registry.path(state.canary), state.canary,
+                                     log_stats=False)
+                self.canary_fraction = state.canary_fraction
+                log.info("resumed canary %s at fraction %.2f", state.canary, state.canary_fraction)
+            except Exception as exc:  # noqa: BLE001 - refuse, keep serving the champion
+                self._refuse(state.canary, str(exc))
+        self._record_stage_metrics(state)
+
+    def _servable_champion(self, state: RegistryState) -> str:
+        """The registry's champion if its files verify; else the newest earlier one that does."""
+        candidates = [state.champion, *reversed(state.previous_champions), "v0"]
+        for version in [v for v in candidates if v is not None]:
+            try:
+                self.registry.verify(version)
+                return version
+            except RegistryError as exc:
+                self._refuse(version, str(exc))
+        raise RuntimeError(f"no servable champion in {self.registry.root}: {self.refused}")
+
+    def run_in_background(self) -> None:
+        """Start the reconcile loop and the model-event follower (call from the event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="kaizen-rollout")
+        self._follower = ModelEventFollower(self.settings, self.wake)
+        self._follower.start()
+
+    def wake(self) -> None:
+        """Reconcile now (thread-safe: the event follower calls it)."""
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.registry_poll_interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must outlive any one failure
+                log.exception("rollout reconcile failed; retrying at the next poll")
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        for task in list(self._retiring):
+            task.cancel()
+        for engine in (self.canary, self.champion):
+            if engine is not None:
+                engine.shutdown()
+        self.canary = self.champion = None
+
+    # -- routing ------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.champion is not None
+
+    def engine_for(self, user: str) -> Engine:
+        """The engine that answers this user: the canary for a sticky share of users."""
+        if self.champion is None:
+            raise NotReady()
+        canary = self.canary
+        if canary is not None and canary_share(user, canary.version) < self.canary_fraction:
+            return canary
+        return self.champion
+
+    def engine_named(self, version: str) -> Engine | None:
+        for engine in (self.champion, self.canary):
+            if engine is not None and engine.version == version:
+                return engine
+        return None
+
+    def pair_engines(self) -> list[Engine] | None:
+        """Champion and canary in random order (left/right) while a canary runs, else None."""
+        if self.champion is None or self.canary is None:
+            return None
+        pair = [self.champion, self.canary]
+        random.shuffle(pair)
+        return pair
+
+    def observe(self, version: str, ttft_s: float | None = None, error: bool = False) -> None:
+        h = self.health.setdefault(version, VersionHealth())
+        if ttft_s is not None:
+            h.ttft.append(ttft_s)
+        if error:
+            h.errors += 1
+            metrics.CHAT_ERRORS.labels(model_version=version).inc()
+
+    def count_request(self, version: str) -> None:
+        self.health.setdefault(version, VersionHealth()).requests += 1
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    async def reconcile(self) -> RegistryState:
+        async with self._lock:
+            state = await asyncio.to_thread(self.registry.state)
+            await self._sync_champion(state)
+            await self._sync_canary(state)
+            if self.settings.auto_rollout:
+                changed = await self._auto(state)
+                if changed is not None:
+                    state = changed
+                    await self._sync_champion(state)
+                    await self._sync_canary(state)
+            self._record_stage_metrics(state)
+            return state
+
+    def _refuse(self, version: str, reason: str) -> None:
+        if self.refused.get(version) == reason:
+            return
+        self.refused[version] = reason
+        metrics.SWAPS.labels(result="refused").inc()
+        log.error("refusing version %s: %s", version, reason)
+        threading.Thread(target=model_events.emit, args=(self.settings, "refused", version),
+                         kwargs={"who": "chat-api", "reason": reason}, daemon=True).start()
+
+    async def preflight(self, version: str) -> None:
+        """Raise `CorruptVersion` unless the files match the manifest and fit the serving engine."""
+        await asyncio.to_thread(self.registry.verify, version)
+        if self.champion is not None:
+            new, old = _shape(self.registry.path(version)), _shape(self.champion.model_dir)
+            if new != old:
+                diff = {k: (old[k], new[k]) for k in SHAPE_FIELDS if old[k] != new[k]}
+                raise CorruptVersion(version, f"does not fit the serving engine: {diff}")
+
+    async def _check(self, version: str) -> bool:
+        """`preflight`, refusing the version (once, reported) on failure."""
+        if version in self.refused:
+            return False
+        try:
+            await self.preflight(version)
+        except RegistryError as exc:
+            self._refuse(version, str(exc))
+            return False
+        return True
+
+    async def _sync_champion(self, state: RegistryState) -> None:
+        engine = self.champion
+        target = state.champion
+        if engine is None or target is None or engine.version == target:
+            return
+        if not await self._check(target):
+            return
+        log.info("swapping champion %s → %s", engine.version, target)
+        try:
+            result = await engine.swap(self.registry.path(target), target, self.settings.swap_drain_timeout_s)
+        except SwapFailed as exc:
+            metrics.SWAPS.labels(result="failed").inc()
+            self.refused[target] = str(exc)
+            log.error("%s; still serving %s", exc, engine.version)
+            await asyncio.to_thread(model_events.emit, self.settings, "refused", target, who="chat-api",
+                                    reason=str(exc))
+            return
+        metrics.SWAPS.labels(result="ok").inc()
+        metrics.SWAP_DURATION.observe(result.held_s)
+        metrics.MODEL_INFO.clear()
+        metrics.MODEL_INFO.labels(model_version=target).set(1)
+        log.info("now serving %s (drain %.2f s, load %.2f s, held %.2f s, %d frozen)", target,
+                 result.drain_s, result.load_s, result.held_s, result.frozen)
+        await asyncio.to_thread(model_events.emit, self.settings, "swapped", target, who="chat-api",
+                                previous=result.old_version, held_s=round(result.held_s, 3),
+                                frozen=result.frozen)
+
+    async def _sync_canary(self, state: RegistryState) -> None:
+        current = self.canary
+        target = state.canary if state.canary != state.champion else None
+        if current is not None and current.version != target:
+            self.canary = None  # no new requests; in-flight ones finish, then the engine stops
+            self.canary_fraction = 0.0
+            self._retire(current)
+        if target is not None and self.canary is None:
+            if not await self._check(target):
+                return
+            log.info("starting canary engine for %s", target)
+            try:
+                engine = await asyncio.to_thread(Engine, self.settings, self.registry.path(target), target,
+                                                 log_stats=False)
+            except Exception as exc:  # noqa: BLE001 - refuse, the champion keeps serving
+                metrics.SWAPS.labels(result="failed").inc()
+                self.refused[target] = f"failed to load: {exc}"
+                log.exception("canary %s failed to load", target)
+                return
+            self.canary = engine
+        if self.canary is not None:
+            self.canary_fraction = state.canary_fraction
+        metrics.CANARY_TRAFFIC_FRACTION.set(self.canary_fraction if self.canary is not None else 0.0)
+
+    def _retire(self, engine: Engine) -> None:
+        async def drain_then_stop() -> None:
+            deadline = time.monotonic() + self.settings.swap_drain_timeout_s
+            while engine.admitted and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(engine.shutdown)
+            log.info("canary engine %s stopped", engine.version)
+
+        task = asyncio.create_task(drain_then_stop())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _record_stage_metrics(self, state: RegistryState) -> None:
+        counts = dict.fromkeys(STAGES, 0)
+        for vs in state.versions.values():
+            counts[vs.stage] += 1
+        for stage, n in counts.items():
+            metrics.VERSIONS_BY_STAGE.labels(stage=stage).set(n)
+
+    # -- the live head-to-head and automatic decisions ----------------------------------------
+
+    def head_to_head(self, state: RegistryState | None = None) -> dict[str, Any]:
+        state = state or self.registry.state()
+        empty = {"votes": 0, "canary_wins": 0, "champion_wins": 0, "ties": 0, "both_bad": 0,
+                 "win_rate": None, "lower": None, "upper": None}
+        if state.canary is None or state.champion is None:
+            return empty
+        h = self.comparisons.head_to_head(state.champion, state.canary, state.canary_started)
+        n = h["votes"]
+        out: dict[str, Any] = {**empty, **h}
+        if n:
+            wins = h["canary_wins"] + 0.5 * (h["ties"] + h["both_bad"])
+            out["win_rate"] = wins / n
+            out["lower"], out["upper"] = wilson(wins, n)
+        metrics.CANARY_VOTES.set(n)
+        if out["win_rate"] is not None:
+            metrics.CANARY_WIN_RATE.set(out["win_rate"])
+            metrics.CANARY_WIN_RATE_LOWER.set(out["lower"])
+            metrics.CANARY_WIN_RATE_UPPER.set(out["upper"])
+        return out
+
+    def judge(self, state: RegistryState) -> tuple[str, str]:
+        """("promote" | "rollback" | "collecting" | "none", why) for the current canary."""
+        s = self.settings
+        if state.canary is None or state.champion is None:
+            return "none", "no canary"
+        h = self.head_to_head(state)
+        champ = self.health.get(state.champion, VersionHealth())
+        can = self.health.get(state.canary, VersionHealth())
+        if champ.requests >= s.canary_min_requests and can.requests >= s.canary_min_requests:
+            champ_err, can_err = champ.errors / champ.requests, can.errors / can.requests
+            if can_err - champ_err > s.canary_max_error_rate_increase:
+                return "rollback", f"error rate {can_err:.1%} vs champion {champ_err:.1%}"
+            if champ.ttft and can.ttft:
+                c50, k50 = statistics.median(champ.ttft), statistics.median(can.ttft)
+                if c50 > 0 and k50 / c50 > s.canary_max_ttft_ratio:
+                    return "rollback", f"median time to first token {k50:.3f} s vs champion {c50:.3f} s"
+        if h["votes"] and h["upper"] < 0.5:
+            return "rollback", (f"losing: win rate {h['win_rate']:.2f}, 95% interval "
+                                f"[{h['lower']:.2f}, {h['upper']:.2f}] over {h['votes']} votes")
+        if h["votes"] >= s.canary_min_votes and h["lower"] > 0.5:
+            return "promote", (f"winning: win rate {h['win_rate']:.2f}, 95% interval "
+                               f"[{h['lower']:.2f}, {h['upper']:.2f}] over {h['votes']} votes")
+        started = state.canary_started
+        if started is not None and datetime.now(UTC) - started > s.canary_max_duration:
+            return "rollback", f"no decision after {s.canary_max_duration} ({h['votes']} votes)"
+        return "collecting", f"{h['votes']} of at least {s.canary_min_votes} votes, interval spans 0.5"
+
+    async def _auto(self, state: RegistryState) -> RegistryState | None:
+        """Apply an automatic decision, or start a canary for the newest candidate."""
+        if state.canary is not None:
+            verdict, why = self.judge(state)
+            self.decision = {"state": verdict, "reason": why}
+            if verdict == "promote":
+                return await self.act("promote", who="auto", why=why, version=state.canary)
+            if verdict == "rollback":
+                return await self.act("rollback", who="auto", why=why)
+            return None
+        self.decision = {"state": "none", "reason": "no canary"}
+        champion_n = int(state.champion[1:]) if state.champion else -1
+        candidates = [v for v, vs in state.versions.items()
+                      if vs.stage == "candidate" and int(v[1:]) > champion_n and v not in self.refused]
+        if not candidates:
+            return None
+        newest = max(candidates, key=lambda v: int(v[1:]))
+        return await self.act("canary", who="auto", why="newly published candidate", version=newest,
+                              fraction=self.settings.canary_fraction)
+
+    async def act(self, action: str, *, who: str, why: str, version: str | None = None,
+                  fraction: float | None = None) -> RegistryState:
+        """Change the registry (canary / promote / rollback), emit the model event, count it."""
+        actor = "auto" if who == "auto" else "operator"
+        ev_version: str | None
+        if action in ("canary", "promote"):
+            target = version or (await asyncio.to_thread(self.registry.state)).canary
+            if target is not None and self.engine_named(target) is None:
+                await self.preflight(target)  # refuse before anything changes
+        if action == "canary":
+            assert version is not None and fraction is not None
+            state = await asyncio.to_thread(self.registry.set_canary, version, fraction, who=who, why=why)
+            event, ev_version = "canary", version
+        elif action == "promote":
+            before = await asyncio.to_thread(self.registry.state)
+            state = await asyncio.to_thread(self.registry.promote, version, who=who, why=why)
+            event, ev_version = "promoted", state.champion
+        elif action == "rollback":
+            before = await asyncio.to_thread(self.registry.state)
+            state = await asyncio.to_thread(self.registry.rollback, who=who, why=why)
+            event, ev_version = "rolled_back", before.canary or before.champion
+        else:
+            raise ValueError(action)
+        metrics.ROLLOUT_DECISIONS.labels(action=action, actor=actor).inc()
+        log.info("%s %s by %s: %s", action, ev_version, who, why)
+        await asyncio.to_thread(model_events.emit, self.settings, event, ev_version,  # type: ignore[arg-type]
+                                who=who, reason=why, champion=state.champion, canary=state.canary,
+                                fraction=state.canary_fraction)
+        return state
+
+    # -- what operators see -------------------------------------------------------------------
+
+    def status(self, state: RegistryState | None = None) -> dict[str, Any]:
+        state = state or self.registry.state()
+        return {
+            "champion": state.champion,
+            "canary": state.canary,
+            "canary_fraction": state.canary_fraction,
+            "canary_started": state.canary_started.isoformat() if state.canary_started else None,
+            "auto_rollout": self.settings.auto_rollout,
+            "serving": {"champion": self.champion.version if self.champion else None,
+                        "canary": self.canary.version if self.canary else None,
+                        "canary_fraction": self.canary_fraction if self.canary else 0.0},
+            "head_to_head": self.head_to_head(state),
+            "health": {
+                "champion": self.health.get(state.champion or "", VersionHealth()).as_dict(),
+                "canary": (self.health.get(state.canary, VersionHealth()).as_dict()
+                           if state.canary else None),
+            },
+            "decision": {**self.decision, "min_votes": self.settings.canary_min_votes},
+            "refused": self.refused,
+            "generation": state.generation,
+        }
+
+
+class ModelEventFollower(threading.Thread):
+    """Reads `kaizen.model-events` from the end (no consumer group) and wakes the reconcile loop."""
+
+    def __init__(self, settings: Settings, on_event: Any) -> None:
+        super().__init__(name="kaizen-model-events", daemon=True)
+        self.settings, self.on_event = settings, on_event
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        s = self.settings
+        backoff = s.outbox_backoff_min_s
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=s.bootstrap_servers, client_id="kaizen-chat-model-events",
+                    group_id=None, enable_auto_commit=False, request_timeout_ms=s.kafka_request_timeout_ms,
+                    metadata_max_age_ms=s.kafka_metadata_max_age_ms)
+                parts = consumer.partitions_for_topic(s.topic_model_events)
+                if not parts:
+                    raise RuntimeError(f"topic {s.topic_model_events} not found yet")
+                tps = [TopicPartition(s.topic_model_events, p) for p in sorted(parts)]
+                consumer.assign(tps)
+                consumer.seek_to_end(*tps)
+                backoff = s.outbox_backoff_min_s
+                while not self._stop.is_set():
+                    batch = consumer.poll(timeout_ms=500)
+                    events = [model_events.parse(r.value) for recs in batch.values() for r in recs]
+                    if events:
+                        log.info("model events: %s", ", ".join(f"{e.type} {e.version}" for e in events if e))
+                        self.on_event()
+            except Exception as exc:  # noqa: BLE001 - the registry poll covers the gap
+                log.warning("model-event follower: %s (retrying in %.1f s)", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, s.outbox_backoff_max_s)
+            finally:
+                if consumer is not None:
+                    consumer.close()
