@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 
 from services.settings import Settings, get_settings
+from kaizen.models_cli import models_app
 from trainer.reward_cli import reward_app
 
 app = typer.Typer(help="Kaizen: a chat service that gets better while people use it.",
@@ -31,6 +32,7 @@ prefs_app = typer.Typer(help="The preference store.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(prefs_app, name="prefs")
 app.add_typer(reward_app, name="reward")
+app.add_typer(models_app, name="models")
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 

@@ -1,0 +1,176 @@
+"""Canary on a real chat API: sticky split, live votes → automatic promotion and rollback,
+model events on the real broker, audit entries, and a restart that keeps the split."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from services.registry import Registry
+from services.settings import Settings
+from tests.conftest import ADMIN_TOKEN, make_settings, stop_group
+from tests.test_rollout import make_version, start_server
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+KEYS = [f"canary-user-{i:03d}" for i in range(100)]
+TOPIC = "kaizen.model-events.canary-test"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("canary-versions")
+    return {f"v{i}": make_version(tiny_model, root / f"m{i}", seed=200 + i) for i in range(4)}
+
+
+@pytest.fixture(scope="module")
+def settings(folders: dict[str, Path], broker: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("canary-api"), model=folders["v0"],
+                         broker_port=broker.broker_port, api_keys=",".join(KEYS), admin_token=ADMIN_TOKEN,
+                         rate_limit_rps=1000, rate_limit_burst=1000, auto_rollout=True, canary_fraction=0.5,
+                         canary_min_votes=10, registry_poll_interval_s=0.5, topic_model_events=TOPIC)
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings) -> Iterator[dict[str, Any]]:
+    """The running server (restartable by the last test): {"proc", "base"}."""
+    state = {"proc": start_server(settings), "base": f"http://127.0.0.1:{settings.port}"}
+    yield state
+    stop_group(state["proc"])
+
+
+def rollout(base: str) -> dict[str, Any]:
+    r = httpx.get(f"{base}/admin/rollout", headers=ADMIN, timeout=30)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def wait_for(base: str, check: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = rollout(base)
+        if check(status):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rollout never reached the expected state: {status}")
+        time.sleep(0.25)
+
+
+def labels_of(base: str, keys: list[str]) -> dict[str, str]:
+    out = {}
+    with httpx.Client(timeout=60) as client:
+        for key in keys:
+            r = client.post(f"{base}/v1/chat/completions", headers=auth(key),
+                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            out[key] = r.json()["model_version"]
+    return out
+
+
+def model_events(settings: Settings) -> list[dict[str, Any]]:
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                             enable_auto_commit=False, consumer_timeout_ms=2000)
+    try:
+        tps = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        return [json.loads(r.value) for r in consumer]
+    finally:
+        consumer.close()
+
+
+def vote_pairs(base: str, settings: Settings, favour: str, n: int) -> None:
+    """`n` champion-vs-canary pairs, each voted for the answer of version `favour`.
+
+    The simulated voter reads which side is which from the API's own comparison
+    store (a person would judge the texts)."""
+    db = sqlite3.connect(settings.api_db)
+    with httpx.Client(timeout=60) as client:
+        for i in range(n):
+            key = KEYS[i % len(KEYS)]
+            r = client.post(f"{base}/v1/chat/completions", headers=auth(key), json={
+                "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 4, "comparison": "force"})
+            assert r.status_code == 200, r.text
+            cid = r.json()["comparison_id"]
+            answers = json.loads(db.execute("SELECT answers FROM comparisons WHERE id = ?", (cid,)).fetchone()[0])
+            versions = [a["model_version"] for a in answers]
+            assert favour in versions and len(set(versions)) == 2, versions
+            v = client.post(f"{base}/v1/feedback", headers=auth(key),
+                            json={"comparison_id": cid, "choice": versions.index(favour)})
+            assert v.status_code == 202, v.text
+    db.close()
+
+
+def test_published_candidate_goes_on_canary_with_a_sticky_split(
+        server: dict[str, Any], settings: Settings, folders: dict[str, Path]) -> None:
+    base = server["base"]
+    Registry(settings.registry_path).publish(folders["v1"], parent="v0", who="trainer", why="round 1")
+    status = wait_for(base, lambda s: s["serving"]["canary"] == "v1")
+    assert status["canary_fraction"] == 0.5 and status["champion"] == "v0"
+    first = labels_of(base, KEYS)
+    on_canary = [k for k, v in first.items() if v == "v1"]
+    assert set(first.values()) == {"v0", "v1"}
+    assert 30 <= len(on_canary) <= 70, len(on_canary)  # binomial(100, 0.5): outside 30..70 is < 1e-4
+    again = labels_of(base, KEYS[:30])
+    assert again == {k: first[k] for k in KEYS[:30]}  # sticky per user
+
+
+def test_votes_for_the_canary_promote_it(server: dict[str, Any], settings: Settings) -> None:
+    base = server["base"]
+    vote_pairs(base, settings, favour="v1", n=12)
+    status = wait_for(base, lambda s: s["champion"] == "v1" and s["serving"]["champion"] == "v1")
+    assert status["canary"] is None
+    audit = httpx.get(f"{base}/admin/audit", headers=ADMIN).json()["data"]
+    promote = next(e for e in audit if e["action"] == "promote")
+    assert (promote["version"], promote["who"]) == ("v1", "auto") and "winning" in promote["why"]
+    events = model_events(settings)
+    assert any(e["type"] == "canary" and e["version"] == "v1" and e["who"] == "auto" for e in events)
+    assert any(e["type"] == "promoted" and e["version"] == "v1" and e["who"] == "auto" for e in events)
+    assert set(labels_of(base, KEYS[:10]).values()) == {"v1"}
+
+
+def test_votes_against_the_canary_roll_it_back(
+        server: dict[str, Any], settings: Settings, folders: dict[str, Path]) -> None:
+    base = server["base"]
+    Registry(settings.registry_path).publish(folders["v2"], parent="v1", who="trainer", why="round 2")
+    wait_for(base, lambda s: s["serving"]["canary"] == "v2")
+    vote_pairs(base, settings, favour="v1", n=8)
+    status = wait_for(base, lambda s: s["canary"] is None and s["serving"]["canary"] is None)
+    assert status["champion"] == "v1"
+    v2 = httpx.get(f"{base}/admin/versions/v2", headers=ADMIN).json()
+    assert v2["stage"] == "rejected"
+    rb = next(e for e in reversed(v2["audit"]) if e["action"] == "rollback")
+    assert rb["who"] == "auto" and "losing" in rb["why"]
+    assert any(e["type"] == "rolled_back" and e["version"] == "v2" for e in model_events(settings))
+    metrics_text = httpx.get(f"{base}/metrics/").text
+    assert 'kaizen_rollout_decisions_total{action="rollback",actor="auto"} 1.0' in metrics_text
+    assert 'kaizen_rollout_decisions_total{action="promote",actor="auto"} 1.0' in metrics_text
+
+
+def test_restart_mid_canary_resumes_the_same_split(
+        server: dict[str, Any], settings: Settings, folders: dict[str, Path]) -> None:
+    base = server["base"]
+    Registry(settings.registry_path).publish(folders["v3"], parent="v1", who="trainer", why="round 3",
+                                             rejected=True)
+    r = httpx.post(f"{base}/admin/rollout", headers=ADMIN, timeout=120,
+                   json={"version": "v3", "fraction": 0.5, "reason": "operator override of the gate"})
+    assert r.status_code == 200, r.text
+    assert r.json()["serving"]["canary"] == "v3"
+    before = labels_of(base, KEYS[:40])
+    assert set(before.values()) == {"v1", "v3"}
+    stop_group(server["proc"])
+    server["proc"] = start_server(settings)
+    status = rollout(base)
+    assert (status["champion"], status["canary"], status["serving"]["canary"]) == ("v1", "v3", "v3")
+    assert labels_of(base, KEYS[:40]) == before
