@@ -107,15 +107,82 @@ def serve(
 
 
 @app.command()
-def train(once: Annotated[bool, typer.Option("--once", help="one pass now, then exit")] = False) -> None:
-    """Run the trainer daemon (consumes votes into the preference store)."""
-    from trainer.daemon import run
+def train(
+    once: Annotated[bool, typer.Option("--once", help="drain the topic, run one training round now, exit")] = False,
+    no_round: Annotated[bool, typer.Option("--no-round", help="with --once: only drain the topic")] = False,
+) -> None:
+    """Run the trainer daemon: votes into the preference store, training rounds when due."""
+    from trainer.daemon import run, run_one_round
 
     settings = get_settings()
     setup_logging(settings)
     stored = run(settings, once=once)
     if once:
         console.print(f"stored {stored} new preference events")
+        if not no_round:
+            record = run_one_round(settings)
+            if record is None:
+                raise fail("another training round is running", code=75)
+            _print_round(record)
+            if record.get("outcome") == "failed":
+                raise typer.Exit(1)
+
+
+rounds_app = typer.Typer(help="Training rounds: reward refresh, PPO, gate, publish.", no_args_is_help=True)
+app.add_typer(rounds_app, name="rounds")
+
+
+def _print_round(r: dict[str, Any]) -> None:
+    gate = r.get("gate") or {}
+    ppo = r.get("ppo") or {}
+    parts = [f"[bold]{r.get('round_id')}[/bold] {r.get('outcome')}"]
+    if r.get("phase") and r.get("outcome") == "running":
+        parts.append(f"phase {r['phase']}")
+    if r.get("version"):
+        parts.append(f"-> {r['version']}")
+    if ppo.get("iterations"):
+        parts.append(f"PPO {ppo['iterations']} it, reward {ppo['reward_first']:+.3f} -> {ppo['reward_last']:+.3f}, "
+                     f"KL {ppo['kl_last']:.3f}")
+    if gate:
+        parts.append(f"gate win {gate['win_rate']:.2f} KL {gate['kl']:.3f} sanity "
+                     f"{'ok' if gate['sanity_passed'] else 'FAILED'}")
+    for key in ("reason", "error"):
+        if r.get(key):
+            parts.append(str(r[key]))
+    console.print("  ".join(parts))
+
+
+@rounds_app.command("list")
+def rounds_list(
+    limit: Annotated[int, typer.Option(help="rounds to show, newest first")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+) -> None:
+    """Recent training rounds (and one in progress), newest first."""
+    from trainer.rounds import read_rounds
+
+    records = read_rounds(get_settings(), limit)
+    if as_json:
+        console.print_json(json.dumps(records, default=str))
+        return
+    if not records:
+        console.print("no training rounds yet")
+    for r in records:
+        _print_round(r)
+
+
+@rounds_app.command("run")
+def rounds_run() -> None:
+    """One training round now, on the votes already in the store (no Kafka needed)."""
+    from trainer.daemon import run_one_round
+
+    settings = get_settings()
+    setup_logging(settings)
+    record = run_one_round(settings)
+    if record is None:
+        raise fail("another training round is running", code=75)
+    _print_round(record)
+    if record.get("outcome") == "failed":
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -181,6 +181,52 @@ class Settings(BaseSettings):
     reward_min_holdout: int = Field(default=20, ge=1)
     """Fewest held-out pairs a refresh needs to judge a new RM at all."""
 
+    # -- PPO ----------------------------------------------------------------------------
+    # Defaults follow TRL's PPO trainer and OpenRLHF where they apply; trainer/ppo.py
+    # (PPOConfig) documents each one next to the equation that uses it.
+    ppo_iterations: int = Field(default=8, ge=1)
+    """PPO iterations (rollout, score, update, weight sync) per training round."""
+    ppo_batch_size: int = Field(default=16, ge=1)
+    """Prompts per iteration, one answer each."""
+    ppo_response_length: int = Field(default=64, ge=1)
+    """Most tokens of a sampled answer; one that hits it is penalised (ppo_missing_eos_penalty)."""
+    ppo_max_prompt_length: int = Field(default=256, ge=8)
+    """Prompt tokens kept (the oldest are cut)."""
+    ppo_epochs: int = Field(default=2, ge=1)
+    """Optimisation passes over one iteration's batch (TRL: 4; 2 halves the CPU cost)."""
+    ppo_minibatches: int = Field(default=1, ge=1)
+    ppo_lr: float = Field(default=3e-6, gt=0)
+    ppo_kl_coef: float = Field(default=0.05, ge=0)
+    """Initial β of the per-token KL penalty to the reference policy."""
+    ppo_adaptive_kl: bool = True
+    """Adapt β toward ppo_target_kl (Ziegler et al. 2019); off: β stays fixed."""
+    ppo_target_kl: float = Field(default=0.25, gt=0)
+    """KL (nats per answer) the adaptive controller steers toward; below gate_max_kl."""
+    ppo_kl_horizon: int = Field(default=1000, ge=1)
+    ppo_cliprange: float = Field(default=0.2, gt=0)
+    ppo_cliprange_value: float = Field(default=0.2, gt=0)
+    ppo_vf_coef: float = Field(default=0.1, ge=0)
+    ppo_gamma: float = Field(default=1.0, ge=0, le=1)
+    ppo_lam: float = Field(default=0.95, ge=0, le=1)
+    ppo_temperature: float = Field(default=1.0, gt=0)
+    ppo_missing_eos_penalty: float = Field(default=1.0, ge=0)
+    """Subtracted from the (normalised) score of an answer that hit ppo_response_length."""
+    ppo_train_layers: int = Field(default=8, ge=0)
+    """Top decoder layers trained (plus norm, LM head, value head); 0 trains all."""
+    ppo_threads: int | None = Field(default=1, ge=1)
+    """torch threads for PPO training (see reward_threads for why 1)."""
+    ppo_seed: int = 0
+    ppo_prompt_file: Path | None = None
+    """Extra prompts, JSONL: {"prompt": str} or {"messages": [...]}, added to the store's user turns."""
+    ppo_sync_dir: Path | None = None
+    """Where the policy is written for the rollout engine to reload. Unset: /dev/shm (RAM)."""
+    gate_prompts: int = Field(default=32, ge=1)
+    """Held-out prompts the gate compares candidate and champion on."""
+    gate_samples: int = Field(default=2, ge=1)
+    """Sampled answers per held-out prompt and model (pairs compared by the reward model)."""
+    gate_sanity_file: Path | None = None
+    """Sanity prompts, JSONL {"prompt": str, "expect": regex}; unset: capital of France -> Paris."""
+
     # -- training rounds (PPO) and the gate ------------------------------------------
     min_new_preferences: int = Field(default=64, ge=1)
     """New votes in the store that start a training round."""

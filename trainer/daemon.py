@@ -1,37 +1,156 @@
-"""The trainer process: consume votes into the store (training rounds build on it).
+"""The trainer process: consume votes into the store, and start training rounds.
 
     kaizen train            # daemon until SIGINT/SIGTERM
-    kaizen train --once     # drain what is on the topic now, then exit
+    kaizen train --once     # drain what is on the topic now, run one round, exit
 
 Exposes Prometheus metrics on KAIZEN_TRAINER_PORT; `kaizen_trainer_ready` is
 1 once the consumer has joined its group, which `kaizen up` waits for.
+
+A round (trainer/rounds.py) starts when KAIZEN_MIN_NEW_PREFERENCES votes arrived since the last
+round started, or KAIZEN_ROUND_INTERVAL passed since it ended with at least one new vote. It runs
+in a child process (`python -m trainer.rounds run`): the Kafka consumer must keep polling (its
+max_poll_interval is 10 s) while PPO holds a core for minutes, and vLLM's engine wants its own
+process tree. The round's file lock keeps rounds from overlapping. The child logs JSON lines;
+this process follows them into its Prometheus metrics. SIGTERM stops the consumer and passes
+SIGTERM to the round, which abandons itself between PPO iterations.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from prometheus_client import start_http_server
 
+from services import metrics
 from services.broker import ensure_topics
 from services.settings import Settings
+from trainer import rounds
 from trainer.consumer import PreferenceConsumer
 from trainer.store import PreferenceStore
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class MetricsFollower:
+    """Reads new lines of <data_dir>/rounds/events.jsonl and records them as metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = rounds.rounds_dir(settings) / "events.jsonl"
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            while (line := f.readline()).endswith("\n"):
+                self.offset = f.tell()
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("kind") == "iteration":
+                    rounds.record_iteration_metrics(rec)
+                elif rec.get("kind") == "round":
+                    rounds.record_round_metrics(rec)
+
+
+class RoundScheduler:
+    """Decides when a round is due and runs it as a child process, one at a time."""
+
+    def __init__(self, settings: Settings, check_every_s: float = 5.0) -> None:
+        self.settings = settings
+        self.check_every_s = check_every_s
+        self.child: subprocess.Popen[bytes] | None = None
+        self.started_at = time.time()
+        self._next_check = 0.0
+        self.follower = MetricsFollower(settings)
+
+    def due(self) -> str | None:
+        """Why a round is due now, or None."""
+        mark, ended = rounds.last_mark(self.settings)
+        new = rounds.new_votes_since(self.settings, mark)
+        if new >= self.settings.min_new_preferences:
+            return f"{new} new votes (KAIZEN_MIN_NEW_PREFERENCES={self.settings.min_new_preferences})"
+        since = time.time() - (ended or self.started_at)
+        if new > 0 and since >= self.settings.round_interval.total_seconds():
+            return f"{new} new votes and {since:.0f} s since the last round (KAIZEN_ROUND_INTERVAL)"
+        if rounds.read_state(self.settings) is not None:
+            return "a round was cut off: resuming or restarting it"
+        return None
+
+    def tick(self) -> None:
+        self.follower.poll()
+        if self.child is not None:
+            code = self.child.poll()
+            if code is None:
+                return
+            log.info("training round process exited with %d", code)
+            self.child = None
+            self.follower.poll()
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.check_every_s
+        if rounds.round_running(self.settings):
+            return  # someone else's round (e.g. `kaizen rounds run`)
+        why = self.due()
+        if why:
+            log.info("starting a training round: %s", why)
+            self.child = start_round_process(self.settings)
+
+    def stop(self, grace_s: float) -> None:
+        if self.child is None or self.child.poll() is not None:
+            return
+        self.child.send_signal(signal.SIGTERM)
+        try:
+            self.child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("training round did not stop within %.0f s: killing it (the next start recovers)", grace_s)
+            self.child.kill()
+            self.child.wait()
+        self.follower.poll()
+
+
+def start_round_process(settings: Settings, *, capture: bool = False) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "trainer.rounds", "run"], env=settings.child_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE if capture else None)
+
+
+def run_one_round(settings: Settings) -> dict[str, Any] | None:
+    """One round in a child process, waited for; its record (None if it could not start)."""
+    child = start_round_process(settings)
+    try:
+        child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+    if child.returncode == 75:
+        log.warning("another training round is running")
+        return None
+    done = [r for r in rounds.read_rounds(settings, 1) if r.get("outcome") != "running"]
+    return done[0] if done else None
 
 
 def run(settings: Settings, *, once: bool = False, idle_polls_to_finish: int = 3) -> int:
-    """Run the consumer; with `once`, stop after a few empty polls. Returns events stored."""
+    """Run the consumer (and rounds); with `once`, drain the topic and stop. Returns events stored."""
     ensure_topics(settings)
     store = PreferenceStore(settings.preferences_db)
     consumer = PreferenceConsumer(settings, store)
+    scheduler: RoundScheduler | None = None
     if not once:
         start_http_server(settings.trainer_port, addr=settings.trainer_host)
         log.info("trainer metrics on http://%s:%d/metrics", settings.trainer_host, settings.trainer_port)
+        scheduler = RoundScheduler(settings)
 
         def _stop(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %d: stopping after the current poll", signum)
@@ -53,7 +172,15 @@ def run(settings: Settings, *, once: bool = False, idle_polls_to_finish: int = 3
                     log.warning("could not join group %s in time", settings.consumer_group)
                     break
         else:
-            consumer.run()
+            assert scheduler is not None
+            try:
+                while not consumer._stop.is_set():
+                    consumer.poll_once()  # bounded by kafka_poll_timeout_ms
+                    metrics.TRAINER_READY.set(1 if consumer.joined else 0)
+                    scheduler.tick()
+            finally:
+                metrics.TRAINER_READY.set(0)
+                scheduler.stop(grace_s=max(1.0, settings.stop_grace_s - 5))
     finally:
         consumer.close()
         store.close()

@@ -1,0 +1,184 @@
+"""PPO math (trainer/ppo.py) against hand-computed numbers and reference implementations.
+
+Each expected number below is worked out by hand in the comment next to it. The last tests use
+the tiny real model of conftest (no vLLM): the policy's log-probs agree with the plain HF model
+on a left-padded batch, and one clipped PPO step changes exactly the trained parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.ppo import (
+    AdaptiveKLController,
+    collate,
+    entropy_from_logits,
+    explained_variance,
+    freeze_lower_layers,
+    gae,
+    kl_per_token,
+    load_policy,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    sequence_logprobs,
+    shaped_rewards,
+    value_loss,
+)
+
+
+def test_masked_mean_and_whitening_ignore_padding() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    # mean 2, unbiased variance ((-1)² + 0 + 1²) / 2 = 1 -> (x - 2) / 1 on the real entries
+    w = masked_whiten(x, mask)
+    assert torch.allclose(w[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)
+    # shift_mean=False keeps the mean: whitened + 2
+    assert torch.allclose(masked_whiten(x, mask, shift_mean=False)[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-4)
+
+
+def test_gae_matches_hand_computed_values() -> None:
+    values = torch.tensor([[1.0, 2.0, 0.5], [3.0, 1.0, 9.0]])
+    rewards = torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = gae(values, rewards, mask, gamma=0.9, lam=0.5)
+    # row 0: δ2 = 2 + 0 - 0.5 = 1.5, A2 = 1.5
+    #        δ1 = 1 + 0.9·0.5 - 2 = -0.55, A1 = -0.55 + 0.45·1.5 = 0.125
+    #        δ0 = 0 + 0.9·2 - 1 = 0.8,   A0 = 0.8 + 0.45·0.125 = 0.85625
+    # row 1 (last token is padding, its V and r count as 0):
+    #        A2 = 0; δ1 = 2 + 0 - 1 = 1, A1 = 1; δ0 = 1 + 0.9·1 - 3 = -1.1, A0 = -1.1 + 0.45·1 = -0.65
+    expected = torch.tensor([[0.85625, 0.125, 1.5], [-0.65, 1.0, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.allclose(ret, expected + values * mask, atol=1e-6)
+    # oracle: γ = λ = 1 and V = 0 make A_t the sum of the rewards from t on
+    r = torch.randn(4, 6)
+    a, _ = gae(torch.zeros(4, 6), r, torch.ones(4, 6), gamma=1.0, lam=1.0)
+    assert torch.allclose(a, r.flip(1).cumsum(1).flip(1), atol=1e-5)
+    # λ = 0 is the one-step TD error
+    v = torch.randn(4, 6)
+    a, _ = gae(v, r, torch.ones(4, 6), gamma=0.99, lam=0.0)
+    nxt = torch.cat([v[:, 1:], torch.zeros(4, 1)], 1)
+    assert torch.allclose(a, r + 0.99 * nxt - v, atol=1e-5)
+
+
+def test_shaped_rewards_put_the_score_on_the_last_token() -> None:
+    scores = torch.tensor([2.0])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    rewards, kl = shaped_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    # k1 = logp - ref = [0.5, 0, -1, (pad) 0]; r = -0.1·k1, + 2 on the last real token
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 2.1, 0.0]]))
+
+
+def test_clipped_policy_loss_matches_hand_computed_values() -> None:
+    ratio = torch.tensor([[1.5, 0.5, 1.1]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = policy_loss(ratio.log(), old, adv, torch.ones(1, 3), cliprange=0.2)
+    # -A·r = [-1.5, -0.5, 1.1]; -A·clip(r, 0.8, 1.2) = [-1.2, -0.8, 1.1]; max = [-1.2, -0.5, 1.1]
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1) / 3, abs=1e-6)  # -0.2
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)  # only the first token's clip was active
+    # approx KL (k3) of old vs new: mean of (r - 1) - log r
+    k3 = sum((r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)) / 3
+    assert stats["approx_kl"].item() == pytest.approx(k3, rel=1e-5)
+    # the gradient flows only where the unclipped term is the max: tokens 2 and 3
+    lp = ratio.log().clone().requires_grad_(True)
+    policy_loss(lp, old, adv, torch.ones(1, 3), cliprange=0.2)[0].backward()
+    assert lp.grad is not None
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 1] == pytest.approx(-0.5 / 3) and lp.grad[0, 2] == pytest.approx(1.1 / 3)
+
+
+def test_clipped_value_loss_matches_hand_computed_values() -> None:
+    values = torch.tensor([[1.5, 0.0]])
+    old = torch.tensor([[1.0, 1.0]])
+    returns = torch.tensor([[2.0, 0.0]])
+    loss, stats = value_loss(values, old, returns, torch.ones(1, 2), cliprange_value=0.2)
+    # V_clip = [1.2, 0.8]; (V - R)² = [0.25, 0]; (V_clip - R)² = [0.64, 0.64]; ½·mean(max) = 0.32
+    assert loss.item() == pytest.approx(0.32, abs=1e-6)
+    assert stats["vf_clipfrac"].item() == 1.0
+    # inside the clip range it is the plain ½ MSE
+    loss, _ = value_loss(torch.tensor([[1.1]]), torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 0.81, abs=1e-6)
+
+
+def test_kl_estimators_and_logprob_helpers_match_references() -> None:
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(8), torch.randn(8)
+    p, q = torch.distributions.Categorical(logits=p_logits), torch.distributions.Categorical(logits=q_logits)
+    x = p.sample((200_000,))
+    exact = torch.distributions.kl_divergence(p, q).item()
+    k1 = kl_per_token(p.log_prob(x), q.log_prob(x), "k1")
+    k3 = kl_per_token(p.log_prob(x), q.log_prob(x), "k3")
+    assert k1.mean().item() == pytest.approx(exact, abs=0.02)
+    assert k3.mean().item() == pytest.approx(exact, abs=0.02) and (k3 >= -1e-6).all()
+    logits = torch.randn(2, 3, 11)
+    labels = torch.randint(0, 11, (2, 3))
+    dist = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(logprobs_from_logits(logits, labels), dist.log_prob(labels), atol=1e-5)
+    assert torch.allclose(entropy_from_logits(logits), dist.entropy(), atol=1e-5)
+    assert explained_variance(torch.ones(1, 4), torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.ones(1, 4)) == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target() -> None:
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    # KL 2 > target 1: error clipped to +0.2, β·(1 + 0.2·10/100) = 0.102
+    assert ctl.update(2.0, 10) == pytest.approx(0.102)
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(0.5, 10) == pytest.approx(0.098)  # error -0.5 clipped to -0.2
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(1.1, 10) == pytest.approx(0.1 * 1.01)  # error 0.1, inside the clip
+    fixed = AdaptiveKLController(0.1, target=1.0, horizon=100, fixed=True)
+    assert fixed.update(5.0, 10) == 0.1
+
+
+def test_policy_logprobs_match_the_hf_model_on_a_left_padded_batch(tiny_model: Path) -> None:
+    torch.set_num_threads(1)
+    policy, tok, saved = load_policy(tiny_model)
+    assert saved == torch.bfloat16  # the tiny model is saved in bf16; training runs in float32
+    prompts, answers = [[5, 6, 7, 8, 9], [11, 12]], [[20, 21, 22], [30]]
+    batch = collate(prompts, answers, pad_id=tok.pad_token_id)
+    assert batch.input_ids.shape == (2, 8) and batch.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    lp, values = sequence_logprobs(policy, batch, temperature=1.0)
+    assert values is not None and torch.all(values == 0)  # the value head starts at zero
+    for i in range(2):  # each row alone, no padding, through the plain HF forward
+        ids = torch.tensor([prompts[i] + answers[i]])
+        with torch.no_grad():
+            logits = policy.lm(input_ids=ids).logits[0, len(prompts[i]) - 1: -1]
+        alone = logprobs_from_logits(logits[None], torch.tensor([answers[i]]))[0]
+        assert torch.allclose(lp[i, : len(answers[i])], alone, atol=1e-4)
+
+
+def test_one_clipped_step_changes_exactly_the_trained_parameters(tiny_model: Path) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    policy, tok, _ = load_policy(tiny_model)
+    trained = freeze_lower_layers(policy, train_layers=1)  # top layer, norm, LM head, value head
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    batch = collate([[5, 6, 7], [8, 9]], [[20, 21], [30, 31]], pad_id=tok.pad_token_id)
+    old_lp, old_v = sequence_logprobs(policy, batch, 1.0)
+    assert old_v is not None
+    adv, ret = gae(old_v, torch.tensor([[0.0, 1.0], [0.0, -1.0]]), batch.response_mask, 1.0, 0.95)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    logits, values = policy(batch.input_ids, batch.attention_mask, batch.start)
+    assert values is not None
+    pg, _ = policy_loss(logprobs_from_logits(logits, batch.input_ids[:, batch.start:]), old_lp,
+                        masked_whiten(adv, batch.response_mask), batch.response_mask, 0.2)
+    vf, _ = value_loss(values, old_v, ret, batch.response_mask, 0.2)
+    (pg + 0.1 * vf).backward()
+    opt.step()
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    grads = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert changed == grads and sum(before[n].numel() for n in grads) == trained
+    assert not any(n.startswith("lm.model.layers.0.") for n in changed)  # frozen lower layer untouched
+    # the answer with the positive advantage became more likely
+    new_lp, _ = sequence_logprobs(policy, batch, 1.0)
+    assert new_lp[0, 1] > old_lp[0, 1] and new_lp[1, 1] < old_lp[1, 1]
