@@ -36,10 +36,15 @@ USER = {"Authorization": f"Bearer {USER_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
+def server(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, broker: Settings
+) -> Iterator[tuple[str, Settings]]:
     """`kaizen serve` with auto rollout off and a published candidate v1 (a copy of v0's
-    weights: the label, not the answers, is what the page follows)."""
+    weights: the label, not the answers, is what the page follows). It talks to the
+    session's broker: without one, each model event it emits waits out Kafka's
+    bootstrap timeout."""
     settings = make_settings(tmp_path_factory.mktemp("admin-api"), model=tiny_model, api_keys=USER_KEY,
+                             broker_port=broker.broker_port,
                              admin_token=ADMIN_TOKEN, auto_rollout=False, registry_poll_interval_s=1.0,
                              rate_limit_rps=1000, rate_limit_burst=1000)
     log_path = settings.data_dir / "serve.log"
