@@ -258,9 +258,10 @@ class Settings(BaseSettings):
     """Roll back when the canary's median time to first token exceeds the champion's by this factor."""
     canary_min_requests: int = Field(default=20, ge=1)
     """Requests per version before error rate and latency are compared at all."""
-    swap_drain_timeout_s: float = Field(default=30.0, gt=0)
-    """A weight swap first lets in-flight answers finish (so each answer comes from
-    one version); after this long the rest are frozen and resumed on the new weights."""
+    swap_drain_timeout_s: float = Field(default=2.0, ge=0)
+    """A weight swap first lets in-flight answers finish (so each comes from one version),
+    for at most this long; the rest are frozen, resumed on the new weights and labelled
+    `old+new`. Longer: fewer mixed answers, but new requests wait longer for the swap."""
 
     # -- supervisor (`kaizen up`) ------------------------------------------------
     restart_limit: int = Field(default=5, ge=0)

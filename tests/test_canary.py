@@ -174,3 +174,33 @@ def test_restart_mid_canary_resumes_the_same_split(
     status = rollout(base)
     assert (status["champion"], status["canary"], status["serving"]["canary"]) == ("v1", "v3", "v3")
     assert labels_of(base, KEYS[:40]) == before
+
+
+def test_operator_cli_lists_and_rolls_back(server: dict[str, Any], settings: Settings) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**settings.child_env(), "KAIZEN_ADMIN_TOKEN": ADMIN_TOKEN}
+
+    def kaizen(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kaizen", "models", *args, "--url", server["base"]],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+    listed = kaizen("list")
+    assert listed.returncode == 0, listed.stderr
+    assert "champion v1, canary v3 at 50% of users" in listed.stdout
+    assert "rejected" in listed.stdout  # v2, rolled back earlier
+    shown = kaizen("show", "v3", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["lineage"] == ["v3", "v1", "v0"]
+    rolled = kaizen("rollback", "-m", "seen enough")
+    assert rolled.returncode == 0, rolled.stderr
+    assert rollout(server["base"])["serving"]["canary"] is None
+    again = kaizen("rollback", "-m", "once more")  # no canary: back to the previous champion v0
+    assert again.returncode == 0 and "champion v0" in again.stdout
+    refused = kaizen("promote", "v9")
+    assert refused.returncode == 1 and "no version v9" in refused.stderr
+    env["KAIZEN_ADMIN_TOKEN"] = "wrong-token"
+    denied = kaizen("list")
+    assert denied.returncode == 1 and ("403" in denied.stderr or "401" in denied.stderr), denied.stderr

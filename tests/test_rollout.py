@@ -97,7 +97,8 @@ def server(folders: dict[str, Path], broker: Settings,
     settings = make_settings(tmp_path_factory.mktemp("swap-api"), model=folders["v0"],
                              broker_port=broker.broker_port, api_keys=USER_KEY, admin_token=ADMIN_TOKEN,
                              rate_limit_rps=1000, rate_limit_burst=1000, auto_rollout=False,
-                             registry_poll_interval_s=0.5, engine_max_num_seqs=16)
+                             registry_poll_interval_s=0.5, engine_max_num_seqs=16,
+                             swap_drain_timeout_s=60)
     proc = start_server(settings)
     registry = Registry(settings.registry_path)
     for v in ("v1", "v2", "v3"):
