@@ -23,6 +23,7 @@ from rich.console import Console
 
 from services.settings import Settings, get_settings
 from kaizen.models_cli import models_app
+from kaizen.simulate_cli import simulate_cmd
 from trainer.reward_cli import reward_app
 
 app = typer.Typer(help="Kaizen: a chat service that gets better while people use it.",
@@ -33,6 +34,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(prefs_app, name="prefs")
 app.add_typer(reward_app, name="reward")
 app.add_typer(models_app, name="models")
+app.command("simulate")(simulate_cmd)
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 

@@ -1,0 +1,88 @@
+"""Judges and simulated users, against the real chat API (tiny model) and its real outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.settings import Settings
+from tests.conftest import OTHER_KEY, ROOT, USER_KEY
+from tests.test_feedback import outbox
+from trainer.judges import language_of, load_judge, rubric, rubric_score
+from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, SimulateConfig, read_prompts, simulate
+
+Q = [{"role": "user", "content": "Why do leaves change colour in autumn?"}]
+GOOD = ("Leaves change colour in autumn because trees stop making chlorophyll, so the green fades and "
+        "the yellow and orange pigments in the leaves show.")
+REPETITIVE = "leaves leaves leaves leaves leaves leaves leaves leaves leaves leaves leaves leaves"
+FRENCH = ("Les feuilles changent de couleur en automne parce que les arbres arrêtent de produire de la "
+          "chlorophylle.")
+TRUNCATED = "Leaves change colour in autumn because trees stop making chlorophyll, so the green"
+
+
+def test_rubric_prefers_the_better_answer_either_side() -> None:
+    for worse in (REPETITIVE, FRENCH, TRUNCATED):
+        assert rubric(Q, GOOD, worse) == 0, worse
+        assert rubric(Q, worse, GOOD) == 1, worse
+    assert rubric(Q, GOOD, GOOD) == "tie"
+    assert rubric(Q, "", "") == "both_bad"
+    assert language_of(FRENCH) == "fr" and language_of(GOOD) == "en" and language_of("Привет, как дела?") == "non-latin"
+    assert rubric_score(Q[0]["content"], GOOD) > 0.8 > rubric_score(Q[0]["content"], REPETITIVE)
+
+
+def test_judges_load_from_modules_and_files(tmp_path: Path) -> None:
+    assert load_judge("trainer.judges:rubric") is rubric
+    f = tmp_path / "my judge.py"
+    f.write_text("def prefer_b(messages, a, b):\n    return 1\n")
+    assert load_judge(f"{f}:prefer_b")(Q, "x", "y") == 1
+    for bad in ("trainer.judges", "trainer.judges:nope", f"{tmp_path}/missing.py:f", ":f"):
+        with pytest.raises(ValueError):
+            load_judge(bad)
+
+
+def test_prompt_files_are_disjoint_and_checked(tmp_path: Path) -> None:
+    train, evaluation = read_prompts(DEFAULT_PROMPTS), read_prompts(DEFAULT_EVAL_PROMPTS)
+    assert len(train) >= 100 and len(evaluation) >= 40
+    assert not set(train) & set(evaluation)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_prompts(bad)
+
+
+def test_simulated_votes_reach_the_outbox_as_the_judge_decided(api_server: tuple[str, Settings]) -> None:
+    base, settings = api_server
+    before = {e.event_id for e in outbox(settings)}
+    config = SimulateConfig(base_url=base, api_keys=[USER_KEY, OTHER_KEY], users=2, rate=0, votes=6,
+                            max_tokens=12, seed=1)
+    stats = asyncio.run(simulate(config, rubric, read_prompts(DEFAULT_PROMPTS)))
+    assert stats.votes == 6 and not stats.errors, stats.as_dict()
+    new = [e for e in outbox(settings) if e.event_id not in before]
+    assert len(new) == 6
+    for e in new:
+        expected = rubric([m.model_dump() for m in e.messages], e.answers[0].text, e.answers[1].text)
+        assert e.choice == expected
+        assert e.messages[-1].content in read_prompts(DEFAULT_PROMPTS)
+
+
+def test_cli_with_a_judge_from_a_file(api_server: tuple[str, Settings], tmp_path: Path) -> None:
+    base, settings = api_server
+    judge = tmp_path / "judge.py"
+    judge.write_text("def always_a(messages, a, b):\n    return 0\n")
+    before = {e.event_id for e in outbox(settings)}
+    log = tmp_path / "votes.jsonl"
+    run = subprocess.run([sys.executable, "-m", "kaizen", "simulate", "--votes", "3", "--users", "1", "--rate", "0",
+                          "--max-tokens", "8", "--judge", f"{judge}:always_a", "--url", base,
+                          "--api-key", USER_KEY, "--log", str(log)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=settings.child_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+    new = [e for e in outbox(settings) if e.event_id not in before]
+    assert [e.choice for e in new] == [0, 0, 0]
+    assert len(log.read_text().splitlines()) == 3
+    bad = subprocess.run([sys.executable, "-m", "kaizen", "simulate", "--judge", "nope:x", "--url", base],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=settings.child_env())
+    assert bad.returncode == 2 and "nope" in bad.stdout + bad.stderr
