@@ -349,9 +349,10 @@ def save_policy(policy: PolicyWithValue, tokenizer: Any, out: Path, dtype: torch
     try:
         lm = policy.lm
         state = {k: v.detach().to(dtype) for k, v in lm.state_dict().items()}
-        lm.config.dtype = dtype
         lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        lm.config.dtype = torch.float32
+        config = lm.config.to_dict()
+        config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained records the float32 we train in
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if lm.generation_config is not None and not (tmp / "generation_config.json").exists():
             lm.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -393,6 +394,8 @@ class RolloutEngine:
 
         configure_vllm_env(settings)
         self.model_dir = model_dir
+        limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+        max_model_len = min(max_model_len, int(limit)) if limit else max_model_len
         started = time.monotonic()
         self.llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
                        gpu_memory_utilization=settings.engine_memory_utilization, seed=seed,

@@ -99,7 +99,7 @@ def read_state(settings: Settings) -> dict[str, Any] | None:
 
 def read_rounds(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
     """The last `limit` rounds, newest first; a round in progress (or cut off by a crash)
-    comes first with outcome "running" and its phase. For the operator page and `kaizen rounds list`."""
+    comes first with outcome "running" (or "interrupted") and its phase. For the operator page and `kaizen rounds list`."""
     out: list[dict[str, Any]] = []
     path = rounds_dir(settings) / "rounds.jsonl"
     if path.exists():
@@ -108,14 +108,14 @@ def read_rounds(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
                 out.append(json.loads(line))  # a torn last line after a crash is skipped
     out.reverse()
     state = read_state(settings)
-    if state is not None:
-        out.insert(0, {**state, "outcome": "running"})
+    if state is not None:  # a state file without a lock holder is a round cut off by a crash
+        out.insert(0, {**state, "outcome": "running" if round_running(settings) else "interrupted"})
     return out[:limit]
 
 
 def last_mark(settings: Settings) -> tuple[int, float | None]:
     """(store rowid the last round started from, unix time it ended); (0, None) before any."""
-    rounds = [r for r in read_rounds(settings, 1000) if r.get("outcome") != "running"]
+    rounds = [r for r in read_rounds(settings, 1000) if r.get("outcome") not in ("running", "interrupted")]
     if not rounds:
         return 0, None
     return int(rounds[0].get("store_mark", 0)), float(rounds[0].get("ended_ts", 0)) or None
