@@ -11,11 +11,13 @@ follows. The screenshot of the operator page lands in docs/screenshots/.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from services.registry import Registry
 from services.settings import Settings
+from trainer.rounds import rounds_dir
 from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
 from tests.test_web import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SHOTS, open_page, send
 
@@ -39,10 +42,11 @@ USER = {"Authorization": f"Bearer {USER_KEY}"}
 def server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, broker: Settings
 ) -> Iterator[tuple[str, Settings]]:
-    """`kaizen serve` with auto rollout off and a published candidate v1 (a copy of v0's
-    weights: the label, not the answers, is what the page follows). It talks to the
-    session's broker: without one, each model event it emits waits out Kafka's
-    bootstrap timeout."""
+    """`kaizen serve` with auto rollout off, after three training rounds: one skipped, one
+    whose model the gate rejected (v1), one published as candidate v2. The versions are
+    copies of v0's weights (the label, not the answers, is what the page follows). It
+    talks to the session's broker: without one, each model event it emits waits out
+    Kafka's bootstrap timeout."""
     settings = make_settings(tmp_path_factory.mktemp("admin-api"), model=tiny_model, api_keys=USER_KEY,
                              broker_port=broker.broker_port,
                              admin_token=ADMIN_TOKEN, auto_rollout=False, registry_poll_interval_s=1.0,
@@ -54,13 +58,19 @@ def server(
     base = f"http://127.0.0.1:{settings.port}"
     try:
         wait_http(f"{base}/readyz", 240, proc)
-        Registry(settings.registry_path).publish(
-            tiny_model, parent="v0", who="test", why="published by the test", reward_model="rm-v1",
-            training={"reward_mean": 0.21, "kl": 0.031, "rm_accuracy": 0.64},
-            gate={"win_rate": 0.61, "kl": 0.031, "passed": True})
+        registry = Registry(settings.registry_path)
+        for r in ROUNDS:
+            if r["outcome"] in ("published", "rejected"):
+                gate = r["gate"]
+                m = registry.publish(tiny_model, parent="v0", who="trainer", rejected=not gate["passed"],
+                                     why="passed the gate" if gate["passed"] else "failed the gate: "
+                                     + "; ".join(gate["failed"]), reward_model=r["reward_model"],
+                                     training={"round_id": r["round_id"], "ppo": r["ppo"]}, gate=gate)
+                assert m.version == r["version"], (m.version, r)
+        write_rounds(settings, ROUNDS)
         deadline = time.monotonic() + 30
-        while "v1" not in versions(base):
-            assert time.monotonic() < deadline, "the server never listed the published v1"
+        while "v2" not in versions(base):
+            assert time.monotonic() < deadline, "the server never listed the published v2"
             time.sleep(0.25)
     except Exception:
         stop_group(proc)
@@ -68,6 +78,35 @@ def server(
         raise
     yield base, settings
     stop_group(proc)
+
+
+def _round(n: int, hours_ago: float, outcome: str, **fields: Any) -> dict[str, Any]:
+    started = datetime.now(UTC) - timedelta(hours=hours_ago)
+    ended = started + timedelta(minutes=9)
+    return {"kind": "round", "round_id": f"r{started:%Y%m%dT%H%M%S}-test{n}", "started": started.isoformat(),
+            "store_mark": 100 * n, "attempt": 1, "recovery": "fresh", "outcome": outcome,
+            "ended": ended.isoformat(), "ended_ts": ended.timestamp(), "seconds": 540.0, **fields}
+
+
+#: Round records as trainer/rounds.py logs them (`_finish`), oldest first.
+ROUNDS = [
+    _round(1, 3, "skipped", reason="no reward model yet (too few held-out votes to accept one)"),
+    _round(2, 2, "rejected", version="v1", reward_model="rm-v1", reward_accuracy=0.58,
+           ppo={"iterations": 8, "reward_first": -0.31, "reward_last": -0.12, "kl_last": 0.041, "kl_coef_last": 0.05},
+           gate={"win_rate": 0.47, "kl": 0.052, "passed": False, "failed": ["win rate 0.470 < 0.55"]}),
+    _round(3, 1, "published", version="v2", reward_model="rm-v2", reward_accuracy=0.64,
+           ppo={"iterations": 8, "reward_first": -0.08, "reward_last": 0.21, "kl_last": 0.028, "kl_coef_last": 0.048},
+           gate={"win_rate": 0.61, "kl": 0.031, "passed": True, "failed": []}),
+]
+
+
+def write_rounds(settings: Settings, rounds: list[dict[str, Any]]) -> None:
+    """Append the records where the trainer does; the API reads them back with `read_rounds`."""
+    path = rounds_dir(settings) / "rounds.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for r in rounds:
+            f.write(json.dumps(r) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +185,29 @@ def test_wrong_token_is_explained(server: tuple[str, Settings], browser: Browser
     page.context.close()
 
 
+def test_training_rounds_are_charted(server: tuple[str, Settings], browser: Browser) -> None:
+    base, _ = server
+    page = open_admin(browser, base, ADMIN_TOKEN)
+    expect(page.locator("#rounds-count")).to_have_text("3 rounds")
+    charts = page.locator("#rounds-charts")
+    # the latest value of each chart is the newest round's, as the API sent it
+    expect(charts.locator("[data-series=reward_mean] .latest")).to_have_text("0.210")
+    expect(charts.locator("[data-series=kl] .latest")).to_have_text("0.0310")
+    expect(charts.locator("[data-series=rm_accuracy] .latest")).to_have_text("64.0%")
+    # a point per round that has the metric; the rejected round's is hollow
+    reward = charts.locator("[data-series=reward_mean] svg")
+    expect(reward.locator("circle")).to_have_count(2)
+    expect(reward.locator("circle.hollow")).to_have_count(1)
+    expect(reward).to_have_attribute("aria-label", re.compile(r"over 2 rounds: first -0\.120, latest 0\.210"))
+    page.get_by_text("Rounds as a table").click()
+    rows = page.locator("#rounds-table tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0)).to_contain_text("published")
+    expect(rows.nth(1)).to_contain_text("failed (47%)")
+    expect(rows.nth(2)).to_contain_text("skipped")
+    page.context.close()
+
+
 def test_canary_then_promote(server: tuple[str, Settings], browser: Browser) -> None:
     base, _ = server
     # a chat user, before anything changes: answers come from v0
@@ -158,13 +220,14 @@ def test_canary_then_promote(server: tuple[str, Settings], browser: Browser) -> 
     page.set_default_timeout(ACTION_TIMEOUT_MS)
     split = page.locator("#split")
     expect(split).to_have_attribute("aria-label", "Traffic split: champion v0 100%, no canary")
-    v1 = page.locator("#versions-table tr[data-version=v1]")
-    expect(v1).to_have_attribute("data-stage", "candidate")
-    expect(v1).to_contain_text("61.0%")        # the gate's win rate, as published
-    expect(v1).to_contain_text("passed")
-    page.get_by_role("button", name="Details of v1").click()
-    expect(page.locator("#version-detail")).to_contain_text("v1 ← v0")
-    expect(page.locator("#version-detail")).to_contain_text("published by the test")
+    v2 = page.locator("#versions-table tr[data-version=v2]")
+    expect(v2).to_have_attribute("data-stage", "candidate")
+    expect(v2).to_contain_text("61.0%")        # the gate's win rate, as the trainer published it
+    expect(v2).to_contain_text("passed")
+    page.get_by_role("button", name="Details of v2").click()
+    expect(page.locator("#version-detail")).to_contain_text("v2 ← v0")
+    expect(page.locator("#version-detail")).to_contain_text("passed the gate")
+    expect(page.locator("#versions-table tr[data-version=v1]")).to_have_attribute("data-stage", "rejected")
 
     # nothing to roll back yet: the server's refusal shows in the dialog, which stays open
     page.get_by_role("button", name="Roll back v0…").click()
@@ -177,24 +240,24 @@ def test_canary_then_promote(server: tuple[str, Settings], browser: Browser) -> 
     expect(page.get_by_role("button", name="Roll back v0…")).to_be_focused()
 
     # canary: Escape cancels and changes nothing; then 30% for real
-    page.get_by_role("button", name="Put v1 on canary").click()
-    expect(dialog).to_contain_text("Put v1 on canary?")
+    page.get_by_role("button", name="Put v2 on canary").click()
+    expect(dialog).to_contain_text("Put v2 on canary?")
     expect(dialog.get_by_label("Share of users on the canary (%)")).to_be_focused()
     page.keyboard.press("Escape")
     expect(dialog).to_be_hidden()
     assert rollout(base)["canary"] is None
-    page.get_by_role("button", name="Put v1 on canary").click()
+    page.get_by_role("button", name="Put v2 on canary").click()
     dialog.get_by_label("Share of users on the canary (%)").fill("30")
     dialog.get_by_label("Reason (recorded in the audit log)").fill("gate passed, try it live")
     dialog.get_by_role("button", name="Start canary").click()
     expect(dialog.get_by_role("button", name="Start canary")).to_be_disabled()  # waits for the server
     expect(dialog).to_be_hidden(timeout=ACTION_TIMEOUT_MS)
-    expect(page.locator("#result")).to_contain_text("v1 is on canary for 30% of users; champion v0.")
-    expect(split).to_have_attribute("aria-label", "Traffic split: champion v0 70%, canary v1 30%")
-    expect(split.locator(".split-seg.canary")).to_contain_text("v1 · 30%")
-    expect(v1).to_have_attribute("data-stage", "canary")
+    expect(page.locator("#result")).to_contain_text("v2 is on canary for 30% of users; champion v0.")
+    expect(split).to_have_attribute("aria-label", "Traffic split: champion v0 70%, canary v2 30%")
+    expect(split.locator(".split-seg.canary")).to_contain_text("v2 · 30%")
+    expect(v2).to_have_attribute("data-stage", "canary")
     server_side = rollout(base)
-    assert (server_side["canary"], server_side["canary_fraction"]) == ("v1", 0.3), server_side
+    assert (server_side["canary"], server_side["canary_fraction"]) == ("v2", 0.3), server_side
     audit = page.locator("#audit-table tbody tr").first
     expect(audit).to_contain_text("gate passed, try it live")
     expect(audit).to_contain_text("operator (web)")
@@ -212,20 +275,20 @@ def test_canary_then_promote(server: tuple[str, Settings], browser: Browser) -> 
     page.screenshot(path=str(SHOTS / "admin-desktop.png"), full_page=True)
 
     # promote from the traffic panel
-    page.get_by_role("button", name="Promote v1…").click()
-    expect(dialog).to_contain_text("Promote v1 to champion?")
-    dialog.get_by_role("button", name="Promote v1").click()
+    page.get_by_role("button", name="Promote v2…").click()
+    expect(dialog).to_contain_text("Promote v2 to champion?")
+    dialog.get_by_role("button", name="Promote v2").click()
     expect(dialog).to_be_hidden(timeout=ACTION_TIMEOUT_MS)
-    expect(page.locator("#result")).to_contain_text("v1 is the champion now.")
-    expect(split).to_have_attribute("aria-label", "Traffic split: champion v1 100%, no canary")
-    expect(v1).to_have_attribute("data-stage", "champion")
+    expect(page.locator("#result")).to_contain_text("v2 is the champion now.")
+    expect(split).to_have_attribute("aria-label", "Traffic split: champion v2 100%, no canary")
+    expect(v2).to_have_attribute("data-stage", "champion")
     expect(page.locator("#versions-table tr[data-version=v0]")).to_have_attribute("data-stage", "retired")
-    expect(page.locator("#serving-now")).to_have_text("v1")
-    assert versions(base) == {"v0": "retired", "v1": "champion"}
+    expect(page.locator("#serving-now")).to_have_text("v2")
+    assert versions(base) == {"v0": "retired", "v1": "rejected", "v2": "champion"}
 
     # the chat page, without a reload, labels its next answer with the new champion
     send(chat, "And now?")
     expect(chat.locator(".msg.assistant[data-done=true]")).to_have_count(2)
-    expect(chat.locator("#model-version")).to_have_text("model v1")
+    expect(chat.locator("#model-version")).to_have_text("model v2")
     chat.context.close()
     page.context.close()

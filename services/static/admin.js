@@ -589,9 +589,18 @@
     const dl = make("dl", "facts");
     for (const [k, val] of entries) {
       const d = make("div");
-      const shown = isNum(val) ? (Number.isInteger(val) ? count(val) : num(val, 4))
-        : typeof val === "object" && val !== null ? JSON.stringify(val) : String(val);
-      d.append(make("dt", "", k.replaceAll("_", " ")), make("dd", "mono", shown));
+      const dd = make("dd", "mono");
+      if (typeof val === "object" && val !== null) {
+        // nested records (PPO summary, config, sanity answers): folded, as the server sent them
+        d.className = "kv-wide";
+        const box = make("details");
+        box.append(make("summary", "", Array.isArray(val) ? `${val.length} items` : `${Object.keys(val).length} fields`),
+          make("pre", "json", JSON.stringify(val, null, 2)));
+        dd.append(box);
+      } else {
+        dd.textContent = isNum(val) ? (Number.isInteger(val) ? count(val) : num(val, 4)) : String(val);
+      }
+      d.append(make("dt", "", k.replaceAll("_", " ")), dd);
       dl.append(d);
     }
     box.append(dl);
@@ -600,8 +609,38 @@
 
   // -- training rounds ------------------------------------------------------------------------------
 
+  const first = (...xs) => xs.find((x) => x !== undefined && x !== null) ?? null;
+
+  /** The fields the page shows, picked from a round record: the names of the admin API's
+   *  contract first, then those trainer/rounds.py writes (`ppo` summary, `gate`). */
+  function roundView(r) {
+    const ppo = r.ppo || {};
+    const gate = r.gate || {};
+    return {
+      id: first(r.round, r.round_id),
+      started: r.started || null,
+      at: first(r.finished, r.ended, r.started),
+      outcome: [r.outcome, r.outcome === "running" && r.phase ? `(${r.phase})` : ""].filter(Boolean).join(" "),
+      version: r.version || null,
+      reward_model: r.reward_model || null,
+      rm_accuracy: first(r.rm_accuracy, r.reward_accuracy),
+      reward_mean: first(r.reward_mean, ppo.reward_last),
+      kl: first(r.kl, gate.kl, ppo.kl_last),
+      kl_coef: first(r.kl_coef, ppo.kl_coef_last),
+      win_rate: first(gate.win_rate),
+      passed: gate.passed,
+      note: first(r.reason, r.error, Array.isArray(gate.failed) && gate.failed.length ? gate.failed.join("; ") : null),
+    };
+  }
+
+  function shortTime(iso) {
+    const t = new Date(iso);
+    return Number.isNaN(t.getTime()) ? "" : t.toLocaleString("en", { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+  }
+
   function renderRounds(body) {
-    const rounds = (body.data || []).slice().sort((a, b) => (a.round ?? 0) - (b.round ?? 0));
+    // the server sends newest first; charts read left to right, oldest first
+    const rounds = (body.data || []).slice().reverse().map(roundView);
     ui.roundsCount.textContent = `${rounds.length} round${rounds.length === 1 ? "" : "s"}`;
     ui.roundsCharts.replaceChildren();
     if (!rounds.length) {
@@ -612,68 +651,70 @@
     ui.rounds.replaceChildren();
     for (const r of rounds.slice().reverse()) {
       const tr = make("tr");
-      const th = make("th", "num", r.round ?? DASH);
+      const th = make("th", "mono", r.id ?? DASH);
       th.scope = "row";
       tr.append(th);
-      cell(tr, when(r.finished || r.started));
-      cell(tr, r.outcome || DASH);
+      cell(tr, when(r.at));
+      cell(tr, r.outcome || DASH).title = r.note || "";
       cell(tr, r.version || DASH, "mono");
       cell(tr, r.reward_model || DASH, "mono");
       cell(tr, pct(r.rm_accuracy, 1), "num");
       cell(tr, num(r.reward_mean, 3), "num");
       cell(tr, num(r.kl, 4), "num");
       cell(tr, num(r.kl_coef, 3), "num");
-      const g = r.gate || {};
-      cell(tr, g.passed === true ? "passed" : g.passed === false ? "failed" : DASH);
+      cell(tr, r.passed === true ? `passed (${pct(r.win_rate, 0)})` : r.passed === false ? `failed (${pct(r.win_rate, 0)})` : DASH,
+        r.passed === true ? "ok-text" : r.passed === false ? "bad-text" : "");
       ui.rounds.append(tr);
     }
   }
 
-  /** One metric over the rounds as a small line chart (points where the value is known). */
+  /** One metric over the rounds as a small line chart, oldest left (points where it is known). */
   function lineChart(rounds, series) {
-    const pts = rounds.filter((r) => isNum(r[series.key])).map((r) => ({ x: r.round, y: r[series.key], r }));
+    const pts = rounds.map((r, i) => ({ i, y: r[series.key], r })).filter((p) => isNum(p.y));
     const fig = make("figure", "figure round-chart");
     fig.dataset.series = series.key;
     const fmt = (y) => (series.percent ? pct(y, 1) : num(y, series.digits));
     const head = make("figcaption", "chart-title");
-    head.append(make("span", "", series.title), make("strong", "", pts.length ? fmt(pts[pts.length - 1].y) : DASH));
+    const latest = make("strong", "", pts.length ? fmt(pts[pts.length - 1].y) : DASH);
+    latest.className = "latest";
+    head.append(make("span", "", series.title), latest);
     fig.append(head);
     if (!pts.length) {
       fig.append(make("p", "empty-note", "not recorded"));
       return fig;
     }
-    const W = 300, H = 110, L = 40, R = 292, T = 10, B = 88;
-    let lo = Math.min(...pts.map((p) => p.y)), hi = Math.max(...pts.map((p) => p.y));
+    const W = 300, H = 110, L = 44, R = 292, T = 10, B = 88;
+    const ys = pts.map((p) => p.y);
+    let lo = Math.min(...ys), hi = Math.max(...ys);
     if (series.percent) { lo = Math.min(lo, 0.5); hi = Math.max(hi, 0.5); }
     if (hi === lo) { hi += Math.abs(hi) * 0.1 || 1; lo -= Math.abs(lo) * 0.1 || 0; }
-    const xs = pts.map((p, i) => (isNum(p.x) ? p.x : i));
-    const x0 = Math.min(...xs), x1 = Math.max(...xs);
-    const X = (v) => (x1 === x0 ? (L + R) / 2 : L + ((v - x0) / (x1 - x0)) * (R - L));
+    const n = rounds.length;
+    const X = (i) => (n === 1 ? (L + R) / 2 : L + (i / (n - 1)) * (R - L));
     const Y = (v) => B - ((v - lo) / (hi - lo)) * (B - T);
     const words = `${series.title} over ${pts.length} round${pts.length === 1 ? "" : "s"}: `
-      + `first ${fmt(pts[0].y)}, latest ${fmt(pts[pts.length - 1].y)}, lowest ${fmt(Math.min(...pts.map((p) => p.y)))}, `
-      + `highest ${fmt(Math.max(...pts.map((p) => p.y)))}`;
+      + `first ${fmt(ys[0])}, latest ${fmt(ys[ys.length - 1])}, lowest ${fmt(Math.min(...ys))}, highest ${fmt(Math.max(...ys))}`;
     const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "line-chart", role: "img", "aria-label": words });
     s.append(svg("title", {}, words));
     s.append(svg("line", { x1: L, x2: R, y1: B, y2: B, class: "axis" }));
     s.append(svg("line", { x1: L, x2: R, y1: T, y2: T, class: "grid" }));
     s.append(svg("text", { x: L - 5, y: T + 4, class: "tick-label", "text-anchor": "end" }, fmt(hi)));
     s.append(svg("text", { x: L - 5, y: B + 4, class: "tick-label", "text-anchor": "end" }, fmt(lo)));
-    s.append(svg("text", { x: L, y: H - 4, class: "tick-label", "text-anchor": "start" }, `round ${x0}`));
-    if (x1 !== x0) s.append(svg("text", { x: R, y: H - 4, class: "tick-label", "text-anchor": "end" }, `round ${x1}`));
+    s.append(svg("text", { x: L, y: H - 4, class: "tick-label", "text-anchor": "start" }, shortTime(rounds[0].started)));
+    if (n > 1) s.append(svg("text", { x: R, y: H - 4, class: "tick-label", "text-anchor": "end" }, shortTime(rounds[n - 1].started)));
     if (series.percent && lo < 0.5 && hi > 0.5) {
       s.append(svg("line", { x1: L, x2: R, y1: Y(0.5), y2: Y(0.5), class: "even" }));
     }
     if (pts.length > 1) {
-      s.append(svg("polyline", { points: pts.map((p, i) => `${X(xs[i])},${Y(p.y)}`).join(" "), class: "series" }));
+      s.append(svg("polyline", { points: pts.map((p) => `${X(p.i)},${Y(p.y)}`).join(" "), class: "series" }));
     }
-    pts.forEach((p, i) => {
-      const failed = p.r.gate && p.r.gate.passed === false;
-      const dot = svg("circle", { cx: X(xs[i]), cy: Y(p.y), r: 3.5, class: failed ? "point hollow" : "point" });
-      dot.append(svg("title", {}, `round ${p.x}: ${fmt(p.y)}${p.r.outcome ? ` (${p.r.outcome})` : ""}`));
+    for (const p of pts) {
+      const dot = svg("circle", { cx: X(p.i), cy: Y(p.y), r: 3.5, class: p.r.passed === false ? "point hollow" : "point" });
+      dot.append(svg("title", {}, `${p.r.id ?? "round"}: ${fmt(p.y)}${p.r.outcome ? ` (${p.r.outcome})` : ""}`));
       s.append(dot);
-    });
+    }
     fig.append(s);
+    const legend = make("p", "chart-note", "Hollow: the gate rejected that round's model.");
+    if (pts.some((p) => p.r.passed === false)) fig.append(legend);
     return fig;
   }
 
