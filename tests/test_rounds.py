@@ -244,3 +244,36 @@ def test_sigkill_mid_round_leaves_the_registry_as_it_was(world: dict[str, Any], 
     resume, how = _recover(settings)
     assert resume is None and how.startswith("restarting") and "'ppo'" in how
     assert [(r["outcome"], r["phase"]) for r in read_rounds(settings, 5)] == [("interrupted", "ppo")]
+
+
+def test_daemon_starts_rounds_on_votes_or_interval_and_never_two_at_once(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from trainer.daemon import RoundScheduler
+    from trainer.rounds import RoundBusy, _json_line, round_lock, round_running
+
+    settings = make_settings(tmp_path, min_new_preferences=5, round_interval=timedelta(seconds=3600))
+    rng = random.Random(3)
+    store = PreferenceStore(settings.preferences_db)
+    store.add_many([yes_vote(i, rng) for i in range(3)])
+    scheduler = RoundScheduler(settings)
+    assert scheduler.due() is None  # 3 < 5 new votes, interval not over
+    store.add_many([yes_vote(i, rng) for i in range(3, 6)])
+    assert scheduler.due() is not None and "6 new votes" in str(scheduler.due())
+    # a finished round started from rowid 6: nothing new since
+    _json_line(settings.data_dir / "rounds" / "rounds.jsonl", {"round_id": "r1", "outcome": "published",
+                                                               "store_mark": 6, "ended_ts": time.time()})
+    assert scheduler.due() is None
+    store.add_many([yes_vote(6, rng)])
+    assert scheduler.due() is None  # one new vote, but the interval has not passed
+    _json_line(settings.data_dir / "rounds" / "rounds.jsonl", {"round_id": "r2", "outcome": "skipped",
+                                                               "store_mark": 6, "ended_ts": time.time() - 7200})
+    assert "since the last round" in str(scheduler.due())
+    store.close()
+    assert [r["round_id"] for r in read_rounds(settings, 5)] == ["r2", "r1"]
+    # the lock: while one round holds it, another cannot start, and the scheduler sees it
+    with round_lock(settings):
+        assert round_running(settings)
+        with pytest.raises(RoundBusy):
+            run_round(settings)
+    assert not round_running(settings)
