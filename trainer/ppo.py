@@ -28,6 +28,7 @@ model, rollout engine, the iteration loop.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -412,7 +413,8 @@ class RolloutEngine:
         params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1 if temperature else 1,
                                  max_tokens=max_tokens, seed=None if seed is None else seed + i)
                   for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        requests: Any = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
@@ -474,8 +476,8 @@ def encode_prompt(tokenizer: Any, messages: Messages, max_length: int) -> list[i
                                              return_dict=False)
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
-    ids = [int(i) for i in ids]
-    return ids[-max_length:]
+    out: list[int] = [int(i) for i in ids]
+    return out[-max_length:]
 
 
 @dataclass
@@ -492,8 +494,8 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: Path, max_length: int = 384) -> RewardScorer:
-        from trainer.reward import load_reward_model, read_manifest
-
+        reward = importlib.import_module("trainer.reward")  # see trainer/rounds.py `_heavy`
+        load_reward_model, read_manifest = reward.load_reward_model, reward.read_manifest
         model, tokenizer = load_reward_model(path)
         norm = read_manifest(path).get("reward_norm", {}) if (path / "manifest.json").is_file() else {}
         return cls(model, tokenizer, max_length, float(norm.get("mean", 0.0)),
@@ -501,8 +503,9 @@ class RewardScorer:
 
     def __call__(self, prompts: Sequence[Messages], answers: Sequence[str]) -> torch.Tensor:
         """Normalised scores (N,) of answers[i] to prompts[i]."""
-        from trainer.reward import RewardConfig, score_texts
-        from trainer.reward_data import encode_conversation
+        reward = importlib.import_module("trainer.reward")
+        RewardConfig, score_texts = reward.RewardConfig, reward.score_texts
+        encode_conversation = importlib.import_module("trainer.reward_data").encode_conversation
 
         seqs = [encode_conversation(self.tokenizer, p, a, self.max_length)[0]
                 for p, a in zip(prompts, answers, strict=True)]
@@ -646,7 +649,7 @@ class PPOTrainer:
                 vf_loss, _ = value_loss(values, old_values[mb], returns[mb], mask[mb], c.cliprange_value)
                 loss = pg_loss + c.vf_coef * vf_loss
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.policy.parameters() if p.requires_grad], c.max_grad_norm)
                 self.optimizer.step()
@@ -698,7 +701,7 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
         for _ in range(config.iterations):
             if should_stop is not None and should_stop():
                 break
-            picked = []
+            picked: list[Messages] = []
             while len(picked) < config.batch_size:
                 if not order:
                     order = list(range(len(prompts)))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import logging
 import os
@@ -234,6 +235,12 @@ class RoundContext:
         return rounds_dir(self.settings) / "work" / self.round_id
 
 
+def _heavy(name: str) -> Any:
+    """torch/vLLM-backed trainer modules, imported when a round runs. The chat API imports this
+    module for `read_rounds`: it must stay light there, and out of services/' strict mypy graph."""
+    return importlib.import_module(name)
+
+
 def _registry(settings: Settings) -> Any:
     from services.registry import Registry
 
@@ -335,11 +342,15 @@ def record_iteration_metrics(it: dict[str, Any]) -> None:
 
 def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, progress: bool, record_metrics: bool,
          resuming: bool) -> dict[str, Any]:
-    from trainer.ppo import PPOConfig
-    from trainer.reward import RewardConfig, current_version, read_manifest, refresh_reward_model
+    reward = _heavy("trainer.reward")
+    PPOConfig = _heavy("trainer.ppo").PPOConfig
+    RewardConfig, current_version, read_manifest = reward.RewardConfig, reward.current_version, reward.read_manifest
+    refresh_reward_model = reward.refresh_reward_model
 
     settings = ctx.settings
-    stopped = (lambda: stop.is_set()) if stop is not None else (lambda: False)
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     registry = _registry(settings)
     serving = registry.state().champion
 
@@ -379,10 +390,8 @@ def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, progress:
     config = PPOConfig.from_settings(settings)
     own_engine = engine is None
     if own_engine:
-        from trainer.ppo import RolloutEngine
-
         t0 = time.monotonic()
-        engine = RolloutEngine(settings, registry.path(champion), max_model_len=settings.engine_max_model_len,
+        engine = _heavy("trainer.ppo").RolloutEngine(settings, registry.path(champion), max_model_len=settings.engine_max_model_len,
                                seed=settings.ppo_seed)
         timings["engine_start"] = time.monotonic() - t0
     else:
@@ -397,8 +406,7 @@ def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, progress:
 
 def _gate_answers(engine: Any, tokenizer: Any, prompts: list[Messages], settings: Settings,
                   config: Any) -> tuple[list[list[int]], list[Any]]:
-    from trainer.ppo import encode_prompt
-
+    encode_prompt = _heavy("trainer.ppo").encode_prompt
     ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
     # the same seeds for champion and candidate: differences come from the weights
     samples = engine.generate(ids, max_tokens=config.response_length, temperature=config.temperature,
@@ -412,8 +420,10 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
                       timings: dict[str, float]) -> dict[str, Any]:
     import torch
 
-    from trainer.ppo import PPOTrainer, RewardScorer, encode_prompt, kl_to_reference, load_policy, run_ppo, \
-        save_policy, sync_folder
+    ppo = _heavy("trainer.ppo")
+    PPOTrainer, RewardScorer, encode_prompt, kl_to_reference = \
+        ppo.PPOTrainer, ppo.RewardScorer, ppo.encode_prompt, ppo.kl_to_reference
+    load_policy, run_ppo, save_policy, sync_folder = ppo.load_policy, ppo.run_ppo, ppo.save_policy, ppo.sync_folder
 
     settings = ctx.settings
     registry = _registry(settings)
@@ -465,10 +475,12 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
     kls = kl_to_reference(cand_policy, reference, tokenizer, [held_ids[s.prompt] for s in cand],
                           [s.token_ids for s in cand], config.temperature)
     del cand_policy
-    order = lambda ss: sorted(ss, key=lambda s: s.prompt)  # noqa: E731 - pairs by prompt, same seed order
-    cand, champ = order(cand), order(champ)
+    cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
+    champ = sorted(champ, key=lambda s: int(s.prompt))
     prompts_of = [held_prompts[s.prompt] for s in cand]
-    unended = lambda ss: torch.tensor([0.0 if s.finished else 1.0 for s in ss])  # noqa: E731
+    def unended(ss: list[Any]) -> torch.Tensor:
+        return torch.tensor([0.0 if s.finished else 1.0 for s in ss])
+
     r_cand = scorer(prompts_of, [s.text for s in cand]) - config.missing_eos_penalty * unended(cand)
     r_champ = scorer([held_prompts[s.prompt] for s in champ], [s.text for s in champ]) - \
         config.missing_eos_penalty * unended(champ)
@@ -479,8 +491,7 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
         ids = [encode_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}], config.max_prompt_length)]
         answer = engine.generate(ids, max_tokens=config.response_length, temperature=0.0)[0].text
         sanity.append({**item, "answer": answer, "passed": re.search(item["expect"], answer) is not None})
-    from trainer.reward import wilson_interval
-
+    wilson_interval = _heavy("trainer.reward").wilson_interval
     mean_kl = sum(kls) / len(kls)
     gate = {
         "win_rate": win_rate, "win_rate_ci95": list(wilson_interval(round(wins), len(r_cand))),
