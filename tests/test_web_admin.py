@@ -92,10 +92,12 @@ def _round(n: int, hours_ago: float, outcome: str, **fields: Any) -> dict[str, A
 ROUNDS = [
     _round(1, 3, "skipped", reason="no reward model yet (too few held-out votes to accept one)"),
     _round(2, 2, "rejected", version="v1", reward_model="rm-v1", reward_accuracy=0.58,
-           ppo={"iterations": 8, "reward_first": -0.31, "reward_last": -0.12, "kl_last": 0.041, "kl_coef_last": 0.05},
+           ppo={"iterations": 8, "reward_first": -0.31, "reward_last": -0.12, "kl_last": 0.041,
+                "kl_coef_last": 0.05},
            gate={"win_rate": 0.47, "kl": 0.052, "passed": False, "failed": ["win rate 0.470 < 0.55"]}),
     _round(3, 1, "published", version="v2", reward_model="rm-v2", reward_accuracy=0.64,
-           ppo={"iterations": 8, "reward_first": -0.08, "reward_last": 0.21, "kl_last": 0.028, "kl_coef_last": 0.048},
+           ppo={"iterations": 8, "reward_first": -0.08, "reward_last": 0.21, "kl_last": 0.028,
+                "kl_coef_last": 0.048},
            gate={"win_rate": 0.61, "kl": 0.031, "passed": True, "failed": []}),
 ]
 
@@ -147,8 +149,10 @@ def vote_pairs(base: str, n: int) -> None:
                 "model": "kaizen", "messages": [{"role": "user", "content": f"Question {i}"}],
                 "comparison": "force", "max_tokens": 8})
             assert r.status_code == 200, r.text
-            choice: int | str = [0, 1, 0, "tie", 1, 0][i % 6]
-            r = client.post("/v1/feedback", json={"comparison_id": r.json()["comparison_id"], "choice": choice})
+            choices: list[int | str] = [0, 1, 0, "tie", 1, 0]
+            choice = choices[i % 6]
+            cid = r.json()["comparison_id"]
+            r = client.post("/v1/feedback", json={"comparison_id": cid, "choice": choice})
             assert r.status_code == 202, r.text
 
 

@@ -53,6 +53,7 @@
     versions: null,
     detailVersion: null,
     pending: null,       // the action the dialog asks about
+    busy: false,         // the server is carrying the action out
     opener: null,        // the button that opened the dialog (focus returns there)
     rendered: {},        // last JSON drawn per section: redraw only on change (keeps focus and scroll)
   };
@@ -789,6 +790,9 @@
     if (ui.dialog.open) ui.dialog.close();
   }
 
+  // Esc while the server works would hide the outcome: the dialog stays until it answers
+  ui.dialog.addEventListener("cancel", (e) => { if (state.busy) e.preventDefault(); });
+
   ui.dialog.addEventListener("close", () => {
     state.pending = null;
     const back = state.opener && document.contains(state.opener) ? state.opener
@@ -824,8 +828,14 @@
     ui.dialogOk.disabled = true;
     ui.dialogCancel.disabled = true;
     ui.dialogOk.setAttribute("aria-busy", "true");
-    ui.dialogError.replaceChildren(make("p", "hint", "Working…"));
+    ui.dialogError.replaceChildren(make("p", "hint", {
+      canary: "Starting the canary: the server loads its weights first, which can take a minute…",
+      promote: "Promoting: the server swaps the weights in before it answers…",
+      rollback: "Rolling back…",
+    }[pending.action]));
+    state.busy = true;
     const res = await api("POST", path, body);
+    state.busy = false;
     ui.dialogOk.removeAttribute("aria-busy");
     ui.dialogOk.disabled = false;
     ui.dialogCancel.disabled = false;
