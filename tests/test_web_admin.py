@@ -3,10 +3,13 @@
     python -m pytest tests/test_web_admin.py -q
 
 One `kaizen serve` process of its own (auto rollout off, so only the operator's
-clicks change the rollout) on the tiny model. A second version is published into
-its registry the way the trainer does; the operator puts it on canary from the
-page, sees the split change, promotes it, and the chat page's version label
-follows. The screenshot of the operator page lands in docs/screenshots/.
+clicks change the rollout) on the tiny model, on the session broker. Before the
+tests, three training rounds are logged where trainer/rounds.py logs them and
+their two models published into the server's registry as the trainer does (v1
+rejected by the gate, v2 a candidate). The operator puts v2 on canary from the
+page, sees the split change and the live head-to-head, promotes it, and the chat
+page's version label follows. A wrong token is explained on the page. Screenshots
+land in docs/screenshots/ (admin-desktop.png, admin-bad-token-desktop.png).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from services.registry import Registry
 from services.settings import Settings
 from trainer.rounds import rounds_dir
 from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
-from tests.test_web import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SHOTS, open_page, send
+from tests.test_web import CHROMIUM, CHROMIUM_ARGS, SHOTS, open_page, send
 
 #: Starting a canary loads a second vLLM engine (~20 s on 2 CPU cores) before the
 #: server answers; promoting swaps weights into the champion first.
