@@ -114,10 +114,22 @@
     if (Number.isNaN(t.getTime())) { span.textContent = String(iso); return span; }
     span.dateTime = t.toISOString();
     span.title = t.toLocaleString();
-    const s = Math.round((Date.now() - t.getTime()) / 1000);
-    span.textContent = s < 45 ? "just now" : s < 3600 ? `${Math.round(s / 60)} min ago`
-      : s < 86400 ? `${Math.round(s / 3600)} h ago` : t.toLocaleDateString();
+    span.textContent = ago(t);
     return span;
+  }
+
+  function ago(t) {
+    const s = Math.round((Date.now() - t.getTime()) / 1000);
+    return s < 45 ? "just now" : s < 3600 ? `${Math.round(s / 60)} min ago`
+      : s < 86400 ? `${Math.round(s / 3600)} h ago` : t.toLocaleDateString();
+  }
+
+  /** Sections redraw only when their data changes, so "2 min ago" is kept current here. */
+  function touchTimes() {
+    document.querySelectorAll("time.when[datetime]").forEach((node) => {
+      const text = ago(new Date(node.dateTime));
+      if (node.textContent !== text) node.textContent = text;
+    });
   }
 
   function stageBadge(stage) {
@@ -248,6 +260,7 @@
       if (audit.ok) draw("audit", audit.body, renderAudit);
       document.body.dataset.state = "ready";
       document.body.dataset.loaded = "true";
+      touchTimes();
       ui.updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
     } finally {
       state.loading = false;
