@@ -772,6 +772,10 @@
       text = `A share of users will get answers from ${version} instead of the champion ${r.champion || ""}. `
         + "Their votes compare the two.";
       ok = "Start canary";
+      const row = (state.versions?.data || []).find((v) => v.version === version);
+      if (row && row.stage === "rejected") {
+        text += ` ${version} was rejected${row.stage_reason ? ` (${row.stage_reason})` : ""}: give a reason to try it anyway.`;
+      }
       if (r.canary && r.canary !== version) {
         text += ` ${r.canary} is on canary now: the server will refuse until it is promoted or rolled back.`;
       }
