@@ -156,7 +156,27 @@ ROLLOUT_DECISIONS = Counter(
     "Rollout changes, by action (canary, promote, rollback) and who decided (auto, operator).",
     ["action", "actor"],
 )
+CHAT_REQUESTS = Counter(
+    "kaizen_chat_requests_total",
+    "Chat requests admitted to an engine, by model version (the denominator of the error rate).",
+    ["model_version"],
+)
 CHAT_ERRORS = Counter(
     "kaizen_chat_errors_total", "Chat requests that failed inside the engine, by model version.",
     ["model_version"],
 )
+
+
+# Counters with a fixed set of label values start at 0, so `increase()` in alerts and
+# dashboards sees their first event (a series that appears at 1 has no increase).
+for _outcome in ("stored", "duplicate", "dead_lettered"):
+    EVENTS_CONSUMED.labels(outcome=_outcome)
+for _outcome in ("published", "rejected", "failed", "skipped"):
+    ROUNDS.labels(outcome=_outcome)
+for _result in ("ok", "refused", "failed"):
+    SWAPS.labels(result=_result)
+for _action in ("canary", "promote", "rollback"):
+    for _actor in ("auto", "operator"):
+        ROLLOUT_DECISIONS.labels(action=_action, actor=_actor)
+for _choice in ("0", "1", "tie", "both_bad"):
+    VOTES.labels(choice=_choice)

@@ -50,11 +50,19 @@ class OutboxRelay:
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 10.0, flush_s: float = 5.0) -> None:
+        """Stop the thread, then try for `flush_s` to deliver what is still pending (a pod
+        being replaced should hand its votes to Kafka, not leave them on its disk)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        deadline = time.monotonic() + flush_s
+        try:
+            while time.monotonic() < deadline and self.deliver_once() > 0:
+                pass
+        except Exception as exc:  # noqa: BLE001 - the votes stay in the outbox for the next start
+            log.warning("final outbox flush failed (%s); undelivered votes stay in %s", exc, self.store.path)
         self._close_producer()
 
     def notify(self) -> None:

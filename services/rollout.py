@@ -238,6 +238,7 @@ class Rollout:
 
     def count_request(self, version: str) -> None:
         self.health.setdefault(version, VersionHealth()).requests += 1
+        metrics.CHAT_REQUESTS.labels(model_version=version).inc()
 
     # -- reconciliation --------------------------------------------------------------------
 
