@@ -95,7 +95,7 @@ REWARD_MODEL_ACCURACY = Gauge(
 )
 ROUNDS = Counter(
     "kaizen_training_rounds_total",
-    "Training rounds finished, by outcome (published, rejected, failed, skipped).",
+    "Training rounds finished, by outcome (published, rejected, failed, skipped, abandoned).",
     ["outcome"],
 )
 ROUND_DURATION = Histogram(
@@ -171,7 +171,7 @@ CHAT_ERRORS = Counter(
 # dashboards sees their first event (a series that appears at 1 has no increase).
 for _outcome in ("stored", "duplicate", "dead_lettered"):
     EVENTS_CONSUMED.labels(outcome=_outcome)
-for _outcome in ("published", "rejected", "failed", "skipped"):
+for _outcome in ("published", "rejected", "failed", "skipped", "abandoned"):
     ROUNDS.labels(outcome=_outcome)
 for _result in ("ok", "refused", "failed"):
     SWAPS.labels(result=_result)
