@@ -60,7 +60,7 @@ def server(
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{settings.port}"
     try:
-        wait_http(f"{base}/readyz", 240, proc)
+        wait_http(f"{base}/readyz", 360, proc)  # ~25 s idle; minutes when the machine is busy
         registry = Registry(settings.registry_path)
         for r in ROUNDS:
             if r["outcome"] in ("published", "rejected"):
