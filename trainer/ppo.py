@@ -431,7 +431,7 @@ class RolloutEngine:
     def shutdown(self) -> None:
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None:
-            core.shutdown()
+            core.shutdown(timeout=10)
 
 
 def sync_weights(policy: PolicyWithValue, engine: RolloutEngine, folder: Path) -> dict[str, float]:
