@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 
 from services.settings import Settings, get_settings
+from kaizen.bench_cli import bench_app
 from kaizen.models_cli import models_app
 from kaizen.simulate_cli import simulate_cmd
 from trainer.reward_cli import reward_app
@@ -34,6 +35,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(prefs_app, name="prefs")
 app.add_typer(reward_app, name="reward")
 app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate_cmd)
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)

@@ -1,0 +1,60 @@
+"""`kaizen bench loop`: the end-to-end proof that votes make the service better (trainer/loop.py)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from services.settings import get_settings
+
+bench_app = typer.Typer(help="Benchmarks that need the whole service.", no_args_is_help=True)
+console = Console(highlight=False, soft_wrap=True)
+README = Path(__file__).resolve().parent.parent / "bench" / "README.md"
+
+
+@bench_app.command("loop")
+def loop(
+    rounds: Annotated[int, typer.Option(min=1, help="training rounds")] = 3,
+    votes: Annotated[int, typer.Option(min=1, help="simulated votes before each round")] = 200,
+    canary_votes: Annotated[int, typer.Option(min=1, help="most votes per canary before the loop decides")] = 120,
+    budget: Annotated[float, typer.Option(min=1, help="seconds for the rounds (evaluation comes after)")] = 3600,
+    judge: Annotated[str, typer.Option(help="voters' judge: module:function or file.py:function")] =
+        "trainer.judges:rubric",
+    eval_judge: Annotated[str | None, typer.Option(help="evaluation judge (default: --judge)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="voters' prompts, JSONL {\"prompt\": ...}")] = None,
+    eval_prompts: Annotated[Path | None, typer.Option(help="evaluation prompts, never trained on")] = None,
+    users: Annotated[int, typer.Option(min=1)] = 8,
+    noise: Annotated[float, typer.Option(min=0, max=1, help="probability of a random vote")] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: a new temporary one)")] = None,
+    record: Annotated[bool, typer.Option(help="append the result line to bench/README.md")] = False,
+) -> None:
+    """Rounds of (simulated votes → training round → canary by live votes), then every version vs v0."""
+    from trainer.loop import LoopConfig, run_loop
+    from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS
+
+    out_dir = out or Path(tempfile.mkdtemp(prefix="kaizen-loop-"))
+    config = LoopConfig(out_dir=out_dir, rounds=rounds, votes_per_round=votes, canary_votes=canary_votes,
+                        budget_s=budget, judge=judge, eval_judge=eval_judge, prompts=prompts or DEFAULT_PROMPTS,
+                        eval_prompts=eval_prompts or DEFAULT_EVAL_PROMPTS, users=users, noise=noise, seed=seed,
+                        max_tokens=max_tokens)
+    report = run_loop(config, get_settings(), say=lambda m: console.print(f"[bold]loop[/bold] {m}"))
+    console.print_json(json.dumps(report["evaluation"]))
+    console.print(f"phases (s): {report['phases_s']}; report {out_dir / 'loop.json'}, plot {out_dir / 'loop.png'}")
+    if record:
+        best = max((v for k, v in report["evaluation"]["versions"].items() if k != "v0"),
+                   key=lambda v: v["win_rate_vs_v0"], default=None)
+        line = (f"| {time.strftime('%Y-%m-%d')} | `kaizen bench loop --rounds {rounds} --votes {votes} "
+                f"--judge {judge} --seed {seed}` | "
+                + (f"{best['win_rate_vs_v0']:.3f} [{best['ci95'][0]:.3f}, {best['ci95'][1]:.3f}], KL "
+                   f"{best['kl_to_v0']}" if best else "no version published")
+                + f" | {report['wall_s']:.0f} s |\n")
+        with README.open("a") as f:
+            f.write(line)

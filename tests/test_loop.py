@@ -1,0 +1,99 @@
+"""`kaizen bench loop`, short, on the tiny model: the plumbing of the whole loop.
+
+Real broker, real chat API (vLLM), simulated users voting through the public
+API with a judge loaded from a file, real training rounds (reward model, PPO,
+gate, publish), canary by live votes, then the evaluation against v0 and the
+plot. The champion is the tiny model taught to answer "Yes." or "No." at
+random (tests/test_rounds.py); the judge prefers "Yes.", which a few PPO
+iterations can learn, so a round can publish and a canary can win.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.registry import Registry
+from services.settings import Settings
+from tests.test_rounds import WORDS, sft_yes_no
+from trainer.loop import LoopConfig, bootstrap_interval, run_loop
+from trainer.store import PreferenceStore
+
+JUDGE = '''
+def prefers_yes(messages, a, b):
+    ya, yb = a.strip().lower().startswith("yes"), b.strip().lower().startswith("yes")
+    if ya == yb:
+        return "tie"
+    return 0 if ya else 1
+'''
+
+
+def prompt_file(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"prompt": f"Is the {' '.join(rng.choices(WORDS, k=3))} {i}?"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_bootstrap_interval_brackets_the_mean() -> None:
+    scores = [1.0] * 70 + [0.0] * 30
+    lo, hi = bootstrap_interval(scores, 1000, seed=0)
+    assert lo < 0.7 < hi and 0.55 < lo and hi < 0.85
+    assert bootstrap_interval([0.5] * 10, 100, 0) == (0.5, 0.5)
+
+
+def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("loop")
+    champion = sft_yes_no(tiny_model, root / "yes-no")
+    sanity = root / "sanity.jsonl"
+    sanity.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": r"^(Yes|No)"}) + "\n")
+    judge = root / "judge.py"
+    judge.write_text(JUDGE)
+    overrides = dict(
+        model=champion, engine_max_model_len=512, default_max_tokens=8, max_tokens_limit=64,
+        reward_max_length=64, reward_batch_size=8, reward_grad_accum=1, reward_lr=1e-3, reward_epochs=2,
+        reward_train_layers=0, reward_eval_every=8, reward_patience=50, reward_threads=1,
+        reward_holdout_fraction=0.3, reward_min_holdout=4, reward_replay_fraction=0.0,
+        ppo_iterations=3, ppo_batch_size=16, ppo_response_length=8, ppo_epochs=2, ppo_lr=2e-4,
+        ppo_train_layers=0, ppo_threads=1, gate_prompts=8, gate_samples=2, gate_min_win=0.55, gate_max_kl=3.0,
+        gate_sanity_file=sanity, canary_min_votes=6, canary_fraction=0.5, registry_poll_interval_s=0.5,
+        kafka_max_poll_interval_ms=10_000)
+    config = LoopConfig(out_dir=root / "out", rounds=2, votes_per_round=40, canary_votes=24, users=4,
+                        judge=f"{judge}:prefers_yes", prompts=prompt_file(root / "p.jsonl", 60, 1),
+                        eval_prompts=prompt_file(root / "e.jsonl", 8, 2), max_tokens=8, eval_samples=2,
+                        bootstrap=200, settings_overrides=overrides)
+    report = run_loop(config, Settings(model=champion))
+
+    # votes flowed from the simulated users through the API and Kafka into the trainer's store
+    assert [r["votes"]["votes"] for r in report["rounds"]] == [40, 40], report["rounds"]
+    store = PreferenceStore(config.out_dir / "data" / "preferences.sqlite")
+    try:
+        assert store.count() >= 80
+    finally:
+        store.close()
+    # rounds ran to an outcome; at least one published a version that went through a canary
+    outcomes = [r["training"]["outcome"] for r in report["rounds"]]
+    assert "published" in outcomes, report["rounds"]
+    rolled = [r["rollout"] for r in report["rounds"] if "rollout" in r]
+    assert rolled and all(r["result"] in ("promoted", "rolled back") for r in rolled), rolled
+    registry = Registry(config.out_dir / "data" / "registry")
+    published = [r["training"]["version"] for r in report["rounds"] if r["training"]["outcome"] == "published"]
+    # the evaluation judged every published version against v0, with an interval, KL and sanity
+    versions = report["evaluation"]["versions"]
+    assert set(published) <= set(versions) and "v0" in versions
+    for v in published:
+        e = versions[v]
+        assert 0.0 <= e["ci95"][0] <= e["win_rate_vs_v0"] <= e["ci95"][1] <= 1.0
+        assert e["kl_to_v0"] == e["kl_to_v0"] and e["sanity_pass"] in (0.0, 0.5, 1.0) or 0 <= e["sanity_pass"] <= 1
+        assert e["stage"] == registry.info(v).stage
+    assert set(report["phases_s"]) >= {"start", "votes", "train", "evaluate"}
+    png = (config.out_dir / "loop.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]
+    print(json.dumps({"rounds": report["rounds"], "evaluation": versions, "phases": report["phases_s"]},
+                     default=str)[:3000])

@@ -1,0 +1,382 @@
+"""The loop benchmark: does the service get better from votes? (`kaizen bench loop`)
+
+    kaizen bench loop --rounds 3 --votes 200 --judge trainer.judges:rubric
+
+On a fresh data dir: start the embedded broker and the chat API (champion v0,
+automatic rollout on), then repeat for each round:
+
+1. **votes**: simulated users (trainer/simulate.py) chat through the public
+   API with forced comparisons and vote with the judge;
+2. **train**: the trainer drains the votes into its store and runs a training
+   round (reward-model refresh, PPO, gate, publish: trainer/rounds.py);
+3. **rollout**: the API puts the published candidate on canary and the
+   simulated users keep voting, now champion vs canary, until the automatic
+   rollout promotes or rolls it back (or the round's canary vote budget is
+   spent: then the loop decides from the win rate so far, as an operator would).
+
+Then the API is stopped and every published version is evaluated against v0
+on the evaluation prompts (never used for training) with the evaluation
+judge: win rate (ties and "both bad" count half) with a 95% bootstrap
+interval over prompts, tie and both-bad shares, mean answer length, KL to v0
+(Monte Carlo: mean over the version's own answers of log p_v − log p_v0), and
+the sanity prompts. Writes `loop.json` and `loop.png` into the output folder.
+
+Nothing here tells the trainer which judge votes: it sees votes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.registry import Registry
+from services.settings import Settings
+from trainer.judges import load_judge
+from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, SimulateConfig, read_prompts, simulate
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LoopConfig:
+    out_dir: Path
+    rounds: int = 3
+    votes_per_round: int = 200
+    canary_votes: int = 120
+    """Most votes collected while a canary runs before the loop decides itself."""
+    budget_s: float = 3600.0
+    """Wall-clock budget of the rounds (evaluation comes after)."""
+    judge: str = DEFAULT_JUDGE
+    eval_judge: str | None = None
+    prompts: Path = DEFAULT_PROMPTS
+    eval_prompts: Path = DEFAULT_EVAL_PROMPTS
+    users: int = 8
+    noise: float = 0.0
+    seed: int = 0
+    max_tokens: int = 64
+    eval_samples: int = 2
+    """Answers per evaluation prompt and version (same seeds for every version)."""
+    bootstrap: int = 2000
+    settings_overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra settings for the service (tests: the tiny model, a relaxed gate)."""
+
+
+@dataclass
+class Phases:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, started: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def loop_settings(base: Settings, config: LoopConfig) -> Settings:
+    data_dir = config.out_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    values = {**base.model_dump(), "data_dir": data_dir, "port": _free_port(), "broker_port": _free_port(),
+              "trainer_port": _free_port(), "kafka_bootstrap": None, "auto_rollout": True,
+              "api_keys": [f"loop-user-{i}" for i in range(config.users)], "rate_limit_rps": 1000.0,
+              "rate_limit_burst": 1000, "comparison_ttl": "PT24H",
+              "model": base.model_dir.resolve(), **config.settings_overrides}
+    return Settings.model_validate(values)
+
+
+def _status(base: str, admin: dict[str, str]) -> dict[str, Any]:
+    r = httpx.get(f"{base}/admin/rollout", headers=admin, timeout=30)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the rounds, then the evaluation; returns the report (also written to loop.json)."""
+    from services.broker import ensure_topics, start_embedded_broker
+    from trainer import daemon
+    from trainer.rounds import run_round
+
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    settings = loop_settings(base_settings, config)
+    admin_token = "loop-admin"
+    settings = settings.model_copy(update={"admin_token": __import__("pydantic").SecretStr(admin_token)})
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    judge = load_judge(config.judge)
+    prompts = read_prompts(config.prompts)
+    phases = Phases()
+    rounds: list[dict[str, Any]] = []
+    base = f"http://127.0.0.1:{settings.port}"
+    keys = [k.get_secret_value() for k in settings.api_keys]
+    started_all = time.monotonic()
+
+    def votes(n: int, seed: int) -> dict[str, Any]:
+        cfg = SimulateConfig(base_url=base, api_keys=keys, users=config.users, rate=0, noise=config.noise,
+                             votes=n, seed=seed, max_tokens=config.max_tokens)
+        return asyncio.run(simulate(cfg, judge, prompts)).as_dict()
+
+    t = time.monotonic()
+    broker = start_embedded_broker(settings)
+    ensure_topics(settings)
+    serve_log = settings.data_dir / "serve.log"
+    with open(serve_log, "ab") as out:
+        server = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + settings.engine_ready_timeout_s
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the chat API exited ({server.returncode}); see {serve_log}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the chat API did not get ready; see {serve_log}")
+            time.sleep(0.5)
+        phases.add("start", t)
+        say(f"service up at {base} (data {settings.data_dir})")
+        for r in range(config.rounds):
+            if time.monotonic() - started_all > config.budget_s:
+                say(f"time budget of {config.budget_s:.0f} s spent after {r} rounds")
+                break
+            rec: dict[str, Any] = {"round": r + 1}
+            t = time.monotonic()
+            rec["votes"] = votes(config.votes_per_round, config.seed * 1000 + r)
+            phases.add("votes", t)
+            say(f"round {r + 1}: {rec['votes']['votes']} votes {rec['votes']['verdicts']}")
+            t = time.monotonic()
+            wait_outbox_empty(base)
+            daemon.run(settings, once=True)
+            result = run_round(settings, progress=True)
+            phases.add("train", t)
+            rec["training"] = {k: result.get(k) for k in ("outcome", "version", "reason", "error", "gate",
+                                                          "reward_accuracy", "ppo", "seconds") if k in result}
+            say(f"round {r + 1}: {result.get('outcome')} {result.get('version') or ''} {result.get('reason') or ''}")
+            version = result.get("version")
+            if result.get("outcome") == "published" and version:
+                t = time.monotonic()
+                rec["rollout"] = rollout_version(base, admin, version, votes, config, r)
+                phases.add("rollout", t)
+                say(f"round {r + 1}: {version} {rec['rollout']['result']} ({rec['rollout']['reason']})")
+            rounds.append(rec)
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        broker.terminate()
+        broker.wait(10)
+    registry = Registry(settings.registry_path)
+    t = time.monotonic()
+    evaluation = evaluate_versions(settings, registry, config)
+    phases.add("evaluate", t)
+    report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+              "rounds": rounds, "evaluation": evaluation, "phases_s": phases.seconds,
+              "champion": registry.state().champion,
+              "wall_s": round(time.monotonic() - started_all, 1)}
+    (config.out_dir / "loop.json").write_text(json.dumps(report, indent=2, default=str))
+    plot(report, config.out_dir / "loop.png")
+    return report
+
+
+def wait_outbox_empty(base: str, timeout_s: float = 60.0) -> None:
+    """Until the API's relay has handed every vote to Kafka (kaizen_outbox_pending 0)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{base}/metrics/", timeout=10).text
+        m = re.search(r"^kaizen_outbox_pending (\S+)$", text, re.M)
+        if m and float(m.group(1)) == 0:
+            return
+        time.sleep(0.25)
+    log.warning("votes still waiting in the outbox after %.0f s", timeout_s)
+
+
+def rollout_version(base: str, admin: dict[str, str], version: str, votes: Callable[[int, int], dict[str, Any]],
+                    config: LoopConfig, r: int) -> dict[str, Any]:
+    """Wait for the automatic canary of `version`, vote until it is decided (or decide at the budget)."""
+    deadline = time.monotonic() + 120
+    while _status(base, admin)["serving"]["canary"] != version:
+        if time.monotonic() > deadline:
+            return {"result": "not canaried", "reason": json.dumps(_status(base, admin)["refused"])}
+        time.sleep(0.5)
+    spent, batch = 0, max(5, config.canary_votes // 6)
+    while spent < config.canary_votes:
+        votes(batch, config.seed * 1000 + 500 + r * 37 + spent)
+        spent += batch
+        time.sleep(1.5)  # the reconcile loop judges every poll interval
+        status = _status(base, admin)
+        if status["canary"] is None:
+            audit = httpx.get(f"{base}/admin/audit?limit=20", headers=admin, timeout=30).json()["data"]
+            last = next((e for e in audit if e["version"] == version and e["action"] in ("promote", "rollback")),
+                        None)
+            result = "promoted" if status["champion"] == version else "rolled back"
+            return {"result": result, "reason": last["why"] if last else "", "votes": spent,
+                    "head_to_head": status["head_to_head"]}
+    status = _status(base, admin)
+    h = status["head_to_head"]
+    action = "promote" if (h["win_rate"] or 0) > 0.5 else "rollback"
+    why = f"loop vote budget spent ({h['votes']} votes, win rate {h['win_rate']})"
+    httpx.post(f"{base}/admin/{action}", headers=admin, json={"reason": why, "who": "bench-loop"}, timeout=180)
+    return {"result": "promoted" if action == "promote" else "rolled back", "reason": why, "votes": spent,
+            "head_to_head": h}
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def bootstrap_interval(scores: list[float], n: int, seed: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of per-prompt scores."""
+    if not scores:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(n))
+    return means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))]
+
+
+def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig) -> dict[str, Any]:
+    """Every published version (not rejected by its gate) against v0 on the evaluation prompts."""
+    from transformers import AutoTokenizer
+
+    from trainer.ppo import RolloutEngine, encode_prompt
+    from trainer.rounds import sanity_set
+
+    judge = load_judge(config.eval_judge or config.judge)
+    eval_prompts = read_prompts(config.eval_prompts)
+    messages = [[{"role": "user", "content": p}] for p in eval_prompts]
+    gate_rejected = {e.version for e in registry.audit() if e.action == "publish" and e.to_stage == "rejected"}
+    versions = [v for v in registry.names() if v != "v0" and v not in gate_rejected]
+    tokenizer = AutoTokenizer.from_pretrained(registry.path("v0"))
+    ids = [encode_prompt(tokenizer, m, settings.ppo_max_prompt_length) for m in messages]
+    sanity = sanity_set(settings)
+    sanity_ids = [encode_prompt(tokenizer, [{"role": "user", "content": s["prompt"]}], settings.ppo_max_prompt_length)
+                  for s in sanity]
+    engine = RolloutEngine(settings, registry.path("v0"), seed=config.seed)
+    answers: dict[str, list[Any]] = {}
+    sanity_ok: dict[str, float] = {}
+    try:
+        for v in ["v0", *versions]:
+            if v != "v0":
+                engine.load_weights(registry.path(v))
+            answers[v] = engine.generate(ids, max_tokens=config.max_tokens, temperature=0.7,
+                                         n=config.eval_samples, seed=config.seed + 17)
+            greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
+            passed = [re.search(s["expect"], g.text.strip()) is not None for s, g in zip(sanity, greedy, strict=True)]
+            sanity_ok[v] = sum(passed) / max(1, len(passed))
+    finally:
+        engine.shutdown()
+    out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
+                           "versions": {}}
+    rng = random.Random(config.seed)
+    base = _by_prompt(answers["v0"])
+    out["versions"]["v0"] = {"mean_answer_tokens": _mean_len(answers["v0"]), "sanity_pass": sanity_ok["v0"]}
+    for v in versions:
+        mine = _by_prompt(answers[v])
+        per_prompt, ties, both_bad, n = [], 0, 0, 0
+        for i, m in enumerate(messages):
+            scores = []
+            for a, b in zip(mine.get(i, []), base.get(i, []), strict=False):
+                flip = rng.random() < 0.5
+                left, right = (b.text, a.text) if flip else (a.text, b.text)
+                verdict = judge(m, left, right)
+                n += 1
+                if verdict in ("tie", "both_bad"):
+                    ties += verdict == "tie"
+                    both_bad += verdict == "both_bad"
+                    scores.append(0.5)
+                else:
+                    scores.append(1.0 if (verdict == 1) == flip else 0.0)
+            if scores:
+                per_prompt.append(sum(scores) / len(scores))
+        win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
+        lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)
+        out["versions"][v] = {"win_rate_vs_v0": round(win, 4), "ci95": [round(lo, 4), round(hi, 4)],
+                              "tie_share": round(ties / n, 4) if n else None,
+                              "both_bad_share": round(both_bad / n, 4) if n else None,
+                              "mean_answer_tokens": _mean_len(answers[v]),
+                              "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
+                              "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
+    return out
+
+
+def _by_prompt(samples: list[Any]) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
+    for s in samples:
+        out.setdefault(s.prompt, []).append(s)
+    return out
+
+
+def _mean_len(samples: list[Any]) -> float:
+    return round(sum(len(s.token_ids) for s in samples) / max(1, len(samples)), 2)
+
+
+def kl_to_base(model_dir: Path, base_dir: Path, prompt_ids: list[list[int]], samples: list[Any]) -> float:
+    """Monte-Carlo KL(version ‖ v0) per answer: mean of Σ_t log p_v(y_t) − log p_v0(y_t) over its own answers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def logprobs(path: Path) -> list[float]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.eval()
+        totals = []
+        with torch.no_grad():
+            for s in samples:
+                if not s.token_ids:
+                    totals.append(0.0)
+                    continue
+                prompt = prompt_ids[s.prompt]
+                ids = torch.tensor([prompt + list(s.token_ids)])
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+                lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(s.token_ids).unsqueeze(1))
+                totals.append(float(lp.sum()))
+        return totals
+
+    mine, base = logprobs(model_dir), logprobs(base_dir)
+    return round(sum(a - b for a, b in zip(mine, base, strict=True)) / max(1, len(samples)), 4)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versions = [v for v in report["evaluation"]["versions"] if v != "v0"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if versions:
+        win = [report["evaluation"]["versions"][v]["win_rate_vs_v0"] for v in versions]
+        lo = [w - report["evaluation"]["versions"][v]["ci95"][0] for v, w in zip(versions, win, strict=True)]
+        hi = [report["evaluation"]["versions"][v]["ci95"][1] - w for v, w in zip(versions, win, strict=True)]
+        ax.errorbar(versions, win, yerr=[lo, hi], fmt="o-", capsize=4, label="win rate vs v0 (95% CI)")
+        ax2 = ax.twinx()
+        kl = [report["evaluation"]["versions"][v]["kl_to_v0"] for v in versions]
+        ax2.plot(versions, kl, "s--", color="tab:orange", label="KL to v0 (nats/answer)")
+        ax2.set_ylabel("KL to v0")
+        ax2.legend(loc="lower right")
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate over v0")
+    ax.set_xlabel("version")
+    ax.set_title("Kaizen loop: published versions against v0")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
