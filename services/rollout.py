@@ -98,6 +98,12 @@ class NotReady(Exception):
     pass
 
 
+def emit_in_background(settings: Settings, type_: Any, version: str | None, **details: Any) -> None:
+    """Model events never hold up a request or a swap (a missing broker would, for seconds)."""
+    threading.Thread(target=model_events.emit, args=(settings, type_, version), kwargs=details,
+                     name="kaizen-model-event", daemon=True).start()
+
+
 def _shape(model_dir: Path) -> dict[str, Any]:
     config = json.loads((model_dir / "config.json").read_text())
     return {k: config.get(k) for k in SHAPE_FIELDS}
@@ -262,8 +268,7 @@ class Rollout:
         self.refused[version] = reason
         metrics.SWAPS.labels(result="refused").inc()
         log.error("refusing version %s: %s", version, reason)
-        threading.Thread(target=model_events.emit, args=(self.settings, "refused", version),
-                         kwargs={"who": "chat-api", "reason": reason}, daemon=True).start()
+        emit_in_background(self.settings, "refused", version, who="chat-api", reason=reason)
 
     async def preflight(self, version: str) -> None:
         """Raise `CorruptVersion` unless the files match the manifest and fit the serving engine."""
@@ -299,8 +304,7 @@ class Rollout:
             metrics.SWAPS.labels(result="failed").inc()
             self.refused[target] = str(exc)
             log.error("%s; still serving %s", exc, engine.version)
-            await asyncio.to_thread(model_events.emit, self.settings, "refused", target, who="chat-api",
-                                    reason=str(exc))
+            emit_in_background(self.settings, "refused", target, who="chat-api", reason=str(exc))
             return
         metrics.SWAPS.labels(result="ok").inc()
         metrics.SWAP_DURATION.observe(result.held_s)
@@ -308,9 +312,8 @@ class Rollout:
         metrics.MODEL_INFO.labels(model_version=target).set(1)
         log.info("now serving %s (drain %.2f s, load %.2f s, held %.2f s, %d frozen)", target,
                  result.drain_s, result.load_s, result.held_s, result.frozen)
-        await asyncio.to_thread(model_events.emit, self.settings, "swapped", target, who="chat-api",
-                                previous=result.old_version, held_s=round(result.held_s, 3),
-                                frozen=result.frozen)
+        emit_in_background(self.settings, "swapped", target, who="chat-api", previous=result.old_version,
+                           held_s=round(result.held_s, 3), frozen=result.frozen)
 
     async def _sync_canary(self, state: RegistryState) -> None:
         current = self.canary
@@ -449,9 +452,8 @@ class Rollout:
             raise ValueError(action)
         metrics.ROLLOUT_DECISIONS.labels(action=action, actor=actor).inc()
         log.info("%s %s by %s: %s", action, ev_version, who, why)
-        await asyncio.to_thread(model_events.emit, self.settings, event, ev_version,  # type: ignore[arg-type]
-                                who=who, reason=why, champion=state.champion, canary=state.canary,
-                                fraction=state.canary_fraction)
+        emit_in_background(self.settings, event, ev_version, who=who, reason=why, champion=state.champion,
+                           canary=state.canary, fraction=state.canary_fraction)
         return state
 
     # -- what operators see -------------------------------------------------------------------
@@ -473,7 +475,9 @@ class Rollout:
                 "canary": (self.health.get(state.canary, VersionHealth()).as_dict()
                            if state.canary else None),
             },
-            "decision": {**self.decision, "min_votes": self.settings.canary_min_votes},
+            "decision": {**(self.decision if self.settings.auto_rollout else
+                            dict(zip(("state", "reason"), self.judge(state), strict=True))),
+                         "automatic": self.settings.auto_rollout, "min_votes": self.settings.canary_min_votes},
             "refused": self.refused,
             "generation": state.generation,
         }

@@ -356,6 +356,10 @@
       // the server judges only when it may act on the verdict
       ui.decision.textContent = "manual decision";
       ui.decisionReason.textContent = "Auto rollout is off: promote or roll back by hand.";
+    } else if (r.canary && !r.auto_rollout) {
+      // auto rollout off: the server's verdict is advice; the operator acts
+      ui.decision.textContent = `advice: ${d.state}`;
+      ui.decisionReason.textContent = `${d.reason || ""} (auto rollout is off: promote or roll back by hand)`;
     } else {
       ui.decision.textContent = d.state ? `decision: ${d.state}` : "";
       ui.decisionReason.textContent = d.reason || "";
