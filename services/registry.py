@@ -160,7 +160,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old file or the new one, never half; durable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with tmp.open("w") as f:
         f.write(text)
@@ -220,7 +222,7 @@ class Registry:
                 f.write(e.model_dump_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _write_atomic(self.state_file, state.model_dump_json(indent=2))
+        write_atomic(self.state_file, state.model_dump_json(indent=2))
         return state
 
     def _set_stage(self, state: RegistryState, version: str, stage: Stage, who: str, why: str,

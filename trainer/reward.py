@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import shutil
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from services.registry import write_atomic
 from services.settings import Settings
 from trainer.reward_data import (
     EncodedPair,
@@ -443,15 +443,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return data
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the new one, never half
-
-
 def reward_stats(model: Any, tokenizer: Any, pairs: Sequence[Pair], config: RewardConfig) -> dict[str, Any]:
     """Mean and std of rewards over both answers of `pairs`: PPO normalises rewards with them."""
     enc = encode_pairs(tokenizer, pairs, config.max_length)
@@ -487,7 +478,7 @@ def register_version(settings: Settings, model: Any, tokenizer: Any, manifest: d
     taken = [int(m.group(1)) for p in root.iterdir() if (m := VERSION_RE.match(p.name))]
     version = f"rm-v{max(taken, default=0) + 1}"
     path = save_model(model, tokenizer, root / version, {"version": version, **manifest})
-    _write_atomic(root / POINTER, version + "\n")
+    write_atomic(root / POINTER, version + "\n")
     return path
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from services import metrics
+from services.registry import write_atomic
 from services.settings import Settings
 from trainer.store import PreferenceStore, holdout_share
 
@@ -70,16 +71,6 @@ def rounds_dir(settings: Settings) -> Path:
 
 def _state_file(settings: Settings) -> Path:
     return rounds_dir(settings) / "state.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _json_line(path: Path, record: dict[str, Any]) -> None:
@@ -227,7 +218,7 @@ class RoundContext:
 
     def phase(self, name: str, **extra: Any) -> None:
         self.state.update(phase=name, phase_started=datetime.now(UTC).isoformat(), **extra)
-        _write_atomic(_state_file(self.settings), json.dumps(self.state, indent=2, default=str))
+        write_atomic(_state_file(self.settings), json.dumps(self.state, indent=2, default=str))
         log.info("round %s: %s", self.round_id, name)
 
     @property
