@@ -134,6 +134,7 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
     t = time.monotonic()
     broker = start_embedded_broker(settings)
     ensure_topics(settings)
+    engine: Any = None
     serve_log = settings.data_dir / "serve.log"
     with open(serve_log, "ab") as out:
         server = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
@@ -151,6 +152,12 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the chat API did not get ready; see {serve_log}")
             time.sleep(0.5)
+        from trainer.ppo import RolloutEngine
+
+        registry = Registry(settings.registry_path)
+        # one sampling engine for every round and the evaluation (each start costs ~25 s)
+        engine = RolloutEngine(settings, registry.path("v0"), max_model_len=settings.engine_max_model_len,
+                               seed=config.seed)
         phases.add("start", t)
         say(f"service up at {base} (data {settings.data_dir})")
         for r in range(config.rounds):
@@ -165,7 +172,7 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
             t = time.monotonic()
             wait_outbox_empty(base)
             daemon.run(settings, once=True)
-            result = run_round(settings, progress=True)
+            result = run_round(settings, engine=engine, progress=True)
             phases.add("train", t)
             rec["training"] = {k: result.get(k) for k in ("outcome", "version", "reason", "error", "gate",
                                                           "reward_accuracy", "ppo", "seconds") if k in result}
@@ -177,6 +184,10 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
                 phases.add("rollout", t)
                 say(f"round {r + 1}: {version} {rec['rollout']['result']} ({rec['rollout']['reason']})")
             rounds.append(rec)
+    except BaseException:
+        if engine is not None:
+            engine.shutdown()
+        raise
     finally:
         server.terminate()
         try:
@@ -185,9 +196,11 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
             server.kill()
         broker.terminate()
         broker.wait(10)
-    registry = Registry(settings.registry_path)
     t = time.monotonic()
-    evaluation = evaluate_versions(settings, registry, config)
+    try:
+        evaluation = evaluate_versions(settings, registry, config, engine)
+    finally:
+        engine.shutdown()
     phases.add("evaluate", t)
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
               "rounds": rounds, "evaluation": evaluation, "phases_s": phases.seconds,
@@ -252,11 +265,11 @@ def bootstrap_interval(scores: list[float], n: int, seed: int) -> tuple[float, f
     return means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))]
 
 
-def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig) -> dict[str, Any]:
+def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig, engine: Any) -> dict[str, Any]:
     """Every published version (not rejected by its gate) against v0 on the evaluation prompts."""
     from transformers import AutoTokenizer
 
-    from trainer.ppo import RolloutEngine, encode_prompt
+    from trainer.ppo import encode_prompt
     from trainer.rounds import sanity_set
 
     judge = load_judge(config.eval_judge or config.judge)
@@ -269,20 +282,15 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     sanity = sanity_set(settings)
     sanity_ids = [encode_prompt(tokenizer, [{"role": "user", "content": s["prompt"]}], settings.ppo_max_prompt_length)
                   for s in sanity]
-    engine = RolloutEngine(settings, registry.path("v0"), seed=config.seed)
     answers: dict[str, list[Any]] = {}
     sanity_ok: dict[str, float] = {}
-    try:
-        for v in ["v0", *versions]:
-            if v != "v0":
-                engine.load_weights(registry.path(v))
-            answers[v] = engine.generate(ids, max_tokens=config.max_tokens, temperature=0.7,
-                                         n=config.eval_samples, seed=config.seed + 17)
-            greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
-            passed = [re.search(s["expect"], g.text.strip()) is not None for s, g in zip(sanity, greedy, strict=True)]
-            sanity_ok[v] = sum(passed) / max(1, len(passed))
-    finally:
-        engine.shutdown()
+    for v in ["v0", *versions]:
+        engine.load_weights(registry.path(v))
+        answers[v] = engine.generate(ids, max_tokens=config.max_tokens, temperature=0.7,
+                                     n=config.eval_samples, seed=config.seed + 17)
+        greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
+        passed = [re.search(s["expect"], g.text.strip()) is not None for s, g in zip(sanity, greedy, strict=True)]
+        sanity_ok[v] = sum(passed) / max(1, len(passed))
     out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
                            "versions": {}}
     rng = random.Random(config.seed)

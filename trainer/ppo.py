@@ -655,8 +655,8 @@ class PPOTrainer:
                 self.optimizer.step()
                 with torch.no_grad():
                     stats["entropy"].append(float(masked_mean(entropy_from_logits(logits), mask[mb])))
-                stats["pg_loss"].append(float(pg_loss))
-                stats["vf_loss"].append(float(vf_loss))
+                stats["pg_loss"].append(float(pg_loss.detach()))
+                stats["vf_loss"].append(float(vf_loss.detach()))
                 stats["clipfrac"].append(float(pg_stats["clipfrac"]))
                 stats["approx_kl"].append(float(pg_stats["approx_kl"]))
         t_train = time.monotonic() - t0

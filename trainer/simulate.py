@@ -113,11 +113,14 @@ async def simulate(config: SimulateConfig, judge: Judge, prompts: list[str], pro
     started = time.monotonic()
     deadline = started + config.duration_s if config.duration_s else None
 
+    claimed = 0  # votes being posted or posted: users run concurrently, so a vote is claimed first
+
     def done() -> bool:
-        return (config.votes is not None and stats.votes >= config.votes) or (
+        return (config.votes is not None and claimed >= config.votes) or (
             deadline is not None and time.monotonic() >= deadline)
 
     async def user(index: int) -> None:
+        nonlocal claimed
         key = config.api_keys[index % len(config.api_keys)] if config.api_keys else "none"
         user_rng = random.Random(rng.random())
         client = AsyncOpenAI(base_url=f"{config.base_url}/v1", api_key=key, max_retries=2,
@@ -157,8 +160,10 @@ async def simulate(config: SimulateConfig, judge: Judge, prompts: list[str], pro
                     verdict = user_rng.choice(VERDICTS)
                 if done():
                     break
+                claimed += 1  # no await since the check: no other user can claim in between
                 r = await http.post("/v1/feedback", json={"comparison_id": cid, "choice": verdict})
                 if r.status_code != 202:
+                    claimed -= 1
                     stats.errors[f"feedback {r.status_code}"] += 1
                     continue
                 stats.votes += 1
