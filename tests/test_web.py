@@ -288,7 +288,7 @@ def test_stop_keeps_the_partial_answer(api_server: tuple[str, Settings], browser
     cdp.send("Network.emulateNetworkConditions",
              {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
     send(page, "Go on")
-    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(2)
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(2, timeout=ANSWER_TIMEOUT_MS)  # 300 tokens
     assert requests[1]["body"]["messages"][1] == {"role": "assistant", "content": partial}
     page.context.close()
 
