@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from services.settings import get_settings
+from services.settings import Settings, get_settings
 
 bench_app = typer.Typer(help="Benchmarks that need the whole service.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
@@ -33,6 +35,9 @@ def loop(
     noise: Annotated[float, typer.Option(min=0, max=1, help="probability of a random vote")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    eval_samples: Annotated[int, typer.Option(min=1, help="answers per evaluation prompt and version")] = 4,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="a service setting for this run, NAME=VALUE "
+                                                   "(as KAIZEN_NAME; repeatable), e.g. --set ppo_lr=1e-5")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: a new temporary one)")] = None,
     record: Annotated[bool, typer.Option(help="append the result line to bench/README.md")] = False,
 ) -> None:
@@ -40,21 +45,41 @@ def loop(
     from trainer.loop import LoopConfig, run_loop
     from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS
 
+    overrides: dict[str, str] = {}
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower().removeprefix("kaizen_")
+        if not sep or name not in Settings.model_fields:
+            raise typer.BadParameter(f"{item!r}: expected NAME=VALUE with NAME a setting (kaizen config)",
+                                     param_hint="--set")
+        overrides[name] = value
     out_dir = out or Path(tempfile.mkdtemp(prefix="kaizen-loop-"))
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the loop stops the API and the broker it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     config = LoopConfig(out_dir=out_dir, rounds=rounds, votes_per_round=votes, canary_votes=canary_votes,
                         budget_s=budget, judge=judge, eval_judge=eval_judge, prompts=prompts or DEFAULT_PROMPTS,
                         eval_prompts=eval_prompts or DEFAULT_EVAL_PROMPTS, users=users, noise=noise, seed=seed,
-                        max_tokens=max_tokens)
+                        max_tokens=max_tokens, eval_samples=eval_samples, settings_overrides=overrides)
     report = run_loop(config, get_settings(), say=lambda m: console.print(f"[bold]loop[/bold] {m}"))
     console.print_json(json.dumps(report["evaluation"]))
     console.print(f"phases (s): {report['phases_s']}; report {out_dir / 'loop.json'}, plot {out_dir / 'loop.png'}")
     if record:
-        best = max((v for k, v in report["evaluation"]["versions"].items() if k != "v0"),
-                   key=lambda v: v["win_rate_vs_v0"], default=None)
-        line = (f"| {time.strftime('%Y-%m-%d')} | `kaizen bench loop --rounds {rounds} --votes {votes} "
-                f"--judge {judge} --seed {seed}` | "
-                + (f"{best['win_rate_vs_v0']:.3f} [{best['ci95'][0]:.3f}, {best['ci95'][1]:.3f}], KL "
-                   f"{best['kl_to_v0']}" if best else "no version published")
-                + f" | {report['wall_s']:.0f} s |\n")
         with README.open("a") as f:
-            f.write(line)
+            f.write(result_line(report, rounds=rounds, votes=votes, judge=judge, seed=seed, overrides=overrides))
+
+
+def result_line(report: dict, *, rounds: int, votes: int, judge: str, seed: int, overrides: dict[str, str]) -> str:
+    """bench/README.md's row: the final champion against v0 (not the best of several: no selection bias)."""
+    evaluation = report["evaluation"]["versions"]
+    champion = report.get("champion")
+    sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
+    command = f"`kaizen bench loop --rounds {rounds} --votes {votes} --judge {judge} --seed {seed}{sets}`"
+    if champion in evaluation and champion != "v0":
+        v = evaluation[champion]
+        result = (f"{champion}: win rate {v['win_rate_vs_v0']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], "
+                  f"ties {v['tie_share']}, KL {v['kl_to_v0']}, {v['mean_answer_tokens']} vs "
+                  f"{evaluation['v0']['mean_answer_tokens']} tokens")
+    else:
+        published = [k for k in evaluation if k != "v0"]
+        result = f"champion still v0 (published: {', '.join(published) or 'none'})"
+    return f"| {time.strftime('%Y-%m-%d')} | {command} | {result} | {report['wall_s']:.0f} s |\n"

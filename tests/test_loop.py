@@ -46,6 +46,34 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
     assert bootstrap_interval([0.5] * 10, 100, 0) == (0.5, 0.5)
 
 
+def test_bench_loop_refuses_an_unknown_setting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kaizen.cli import app
+
+    out = CliRunner().invoke(app, ["bench", "loop", "--set", "ppo_lrr=1e-5", "--out", str(tmp_path / "o")])
+    assert out.exit_code == 2 and "ppo_lrr=1e-5" in out.output, out.output
+    assert not (tmp_path / "o").exists()  # refused before anything started
+
+
+def test_result_line_reports_the_champion_not_the_best_version() -> None:
+    from kaizen.bench_cli import result_line
+
+    def version(win: float) -> dict[str, object]:
+        return {"win_rate_vs_v0": win, "ci95": [win - 0.1, win + 0.1], "tie_share": 0.2, "kl_to_v0": 0.3,
+                "mean_answer_tokens": 40.0}
+
+    report = {"champion": "v2", "wall_s": 3000.0, "evaluation": {"versions": {
+        "v0": {"mean_answer_tokens": 50.0}, "v1": version(0.7), "v2": version(0.6)}}}
+    line = result_line(report, rounds=2, votes=100, judge="trainer.judges:rubric", seed=0,
+                       overrides={"ppo_lr": "1e-5"})
+    assert "v2: win rate 0.600 [0.500, 0.700]" in line and "0.700 [" not in line
+    assert "--set ppo_lr=1e-5`" in line and line.endswith("| 3000 s |\n")
+    report["champion"] = "v0"
+    assert "champion still v0 (published: v1, v2)" in result_line(report, rounds=2, votes=100, judge="j", seed=0,
+                                                                  overrides={})
+
+
 def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("loop")

@@ -313,6 +313,9 @@ def test_refresh_accepts_a_good_rm_then_rejects_flipped_labels(tmp_path: Path, t
     both_bad = manifest["data"]["new"]["both_bad"] + manifest["data"]["holdout"]["both_bad"]
     assert (ties, both_bad) == (1, 1)
     assert (v1 / "config.json").is_file() and (v1 / "model.safetensors").is_file()
+    # ~17 early-stopping pairs are fewer than reward_early_stop_min_pairs: all train, the last step is kept
+    assert manifest["data"]["early_stop_pairs"] == 0
+    assert manifest["metrics"]["train"]["best_step"] == manifest["metrics"]["train"]["steps"] > 0
 
     # nothing new: nothing to do
     nothing = refresh_reward_model(settings, config)
@@ -334,6 +337,19 @@ def test_refresh_accepts_a_good_rm_then_rejects_flipped_labels(tmp_path: Path, t
     v2 = read_manifest(reward_root(settings) / "rm-v2")
     assert v2["parent"] == "rm-v1" and v2["data"]["new"]["pairs"] == 296
     assert (reward_root(settings) / "current").read_text().strip() == "rm-v2"
+
+
+def test_refresh_early_stops_on_a_large_enough_slice(tmp_path: Path, tiny_model: Path) -> None:
+    settings = refresh_settings(tmp_path, tiny_model).model_copy(update={"reward_early_stop_min_pairs": 5})
+    store = PreferenceStore(settings.preferences_db)
+    rng = random.Random(2)
+    store.add_many([marker_vote(i, rng) for i in range(60)])
+    store.close()
+    result = refresh_reward_model(settings, tiny_config(epochs=1))
+    assert result.accepted, result.reason
+    manifest = read_manifest(reward_root(settings) / "rm-v1")
+    assert manifest["data"]["early_stop_pairs"] >= 5
+    assert manifest["metrics"]["train"]["history"][0]["step"] == 0  # judged from the untrained head on
 
 
 def test_refresh_needs_enough_held_out_votes(tmp_path: Path, tiny_model: Path) -> None:

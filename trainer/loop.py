@@ -67,7 +67,7 @@ class LoopConfig:
     noise: float = 0.0
     seed: int = 0
     max_tokens: int = 64
-    eval_samples: int = 2
+    eval_samples: int = 4
     """Answers per evaluation prompt and version (same seeds for every version)."""
     bootstrap: int = 2000
     settings_overrides: dict[str, Any] = field(default_factory=dict)
@@ -126,10 +126,12 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
     keys = [k.get_secret_value() for k in settings.api_keys]
     started_all = time.monotonic()
 
-    def votes(n: int, seed: int) -> dict[str, Any]:
+    def votes(n: int, seed: int, label: str = "votes") -> dict[str, Any]:
         cfg = SimulateConfig(base_url=base, api_keys=keys, users=config.users, rate=0, noise=config.noise,
                              votes=n, seed=seed, max_tokens=config.max_tokens)
-        return asyncio.run(simulate(cfg, judge, prompts)).as_dict()
+        with _bar() as bar:
+            task = bar.add_task(label, total=n)
+            return asyncio.run(simulate(cfg, judge, prompts, lambda: bar.advance(task))).as_dict()
 
     t = time.monotonic()
     broker = start_embedded_broker(settings)
@@ -166,7 +168,7 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
                 break
             rec: dict[str, Any] = {"round": r + 1}
             t = time.monotonic()
-            rec["votes"] = votes(config.votes_per_round, config.seed * 1000 + r)
+            rec["votes"] = votes(config.votes_per_round, config.seed * 1000 + r, f"round {r + 1}: votes")
             phases.add("votes", t)
             say(f"round {r + 1}: {rec['votes']['votes']} votes {rec['votes']['verdicts']}")
             t = time.monotonic()
@@ -211,6 +213,14 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
     return report
 
 
+def _bar() -> Any:
+    """A progress bar with a count and an ETA (rich)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn())
+
+
 def wait_outbox_empty(base: str, timeout_s: float = 60.0) -> None:
     """Until the API's relay has handed every vote to Kafka (kaizen_outbox_pending 0)."""
     deadline = time.monotonic() + timeout_s
@@ -233,7 +243,7 @@ def rollout_version(base: str, admin: dict[str, str], version: str, votes: Calla
         time.sleep(0.5)
     spent, batch = 0, max(5, config.canary_votes // 6)
     while spent < config.canary_votes:
-        votes(batch, config.seed * 1000 + 500 + r * 37 + spent)
+        votes(batch, config.seed * 1000 + 500 + r * 37 + spent, f"canary {version}: votes")
         spent += batch
         time.sleep(1.5)  # the reconcile loop judges every poll interval
         status = _status(base, admin)
@@ -284,44 +294,49 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                   for s in sanity]
     answers: dict[str, list[Any]] = {}
     sanity_ok: dict[str, float] = {}
-    for v in ["v0", *versions]:
-        engine.load_weights(registry.path(v))
-        answers[v] = engine.generate(ids, max_tokens=config.max_tokens, temperature=0.7,
-                                     n=config.eval_samples, seed=config.seed + 17)
-        greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
-        passed = [re.search(s["expect"], g.text.strip()) is not None for s, g in zip(sanity, greedy, strict=True)]
-        sanity_ok[v] = sum(passed) / max(1, len(passed))
-    out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
-                           "versions": {}}
-    rng = random.Random(config.seed)
-    base = _by_prompt(answers["v0"])
-    out["versions"]["v0"] = {"mean_answer_tokens": _mean_len(answers["v0"]), "sanity_pass": sanity_ok["v0"]}
-    for v in versions:
-        mine = _by_prompt(answers[v])
-        per_prompt, ties, both_bad, n = [], 0, 0, 0
-        for i, m in enumerate(messages):
-            scores = []
-            for a, b in zip(mine.get(i, []), base.get(i, []), strict=False):
-                flip = rng.random() < 0.5
-                left, right = (b.text, a.text) if flip else (a.text, b.text)
-                verdict = judge(m, left, right)
-                n += 1
-                if verdict in ("tie", "both_bad"):
-                    ties += verdict == "tie"
-                    both_bad += verdict == "both_bad"
-                    scores.append(0.5)
-                else:
-                    scores.append(1.0 if (verdict == 1) == flip else 0.0)
-            if scores:
-                per_prompt.append(sum(scores) / len(scores))
-        win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
-        lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)
-        out["versions"][v] = {"win_rate_vs_v0": round(win, 4), "ci95": [round(lo, 4), round(hi, 4)],
-                              "tie_share": round(ties / n, 4) if n else None,
-                              "both_bad_share": round(both_bad / n, 4) if n else None,
-                              "mean_answer_tokens": _mean_len(answers[v]),
-                              "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
-                              "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
+    with _bar() as bar:
+        task = bar.add_task("evaluation: sampling", total=1 + len(versions))
+        for v in ["v0", *versions]:
+            engine.load_weights(registry.path(v))
+            answers[v] = engine.generate(ids, max_tokens=config.max_tokens, temperature=0.7,
+                                         n=config.eval_samples, seed=config.seed + 17)
+            greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
+            passed = [re.search(s["expect"], g.text.strip()) is not None for s, g in zip(sanity, greedy, strict=True)]
+            sanity_ok[v] = sum(passed) / max(1, len(passed))
+            bar.advance(task)
+        task = bar.add_task("evaluation: judge and KL", total=len(versions))
+        out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
+                               "versions": {}}
+        rng = random.Random(config.seed)
+        base = _by_prompt(answers["v0"])
+        out["versions"]["v0"] = {"mean_answer_tokens": _mean_len(answers["v0"]), "sanity_pass": sanity_ok["v0"]}
+        for v in versions:
+            mine = _by_prompt(answers[v])
+            per_prompt, ties, both_bad, n = [], 0, 0, 0
+            for i, m in enumerate(messages):
+                scores = []
+                for a, b in zip(mine.get(i, []), base.get(i, []), strict=False):
+                    flip = rng.random() < 0.5
+                    left, right = (b.text, a.text) if flip else (a.text, b.text)
+                    verdict = judge(m, left, right)
+                    n += 1
+                    if verdict in ("tie", "both_bad"):
+                        ties += verdict == "tie"
+                        both_bad += verdict == "both_bad"
+                        scores.append(0.5)
+                    else:
+                        scores.append(1.0 if (verdict == 1) == flip else 0.0)
+                if scores:
+                    per_prompt.append(sum(scores) / len(scores))
+            win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
+            lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)
+            out["versions"][v] = {"win_rate_vs_v0": round(win, 4), "ci95": [round(lo, 4), round(hi, 4)],
+                                  "tie_share": round(ties / n, 4) if n else None,
+                                  "both_bad_share": round(both_bad / n, 4) if n else None,
+                                  "mean_answer_tokens": _mean_len(answers[v]),
+                                  "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
+                                  "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
+            bar.advance(task)
     return out
 
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.registry import atomic_folder
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -344,10 +345,7 @@ def freeze_lower_layers(policy: PolicyWithValue, train_layers: int) -> int:
 def save_policy(policy: PolicyWithValue, tokenizer: Any, out: Path, dtype: torch.dtype) -> Path:
     """A Hugging Face folder (safetensors, config, generation config, tokenizer) in `dtype`,
     written under a temporary name and renamed when complete."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         lm = policy.lm
         state = {k: v.detach().to(dtype) for k, v in lm.state_dict().items()}
         lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -357,14 +355,7 @@ def save_policy(policy: PolicyWithValue, tokenizer: Any, out: Path, dtype: torch
         if lm.generation_config is not None and not (tmp / "generation_config.json").exists():
             lm.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return out.resolve()
 
 
 # -- rollout engine ---------------------------------------------------------------------------

@@ -23,8 +23,6 @@ import logging
 import math
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.registry import write_atomic
+from services.registry import atomic_folder, write_atomic
 from services.settings import Settings
 from trainer.reward_data import (
     EncodedPair,
@@ -453,22 +451,12 @@ def reward_stats(model: Any, tokenizer: Any, pairs: Sequence[Pair], config: Rewa
 
 def save_model(model: Any, tokenizer: Any, out: Path, manifest: dict[str, Any]) -> Path:
     """Write an HF folder plus manifest.json into a temp dir, then rename it to `out` at once."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         with _quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp made it private
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return out.resolve()
 
 
 def register_version(settings: Settings, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Path:
@@ -531,8 +519,8 @@ def refresh_reward_model(settings: Settings, config: RewardConfig | None = None,
     rng = random.Random(f"{config.seed}:{through}")
     replay = rng.sample(old, min(len(old), round(settings.reward_replay_fraction * len(new))))
     train_pairs, stop_pairs = split_pairs(new + replay, config.eval_fraction, salt="early-stop:")
-    if not train_pairs:
-        train_pairs, stop_pairs = stop_pairs, []
+    if len(stop_pairs) < settings.reward_early_stop_min_pairs:
+        train_pairs, stop_pairs = train_pairs + stop_pairs, []
 
     base = current or base_model or settings.model_dir
     model, tokenizer = load_reward_model(base, seed=config.seed)

@@ -1,0 +1,123 @@
+"""Can the reward model learn a judge from a few hundred votes? Settings side by side.
+
+    python bench/reward_votes.py --train 150 --train 300 --config '{}' --config '{"epochs": 3, "lr": 5e-5}'
+
+What a training round sees, without the service: the default model answers the voters'
+prompts (trainer/data/prompts.jsonl) four times each at temperature 1.0, 64 tokens (what
+`kaizen bench loop` asks for), a judge (default the rubric) decides every pair of answers to
+one prompt, ties dropped; the evaluation prompts (never trained on) give the test pairs the
+same way. Then, for every (train size, config) combination, a reward model is trained from
+the policy's weights with `reward_*` settings overridden by the config, and its accuracy on
+the test pairs is printed with its Wilson 95% interval. All combinations run in one process on
+the same pairs, so the accuracies compare; times are only indicative (a noisy machine).
+A report, never a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from services.settings import get_settings  # noqa: E402
+from trainer.judges import load_judge  # noqa: E402
+from trainer.reward import RewardConfig, evaluate, load_reward_model, train_reward_model, wilson_interval  # noqa: E402
+from trainer.reward_data import Pair, encode_pairs  # noqa: E402
+from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, read_prompts  # noqa: E402
+
+
+def judged_pairs(engine: object, tokenizer: object, prompts: list[str], judge: object, samples: int,
+                 max_tokens: int, seed: int, tag: str) -> tuple[list[Pair], int]:
+    from trainer.ppo import encode_prompt
+
+    ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}], 256) for p in prompts]
+    out = engine.generate(ids, max_tokens=max_tokens, temperature=1.0, n=samples, seed=seed)  # type: ignore[attr-defined]
+    by_prompt: dict[int, list[str]] = {}
+    for s in out:
+        by_prompt.setdefault(s.prompt, []).append(s.text)
+    pairs, undecided = [], 0
+    for i, texts in sorted(by_prompt.items()):
+        messages = [{"role": "user", "content": prompts[i]}]
+        for a, b in itertools.combinations(texts, 2):
+            verdict = judge(messages, a, b)  # type: ignore[operator]
+            if verdict in (0, 1):
+                chosen, rejected = (a, b) if verdict == 0 else (b, a)
+                pairs.append(Pair(messages, chosen, rejected, key=f"{tag}{i}"))
+            else:
+                undecided += 1
+    return pairs, undecided
+
+
+def main() -> None:
+    settings = get_settings()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=settings.model_dir)
+    ap.add_argument("--judge", default=DEFAULT_JUDGE)
+    ap.add_argument("--train", type=int, action="append", help="training pairs (repeat); default 150")
+    ap.add_argument("--config", action="append", help="JSON of RewardConfig overrides (repeat); default {}")
+    ap.add_argument("--samples", type=int, default=4, help="answers per prompt")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    sizes = args.train or [150]
+    configs = [json.loads(c) for c in (args.config or ["{}"])]
+
+    from transformers import AutoTokenizer
+
+    from trainer.ppo import RolloutEngine
+
+    judge = load_judge(args.judge)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    engine = RolloutEngine(settings, args.model, max_model_len=settings.engine_max_model_len, seed=args.seed)
+    try:
+        t = time.monotonic()
+        train_all, train_undecided = judged_pairs(engine, tokenizer, read_prompts(DEFAULT_PROMPTS), judge,
+                                                  args.samples, args.max_tokens, args.seed, "train")
+        test, test_undecided = judged_pairs(engine, tokenizer, read_prompts(DEFAULT_EVAL_PROMPTS), judge,
+                                            args.samples, args.max_tokens, args.seed + 1, "test")
+        sampling_s = time.monotonic() - t
+    finally:
+        engine.shutdown()
+    print(f"pairs: {len(train_all)} to train from ({train_undecided} undecided), {len(test)} to test "
+          f"({test_undecided} undecided); sampling {sampling_s:.0f} s", flush=True)
+
+    rows = []
+    rng = random.Random(args.seed)
+    print("\n| train pairs | config | test accuracy | 95% CI | train s |\n| --- | --- | --- | --- | --- |", flush=True)
+    for n, overrides in itertools.product(sizes, configs):
+        train = rng.sample(train_all, min(n, len(train_all)))
+        config = RewardConfig.from_settings(settings, threads=args.threads, eval_fraction=0.0, **overrides)
+        model, tok = load_reward_model(args.model, seed=0)
+        result = train_reward_model(model, tok, train, [], config, progress=sys.stderr.isatty())
+        m = evaluate(model, encode_pairs(tok, test, config.max_length), config, tok.pad_token_id)
+        lo, hi = wilson_interval(round(m["accuracy"] * m["pairs"]), m["pairs"])
+        rows.append({"train_pairs": len(train), "config": overrides, "accuracy": m["accuracy"], "ci95": [lo, hi],
+                     "test_pairs": m["pairs"], "train_s": result.seconds, "steps": result.steps})
+        print(f"| {len(train)} | `{json.dumps(overrides)}` | {m['accuracy']:.3f} | {lo:.3f}-{hi:.3f} | "
+              f"{result.seconds:.0f} |", flush=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    report = {"commit": commit, "date": datetime.now(UTC).isoformat(), "hardware": platform.processor() or
+              platform.machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+              "pairs": {"train": len(train_all), "test": len(test)}}
+    out = args.out or ROOT / "bench" / "results" / f"reward-votes-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
