@@ -86,3 +86,26 @@ def test_cli_with_a_judge_from_a_file(api_server: tuple[str, Settings], tmp_path
     bad = subprocess.run([sys.executable, "-m", "kaizen", "simulate", "--judge", "nope:x", "--url", base],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=settings.child_env())
     assert bad.returncode == 2 and "nope" in bad.stdout + bad.stderr
+
+
+def test_reward_model_judge_follows_its_model(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trainer.judges:reward_model` with a real (tiny) reward model trained to like a marker word."""
+    from tests.test_reward import MARKER, synthetic_pairs, tiny_config
+    from trainer import judges
+    from trainer.reward import load_reward_model, save_model, train_reward_model
+
+    model, tokenizer = load_reward_model(tiny_model, seed=0)
+    train_reward_model(model, tokenizer, synthetic_pairs(96, seed=3), [], tiny_config(epochs=3), progress=False)
+    save_model(model, tokenizer, tmp_path / "judge-rm", {"purpose": "judge"})
+    judge = load_judge("trainer.judges:reward_model")
+
+    monkeypatch.delenv("KAIZEN_JUDGE_REWARD_MODEL", raising=False)
+    with pytest.raises(RuntimeError, match="KAIZEN_JUDGE_REWARD_MODEL"):
+        judge(Q, "a", "b")
+    monkeypatch.setenv("KAIZEN_JUDGE_REWARD_MODEL", str(tmp_path / "judge-rm"))
+    judges._load_rm.cache_clear()
+    pairs = synthetic_pairs(20, seed=11)  # unseen questions and answers
+    verdicts = [judge(p.prompt, p.chosen, p.rejected) for p in pairs]
+    swapped = [judge(p.prompt, p.rejected, p.chosen) for p in pairs]
+    assert verdicts.count(0) >= 16 and swapped.count(1) >= 16, (verdicts, swapped)
+    assert judge(pairs[0].prompt, pairs[0].chosen, pairs[0].chosen) == "tie"
