@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -18,6 +19,13 @@ from services.settings import Settings, get_settings
 bench_app = typer.Typer(help="Benchmarks that need the whole service.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
 README = Path(__file__).resolve().parent.parent / "bench" / "README.md"
+
+#: What the loop sets for its own service unless `--set` says otherwise. Training may use every core:
+#: the simulated users wait while the trainer works, so the chat engine is idle. A round of a few
+#: hundred votes holds out 15% of them (the service's 10% would leave the first reward model fewer
+#: than 20 decided pairs to be judged on, and the round would be skipped).
+LOOP_SETTINGS = {"ppo_threads": str(os.cpu_count() or 1), "reward_threads": str(os.cpu_count() or 1),
+                 "reward_holdout_fraction": "0.15", "reward_min_holdout": "15"}
 
 
 @bench_app.command("loop")
@@ -59,7 +67,8 @@ def loop(
     config = LoopConfig(out_dir=out_dir, rounds=rounds, votes_per_round=votes, canary_votes=canary_votes,
                         budget_s=budget, judge=judge, eval_judge=eval_judge, prompts=prompts or DEFAULT_PROMPTS,
                         eval_prompts=eval_prompts or DEFAULT_EVAL_PROMPTS, users=users, noise=noise, seed=seed,
-                        max_tokens=max_tokens, eval_samples=eval_samples, settings_overrides=overrides)
+                        max_tokens=max_tokens, eval_samples=eval_samples,
+                        settings_overrides={**LOOP_SETTINGS, **overrides})
     report = run_loop(config, get_settings(), say=lambda m: console.print(f"[bold]loop[/bold] {m}"))
     console.print_json(json.dumps(report["evaluation"]))
     console.print(f"phases (s): {report['phases_s']}; report {out_dir / 'loop.json'}, plot {out_dir / 'loop.png'}")

@@ -92,7 +92,7 @@ def round_settings(data_dir: Path, champion: Path, broker: Settings, sanity: Pat
         reward_max_length=64, reward_batch_size=8, reward_grad_accum=1, reward_lr=1e-3, reward_epochs=2,
         reward_train_layers=0, reward_eval_every=8, reward_patience=50, reward_threads=1,
         reward_holdout_fraction=0.3, reward_min_holdout=10, reward_replay_fraction=0.0,
-        ppo_iterations=4, ppo_batch_size=16, ppo_response_length=8, ppo_epochs=2, ppo_lr=2e-4,
+        ppo_iterations=4, ppo_batch_size=16, ppo_response_length=8, ppo_epochs=2, ppo_minibatches=1, ppo_lr=2e-4,
         ppo_train_layers=0, ppo_threads=1, gate_prompts=16, gate_samples=2, gate_min_win=0.55, gate_max_kl=3.0,
         gate_sanity_file=sanity, min_new_preferences=1)
     values.update(overrides)

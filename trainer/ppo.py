@@ -70,10 +70,10 @@ class PPOConfig:
     """Prompt tokens kept; the oldest are cut so the latest turn stays."""
     epochs: int = 2
     """Passes over each batch (TRL num_ppo_epochs: 4). Each pass is a full forward+backward on CPU."""
-    minibatches: int = 1
-    """Optimizer steps per pass (TRL num_mini_batches: 1)."""
-    lr: float = 3e-6
-    """AdamW learning rate (TRL: 3e-6)."""
+    minibatches: int = 2
+    """Optimizer steps per pass (TRL num_mini_batches: 1; 2 here: a CPU round has few samples)."""
+    lr: float = 2e-5
+    """AdamW learning rate (TRL: 3e-6; see Settings.ppo_lr for what was measured on SmolLM2)."""
     kl_coef: float = 0.05
     """Initial β of the per-token KL penalty (TRL: 0.05; Ziegler et al.: 0.1-0.2)."""
     adaptive_kl: bool = True
