@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,21 @@ class PreferenceConsumer:
         self.stats = ConsumeStats()
         self._stop = threading.Event()
         self._rebalance = _RebalanceFlag()
-        self.consumer = KafkaConsumer(
+        self.consumer = self._new_consumer()
+        self._last_progress = time.monotonic()
+        self.reopened = 0
+        """How many times a stalled consumer was replaced (see `_check_stall`)."""
+        self.dlq = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id="kaizen-trainer-dlq",
+            acks="all",
+            retries=5,
+        )
+
+    def _new_consumer(self) -> KafkaConsumer:
+        settings = self.settings
+        self._rebalance = _RebalanceFlag()
+        consumer = KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
             group_id=settings.consumer_group,
             client_id="kaizen-trainer",
@@ -70,13 +85,8 @@ class PreferenceConsumer:
             request_timeout_ms=max(settings.kafka_request_timeout_ms, settings.kafka_session_timeout_ms + 1000),
             metadata_max_age_ms=settings.kafka_metadata_max_age_ms,
         )
-        self.consumer.subscribe([settings.topic_preferences], listener=self._rebalance)
-        self.dlq = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
-            client_id="kaizen-trainer-dlq",
-            acks="all",
-            retries=5,
-        )
+        consumer.subscribe([settings.topic_preferences], listener=self._rebalance)
+        return consumer
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,7 +111,9 @@ class PreferenceConsumer:
         records = [r for part in batch.values() for r in part]
         self._record_lag()
         if not records:
+            self._check_stall()
             return 0
+        self._last_progress = time.monotonic()
         valid: list[PreferenceEvent] = []
         for rec in records:
             try:
@@ -137,6 +149,33 @@ class PreferenceConsumer:
             except Exception:  # position unknown right after a reassignment
                 continue
         metrics.TRAINER_CONSUMER_LAG.set(lag)
+
+    def _check_stall(self) -> None:
+        """Replace the consumer when it has fetched nothing for `kafka_stall_timeout_s` although its
+        partitions hold events past the committed offsets: a client stuck in a group rejoin
+        (after a broker restart) never recovers by itself. Idle (nothing unread): left alone."""
+        if time.monotonic() - self._last_progress < self.settings.kafka_stall_timeout_s:
+            return
+        self._last_progress = time.monotonic()  # at most one check per window
+        # only this member's partitions: another member's slow partition is not this one's stall
+        # (a client stuck in a rejoin still lists the partitions it had)
+        tps = sorted(self.consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        try:
+            ends = self.consumer.end_offsets(tps) if tps else {}
+            behind = {tp: end for tp, end in ends.items() if end > (self.consumer.committed(tp) or 0)}
+        except Exception as exc:  # noqa: BLE001 - broker unreachable: the client retries by itself
+            log.info("stall check skipped: %s", exc)
+            return
+        if not behind:
+            return
+        log.warning("no records for %.0f s while %s hold unread events: reopening the consumer",
+                    self.settings.kafka_stall_timeout_s, sorted(str(tp) for tp in behind))
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as exc:  # noqa: BLE001 - closing a stuck client may fail; a new one replaces it
+            log.warning("closing the stalled consumer failed: %s", exc)
+        self.consumer = self._new_consumer()
+        self.reopened += 1
 
     def _seek_to_committed(self) -> None:
         for tp in self.consumer.assignment():
