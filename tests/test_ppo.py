@@ -28,6 +28,7 @@ from trainer.ppo import (
     policy_loss,
     sequence_logprobs,
     shaped_rewards,
+    shared_trunk_depth,
     value_loss,
 )
 
@@ -161,7 +162,7 @@ def test_one_clipped_step_changes_exactly_the_trained_parameters(tiny_model: Pat
     torch.set_num_threads(1)
     torch.manual_seed(0)
     policy, tok, _ = load_policy(tiny_model)
-    trained = freeze_lower_layers(policy, train_layers=1)  # top layer, norm, LM head, value head
+    trained = freeze_lower_layers(policy, train_layers=1)  # top layer, norm, value head (the head is tied)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     batch = collate([[5, 6, 7], [8, 9]], [[20, 21], [30, 31]], pad_id=tok.pad_token_id)
     old_lp, old_v = sequence_logprobs(policy, batch, 1.0)
@@ -179,6 +180,80 @@ def test_one_clipped_step_changes_exactly_the_trained_parameters(tiny_model: Pat
     grads = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert changed == grads and sum(before[n].numel() for n in grads) == trained
     assert not any(n.startswith("lm.model.layers.0.") for n in changed)  # frozen lower layer untouched
+    # the tied LM head is the input embedding: training it would move every frozen layer's input
+    assert "lm.model.embed_tokens.weight" not in changed and "lm.model.layers.1.mlp.up_proj.weight" in changed
     # the answer with the positive advantage became more likely
     new_lp, _ = sequence_logprobs(policy, batch, 1.0)
     assert new_lp[0, 1] > old_lp[0, 1] and new_lp[1, 1] < old_lp[1, 1]
+
+
+def test_the_shared_trunk_gives_the_whole_models_numbers_and_only_when_it_is_shared(tiny_model: Path) -> None:
+    """Policy and reference share their frozen lower layers: run once, the layers above give the same
+    log-probs and values as the whole model, before and after a training step."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    policy, tok, _ = load_policy(tiny_model)
+    reference, _, _ = load_policy(tiny_model)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    assert shared_trunk_depth(policy, reference) == 0  # nothing frozen yet: nothing shared
+    freeze_lower_layers(policy, train_layers=1)
+    depth = shared_trunk_depth(policy, reference)
+    assert depth == 1  # 2 layers, the top one trained
+    batch = collate([[5, 6, 7, 8], [9, 10]], [[20, 21, 22], [30]], pad_id=tok.pad_token_id)
+    trunk = policy.trunk(batch.input_ids, batch.attention_mask, depth)
+    assert trunk.shape == (*batch.input_ids.shape, policy.lm.config.hidden_size)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        for model in (policy, reference):
+            whole, v_whole = sequence_logprobs(model, batch, 0.7)
+            split, v_split = sequence_logprobs(model, batch, 0.7, trunk=trunk, depth=depth)
+            assert torch.allclose(whole, split, atol=1e-5) and v_whole is not None and v_split is not None
+            assert torch.allclose(v_whole, v_split, atol=1e-5)
+        if step == 0:  # a step on the top layer: the trunk (and the reference) stay valid
+            logits, _ = policy(batch.input_ids, batch.attention_mask, batch.start, trunk=trunk, depth=depth)
+            (-logprobs_from_logits(logits, batch.input_ids[:, batch.start:]).sum()).backward()
+            opt.step()
+    assert not torch.equal(sequence_logprobs(policy, batch, 0.7)[0], sequence_logprobs(reference, batch, 0.7)[0])
+    assert torch.equal(policy.trunk(batch.input_ids, batch.attention_mask, depth), trunk)
+    # a reference whose lower layer differs cannot share it
+    with torch.no_grad():
+        reference.lm.model.layers[0].mlp.up_proj.weight.add_(1e-3)
+    assert shared_trunk_depth(policy, reference) == 0
+
+
+def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_path: Path) -> None:
+    """The loop's KL(version ‖ v0): batched, left-padded forward passes give the per-answer sums."""
+    from trainer.loop import kl_to_base
+    from trainer.ppo import save_policy
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    other, tok, dtype = load_policy(tiny_model)
+    with torch.no_grad():
+        for p in other.lm.model.layers[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_policy(other, tok, tmp_path / "v1", dtype)
+
+    class S:  # the engine's sample shape: prompt index and token ids
+        def __init__(self, prompt: int, token_ids: list[int]) -> None:
+            self.prompt, self.token_ids = prompt, token_ids
+
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    samples = [S(0, [20, 21, 22]), S(1, [30]), S(1, [31, 32, 33, 34, 35]), S(0, [])]
+    got = kl_to_base(tmp_path / "v1", tiny_model, prompts, samples)
+    v1, _, _ = load_policy(tmp_path / "v1")
+    v0, _, _ = load_policy(tiny_model)
+    sums = []
+    for s in samples:
+        if not s.token_ids:
+            sums.append(0.0)
+            continue
+        ids = torch.tensor([prompts[s.prompt] + s.token_ids])
+        n = len(prompts[s.prompt])
+        with torch.no_grad():
+            a = logprobs_from_logits(v1.lm(input_ids=ids).logits[:, n - 1: -1], torch.tensor([s.token_ids]))
+            b = logprobs_from_logits(v0.lm(input_ids=ids).logits[:, n - 1: -1], torch.tensor([s.token_ids]))
+        sums.append(float((a - b).sum()))
+    assert got != 0 and got == pytest.approx(round(sum(sums) / len(sums), 4), abs=2e-4)
+    assert kl_to_base(tiny_model, tiny_model, prompts, samples) == 0

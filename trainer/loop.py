@@ -352,28 +352,15 @@ def _mean_len(samples: list[Any]) -> float:
 
 
 def kl_to_base(model_dir: Path, base_dir: Path, prompt_ids: list[list[int]], samples: list[Any]) -> float:
-    """Monte-Carlo KL(version ‖ v0) per answer: mean of Σ_t log p_v(y_t) − log p_v0(y_t) over its own answers."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Monte-Carlo KL(version ‖ v0) per answer: mean of Σ_t log p_v(y_t) − log p_v0(y_t) over its own answers
+    (batched forward passes of both models, trainer.ppo.kl_to_reference)."""
+    from trainer.ppo import kl_to_reference, load_policy
 
-    def logprobs(path: Path) -> list[float]:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model.eval()
-        totals = []
-        with torch.no_grad():
-            for s in samples:
-                if not s.token_ids:
-                    totals.append(0.0)
-                    continue
-                prompt = prompt_ids[s.prompt]
-                ids = torch.tensor([prompt + list(s.token_ids)])
-                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-                lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(s.token_ids).unsqueeze(1))
-                totals.append(float(lp.sum()))
-        return totals
-
-    mine, base = logprobs(model_dir), logprobs(base_dir)
-    return round(sum(a - b for a, b in zip(mine, base, strict=True)) / max(1, len(samples)), 4)
+    policy, tokenizer, _ = load_policy(model_dir)
+    base, _, _ = load_policy(base_dir)
+    kls = kl_to_reference(policy, base, tokenizer, [prompt_ids[s.prompt] for s in samples],
+                          [list(s.token_ids) for s in samples])
+    return round(sum(kls) / max(1, len(kls)), 4)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -28,6 +28,7 @@ model, rollout engine, the iteration loop.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import logging
@@ -60,7 +61,7 @@ Messages = list[dict[str, str]]
 class PPOConfig:
     """One PPO run. Defaults come from Settings (`ppo_*`); near TRL's / OpenRLHF's."""
 
-    iterations: int = 8
+    iterations: int = 16
     """Rollout + update cycles."""
     batch_size: int = 16
     """Prompts per iteration, one sampled answer each (TRL: per_device_train_batch_size x grad accum)."""
@@ -78,9 +79,9 @@ class PPOConfig:
     """Initial β of the per-token KL penalty (TRL: 0.05; Ziegler et al.: 0.1-0.2)."""
     adaptive_kl: bool = True
     """Move β toward `target_kl` (Ziegler et al. 2019, sec. 2.2); off: β stays `kl_coef`."""
-    target_kl: float = 0.25
+    target_kl: float = 1.0
     """Target of the controller, nats per answer (Ziegler et al.: 6 for long texts; our answers
-    are short and the gate refuses more than gate_max_kl=0.5)."""
+    are short and the gate refuses more than gate_max_kl=3)."""
     kl_horizon: int = 1000
     """Samples over which the controller closes its error (Ziegler et al.: 10000)."""
     cliprange: float = 0.2
@@ -102,7 +103,8 @@ class PPOConfig:
     ending (TRL: missing_eos_penalty; Huang et al. 2024, detail 4)."""
     max_grad_norm: float = 1.0
     train_layers: int = 8
-    """Top decoder layers trained, plus final norm, LM head and value head; 0 trains all."""
+    """Top decoder layers trained, plus final norm, value head and (when not tied to the input
+    embeddings) the LM head; 0 trains all. The frozen layers below run once per batch."""
     threads: int | None = 1
     seed: int = 0
     sync_dir: Path | None = None
@@ -303,19 +305,67 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
-                temperature: float = 1.0, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                temperature: float = 1.0, with_values: bool = True, trunk: torch.Tensor | None = None,
+                depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and values at the positions that predict tokens start.. of each row.
 
         input_ids, attention_mask: (B, S) with the answer in columns start..S-1.
+        trunk: the hidden states after the first `depth` decoder layers (`self.trunk`), so only
+        the layers above run; None runs the whole model.
         Returns logits (B, S - start, V) (divided by temperature) and values (B, S - start).
         """
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, S): left padding ignored
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state  # (B, S, H)
+        if trunk is None:
+            hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state  # (B, S, H)
+        else:
+            top = self._part(self.lm.model.layers[depth:], self.lm.model.norm)
+            hidden = top(inputs_embeds=trunk, attention_mask=attention_mask,
+                         position_ids=position_ids).last_hidden_state  # (B, S, H)
         h = hidden[:, start - 1: -1]  # (B, R, H): position t predicts token t+1
         logits = self.lm.lm_head(h) / temperature  # (B, R, V)
         values = self.v_head(h).squeeze(-1).float() if with_values else None  # (B, R)
         return logits, values
+
+    @torch.no_grad()
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
+        """Hidden states (B, S, H) after the embeddings and the first `depth` decoder layers."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        bottom = self._part(self.lm.model.layers[:depth], nn.Identity())
+        out: torch.Tensor = bottom(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids).last_hidden_state
+        return out
+
+    def _part(self, layers: Any, norm: nn.Module) -> Any:
+        """The decoder with only `layers` and `norm`, sharing every weight with the whole model.
+
+        A shallow copy with its own module table: the model class's own forward (embeddings or
+        `inputs_embeds`, causal mask, rotary positions) runs over a slice of the layers.
+        """
+        part = copy.copy(self.lm.model)
+        part._modules = {**self.lm.model._modules, "layers": nn.ModuleList(layers), "norm": norm}
+        return part
+
+
+def shared_trunk_depth(policy: PolicyWithValue, reference: PolicyWithValue) -> int:
+    """How many lower decoder layers (with the embeddings) are frozen in `policy` and equal to
+    `reference`'s: their outputs are computed once per batch and serve both models and every
+    minibatch pass (0: none can be shared)."""
+    mine, ref = policy.lm.model, reference.lm.model
+
+    def frozen_and_equal(a: nn.Module, b: nn.Module) -> bool:
+        pa, pb = list(a.parameters()), list(b.parameters())
+        return (len(pa) == len(pb) and not any(p.requires_grad for p in pa)
+                and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb, strict=True)))
+
+    if not frozen_and_equal(mine.embed_tokens, ref.embed_tokens):
+        return 0
+    depth = 0
+    for a, b in zip(mine.layers, ref.layers, strict=False):
+        if not frozen_and_equal(a, b):
+            break
+        depth += 1
+    return depth if depth < len(mine.layers) else 0
 
 
 def load_policy(path: Path) -> tuple[PolicyWithValue, Any, torch.dtype]:
@@ -330,13 +380,20 @@ def load_policy(path: Path) -> tuple[PolicyWithValue, Any, torch.dtype]:
 
 
 def freeze_lower_layers(policy: PolicyWithValue, train_layers: int) -> int:
-    """Train the top `train_layers` decoder layers, final norm, LM head, value head (0: all)."""
+    """Train the top `train_layers` decoder layers, final norm, LM head, value head (0: all).
+
+    When the LM head is tied to the input embeddings (SmolLM2), training it would also move the
+    embeddings under every frozen layer: the head stays frozen then, so the lower layers' outputs
+    do not change during PPO and are computed once per batch (`shared_trunk_depth`).
+    """
     layers = policy.lm.model.layers
     partial = 0 < train_layers < len(layers)
     for p in policy.parameters():
         p.requires_grad_(not partial)
     if partial:
-        for module in [*layers[-train_layers:], policy.lm.model.norm, policy.lm.lm_head, policy.v_head]:
+        head = policy.lm.lm_head
+        tied = any(p is q for p in head.parameters() for q in policy.lm.model.embed_tokens.parameters())
+        for module in [*layers[-train_layers:], policy.lm.model.norm, policy.v_head, *([] if tied else [head])]:
             for p in module.parameters():
                 p.requires_grad_(True)
     return sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -534,10 +591,11 @@ def collate(prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], pad_i
 
 
 @torch.no_grad()
-def sequence_logprobs(model: PolicyWithValue, batch: Batch, temperature: float,
-                      with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sequence_logprobs(model: PolicyWithValue, batch: Batch, temperature: float, with_values: bool = True,
+                      trunk: torch.Tensor | None = None, depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the answer tokens (B, R) and values (B, R) without gradients."""
-    logits, values = model(batch.input_ids, batch.attention_mask, batch.start, temperature, with_values)
+    logits, values = model(batch.input_ids, batch.attention_mask, batch.start, temperature, with_values,
+                           trunk=trunk, depth=depth)
     labels = batch.input_ids[:, batch.start:]  # (B, R)
     return logprobs_from_logits(logits, labels), values
 
@@ -584,6 +642,8 @@ class PPOTrainer:
     optimizer: torch.optim.Optimizer = field(init=False)
     rng: random.Random = field(init=False)
     iteration: int = 0
+    trunk_depth: int = field(init=False)
+    """Lower layers shared by policy and reference and frozen: run once per batch."""
 
     def __post_init__(self) -> None:
         c = self.config
@@ -595,6 +655,7 @@ class PPOTrainer:
         for p in self.reference.parameters():
             p.requires_grad_(False)
         freeze_lower_layers(self.policy, c.train_layers)
+        self.trunk_depth = shared_trunk_depth(self.policy, self.reference)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, eps=1e-5, weight_decay=0.0)
 
@@ -615,8 +676,12 @@ class PPOTrainer:
                         tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         mask = batch.response_mask  # (B, R)
         self.policy.eval()
-        old_logprobs, old_values = sequence_logprobs(self.policy, batch, c.temperature)
-        ref_logprobs, _ = sequence_logprobs(self.reference, batch, c.temperature, with_values=False)
+        depth = self.trunk_depth
+        # the frozen lower layers, once: the same for policy, reference and every minibatch pass
+        trunk = self.policy.trunk(batch.input_ids, batch.attention_mask, depth) if depth else None  # (B, S, H)
+        old_logprobs, old_values = sequence_logprobs(self.policy, batch, c.temperature, trunk=trunk, depth=depth)
+        ref_logprobs, _ = sequence_logprobs(self.reference, batch, c.temperature, with_values=False, trunk=trunk,
+                                            depth=depth)
         assert old_values is not None
         rewards, kl = shaped_rewards(penalised, old_logprobs, ref_logprobs, mask, self.kl_ctl.value)
         if c.whiten_rewards:
@@ -633,7 +698,8 @@ class PPOTrainer:
             order = torch.randperm(B)
             for mb in order.chunk(c.minibatches):
                 logits, values = self.policy(batch.input_ids[mb], batch.attention_mask[mb], batch.start,
-                                             c.temperature)  # (b, R, V), (b, R)
+                                             c.temperature, trunk=None if trunk is None else trunk[mb],
+                                             depth=depth)  # (b, R, V), (b, R)
                 assert values is not None
                 logprobs = logprobs_from_logits(logits, batch.input_ids[mb, batch.start:])  # (b, R)
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], c.cliprange)
