@@ -81,8 +81,19 @@ def result_line(report: dict, *, rounds: int, votes: int, judge: str, seed: int,
     """bench/README.md's row: the final champion against v0 (not the best of several: no selection bias)."""
     evaluation = report["evaluation"]["versions"]
     champion = report.get("champion")
+    from dataclasses import fields
+
+    from trainer.loop import LoopConfig
+
+    # every option the run changed from its default, so the row's command reruns it exactly
+    used = report.get("config", {})
+    flags = {"canary_votes": "--canary-votes", "users": "--users", "noise": "--noise", "max_tokens": "--max-tokens",
+             "eval_samples": "--eval-samples", "budget_s": "--budget", "eval_judge": "--eval-judge"}
+    defaults = {f.name: f.default for f in fields(LoopConfig) if f.name in flags}
+    options = "".join(f" {flag} {used[name]}" for name, flag in flags.items()
+                      if name in used and used[name] != defaults[name])
     sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
-    command = f"`kaizen bench loop --rounds {rounds} --votes {votes} --judge {judge} --seed {seed}{sets}`"
+    command = f"`kaizen bench loop --rounds {rounds} --votes {votes}{options} --judge {judge} --seed {seed}{sets}`"
     if champion in evaluation and champion != "v0":
         v = evaluation[champion]
         result = (f"{champion}: win rate {v['win_rate_vs_v0']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], "

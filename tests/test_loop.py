@@ -64,11 +64,14 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
                 "mean_answer_tokens": 40.0}
 
     report = {"champion": "v2", "wall_s": 3000.0, "evaluation": {"versions": {
-        "v0": {"mean_answer_tokens": 50.0}, "v1": version(0.7), "v2": version(0.6)}}}
+        "v0": {"mean_answer_tokens": 50.0}, "v1": version(0.7), "v2": version(0.6)}},
+        "config": {"canary_votes": 120, "users": 16, "max_tokens": 64, "eval_samples": 4, "budget_s": 3600.0}}
     line = result_line(report, rounds=2, votes=100, judge="trainer.judges:rubric", seed=0,
                        overrides={"ppo_lr": "1e-5"})
     assert "v2: win rate 0.600 [0.500, 0.700]" in line and "0.700 [" not in line
     assert "--set ppo_lr=1e-5`" in line and line.endswith("| 3000 s |\n")
+    # the options the run changed are in the command (so it reruns exactly); defaults are not
+    assert "--votes 100 --users 16 --judge" in line and "--canary-votes" not in line
     report["champion"] = "v0"
     assert "champion still v0 (published: v1, v2)" in result_line(report, rounds=2, votes=100, judge="j", seed=0,
                                                                   overrides={})
