@@ -58,8 +58,7 @@ class PreferenceConsumer:
         self.store = store
         self.stats = ConsumeStats()
         self._stop = threading.Event()
-        self._rebalance = _RebalanceFlag()
-        self.consumer = self._new_consumer()
+        self.consumer = self._new_consumer()  # sets self._rebalance, the new consumer's listener
         self._last_progress = time.monotonic()
         self.reopened = 0
         """How many times a stalled consumer was replaced (see `_check_stall`)."""
@@ -72,7 +71,7 @@ class PreferenceConsumer:
 
     def _new_consumer(self) -> KafkaConsumer:
         settings = self.settings
-        self._rebalance = _RebalanceFlag()
+        self._rebalance: _RebalanceFlag = _RebalanceFlag()
         consumer = KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
             group_id=settings.consumer_group,
