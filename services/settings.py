@@ -193,6 +193,24 @@ class Settings(BaseSettings):
     reward_min_holdout: int = Field(default=20, ge=1)
     """Fewest held-out pairs a refresh needs to judge a new RM at all."""
 
+    # -- distributed training (torchrun) ---------------------------------------------
+    train_nproc_per_node: int = Field(default=1, ge=1)
+    """Training processes per node for the reward model and the PPO update. Above 1 (or with
+    train_nnodes above 1) rounds and `kaizen reward train` run under torchrun: DistributedDataParallel,
+    data sharded by rank, rank 0 holds the rollout engine and writes what is published."""
+    train_nnodes: int = Field(default=1, ge=1)
+    """Nodes taking part in each round; every node runs `kaizen train` (rank 0: the daemon)."""
+    train_node_rank: int = Field(default=0, ge=0)
+    """This node's rank; 0 is the daemon and global rank 0, above 0 a worker that joins each round."""
+    train_master_addr: str = "127.0.0.1"
+    """Rendezvous host: the node with train_node_rank 0 (torchrun's --master-addr)."""
+    train_master_port: int = Field(default=29500, ge=1, le=65535)
+    train_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto: nccl where CUDA is available, gloo on CPU."""
+    train_dist_timeout_s: float = Field(default=1800.0, gt=0)
+    """How long a rank waits in a collective (rank 0 runs the gate and the engine start alone
+    while the others wait) before the round fails."""
+
     # -- PPO ----------------------------------------------------------------------------
     # Defaults follow TRL's PPO trainer and OpenRLHF where they apply; trainer/ppo.py
     # (PPOConfig) documents each one next to the equation that uses it.
@@ -308,6 +326,18 @@ class Settings(BaseSettings):
                 raise ValueError("KAIZEN_ADMIN_TOKEN must be a real secret in production")
         return self
 
+    @model_validator(mode="after")
+    def _check_node_rank(self) -> Settings:
+        if self.train_node_rank >= self.train_nnodes:
+            raise ValueError(f"KAIZEN_TRAIN_NODE_RANK={self.train_node_rank} must be below "
+                             f"KAIZEN_TRAIN_NNODES={self.train_nnodes}")
+        return self
+
+    @property
+    def train_world_size(self) -> int:
+        """Training processes in all: torchrun runs rounds when this is above 1."""
+        return self.train_nproc_per_node * self.train_nnodes
+
     # -- derived paths -------------------------------------------------------------
     @property
     def models_dir(self) -> Path:
@@ -339,6 +369,11 @@ class Settings(BaseSettings):
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def admin_token_path(self) -> Path:
+        """Where a development server on loopback keeps its generated admin token (services/auth.py)."""
+        return self.data_dir / "admin.token"
 
     @property
     def embedded_broker(self) -> bool:
