@@ -65,14 +65,39 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 @app.command()
-def config(as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False) -> None:
+def config(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    show_admin_url: Annotated[bool, typer.Option(
+        "--show-admin-url", help="print the operator page's address that signs in with the admin token")] = False,
+) -> None:
     """Print the effective settings, secrets masked."""
+    if show_admin_url:
+        raise typer.Exit(_show_admin_url(get_settings()))
     values = get_settings().masked()
     if as_json:
         console.print_json(json.dumps(values, default=str))
         return
     for key, value in values.items():
         console.print(f"[bold]{key}[/bold] = {value}")
+
+
+def _show_admin_url(settings: Settings) -> int:
+    from services.auth import admin_token, admin_url
+
+    if settings.admin_token is not None:
+        console.print(f"{settings.public_url}/admin  (sign in with KAIZEN_ADMIN_TOKEN; it is not printed)")
+        return 0
+    if settings.environment == "production":
+        err.print("production mode has no generated admin token: set KAIZEN_ADMIN_TOKEN")
+        return 1
+    if not settings.binds_loopback:
+        err.print(f"KAIZEN_HOST={settings.host} is not loopback: a generated admin token is only used on "
+                  "127.0.0.1; set KAIZEN_ADMIN_TOKEN")
+        return 1
+    token = admin_token(settings)
+    assert token is not None, "a development server on loopback always has an admin token"
+    console.print(admin_url(settings, token))
+    return 0
 
 
 @app.command()

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from services.auth import admin_token
 from services.settings import get_settings
 
 models_app = typer.Typer(help="Model versions: list, inspect, canary, promote, roll back.", no_args_is_help=True)
@@ -39,8 +40,9 @@ def _call(method: str, path: str, url: str | None, body: dict[str, Any] | None =
     settings = get_settings()
     base = (url or settings.public_url).rstrip("/")
     headers = {}
-    if settings.admin_token is not None:
-        headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
+    token = admin_token(settings, create=False)  # KAIZEN_ADMIN_TOKEN, or the one `kaizen up` generated
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         r = httpx.request(method, f"{base}{path}", json=body, headers=headers, timeout=TIMEOUT_S)
     except httpx.HTTPError as exc:

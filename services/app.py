@@ -32,7 +32,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics, web
-from services.auth import AuthError, RateLimiter, check_admin, check_api_key, load_user_id_secret, retry_after, user_id
+from services.auth import (AuthError, RateLimiter, admin_token, check_admin, check_api_key, load_user_id_secret,
+                           retry_after, user_id)
 from services.comparisons import ComparisonStore, OutboxFull, VoteError, new_comparison_id
 from services.outbox import OutboxRelay
 from services.events import Answer
@@ -164,7 +165,7 @@ async def get_caller(request: Request) -> Caller:
 
 async def require_admin(request: Request) -> None:
     try:
-        check_admin(request.app.state.settings, request.headers.get("authorization"))
+        check_admin(request.app.state.admin_token, request.headers.get("authorization"))
     except AuthError as exc:
         type_ = "authentication_error" if exc.status == 401 else "permission_error"
         raise APIError(exc.status, exc.message, type=type_, code=exc.code) from None
@@ -762,6 +763,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.comparisons = ComparisonStore(settings.api_db, settings.comparison_ttl,
                                             settings.outbox_max_pending)
     app.state.user_secret = load_user_id_secret(settings)
+    app.state.admin_token = admin_token(settings)  # explicit, or generated for loopback development
     app.state.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
     app.include_router(probes)
     app.include_router(openai_routes)

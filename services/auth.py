@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import secrets
 import threading
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from services.settings import Settings
 
 ANONYMOUS = "anonymous"
+#: Random bytes of a generated admin token (hex: twice as many characters).
+ADMIN_TOKEN_BYTES = 24
 
 
 class AuthError(Exception):
@@ -47,9 +50,10 @@ def check_api_key(settings: Settings, header: str | None) -> str | None:
     raise AuthError(401, "missing or invalid API key: send `Authorization: Bearer <key>`", "invalid_api_key")
 
 
-def check_admin(settings: Settings, header: str | None) -> None:
+def check_admin(admin: str | None, header: str | None) -> None:
+    """Accept `Authorization: Bearer <admin>`; `admin` is the one token of this server
+    (`admin_token(settings)`, resolved once at start), None when admin routes are off."""
     token = bearer(header)
-    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     if admin and token and hmac.compare_digest(token.encode(), admin.encode()):
         return
     if token is None:
@@ -57,18 +61,54 @@ def check_admin(settings: Settings, header: str | None) -> None:
     raise AuthError(403, "this key may not use admin routes", "forbidden")
 
 
+def _secret_file(path: Path, nbytes: int) -> str:
+    """A random secret created once at `path` (mode 0600 from the start), then read back."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(nbytes))
+        try:
+            os.link(tmp, path)  # never replaces one another process created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
 def load_user_id_secret(settings: Settings) -> bytes:
     """The hashing key: from settings, else created once (mode 0600) in the data dir."""
     if settings.user_id_secret is not None:
         return settings.user_id_secret.get_secret_value().encode()
-    path: Path = settings.data_dir / "user-id.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_hex(32))
-        tmp.chmod(0o600)
-        tmp.replace(path)
-    return path.read_text().strip().encode()
+    return _secret_file(settings.data_dir / "user-id.secret", 32).encode()
+
+
+def local_admin_allowed(settings: Settings) -> bool:
+    """A generated admin token is only for a development server on loopback with none set."""
+    return settings.admin_token is None and settings.environment != "production" and settings.binds_loopback
+
+
+def admin_token(settings: Settings, *, create: bool = True) -> str | None:
+    """The admin token of a server with these settings: `KAIZEN_ADMIN_TOKEN` if set; else, on a
+    development server bound to loopback, a random one kept in `<data_dir>/admin.token` (mode 0600,
+    created on first use, like the user-id secret); else None (admin routes refuse everyone).
+    Production and non-loopback servers never get a generated token."""
+    if settings.admin_token is not None:
+        return settings.admin_token.get_secret_value() or None
+    if not local_admin_allowed(settings):
+        return None
+    path = settings.admin_token_path
+    if not create and not path.exists():
+        return None
+    return _secret_file(path, ADMIN_TOKEN_BYTES)
+
+
+def admin_url(settings: Settings, token: str) -> str:
+    """The operator page's address that signs in: the token rides in the fragment, which
+    browsers never send to the server, so it stays out of access logs and Referer headers."""
+    return f"{settings.public_url}/admin#token={token}"
 
 
 def user_id(secret: bytes, key: str | None) -> str:
