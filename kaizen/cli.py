@@ -140,11 +140,15 @@ def train(
     once: Annotated[bool, typer.Option("--once", help="drain the topic, run one training round now, exit")] = False,
     no_round: Annotated[bool, typer.Option("--no-round", help="with --once: only drain the topic")] = False,
 ) -> None:
-    """Run the trainer daemon: votes into the preference store, training rounds when due."""
-    from trainer.daemon import run, run_one_round
+    """Run the trainer daemon: votes into the preference store, training rounds when due.
+
+    On a node with KAIZEN_TRAIN_NODE_RANK above 0: a worker that joins each round node 0 starts."""
+    from trainer.daemon import run, run_one_round, run_worker
 
     settings = get_settings()
     setup_logging(settings)
+    if settings.train_node_rank > 0:
+        raise typer.Exit(0 if run_worker(settings) >= 0 else 1)
     stored = run(settings, once=once)
     if once:
         console.print(f"stored {stored} new preference events")

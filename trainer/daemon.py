@@ -121,9 +121,52 @@ class RoundScheduler:
         self.follower.poll()
 
 
-def start_round_process(settings: Settings, *, capture: bool = False) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "trainer.rounds", "run"], env=settings.child_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE if capture else None)
+def round_command(settings: Settings) -> list[str]:
+    """`python -m trainer.rounds run`, under torchrun when more than one training process is set."""
+    if settings.train_world_size > 1:
+        from trainer.distributed import torchrun_command  # torch: only where several processes train
+
+        return torchrun_command(settings, "trainer.rounds", "run")
+    return [sys.executable, "-m", "trainer.rounds", "run"]
+
+
+def start_round_process(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(round_command(settings), env=settings.child_env(), cwd=ROOT)
+
+
+def run_worker(settings: Settings, *, retry_s: float = 5.0) -> int:
+    """`kaizen train` on a node whose train_node_rank is above 0: join every round node 0 starts.
+
+    Each pass runs this node's share of a round under torchrun, which waits at the rendezvous
+    (train_master_addr:port) until node 0's daemon starts the next round. No consumer here: node
+    0 alone reads the votes. Serves /metrics with kaizen_trainer_ready 1 for the probes.
+    Returns the number of rounds joined (when stopped by SIGTERM/SIGINT).
+    """
+    start_http_server(settings.trainer_port, addr=settings.trainer_host)
+    metrics.TRAINER_READY.set(1)
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    joined = 0
+    log.info("training worker: node %d of %d, rendezvous %s:%d", settings.train_node_rank, settings.train_nnodes,
+             settings.train_master_addr, settings.train_master_port)
+    while not stopping:
+        child = start_round_process(settings)
+        code = child.wait()
+        joined += code == 0
+        if code != 0 and not stopping:
+            log.info("round processes exited with %d; rejoining in %.0f s", code, retry_s)
+            time.sleep(retry_s)
+    metrics.TRAINER_READY.set(0)
+    return joined
 
 
 def run_one_round(settings: Settings) -> dict[str, Any] | None:

@@ -48,6 +48,7 @@ from torch import nn
 
 from services.registry import atomic_folder
 from services.settings import Settings
+from trainer.distributed import ONE_PROCESS, Dist, launcher_env_hidden
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,14 @@ class PPOConfig:
 # -- tensor helpers -------------------------------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x over entries where mask is 1. x, mask: same shape; dim None: over all."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of x over entries where mask is 1. x, mask: same shape; dim None: over all.
+
+    count: the denominator to use instead of mask.sum() (dim None only): a rank holding part of
+    a minibatch divides its share by the whole minibatch's token count."""
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        return (x * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
@@ -230,17 +235,19 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                mask: torch.Tensor, cliprange: float,
+                token_count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate (Schulman et al. 2017, PPO, eq. 7), as a loss to minimise.
 
     All inputs (B, T). Returns pg_loss () and stats: clipfrac (share of tokens where the clip
     was active) and approx_kl (k3 of old vs new policy, Schulman 2020; CleanRL's diagnostic).
+    token_count: tokens of the whole minibatch when these rows are one rank's share of it.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)  # PPO eq. 7: -min(r A, clip(r) A)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask, count=token_count)  # PPO eq. 7: -min(r A, clip(r) A)
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # Schulman 2020, k3
@@ -248,7 +255,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               cliprange_value: float, token_count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss ½·max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±c).
 
     All inputs (B, T). From OpenAI baselines' ppo2, kept by TRL and OpenRLHF (Huang et al. 2024).
@@ -256,7 +263,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     vpredclipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     vf_losses1 = (values - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask, count=token_count)
     with torch.no_grad():
         vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), mask)
     return vf_loss, {"vf_clipfrac": vf_clipfrac}
@@ -404,7 +411,7 @@ def save_policy(policy: PolicyWithValue, tokenizer: Any, out: Path, dtype: torch
     written under a temporary name and renamed when complete."""
     with atomic_folder(out) as tmp:
         lm = policy.lm
-        state = {k: v.detach().to(dtype) for k, v in lm.state_dict().items()}
+        state = {k: v.detach().to("cpu", dtype) for k, v in lm.state_dict().items()}
         lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         config = lm.config.to_dict()
         config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained records the float32 we train in
@@ -446,9 +453,10 @@ class RolloutEngine:
         limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
         max_model_len = min(max_model_len, int(limit)) if limit else max_model_len
         started = time.monotonic()
-        self.llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-                       gpu_memory_utilization=settings.engine_memory_utilization, seed=seed,
-                       max_num_seqs=max(settings.engine_max_num_seqs, 64), disable_log_stats=True)
+        with launcher_env_hidden():  # under torchrun the engine core is not a member of the training job
+            self.llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+                           gpu_memory_utilization=settings.engine_memory_utilization, seed=seed,
+                           max_num_seqs=max(settings.engine_max_num_seqs, 64), disable_log_stats=True)
         self.start_seconds = time.monotonic() - started
         self.weights_version: str = str(model_dir)
 
@@ -493,7 +501,7 @@ def sync_weights(policy: PolicyWithValue, engine: RolloutEngine, folder: Path) -
     started = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
     tied = bool(getattr(policy.lm.config, "tie_word_embeddings", False))
-    state = {k: v.detach().contiguous() for k, v in policy.lm.state_dict().items()
+    state = {k: v.detach().cpu().contiguous() for k, v in policy.lm.state_dict().items()
              if not (tied and k == "lm_head.weight")}
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
@@ -574,6 +582,14 @@ class Batch:
     response_mask: torch.Tensor  # (B, R) 1 on answer tokens
     start: int
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                     self.start)
+
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The batch of rows `index` (same columns)."""
+        return Batch(self.input_ids[index], self.attention_mask[index], self.response_mask[index], self.start)
+
 
 def collate(prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int) -> Batch:
     P = max(len(p) for p in prompt_ids)
@@ -594,6 +610,7 @@ def collate(prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], pad_i
 def sequence_logprobs(model: PolicyWithValue, batch: Batch, temperature: float, with_values: bool = True,
                       trunk: torch.Tensor | None = None, depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the answer tokens (B, R) and values (B, R) without gradients."""
+    batch = batch.to(model.v_head.weight.device)
     logits, values = model(batch.input_ids, batch.attention_mask, batch.start, temperature, with_values,
                            trunk=trunk, depth=depth)
     labels = batch.input_ids[:, batch.start:]  # (B, R)
@@ -627,30 +644,84 @@ class IterationStats:
         return asdict(self)
 
 
+class PhaseTimer:
+    """Seconds per named phase: `with timer("rollout"): ...`; `timer.seconds` maps name -> s."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
+
+
+@dataclass
+class Scored:
+    """A rollout batch made ready for the update: rewards, old log-probs and values, advantages.
+
+    Every tensor covers the whole batch on every rank; `own` are the rows this rank scored (and
+    trains on) and `trunk` their frozen lower layers' hidden states (None when none are shared)."""
+
+    batch: Batch
+    scores: torch.Tensor  # (B,) reward-model scores
+    penalised: torch.Tensor  # (B,) after the missing-EOS penalty
+    ended: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R)
+    kl: torch.Tensor  # (B, R) per-token k1 to the reference
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+    own: torch.Tensor  # (b,) row indices
+    trunk: torch.Tensor | None  # (b, S, H)
+
+
 @dataclass
 class PPOTrainer:
-    """State of one PPO run: policy, frozen reference, optimizer, KL controller, engine."""
+    """State of one PPO run: policy, frozen reference, optimizer, KL controller, engine.
+
+    One iteration (`step`) reads rollout -> score -> advantages -> update -> sync. On N ranks
+    (trainer/distributed.py) rank 0 holds the engine and broadcasts the rollouts; each rank
+    scores every N-th row (reward model, policy and reference log-probs, values) and a sum
+    over ranks completes the batch, so advantages and the KL controller are the same
+    everywhere; each minibatch is split by those rows and DDP averages the gradients, weighted
+    so that N ranks take the step one process would.
+    """
 
     config: PPOConfig
     policy: PolicyWithValue
     reference: PolicyWithValue
     tokenizer: Any
-    engine: RolloutEngine
+    engine: RolloutEngine | None
+    """None on every rank but rank 0."""
     scorer: RewardScorer
-    sync_dir: Path
+    sync_dir: Path | None
+    dist: Dist = ONE_PROCESS
     kl_ctl: AdaptiveKLController = field(init=False)
     optimizer: torch.optim.Optimizer = field(init=False)
     rng: random.Random = field(init=False)
     iteration: int = 0
     trunk_depth: int = field(init=False)
     """Lower layers shared by policy and reference and frozen: run once per batch."""
+    model: nn.Module = field(init=False)
+    """The policy as trained: wrapped in DistributedDataParallel on several ranks."""
 
     def __post_init__(self) -> None:
         c = self.config
+        if c.batch_size < self.dist.world_size:
+            raise ValueError(f"ppo batch_size {c.batch_size} is smaller than the {self.dist.world_size} "
+                             "training processes: every rank needs at least one rollout")
         c.apply_threads()
         torch.manual_seed(c.seed)
         self.rng = random.Random(c.seed)
         self.kl_ctl = AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon, fixed=not c.adaptive_kl)
+        device = self.dist.device
+        self.policy.to(device)
+        self.reference.to(device)
+        self.scorer.model.to(device)
         self.reference.eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
@@ -658,86 +729,139 @@ class PPOTrainer:
         self.trunk_depth = shared_trunk_depth(self.policy, self.reference)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, eps=1e-5, weight_decay=0.0)
+        self.model = self.policy
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.policy, device_ids=[device.index] if device.type == "cuda" else None)
 
     def step(self, prompts: Sequence[Messages]) -> IterationStats:
         """One PPO iteration on `prompts` (one answer each); the engine then holds the new weights."""
-        c, tok = self.config, self.tokenizer
-        t0 = time.monotonic()
-        prompt_ids = [encode_prompt(tok, m, c.max_prompt_length) for m in prompts]
-        samples = self.engine.generate(prompt_ids, max_tokens=c.response_length, temperature=c.temperature,
-                                       seed=(c.seed * 1_000 + self.iteration) * 100_003)
-        t_rollout = time.monotonic() - t0
+        c, timer = self.config, PhaseTimer()
+        prompt_ids = [encode_prompt(self.tokenizer, m, c.max_prompt_length) for m in prompts]
+        with timer("rollout"):
+            samples = self.rollout(prompt_ids)
+        with timer("scoring"):
+            scored = self.score(prompts, prompt_ids, samples)
+        with timer("training"):
+            stats = self.update(scored)
+        with timer("sync"):
+            sync = self.sync()
+        mean_kl = float(scored.kl.sum(-1).mean())  # nats per answer
+        kl_coef_used = self.kl_ctl.value
+        B = len(samples)
+        self.kl_ctl.update(mean_kl, B)
+        seconds = {**timer.seconds, "sync_save": sync["save_s"], "sync_reload": sync["reload_s"]}
+        total = seconds["total"] = sum(timer.seconds.values())
+        tokens = float(scored.batch.response_mask.sum())
+        self.iteration += 1
+        return IterationStats(
+            iteration=self.iteration, reward_mean=float(scored.penalised.mean()),
+            reward_std=float(scored.penalised.std()) if B > 1 else 0.0, score_mean=float(scored.scores.mean()),
+            kl=mean_kl, kl_coef=kl_coef_used, **stats,
+            explained_variance=explained_variance(scored.old_values, scored.returns, scored.batch.response_mask),
+            ended_share=float(scored.ended.mean()), answer_tokens=tokens / B, tokens_per_s=tokens / total,
+            samples_per_s=B / total, seconds=seconds,
+        )
 
-        t0 = time.monotonic()
-        scores = self.scorer([prompts[s.prompt] for s in samples], [s.text for s in samples])  # (B,)
-        ended = torch.tensor([s.finished for s in samples], dtype=torch.float32)  # (B,)
-        penalised = scores - c.missing_eos_penalty * (1 - ended)  # Huang et al. 2024: no EOS, lower score
+    def rollout(self, prompt_ids: Sequence[list[int]]) -> list[Sample]:
+        """One sampled answer per prompt from the engine (rank 0), the same list on every rank."""
+        c = self.config
+        samples = None
+        if self.dist.is_main and self.engine is None:
+            raise RuntimeError("rank 0 samples the rollouts and has no engine")
+        if self.engine is not None:
+            samples = self.engine.generate(prompt_ids, max_tokens=c.response_length, temperature=c.temperature,
+                                           seed=(c.seed * 1_000 + self.iteration) * 100_003)
+        out: list[Sample] = self.dist.broadcast(samples)
+        return out
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Messages], prompt_ids: Sequence[list[int]],
+              samples: Sequence[Sample]) -> Scored:
+        """Reward-model scores, old log-probs and values, KL-shaped rewards and GAE advantages."""
+        c, tok, dist = self.config, self.tokenizer, self.dist
         batch = collate([prompt_ids[s.prompt] for s in samples], [s.token_ids for s in samples],
-                        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-        mask = batch.response_mask  # (B, R)
+                        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id).to(dist.device)
+        B, R = batch.response_mask.shape
+        own = torch.arange(dist.rank, B, dist.world_size)  # (b,) this rank's rows
+        mine = batch.rows(own.to(dist.device))
         self.policy.eval()
         depth = self.trunk_depth
         # the frozen lower layers, once: the same for policy, reference and every minibatch pass
-        trunk = self.policy.trunk(batch.input_ids, batch.attention_mask, depth) if depth else None  # (B, S, H)
-        old_logprobs, old_values = sequence_logprobs(self.policy, batch, c.temperature, trunk=trunk, depth=depth)
-        ref_logprobs, _ = sequence_logprobs(self.reference, batch, c.temperature, with_values=False, trunk=trunk,
+        trunk = self.policy.trunk(mine.input_ids, mine.attention_mask, depth) if depth else None  # (b, S, H)
+        scores = self.scorer([prompts[samples[i].prompt] for i in own.tolist()],
+                             [samples[i].text for i in own.tolist()]).to(dist.device)  # (b,)
+        logprobs, values = sequence_logprobs(self.policy, mine, c.temperature, trunk=trunk, depth=depth)
+        ref_logprobs, _ = sequence_logprobs(self.reference, mine, c.temperature, with_values=False, trunk=trunk,
                                             depth=depth)
-        assert old_values is not None
+        assert values is not None
+        full = torch.zeros(B, 1 + 3 * R, device=dist.device)  # each row filled by the one rank that owns it
+        full[own.to(dist.device)] = torch.cat([scores[:, None], logprobs, values, ref_logprobs], dim=1)
+        full = dist.all_reduce_sum(full)
+        scores, old_logprobs = full[:, 0], full[:, 1:1 + R]
+        old_values, ref_logprobs = full[:, 1 + R:1 + 2 * R], full[:, 1 + 2 * R:]
+        ended = torch.tensor([s.finished for s in samples], dtype=torch.float32, device=dist.device)  # (B,)
+        penalised = scores - c.missing_eos_penalty * (1 - ended)  # Huang et al. 2024: no EOS, lower score
+        mask = batch.response_mask  # (B, R)
         rewards, kl = shaped_rewards(penalised, old_logprobs, ref_logprobs, mask, self.kl_ctl.value)
         if c.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(old_values, rewards, mask, c.gamma, c.lam)
         advantages = masked_whiten(advantages, mask) * mask  # per batch, as TRL/OpenRLHF
-        t_score = time.monotonic() - t0
+        return Scored(batch, scores, penalised, ended, old_logprobs, old_values, kl, advantages, returns, own, trunk)
 
-        t0 = time.monotonic()
+    def update(self, sc: Scored) -> dict[str, float]:
+        """`epochs` passes of `minibatches` clipped-PPO steps over the batch; mean loss stats."""
+        c, dist, batch = self.config, self.dist, sc.batch
+        mask, B = batch.response_mask, len(sc.penalised)
+        local_index = {int(row): k for k, row in enumerate(sc.own)}  # row -> its place in sc.trunk
+        # the same minibatches on every rank and in one process: a generator of the run's own
+        order_rng = torch.Generator().manual_seed(c.seed * 1_000_003 + self.iteration)
         self.policy.train()
-        B = len(samples)
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")}
+        keys = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy")
+        sums, steps = torch.zeros(len(keys)), 0
         for _epoch in range(c.epochs):
-            order = torch.randperm(B)
-            for mb in order.chunk(c.minibatches):
-                logits, values = self.policy(batch.input_ids[mb], batch.attention_mask[mb], batch.start,
-                                             c.temperature, trunk=None if trunk is None else trunk[mb],
-                                             depth=depth)  # (b, R, V), (b, R)
+            for mb in torch.randperm(B, generator=order_rng).chunk(c.minibatches):
+                rows = [int(i) for i in mb if int(i) in local_index]
+                weight = 1.0
+                if not rows:  # none of this minibatch is ours: a zero-weighted step keeps DDP in step
+                    rows, weight = [int(sc.own[0])], 0.0
+                idx = torch.tensor(rows, device=dist.device)
+                trunk = None if sc.trunk is None else sc.trunk[torch.tensor([local_index[r] for r in rows])]
+                logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.start,
+                                            c.temperature, trunk=trunk, depth=self.trunk_depth)  # (b, R, V), (b, R)
                 assert values is not None
-                logprobs = logprobs_from_logits(logits, batch.input_ids[mb, batch.start:])  # (b, R)
-                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], c.cliprange)
-                vf_loss, _ = value_loss(values, old_values[mb], returns[mb], mask[mb], c.cliprange_value)
-                loss = pg_loss + c.vf_coef * vf_loss
+                logprobs = logprobs_from_logits(logits, batch.input_ids[idx, batch.start:])  # (b, R)
+                tokens = mask[mb.to(dist.device)].sum().clamp(min=1)  # the whole minibatch's answer tokens
+                pg_loss, pg_stats = policy_loss(logprobs, sc.old_logprobs[idx], sc.advantages[idx], mask[idx],
+                                                c.cliprange, token_count=tokens)
+                vf_loss, _ = value_loss(values, sc.old_values[idx], sc.returns[idx], mask[idx], c.cliprange_value,
+                                        token_count=tokens)
+                loss = (pg_loss + c.vf_coef * vf_loss) * (weight * dist.world_size)  # DDP divides by N
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(
                     [p for p in self.policy.parameters() if p.requires_grad], c.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
-                    stats["entropy"].append(float(masked_mean(entropy_from_logits(logits), mask[mb])))
-                stats["pg_loss"].append(float(pg_loss.detach()))
-                stats["vf_loss"].append(float(vf_loss.detach()))
-                stats["clipfrac"].append(float(pg_stats["clipfrac"]))
-                stats["approx_kl"].append(float(pg_stats["approx_kl"]))
-        t_train = time.monotonic() - t0
+                    entropy = masked_mean(entropy_from_logits(logits), mask[idx])
+                sums += weight * torch.tensor([float(pg_loss), float(vf_loss), float(pg_stats["clipfrac"]),
+                                               float(pg_stats["approx_kl"]), float(entropy)])
+                steps += 1
+        # losses are already shares of the global mean (summing ranks gives it); the diagnostics
+        # are per-rank means: averaged over ranks
+        sums = dist.all_reduce_sum(sums) / max(1, steps)
+        sums[2:] /= dist.world_size
+        return {k: float(v) for k, v in zip(keys, sums, strict=True)}
 
-        t0 = time.monotonic()
-        sync = sync_weights(self.policy, self.engine, self.sync_dir)
-        t_sync = time.monotonic() - t0
-
-        mean_kl = float(kl.sum(-1).mean())  # nats per answer
-        kl_coef_used = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl, B)
-        total = t_rollout + t_score + t_train + t_sync
-        tokens = float(mask.sum())
-        self.iteration += 1
-        return IterationStats(
-            iteration=self.iteration, reward_mean=float(penalised.mean()),
-            reward_std=float(penalised.std()) if B > 1 else 0.0, score_mean=float(scores.mean()),
-            kl=mean_kl, kl_coef=kl_coef_used, pg_loss=_mean(stats["pg_loss"]), vf_loss=_mean(stats["vf_loss"]),
-            clipfrac=_mean(stats["clipfrac"]), approx_kl=_mean(stats["approx_kl"]), entropy=_mean(stats["entropy"]),
-            explained_variance=explained_variance(old_values, returns, mask), ended_share=float(ended.mean()),
-            answer_tokens=tokens / B, tokens_per_s=tokens / total, samples_per_s=B / total,
-            seconds={"rollout": t_rollout, "scoring": t_score, "training": t_train, "sync": t_sync,
-                     "sync_save": sync["save_s"], "sync_reload": sync["reload_s"], "total": total},
-        )
+    def sync(self) -> dict[str, float]:
+        """The new weights into the rollout engine (rank 0; the others have none)."""
+        if self.engine is None:
+            return {"save_s": 0.0, "reload_s": 0.0}
+        assert self.sync_dir is not None
+        return sync_weights(self.policy, self.engine, self.sync_dir)
 
 
 def _mean(xs: list[float]) -> float:
@@ -753,10 +877,10 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
         raise ValueError("prompts: PPO needs at least one prompt")
     order: list[int] = []
     history: list[IterationStats] = []
-    with _progress(progress) as bar:
+    with _progress(progress and trainer.dist.is_main) as bar:
         task = bar.add_task("PPO", total=config.iterations, reward=float("nan"), kl=float("nan"))
         for _ in range(config.iterations):
-            if should_stop is not None and should_stop():
+            if trainer.dist.any(should_stop is not None and should_stop()):  # SIGTERM on any rank stops all
                 break
             picked: list[Messages] = []
             while len(picked) < config.batch_size:

@@ -24,7 +24,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from services.registry import atomic_folder, write_atomic
 from services.settings import Settings
+from trainer.distributed import ONE_PROCESS, Dist
 from trainer.reward_data import (
     EncodedPair,
     Pair,
@@ -155,6 +157,8 @@ def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     We read the score ourselves instead of using the HF head's pooling: that pooling looks
     for `pad_token_id`, which in SmolLM2 is <|im_end|>, a real token of every turn.
     """
+    device = model.score.weight.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     B, T = input_ids.shape
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -164,10 +168,26 @@ def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     return model.score(h_last).squeeze(-1).float()  # (B, 1) -> (B,)
 
 
-def _autocast(config: RewardConfig) -> contextlib.AbstractContextManager[Any]:
+class RewardForward(nn.Module):
+    """`sequence_rewards` as a module's forward, so DistributedDataParallel can wrap it (DDP
+    synchronises the gradients of what runs through its wrapped module's forward)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_rewards(self.model, input_ids, attention_mask)
+
+
+def _autocast(config: RewardConfig, device: torch.device | None = None) -> contextlib.AbstractContextManager[Any]:
     if config.dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=getattr(torch, config.dtype))
+    return torch.autocast(device.type if device is not None else "cpu", dtype=getattr(torch, config.dtype))
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 # -- loss -------------------------------------------------------------------------
@@ -190,15 +210,21 @@ def bradley_terry_loss(
 
 @torch.no_grad()
 def score_pairs(model: Any, encoded: Sequence[EncodedPair], config: RewardConfig,
-                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of every pair's chosen and rejected answer: (N,), (N,)."""
+                pad_id: int, dist: Dist = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of every pair's chosen and rejected answer: (N,), (N,), on every rank.
+
+    With N ranks each scores every N-th batch and a sum over ranks fills in the rest (each
+    pair is scored by exactly one rank; the others contribute zeros)."""
     model.eval()
-    chosen, rejected = torch.empty(len(encoded)), torch.empty(len(encoded))
-    for batch in length_batches(encoded, config.batch_size * 2, rng=None):
+    chosen, rejected = torch.zeros(len(encoded)), torch.zeros(len(encoded))
+    for batch in dist.shard(length_batches(encoded, config.batch_size * 2, rng=None)):
         ids, mask = collate_pairs([encoded[i] for i in batch], pad_id)  # (2b, T)
-        with _autocast(config):
-            r = sequence_rewards(model, ids, mask)  # (2b,)
+        with _autocast(config, _device(model)):
+            r = sequence_rewards(model, ids, mask).cpu()  # (2b,)
         chosen[batch], rejected[batch] = r[: len(batch)], r[len(batch):]
+    if dist.enabled:
+        both = dist.all_reduce_sum(torch.stack([chosen, rejected]))  # (2, N)
+        chosen, rejected = both[0], both[1]
     return chosen, rejected
 
 
@@ -212,8 +238,8 @@ def score_texts(model: Any, tokenizer: Any, seqs: Sequence[list[int]], config: R
     for start in range(0, len(order), step):
         idx = order[start:start + step]
         ids, mask = pad_sequences([seqs[i] for i in idx], tokenizer.pad_token_id)
-        with _autocast(config):
-            out[idx] = sequence_rewards(model, ids, mask)
+        with _autocast(config, _device(model)):
+            out[idx] = sequence_rewards(model, ids, mask).cpu()
     return out
 
 
@@ -261,8 +287,10 @@ def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
     }
 
 
-def evaluate(model: Any, encoded: Sequence[EncodedPair], config: RewardConfig, pad_id: int) -> dict[str, Any]:
-    chosen, rejected = score_pairs(model, encoded, config, pad_id)
+def evaluate(model: Any, encoded: Sequence[EncodedPair], config: RewardConfig, pad_id: int,
+             dist: Dist = ONE_PROCESS) -> dict[str, Any]:
+    """`pairwise_metrics` of `encoded`; the same numbers on every rank (score_pairs)."""
+    chosen, rejected = score_pairs(model, encoded, config, pad_id, dist)
     return pairwise_metrics(chosen, rejected)
 
 
@@ -288,12 +316,15 @@ def format_metrics(name: str, m: dict[str, Any]) -> str:
 class TrainResult:
     steps: int
     pairs_seen: int
+    """Over all ranks."""
     seconds: float
     stopped: str
     """Why training ended: "done", "early stop", "time budget"."""
     best_step: int
     history: list[dict[str, Any]] = field(default_factory=list)
     """Held-out accuracy at each evaluation: [{"step", "accuracy", "bt_loss"}]."""
+    losses: list[float] = field(default_factory=list)
+    """The loss curve: mean Bradley-Terry loss of each optimizer step's pairs (all ranks)."""
 
     @property
     def pairs_per_s(self) -> float:
@@ -311,15 +342,30 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+def _wrap_ddp(module: nn.Module, dist: Dist) -> nn.Module:
+    """DistributedDataParallel around `module` when there are several ranks; else `module`."""
+    if not dist.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+
 def train_reward_model(
     model: Any, tokenizer: Any, train: Sequence[Pair], held_out: Sequence[Pair], config: RewardConfig,
-    *, progress: bool = True,
+    *, progress: bool = True, dist: Dist = ONE_PROCESS,
 ) -> TrainResult:
     """Fit `model` to `train` pairs in place; early-stop on accuracy on `held_out`.
 
     Micro-batches of similar-length pairs (dynamic padding), `grad_accum` of them per AdamW
     step, linear warmup then decay. Every `eval_every` steps the held-out accuracy is
     measured; the best weights (step 0 included) are restored at the end.
+
+    On N ranks (trainer/distributed.py) every rank builds the same micro-batches from the same
+    seed; of each step's `grad_accum` micro-batches rank r takes those at positions r, r + N, ...
+    and DDP averages the gradients, so a step sees exactly the pairs one process would
+    (the global batch is batch_size x grad_accum pairs whatever N is). Held-out scoring is
+    sharded too; every rank reaches the same metrics and so the same stop decisions.
     """
     if not train:
         raise ValueError("train: no pairs to train on")
@@ -327,17 +373,19 @@ def train_reward_model(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     pad_id = tokenizer.pad_token_id
+    model.to(dist.device)
     enc_train = encode_pairs(tokenizer, train, config.max_length)
     enc_held = encode_pairs(tokenizer, held_out, config.max_length)
     n_trainable = freeze_lower_layers(model, config.train_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    log.info("reward training: %d pairs (%d cut to %d tokens), %d held out, %.1fM trainable parameters",
-             len(enc_train), sum(e.truncated for e in enc_train), config.max_length, len(enc_held),
-             n_trainable / 1e6)
+    log.info("reward training: %d pairs (%d cut to %d tokens), %d held out, %.1fM trainable parameters, "
+             "%d process(es)", len(enc_train), sum(e.truncated for e in enc_train), config.max_length,
+             len(enc_held), n_trainable / 1e6, dist.world_size)
+    forward = _wrap_ddp(RewardForward(model), dist)
 
     batches_per_epoch = math.ceil(len(enc_train) / config.batch_size)
-    total_steps = max(1, math.ceil(batches_per_epoch * config.epochs / config.grad_accum))
+    total_steps = max(1, math.ceil(batches_per_epoch / config.grad_accum) * config.epochs)
     warmup = max(1, int(total_steps * config.warmup_fraction))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -345,12 +393,13 @@ def train_reward_model(
 
     def held_out_score(step: int) -> tuple[float, float]:
         # (accuracy, -BT loss): accuracy decides, the loss breaks its frequent ties
-        m = evaluate(model, enc_held, config, pad_id)
+        m = evaluate(model, enc_held, config, pad_id, dist)
         history.append({"step": step, "accuracy": m["accuracy"], "bt_loss": m["bt_loss"]})
         model.train()
         return float(m["accuracy"]), -float(m["bt_loss"])
 
     history: list[dict[str, Any]] = []
+    losses: list[float] = []
     best, best_step, best_state = (-1.0, -math.inf), 0, None
     stale, step, seen, stopped = 0, 0, 0, "done"
     if enc_held:
@@ -361,29 +410,23 @@ def train_reward_model(
     run_loss = run_acc = None
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with _progress(progress) as bar:
+    with _progress(progress and dist.is_main) as bar:
         task = bar.add_task("reward model", total=total_steps, loss=float("nan"), acc=float("nan"),
                             held=f"{best[0]:.3f}" if enc_held else "-")
         for _epoch in range(config.epochs):
             batches = length_batches(enc_train, config.batch_size, rng)
-            for i, batch in enumerate(batches):
-                ids, mask = collate_pairs([enc_train[j] for j in batch], pad_id)  # (2b, T)
-                with _autocast(config):
-                    rewards = sequence_rewards(model, ids, mask)  # (2b,)
-                chosen_rewards, rejected_rewards = rewards.chunk(2)  # (b,), (b,)
-                loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin)
-                (loss / config.grad_accum).backward()
-                seen += len(batch)
-                acc = float((chosen_rewards > rejected_rewards).float().mean())
-                run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
-                run_acc = acc if run_acc is None else 0.9 * run_acc + 0.1 * acc
-                if (i + 1) % config.grad_accum and i + 1 < len(batches):
-                    continue
+            for first in range(0, len(batches), config.grad_accum):
+                group = batches[first:first + config.grad_accum]
+                step_loss, step_acc, n_pairs = _accumulate(forward, group, enc_train, pad_id, config, dist)
+                seen += n_pairs
+                run_loss = step_loss if run_loss is None else 0.9 * run_loss + 0.1 * step_loss
+                run_acc = step_acc if run_acc is None else 0.9 * run_acc + 0.1 * step_acc
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                losses.append(step_loss)
                 bar.update(task, completed=step, loss=run_loss, acc=run_acc)
                 if enc_held and step % config.eval_every == 0:
                     score = held_out_score(step)
@@ -393,10 +436,10 @@ def train_reward_model(
                         best_state = {n: p.detach().clone() for n, p in zip(names, params, strict=True)}
                     else:
                         stale += 1
-                        if stale >= config.patience:
-                            stopped = "early stop"
-                            break
-                if time.monotonic() > deadline:
+                    if dist.any(stale >= config.patience):
+                        stopped = "early stop"
+                        break
+                if dist.any(time.monotonic() > deadline):  # clocks differ: one rank's deadline stops all
                     stopped = "time budget"
                     break
             if stopped != "done":
@@ -413,9 +456,42 @@ def train_reward_model(
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
+    seen = int(dist.all_reduce_sum(torch.tensor([float(seen)])).item())
     log.info("reward training %s after %d steps (%.0f s, %.2f pairs/s); best held-out step %d",
              stopped, step, seconds, seen / seconds if seconds else 0.0, best_step)
-    return TrainResult(step, seen, seconds, stopped, best_step if enc_held else step, history)
+    return TrainResult(step, seen, seconds, stopped, best_step if enc_held else step, history, losses)
+
+
+def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequence[EncodedPair], pad_id: int,
+                config: RewardConfig, dist: Dist) -> tuple[float, float, int]:
+    """Forward and backward of this rank's micro-batches of one optimizer step.
+
+    Each micro-batch's loss is weighted N / len(group): DDP averages over the N ranks, so the
+    gradient is the mean over the step's micro-batches, as with one process. A rank with no
+    micro-batch in a short last group runs one with weight 0, so the all-reduce meets every
+    rank. Returns (the step's mean loss and accuracy over all ranks, pairs this rank trained on).
+    """
+    mine = list(range(dist.rank, len(group), dist.world_size))
+    work = [(j, 1.0) for j in mine] or [(0, 0.0)]
+    scale = dist.world_size / len(group)
+    sums = torch.zeros(2)  # loss, accuracy: sums over this rank's micro-batches, / len(group)
+    pairs = 0
+    device = dist.device
+    for k, (j, weight) in enumerate(work):
+        sync = k == len(work) - 1 or not dist.enabled
+        with contextlib.nullcontext() if sync else forward.no_sync():  # type: ignore[operator]
+            ids, mask = collate_pairs([encoded[x] for x in group[j]], pad_id)  # (2b, T)
+            with _autocast(config, device):
+                rewards = forward(ids, mask)  # (2b,)
+            chosen_rewards, rejected_rewards = rewards.chunk(2)  # (b,), (b,)
+            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin)
+            (loss * (weight * scale)).backward()
+        if weight:
+            pairs += len(group[j])
+            acc = (chosen_rewards > rejected_rewards).float().mean()
+            sums += torch.stack([loss.detach().float().cpu(), acc.cpu()]) / len(group)
+    sums = dist.all_reduce_sum(sums)
+    return float(sums[0]), float(sums[1]), pairs
 
 
 # -- registry + refresh -------------------------------------------------------------
@@ -479,21 +555,31 @@ class RefreshResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def refresh_reward_model(settings: Settings, config: RewardConfig | None = None, *,
-                         base_model: Path | None = None, progress: bool = False) -> RefreshResult:
-    """One incremental refresh of the reward model from the preference store.
+@dataclass
+class RefreshPlan:
+    """Everything a refresh trains on, read once (by rank 0) and handed to every rank as is."""
 
-    1. The held-out slice: votes whose comparison_id hashes below `reward_holdout_fraction`
-       (store.holdout_share); no RM ever trains on them, so it is a fair test for all versions.
-    2. New votes: stored after the current RM's mark (`trained_through_rowid`), plus a replay
-       sample of older ones (`reward_replay_fraction` x the new ones) against forgetting.
-    3. Warm-start from the current RM (the policy `base_model` for the first), train.
-    4. Gate: accept unless held-out accuracy falls more than `reward_gate_tolerance` below the
-       current RM's (below 0.5, chance, for the first RM). Rejected votes are not marked as
-       trained: the next refresh sees them again together with newer ones.
-    """
-    config = config or RewardConfig.from_settings(settings)
-    config.apply_threads()
+    config: RewardConfig
+    base: Path
+    """Folder the training starts from: the current RM, or the policy for the first one."""
+    current: str | None
+    """The current RM's name (None before the first)."""
+    parent: dict[str, Any] | None
+    """Its manifest."""
+    base_model: str
+    """The policy the RM lineage started from (recorded in every manifest)."""
+    train: list[Pair]
+    early_stop: list[Pair]
+    held: list[Pair]
+    held_counts: PairCounts
+    new_counts: PairCounts
+    replay_pairs: int
+    through: int
+    """Store rowid the plan read up to: the next refresh starts after it."""
+
+
+def plan_refresh(settings: Settings, config: RewardConfig, base_model: Path | None = None) -> RefreshPlan | RefreshResult:
+    """What the next refresh trains on, or why there is none (module docstring of `refresh_reward_model`)."""
     current = current_version(settings)
     parent = read_manifest(current) if current else None
     mark = int(parent["data"]["trained_through_rowid"]) if parent else 0
@@ -521,13 +607,67 @@ def refresh_reward_model(settings: Settings, config: RewardConfig | None = None,
     train_pairs, stop_pairs = split_pairs(new + replay, config.eval_fraction, salt="early-stop:")
     if len(stop_pairs) < settings.reward_early_stop_min_pairs:
         train_pairs, stop_pairs = train_pairs + stop_pairs, []
+    # the lineage's first policy: what this RM was first trained from
+    lineage = str(parent.get("base_model")) if parent else str(base_model or settings.model_dir)
+    return RefreshPlan(config, current or base_model or settings.model_dir, name, parent, lineage, train_pairs,
+                       stop_pairs, held, held_counts, new_counts, len(replay), through)
 
-    base = current or base_model or settings.model_dir
-    model, tokenizer = load_reward_model(base, seed=config.seed)
-    enc_held = encode_pairs(tokenizer, held, config.max_length)
-    before = evaluate(model, enc_held, config, tokenizer.pad_token_id) if current else None
-    result = train_reward_model(model, tokenizer, train_pairs, stop_pairs, config, progress=progress)
-    after = evaluate(model, enc_held, config, tokenizer.pad_token_id)
+
+@dataclass
+class Trained:
+    """A refresh's trained model with its numbers, on every rank."""
+
+    model: Any
+    tokenizer: Any
+    result: TrainResult
+    before: dict[str, Any] | None
+    after: dict[str, Any]
+
+
+def train_refresh(plan: RefreshPlan, *, progress: bool = False, dist: Dist = ONE_PROCESS) -> Trained:
+    """The part of a refresh every rank runs: load, measure the parent, train, measure again."""
+    config = plan.config
+    config.apply_threads()
+    model, tokenizer = load_reward_model(plan.base, seed=config.seed)
+    model.to(dist.device)
+    enc_held = encode_pairs(tokenizer, plan.held, config.max_length)
+    before = evaluate(model, enc_held, config, tokenizer.pad_token_id, dist) if plan.current else None
+    result = train_reward_model(model, tokenizer, plan.train, plan.early_stop, config, progress=progress, dist=dist)
+    after = evaluate(model, enc_held, config, tokenizer.pad_token_id, dist)
+    return Trained(model, tokenizer, result, before, after)
+
+
+def refresh_reward_model(settings: Settings, config: RewardConfig | None = None, *,
+                         base_model: Path | None = None, progress: bool = False, dist: Dist = ONE_PROCESS,
+                         announce: Callable[[RefreshPlan], None] | None = None) -> RefreshResult:
+    """One incremental refresh of the reward model from the preference store.
+
+    1. The held-out slice: votes whose comparison_id hashes below `reward_holdout_fraction`
+       (store.holdout_share); no RM ever trains on them, so it is a fair test for all versions.
+    2. New votes: stored after the current RM's mark (`trained_through_rowid`), plus a replay
+       sample of older ones (`reward_replay_fraction` x the new ones) against forgetting.
+    3. Warm-start from the current RM (the policy `base_model` for the first), train.
+    4. Gate: accept unless held-out accuracy falls more than `reward_gate_tolerance` below the
+       current RM's (below 0.5, chance, for the first RM). Rejected votes are not marked as
+       trained: the next refresh sees them again together with newer ones.
+
+    Distributed (called on rank 0 only): `announce(plan)` hands the plan to the other ranks,
+    which run `train_refresh` on it alongside; only rank 0 gates and registers.
+    """
+    config = config or RewardConfig.from_settings(settings)
+    config.apply_threads()
+    plan = plan_refresh(settings, config, base_model)
+    if isinstance(plan, RefreshResult):
+        return plan
+    if announce is not None:
+        announce(plan)
+    trained = train_refresh(plan, progress=progress, dist=dist)
+    return gate_and_register(settings, plan, trained, dist)
+
+
+def gate_and_register(settings: Settings, plan: RefreshPlan, trained: Trained, dist: Dist = ONE_PROCESS) -> RefreshResult:
+    """Step 4 of the refresh, on rank 0: keep the new RM unless it reads the held-out votes worse."""
+    result, before, after, name = trained.result, trained.before, trained.after, plan.current
     floor = (before["accuracy"] if before else 0.5) - settings.reward_gate_tolerance
     metrics = {"holdout": after, "parent_holdout": before, "gate_floor": floor,
                "train": {"steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
@@ -540,15 +680,18 @@ def refresh_reward_model(settings: Settings, config: RewardConfig | None = None,
         return RefreshResult(False, reason, name, metrics)
     manifest = {
         "parent": name,
-        "base_model": str(settings.model_dir if current is None else parent.get("base_model")),  # type: ignore[union-attr]
+        "base_model": plan.base_model,
         "created": datetime.now(UTC).isoformat(),
-        "data": {"new": new_counts.as_dict(), "replay_pairs": len(replay), "holdout": held_counts.as_dict(),
-                 "early_stop_pairs": len(stop_pairs), "trained_through_rowid": through},
+        "data": {"new": plan.new_counts.as_dict(), "replay_pairs": plan.replay_pairs,
+                 "holdout": plan.held_counts.as_dict(), "early_stop_pairs": len(plan.early_stop),
+                 "trained_through_rowid": plan.through},
         "metrics": metrics,
-        "reward_norm": {**reward_stats(model, tokenizer, held, config), "reference": "held-out slice, both answers"},
-        "config": asdict(config),
+        "reward_norm": {**reward_stats(trained.model, trained.tokenizer, plan.held, plan.config),
+                        "reference": "held-out slice, both answers"},
+        "config": asdict(plan.config),
+        "distributed": dist.describe(),
     }
-    path = register_version(settings, model, tokenizer, manifest)
+    path = register_version(settings, trained.model, trained.tokenizer, manifest)
     reason = f"accepted: held-out accuracy {after['accuracy']:.3f} vs {against} (n={after['pairs']})"
     log.info("reward refresh %s as %s", reason, path.name)
     return RefreshResult(True, reason, path.name, metrics)
@@ -556,5 +699,6 @@ def refresh_reward_model(settings: Settings, config: RewardConfig | None = None,
 
 __all__ = [
     "PairCounts", "RewardConfig", "bradley_terry_loss", "evaluate", "load_reward_model", "pairwise_metrics",
-    "refresh_reward_model", "sequence_rewards", "train_reward_model", "wilson_interval",
+    "RefreshPlan", "plan_refresh", "refresh_reward_model", "sequence_rewards", "train_refresh", "train_reward_model",
+    "wilson_interval",
 ]

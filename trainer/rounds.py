@@ -24,6 +24,14 @@ One round at a time: an flock on `<data_dir>/rounds/round.lock`.
 
 Logs: one JSON line per PPO iteration and per round in `<data_dir>/rounds/events.jsonl`; round
 records also in `rounds.jsonl` (what `read_rounds` and `kaizen rounds list` show).
+
+Several training processes (KAIZEN_TRAIN_NPROC_PER_NODE / KAIZEN_TRAIN_NNODES; the daemon starts
+the round under torchrun): rank 0 leads the round as above, alone with the lock, the store, the
+engine, the gate and the registry; the other ranks `follow` it: they wait for its commands
+("refresh": train the reward model on this plan; "ppo": run PPO on these prompts) and run their
+share of that training beside it (trainer/distributed.py), until "done". A rank that dies fails
+every rank's next collective: rank 0 records the round as failed (or, killed itself, leaves the
+state file that the next round recovers from); nothing is published either way.
 """
 
 from __future__ import annotations
@@ -232,6 +240,10 @@ def _heavy(name: str) -> Any:
     return importlib.import_module(name)
 
 
+def _one_process() -> Any:
+    return _heavy("trainer.distributed").ONE_PROCESS
+
+
 def _registry(settings: Settings) -> Any:
     from services.registry import Registry
 
@@ -262,13 +274,59 @@ def _recover(settings: Settings) -> tuple[dict[str, Any] | None, str]:
     return None, f"restarting: round {rid} was cut off in phase {phase!r} before its candidate was saved"
 
 
+@dataclass
+class Crew:
+    """Rank 0's handle on the other training ranks (none in a one-process round)."""
+
+    dist: Any = None
+    """trainer.distributed.Dist; None: one process."""
+
+    @property
+    def size(self) -> int:
+        return int(self.dist.world_size) if self.dist is not None else 1
+
+    def order(self, command: str, payload: Any) -> None:
+        """Every other rank runs `command` on `payload` beside rank 0 (see `follow`)."""
+        if self.size > 1:
+            self.dist.broadcast((command, payload))
+
+    def dismiss(self) -> None:
+        """The round is over for the followers; a rank that died already cannot be told."""
+        if self.size > 1:
+            with contextlib.suppress(Exception):
+                self.dist.broadcast(("done", None))
+
+
+def follow(settings: Settings, dist: Any, stop: threading.Event) -> None:
+    """A rank other than 0: run rank 0's training commands until it says "done"."""
+    reward, ppo = _heavy("trainer.reward"), _heavy("trainer.ppo")
+    while True:
+        command, payload = dist.broadcast()
+        log.info("rank %d: %s", dist.rank, command)
+        if command == "done":
+            return
+        if command == "refresh":
+            reward.train_refresh(payload, dist=dist)
+        elif command == "ppo":
+            config = payload["config"]
+            policy, tokenizer, _ = ppo.load_policy(payload["champion"])
+            reference, _, _ = ppo.load_policy(payload["champion"])
+            scorer = ppo.RewardScorer.load(payload["reward_model"], settings.reward_max_length)
+            trainer = ppo.PPOTrainer(config, policy, reference, tokenizer, None, scorer, None, dist)
+            ppo.run_ppo(config, trainer, payload["prompts"], should_stop=stop.is_set)
+        else:
+            raise ValueError(f"rank {dist.rank}: unknown command {command!r} from rank 0")
+
+
 def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event | None = None,
-              progress: bool = False, record_metrics: bool = True) -> dict[str, Any]:
+              progress: bool = False, record_metrics: bool = True, crew: Crew | None = None) -> dict[str, Any]:
     """One training round (module docstring). Returns its record, as logged in rounds.jsonl.
 
     `engine`: a RolloutEngine to reuse (tests share one); otherwise one is started on the champion
     and shut down at the end. `stop`: set it (SIGTERM) to abandon the round between PPO iterations.
+    `crew`: the other training ranks when this is rank 0 of several.
     """
+    crew = crew or Crew()
     with round_lock(settings):
         resume, how = _recover(settings)
         log.info("training round: %s", how)
@@ -288,7 +346,7 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
         state["attempt"] = int(state.get("attempt", 0)) + 1
         ctx = RoundContext(settings, rid, time.time(), state)
         try:
-            return _run(ctx, engine, stop, progress, record_metrics, resume is not None)
+            return _run(ctx, engine, stop, progress, record_metrics, resume is not None, crew)
         except Exception as exc:
             log.exception("training round %s failed", rid)
             shutil.rmtree(ctx.work, ignore_errors=True)
@@ -332,7 +390,7 @@ def record_iteration_metrics(it: dict[str, Any]) -> None:
 
 
 def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, progress: bool, record_metrics: bool,
-         resuming: bool) -> dict[str, Any]:
+         resuming: bool, crew: Crew) -> dict[str, Any]:
     reward = _heavy("trainer.reward")
     PPOConfig = _heavy("trainer.ppo").PPOConfig
     RewardConfig, current_version, read_manifest = reward.RewardConfig, reward.current_version, reward.read_manifest
@@ -354,8 +412,9 @@ def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, progress:
         mark = int(read_manifest(current)["data"]["trained_through_rowid"]) if current else 0
         if new_votes_since(settings, mark) > 0:
             base = registry.path(serving) if serving else settings.model_dir
-            result = refresh_reward_model(settings, RewardConfig.from_settings(settings),
-                                          base_model=base, progress=progress)
+            result = refresh_reward_model(settings, RewardConfig.from_settings(settings), base_model=base,
+                                          progress=progress, dist=crew.dist or _one_process(),
+                                          announce=lambda plan: crew.order("refresh", plan))
             ctx.state["reward_refresh"] = {"accepted": result.accepted, "reason": result.reason}
         timings["refresh"] = time.monotonic() - t0
     rm = current_version(settings)
@@ -389,7 +448,7 @@ def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, progress:
         timings["engine_reset"] = engine.load_weights(registry.path(champion))
     try:
         return _ppo_gate_publish(ctx, engine, config, rm, champion, train_prompts, held_prompts, stopped,
-                                 progress, record_metrics, resuming, timings)
+                                 progress, record_metrics, resuming, timings, crew)
     finally:
         if own_engine:
             engine.shutdown()
@@ -408,7 +467,7 @@ def _gate_answers(engine: Any, tokenizer: Any, prompts: list[Messages], settings
 def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, champion: str,
                       train_prompts: list[Messages], held_prompts: list[Messages], stopped: Callable[[], bool],
                       progress: bool, record_metrics: bool, resuming: bool,
-                      timings: dict[str, float]) -> dict[str, Any]:
+                      timings: dict[str, float], crew: Crew) -> dict[str, Any]:
     import torch
 
     ppo = _heavy("trainer.ppo")
@@ -444,8 +503,10 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
             ctx.phase("ppo", iterations_done=st.iteration)
 
         t0 = time.monotonic()
+        crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": rm, "prompts": train_prompts})
         with sync_folder(config) as sync_dir:
-            trainer = PPOTrainer(config, policy, reference, tokenizer, engine, scorer, sync_dir)
+            trainer = PPOTrainer(config, policy, reference, tokenizer, engine, scorer, sync_dir,
+                                 crew.dist or _one_process())
             history = run_ppo(config, trainer, train_prompts, on_iteration=on_iteration, should_stop=stopped,
                               progress=progress)
         timings["ppo"] = time.monotonic() - t0
@@ -454,6 +515,7 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
                            record_metrics)
         ctx.state["ppo"] = _summary(history)
         ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
+        ctx.state["distributed"] = trainer.dist.describe()
         save_policy(policy, tokenizer, candidate, saved_dtype)
         del policy
         ctx.phase("gate")
@@ -509,7 +571,8 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
 
     why = "passed the gate" if not failed else "failed the gate: " + "; ".join(failed)
     training = {"round_id": ctx.round_id, "ppo": ctx.state.get("ppo"), "config": ctx.state.get("ppo_config"),
-                "reward_refresh": ctx.state.get("reward_refresh"), "timings": timings}
+                "reward_refresh": ctx.state.get("reward_refresh"), "timings": timings,
+                "distributed": ctx.state.get("distributed", {"world_size": 1, "backend": "none"})}
     t0 = time.monotonic()
     m = registry.publish(candidate, parent=champion, who="trainer", why=why, reward_model=rm.name,
                          training=training, gate=gate, rejected=bool(failed))
@@ -553,11 +616,22 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
+    distributed = _heavy("trainer.distributed")
+    dist = distributed.init(settings)  # the one-process job unless torchrun started us
     try:
-        record = run_round(settings, stop=stop, progress=sys.stderr.isatty())
-    except RoundBusy as exc:
-        log.warning("%s", exc)
-        return 75
+        if not dist.is_main:
+            follow(settings, dist, stop)
+            return 0
+        crew = Crew(dist if dist.enabled else None)
+        try:
+            record = run_round(settings, stop=stop, progress=sys.stderr.isatty(), crew=crew)
+        except RoundBusy as exc:
+            log.warning("%s", exc)
+            return 75
+        finally:
+            crew.dismiss()
+    finally:
+        distributed.shutdown()
     print(json.dumps({k: record.get(k) for k in ("round_id", "outcome", "version", "reason", "error")}),
           flush=True)
     return 1 if record["outcome"] == "failed" else 0
