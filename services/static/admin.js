@@ -968,6 +968,15 @@
 
   // -- start ---------------------------------------------------------------------------------------
 
+  // `kaizen up` prints this page's address with the admin token in the fragment
+  // (/admin#token=...): browsers never send a fragment to the server, so it stays out of
+  // logs. Take it, keep it like a typed token, and clear it from the address bar and history.
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const fromUrl = fragment.get("token");
+  if (fromUrl) {
+    storageSet(TOKEN_STORE, fromUrl.trim());
+    history.replaceState(null, "", location.pathname + location.search);
+  }
   ui.token.value = storageGet(TOKEN_STORE) || "";
   refresh();
   if (REFRESH_MS > 0) window.setInterval(tick, REFRESH_MS);
