@@ -847,7 +847,7 @@ class PPOTrainer:
                 self.optimizer.step()
                 with torch.no_grad():
                     entropy = masked_mean(entropy_from_logits(logits), mask[idx])
-                sums += weight * torch.tensor([float(pg_loss), float(vf_loss), float(pg_stats["clipfrac"]),
+                sums += weight * torch.tensor([float(pg_loss.detach()), float(vf_loss.detach()), float(pg_stats["clipfrac"]),
                                                float(pg_stats["approx_kl"]), float(entropy)])
                 steps += 1
         # losses are already shares of the global mean (summing ranks gives it); the diagnostics

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,7 +70,50 @@ def train(
     threads: Threads = None,
     progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
 ) -> None:
-    """Train a reward model (Bradley-Terry) on pairs from files and/or the preference store."""
+    """Train a reward model (Bradley-Terry) on pairs from files and/or the preference store.
+
+    With KAIZEN_TRAIN_NPROC_PER_NODE (or _NNODES) above 1 it runs itself under torchrun: every
+    process reads the same pairs, trains its shard of each batch (DDP), rank 0 saves."""
+    from trainer import distributed
+
+    _logging()
+    settings = get_settings()
+    if not data and not from_store:
+        raise _fail("give --data FILE and/or --from-store")
+    if distributed.wants_torchrun(settings):
+        raise typer.Exit(distributed.relaunch(settings, "kaizen", sys.argv[1:]))
+    dist = distributed.init(settings)
+    try:
+        _train(settings, dist, data, from_store, out, register, model, progress, RewardOverrides(
+            lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+            train_layers=train_layers, margin=margin, eval_fraction=eval_fraction, eval_every=eval_every,
+            patience=patience, seed=seed, max_minutes=max_minutes, dtype=dtype, threads=threads))
+    finally:
+        distributed.shutdown()
+
+
+@dataclass
+class RewardOverrides:
+    """`kaizen reward train` options that override the reward_* settings (None: the setting)."""
+
+    lr: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    max_length: int | None = None
+    train_layers: int | None = None
+    margin: float | None = None
+    eval_fraction: float | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    seed: int | None = None
+    max_minutes: float | None = None
+    dtype: str | None = None
+    threads: int | None = None
+
+
+def _train(settings: Any, dist: Any, data: list[Path] | None, from_store: bool, out: Path | None, register: bool,
+           model: Path | None, progress: bool, overrides: RewardOverrides) -> None:
     from trainer.reward import (
         RewardConfig, evaluate, format_metrics, load_reward_model, register_version, reward_root, reward_stats,
         save_model, train_reward_model,
@@ -78,14 +121,8 @@ def train(
     from trainer.reward_data import encode_pairs, pairs_from_events, read_pairs_file, split_pairs
     from trainer.store import PreferenceStore, holdout_share
 
-    _logging()
-    settings = get_settings()
-    if not data and not from_store:
-        raise _fail("give --data FILE and/or --from-store")
-    config = RewardConfig.from_settings(
-        settings, lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-        train_layers=train_layers, margin=margin, eval_fraction=eval_fraction, eval_every=eval_every,
-        patience=patience, seed=seed, max_minutes=max_minutes, dtype=dtype, threads=threads)
+    say = console.print if dist.is_main else (lambda *_a, **_k: None)
+    config = RewardConfig.from_settings(settings, **asdict(overrides))
     pairs, counts = [], {}
     for path in data or []:
         try:
@@ -110,24 +147,29 @@ def train(
         raise _fail(f"no pairs to train on ({counts})")
     base = model or settings.model_dir
     rm, tokenizer = load_reward_model(base, seed=config.seed)
-    console.print(f"training on {len(train_pairs)} pairs, {len(held)} held out, from {base}")
-    result = train_reward_model(rm, tokenizer, train_pairs, held, config, progress=progress)
-    metrics = evaluate(rm, encode_pairs(tokenizer, held, config.max_length), config, tokenizer.pad_token_id)
+    say(f"training on {len(train_pairs)} pairs, {len(held)} held out, from {base}"
+        + (f", {dist.world_size} processes ({dist.backend})" if dist.enabled else ""))
+    result = train_reward_model(rm, tokenizer, train_pairs, held, config, progress=progress, dist=dist)
+    metrics = evaluate(rm, encode_pairs(tokenizer, held, config.max_length), config, tokenizer.pad_token_id, dist)
+    if not dist.is_main:
+        return  # rank 0 writes the model
     before = result.history[0]["accuracy"] if result.history else None
-    console.print(f"{result.stopped} after {result.steps} steps in {result.seconds:.0f} s "
-                  f"({result.pairs_per_s:.2f} pairs/s); held-out accuracy before training: "
-                  f"{'-' if before is None else f'{before:.3f}'}")
-    console.print(format_metrics("held-out", metrics))
+    say(f"{result.stopped} after {result.steps} steps in {result.seconds:.0f} s "
+        f"({result.pairs_per_s:.2f} pairs/s); held-out accuracy before training: "
+        f"{'-' if before is None else f'{before:.3f}'}")
+    say(format_metrics("held-out", metrics))
     manifest: dict[str, Any] = {
         "parent": None, "base_model": str(base), "created": datetime.now(UTC).isoformat(),
         "data": {"files": counts, "train_pairs": len(train_pairs), "early_stop_pairs": len(held),
                  "trained_through_rowid": 0},
         "metrics": {"held_out": metrics, "train": {
             "steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
-            "stopped": result.stopped, "best_step": result.best_step, "history": result.history}},
+            "stopped": result.stopped, "best_step": result.best_step, "history": result.history,
+            "losses": result.losses}},
         "reward_norm": {**reward_stats(rm, tokenizer, held or train_pairs[:256], config),
                         "reference": "held-out split, both answers" if held else "first training pairs"},
         "config": asdict(config),
+        "distributed": dist.describe(),
     }
     if register:
         path = register_version(settings, rm, tokenizer, manifest)

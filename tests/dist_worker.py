@@ -1,0 +1,87 @@
+"""A training job for tests/test_distributed.py, run alone or under torchrun.
+
+    python -m tests.dist_worker reward|ppo MODEL OUT                   # one process
+    torchrun --standalone --nproc-per-node 2 -m tests.dist_worker ...  # two, as a round runs them
+
+`reward`: trains the reward model on synthetic pairs (tests/test_reward.py's marker preference);
+rank 0 writes the loss curve, the held-out history and the final held-out metrics to OUT (JSON).
+`ppo`: one PPO update (score + minibatch steps, no rollout engine) on a fixed rollout batch;
+rank 0 writes the trained parameters and the update's stats to OUT (torch.save).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from services.settings import Settings
+from trainer import distributed
+
+#: The jobs compared: the global batch (batch_size x grad_accum pairs) is the same for any
+#: number of processes. 44 pairs = 11 micro-batches of 4: the last step of each epoch has one
+#: micro-batch only, so with two processes rank 1 takes the zero-weighted step there.
+REWARD_JOB = dict(max_length=64, batch_size=4, grad_accum=2, lr=1e-3, epochs=2, train_layers=0, eval_every=3,
+                  patience=50, threads=1, seed=0, dtype="float32")
+PPO_JOB = dict(batch_size=8, response_length=8, epochs=2, minibatches=2, lr=1e-3, train_layers=1, threads=1,
+               seed=0, kl_coef=0.05)
+
+
+def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
+    from tests.test_reward import synthetic_pairs
+    from trainer.reward import RewardConfig, evaluate, load_reward_model, train_reward_model
+    from trainer.reward_data import encode_pairs
+
+    config = RewardConfig(**REWARD_JOB)  # type: ignore[arg-type]
+    model, tok = load_reward_model(model_dir, seed=0)
+    held = synthetic_pairs(16, seed=2)
+    result = train_reward_model(model, tok, synthetic_pairs(44, seed=1), held, config, progress=False, dist=dist)
+    final = evaluate(model, encode_pairs(tok, held, config.max_length), config, tok.pad_token_id, dist)
+    if dist.is_main:
+        out.write_text(json.dumps({"losses": result.losses, "history": result.history, "steps": result.steps,
+                                   "pairs_seen": result.pairs_seen, "accuracy": final["accuracy"],
+                                   "bt_loss": final["bt_loss"], "world_size": dist.world_size}))
+
+
+def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
+    from trainer.ppo import PPOConfig, PPOTrainer, RewardScorer, Sample, encode_prompt, load_policy
+    from trainer.reward import load_reward_model
+
+    config = PPOConfig(**PPO_JOB)  # type: ignore[arg-type]
+    policy, tok, _ = load_policy(model_dir)
+    reference, _, _ = load_policy(model_dir)
+    rm, rm_tok = load_reward_model(model_dir, seed=1)
+    scorer = RewardScorer(rm, rm_tok, max_length=64)
+    rng = random.Random(0)
+    words = "apple river stone cloud green quick silent paper window orange".split()
+    prompts = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 6))) + "?"}]
+               for _ in range(config.batch_size)]
+    prompt_ids = [encode_prompt(tok, m, config.max_prompt_length) for m in prompts]
+    samples = []
+    for i in range(config.batch_size):  # a fixed rollout batch: answers of 2..8 tokens, some unfinished
+        ids = tok.encode(" ".join(rng.choices(words, k=8)), add_special_tokens=False)[: rng.randint(2, 8)]
+        samples.append(Sample(i, ids, tok.decode(ids), finished=rng.random() < 0.5))
+    trainer = PPOTrainer(config, policy, reference, tok, None, scorer, None, dist)
+    scored = trainer.score(prompts, prompt_ids, samples)
+    stats = trainer.update(scored)
+    if dist.is_main:
+        params = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        torch.save({"params": params, "stats": stats, "advantages": scored.advantages,
+                    "world_size": dist.world_size, "trunk_depth": trainer.trunk_depth}, out)
+
+
+def main(argv: list[str]) -> int:
+    job, model_dir, out = argv[0], Path(argv[1]), Path(argv[2])
+    dist = distributed.init(Settings())
+    try:
+        {"reward": reward_job, "ppo": ppo_job}[job](model_dir, out, dist)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

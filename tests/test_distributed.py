@@ -1,0 +1,183 @@
+"""Distributed training (trainer/distributed.py) on real torch.distributed: torchrun, gloo, 2 processes.
+
+The same job runs once in one process and once under torchrun with two (tests/dist_worker.py),
+and the numbers are compared. What may differ is float32 rounding: DDP averages the two
+ranks' gradients where one process sums its micro-batches' (and sums the sharded scores in
+another order), so equal means equal within 1e-4 here (measured: about 1e-6 after the
+reward model's 12 steps and after one PPO update). The last test kills a rank mid-round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from services.registry import Registry
+from services.settings import Settings
+from tests.conftest import ROOT
+from trainer.daemon import round_command
+from trainer.distributed import Dist, resolve_backend, torchrun_command
+
+TOLERANCE = 1e-4
+
+
+def run_job(job: str, model: Path, out: Path, nproc: int) -> None:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "tests.dist_worker", job, str(model), str(out)]
+    else:
+        cmd = torchrun_command(Settings(train_nproc_per_node=nproc), "tests.dist_worker", job, str(model), str(out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def test_backend_and_launch_command_follow_the_settings() -> None:
+    assert resolve_backend("auto", cuda_available=True) == "nccl"
+    assert resolve_backend("auto", cuda_available=False) == "gloo"
+    assert resolve_backend("gloo", cuda_available=True) == "gloo"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_backend("nccl", cuda_available=False)
+    one_node = torchrun_command(Settings(train_nproc_per_node=2), "trainer.rounds", "run")
+    assert one_node[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in one_node
+    assert "--nproc-per-node=2" in one_node and one_node[-3:] == ["-m", "trainer.rounds", "run"]
+    node1 = torchrun_command(Settings(train_nproc_per_node=4, train_nnodes=2, train_node_rank=1,
+                                      train_master_addr="trainer-0.trainer", train_master_port=29511),
+                             "trainer.rounds", "run")
+    assert "--standalone" not in node1
+    assert {"--nnodes=2", "--node-rank=1", "--master-addr=trainer-0.trainer", "--master-port=29511",
+            "--nproc-per-node=4", "--max-restarts=0"} <= set(node1)
+    # the daemon's round: plain python for one process, torchrun for more
+    assert round_command(Settings()) == [sys.executable, "-m", "trainer.rounds", "run"]
+    assert "torch.distributed.run" in round_command(Settings(train_nproc_per_node=2))
+    with pytest.raises(ValueError, match="NODE_RANK"):
+        Settings(train_nnodes=2, train_node_rank=2)
+    # sharding: every item once, interleaved like DistributedSampler
+    shards = [Dist(rank=r, world_size=3).shard(list(range(8))) for r in range(3)]
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]]
+
+
+def test_reward_model_on_two_processes_matches_one(tiny_model: Path, tmp_path: Path) -> None:
+    """Same pairs, global batch and seed: the same loss curve and held-out accuracy on 1 and 2 ranks."""
+    run_job("reward", tiny_model, tmp_path / "one.json", 1)
+    run_job("reward", tiny_model, tmp_path / "two.json", 2)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["steps"] == two["steps"] == 12  # 2 epochs x ceil(11 micro-batches / 2)
+    assert one["pairs_seen"] == two["pairs_seen"] == 88  # every pair once per epoch, whatever the rank count
+    assert len(one["losses"]) == len(two["losses"]) == 12
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)) < TOLERANCE
+    assert one["losses"][-1] < one["losses"][0] - 0.05  # it did learn: the comparison is not of constants
+    assert [h["step"] for h in one["history"]] == [h["step"] for h in two["history"]]
+    assert all(abs(a["bt_loss"] - b["bt_loss"]) < TOLERANCE and a["accuracy"] == b["accuracy"]
+               for a, b in zip(one["history"], two["history"], strict=True))
+    assert one["accuracy"] == two["accuracy"] and abs(one["bt_loss"] - two["bt_loss"]) < TOLERANCE
+
+
+def test_one_ppo_update_on_two_processes_matches_one(tiny_model: Path, tmp_path: Path) -> None:
+    """One PPO update (sharded scoring, minibatches split by rank, DDP) on a fixed rollout batch."""
+    run_job("ppo", tiny_model, tmp_path / "one.pt", 1)
+    run_job("ppo", tiny_model, tmp_path / "two.pt", 2)
+    one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["trunk_depth"] == 1
+    assert torch.allclose(one["advantages"], two["advantages"], atol=TOLERANCE)
+    assert one["params"].keys() == two["params"].keys() and len(one["params"]) > 0
+    from trainer.ppo import load_policy
+
+    start = dict(load_policy(tiny_model)[0].named_parameters())
+    moved = max(float((p - start[n].detach()).abs().max()) for n, p in one["params"].items() if n in start)
+    assert moved > 1e-3  # the update changed the weights: equal results are not both untouched
+    for name, p in one["params"].items():
+        assert torch.allclose(p, two["params"][name], atol=TOLERANCE), name
+    for key in ("pg_loss", "vf_loss"):
+        assert abs(one["stats"][key] - two["stats"][key]) < TOLERANCE, key
+
+
+def _rank_process(torchrun: subprocess.Popen[bytes], rank: int) -> psutil.Process | None:
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
+        try:
+            env = child.environ()
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if env.get("RANK") == str(rank) and "trainer.rounds" in " ".join(child.cmdline()):
+            return child
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_round_fails_the_round_and_publishes_nothing(tmp_path: Path, broker: Settings,
+                                                                        tiny_model: Path) -> None:
+    """Two ranks run a round under torchrun; rank 1 is SIGKILLed during PPO. The round fails as a
+    whole (torchrun exits non-zero), the registry and the reward pointer are as they were, and the
+    next round starts from that committed state."""
+    from tests.test_rounds import fill_store, round_settings, snapshot
+    from trainer.rounds import _recover, read_rounds
+
+    sanity = tmp_path / "sanity.jsonl"
+    sanity.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": ""}) + "\n")
+    settings = round_settings(tmp_path / "data", tiny_model, broker, sanity, ppo_iterations=200,
+                              train_nproc_per_node=2)
+    fill_store(settings)
+    registry = Registry(settings.registry_path)
+    registry.init_base(tiny_model)
+    before = snapshot(settings.registry_path)
+    state_file = settings.data_dir / "rounds" / "state.json"
+    log = (tmp_path / "round.log").open("wb")
+    proc = subprocess.Popen(round_command(settings), env={**settings.child_env(), "OMP_NUM_THREADS": "1"},
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    state: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            if state.get("phase") == "ppo" and state.get("iterations_done", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the round ended before a rank could be killed:\n" + \
+            (tmp_path / "round.log").read_text()[-4000:]
+        rm_before = (settings.data_dir / "reward" / "current").read_text()
+        victim = _rank_process(proc, 1)
+        assert victim is not None, "rank 1 not found among torchrun's children"
+        victim.send_signal(signal.SIGKILL)  # mid-step: PPO iterations run back to back
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    output = (tmp_path / "round.log").read_text()
+    assert code != 0, output[-4000:]
+    assert snapshot(settings.registry_path) == before  # no version published, no state change
+    assert (settings.data_dir / "reward" / "current").read_text() == rm_before
+    assert not list((settings.data_dir / "rounds" / "work").glob("*/candidate"))
+    # rank 0 recorded the failure (or, killed by torchrun first, left the state the next round restarts from)
+    resume, how = _recover(settings)
+    assert resume is None, how
+    rounds = read_rounds(settings, 5)
+    assert rounds and rounds[0]["outcome"] in ("failed", "interrupted"), rounds[:1]
+    if rounds[0]["outcome"] == "failed":
+        assert "version" not in rounds[0]
+    # the reward model that round refreshed on two ranks says so
+    rm = json.loads((settings.data_dir / "reward" / rm_before.strip() / "manifest.json").read_text())
+    assert rm["distributed"]["world_size"] == 2 and rm["distributed"]["backend"] == "gloo"
+
+    # the next round starts from the committed state and, with both ranks alive, publishes
+    settings = round_settings(tmp_path / "data", tiny_model, broker, sanity, ppo_iterations=2,
+                              train_nproc_per_node=2, gate_min_win=0.0)
+    proc = subprocess.run(round_command(settings), env={**settings.child_env(), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = read_rounds(settings, 1)[0]
+    assert record["outcome"] == "published", record
+    assert record["recovery"] == "fresh round" or record["recovery"].startswith("restarting"), record
+    info = Registry(settings.registry_path).info(record["version"])
+    assert info.training["distributed"] == {"world_size": 2, "backend": "gloo", "device": "cpu"}
