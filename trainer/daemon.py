@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -34,10 +35,13 @@ from services.broker import ensure_topics
 from services.settings import Settings
 from trainer import rounds
 from trainer.consumer import PreferenceConsumer
-from trainer.store import PreferenceStore
+from trainer.reward import current_version
+from trainer.store import PreferenceStore, holdout_share
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
+#: What the scheduler saw at its last check, for the operator page (`GET /admin/schedule`).
+SCHEDULE_FILE = "schedule.json"
 
 
 class MetricsFollower:
@@ -88,6 +92,44 @@ class RoundScheduler:
             return "a round was cut off: resuming or restarting it"
         return None
 
+    def report(self, due: str | None) -> dict[str, Any]:
+        """What decides the next round, as numbers: written to <data_dir>/rounds/schedule.json at every
+        check, so the operator page can say what happens next without reaching into the trainer."""
+        s = self.settings
+        mark, ended = rounds.last_mark(s)
+        store = PreferenceStore(s.preferences_db)
+        try:
+            total = store.count()
+            new = int(store.db.execute("SELECT COUNT(*) FROM preferences WHERE rowid > ?", (mark,)).fetchone()[0])
+            decided = [cid for (cid,) in store.db.execute(
+                "SELECT comparison_id FROM preferences WHERE choice IN ('0', '1')")]
+        finally:
+            store.close()
+        held_out = sum(1 for cid in decided if holdout_share(cid) < s.reward_holdout_fraction)
+        since = ended or self.started_at
+        report = {
+            "checked_at": time.time(), "trainer_started": self.started_at, "last_round_ended": ended,
+            "votes_total": total, "votes_decided": len(decided), "votes_held_out": held_out,
+            "new_votes": new, "min_new_preferences": s.min_new_preferences,
+            "round_interval_s": s.round_interval.total_seconds(),
+            "interval_due_at": since + s.round_interval.total_seconds(),
+            "reward_model": rm.name if (rm := current_version(s)) is not None else None,
+            "reward_min_holdout": s.reward_min_holdout, "reward_holdout_fraction": s.reward_holdout_fraction,
+            "round_running": self.child is not None or rounds.round_running(s), "due": due,
+        }
+        path = rounds.rounds_dir(s) / SCHEDULE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report))
+        tmp.replace(path)  # readers see the old report or the new one
+        return report
+
+    def _report(self, due: str | None) -> None:
+        try:
+            self.report(due)
+        except (OSError, sqlite3.Error) as exc:  # only a view for operators: never stop the trainer
+            log.warning("could not write the schedule report: %s", exc)
+
     def tick(self) -> None:
         self.follower.poll()
         if self.child is not None:
@@ -102,8 +144,10 @@ class RoundScheduler:
             return
         self._next_check = now + self.check_every_s
         if rounds.round_running(self.settings):
+            self._report(None)
             return  # someone else's round (e.g. `kaizen rounds run`)
         why = self.due()
+        self._report(why)
         if why:
             log.info("starting a training round: %s", why)
             self.child = start_round_process(self.settings)
