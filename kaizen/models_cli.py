@@ -5,16 +5,20 @@
     kaizen models canary v3 --fraction 0.2 --reason "round 7 passed the gate"
     kaizen models promote            # the running canary
     kaizen models rollback --reason "users complain"
+    kaizen models import ./my-finetune    # a Hugging Face folder trained elsewhere, as a candidate
 
 They talk HTTP to a running chat API (KAIZEN_HOST/KAIZEN_PORT, or --url) with
 KAIZEN_ADMIN_TOKEN, so the server that swaps the weights is the one that
 changes the registry, checks the files first, and emits the model event.
+`import` writes the registry folder itself (as the trainer publishes into it):
+it adds a candidate and changes nothing that serves.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -161,3 +165,29 @@ def rollback(reason: ReasonOpt = "", url: UrlOpt = None, as_json: JsonOpt = Fals
     """Withdraw the canary, or return to the previous champion."""
     status = _call("POST", "/admin/rollback", url, {"reason": reason, "who": _who()})
     console.print_json(json.dumps(status)) if as_json else _print_rollout(status)
+
+
+@models_app.command("import")
+def import_(
+    directory: Annotated[Path, typer.Argument(help="Hugging Face folder trained elsewhere (safetensors)")],
+    reason: ReasonOpt = "", as_json: JsonOpt = False,
+) -> None:
+    """Register DIR as a candidate version (checked like any version); then canary it against the champion."""
+    from services.model_events import emit
+    from services.registry import Registry, RegistryError
+
+    settings = get_settings()
+    registry = Registry(settings.registry_path)
+    try:
+        m = registry.import_folder(directory, who=_who(), why=reason)
+    except RegistryError as exc:
+        err.print(f"[bold red]refused:[/bold red] {exc}")
+        raise typer.Exit(1) from None
+    emit(settings, "published", m.version, who=_who(), source=m.source, imported=True)  # best effort: the API polls too
+    if as_json:
+        console.print_json(m.model_dump_json())
+        return
+    size = sum(f.size for f in m.files.values())
+    console.print(f"imported {m.source} as [bold]{m.version}[/bold] (candidate): {len(m.files)} files, "
+                  f"{size / 1e6:.1f} MB, sha256 of every file checked after the copy")
+    console.print(f"try it on live votes: kaizen models canary {m.version} --fraction 0.1 -m \"why\"")

@@ -481,7 +481,8 @@ async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -
     relay: OutboxRelay | None = getattr(request.app.state, "relay", None)
     if relay is not None:
         relay.notify()
-    out = FeedbackResponse(event_id=str(event.event_id), comparison_id=body.comparison_id)
+    out = FeedbackResponse(event_id=str(event.event_id), comparison_id=body.comparison_id,
+                           model_versions=[a.model_version for a in event.answers])
     return JSONResponse(dump(out), status_code=202)
 
 
@@ -568,6 +569,27 @@ async def admin_rounds(_admin: AdminDep, request: Request, limit: int = 100) -> 
         return {"object": "list", "data": []}
     rows = await asyncio.to_thread(read_rounds, request.app.state.settings, max(1, min(limit, 10_000)))
     return {"object": "list", "data": rows}
+
+
+#: The trainer's round scheduler writes what decides the next round here (trainer/daemon.py, SCHEDULE_FILE).
+SCHEDULE_PATH = ("rounds", "schedule.json")
+#: A schedule report older than this means no trainer is checking (reports come every few seconds).
+SCHEDULE_STALE_S = 60.0
+
+
+@admin_routes.get("/schedule")
+async def admin_schedule(_admin: AdminDep, request: Request) -> dict[str, Any]:
+    """What starts the next training round, as the trainer's scheduler last saw it: votes so far,
+    the thresholds, when the interval runs out. `trainer_reporting` is false when no trainer is checking."""
+    settings: Settings = request.app.state.settings
+    path = settings.data_dir.joinpath(*SCHEDULE_PATH)
+    try:
+        report: dict[str, Any] = json.loads(await asyncio.to_thread(path.read_text))
+    except (OSError, ValueError):
+        return {"object": "schedule", "trainer_reporting": False, "min_new_preferences": settings.min_new_preferences,
+                "round_interval_s": settings.round_interval.total_seconds()}
+    age = time.time() - float(report.get("checked_at", 0))
+    return {"object": "schedule", **report, "age_s": age, "trainer_reporting": age < SCHEDULE_STALE_S}
 
 
 @admin_routes.get("/stats")

@@ -199,6 +199,10 @@ class FeedbackResponse(OpenAIBaseModel):
     object: Literal["feedback"] = "feedback"
     event_id: str
     comparison_id: str
+    # -- Kaizen extension --
+    model_versions: list[str] = []
+    """The version that wrote each answer (index 0, 1). Told only once the vote is in, so it
+    cannot sway the vote; with a canary running, one is the champion and one the canary."""
 
 
 # -- models -----------------------------------------------------------------------

@@ -46,6 +46,13 @@ MANIFEST_FORMAT = 1
 _VERSION_RE = re.compile(r"^v(\d+)$")
 #: Files a servable version must have besides weights.
 REQUIRED_FILES = ("config.json",)
+#: config.json fields that must equal the serving engine's for weights to load in place.
+SHAPE_FIELDS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+#: Weight formats that are Python pickles: loading one can run any code, so an import refuses them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: An imported model must bring its tokenizer: a canary runs in an engine of its own, built from the folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 class RegistryError(Exception):
@@ -79,7 +86,9 @@ class Manifest(BaseModel):
     reward_model: str | None = None
     """Reward-model version the policy was trained against."""
     source: str | None = None
-    """Where v0 came from (the prepared base model), for lineage."""
+    """Where v0 came from (the prepared base model), or the folder an imported version came from."""
+    imported: bool = False
+    """Brought in with `kaizen models import`, not trained here: never canaried automatically."""
     training: dict[str, Any] = Field(default_factory=dict)
     """Training metrics of the round that produced it."""
     gate: dict[str, Any] = Field(default_factory=dict)
@@ -193,6 +202,85 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 
 def _files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def model_shape(folder: Path) -> dict[str, Any]:
+    """The config.json fields that decide whether weights fit an engine (SHAPE_FIELDS)."""
+    config = json.loads((folder / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise ValueError("config.json is not a JSON object")
+    return {k: config.get(k) for k in SHAPE_FIELDS}
+
+
+def check_importable(src: Path, champion_dir: Path) -> list[Path]:
+    """Why the Hugging Face folder `src` cannot become a version, as a `RegistryError` naming the
+    file and the fix; else the files an import copies. Checks: a readable config.json whose shape
+    equals the champion's, safetensors weights only (no pickles anywhere), every safetensors file's
+    header readable and every shard an index names present, a tokenizer; and, if the folder carries a
+    Kaizen manifest.json (an export of another registry's version), every file's sha256 against it."""
+    from safetensors import safe_open
+
+    def refuse(reason: str) -> RegistryError:
+        return RegistryError(f"cannot import {src}: {reason}", status=400, code="invalid_model")
+
+    if not src.is_dir():
+        raise refuse("not a folder")
+    files = [p for p in _files_of(src) if not p.relative_to(src).parts[0].startswith(".")]
+    names = {str(p.relative_to(src)) for p in files}
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise refuse(f"{', '.join(pickles)}: pickled weights (PyTorch .bin/.pt) can run code when loaded, so "
+                     "Kaizen takes safetensors only; save them with `model.save_pretrained(DIR, "
+                     "safe_serialization=True)` and leave the pickles out")
+    if "config.json" not in names:
+        raise refuse("no config.json: not a Hugging Face model folder")
+    try:
+        shape = model_shape(src)
+    except ValueError as exc:
+        raise refuse(f"config.json is not valid JSON ({exc})") from None
+    weights = sorted(n for n in names if n.endswith(".safetensors"))
+    if not weights:
+        raise refuse("no .safetensors weights")
+    for name in weights:
+        try:
+            with safe_open(str(src / name), framework="pt") as f:
+                if not list(f.keys()):
+                    raise refuse(f"{name} holds no tensors")
+        except RegistryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise refuse(f"{name} is not a readable safetensors file ({exc})") from None
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise refuse(f"model.safetensors.index.json is unreadable ({exc})") from None
+        missing = sorted(shards - names)
+        if missing:
+            raise refuse(f"the index names shards that are not there: {', '.join(missing)}")
+    if not any(t in names for t in TOKENIZER_FILES):
+        raise refuse(f"no tokenizer ({' or '.join(TOKENIZER_FILES)}): save it next to the weights "
+                     "with `tokenizer.save_pretrained(DIR)`")
+    champion = model_shape(champion_dir)
+    if shape != champion:
+        diff = ", ".join(f"{k} {shape[k]!r} (champion {champion[k]!r})" for k in SHAPE_FIELDS
+                         if shape[k] != champion[k])
+        raise refuse(f"config.json does not fit the serving engine: {diff}; a canary must have the "
+                     "champion's architecture and sizes")
+    exported = src / MANIFEST
+    if exported.is_file():
+        try:
+            listed = Manifest.model_validate_json(exported.read_text()).files
+        except ValueError as exc:
+            raise refuse(f"its manifest.json is unreadable ({exc})") from None
+        for name, entry in listed.items():
+            p = src / name
+            if not p.is_file():
+                raise refuse(f"{name} is listed in its manifest.json but missing")
+            if p.stat().st_size != entry.size or sha256_file(p) != entry.sha256:
+                raise refuse(f"{name} does not match the sha256 in its manifest.json (damaged in transit?)")
+    return files
 
 
 class Registry:
@@ -441,6 +529,39 @@ class Registry:
                             "publish", entries, parent=parent)
             self._save(state, entries)
             return m
+
+    def import_folder(self, src: Path, *, who: str, why: str = "") -> Manifest:
+        """Register a Hugging Face folder trained elsewhere as the next version, a candidate.
+
+        Refused with a `RegistryError` naming the reason unless `check_importable` passes against
+        the champion. The copy is hashed from the source first and verified after the rename, so a
+        version never differs from the folder it came from."""
+        src = Path(src).resolve()
+        state = self.state()
+        if state.champion is None:
+            raise RegistryError(f"registry {self.root} has no champion yet: start the chat API once "
+                                "(`kaizen up`) so the base model is registered as v0", code="no_champion")
+        files = check_importable(src, self.path(state.champion))
+        source_sums = {str(p.relative_to(src)): sha256_file(p) for p in files}
+        with self.locked():
+            staging = self._stage_folder(src, link=False)
+            try:
+                m = self._publish_staged(staging, {"parent": None, "source": str(src), "imported": True})
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            changed = sorted(n for n, e in m.files.items() if source_sums.get(n) != e.sha256)
+            if changed or set(m.files) != set(source_sums):
+                shutil.rmtree(self.path(m.version), ignore_errors=True)
+                raise RegistryError(f"cannot import {src}: files changed while being copied "
+                                    f"({', '.join(changed) or 'file list'}); try again", code="invalid_model")
+            state = self.state()
+            entries: list[AuditEntry] = []
+            self._set_stage(state, m.version, "candidate", who, why or f"imported from {src}", "import", entries,
+                            source=str(src))
+            self._save(state, entries)
+        self.verify(m.version)
+        return m
 
     # -- stage changes -------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import math
 import random
@@ -50,14 +49,12 @@ from typing import Any
 from services import metrics, model_events
 from services.comparisons import ComparisonStore
 from services.engine import Engine, SwapFailed
-from services.registry import CorruptVersion, Registry, RegistryError, RegistryState, STAGES
+from services.registry import (SHAPE_FIELDS, STAGES, CorruptVersion, Registry, RegistryError, RegistryState,
+                               model_shape)
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: config.json fields that must match for weights to be swapped into a running engine.
-SHAPE_FIELDS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 #: Time-to-first-token samples kept per version for the latency comparison.
 TTFT_WINDOW = 500
 Z95 = 1.959964
@@ -102,11 +99,6 @@ def emit_in_background(settings: Settings, type_: Any, version: str | None, **de
     """Model events never hold up a request or a swap (a missing broker would, for seconds)."""
     threading.Thread(target=model_events.emit, args=(settings, type_, version), kwargs=details,
                      name="kaizen-model-event", daemon=True).start()
-
-
-def _shape(model_dir: Path) -> dict[str, Any]:
-    config = json.loads((model_dir / "config.json").read_text())
-    return {k: config.get(k) for k in SHAPE_FIELDS}
 
 
 class Rollout:
@@ -274,7 +266,7 @@ class Rollout:
         """Raise `CorruptVersion` unless the files match the manifest and fit the serving engine."""
         await asyncio.to_thread(self.registry.verify, version)
         if self.champion is not None:
-            new, old = _shape(self.registry.path(version)), _shape(self.champion.model_dir)
+            new, old = model_shape(self.registry.path(version)), model_shape(self.champion.model_dir)
             if new != old:
                 diff = {k: (old[k], new[k]) for k in SHAPE_FIELDS if old[k] != new[k]}
                 raise CorruptVersion(version, f"does not fit the serving engine: {diff}")
@@ -420,12 +412,20 @@ class Rollout:
         self.decision = {"state": "none", "reason": "no canary"}
         champion_n = int(state.champion[1:]) if state.champion else -1
         candidates = [v for v, vs in state.versions.items()
-                      if vs.stage == "candidate" and int(v[1:]) > champion_n and v not in self.refused]
+                      if vs.stage == "candidate" and int(v[1:]) > champion_n and v not in self.refused
+                      and not self._imported(v)]
         if not candidates:
             return None
         newest = max(candidates, key=lambda v: int(v[1:]))
         return await self.act("canary", who="auto", why="newly published candidate", version=newest,
                               fraction=self.settings.canary_fraction)
+
+    def _imported(self, version: str) -> bool:
+        """Imported versions passed no gate here: an operator canaries them, never the automatic rollout."""
+        try:
+            return self.registry.manifest(version).imported
+        except RegistryError:
+            return False
 
     async def act(self, action: str, *, who: str, why: str, version: str | None = None,
                   fraction: float | None = None) -> RegistryState:
