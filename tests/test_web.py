@@ -111,8 +111,8 @@ def card_boxes(page: Page) -> list[dict[str, float]]:
 
 
 def pair_texts(page: Page) -> list[str]:
-    """The two answers exactly as displayed (textContent keeps every space and newline)."""
-    texts = page.locator(".pair").last.locator(".card .text").evaluate_all("els => els.map(e => e.textContent)")
+    """The two answers exactly as the model wrote them (each drawn as Markdown keeps its text in data-raw)."""
+    texts = page.locator(".pair").last.locator(".card .text").evaluate_all("els => els.map(e => e.dataset.raw)")
     assert len(texts) == 2, texts
     return list(texts)
 
@@ -139,14 +139,15 @@ def test_key_then_streamed_answer(api_server: tuple[str, Settings], browser: Bro
         window.__lengths = [];
         new MutationObserver(() => {
             const t = document.querySelector('.msg.assistant .text');
-            if (t) window.__lengths.push(t.textContent.length);
-        }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+            if (t && t.dataset.raw !== undefined) window.__lengths.push(t.dataset.raw.length);
+        }).observe(document.getElementById('log'),
+                   {subtree: true, childList: true, characterData: true, attributes: true});
     }""")
     send(page, "Tell me a short story")
     expect(page.locator(".msg.user .bubble")).to_have_text("Tell me a short story")
     answer = page.locator(".msg.assistant[data-done=true] .text")
     expect(answer).to_have_count(1)
-    final = answer.text_content() or ""
+    final = answer.get_attribute("data-raw") or ""
     assert final.strip(), "the streamed answer is empty"
     lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
     assert len(set(lengths)) >= 2 and lengths == sorted(lengths) and lengths[-1] == len(final), lengths
@@ -205,6 +206,9 @@ def test_pair_vote_by_keyboard(api_server: tuple[str, Settings], browser: Browse
     expect(thanks).to_contain_text("answer B")
     expect(b).to_have_class(re.compile(r"\bwinner\b"))
     expect(a).to_have_class(re.compile(r"\bloser\b"))
+    # only now, after the vote, each answer says which version wrote it
+    expect(a.locator(".card-version")).to_have_text("v0")
+    expect(b.locator(".card-version")).to_have_text("v0")
     expect(pair.get_by_role("button", name="A is better")).to_be_disabled()
     page.screenshot(path=str(SHOTS / "chat-voted-desktop.png"))
 
@@ -228,6 +232,105 @@ def test_pair_vote_by_keyboard(api_server: tuple[str, Settings], browser: Browse
     page.context.close()
 
 
+def test_reload_keeps_the_conversation(api_server: tuple[str, Settings], browser: Browser) -> None:
+    """The conversation survives a reload (localStorage), a pair left unvoted can still be voted on
+    after it, the next request carries the whole history, and New chat forgets it."""
+    base, settings = api_server
+    page = open_page(browser, f"{base}/?compare=off", key=USER_KEY)
+    requests = chat_requests(page)
+    send(page, "First question")
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(1)
+    first = page.locator(".msg.assistant .text").first.get_attribute("data-raw")
+    page.goto(f"{base}/?compare=force")
+    send(page, "Second question")
+    expect(page.locator(".pair[data-ready=true]")).to_have_count(1)
+    cid = page.locator(".pair").get_attribute("data-comparison-id")
+    shown = pair_texts(page)
+
+    page.reload()
+    expect(page.locator(".msg.user .bubble")).to_have_text(["First question", "Second question"])
+    expect(page.locator(".msg.assistant .text").first).to_have_attribute("data-raw", first or "")
+    assert pair_texts(page) == shown
+    expect(page.locator("#empty")).to_be_hidden()
+    pair = page.locator(".pair[data-ready=true]")
+    assert pair.get_attribute("data-comparison-id") == cid
+    pair.get_by_role("button", name="B is better").click()  # the restored pair takes its vote
+    expect(pair.locator(".vote-thanks")).to_contain_text("answer B")
+    assert [e.choice for e in outbox(settings) if e.comparison_id == cid] == [1]
+
+    page.reload()  # the vote is remembered too
+    expect(page.locator(".pair.settled .card[data-label=B]")).to_have_class(re.compile(r"\bwinner\b"))
+    expect(page.locator(".pair .vote-button")).to_have_count(0)
+    send(page, "Third question")
+    expect(page.locator(".pair[data-ready=true]")).to_have_count(1)
+    assert requests[-1]["body"]["messages"] == [
+        {"role": "user", "content": "First question"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "Second question"}, {"role": "assistant", "content": shown[1]},
+        {"role": "user", "content": "Third question"}]
+
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".msg")).to_have_count(0)
+    page.reload()
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.locator("#empty")).to_be_visible()
+    page.context.close()
+
+
+#: An answer as a model might write it, with HTML that must stay text.
+MARKDOWN_ANSWER = """Here is how:
+
+1. Install it
+2. Run **this**:
+
+```python
+print("<b>hi</b>")
+```
+
+- a `code` word
+- <script>window.__pwned = 1</script> stays text
+<img src=x onerror="window.__pwned = 2">"""
+
+
+def test_markdown_is_drawn_and_html_stays_text(api_server: tuple[str, Settings], browser: Browser) -> None:
+    """An answer is drawn as Markdown (paragraphs, lists, a code block with a Copy button), and HTML in
+    it stays characters. The answer is one the page saved itself (a real model cannot be made to write
+    this text); a saved answer is drawn by the same code as a streamed one."""
+    base, _ = api_server
+    page = open_page(browser, f"{base}/?compare=off", key=USER_KEY)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    send(page, "How do I print bold?")
+    expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(1)
+    saved = json.loads(page.evaluate("localStorage.getItem('kaizen.chat')"))
+    assert saved["turns"][1]["kind"] == "answer"
+    saved["turns"][1]["text"] = MARKDOWN_ANSWER
+    saved["messages"][1]["content"] = MARKDOWN_ANSWER
+    page.evaluate("s => localStorage.setItem('kaizen.chat', s)", json.dumps(saved))
+    page.reload()
+
+    text = page.locator(".msg.assistant .text")
+    expect(text.locator("p").first).to_have_text("Here is how:")
+    expect(text.locator("ol > li")).to_have_text(["Install it", "Run this:"])
+    expect(text.locator("ol strong")).to_have_text("this")
+    code = text.locator(".code-block pre code")
+    expect(code).to_have_text('print("<b>hi</b>")')
+    expect(code).to_have_class("language-python")
+    expect(text.locator(".code-block .code-lang")).to_have_text("python")
+    expect(text.locator("ul > li")).to_have_count(2)
+    expect(text.locator("ul > li code")).to_have_text("code")
+    expect(text.locator("ul > li").nth(1)).to_contain_text("<script>window.__pwned = 1</script> stays text")
+    expect(text).to_contain_text('<img src=x onerror="window.__pwned = 2">')
+    # no element came from the model's text: no script, no img, no bold from its <b>
+    assert text.locator("script, img, b").count() == 0
+    assert page.evaluate("window.__pwned") is None
+
+    text.get_by_role("button", name="Copy python to the clipboard").click()
+    expect(text.locator(".copy-code")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == 'print("<b>hi</b>")'
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "chat-markdown-desktop.png"))
+    page.context.close()
+
+
 def test_narrow_screen_stacks_the_pair(api_server: tuple[str, Settings], browser: Browser) -> None:
     base, settings = api_server
     page = open_page(browser, f"{base}/?compare=force", viewport=NARROW, key=USER_KEY, color_scheme="dark")
@@ -238,6 +341,16 @@ def test_narrow_screen_stacks_the_pair(api_server: tuple[str, Settings], browser
     assert box_a["y"] + box_a["height"] <= box_b["y"]  # stacked
     assert box_a["x"] >= 0 and box_a["x"] + box_a["width"] <= NARROW["width"]  # no sideways scrolling
     assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+    # every vote button is a finger-sized target inside the screen, not covered by anything
+    for label in ("A is better", "B is better", "Tie", "Both are bad"):
+        button = pair.get_by_role("button", name=label)
+        button.scroll_into_view_if_needed()
+        box = button.bounding_box()
+        assert box is not None and box["height"] >= 44 and box["width"] >= 120, (label, box)
+        assert box["x"] >= 0 and box["x"] + box["width"] <= NARROW["width"], (label, box)
+        hit = page.evaluate("([x, y]) => document.elementFromPoint(x, y)?.closest('.vote-button')?.dataset.choice ?? null",
+                            [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+        assert hit is not None, (label, "covered")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "chat-narrow-dark.png"))
 
@@ -246,6 +359,8 @@ def test_narrow_screen_stacks_the_pair(api_server: tuple[str, Settings], browser
     expect(pair.locator(".vote-thanks")).to_contain_text("answer A")
     cid = pair.get_attribute("data-comparison-id")
     assert [e.choice for e in outbox(settings) if e.comparison_id == cid] == ["tie"]
+    expect(pair.locator(".card-version")).to_have_text(["v0", "v0"])
+    page.screenshot(path=str(SHOTS / "chat-narrow-voted-dark.png"))
     page.context.close()
 
 
@@ -364,6 +479,14 @@ def test_rate_limit_is_explained(
     expect(alert).to_contain_text("Too many requests")
     expect(alert).to_contain_text("HTTP 429")
     expect(alert).to_contain_text(re.compile(r"Please wait \d{2,3} seconds"))  # Retry-After: ~100 s here
+    # a visible countdown: the number goes down by itself
+    countdown = alert.locator(".countdown")
+    start = int(countdown.get_attribute("data-remaining") or 0)
+    assert 2 < start <= 101, start
+    expect(countdown).to_have_attribute("data-remaining", str(start - 2), timeout=5000)
+    expect(countdown).to_have_text(f"Please wait {start - 2} seconds before trying again.")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "chat-rate-limited-desktop.png"))
     retry = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {USER_KEY}"})
     assert retry.status_code == 429  # the server agrees
     expect(page.locator("#prompt")).to_have_value("Second question")

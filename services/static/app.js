@@ -7,12 +7,18 @@
 //   POST /v1/feedback          {"comparison_id", "choice": 0|1|"tie"|"both_bad", "reason"?}
 //   GET  /v1/models            the served version (also in X-Kaizen-Model-Version)
 //
+// Answers are drawn as Markdown by markdown.js (DOM nodes and text nodes only, never HTML).
+// The conversation is kept in localStorage (kaizen.chat) until "New chat", so a reload keeps it;
+// a pair not yet voted on can still be voted on after a reload.
+//
 // Hidden query parameters: ?compare=force|off (tests, demos), ?max_tokens=N.
 "use strict";
 
 (() => {
   const KEY_STORE = "kaizen.apiKey";
   const COMPARE_STORE = "kaizen.compare";
+  const CHAT_STORE = "kaizen.chat";
+  const CHAT_FORMAT = 1;
   const VERSION_HEADER = "X-Kaizen-Model-Version";
   const LABELS = ["A", "B"];
   // Vote keys (documented on the page): digits and letters, either works.
@@ -43,6 +49,7 @@
     messages: [],        // the conversation as the API sees it (committed turns only)
     controller: null,    // AbortController of the answer being streamed
     pair: null,          // the paired answer waiting for a vote
+    turns: [],           // what the log shows, as saved in localStorage (see saveChat)
   };
 
   // -- small helpers ------------------------------------------------------------------
@@ -159,13 +166,33 @@
     const box = make("div", "notice error");
     box.setAttribute("role", "alert");
     box.append(make("strong", "notice-title", title));
-    if (advice) box.append(make("p", "notice-advice", advice));
+    if (err.status === 429 && err.retryAfter) box.append(countdown(err.retryAfter, where));
+    else if (advice) box.append(make("p", "notice-advice", advice));
     const detail = err.status === 0
       ? `Browser said: ${err.message}`
       : `Server said: ${err.message} (HTTP ${err.status}${err.code ? `, ${err.code}` : ""})`;
     box.append(make("p", "notice-detail", detail));
     box.dataset.status = String(err.status);
     return box;
+  }
+
+  /** "Please wait N seconds", counting down each second to "You can try again now." */
+  function countdown(total, where) {
+    const p = make("p", "notice-advice countdown");
+    const until = Date.now() + total * 1000;
+    const again = where === "vote" ? "You can vote again now." : "You can try again now.";
+    let first = true;
+    const tick = () => {
+      if (!first && !p.isConnected) return;  // dismissed: stop counting
+      first = false;
+      const left = Math.max(0, Math.ceil((until - Date.now()) / 1000));
+      p.dataset.remaining = String(left);
+      p.textContent = left > 0 ? `Please wait ${seconds(left)} before trying again.` : again;
+      if (left > 0) window.setTimeout(tick, 1000);
+    };
+    tick();
+    p.setAttribute("aria-live", "off");  // the alert announced it once; no announcement every second
+    return p;
   }
 
   function showAlert(err, where) {
@@ -288,6 +315,12 @@
 
   function hideEmpty() { ui.empty.hidden = true; }
 
+  /** Draw `raw` (model text) as Markdown into a `.text` element; the raw text rides along in data-raw. */
+  function setText(node, raw) {
+    node.dataset.raw = raw;
+    window.KaizenMarkdown.render(node, raw);
+  }
+
   function renderUser(text) {
     hideEmpty();
     const row = make("div", "msg user");
@@ -302,7 +335,7 @@
     hideEmpty();
     const row = make("div", "msg assistant");
     const single = make("div", "answer single");
-    const text = make("div", "text");
+    const text = make("div", "text md");
     text.setAttribute("aria-busy", "true");
     single.append(make("span", "sr-only", "Kaizen answered:"), text, typing());
     row.append(single);
@@ -331,7 +364,7 @@
       card.setAttribute("aria-label", `Answer ${label}`);
       const head = make("header", "card-head");
       head.append(make("span", "badge", label), make("span", "card-title", `Answer ${label}`));
-      const text = make("div", "text");
+      const text = make("div", "text md");
       text.setAttribute("aria-busy", "true");
       card.append(head, text, typing());
       grid.append(card);
@@ -340,7 +373,7 @@
     });
     wrap.append(intro, grid);
     turn.single.replaceWith(wrap);
-    Object.assign(turn, { pairEl: wrap, cards, texts, intro });
+    Object.assign(turn, { pairEl: wrap, cards, texts, intro, grid });
     turn.pair = { comparisonId, turn, ready: false, settled: false, voting: false };
     return turn.pair;
   }
@@ -395,6 +428,7 @@
     if (state.pair === pair) state.pair = null;
     const turn = pair.turn;
     state.messages.push({ role: "assistant", content: pair.texts[continueWith] });
+    if (pair.record) Object.assign(pair.record, { continueWith, note: note || null, noteClass: cls || null });
     turn.cards.forEach((card, i) => card.classList.toggle("continued", i === continueWith));
     turn.pairEl.classList.add("settled");
     turn.intro.textContent = `The conversation continues with answer ${LABELS[continueWith]}.`;
@@ -404,6 +438,28 @@
       const msg = make("p", cls || "vote-note", note);
       if (pair.feedback) pair.feedback.replaceChildren(msg); else turn.pairEl.append(msg);
     }
+    saveChat();
+  }
+
+  /** After the vote, each answer says which model version wrote it (the server tells only now). */
+  function labelVersions(turn, versions) {
+    if (!Array.isArray(versions) || versions.length !== turn.cards.length) return;
+    turn.cards.forEach((card, i) => {
+      card.dataset.version = versions[i];
+      const head = card.querySelector(".card-head");
+      head.querySelector(".card-version")?.remove();
+      const tag = make("span", "card-version", versions[i]);
+      tag.title = `Answer ${LABELS[i]} came from model version ${versions[i]}`;
+      head.append(tag);
+    });
+  }
+
+  function markVote(turn, choice) {
+    turn.pairEl.dataset.voted = String(choice);
+    turn.cards.forEach((card, i) => {
+      card.classList.toggle("winner", choice === i);
+      card.classList.toggle("loser", choice === 1 - i);
+    });
   }
 
   async function vote(pair, choice) {
@@ -428,11 +484,9 @@
     if (!err) {
       const out = await res.json().catch(() => ({}));
       pair.eventId = out.event_id;
-      pair.turn.pairEl.dataset.voted = String(choice);
-      pair.turn.cards.forEach((card, i) => {
-        card.classList.toggle("winner", choice === i);
-        card.classList.toggle("loser", choice === 1 - i);
-      });
+      markVote(pair.turn, choice);
+      labelVersions(pair.turn, out.model_versions);
+      if (pair.record) Object.assign(pair.record, { voted: choice, versions: out.model_versions || null });
       const which = chosenIndex(choice);
       settlePair(pair, which, `Thanks for your vote! Kaizen learns from it. Continuing with answer ${LABELS[which]}.`, "vote-thanks");
       pair.feedback.querySelector(".vote-thanks").setAttribute("role", "status");
@@ -476,6 +530,7 @@
     clearAlerts();
     state.messages.push({ role: "user", content: text });
     const userRow = renderUser(text);
+    const userRecord = { kind: "user", text };
     const turn = renderTurn();
     state.stick = true;
     scrollToEnd(true);
@@ -538,7 +593,7 @@
           if (piece) {
             state.stick = nearBottom();
             texts[i] += piece;
-            turn.texts[i].textContent = texts[i];
+            setText(turn.texts[i], texts[i]);
             scrollToEnd();
           }
           if (choice.finish_reason) {
@@ -557,12 +612,19 @@
     if (!pair) {
       state.messages.push({ role: "assistant", content: texts[0] });
       turn.row.dataset.done = "true";
+      setText(turn.texts[0], texts[0]);
       if (stopped) turn.single.append(make("p", "meta", "Stopped."));
       else if (streamErr || !sawDone) turn.single.append(errorBox(streamErr || networkError("the answer was cut off"), "chat"));
+      state.turns.push(userRecord, { kind: "answer", text: texts[0], note: stopped ? "Stopped." : null });
+      saveChat();
       announce(stopped ? "Answer stopped." : "Answer complete.");
       return;
     }
     pair.texts = texts;
+    texts.forEach((t, i) => setText(turn.texts[i], t));
+    pair.record = { kind: "pair", comparisonId: pair.comparisonId, texts, ready: false, continueWith: null,
+                    voted: null, versions: null, note: null, noteClass: null };
+    state.turns.push(userRecord, pair.record);
     if (stopped || streamErr || !sawDone) {
       // the server keeps only pairs delivered whole: this one cannot be voted on
       const why = stopped ? "Stopped before both answers were complete, so this pair can't be rated."
@@ -573,9 +635,11 @@
       return;
     }
     pair.ready = true;
+    pair.record.ready = true;
     state.pair = pair;
     turn.pairEl.dataset.ready = "true";
     renderVoteBar(pair);
+    saveChat();
     scrollToEnd();
     announce("Two answers are ready. Vote for the better one: 1 for A, 2 for B, 3 tie, 4 both bad.");
   }
@@ -593,6 +657,8 @@
     stop();
     state.messages = [];
     state.pair = null;
+    state.turns = [];
+    storageSet(CHAT_STORE, null);
     ui.log.querySelectorAll(".msg").forEach((node) => node.remove());
     ui.empty.hidden = false;
     clearAlerts();
@@ -600,6 +666,55 @@
     autosize();
     ui.prompt.focus();
     announce("New chat.");
+  }
+
+  // -- the conversation across reloads ---------------------------------------------------------
+
+  function saveChat() {
+    if (!state.turns.length) { storageSet(CHAT_STORE, null); return; }
+    storageSet(CHAT_STORE, JSON.stringify({ format: CHAT_FORMAT, messages: state.messages, turns: state.turns }));
+  }
+
+  /** Draw a saved conversation again: the same renderers as a live one, so the same Markdown. */
+  function restoreChat() {
+    let saved = null;
+    try { saved = JSON.parse(storageGet(CHAT_STORE) || "null"); } catch { saved = null; }
+    if (!saved || saved.format !== CHAT_FORMAT || !Array.isArray(saved.turns) || !Array.isArray(saved.messages)) return;
+    state.messages = saved.messages;
+    state.turns = saved.turns;
+    for (const rec of state.turns) {
+      if (rec.kind === "user") {
+        renderUser(String(rec.text));
+      } else if (rec.kind === "answer") {
+        const turn = renderTurn();
+        finishCard(turn.single, turn.texts[0], null);
+        setText(turn.texts[0], String(rec.text));
+        turn.row.dataset.done = "true";
+        if (rec.note) turn.single.append(make("p", "meta", String(rec.note)));
+      } else if (rec.kind === "pair") {
+        const turn = renderTurn();
+        const pair = makePair(turn, String(rec.comparisonId));
+        pair.record = rec;
+        pair.texts = rec.texts.map(String);
+        pair.texts.forEach((t, i) => { finishCard(turn.cards[i], turn.texts[i], null); setText(turn.texts[i], t); });
+        if (rec.continueWith !== null && rec.continueWith !== undefined) {
+          // settled before the reload: show it as it was, without touching the saved messages
+          pair.settled = true;
+          turn.cards.forEach((card, i) => card.classList.toggle("continued", i === rec.continueWith));
+          turn.pairEl.classList.add("settled");
+          turn.intro.textContent = `The conversation continues with answer ${LABELS[rec.continueWith]}.`;
+          if (rec.voted !== null && rec.voted !== undefined) markVote(turn, rec.voted);
+          labelVersions(turn, rec.versions);
+          if (rec.note) turn.pairEl.append(make("p", rec.noteClass || "vote-note", String(rec.note)));
+        } else if (rec.ready) {
+          pair.ready = true;
+          state.pair = pair;
+          turn.pairEl.dataset.ready = "true";
+          renderVoteBar(pair);
+        }
+      }
+    }
+    scrollToEnd(true);
   }
 
   // -- composer ---------------------------------------------------------------------------------
@@ -670,6 +785,7 @@
     ui.compare.checked = storageGet(COMPARE_STORE) !== "off";
   }
   state.stick = true;
+  restoreChat();
   autosize();
   loadVersion();
   ui.prompt.focus();
