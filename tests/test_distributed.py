@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 import torch
 
 from services.registry import Registry
 from services.settings import Settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, stop_group, wait_http
 from trainer.daemon import round_command
 from trainer.distributed import Dist, resolve_backend, torchrun_command
 
@@ -170,14 +171,31 @@ def test_a_rank_killed_mid_round_fails_the_round_and_publishes_nothing(tmp_path:
     rm = json.loads((settings.data_dir / "reward" / rm_before.strip() / "manifest.json").read_text())
     assert rm["distributed"]["world_size"] == 2 and rm["distributed"]["backend"] == "gloo"
 
-    # the next round starts from the committed state and, with both ranks alive, publishes
-    settings = round_settings(tmp_path / "data", tiny_model, broker, sanity, ppo_iterations=2,
-                              train_nproc_per_node=2, gate_min_win=0.0)
-    proc = subprocess.run(round_command(settings), env={**settings.child_env(), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The next round starts from the committed state and, with both ranks alive, publishes. This
+    # time as two nodes of one process each, as the chart runs them: node 1 is `kaizen train` with
+    # KAIZEN_TRAIN_NODE_RANK=1 (a worker that joins every round), node 0 the round the daemon starts.
+    two_nodes = dict(ppo_iterations=2, gate_min_win=0.0, train_nnodes=2, train_nproc_per_node=1,
+                     train_master_port=free_port())
+    settings = round_settings(tmp_path / "data", tiny_model, broker, sanity, **two_nodes)
+    node1 = round_settings(tmp_path / "node1", tiny_model, broker, sanity, train_node_rank=1, **two_nodes)
+    worker = subprocess.Popen([sys.executable, "-m", "kaizen", "train"], cwd=ROOT,
+                              env={**node1.child_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{node1.trainer_port}/metrics", 60, worker)
+        proc = subprocess.run(round_command(settings), env={**settings.child_env(), "OMP_NUM_THREADS": "1"},
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        scraped = httpx.get(f"http://127.0.0.1:{node1.trainer_port}/metrics", timeout=5).text
+    finally:
+        stop_group(worker)
+    assert worker.returncode == 0
     record = read_rounds(settings, 1)[0]
     assert record["outcome"] == "published", record
     assert record["recovery"] == "fresh round" or record["recovery"].startswith("restarting"), record
     info = Registry(settings.registry_path).info(record["version"])
     assert info.training["distributed"] == {"world_size": 2, "backend": "gloo", "device": "cpu"}
+    assert "kaizen_trainer_ready 1.0" in scraped
+    done = [line for line in scraped.splitlines()
+            if line.startswith("kaizen_training_last_round_completed_timestamp_seconds ")]
+    assert done and float(done[0].split()[1]) > time.time() - 600, done  # the worker saw the round finish

@@ -183,7 +183,8 @@ def run_worker(settings: Settings, *, retry_s: float = 5.0) -> int:
 
     Each pass runs this node's share of a round under torchrun, which waits at the rendezvous
     (train_master_addr:port) until node 0's daemon starts the next round. No consumer here: node
-    0 alone reads the votes. Serves /metrics with kaizen_trainer_ready 1 for the probes.
+    0 alone reads the votes. Serves /metrics with kaizen_trainer_ready 1 for the probes, and the
+    time the last round it took part in finished (the KaizenNoTrainingRound alert reads every pod).
     Returns the number of rounds joined (when stopped by SIGTERM/SIGINT).
     """
     start_http_server(settings.trainer_port, addr=settings.trainer_host)
@@ -205,7 +206,9 @@ def run_worker(settings: Settings, *, retry_s: float = 5.0) -> int:
     while not stopping:
         child = start_round_process(settings)
         code = child.wait()
-        joined += code == 0
+        if code == 0:  # a round finished (any outcome but failed): the no-round alert reads this
+            joined += 1
+            metrics.LAST_ROUND_COMPLETED.set(time.time())
         if code != 0 and not stopping:
             log.info("round processes exited with %d; rejoining in %.0f s", code, retry_s)
             time.sleep(retry_s)
