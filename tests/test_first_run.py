@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from playwright.sync_api import Browser, expect, sync_playwright
@@ -27,7 +28,7 @@ from services.app import build_app
 from services.auth import admin_token
 from services.settings import Settings
 from tests.conftest import ROOT, make_settings, stop_group, wait_http
-from tests.test_web import CHROMIUM, CHROMIUM_ARGS, open_page
+from tests.test_web import CHROMIUM, CHROMIUM_ARGS, SHOTS, open_page
 
 KAIZEN = Path(sys.executable).parent / "kaizen"  # .venv/bin/kaizen, the command `make run` runs
 URL_RE = re.compile(r"operator page: (http://\S+/admin#token=[0-9a-f]+)")
@@ -99,6 +100,27 @@ def test_up_prints_a_signing_in_operator_url(tiny_model: Path, tmp_path: Path, b
         expect(page.locator("#settings")).to_be_hidden()  # no token typed, none asked for
         assert page.evaluate("location.hash") == ""  # the token left the address bar
         assert "token" not in page.url
+
+        # only v0: the first-run view says what starts a round, from the trainer's own scheduler
+        first = page.locator("#first-run")
+        expect(first).to_be_visible()
+        expect(first.locator("[data-fact=trigger]")).to_contain_text(
+            f"{settings.min_new_preferences} new votes since the last round")
+        expect(first.locator("[data-fact=votes]")).to_contain_text("0 stored")
+        # one vote through the real pipeline (API outbox -> Kafka -> trainer store) shows up there
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": "kaizen", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "comparison": "force"})
+        assert r.status_code == 200, r.text
+        vote = httpx.post(f"{base}/v1/feedback", json={"comparison_id": r.json()["comparison_id"], "choice": 0})
+        assert vote.status_code == 202, vote.text
+        page.get_by_role("button", name="Refresh now").click()
+        expect(first.locator("[data-fact=votes]")).to_contain_text("1 stored (1 chose an answer", timeout=60_000)
+        expect(first.locator("[data-fact=next]")).to_contain_text(
+            f"When {settings.min_new_preferences - 1} more votes arrive, or at ")
+        expect(first.locator("[data-fact=reward]")).to_contain_text(f"Needs {settings.reward_min_holdout} held-out")
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "admin-first-run-desktop.png"), full_page=True)
         page.context.close()
     finally:
         stop_group(up)

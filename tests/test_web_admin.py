@@ -210,8 +210,17 @@ def test_training_rounds_are_charted(server: tuple[str, Settings], browser: Brow
     rows = page.locator("#rounds-table tbody tr")
     expect(rows).to_have_count(3)
     expect(rows.nth(0)).to_contain_text("published")
-    expect(rows.nth(1)).to_contain_text("failed (47%)")
+    expect(rows.nth(1)).to_contain_text("failed (47%) · KL 0.052")
     expect(rows.nth(2)).to_contain_text("skipped")
+    # a round links to the version it published: its details, with the gate numbers
+    expect(rows.nth(0)).to_contain_text("passed (61%) · KL 0.031")
+    rows.nth(0).get_by_role("button", name=re.compile(r"^Details of v2, published by round ")).click()
+    detail = page.locator("#version-detail")
+    expect(detail).to_be_visible()
+    expect(detail).to_contain_text("v2 ← v0")
+    expect(detail.locator(".kv-groups")).to_contain_text(re.compile(r"0\.61|61(\.0)?%"))  # the gate's win rate
+    expect(detail).to_be_in_viewport()
+    expect(page.locator("#first-run")).to_be_hidden()  # not a first run: versions and rounds exist
     page.context.close()
 
 

@@ -7,6 +7,7 @@
 //   GET  /admin/rounds          training rounds (reward, KL, reward-model accuracy)
 //   GET  /admin/stats           request and vote rates
 //   GET  /admin/audit           registry changes
+//   GET  /admin/schedule        what starts the next training round (the trainer's scheduler)
 //   POST /admin/rollout | /admin/promote | /admin/rollback   the operator's buttons
 // Every figure shown is one the server sends; the page only draws it.
 //
@@ -40,6 +41,7 @@
     versions: el("versions-table").tBodies[0], versionsCount: el("versions-count"), detail: el("version-detail"),
     roundsCharts: el("rounds-charts"), rounds: el("rounds-table").tBodies[0], roundsCount: el("rounds-count"),
     audit: el("audit-table").tBodies[0],
+    firstRun: el("first-run"), firstRunFacts: el("first-run-facts"), trainerPill: el("trainer-pill"),
     dialog: el("confirm"), dialogForm: el("confirm-form"), dialogTitle: el("confirm-title"),
     dialogText: el("confirm-text"), fractionField: el("fraction-field"), fraction: el("fraction"),
     reason: el("reason"), dialogError: el("confirm-error"), dialogOk: el("confirm-ok"), dialogCancel: el("confirm-cancel"),
@@ -232,9 +234,9 @@
     state.loading = true;
     ui.refresh.setAttribute("aria-busy", "true");
     try {
-      const [versions, rollout, stats, rounds, audit] = await Promise.all([
+      const [versions, rollout, stats, rounds, audit, schedule] = await Promise.all([
         api("GET", "/admin/versions"), api("GET", "/admin/rollout"), api("GET", "/admin/stats"),
-        api("GET", "/admin/rounds?limit=50"), api("GET", "/admin/audit?limit=50"),
+        api("GET", "/admin/rounds?limit=50"), api("GET", "/admin/audit?limit=50"), api("GET", "/admin/schedule"),
       ]);
       const results = [versions, rollout, stats, rounds, audit];
       const denied = results.find((r) => !r.ok && (r.err.status === 401 || r.err.status === 403));
@@ -258,6 +260,8 @@
       if (rounds.ok) draw("rounds", rounds.body, renderRounds);
       else { state.rendered.rounds = null; sectionError(ui.roundsCharts, rounds.err); }
       if (audit.ok) draw("audit", audit.body, renderAudit);
+      renderFirstRun(versions.ok ? versions.body : null, rounds.ok ? rounds.body : null,
+        schedule.ok ? schedule.body : null);
       document.body.dataset.state = "ready";
       document.body.dataset.loaded = "true";
       touchTimes();
@@ -646,6 +650,8 @@
       kl: first(r.kl, gate.kl, ppo.kl_last),
       kl_coef: first(r.kl_coef, ppo.kl_coef_last),
       win_rate: first(gate.win_rate),
+      gate_kl: first(gate.kl),
+      sanity: first(gate.sanity_passed),
       passed: gate.passed,
       note: first(r.reason, r.error, Array.isArray(gate.failed) && gate.failed.length ? gate.failed.join("; ") : null),
     };
@@ -674,14 +680,26 @@
       tr.append(th);
       cell(tr, when(r.at));
       cell(tr, r.outcome || DASH).title = r.note || "";
-      cell(tr, r.version || DASH, "mono");
+      const versionCell = cell(tr, r.version ? "" : DASH, "mono");
+      if (r.version) {
+        // the round's published version: opens its details (lineage, gate and training numbers)
+        const link = actionButton(r.version, `Details of ${r.version}, published by round ${r.id}`, "details", r.version);
+        link.className = "link-button mono";
+        link.dataset.focusKey = `round-details:${r.id}`;
+        versionCell.append(link);
+      }
       cell(tr, r.reward_model || DASH, "mono");
       cell(tr, pct(r.rm_accuracy, 1), "num");
       cell(tr, num(r.reward_mean, 3), "num");
       cell(tr, num(r.kl, 4), "num");
       cell(tr, num(r.kl_coef, 3), "num");
-      cell(tr, r.passed === true ? `passed (${pct(r.win_rate, 0)})` : r.passed === false ? `failed (${pct(r.win_rate, 0)})` : DASH,
+      const gateCell = cell(tr, r.passed === true ? `passed (${pct(r.win_rate, 0)})` : r.passed === false ? `failed (${pct(r.win_rate, 0)})` : DASH,
         r.passed === true ? "ok-text" : r.passed === false ? "bad-text" : "");
+      if (r.passed === true || r.passed === false) {
+        gateCell.append(make("span", "gate-numbers", ` · KL ${num(r.gate_kl, 3)}`
+          + (r.sanity === false ? " · sanity failed" : "")));
+        if (r.note) gateCell.title = r.note;
+      }
       ui.rounds.append(tr);
     }
   }
@@ -905,7 +923,11 @@
     if (!b || ui.dialog.contains(b)) return;
     const { action, version } = b.dataset;
     if (action === "canary" || action === "promote") ask(action, version, b);
-    else if (action === "details") toggleDetail(version);
+    else if (action === "details") {
+      if (b.classList.contains("link-button") && state.detailVersion === version) loadDetail(version, true);
+      else toggleDetail(version);
+      if (b.classList.contains("link-button")) ui.detail.scrollIntoView({ block: "nearest" });
+    }
     else if (action === "close-detail") toggleDetail(state.detailVersion);
   });
 
@@ -924,6 +946,67 @@
       ui.detail.hidden = true;
       ui.detail.replaceChildren();
       document.querySelector(`[data-focus-key="details:${CSS.escape(version)}"]`)?.focus();
+    }
+  }
+
+  // -- first run: only v0 ------------------------------------------------------------------------
+
+  function duration(s) {
+    if (!isNum(s)) return DASH;
+    if (s >= 3600) return `${(s / 3600).toFixed(s % 3600 ? 1 : 0)} h`;
+    if (s >= 60) return `${Math.round(s / 60)} min`;
+    return `${Math.round(s)} s`;
+  }
+
+  function clock(unix) {
+    return isNum(unix) ? new Date(unix * 1000).toLocaleTimeString("en", { hour: "2-digit", minute: "2-digit" }) : DASH;
+  }
+
+  /** While only v0 exists and no round has run: what happens next, from the trainer's own numbers. */
+  function renderFirstRun(versions, rounds, sched) {
+    const onlyBase = versions && (versions.data || []).length <= 1 && rounds && !(rounds.data || []).length;
+    ui.firstRun.hidden = !onlyBase;
+    if (!onlyBase) return;
+    const facts = [];
+    const fact = (term, text, key) => facts.push([term, text, key]);
+    if (!sched || !sched.trainer_reporting) {
+      ui.trainerPill.textContent = "trainer not running";
+      ui.trainerPill.className = "pill bad-pill";
+      fact("Trainer", "Not reporting. Votes wait in the outbox and on Kafka until it runs: `kaizen up` starts it, "
+        + "or `kaizen train` alone.", "trainer");
+      if (sched) fact("What starts a round", `${count(sched.min_new_preferences)} new votes, or ${duration(sched.round_interval_s)} `
+        + "after the last round with at least one new vote.", "trigger");
+    } else {
+      ui.trainerPill.textContent = sched.round_running ? "training round running" : "trainer waiting for votes";
+      ui.trainerPill.className = "pill";
+      const needed = Math.max(0, sched.min_new_preferences - sched.new_votes);
+      fact("Votes so far", `${count(sched.votes_total)} stored (${count(sched.votes_decided)} chose an answer; `
+        + "ties and both-bad teach nothing yet).", "votes");
+      fact("What starts a round", `${count(sched.min_new_preferences)} new votes since the last round `
+        + `(KAIZEN_MIN_NEW_PREFERENCES), or ${duration(sched.round_interval_s)} after the last round `
+        + "(or the trainer's start) if at least one new vote came in (KAIZEN_ROUND_INTERVAL).", "trigger");
+      let next;
+      if (sched.round_running) next = "A round is running now (about 20 minutes on 2 CPU cores).";
+      else if (sched.due) next = `Due now: ${sched.due}.`;
+      else if (sched.new_votes > 0) next = `When ${count(needed)} more vote${needed === 1 ? "" : "s"} arrive, or at ${clock(sched.interval_due_at)}, whichever comes first.`;
+      else next = `When ${count(needed)} more votes arrive (the ${duration(sched.round_interval_s)} timer needs one new vote first).`;
+      fact("Next round", next, "next");
+      if (!sched.reward_model) {
+        const target = sched.reward_min_holdout;
+        const approx = Math.round(target / sched.reward_holdout_fraction);
+        fact("First reward model", `Needs ${count(target)} held-out votes that chose an answer (about ${count(approx)} such votes: `
+          + `${pct(sched.reward_holdout_fraction)} are held out to judge it); ${count(sched.votes_held_out)} so far. `
+          + "Until then rounds are skipped.", "reward");
+      } else {
+        fact("Reward model", sched.reward_model, "reward");
+      }
+    }
+    ui.firstRunFacts.replaceChildren();
+    for (const [term, text, key] of facts) {
+      const div = make("div");
+      div.dataset.fact = key;
+      div.append(make("dt", "", term), make("dd", "", text));
+      ui.firstRunFacts.append(div);
     }
   }
 
