@@ -29,7 +29,7 @@ import httpx
 from rich.console import Console
 from rich.text import Text
 
-from services.auth import admin_token, admin_url
+from services.auth import admin_token, admin_url, local_admin_allowed
 from services.broker import broker_command, ensure_topics, port_in_use
 from services.models import ModelError, require_model
 from services.settings import Settings
@@ -309,7 +309,7 @@ class Supervisor:
             f"Kaizen is up in {time.monotonic() - self.started:.0f} s: {url}/   "
             f"(model {s.served_model_name}, data in {s.data_dir})",
             f"  {self.operator_line()}",
-            "    (again later: `.venv/bin/kaizen config --show-admin-url`)" if s.admin_token is None else None,
+            "    (again later: `.venv/bin/kaizen config --show-admin-url`)" if local_admin_allowed(s) else None,
             f"  metrics: {url}/metrics   trainer: http://{s.trainer_host}:{s.trainer_port}/metrics",
             "  chat with curl:",
             f"    curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\",
