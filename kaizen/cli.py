@@ -68,7 +68,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 def config(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
     show_admin_url: Annotated[bool, typer.Option(
-        "--show-admin-url", help="print the operator page's address that signs in with the admin token")] = False,
+        "--show-admin-url",
+        help="print the operator page's address that signs in with the admin token")] = False,
 ) -> None:
     """Print the effective settings, secrets masked."""
     if show_admin_url:

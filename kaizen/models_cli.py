@@ -183,7 +183,8 @@ def import_(
     except RegistryError as exc:
         err.print(f"[bold red]refused:[/bold red] {exc}")
         raise typer.Exit(1) from None
-    emit(settings, "published", m.version, who=_who(), source=m.source, imported=True)  # best effort: the API polls too
+    # best effort: the chat API also polls the registry
+    emit(settings, "published", m.version, who=_who(), source=m.source, imported=True)
     if as_json:
         console.print_json(m.model_dump_json())
         return

@@ -180,7 +180,9 @@ class Supervisor:
             data = json.loads(self.timings_file.read_text())
         except (OSError, ValueError):
             return {}
-        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)} if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
 
     def _announce_engine_load(self, child: Child) -> None:
         s = self.settings
@@ -204,8 +206,8 @@ class Supervisor:
                 code = child.proc.returncode if child.proc else None
                 time.sleep(0.2)  # let the pump catch the last lines
                 tail = "\n".join(f"    {line}" for line in child.tail)
-                raise UpError(f"{child.name} exited with code {code} while starting; its last lines:\n{tail}\n"
-                              f"  full log: {self._log_of(child)}")
+                raise UpError(f"{child.name} exited with code {code} while starting; its last lines:\n"
+                              f"{tail}\n  full log: {self._log_of(child)}")
             now = time.monotonic()
             if child.engine_loaded_at is not None and not engine_said:
                 engine_said = True
@@ -297,7 +299,8 @@ class Supervisor:
             return f"operator page: {s.public_url}/admin  (sign in with KAIZEN_ADMIN_TOKEN)"
         token = admin_token(s)
         if token is None:
-            why = "production mode" if s.environment == "production" else f"KAIZEN_HOST={s.host} is not loopback"
+            why = ("production mode" if s.environment == "production"
+                   else f"KAIZEN_HOST={s.host} is not loopback")
             return f"operator page: off ({why} needs KAIZEN_ADMIN_TOKEN)"
         return f"operator page: {admin_url(s, token)}"
 
@@ -309,7 +312,8 @@ class Supervisor:
             f"Kaizen is up in {time.monotonic() - self.started:.0f} s: {url}/   "
             f"(model {s.served_model_name}, data in {s.data_dir})",
             f"  {self.operator_line()}",
-            "    (again later: `.venv/bin/kaizen config --show-admin-url`)" if local_admin_allowed(s) else None,
+            ("    (again later: `.venv/bin/kaizen config --show-admin-url`)"
+             if local_admin_allowed(s) else None),
             f"  metrics: {url}/metrics   trainer: http://{s.trainer_host}:{s.trainer_port}/metrics",
             "  chat with curl:",
             f"    curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\",

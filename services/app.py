@@ -32,8 +32,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics, web
-from services.auth import (AuthError, RateLimiter, admin_token, check_admin, check_api_key, load_user_id_secret,
-                           retry_after, user_id)
+from services.auth import (AuthError, RateLimiter, admin_token, check_admin, check_api_key,
+                           load_user_id_secret, retry_after, user_id)
 from services.comparisons import ComparisonStore, OutboxFull, VoteError, new_comparison_id
 from services.outbox import OutboxRelay
 from services.events import Answer
@@ -586,7 +586,8 @@ async def admin_schedule(_admin: AdminDep, request: Request) -> dict[str, Any]:
     try:
         report: dict[str, Any] = json.loads(await asyncio.to_thread(path.read_text))
     except (OSError, ValueError):
-        return {"object": "schedule", "trainer_reporting": False, "min_new_preferences": settings.min_new_preferences,
+        return {"object": "schedule", "trainer_reporting": False,
+                "min_new_preferences": settings.min_new_preferences,
                 "round_interval_s": settings.round_interval.total_seconds()}
     age = time.time() - float(report.get("checked_at", 0))
     return {"object": "schedule", **report, "age_s": age, "trainer_reporting": age < SCHEDULE_STALE_S}

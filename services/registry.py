@@ -557,8 +557,8 @@ class Registry:
                                     f"({', '.join(changed) or 'file list'}); try again", code="invalid_model")
             state = self.state()
             entries: list[AuditEntry] = []
-            self._set_stage(state, m.version, "candidate", who, why or f"imported from {src}", "import", entries,
-                            source=str(src))
+            self._set_stage(state, m.version, "candidate", who, why or f"imported from {src}", "import",
+                            entries, source=str(src))
             self._save(state, entries)
         self.verify(m.version)
         return m

@@ -42,7 +42,8 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-def wait_for_text(path: Path, pattern: re.Pattern[str], proc: subprocess.Popen[bytes], timeout_s: float) -> str:
+def wait_for_text(path: Path, pattern: re.Pattern[str], proc: subprocess.Popen[bytes],
+                  timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         m = pattern.search(path.read_text(errors="replace"))
@@ -60,7 +61,8 @@ def test_generated_token_only_for_loopback_development(tmp_path: Path) -> None:
     assert stat.S_IMODE(dev.admin_token_path.stat().st_mode) == 0o600
     assert admin_token(dev) == token  # created once, read back after
     assert admin_token(make_settings(tmp_path, admin_token="explicit-token")) == "explicit-token"
-    assert admin_token(make_settings(tmp_path, host="0.0.0.0")) is None  # the file exists, yet not off loopback
+    # the file exists, yet it is not used off loopback
+    assert admin_token(make_settings(tmp_path, host="0.0.0.0")) is None
     production = make_settings(tmp_path, environment="production", api_keys="k1", admin_token="prod-secret")
     assert admin_token(production) == "prod-secret"
     fresh = tmp_path / "fresh"
@@ -74,15 +76,15 @@ def test_up_prints_a_signing_in_operator_url(tiny_model: Path, tmp_path: Path, b
     assert "KAIZEN_ADMIN_TOKEN" not in env and not env.get("KAIZEN_API_KEYS")  # as on a fresh clone
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log_file:
-        up = subprocess.Popen([str(KAIZEN), "up"], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+        up = subprocess.Popen([str(KAIZEN), "up"], env=env, cwd=ROOT, stdout=log_file,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{settings.port}"
     try:
         url = wait_for_text(log_path, URL_RE, up, 300)
         out = log_path.read_text()
         # one line per stage, with its time; a first start says the engine is loading and how long it takes
-        for stage in (r"broker is ready in \d+\.\d s", r"engine loaded in \d+\.\d s", r"api is ready in \d+\.\d s",
-                      r"trainer is ready in \d+\.\d s", r"Kaizen is up in \d+ s"):
+        for stage in (r"broker is ready in \d+\.\d s", r"engine loaded in \d+\.\d s",
+                      r"api is ready in \d+\.\d s", r"trainer is ready in \d+\.\d s", r"Kaizen is up in \d+ s"):
             assert re.search(stage, out), (stage, out[-3000:])
         assert "loading the engine" in out and "first start with this data dir" in out
         assert url.startswith(f"{base}/admin#token=")
@@ -112,13 +114,16 @@ def test_up_prints_a_signing_in_operator_url(tiny_model: Path, tmp_path: Path, b
             "model": "kaizen", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
             "comparison": "force"})
         assert r.status_code == 200, r.text
-        vote = httpx.post(f"{base}/v1/feedback", json={"comparison_id": r.json()["comparison_id"], "choice": 0})
+        vote = httpx.post(f"{base}/v1/feedback",
+                          json={"comparison_id": r.json()["comparison_id"], "choice": 0})
         assert vote.status_code == 202, vote.text
         page.get_by_role("button", name="Refresh now").click()
-        expect(first.locator("[data-fact=votes]")).to_contain_text("1 stored (1 chose an answer", timeout=60_000)
+        expect(first.locator("[data-fact=votes]")).to_contain_text("1 stored (1 chose an answer",
+                                                                   timeout=60_000)
         expect(first.locator("[data-fact=next]")).to_contain_text(
             f"When {settings.min_new_preferences - 1} more votes arrive, or at ")
-        expect(first.locator("[data-fact=reward]")).to_contain_text(f"Needs {settings.reward_min_holdout} held-out")
+        expect(first.locator("[data-fact=reward]")).to_contain_text(
+            f"Needs {settings.reward_min_holdout} held-out")
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "admin-first-run-desktop.png"), full_page=True)
         page.context.close()
@@ -126,10 +131,11 @@ def test_up_prints_a_signing_in_operator_url(tiny_model: Path, tmp_path: Path, b
         stop_group(up)
 
     # the same URL on a production server (its own admin token, the same data dir) does not sign in
-    production = make_settings(settings.data_dir, port=settings.port, model=tiny_model, environment="production",
-                               api_keys="user-key-1", admin_token="production-admin-token")
-    refused = subprocess.run([str(KAIZEN), "config", "--show-admin-url"], env=production.child_env(), cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+    production = make_settings(settings.data_dir, port=settings.port, model=tiny_model,
+                               environment="production", api_keys="user-key-1",
+                               admin_token="production-admin-token")
+    refused = subprocess.run([str(KAIZEN), "config", "--show-admin-url"], env=production.child_env(),
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 0 and "#token=" not in refused.stdout, refused
     server = uvicorn.Server(uvicorn.Config(build_app(production), host="127.0.0.1", port=production.port,
                                            lifespan="off", log_level="warning"))

@@ -90,12 +90,14 @@ def test_refused_folders_say_why(server: tuple[str, Settings], tmp_path: Path) -
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")  # a real pickle, as older exports have
     r = kaizen(settings, "models", "import", str(pickled))
     assert r.returncode == 1, r
-    assert "pytorch_model.bin" in r.stderr and "pickled weights" in r.stderr and "safetensors" in r.stderr, r.stderr
+    assert "pytorch_model.bin" in r.stderr and "pickled weights" in r.stderr, r.stderr
+    assert "safetensors" in r.stderr, r.stderr
 
     bigger = build_tiny(settings, tmp_path / "bigger", hidden_size=256, num_heads=4)  # another shape
     r = kaizen(settings, "models", "import", str(bigger))
     assert r.returncode == 1, r
-    assert "does not fit the serving engine" in r.stderr and "hidden_size 256 (champion 128)" in r.stderr, r.stderr
+    assert "does not fit the serving engine" in r.stderr, r.stderr
+    assert "hidden_size 256 (champion 128)" in r.stderr, r.stderr
 
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "good", broken)
@@ -106,7 +108,8 @@ def test_refused_folders_say_why(server: tuple[str, Settings], tmp_path: Path) -
     assert Registry(settings.registry_path).names() == ["v0"]  # nothing refused got a version
 
 
-def test_import_canary_and_labelled_answers(server: tuple[str, Settings], tmp_path: Path, browser: Browser) -> None:
+def test_import_canary_and_labelled_answers(server: tuple[str, Settings], tmp_path: Path,
+                                            browser: Browser) -> None:
     base, settings = server
     folder = tmp_path / "elsewhere"
     made = kaizen(settings, "model", "tiny", str(folder), "--seed", "1")

@@ -112,7 +112,8 @@ def card_boxes(page: Page) -> list[dict[str, float]]:
 
 def pair_texts(page: Page) -> list[str]:
     """The two answers exactly as the model wrote them (each drawn as Markdown keeps its text in data-raw)."""
-    texts = page.locator(".pair").last.locator(".card .text").evaluate_all("els => els.map(e => e.dataset.raw)")
+    texts = page.locator(".pair").last.locator(".card .text").evaluate_all(
+        "els => els.map(e => e.dataset.raw)")
     assert len(texts) == 2, texts
     return list(texts)
 
@@ -348,8 +349,9 @@ def test_narrow_screen_stacks_the_pair(api_server: tuple[str, Settings], browser
         box = button.bounding_box()
         assert box is not None and box["height"] >= 44 and box["width"] >= 120, (label, box)
         assert box["x"] >= 0 and box["x"] + box["width"] <= NARROW["width"], (label, box)
-        hit = page.evaluate("([x, y]) => document.elementFromPoint(x, y)?.closest('.vote-button')?.dataset.choice ?? null",
-                            [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+        hit = page.evaluate(
+            "([x, y]) => document.elementFromPoint(x, y)?.closest('.vote-button')?.dataset.choice ?? null",
+            [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
         assert hit is not None, (label, "covered")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "chat-narrow-dark.png"))

@@ -218,7 +218,8 @@ def test_training_rounds_are_charted(server: tuple[str, Settings], browser: Brow
     detail = page.locator("#version-detail")
     expect(detail).to_be_visible()
     expect(detail).to_contain_text("v2 ← v0")
-    expect(detail.locator(".kv-groups")).to_contain_text(re.compile(r"0\.61|61(\.0)?%"))  # the gate's win rate
+    # the gate's win rate
+    expect(detail.locator(".kv-groups")).to_contain_text(re.compile(r"0\.61|61(\.0)?%"))
     expect(detail).to_be_in_viewport()
     expect(page.locator("#first-run")).to_be_hidden()  # not a first run: versions and rounds exist
     page.context.close()

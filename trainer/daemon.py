@@ -100,7 +100,8 @@ class RoundScheduler:
         store = PreferenceStore(s.preferences_db)
         try:
             total = store.count()
-            new = int(store.db.execute("SELECT COUNT(*) FROM preferences WHERE rowid > ?", (mark,)).fetchone()[0])
+            new = int(store.db.execute(
+                "SELECT COUNT(*) FROM preferences WHERE rowid > ?", (mark,)).fetchone()[0])
             decided = [cid for (cid,) in store.db.execute(
                 "SELECT comparison_id FROM preferences WHERE choice IN ('0', '1')")]
         finally:
