@@ -32,10 +32,31 @@ def configure_vllm_env(settings: Settings) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def scheduling_args(settings: Settings, max_model_len: int) -> dict[str, Any]:
+    """Scheduler options that keep one request from killing a CPU engine.
+
+    vLLM 0.32 rewinds a seeded request's generator after a partial prefill
+    (`_bookkeeping_sync`: `gen.set_offset(gen.get_offset() - 4)`); CPU generators refuse
+    ("CPU Generator does not use offset"), the engine core dies and every later request fails.
+    A prefill is partial when chunked prefill splits a prompt because the step's token budget
+    ran out, e.g. long prompts arriving together. Any user may send `seed` and PPO seeds every
+    rollout, so on the CPU backend chunked prefill is off and a step's budget holds any whole
+    prompt: a prompt that does not fit this step waits for the next one instead of being split
+    (tests/test_engine_seeds.py). GPU generators rewind fine: nothing changes there.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_model_len, settings.engine_max_num_batched_tokens)}
+
+
 def engine_args(settings: Settings, model_dir: Path, log_stats: bool = True) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(
+        **scheduling_args(settings, settings.engine_max_model_len),
         model=str(model_dir),
         served_model_name=[settings.served_model_name],
         dtype=settings.engine_dtype,

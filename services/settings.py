@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     engine_enforce_eager: bool = True
     """Skip graph capture: faster start, and what was measured on CPU here."""
     engine_max_num_seqs: int = Field(default=32, ge=1)
+    engine_max_num_batched_tokens: int = Field(default=2048, ge=64)
+    """Tokens one engine step may process (prompts + decodes). On CPU chunked prefill is off (a
+    seeded request prefilled in two steps kills vLLM 0.32's CPU engine), so this is raised to
+    the model length when smaller: any whole prompt fits one step."""
     engine_seed: int = 0
     engine_ready_timeout_s: float = Field(default=300.0, gt=0)
     """How long `kaizen up` waits for the chat API to load its model."""

@@ -446,7 +446,7 @@ class RolloutEngine:
     def __init__(self, settings: Settings, model_dir: Path, *, max_model_len: int = 1024, seed: int = 0) -> None:
         from vllm import LLM
 
-        from services.engine import configure_vllm_env
+        from services.engine import configure_vllm_env, scheduling_args
 
         configure_vllm_env(settings)
         self.model_dir = model_dir
@@ -456,7 +456,8 @@ class RolloutEngine:
         with launcher_env_hidden():  # under torchrun the engine core is not a member of the training job
             self.llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=max_model_len,
                            gpu_memory_utilization=settings.engine_memory_utilization, seed=seed,
-                           max_num_seqs=max(settings.engine_max_num_seqs, 64), disable_log_stats=True)
+                           max_num_seqs=max(settings.engine_max_num_seqs, 64), disable_log_stats=True,
+                           **scheduling_args(settings, max_model_len))  # seeded rollouts: no split prefill
         self.start_seconds = time.monotonic() - started
         self.weights_version: str = str(model_dir)
 
