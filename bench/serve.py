@@ -30,6 +30,7 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
+from services.engine import serving_dtype  # noqa: E402
 from services.settings import Settings  # noqa: E402
 
 PROMPTS = [
@@ -115,7 +116,7 @@ def main() -> None:
     servers = {
         "kaizen": ([sys.executable, "-m", "kaizen", "serve"], f"http://127.0.0.1:{s.port}", s.served_model_name),
         "vllm": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(vllm_port),
-                  "--host", "127.0.0.1", "--dtype", s.engine_dtype, "--max-model-len", str(s.engine_max_model_len),
+                  "--host", "127.0.0.1", "--dtype", serving_dtype(s), "--max-model-len", str(s.engine_max_model_len),
                   "--gpu-memory-utilization", str(s.engine_memory_utilization), "--enforce-eager",
                   "--max-num-seqs", str(s.engine_max_num_seqs), "--seed", str(s.engine_seed),
                   "--served-model-name", "bench"], f"http://127.0.0.1:{vllm_port}", "bench"),

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from services.settings import Settings
 
@@ -52,6 +52,18 @@ def scheduling_args(settings: Settings, max_model_len: int) -> dict[str, Any]:
             "max_num_batched_tokens": max(max_model_len, settings.engine_max_num_batched_tokens)}
 
 
+VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+def serving_dtype(settings: Settings) -> VllmDtype:
+    """engine_dtype with `auto` resolved for this machine (services/hardware.py), logged."""
+    from services.hardware import choose_dtype
+
+    choice = choose_dtype(settings.engine_dtype, serving=True)
+    log.info("engine dtype %s", choice)
+    return cast(VllmDtype, choice.dtype)
+
+
 def engine_args(settings: Settings, model_dir: Path, log_stats: bool = True) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -59,7 +71,7 @@ def engine_args(settings: Settings, model_dir: Path, log_stats: bool = True) -> 
         **scheduling_args(settings, settings.engine_max_model_len),
         model=str(model_dir),
         served_model_name=[settings.served_model_name],
-        dtype=settings.engine_dtype,
+        dtype=serving_dtype(settings),
         max_model_len=settings.engine_max_model_len,
         gpu_memory_utilization=settings.engine_memory_utilization,
         enforce_eager=settings.engine_enforce_eager,

@@ -85,10 +85,11 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     # -- vLLM engine ----------------------------------------------------------
-    engine_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "float32"
-    """float32, not bf16: on vLLM's CPU backend SmolLM2-135M in bf16 answered the
-    greedy "capital of France" check with French gibberish; float32 said Paris
-    (transformers gets Paris in both)."""
+    engine_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
+    """auto (services/hardware.py): bfloat16 on a bf16-capable GPU, float32 on CPU: on vLLM's CPU
+    backend SmolLM2-135M in bf16 answered the greedy "capital of France" check with French
+    gibberish; float32 said Paris (transformers gets Paris in both). `kaizen config` shows the
+    resolved value."""
     engine_max_model_len: int = Field(default=2048, ge=64)
     engine_kv_cache_gib: int = Field(default=1, ge=1)
     """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)."""
@@ -169,8 +170,10 @@ class Settings(BaseSettings):
     reward_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (with the final norm and the score head); 0 trains all.
     SmolLM2 (30 layers) on 2 busy CPU cores: 44 s per 8 pairs with 8 layers, 64 s with all."""
-    reward_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Autocast dtype; weights and optimizer stay float32. bf16 uses the CPU's AMX units."""
+    reward_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Autocast dtype; weights and optimizer stay float32. auto (services/hardware.py): bf16 where
+    the device computes it (amx_bf16 or avx512_bf16 on CPU, a bf16-capable GPU), else float32: on
+    an AVX2-only CPU bf16 autocast is emulated, 15x slower than float32."""
     reward_threads: int | None = Field(default=1, ge=1)
     """torch threads for reward training/eval; unset: one per core. 1, because the trainer
     shares the machine with the chat engine: with the other core busy, 2 threads took 44 s
@@ -416,6 +419,10 @@ class Settings(BaseSettings):
             else:
                 out[name] = value
         out["model_dir (effective)"] = str(self.model_dir)
+        from services.hardware import choose_dtype
+
+        out["engine_dtype (effective)"] = str(choose_dtype(self.engine_dtype, serving=True))
+        out["reward_dtype (effective)"] = str(choose_dtype(self.reward_dtype))
         out["kafka (effective)"] = (
             f"embedded broker at {self.bootstrap_servers}"
             if self.embedded_broker

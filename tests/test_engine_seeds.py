@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.engine import scheduling_args
+from services.engine import scheduling_args, serving_dtype
 from services.settings import Settings
 from tests.conftest import USER_KEY
 
@@ -73,6 +73,8 @@ def test_the_rollout_engine_never_splits_a_prefill_and_vllm_would(tiny_model: Pa
     try:
         scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
         assert scheduler.enable_chunked_prefill is False and scheduler.max_num_batched_tokens >= 512
+        # and it runs in the dtype resolved for this machine (float32 on any CPU)
+        assert str(engine.llm.llm_engine.vllm_config.model_config.dtype) == f"torch.{serving_dtype(settings)}"
         samples = engine.generate(prompts, max_tokens=4, temperature=1.0, seed=5)
         assert len(samples) == 6 and all(s.token_ids for s in samples)
     finally:

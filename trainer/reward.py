@@ -71,8 +71,9 @@ class RewardConfig:
     margin: float = 0.0
     train_layers: int = 8
     """Top decoder layers trained, plus final norm and score head; 0 trains everything."""
-    dtype: str = "bfloat16"
-    """Autocast dtype of forward passes; parameters and AdamW state stay float32."""
+    dtype: str = "auto"
+    """Autocast dtype of forward passes; parameters and AdamW state stay float32. "auto" is
+    resolved for this machine when the config is made (services/hardware.py)."""
     threads: int | None = 1
     eval_fraction: float = 0.1
     eval_every: int = 25
@@ -82,6 +83,14 @@ class RewardConfig:
     warmup_fraction: float = 0.05
     """Share of optimizer steps with a linearly rising lr; then linear decay to 0."""
     max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            from services.hardware import choose_dtype
+
+            choice = choose_dtype("auto")
+            log.info("reward model dtype %s", choice)
+            self.dtype = choice.dtype
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RewardConfig:

@@ -31,7 +31,7 @@ err = Console(stderr=True, highlight=False)
 Threads = Annotated[int | None, typer.Option(help="torch threads [settings: reward_threads]")]
 MaxLength = Annotated[int | None, typer.Option(help="tokens per sequence [reward_max_length]")]
 BatchSize = Annotated[int | None, typer.Option(help="pairs per micro-batch [reward_batch_size]")]
-Dtype = Annotated[str | None, typer.Option(help="autocast dtype: bfloat16 | float32 [reward_dtype]")]
+Dtype = Annotated[str | None, typer.Option(help="autocast dtype: auto | bfloat16 | float32 [reward_dtype]")]
 
 
 def _logging() -> None:

@@ -1,0 +1,87 @@
+"""Which dtype the hardware computes natively: every `*_dtype` setting's `auto`.
+
+bf16 is only fast where the device has bf16 arithmetic: on x86 CPUs the AMX tiles
+(`amx_bf16`, Sapphire Rapids and later) or AVX-512 BF16 (`avx512_bf16`, Cooper Lake, AMD
+Zen 4); on GPUs compute capability 8.0+ (torch.cuda.is_bf16_supported). Elsewhere torch
+emulates it: on a 2-core AVX2-only EPYC a small MLP's forward+backward under bf16 autocast
+ran 15x slower than float32, and the loop's reward refresh stalled (6 of 57 steps in 32
+minutes). Measured on this project's avx512_bf16 EPYC (no AMX): 0.30x float32's time.
+
+The serving engine is the exception on CPU: vLLM's CPU backend answers garbled text in
+bf16 with SmolLM2 (float32 answers correctly), so its `auto` is float32 on CPU whatever the
+flags say, and bf16 on a bf16-capable GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: /proc/cpuinfo flags that mean native bf16 arithmetic.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str
+    """"bfloat16" or "float32" (or the value asked for, when it was not auto)."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.dtype} ({self.reason})"
+
+
+@functools.cache
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The first CPU's feature flags (empty where /proc/cpuinfo is missing: not Linux x86)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cuda_bf16() -> bool | None:
+    """True/False on a machine with a usable GPU, None without one (or without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_dtype(requested: str, *, flags: frozenset[str], gpu_bf16: bool | None,
+                  serving: bool = False) -> DtypeChoice:
+    """The dtype for a setting's value: anything but "auto" is kept as asked.
+
+    auto: bf16 on a GPU that supports it, float32 on one that does not; on CPU bf16 when a
+    flag of BF16_CPU_FLAGS is present (never for `serving`: vLLM's CPU backend garbles bf16),
+    float32 otherwise.
+    """
+    if requested != "auto":
+        return DtypeChoice(requested, "set explicitly")
+    if gpu_bf16 is not None:
+        return DtypeChoice("bfloat16", "auto: the GPU computes bf16") if gpu_bf16 else \
+            DtypeChoice("float32", "auto: the GPU has no bf16 arithmetic")
+    native = [f for f in BF16_CPU_FLAGS if f in flags]
+    if serving:
+        return DtypeChoice("float32", "auto: vLLM's CPU backend garbles bf16 answers")
+    if native:
+        return DtypeChoice("bfloat16", f"auto: the CPU computes bf16 natively ({', '.join(native)})")
+    return DtypeChoice("float32", "auto: no amx_bf16 or avx512_bf16 on this CPU, bf16 would be emulated")
+
+
+def choose_dtype(requested: str, *, serving: bool = False) -> DtypeChoice:
+    """`resolve_dtype` on this machine."""
+    return resolve_dtype(requested, flags=cpu_flags(), gpu_bf16=cuda_bf16(), serving=serving)
+
+
+__all__ = ["BF16_CPU_FLAGS", "DtypeChoice", "choose_dtype", "cpu_flags", "resolve_dtype"]

@@ -1,0 +1,59 @@
+"""Every dtype follows the hardware it runs on (services/hardware.py): `auto` is bf16 only where the
+device computes bf16 natively, and the resolved value is what the trainer and the engines use."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from services.engine import engine_args, serving_dtype
+from services.hardware import choose_dtype, cpu_flags, resolve_dtype
+from services.settings import Settings
+from trainer.reward import RewardConfig
+
+AMX_XEON = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+ZEN4_EPYC = frozenset({"avx2", "avx512f", "avx512_bf16"})
+AVX2_EPYC = frozenset({"avx2", "fma", "sse4_2"})
+
+
+def test_auto_is_bf16_only_where_the_cpu_or_gpu_computes_it() -> None:
+    assert resolve_dtype("auto", flags=AMX_XEON, gpu_bf16=None).dtype == "bfloat16"
+    assert resolve_dtype("auto", flags=ZEN4_EPYC, gpu_bf16=None).dtype == "bfloat16"
+    avx2 = resolve_dtype("auto", flags=AVX2_EPYC, gpu_bf16=None)
+    assert avx2.dtype == "float32" and "emulated" in avx2.reason
+    # a GPU decides for itself, whatever the host CPU has
+    assert resolve_dtype("auto", flags=AVX2_EPYC, gpu_bf16=True).dtype == "bfloat16"
+    assert resolve_dtype("auto", flags=AMX_XEON, gpu_bf16=False).dtype == "float32"
+    # the serving engine: float32 on any CPU (vLLM's CPU backend garbles bf16), bf16 on a capable GPU
+    assert resolve_dtype("auto", flags=AMX_XEON, gpu_bf16=None, serving=True).dtype == "float32"
+    assert resolve_dtype("auto", flags=AVX2_EPYC, gpu_bf16=True, serving=True).dtype == "bfloat16"
+    # an explicit value is never second-guessed
+    explicit = resolve_dtype("bfloat16", flags=AVX2_EPYC, gpu_bf16=None)
+    assert explicit.dtype == "bfloat16" and explicit.reason == "set explicitly"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16 sse4_2\n\n"
+                    "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16 sse4_2\n")
+    assert cpu_flags(info) == frozenset({"fpu", "avx2", "avx512_bf16", "sse4_2"})
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings()
+    assert settings.reward_dtype == "auto" and settings.engine_dtype == "auto"  # the defaults
+    here = choose_dtype("auto")
+    with caplog.at_level(logging.INFO):
+        config = RewardConfig.from_settings(settings)
+    assert config.dtype == here.dtype in ("bfloat16", "float32")
+    assert f"reward model dtype {here}" in caplog.text  # logged with its reason
+    assert RewardConfig.from_settings(settings, dtype="float32").dtype == "float32"
+    # the chat engine is built with the resolved value, never vLLM's own "auto" (the model's bf16)
+    assert engine_args(settings, settings.model_dir).dtype == serving_dtype(settings) == \
+        choose_dtype("auto", serving=True).dtype
+    shown = settings.masked()
+    assert shown["reward_dtype (effective)"].startswith(here.dtype)
+    assert shown["engine_dtype (effective)"].startswith(serving_dtype(settings))
