@@ -37,7 +37,10 @@ run: prepare
 	$(BIN)/kaizen up
 
 # The browser tests drive Debian's Chromium (Playwright's own browser download
-# cannot work offline); the ops tests run Debian's Prometheus and promtool.
+# cannot work offline); the ops tests run Debian's Prometheus and promtool; the
+# scale-out tests run Debian's PostgreSQL server (a private one in a temp dir)
+# and nginx (a private instance as the load balancer). No server is started
+# here, and `make run` needs none of them.
 # Installed with apt-get when running as root.
 system-deps:
 	@command -v chromium >/dev/null || { \
@@ -48,6 +51,14 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; \
 	  else echo "tests need Prometheus and promtool: sudo apt-get install prometheus"; exit 1; fi; }
+	@{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	  else echo "tests need PostgreSQL's server: sudo apt-get install postgresql"; exit 1; fi; }
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; \
+	  else echo "tests need nginx: sudo apt-get install nginx"; exit 1; fi; }
 
 # Installs the same way, builds a tiny model inside the tests, runs pytest.
 test: install system-deps

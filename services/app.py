@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services import metrics, web
 from services.auth import (AuthError, RateLimiter, admin_token, check_admin, check_api_key,
                            load_user_id_secret, retry_after, user_id)
-from services.comparisons import ComparisonStore, OutboxFull, VoteError, new_comparison_id
+from services.comparisons import ComparisonStore, DatabaseUnavailable, OutboxFull, VoteError, new_comparison_id
 from services.outbox import OutboxRelay
 from services.events import Answer
 from services.engine import Engine
@@ -467,7 +467,8 @@ async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -
     """A vote on a paired answer: 0 or 1 (the better choice's index), "tie" or "both_bad"."""
     store: ComparisonStore = request.app.state.comparisons
     try:
-        event = store.vote(body.comparison_id, caller.user, body.choice, body.reason)
+        # in a thread: on PostgreSQL a vote is a few network round trips the event loop should not wait on
+        event = await asyncio.to_thread(store.vote, body.comparison_id, caller.user, body.choice, body.reason)
     except OutboxFull as exc:
         metrics.OUTBOX_FULL_REJECTIONS.inc()
         raise APIError(503, f"votes are not being delivered fast enough ({exc}): retry later",
@@ -771,6 +772,16 @@ async def handle_http_error(_: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), type_, headers=getattr(exc, "headers", None))
 
 
+async def handle_database_unavailable(request: Request, exc: Exception) -> Response:
+    """The shared store cannot be reached: nothing was taken (a vote is committed or refused whole)."""
+    assert isinstance(exc, DatabaseUnavailable)
+    metrics.DATABASE_ERRORS.inc()
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    retry = str(request.app.state.settings.database_retry_after_s)
+    return error_response(503, "the vote store is unavailable: nothing was recorded, retry shortly",
+                          "service_unavailable", code="database_unavailable", headers={"Retry-After": retry})
+
+
 async def handle_unexpected(_: Request, exc: Exception) -> Response:
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error (ref %s)", ref, exc_info=exc)
@@ -783,8 +794,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.rollout = None
     app.state.rates = Rates()
-    app.state.comparisons = ComparisonStore(settings.api_db, settings.comparison_ttl,
-                                            settings.outbox_max_pending)
+    app.state.comparisons = ComparisonStore.from_settings(settings)  # SQLite, or the shared PostgreSQL
     app.state.user_secret = load_user_id_secret(settings)
     app.state.admin_token = admin_token(settings)  # explicit, or generated for loopback development
     app.state.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
@@ -798,6 +808,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(DatabaseUnavailable, handle_database_unavailable)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     app.add_exception_handler(Exception, handle_unexpected)
     return app
@@ -820,8 +831,12 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     check_bind(settings)
+    try:
+        app = build_app(settings)
+    except DatabaseUnavailable as exc:
+        raise SystemExit(f"cannot start: {exc} (KAIZEN_DATABASE_URL)") from None
     uvicorn.run(
-        build_app(settings), host=settings.host, port=settings.port,
+        app, host=settings.host, port=settings.port,
         log_level=settings.log_level, timeout_graceful_shutdown=10,
     )
 

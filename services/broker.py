@@ -118,7 +118,7 @@ def admin_client(settings: Settings, timeout_s: float = 20.0) -> KafkaAdminClien
     while True:
         try:
             return KafkaAdminClient(
-                bootstrap_servers=settings.bootstrap_servers,
+                **settings.kafka_options(),
                 client_id="kaizen-admin",
                 request_timeout_ms=settings.kafka_request_timeout_ms,
             )

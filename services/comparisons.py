@@ -1,51 +1,37 @@
-"""Paired answers and votes: the API's durable SQLite store and its outbox.
+"""Paired answers and votes: the API's durable store and its outbox.
 
 A comparison (two answers to one conversation) is stored when it is served.
 A vote validates against it and, in the same transaction that marks the
 comparison voted, writes the Preference event into the `outbox` table, so an
-accepted vote is never lost and never doubled: the relay (Preference pipeline
-issue) delivers outbox rows to Kafka and marks them delivered afterwards.
+accepted vote is never lost and never doubled: the relay (services/outbox.py)
+delivers outbox rows to Kafka and marks them delivered afterwards.
+
+The store is SQLite in the data dir by default, or the PostgreSQL server named
+by KAIZEN_DATABASE_URL that every API replica shares (services/db.py): a pair
+served by one replica can be voted on through any other, and a second vote is
+refused wherever it arrives (the comparison's row is locked for the check).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from services import db
+from services.db import DatabaseUnavailable
 from services.events import Answer, Choice, Message, PreferenceEvent
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS comparisons (
-    id          TEXT PRIMARY KEY,
-    user        TEXT NOT NULL,
-    served_at   TEXT NOT NULL,
-    expires_at  TEXT NOT NULL,
-    messages    TEXT NOT NULL,      -- JSON, the conversation up to the answered turn
-    answers     TEXT NOT NULL,      -- JSON, two Answer objects
-    voted_at    TEXT,
-    event_id    TEXT
-);
-CREATE INDEX IF NOT EXISTS comparisons_expiry ON comparisons (expires_at);
-CREATE TABLE IF NOT EXISTS outbox (
-    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id      TEXT NOT NULL UNIQUE,
-    comparison_id TEXT NOT NULL,
-    payload       BLOB NOT NULL,    -- the Preference event, JSON bytes as sent to Kafka
-    created_at    TEXT NOT NULL,
-    delivered_at  TEXT
-);
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (delivered_at, seq);
-CREATE TABLE IF NOT EXISTS relay_state (  -- highest offset the broker acknowledged, per partition
-    partition   INTEGER PRIMARY KEY,
-    max_offset  INTEGER NOT NULL
-);
-"""
+__all__ = ["ComparisonStore", "DatabaseUnavailable", "OutboxFull", "OutboxRow", "VoteError"]
 
 
 class VoteError(Exception):
@@ -65,34 +51,74 @@ class OutboxRow:
     seq: int
     comparison_id: str
     payload: bytes
+    key: str
+    """Kafka key: the pseudonymous user, so one user's votes share a partition and stay in order."""
 
 
 def new_comparison_id() -> str:
     return f"cmp-{uuid.uuid4().hex}"
 
 
-class ComparisonStore:
-    """One connection shared by the API's threads behind a lock (writes are sub-millisecond in WAL)."""
 
-    def __init__(self, path: Path, ttl: timedelta, max_pending: int = 1_000_000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+
+class OutboxClaim:
+    """Pending outbox rows held by one relay until `ComparisonStore.claim` returns.
+
+    On PostgreSQL they are locked (`FOR UPDATE SKIP LOCKED`) in a transaction that
+    also records their delivery, so several replicas' relays never send the same row
+    at once; a relay that dies mid-batch releases its rows with its connection."""
+
+    def __init__(self, store: ComparisonStore, conn: Connection | None, rows: list[OutboxRow]) -> None:
+        self.store, self.conn, self.rows = store, conn, rows
+
+    def mark_delivered(self, seqs: list[int], offsets: dict[int, int]) -> None:
+        if self.conn is None:
+            with self.store.transaction() as conn:
+                self.store._mark_delivered(conn, seqs, offsets)
+        else:
+            with db.reachable(self.store.url):
+                self.store._mark_delivered(self.conn, seqs, offsets)
+
+
+class ComparisonStore:
+    """Comparisons and the vote outbox in SQLite (one process) or PostgreSQL (every replica).
+
+    `target` is a SQLite file or a database URL (`ComparisonStore.from_settings` picks it)."""
+
+    def __init__(self, target: Path | str, ttl: timedelta, max_pending: int = 1_000_000,
+                 settings: Any | None = None) -> None:
+        self.url = target if isinstance(target, str) else f"sqlite:///{target}"
+        self.path = target if isinstance(target, Path) else None
         self.ttl = ttl
         self.max_pending = max_pending
-        self._lock = threading.Lock()
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash can
-        # lose the last transactions. FULL would fsync on every vote.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(comparisons)")}
-        if "choice" not in columns:  # added with the live head-to-head (Rollout)
-            self.db.execute("ALTER TABLE comparisons ADD COLUMN choice TEXT")
+        self.engine = db.make_engine(self.url, settings)
+        self.shared = self.engine.dialect.name == "postgresql"
+        # SQLite allows one writer: relays of one process take turns (there is one per process)
+        self._claim_lock = threading.Lock()
+        try:
+            with db.reachable(self.url):
+                db.migrate(self.engine)
+        except Exception:
+            self.engine.dispose()
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ComparisonStore:
+        return cls(db.url_of(settings), settings.comparison_ttl, settings.outbox_max_pending, settings)
+
+    @property
+    def where(self) -> str:
+        """The store, password hidden (for logs)."""
+        return db.masked(self.url)
 
     def close(self) -> None:
-        with self._lock:
-            self.db.close()
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A transaction on the store; connection failures raise `DatabaseUnavailable`."""
+        with db.reachable(self.url), self.engine.begin() as conn:
+            yield conn
 
     def record(
         self, user: str, messages: list[dict[str, Any]], answers: list[Answer],
@@ -101,65 +127,60 @@ class ComparisonStore:
         """Store a served pair; return its id."""
         cid = comparison_id or new_comparison_id()
         served = served_at or datetime.now(UTC)
-        with self._lock:
-            self.db.execute(
-                "INSERT INTO comparisons (id, user, served_at, expires_at, messages, answers) "
-                "VALUES (?,?,?,?,?,?)",
-                (cid, user, served.isoformat(), (served + self.ttl).isoformat(), json.dumps(messages),
-                 json.dumps([a.model_dump(mode="json") for a in answers])),
-            )
+        with self.transaction() as conn:
+            conn.execute(insert(db.comparisons).values(
+                id=cid, user=user, served_at=served.isoformat(), expires_at=(served + self.ttl).isoformat(),
+                messages=json.dumps(messages), answers=json.dumps([a.model_dump(mode="json") for a in answers]),
+                version_a=answers[0].model_version, version_b=answers[1].model_version))
         return cid
 
     def vote(self, comparison_id: str, user: str, choice: Choice, reason: str | None) -> PreferenceEvent:
         """Accept one vote: write its event to the outbox and mark the comparison, atomically."""
         now = datetime.now(UTC)
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self.db.execute(
-                    "SELECT user, served_at, expires_at, messages, answers, voted_at FROM comparisons "
-                    "WHERE id = ?", (comparison_id,),
-                ).fetchone()
-                if row is None:
-                    raise VoteError(404, "comparison_not_found", f"no comparison {comparison_id!r}")
-                owner, served_at, expires_at, messages, answers, voted_at = row
-                if owner != user:
-                    raise VoteError(403, "not_your_comparison", "this comparison was served to another user")
-                if voted_at is not None:
-                    raise VoteError(409, "already_voted", "this comparison already has a vote")
-                if datetime.fromisoformat(expires_at) <= now:
-                    raise VoteError(410, "comparison_expired", "this comparison has expired")
-                if self._pending_upper_bound() >= self.max_pending:
-                    raise OutboxFull(f"{self.max_pending} votes are waiting for the broker")
-                event = PreferenceEvent(
-                    comparison_id=comparison_id, user=user, served_at=datetime.fromisoformat(served_at),
-                    voted_at=now, messages=[Message.model_validate(m) for m in json.loads(messages)],
-                    answers=[Answer.model_validate(a) for a in json.loads(answers)],
-                    choice=choice, reason=reason,
-                )
-                self.db.execute(
-                    "INSERT INTO outbox (event_id, comparison_id, payload, created_at) VALUES (?,?,?,?)",
-                    (str(event.event_id), comparison_id, event.to_bytes(), now.isoformat()),
-                )
-                self.db.execute("UPDATE comparisons SET voted_at = ?, event_id = ?, choice = ? WHERE id = ?",
-                                (now.isoformat(), str(event.event_id), str(choice), comparison_id))
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        c = db.comparisons
+        with self.transaction() as conn:
+            # FOR UPDATE: two replicas voting on one comparison at once queue here, and the
+            # second sees voted_at set (SQLite: BEGIN IMMEDIATE already made this the only writer)
+            row: Any = conn.execute(
+                select(c.c.user, c.c.served_at, c.c.expires_at, c.c.messages, c.c.answers, c.c.voted_at)
+                .where(c.c.id == comparison_id).with_for_update()).one_or_none()
+            if row is None:
+                raise VoteError(404, "comparison_not_found", f"no comparison {comparison_id!r}")
+            owner, served_at, expires_at, messages, answers, voted_at = row
+            if owner != user:
+                raise VoteError(403, "not_your_comparison", "this comparison was served to another user")
+            if voted_at is not None:
+                raise VoteError(409, "already_voted", "this comparison already has a vote")
+            if datetime.fromisoformat(expires_at) <= now:
+                raise VoteError(410, "comparison_expired", "this comparison has expired")
+            if self._pending_upper_bound(conn) >= self.max_pending:
+                raise OutboxFull(f"{self.max_pending} votes are waiting for the broker")
+            event = PreferenceEvent(
+                comparison_id=comparison_id, user=user, served_at=datetime.fromisoformat(served_at),
+                voted_at=now, messages=[Message.model_validate(m) for m in json.loads(messages)],
+                answers=[Answer.model_validate(a) for a in json.loads(answers)],
+                choice=choice, reason=reason,
+            )
+            conn.execute(insert(db.outbox).values(
+                event_id=str(event.event_id), comparison_id=comparison_id, key=user, payload=event.to_bytes(),
+                created_at=now.isoformat()))
+            done = conn.execute(update(c).where(c.c.id == comparison_id, c.c.voted_at.is_(None)).values(
+                voted_at=now.isoformat(), event_id=str(event.event_id), choice=str(choice)))
+            assert done.rowcount == 1, (comparison_id, done.rowcount)  # the row lock above guarantees it
         return event
 
     def head_to_head(self, champion: str, canary: str, since: datetime | None) -> dict[str, int]:
         """Votes on champion-vs-canary pairs since `since`, from the canary's side."""
         out = {"votes": 0, "canary_wins": 0, "champion_wins": 0, "ties": 0, "both_bad": 0}
-        with self._lock:
-            rows = self.db.execute(
-                "SELECT json_extract(answers, '$[0].model_version'), json_extract(answers, '$[1].model_version'),"
-                " choice FROM comparisons WHERE choice IS NOT NULL AND voted_at >= ?",
-                ((since or datetime.min.replace(tzinfo=UTC)).isoformat(),)).fetchall()
+        c = db.comparisons
+        with self.transaction() as conn:
+            rows = conn.execute(
+                select(c.c.version_a, c.c.version_b, c.c.choice)
+                .where(c.c.choice.is_not(None),
+                       c.c.voted_at >= (since or datetime.min.replace(tzinfo=UTC)).isoformat(),
+                       ((c.c.version_a == champion) & (c.c.version_b == canary))
+                       | ((c.c.version_a == canary) & (c.c.version_b == champion)))).all()
         for left, right, choice in rows:
-            if {left, right} != {champion, canary}:
-                continue
             out["votes"] += 1
             if choice == "tie":
                 out["ties"] += 1
@@ -170,73 +191,107 @@ class ComparisonStore:
                 out["canary_wins" if winner == canary else "champion_wins"] += 1
         return out
 
-    def _pending_upper_bound(self) -> int:
+    def _pending_upper_bound(self, conn: Connection) -> int:
         # seq grows by one per event, so (newest - oldest undelivered + 1) bounds the
         # backlog from above using the index alone; a COUNT would scan it per vote.
-        lo, hi = self.db.execute(
-            "SELECT (SELECT MIN(seq) FROM outbox WHERE delivered_at IS NULL), (SELECT MAX(seq) FROM outbox)"
-        ).fetchone()
+        o = db.outbox
+        bounds: Any = conn.execute(select(
+            select(func.min(o.c.seq)).where(o.c.delivered_at.is_(None)).scalar_subquery(),
+            select(func.max(o.c.seq)).scalar_subquery())).one()
+        lo, hi = bounds
         return 0 if lo is None else int(hi) - int(lo) + 1
 
     # -- the relay's side ---------------------------------------------------------
+    @contextmanager
+    def claim(self, limit: int) -> Iterator[OutboxClaim]:
+        """The oldest `limit` undelivered rows, held for this relay until the block ends (see OutboxClaim).
+
+        SQLite: read without holding a transaction (a vote must not wait for Kafka)."""
+        o = db.outbox
+        query = (select(o.c.seq, o.c.comparison_id, o.c.payload, o.c.key)
+                 .where(o.c.delivered_at.is_(None)).order_by(o.c.seq).limit(limit))
+        if not self.shared:
+            with self._claim_lock:
+                with self.transaction() as conn:
+                    rows = [self._row(r) for r in conn.execute(query)]
+                yield OutboxClaim(self, None, rows)
+            return
+        with self.transaction() as conn:
+            rows = [self._row(r) for r in conn.execute(query.with_for_update(skip_locked=True))]
+            yield OutboxClaim(self, conn, rows)
+
+    @staticmethod
+    def _row(r: Any) -> OutboxRow:
+        return OutboxRow(int(r[0]), r[1], bytes(r[2]), r[3] or r[1])
+
     def pending(self, limit: int) -> list[OutboxRow]:
-        with self._lock:
-            rows = self.db.execute(
-                "SELECT seq, comparison_id, payload FROM outbox WHERE delivered_at IS NULL ORDER BY seq LIMIT ?",
-                (limit,)).fetchall()
-        return [OutboxRow(int(r[0]), r[1], bytes(r[2])) for r in rows]
+        """Undelivered rows, oldest first (a snapshot; relays use `claim`)."""
+        o = db.outbox
+        with self.transaction() as conn:
+            return [self._row(r) for r in conn.execute(
+                select(o.c.seq, o.c.comparison_id, o.c.payload, o.c.key)
+                .where(o.c.delivered_at.is_(None)).order_by(o.c.seq).limit(limit))]
 
     def mark_delivered(self, seqs: list[int], offsets: dict[int, int]) -> None:
+        with self.transaction() as conn:
+            self._mark_delivered(conn, seqs, offsets)
+
+    def _mark_delivered(self, conn: Connection, seqs: list[int], offsets: dict[int, int]) -> None:
         now = datetime.now(UTC).isoformat()
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.executemany("UPDATE outbox SET delivered_at = ? WHERE seq = ?", [(now, s) for s in seqs])
-                self.db.executemany(
-                    "INSERT INTO relay_state (partition, max_offset) VALUES (?, ?) ON CONFLICT (partition) "
-                    "DO UPDATE SET max_offset = MAX(max_offset, excluded.max_offset)", list(offsets.items()))
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        o, r = db.outbox, db.relay_state
+        if seqs:
+            conn.execute(update(o).where(o.c.seq.in_(seqs)).values(delivered_at=now))
+        for partition, offset in sorted(offsets.items()):  # sorted: relays lock rows in one order
+            if self.shared:
+                stmt = postgresql.insert(r).values(partition=partition, max_offset=offset)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=[r.c.partition],
+                    set_={"max_offset": func.greatest(r.c.max_offset, stmt.excluded.max_offset)}))
+            else:
+                lite = sqlite.insert(r).values(partition=partition, max_offset=offset)
+                conn.execute(lite.on_conflict_do_update(
+                    index_elements=[r.c.partition],
+                    set_={"max_offset": func.max(r.c.max_offset, lite.excluded.max_offset)}))
 
     def max_acked_offsets(self) -> dict[int, int]:
-        with self._lock:
-            return {int(p): int(o) for p, o in self.db.execute("SELECT partition, max_offset FROM relay_state")}
+        with self.transaction() as conn:
+            rows: Any = conn.execute(select(db.relay_state)).all()
+        return {int(p): int(o) for p, o in rows}
 
     def redeliver_all(self) -> int:
         """The broker lost data: every retained event becomes pending again."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            cur = self.db.execute("UPDATE outbox SET delivered_at = NULL WHERE delivered_at IS NOT NULL")
-            self.db.execute("DELETE FROM relay_state")
-            self.db.execute("COMMIT")
-        return int(cur.rowcount)
+        o = db.outbox
+        with self.transaction() as conn:
+            n: Any = conn.execute(update(o).where(o.c.delivered_at.is_not(None)).values(delivered_at=None)).rowcount
+            conn.execute(delete(db.relay_state))
+        return int(n)
 
     def prune_delivered(self, before: datetime) -> int:
-        with self._lock:
-            cur = self.db.execute("DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
-                                  (before.isoformat(),))
-        return int(cur.rowcount)
+        o = db.outbox
+        with self.transaction() as conn:
+            return int(conn.execute(delete(o).where(o.c.delivered_at.is_not(None),
+                                                     o.c.delivered_at < before.isoformat())).rowcount)
 
     def outbox_backlog(self) -> tuple[int, datetime | None]:
         """Undelivered events and when the oldest of them was accepted."""
-        with self._lock:
-            n, oldest = self.db.execute(
-                "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE delivered_at IS NULL").fetchone()
+        o = db.outbox
+        with self.transaction() as conn:
+            backlog: Any = conn.execute(select(func.count(), func.min(o.c.created_at))
+                                        .where(o.c.delivered_at.is_(None))).one()
+        n, oldest = backlog
         return int(n), datetime.fromisoformat(oldest) if oldest else None
 
     def outbox_events(self) -> list[PreferenceEvent]:
         """Every event in the outbox, oldest first (delivered or not)."""
-        with self._lock:
-            rows = self.db.execute("SELECT payload FROM outbox ORDER BY seq").fetchall()
+        o = db.outbox
+        with self.transaction() as conn:
+            rows = conn.execute(select(o.c.payload).order_by(o.c.seq)).all()
         return [PreferenceEvent.model_validate_json(r[0]) for r in rows]
 
     def purge_expired(self, now: datetime | None = None) -> int:
         """Delete unvoted comparisons expired for longer than one TTL (until then a late
         vote is told 410, not 404); voted ones live on as outbox events."""
         cutoff = ((now or datetime.now(UTC)) - self.ttl).isoformat()
-        with self._lock:
-            cur = self.db.execute(
-                "DELETE FROM comparisons WHERE expires_at <= ? AND voted_at IS NULL", (cutoff,))
-        return int(cur.rowcount)
+        c = db.comparisons
+        with self.transaction() as conn:
+            return int(conn.execute(delete(c).where(c.c.expires_at <= cutoff, c.c.voted_at.is_(None))).rowcount)

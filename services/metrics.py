@@ -66,6 +66,12 @@ OUTBOX_REDELIVERIES = Counter(
 OUTBOX_FULL_REJECTIONS = Counter(
     "kaizen_outbox_full_rejections_total", "Votes refused with 503 because the outbox was full."
 )
+DATABASE_ERRORS = Counter(
+    "kaizen_database_unavailable_total", "Requests answered 503 because the API's store could not be reached."
+)
+ROLLOUT_LEADER = Gauge(
+    "kaizen_rollout_leader", "1 on the API replica that holds the rollout lease (decides canaries), else 0."
+)
 MODEL_INFO = Gauge(
     "kaizen_served_model_info",
     "Always 1; labels name the model version served.",

@@ -41,7 +41,7 @@ def emit(settings: Settings, type_: EventType, version: str | None, *, who: str 
         from kafka import KafkaProducer
 
         producer = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, client_id="kaizen-model-events", acks="all",
+            **settings.kafka_options(), client_id="kaizen-model-events", acks="all",
             request_timeout_ms=int(timeout_s * 1000), max_block_ms=int(timeout_s * 1000),
         )
         try:

@@ -1,4 +1,4 @@
-"""The outbox relay: accepted votes from the API's SQLite outbox to Kafka.
+"""The outbox relay: accepted votes from the API's outbox (SQLite or the shared PostgreSQL) to Kafka.
 
 Runs as a thread in the API process (kafka-python is synchronous). A row is
 marked delivered only after the broker acknowledged it (`acks="all"`,
@@ -62,7 +62,7 @@ class OutboxRelay:
             while time.monotonic() < deadline and self.deliver_once() > 0:
                 pass
         except Exception as exc:  # noqa: BLE001 - the votes stay in the outbox for the next start
-            log.warning("final outbox flush failed (%s); undelivered votes stay in %s", exc, self.store.path)
+            log.warning("final outbox flush failed (%s); undelivered votes stay in %s", exc, self.store.where)
         self._close_producer()
 
     def notify(self) -> None:
@@ -76,7 +76,7 @@ class OutboxRelay:
             # auto-create the topic on our first send, with its default partitions.
             ensure_topics(self.settings)
             self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.bootstrap_servers,
+                **self.settings.kafka_options(),
                 client_id="kaizen-outbox",
                 acks="all",
                 enable_idempotence=True,
@@ -103,7 +103,7 @@ class OutboxRelay:
         ListOffsets(latest) with the last *batch's* base offset + 1, which is
         not the end of the log, so `end_offsets` cannot be trusted here.
         """
-        consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+        consumer = KafkaConsumer(**self.settings.kafka_options(),
                                  client_id="kaizen-outbox-check", enable_auto_commit=False,
                                  auto_offset_reset="earliest",
                                  request_timeout_ms=self.settings.kafka_request_timeout_ms)
@@ -149,31 +149,36 @@ class OutboxRelay:
                 self.update_metrics()
 
     def deliver_once(self) -> int:
-        """Send one batch of pending rows and mark the acknowledged ones; return how many."""
-        batch = self.store.pending(self.settings.outbox_batch_size)
-        if not batch:
-            return 0
-        producer = self._producer_or_new()
-        futures = [
-            (row.seq, producer.send(self.settings.topic_preferences, key=row.comparison_id.encode(),
-                                    value=row.payload))
-            for row in batch
-        ]
-        producer.flush(timeout=self.settings.kafka_request_timeout_ms / 1000)
-        acked: list[int] = []
-        offsets: dict[int, list[int]] = {}
-        error: Exception | None = None
-        for seq, fut in futures:
-            try:
-                md = fut.get(timeout=0)
-            except Exception as exc:  # noqa: BLE001 - each record's own failure
-                error = error or exc
-                continue
-            acked.append(seq)
-            offsets.setdefault(md.partition, []).append(md.offset)
+        """Send one batch of pending rows and mark the acknowledged ones; return how many.
+
+        The rows are claimed first (services/comparisons.py, `claim`): with several API
+        replicas on one PostgreSQL each relay sends rows no other relay holds. Events are
+        keyed by the pseudonymous user, so one user's votes land on one partition in order."""
+        # Read before sending: offsets another relay recorded before this point were acknowledged
+        # before our sends, so on a live log ours are above them; one at or below means data loss.
         marks = self.store.max_acked_offsets()
-        lost = any(min(offs) <= marks.get(p, -1) for p, offs in offsets.items())
-        self.store.mark_delivered(acked, {p: max(offs) for p, offs in offsets.items()})
+        with self.store.claim(self.settings.outbox_batch_size) as claim:
+            if not claim.rows:
+                return 0
+            producer = self._producer_or_new()
+            futures = [
+                (row.seq, producer.send(self.settings.topic_preferences, key=row.key.encode(), value=row.payload))
+                for row in claim.rows
+            ]
+            producer.flush(timeout=self.settings.kafka_request_timeout_ms / 1000)
+            acked: list[int] = []
+            offsets: dict[int, list[int]] = {}
+            error: Exception | None = None
+            for seq, fut in futures:
+                try:
+                    md = fut.get(timeout=0)
+                except Exception as exc:  # noqa: BLE001 - each record's own failure
+                    error = error or exc
+                    continue
+                acked.append(seq)
+                offsets.setdefault(md.partition, []).append(md.offset)
+            lost = any(min(offs) <= marks.get(p, -1) for p, offs in offsets.items())
+            claim.mark_delivered(acked, {p: max(offs) for p, offs in offsets.items()})
         if lost:
             self._redeliver("an acknowledged offset went backwards")
         if error is not None:

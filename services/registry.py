@@ -570,12 +570,21 @@ class Registry:
             raise RegistryError(f"no version {version} in the registry", status=404, code="version_not_found")
         return state.versions.get(version) or VersionState(stage="candidate", changed=now())
 
-    def set_canary(self, version: str, fraction: float, *, who: str, why: str = "") -> RegistryState:
+    def _expect(self, state: RegistryState, expect: int | None) -> None:
+        """Compare-and-set: refuse a change decided on another generation of the state than this one
+        (an automatic decision applies to exactly what it judged, never to what changed since)."""
+        if expect is not None and state.generation != expect:
+            raise RegistryError(f"the registry changed since the decision (generation {expect} → "
+                                f"{state.generation})", code="stale_decision")
+
+    def set_canary(self, version: str, fraction: float, *, who: str, why: str = "",
+                   expect: int | None = None) -> RegistryState:
         """Serve `version` to `fraction` of users beside the champion (or change the fraction)."""
         if not 0.0 < fraction <= 1.0:
             raise RegistryError(f"fraction must be in (0, 1], got {fraction}", status=400, code="invalid_fraction")
         with self.locked():
             state = self.state()
+            self._expect(state, expect)
             vs = self._require(state, version)
             entries: list[AuditEntry] = []
             if state.canary == version:
@@ -594,10 +603,12 @@ class Registry:
             state.canary, state.canary_fraction, state.canary_started = version, fraction, now()
             return self._save(state, entries)
 
-    def promote(self, version: str | None = None, *, who: str, why: str = "") -> RegistryState:
+    def promote(self, version: str | None = None, *, who: str, why: str = "",
+                expect: int | None = None) -> RegistryState:
         """Make `version` (default: the canary) the champion; the old champion retires."""
         with self.locked():
             state = self.state()
+            self._expect(state, expect)
             version = version or state.canary
             if version is None:
                 raise RegistryError("nothing to promote: no canary running and no version given")
@@ -617,10 +628,11 @@ class Registry:
             state.canary, state.canary_fraction, state.canary_started = None, 0.0, None
             return self._save(state, entries)
 
-    def rollback(self, *, who: str, why: str = "") -> RegistryState:
+    def rollback(self, *, who: str, why: str = "", expect: int | None = None) -> RegistryState:
         """Withdraw the canary if one runs; otherwise return to the previous champion."""
         with self.locked():
             state = self.state()
+            self._expect(state, expect)
             entries: list[AuditEntry] = []
             if state.canary is not None:
                 self._set_stage(state, state.canary, "rejected", who, why or "rolled back", "rollback", entries,

@@ -28,6 +28,14 @@ same loop promotes the canary when the 95% Wilson interval of its win rate
 below 0.5, when its error rate or time to first token regress, or when it has
 run longer than `KAIZEN_CANARY_MAX_DURATION`. It also puts each newly
 published candidate on canary.
+
+With several API replicas exactly one decides: the replica holding the
+`rollout` lease in the shared store (services/leader.py) judges the
+head-to-head from every replica's votes (they share the comparisons table)
+and applies its decision to the registry as a compare-and-set on the state it
+judged; it publishes the decision for the others' operator pages. The other
+replicas only follow the registry and the model events. Error rate and time
+to first token are the leader's own sample of the traffic.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ from pathlib import Path
 from typing import Any
 
 from services import metrics, model_events
-from services.comparisons import ComparisonStore
+from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import Engine, SwapFailed
+from services.leader import Lease
 from services.registry import (SHAPE_FIELDS, STAGES, CorruptVersion, Registry, RegistryError, RegistryState,
                                model_shape)
 from services.settings import Settings
@@ -114,6 +123,7 @@ class Rollout:
         self.refused: dict[str, str] = {}
         self.health: dict[str, VersionHealth] = {}
         self.decision: dict[str, Any] = {"state": "none", "reason": "no canary"}
+        self.lease = Lease(comparisons, "rollout", settings.rollout_lease_s)
         self._lock = asyncio.Lock()
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,6 +206,8 @@ class Rollout:
             if engine is not None:
                 engine.shutdown()
         self.canary = self.champion = None
+        await asyncio.to_thread(self.lease.release)
+        metrics.ROLLOUT_LEADER.set(0)
 
     # -- routing ------------------------------------------------------------------------
 
@@ -245,7 +257,9 @@ class Rollout:
             state = await asyncio.to_thread(self.registry.state)
             await self._sync_champion(state)
             await self._sync_canary(state)
-            if self.settings.auto_rollout:
+            if self.settings.auto_rollout and not await asyncio.to_thread(self.lead):
+                self.decision = await asyncio.to_thread(self.leader_decision)
+            elif self.settings.auto_rollout:
                 changed = await self._auto(state)
                 if changed is not None:
                     state = changed
@@ -253,6 +267,25 @@ class Rollout:
                     await self._sync_canary(state)
             self._record_stage_metrics(state)
             return state
+
+    def lead(self) -> bool:
+        """Take or renew the rollout lease: True on the one replica that decides."""
+        try:
+            held = self.lease.hold()
+        except DatabaseUnavailable as exc:
+            log.warning("rollout lease: %s; not deciding until the store answers", exc)
+            self.lease.held = held = False
+        metrics.ROLLOUT_LEADER.set(1 if held else 0)
+        return held
+
+    def leader_decision(self) -> dict[str, Any]:
+        """The decision the lease holder last published (what a follower shows operators)."""
+        try:
+            lease = self.lease.read()
+        except DatabaseUnavailable:
+            return {"state": "unknown", "reason": "the shared store is unavailable"}
+        info = lease["info"] or {"state": "none", "reason": "no decision published yet"}
+        return {**info, "leader": lease["holder"]}
 
     def _refuse(self, version: str, reason: str) -> None:
         if self.refused.get(version) == reason:
@@ -403,13 +436,14 @@ class Rollout:
         """Apply an automatic decision, or start a canary for the newest candidate."""
         if state.canary is not None:
             verdict, why = self.judge(state)
-            self.decision = {"state": verdict, "reason": why}
+            await self._publish({"state": verdict, "reason": why, "canary": state.canary,
+                                 "generation": state.generation})
             if verdict == "promote":
-                return await self.act("promote", who="auto", why=why, version=state.canary)
+                return await self._act_once("promote", why=why, version=state.canary, expect=state.generation)
             if verdict == "rollback":
-                return await self.act("rollback", who="auto", why=why)
+                return await self._act_once("rollback", why=why, expect=state.generation)
             return None
-        self.decision = {"state": "none", "reason": "no canary"}
+        await self._publish({"state": "none", "reason": "no canary", "generation": state.generation})
         champion_n = int(state.champion[1:]) if state.champion else -1
         candidates = [v for v, vs in state.versions.items()
                       if vs.stage == "candidate" and int(v[1:]) > champion_n and v not in self.refused
@@ -417,8 +451,25 @@ class Rollout:
         if not candidates:
             return None
         newest = max(candidates, key=lambda v: int(v[1:]))
-        return await self.act("canary", who="auto", why="newly published candidate", version=newest,
-                              fraction=self.settings.canary_fraction)
+        return await self._act_once("canary", why="newly published candidate", version=newest,
+                                    fraction=self.settings.canary_fraction, expect=state.generation)
+
+    async def _publish(self, decision: dict[str, Any]) -> None:
+        self.decision = {**decision, "leader": self.lease.holder}
+        try:
+            await asyncio.to_thread(self.lease.publish, self.decision)
+        except DatabaseUnavailable as exc:
+            log.warning("could not publish the rollout decision: %s", exc)
+
+    async def _act_once(self, action: str, **kwargs: Any) -> RegistryState | None:
+        """An automatic action, applied only if the registry is still at the generation judged."""
+        try:
+            return await self.act(action, who="auto", **kwargs)
+        except RegistryError as exc:
+            if exc.code != "stale_decision":
+                raise
+            log.info("automatic %s not applied: %s", action, exc)
+            return None
 
     def _imported(self, version: str) -> bool:
         """Imported versions passed no gate here: an operator canaries them, never the automatic rollout."""
@@ -428,7 +479,7 @@ class Rollout:
             return False
 
     async def act(self, action: str, *, who: str, why: str, version: str | None = None,
-                  fraction: float | None = None) -> RegistryState:
+                  fraction: float | None = None, expect: int | None = None) -> RegistryState:
         """Change the registry (canary / promote / rollback), emit the model event, count it."""
         actor = "auto" if who == "auto" else "operator"
         ev_version: str | None
@@ -438,15 +489,16 @@ class Rollout:
                 await self.preflight(target)  # refuse before anything changes
         if action == "canary":
             assert version is not None and fraction is not None
-            state = await asyncio.to_thread(self.registry.set_canary, version, fraction, who=who, why=why)
+            state = await asyncio.to_thread(self.registry.set_canary, version, fraction, who=who, why=why,
+                                            expect=expect)
             event, ev_version = "canary", version
         elif action == "promote":
             before = await asyncio.to_thread(self.registry.state)
-            state = await asyncio.to_thread(self.registry.promote, version, who=who, why=why)
+            state = await asyncio.to_thread(self.registry.promote, version, who=who, why=why, expect=expect)
             event, ev_version = "promoted", state.champion
         elif action == "rollback":
             before = await asyncio.to_thread(self.registry.state)
-            state = await asyncio.to_thread(self.registry.rollback, who=who, why=why)
+            state = await asyncio.to_thread(self.registry.rollback, who=who, why=why, expect=expect)
             event, ev_version = "rolled_back", before.canary or before.champion
         else:
             raise ValueError(action)
@@ -503,7 +555,7 @@ class ModelEventFollower(threading.Thread):
             consumer = None
             try:
                 consumer = KafkaConsumer(
-                    bootstrap_servers=s.bootstrap_servers, client_id="kaizen-chat-model-events",
+                    **s.kafka_options(), client_id="kaizen-chat-model-events",
                     group_id=None, enable_auto_commit=False, request_timeout_ms=s.kafka_request_timeout_ms,
                     metadata_max_age_ms=s.kafka_metadata_max_age_ms)
                 parts = consumer.partitions_for_topic(s.topic_model_events)

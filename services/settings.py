@@ -129,6 +129,17 @@ class Settings(BaseSettings):
     kafka_metadata_max_age_ms: int = Field(default=10_000, ge=1000)
     """Clients re-read topic metadata this often (default 5 min): a topic that was
     re-created with other partitions is noticed within seconds."""
+    # Security of a real cluster (kafka-python's own parameters; every Kaizen client uses them).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """SASL_SSL for SCRAM over TLS (Strimzi, MSK, Confluent); PLAINTEXT for the embedded broker."""
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    """CA bundle that signed the brokers' certificates (PEM). Unset: the system's."""
+    kafka_ssl_certfile: Path | None = None
+    """Client certificate for mutual TLS (PEM), with kafka_ssl_keyfile."""
+    kafka_ssl_keyfile: Path | None = None
     kafka_stall_timeout_s: float = Field(default=30.0, gt=0)
     """The trainer's consumer, after this long without a record while its partitions hold events
     past the group's committed offsets, is closed and reopened as a new group member. Seen here:
@@ -146,6 +157,26 @@ class Settings(BaseSettings):
     """How often an idle relay checks that the broker still holds what it acknowledged."""
     outbox_backoff_min_s: float = Field(default=0.2, gt=0)
     outbox_backoff_max_s: float = Field(default=10.0, gt=0)
+
+    # -- shared store (comparisons, vote outbox, rollout leader) -----------------------
+    database_url: SecretStr | None = None
+    """Unset: SQLite files in the data dir, for one API process. `postgresql://USER:PASSWORD@HOST:5432/DB`:
+    the store several API replicas share (comparisons, the vote outbox, the rollout leader's lease
+    and decision); psycopg 3 through SQLAlchemy. Schema migrations (Alembic) run at start."""
+    database_pool_size: int = Field(default=5, ge=1)
+    """Connections each API process keeps open to PostgreSQL."""
+    database_max_overflow: int = Field(default=5, ge=0)
+    """Extra connections opened under load, closed again when idle."""
+    database_pool_timeout_s: float = Field(default=5.0, gt=0)
+    """How long a request waits for a free connection before it is answered 503."""
+    database_connect_timeout_s: int = Field(default=5, ge=1)
+    database_statement_timeout_ms: int = Field(default=10_000, ge=100)
+    """PostgreSQL aborts a statement (or a wait for a row lock) that takes longer."""
+    database_retry_after_s: int = Field(default=5, ge=1)
+    """Retry-After of the 503 answered while the database cannot be reached."""
+    rollout_lease_s: float = Field(default=15.0, gt=0)
+    """The replica holding the rollout lease is the only one that decides canaries; another takes
+    over when it has not renewed the lease for this long (renewed every registry poll)."""
 
     # -- trainer ----------------------------------------------------------------
     trainer_host: str = "127.0.0.1"
@@ -333,6 +364,23 @@ class Settings(BaseSettings):
                 raise ValueError("KAIZEN_ADMIN_TOKEN must be a real secret in production")
         return self
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+                ("postgresql://", "postgresql+psycopg://", "postgres://", "sqlite://")):
+            raise ValueError("KAIZEN_DATABASE_URL must be postgresql://... (or sqlite:///FILE); unset: "
+                             "SQLite in the data dir")
+        return value
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL"):
+            if self.kafka_sasl_mechanism is None or not self.kafka_sasl_username or self.kafka_sasl_password is None:
+                raise ValueError(f"KAIZEN_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                                 "KAIZEN_KAFKA_SASL_MECHANISM, KAIZEN_KAFKA_SASL_USERNAME and KAIZEN_KAFKA_SASL_PASSWORD")
+        return self
+
     @model_validator(mode="after")
     def _check_node_rank(self) -> Settings:
         if self.train_node_rank >= self.train_nnodes:
@@ -391,6 +439,20 @@ class Settings(BaseSettings):
         if self.kafka_bootstrap:
             return self.kafka_bootstrap
         return f"{self.broker_host}:{self.broker_port}"
+
+    def kafka_options(self) -> dict[str, Any]:
+        """Connection and security parameters every kafka-python client of Kaizen is built with."""
+        opts: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
+                                "security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL"):
+            assert self.kafka_sasl_password is not None  # _check_kafka_security
+            opts.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                        sasl_plain_password=self.kafka_sasl_password.get_secret_value())
+        if self.kafka_security_protocol.endswith("SSL"):
+            opts.update({k: str(v) for k, v in (("ssl_cafile", self.kafka_ssl_cafile),
+                                                ("ssl_certfile", self.kafka_ssl_certfile),
+                                                ("ssl_keyfile", self.kafka_ssl_keyfile)) if v is not None})
+        return opts
 
     @property
     def public_url(self) -> str:

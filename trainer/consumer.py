@@ -63,7 +63,7 @@ class PreferenceConsumer:
         self.reopened = 0
         """How many times a stalled consumer was replaced (see `_check_stall`)."""
         self.dlq = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
+            **settings.kafka_options(),
             client_id="kaizen-trainer-dlq",
             acks="all",
             retries=5,
@@ -73,7 +73,7 @@ class PreferenceConsumer:
         settings = self.settings
         self._rebalance: _RebalanceFlag = _RebalanceFlag()
         consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
+            **settings.kafka_options(),
             group_id=settings.consumer_group,
             client_id="kaizen-trainer",
             enable_auto_commit=False,

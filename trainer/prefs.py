@@ -60,10 +60,11 @@ def imported_events(path: Path) -> list[PreferenceEvent]:
 
 
 def send_events(settings: Settings, events: list[PreferenceEvent]) -> int:
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, client_id="kaizen-import",
+    producer = KafkaProducer(**settings.kafka_options(), client_id="kaizen-import",
                              acks="all", enable_idempotence=True)
     try:
-        futures = [producer.send(settings.topic_preferences, key=e.comparison_id.encode(), value=e.to_bytes())
+        # keyed by the pseudonymous user, as the API's relay does: one user's votes stay in order
+        futures = [producer.send(settings.topic_preferences, key=e.user.encode(), value=e.to_bytes())
                    for e in events]
         producer.flush()
         for f in futures:
@@ -79,7 +80,7 @@ def topic_size(settings: Settings, topic: str) -> int:
     The watermark is read from a fetch response, as Tansu's ListOffsets(latest)
     answers with the last batch's base offset rather than the end of the log.
     """
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, client_id="kaizen-prefs",
+    consumer = KafkaConsumer(**settings.kafka_options(), client_id="kaizen-prefs",
                              enable_auto_commit=False, request_timeout_ms=settings.kafka_request_timeout_ms)
     try:
         parts = consumer.partitions_for_topic(topic) or set()

@@ -1,0 +1,174 @@
+"""The API's store on a real PostgreSQL server, as several replicas share it (and on SQLite, the default).
+
+    .venv/bin/python -m pytest tests/test_shared_store.py -q
+
+Two `ComparisonStore`s on one server stand for two API replicas (each has its
+own engine and pool, as separate processes would).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.app import build_app
+from services.auth import user_id
+from services.comparisons import ComparisonStore, DatabaseUnavailable, VoteError
+from services.events import Answer
+from services.leader import Lease
+from services.settings import Settings
+from tests.conftest import USER_KEY, free_port, make_settings
+from tests.pg import PostgresServer, postgres_server
+
+ANSWERS = [Answer(text="a", model_version="v0"), Answer(text="b", model_version="v1")]
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture()
+def replicas(pg: PostgresServer) -> Iterator[tuple[ComparisonStore, ComparisonStore]]:
+    a = ComparisonStore(pg.url.replace("postgresql://", "postgresql+psycopg://"), timedelta(hours=1))
+    b = ComparisonStore(pg.url, timedelta(hours=1))  # the plain scheme works too (KAIZEN_DATABASE_URL)
+    for table in ("outbox", "comparisons", "relay_state", "leases"):
+        with a.transaction() as conn:
+            conn.exec_driver_sql(f"DELETE FROM {table}")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_settings_pick_the_store(tmp_path: Path, pg: PostgresServer) -> None:
+    lite = ComparisonStore.from_settings(make_settings(tmp_path))
+    assert lite.url == f"sqlite:///{tmp_path / 'api.sqlite'}" and not lite.shared
+    lite.close()
+    shared = ComparisonStore.from_settings(make_settings(tmp_path, database_url=pg.url))
+    assert shared.shared and "postgresql+psycopg" in shared.url
+    shared.close()
+    with pytest.raises(ValueError, match="KAIZEN_DATABASE_URL"):
+        make_settings(tmp_path, database_url="mysql://x@y/z")
+
+
+def test_a_pair_served_by_one_replica_is_voted_once_through_any(
+        replicas: tuple[ComparisonStore, ComparisonStore]) -> None:
+    a, b = replicas
+    ids = [a.record("u-1", [{"role": "user", "content": f"q{i}"}], ANSWERS) for i in range(40)]
+    results: dict[str, list[str]] = {cid: [] for cid in ids}
+
+    def vote_all(store: ComparisonStore) -> None:
+        for cid in ids:
+            try:
+                store.vote(cid, "u-1", 0, None)
+                results[cid].append("202")
+            except VoteError as exc:
+                results[cid].append(str(exc.status))
+
+    threads = [threading.Thread(target=vote_all, args=(s,)) for s in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(sorted(r) == ["202", "409", "409", "409"] for r in results.values()), results
+    events = b.outbox_events()
+    assert sorted(e.comparison_id for e in events) == sorted(ids)  # one event per comparison
+    with pytest.raises(VoteError) as not_found:
+        b.vote("cmp-missing", "u-1", 0, None)
+    assert not_found.value.status == 404
+    h = a.head_to_head("v0", "v1", None)
+    assert h == {"votes": 40, "canary_wins": 0, "champion_wins": 40, "ties": 0, "both_bad": 0}
+
+
+def test_relays_of_two_replicas_claim_disjoint_rows(replicas: tuple[ComparisonStore, ComparisonStore]) -> None:
+    a, b = replicas
+    for i in range(10):
+        a.vote(a.record(f"u-{i}", [{"role": "user", "content": "q"}], ANSWERS), f"u-{i}", 1, None)
+    with a.claim(4) as first:
+        with b.claim(100) as second:
+            assert len(first.rows) == 4 and len(second.rows) == 6  # SKIP LOCKED: b skips a's rows
+            assert not {r.seq for r in first.rows} & {r.seq for r in second.rows}
+            assert {r.key for r in second.rows} <= {f"u-{i}" for i in range(10)}  # keyed by user
+            second.mark_delivered([r.seq for r in second.rows], {0: 5})
+        first.mark_delivered([r.seq for r in first.rows], {0: 9, 1: 2})
+    assert a.outbox_backlog() == (0, None)
+    assert b.max_acked_offsets() == {0: 9, 1: 2}
+    with b.claim(100) as none_left:
+        assert none_left.rows == []
+
+
+def test_one_replica_holds_the_rollout_lease(replicas: tuple[ComparisonStore, ComparisonStore]) -> None:
+    a, b = replicas
+    la, lb = Lease(a, "rollout", ttl_s=0.6, holder="a"), Lease(b, "rollout", ttl_s=0.6, holder="b")
+    assert la.hold() and not lb.hold() and la.hold()
+    la.publish({"state": "collecting", "reason": "3 votes"})
+    assert lb.read()["holder"] == "a" and lb.read()["info"] == {"state": "collecting", "reason": "3 votes"}
+    time.sleep(0.8)  # a stops renewing: b takes over, a's decision is not shown as b's
+    assert lb.hold() and not la.hold()
+    assert la.read()["holder"] == "b" and la.read()["info"] is None
+    lb.release()
+    assert la.hold()
+
+
+def test_an_unreachable_database_answers_503_and_loses_no_vote(tmp_path: Path) -> None:
+    server = PostgresServer()
+    server.start()
+    try:
+        settings = make_settings(tmp_path, database_url=server.url, api_keys=USER_KEY, port=free_port(),
+                                 database_connect_timeout_s=1, database_retry_after_s=7)
+        app = build_app(settings)
+        store: ComparisonStore = app.state.comparisons
+        user = user_id(app.state.user_secret, USER_KEY)
+        cid = store.record(user, [{"role": "user", "content": "q"}], ANSWERS)
+        client = TestClient(app)  # no lifespan: the feedback route needs no engine
+        auth = {"Authorization": f"Bearer {USER_KEY}"}
+        server.stop()
+        r = client.post("/v1/feedback", headers=auth, json={"comparison_id": cid, "choice": 1})
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "7" and r.json()["error"]["code"] == "database_unavailable"
+        server.start()
+        r = client.post("/v1/feedback", headers=auth, json={"comparison_id": cid, "choice": 1})
+        assert r.status_code == 202, r.text  # the refused vote was not half-taken
+        assert [e.comparison_id for e in store.outbox_events()] == [cid]
+        store.close()
+        server.stop()
+        with pytest.raises(DatabaseUnavailable, match="unavailable"):
+            ComparisonStore.from_settings(settings)
+    finally:
+        server.remove()
+
+
+def test_an_old_sqlite_store_is_adopted_by_the_migration(tmp_path: Path) -> None:
+    path = tmp_path / "api.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE comparisons (id TEXT PRIMARY KEY, user TEXT NOT NULL, served_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL, messages TEXT NOT NULL, answers TEXT NOT NULL, voted_at TEXT, event_id TEXT);
+        CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,
+            comparison_id TEXT NOT NULL, payload BLOB NOT NULL, created_at TEXT NOT NULL, delivered_at TEXT);
+        CREATE TABLE relay_state (partition INTEGER PRIMARY KEY, max_offset INTEGER NOT NULL);
+        INSERT INTO comparisons VALUES ('cmp-old', 'u-1', '2026-11-28T00:00:00+00:00', '2999-01-01T00:00:00+00:00',
+            '[{"role": "user", "content": "q"}]',
+            '[{"text": "a", "model_version": "v3"}, {"text": "b", "model_version": "v4"}]', NULL, NULL);
+    """)
+    old.close()
+    store = ComparisonStore(path, timedelta(hours=1))
+    store.vote("cmp-old", "u-1", 1, None)
+    assert store.head_to_head("v3", "v4", None)["canary_wins"] == 1
+    with store.claim(10) as claim:
+        assert [r.key for r in claim.rows] == ["u-1"]
+    store.close()
+    assert sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+
+
+def test_settings_name_the_database(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path, database_url="postgresql://kaizen:hunter2@db:5432/kaizen")  # type: ignore[arg-type]
+    assert "hunter2" not in str(s.masked()) and s.child_env()["KAIZEN_DATABASE_URL"].endswith("@db:5432/kaizen")
