@@ -260,8 +260,7 @@
       if (rounds.ok) draw("rounds", rounds.body, renderRounds);
       else { state.rendered.rounds = null; sectionError(ui.roundsCharts, rounds.err); }
       if (audit.ok) draw("audit", audit.body, renderAudit);
-      renderFirstRun(versions.ok ? versions.body : null, rounds.ok ? rounds.body : null,
-        schedule.ok ? schedule.body : null);
+      renderFirstRun(versions.ok ? versions.body : null, schedule.ok ? schedule.body : null);
       document.body.dataset.state = "ready";
       document.body.dataset.loaded = "true";
       touchTimes();
@@ -962,9 +961,10 @@
     return isNum(unix) ? new Date(unix * 1000).toLocaleTimeString("en", { hour: "2-digit", minute: "2-digit" }) : DASH;
   }
 
-  /** While only v0 exists and no round has run: what happens next, from the trainer's own numbers. */
-  function renderFirstRun(versions, rounds, sched) {
-    const onlyBase = versions && (versions.data || []).length <= 1 && rounds && !(rounds.data || []).length;
+  /** While only v0 exists: what happens next, from the trainer's own numbers. */
+  function renderFirstRun(versions, sched) {
+    // skipped rounds (no reward model yet) are part of a first run: the panel stays until a version is published
+    const onlyBase = Boolean(versions) && (versions.data || []).length <= 1;
     ui.firstRun.hidden = !onlyBase;
     if (!onlyBase) return;
     const facts = [];
