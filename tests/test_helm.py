@@ -235,8 +235,31 @@ def test_production_profile() -> None:
     assert by_kind(docs, "Secret") == [], "existingSecret: the chart creates none"
     for deployment in by_kind(docs, "Deployment"):
         refs = [s["secretRef"]["name"] for s in container(deployment)["envFrom"] if "secretRef" in s]
-        assert refs == ["kaizen-secrets"]
+        assert refs == ["kaizen-secrets", "kaizen-kafka-user"]  # + the SCRAM credentials
     api = one(docs, "Deployment", "-api")
+    url = env_of(container(api))["KAIZEN_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert url == {"name": "kaizen-database", "key": "KAIZEN_DATABASE_URL"}  # the shared store, external
+    config = one(docs, "ConfigMap", "-config")["data"]
+    assert (config["KAIZEN_TOPIC_PARTITIONS"], config["KAIZEN_TOPIC_REPLICATION"]) == ("12", "3")
+    assert (config["KAIZEN_KAFKA_SECURITY_PROTOCOL"], config["KAIZEN_KAFKA_SASL_MECHANISM"]) == (
+        "SASL_SSL", "SCRAM-SHA-512")
+    ca = config["KAIZEN_KAFKA_SSL_CAFILE"]
+    for workload in (api, trainer_workload(docs)):
+        spec = workload["spec"]["template"]["spec"]
+        mount = next(m for m in container(workload)["volumeMounts"] if m["name"] == "kafka-ca")
+        assert ca == mount["mountPath"] + "/ca.crt" and mount["readOnly"]
+        assert {"name": "kafka-ca", "secret": {"secretName": "kaizen-kafka-cluster-ca-cert"}} in spec["volumes"]
+    kafka_policy = one(docs, "NetworkPolicy", "-kafka-clients")
+    assert kafka_policy["metadata"]["namespace"] == "kafka"
+    assert kafka_policy["spec"]["podSelector"]["matchLabels"] == {"strimzi.io/cluster": "kaizen-kafka",
+                                                                  "strimzi.io/kind": "Kafka"}
+    kaizen_peer, brokers = kafka_policy["spec"]["ingress"]
+    assert kaizen_peer["ports"] == [{"port": 9093, "protocol": "TCP"}]
+    (peer,) = kaizen_peer["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": NAMESPACE}
+    assert peer["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["api", "trainer"]}]
+    assert brokers["from"] == [{"podSelector": {"matchLabels": {"strimzi.io/cluster": "kaizen-kafka"}}}]
     assert "replicas" not in api["spec"], "the HPA owns the replica count"
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == api["metadata"]["name"] and hpa["spec"]["minReplicas"] == 3
@@ -340,6 +363,10 @@ REFUSED = {
         {"persistence": {"enabled": False, "accessModes": ["ReadWriteMany"]},
          "trainer": {"distributed": {"nnodes": 2}}},
         "ReadWriteMany"),
+    "several API replicas on per-pod SQLite": ({"api": {"replicas": 3}}, "needs a shared database"),
+    "an autoscaled API on per-pod SQLite": ({"api": {"autoscaling": {"enabled": True}}}, "needs a shared database"),
+    "a database URL and the in-release server": (
+        {"database": {"url": "postgresql://a@b/c", "postgresql": {"enabled": True}}}, "leave database.url"),
     "nccl without a GPU": (
         {"trainer": {"distributed": {"backend": "nccl"}}}, "NCCL only runs between CUDA devices"),
     "more NCCL processes than GPUs": ({"trainer": {"gpu": 2, "distributed": {"nprocPerNode": 4}}},
@@ -358,6 +385,11 @@ def test_templates_refuse_what_cannot_run(case: str) -> None:
 
 def test_the_refused_layouts_render_when_fixed() -> None:
     # the same values with the one thing changed render: the refusals above are about that thing
+    assert one(render({"api": {"replicas": 3}, "database": {"existingSecret": "db"}})[0],
+               "Deployment", "-api")["spec"]["replicas"] == 3
+    assert one(render({"api": {"autoscaling": {"enabled": True}}, "database": {"url": "postgresql://a@b/c"}})[0],
+               "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 6
+    assert by_kind(render({"database": {"postgresql": {"enabled": True}}})[0], "StatefulSet")
     assert one(render(MULTINODE)[0], "StatefulSet")["spec"]["replicas"] == 2
     docs, _ = render({"trainer": {"gpu": 1, "distributed": {"backend": "nccl"}}})
     assert env_of(container(trainer_workload(docs)))["KAIZEN_TRAIN_BACKEND"]["value"] == "nccl"
@@ -436,6 +468,10 @@ BAD_VALUES = {
     "distributed env not NCCL/GLOO/TORCH": {"trainer": {"distributed": {"env": {"LD_PRELOAD": "/x.so"}}}},
     "distributed setting in config": {"config": {"KAIZEN_TRAIN_NNODES": "2"}},
     "bad shm size": {"trainer": {"shmSize": "lots"}},
+    "a database URL of another kind": {"database": {"url": "mysql://kaizen@db/kaizen"}},
+    "unknown Kafka protocol": {"kafka": {"security": {"protocol": "SASL"}}},
+    "zero partitions": {"kafka": {"partitions": 0}},
+    "unknown database key": {"database": {"host": "db"}},
 }
 
 
@@ -448,11 +484,12 @@ def test_schema_rejects_bad_values(case: str) -> None:
 def test_good_overrides_render() -> None:
     # the same paths with acceptable values pass: the refusals above are about the values
     docs, _ = render({"api": {"replicas": 2, "gpu": 2}, "kafka": {"bootstrap": "a:9092,b:9093"},
+                      "database": {"url": "postgresql://kaizen:pw@db:5432/kaizen"},
                       "config": {"KAIZEN_COMPARISON_RATE": "0.5"}, "auth": {"apiKeys": ["key-0123456789"]},
                       "trainer": {"shmSize": "2Gi", "distributed": {"nprocPerNode": 2, "masterPort": 29501,
                                                                     "env": {"TORCH_NCCL_BLOCKING_WAIT": "1"}}}})
     assert one(docs, "Deployment", "-api")["spec"]["replicas"] == 2
-    assert base64.b64decode(one(docs, "Secret")["data"]["KAIZEN_API_KEYS"]).decode() == "key-0123456789"
+    assert base64.b64decode(one(docs, "Secret", "-secrets")["data"]["KAIZEN_API_KEYS"]).decode() == "key-0123456789"
 
 
 def test_helm_lint_is_clean() -> None:
@@ -461,3 +498,50 @@ def test_helm_lint_is_clean() -> None:
                                   namespace=NAMESPACE)
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert not problems and not report["errors"], (path, problems, report["errors"])
+
+
+# -- several API replicas on one database ------------------------------------------------------
+
+def test_in_release_postgresql_for_several_replicas() -> None:
+    docs, _ = render({"api": {"replicas": 3}, "database": {"postgresql": {"enabled": True, "size": "5Gi"}}})
+    assert validation_errors(docs) == []
+    secret = one(docs, "Secret", "-database")["data"]
+    password = base64.b64decode(secret["POSTGRES_PASSWORD"]).decode()
+    assert len(password) == 32
+    url = base64.b64decode(secret["KAIZEN_DATABASE_URL"]).decode()
+    service = one(docs, "Service", "-postgresql")
+    assert url == f"postgresql://kaizen:{password}@{service['metadata']['name']}:5432/kaizen"
+    api = one(docs, "Deployment", "-api")
+    assert api["spec"]["replicas"] == 3
+    assert env_of(container(api))["KAIZEN_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": one(docs, "Secret", "-database")["metadata"]["name"], "key": "KAIZEN_DATABASE_URL"}
+    trainer_env = env_of(container(trainer_workload(docs)))
+    assert "KAIZEN_DATABASE_URL" not in trainer_env  # the trainer keeps its own store
+    pg = one(docs, "StatefulSet", "-postgresql")
+    assert pg["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    pg_env = env_of(container(pg))
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "POSTGRES_PASSWORD"
+    assert service["spec"]["selector"].items() <= pg["spec"]["template"]["metadata"]["labels"].items()
+    # only the API and trainer pods reach it
+    policy = one(docs, "NetworkPolicy", "-database")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pg["spec"]["template"]["metadata"]["labels"].items()
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    admitted = [d for d in (api, trainer_workload(docs), pg) if selects(peer["podSelector"], d)]
+    assert admitted == [api, trainer_workload(docs)]
+    assert not selects(peer["podSelector"], {"spec": {"template": {"metadata": {"labels": one(docs, "Pod")[
+        "metadata"]["labels"]}}}})  # not the helm test pod
+    assert rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    # a default install (one replica, no database) renders neither the server nor the URL
+    default, _ = rendered("default")
+    assert not by_kind(default, "StatefulSet") and not by_kind(default, "NetworkPolicy")
+    assert "KAIZEN_DATABASE_URL" not in env_of(container(one(default, "Deployment", "-api")))
+
+
+def selects(selector: dict[str, Any], workload: dict[str, Any]) -> bool:
+    """Whether a LabelSelector (matchLabels, matchExpressions with In) selects the workload's pods."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+               if e["operator"] == "In")

@@ -55,6 +55,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     name: {{ include "kaizen.fullname" . }}-config
 - secretRef:
     name: {{ include "kaizen.secretName" . }}
+{{- if .Values.kafka.security.credentialsSecret }}
+- secretRef:   # KAIZEN_KAFKA_SASL_USERNAME, KAIZEN_KAFKA_SASL_PASSWORD
+    name: {{ .Values.kafka.security.credentialsSecret }}
+{{- end }}
 {{- end }}
 
 {{/* Prepares the default model on the shared volume once; a lock keeps two pods from racing. */}}
@@ -228,8 +232,10 @@ spec:
         - {name: tmp, mountPath: /tmp}
         - {name: home, mountPath: /home/kaizen}
         - {name: shm, mountPath: /dev/shm}
+        {{- include "kaizen.kafkaCaMount" . | nindent 8 }}
   volumes:
     {{- include "kaizen.sharedVolume" . | nindent 4 }}
+    {{- include "kaizen.kafkaCaVolume" . | nindent 4 }}
     - name: tmp
       emptyDir: {}
     - name: home
@@ -261,4 +267,47 @@ spec:
                 {{- include "kaizen.selectorLabels" . | nindent 16 }}
                 app.kubernetes.io/component: trainer
   {{- end }}
+{{- end }}
+
+{{/* The API's shared store: "true" when a database URL is given, named in a Secret, or run in the release. */}}
+{{- define "kaizen.databaseConfigured" -}}
+{{- if or .Values.database.existingSecret .Values.database.url .Values.database.postgresql.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "kaizen.databaseSecretName" -}}
+{{- default (printf "%s-database" (include "kaizen.fullname" .)) .Values.database.existingSecret }}
+{{- end }}
+
+{{/* Values the chat API cannot run with, refused with the reason. */}}
+{{- define "kaizen.apiChecks" -}}
+{{- if and .Values.database.postgresql.enabled (or .Values.database.url .Values.database.existingSecret) }}
+{{- fail "database.postgresql.enabled runs a server in the release: leave database.url and database.existingSecret empty with it (or disable it to use yours)" }}
+{{- end }}
+{{- $many := or (gt (int .Values.api.replicas) 1) (and .Values.api.autoscaling.enabled (gt (int .Values.api.autoscaling.maxReplicas) 1)) }}
+{{- if and $many (not (include "kaizen.databaseConfigured" .)) }}
+{{- fail "api.replicas > 1 (or autoscaling) needs a shared database: set database.url, database.existingSecret or database.postgresql.enabled. Without one each API pod keeps comparisons and votes in its own SQLite file: a vote reaches the pod that served its pair one time in N (the others answer 404), and each pod would judge canaries from its own votes" }}
+{{- end }}
+{{- end }}
+
+{{/* Pods that may reach Kafka and the database: this release's API and trainer. */}}
+{{- define "kaizen.dataClients" -}}
+matchLabels:
+  {{- include "kaizen.selectorLabels" . | nindent 2 }}
+matchExpressions:
+  - {key: app.kubernetes.io/component, operator: In, values: [api, trainer]}
+{{- end }}
+
+{{/* The Kafka CA certificate (kafka.security.caSecret), for the API and trainer pods. */}}
+{{- define "kaizen.kafkaCaVolume" -}}
+{{- if .Values.kafka.security.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ .Values.kafka.security.caSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "kaizen.kafkaCaMount" -}}
+{{- if .Values.kafka.security.caSecret }}
+- {name: kafka-ca, mountPath: /etc/kaizen/kafka-ca, readOnly: true}
+{{- end }}
 {{- end }}
