@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services import metrics, web
 from services.auth import (AuthError, RateLimiter, admin_token, check_admin, check_api_key,
                            load_user_id_secret, retry_after, user_id)
-from services.comparisons import ComparisonStore, DatabaseUnavailable, OutboxFull, VoteError, new_comparison_id
+from services.comparisons import (ComparisonStore, DatabaseUnavailable, OutboxFull, VoteError,
+                                  new_comparison_id)
 from services.outbox import OutboxRelay
 from services.events import Answer
 from services.engine import Engine
@@ -363,8 +364,9 @@ async def chat_completions(
     completion_tokens = sum(tokens)
     comparison_id = None
     if pair is not None:
-        comparison_id = record_pair(request.app, pair, texts, finish,
-                                    [p.version for p in parts for _ in range(p.n)])
+        # in a thread: on PostgreSQL a few network round trips; DatabaseUnavailable answers 503
+        comparison_id = await asyncio.to_thread(record_pair, request.app, pair, texts, finish,
+                                                [p.version for p in parts for _ in range(p.n)])
     body = ChatCompletionResponse(
         id=request_id,
         model=settings.served_model_name,
@@ -682,7 +684,13 @@ async def stream_chunks(
                 metrics.GENERATED_TOKENS.labels(model_version=p.version).inc(sum(tokens[p.offset:p.offset + p.n]))
         version = response_version(parts)  # names both versions if a swap resumed it on new weights
         if pair is not None:  # only a pair the client received whole can be voted on
-            record_pair(app, pair, texts, finish, [p.version for p in parts for _ in range(p.n)])
+            try:
+                await asyncio.to_thread(record_pair, app, pair, texts, finish,
+                                        [p.version for p in parts for _ in range(p.n)])
+            except DatabaseUnavailable as exc:  # the answer is streamed already: finish it, unvotable
+                metrics.DATABASE_ERRORS.inc()
+                log.warning("paired answer %s not recorded (a vote on it will get 404): %s",
+                            pair.comparison_id, exc)
         if include_usage:
             completion_tokens = sum(tokens)
             yield chunk([], Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,

@@ -130,7 +130,8 @@ class ComparisonStore:
         with self.transaction() as conn:
             conn.execute(insert(db.comparisons).values(
                 id=cid, user=user, served_at=served.isoformat(), expires_at=(served + self.ttl).isoformat(),
-                messages=json.dumps(messages), answers=json.dumps([a.model_dump(mode="json") for a in answers]),
+                messages=json.dumps(messages),
+                answers=json.dumps([a.model_dump(mode="json") for a in answers]),
                 version_a=answers[0].model_version, version_b=answers[1].model_version))
         return cid
 
@@ -262,7 +263,8 @@ class ComparisonStore:
         """The broker lost data: every retained event becomes pending again."""
         o = db.outbox
         with self.transaction() as conn:
-            n: Any = conn.execute(update(o).where(o.c.delivered_at.is_not(None)).values(delivered_at=None)).rowcount
+            n: Any = conn.execute(
+                update(o).where(o.c.delivered_at.is_not(None)).values(delivered_at=None)).rowcount
             conn.execute(delete(db.relay_state))
         return int(n)
 
@@ -294,4 +296,5 @@ class ComparisonStore:
         cutoff = ((now or datetime.now(UTC)) - self.ttl).isoformat()
         c = db.comparisons
         with self.transaction() as conn:
-            return int(conn.execute(delete(c).where(c.c.expires_at <= cutoff, c.c.voted_at.is_(None))).rowcount)
+            return int(conn.execute(
+                delete(c).where(c.c.expires_at <= cutoff, c.c.voted_at.is_(None))).rowcount)

@@ -59,8 +59,8 @@ class Lease:
                 row: Any = conn.execute(select(t.c.holder, t.c.expires_at).where(t.c.name == self.name)
                                         .with_for_update()).one_or_none()
                 if row is None:
-                    conn.execute(insert(t).values(name=self.name, holder=self.holder, expires_at=now + self.ttl_s,
-                                                  updated_at=now))
+                    conn.execute(insert(t).values(name=self.name, holder=self.holder,
+                                                  expires_at=now + self.ttl_s, updated_at=now))
                 elif row.holder == self.holder or row.expires_at < now:
                     conn.execute(update(t).where(t.c.name == self.name).values(
                         holder=self.holder, expires_at=now + self.ttl_s,

@@ -162,7 +162,8 @@ class OutboxRelay:
                 return 0
             producer = self._producer_or_new()
             futures = [
-                (row.seq, producer.send(self.settings.topic_preferences, key=row.key.encode(), value=row.payload))
+                (row.seq,
+                 producer.send(self.settings.topic_preferences, key=row.key.encode(), value=row.payload))
                 for row in claim.rows
             ]
             producer.flush(timeout=self.settings.kafka_request_timeout_ms / 1000)

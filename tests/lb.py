@@ -69,7 +69,8 @@ def start_nginx(root: Path, port: int, upstream_ports: list[int]) -> subprocess.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {proc.returncode}: {(root / 'error.log').read_text()[-2000:]}")
+            log = (root / "error.log").read_text()[-2000:]
+            raise RuntimeError(f"nginx exited with {proc.returncode}: {log}")
         try:
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
             return proc

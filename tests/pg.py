@@ -28,7 +28,8 @@ def pg_bin(name: str) -> str:
     if found:
         return found
     try:
-        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
+        bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                                check=True).stdout.strip()
         if Path(bindir, name).exists():
             return str(Path(bindir, name))
     except (OSError, subprocess.CalledProcessError):
@@ -67,8 +68,8 @@ class PostgresServer:
             raise
 
     def stop(self) -> None:
-        subprocess.run(_as_postgres([pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]),
-                       capture_output=True, timeout=60)
+        subprocess.run(_as_postgres([pg_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w",
+                                     "stop"]), capture_output=True, timeout=60)
 
     def remove(self) -> None:
         self.stop()

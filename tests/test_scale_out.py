@@ -80,7 +80,8 @@ class Cluster:
 
     def versions(self, cid: str) -> tuple[str, str]:
         with psycopg.connect(self.db_url) as conn:
-            row = conn.execute("SELECT version_a, version_b FROM comparisons WHERE id = %s", (cid,)).fetchone()
+            row = conn.execute("SELECT version_a, version_b FROM comparisons WHERE id = %s",
+                               (cid,)).fetchone()
         assert row is not None, cid
         return row[0], row[1]
 
@@ -115,7 +116,8 @@ class PreferenceConsumerThread(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model: Path, broker: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tiny_model: Path, broker: Settings,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("scale-out")
     suffix = uuid.uuid4().hex[:6]
     common: dict[str, Any] = dict(
@@ -123,7 +125,8 @@ def cluster(tiny_model: Path, broker: Settings, tmp_path_factory: pytest.TempPat
         api_keys=",".join(KEYS), admin_token=ADMIN_TOKEN, user_id_secret="one-secret-for-all-replicas",
         rate_limit_rps=1000, rate_limit_burst=1000, auto_rollout=True, canary_fraction=0.5,
         canary_min_votes=10, registry_poll_interval_s=0.5, rollout_lease_s=3.0, topic_partitions=3,
-        topic_preferences=f"kaizen.preferences.scale-{suffix}", topic_model_events=f"kaizen.model-events.scale-{suffix}",
+        topic_preferences=f"kaizen.preferences.scale-{suffix}",
+        topic_model_events=f"kaizen.model-events.scale-{suffix}",
         outbox_poll_interval_s=0.2, consumer_group=f"scale-{suffix}")
     with postgres_server() as pg:
         procs: list[tuple[Settings, subprocess.Popen[bytes]]] = []
@@ -166,7 +169,8 @@ def test_sixty_votes_through_the_proxy_are_stored_once(cluster: Cluster) -> None
         http.get(f"{cluster.proxy}/healthz")  # shifts round robin by one: a vote goes elsewhere than its pair
         moved = 0
         for i, (cid, served_by) in enumerate(pairs):
-            r = http.post(f"{cluster.proxy}/v1/feedback", headers=auth(i), json={"comparison_id": cid, "choice": i % 2})
+            r = http.post(f"{cluster.proxy}/v1/feedback", headers=auth(i),
+                          json={"comparison_id": cid, "choice": i % 2})
             assert r.status_code == 202, r.text
             moved += r.headers["x-kaizen-upstream"] != served_by
     assert len({s for _, s in pairs}) == REPLICAS  # round robin: every replica served pairs
@@ -177,8 +181,8 @@ def test_sixty_votes_through_the_proxy_are_stored_once(cluster: Cluster) -> None
 
     # a second vote on each comparison, through whichever replica → 409
     with httpx.Client(timeout=60) as http:
-        again = [http.post(f"{cluster.proxy}/v1/feedback", headers=auth(i), json={"comparison_id": cid, "choice": 0})
-                 for i, (cid, _) in enumerate(pairs)]
+        again = [http.post(f"{cluster.proxy}/v1/feedback", headers=auth(i),
+                           json={"comparison_id": cid, "choice": 0}) for i, (cid, _) in enumerate(pairs)]
     assert [r.status_code for r in again] == [409] * 60, [r.text for r in again if r.status_code != 409][:3]
     assert len({r.headers["x-kaizen-upstream"] for r in again}) == REPLICAS
     assert len(cluster.wait_stored(ids, timeout_s=2)) == 60
@@ -190,8 +194,11 @@ def test_a_canary_is_decided_once_and_applied_by_every_replica(
     Registry(settings.registry_path).publish(make_version(tiny_model, tmp_path / "v1", seed=301), parent="v0",
                                              who="trainer", why="round 1")
     deadline = time.monotonic() + 240  # each replica starts a canary engine beside its champion
-    while not all(httpx.get(f"{cluster.base(i)}/readyz").json()["canary"] == "v1" for i in range(REPLICAS)):
-        assert time.monotonic() < deadline, [httpx.get(f"{cluster.base(i)}/readyz").json() for i in range(REPLICAS)]
+    while True:
+        ready = [httpx.get(f"{cluster.base(i)}/readyz").json() for i in range(REPLICAS)]
+        if all(r["canary"] == "v1" for r in ready):
+            break
+        assert time.monotonic() < deadline, ready
         time.sleep(0.5)
     voted_on: Counter[str] = Counter()
     with httpx.Client(timeout=120) as http:

@@ -88,7 +88,8 @@ def test_a_pair_served_by_one_replica_is_voted_once_through_any(
     assert h == {"votes": 40, "canary_wins": 0, "champion_wins": 40, "ties": 0, "both_bad": 0}
 
 
-def test_relays_of_two_replicas_claim_disjoint_rows(replicas: tuple[ComparisonStore, ComparisonStore]) -> None:
+def test_relays_of_two_replicas_claim_disjoint_rows(
+        replicas: tuple[ComparisonStore, ComparisonStore]) -> None:
     a, b = replicas
     for i in range(10):
         a.vote(a.record(f"u-{i}", [{"role": "user", "content": "q"}], ANSWERS), f"u-{i}", 1, None)
@@ -151,12 +152,13 @@ def test_an_old_sqlite_store_is_adopted_by_the_migration(tmp_path: Path) -> None
     old = sqlite3.connect(path)
     old.executescript("""
         CREATE TABLE comparisons (id TEXT PRIMARY KEY, user TEXT NOT NULL, served_at TEXT NOT NULL,
-            expires_at TEXT NOT NULL, messages TEXT NOT NULL, answers TEXT NOT NULL, voted_at TEXT, event_id TEXT);
+            expires_at TEXT NOT NULL, messages TEXT NOT NULL, answers TEXT NOT NULL, voted_at TEXT,
+            event_id TEXT);
         CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,
             comparison_id TEXT NOT NULL, payload BLOB NOT NULL, created_at TEXT NOT NULL, delivered_at TEXT);
         CREATE TABLE relay_state (partition INTEGER PRIMARY KEY, max_offset INTEGER NOT NULL);
-        INSERT INTO comparisons VALUES ('cmp-old', 'u-1', '2026-11-28T00:00:00+00:00', '2999-01-01T00:00:00+00:00',
-            '[{"role": "user", "content": "q"}]',
+        INSERT INTO comparisons VALUES ('cmp-old', 'u-1', '2026-11-28T00:00:00+00:00',
+            '2999-01-01T00:00:00+00:00', '[{"role": "user", "content": "q"}]',
             '[{"text": "a", "model_version": "v3"}, {"text": "b", "model_version": "v4"}]', NULL, NULL);
     """)
     old.close()
@@ -170,5 +172,6 @@ def test_an_old_sqlite_store_is_adopted_by_the_migration(tmp_path: Path) -> None
 
 
 def test_settings_name_the_database(tmp_path: Path) -> None:
-    s = Settings(data_dir=tmp_path, database_url="postgresql://kaizen:hunter2@db:5432/kaizen")  # type: ignore[arg-type]
-    assert "hunter2" not in str(s.masked()) and s.child_env()["KAIZEN_DATABASE_URL"].endswith("@db:5432/kaizen")
+    url = "postgresql://kaizen:hunter2@db:5432/kaizen"
+    s = Settings(data_dir=tmp_path, database_url=url)  # type: ignore[arg-type]
+    assert "hunter2" not in str(s.masked()) and s.child_env()["KAIZEN_DATABASE_URL"] == url
