@@ -506,8 +506,10 @@ def test_helm_lint_is_clean() -> None:
 # -- several API replicas on one database ------------------------------------------------------
 
 def test_in_release_postgresql_for_several_replicas() -> None:
-    docs, _ = render({"api": {"replicas": 3}, "database": {"postgresql": {"enabled": True, "size": "5Gi"}}})
+    docs, notes = render({"api": {"replicas": 3}, "database": {"postgresql": {"enabled": True, "size": "5Gi"}}})
     assert validation_errors(docs) == []
+    assert "Shared store" in notes and f"{RELEASE}-kaizen-postgresql" in notes
+    assert "One API replica with its own SQLite store" in rendered("default")[1]
     secret = one(docs, "Secret", "-database")["data"]
     password = base64.b64decode(secret["POSTGRES_PASSWORD"]).decode()
     assert len(password) == 32
