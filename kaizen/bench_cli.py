@@ -25,13 +25,15 @@ README = Path(__file__).resolve().parent.parent / "bench" / "README.md"
 #: hundred votes holds out 15% of them (the service's 10% would leave the first reward model fewer
 #: than 20 decided pairs to be judged on, and the round would be skipped).
 LOOP_SETTINGS = {"ppo_threads": str(os.cpu_count() or 1), "reward_threads": str(os.cpu_count() or 1),
-                 "reward_holdout_fraction": "0.15", "reward_min_holdout": "15"}
+                 "reward_holdout_fraction": "0.15", "reward_min_holdout": "15", "ppo_iterations": "20"}
+#: The defaults below are the recorded hour-long run (bench/README.md, "The loop"): one round of 500
+#: votes from 16 users, 20 PPO iterations; `kaizen bench loop --judge J --eval-prompts P` reruns it.
 
 
 @bench_app.command("loop")
 def loop(
-    rounds: Annotated[int, typer.Option(min=1, help="training rounds")] = 3,
-    votes: Annotated[int, typer.Option(min=1, help="simulated votes before each round")] = 200,
+    rounds: Annotated[int, typer.Option(min=1, help="training rounds")] = 1,
+    votes: Annotated[int, typer.Option(min=1, help="simulated votes before each round")] = 500,
     canary_votes: Annotated[int, typer.Option(min=1, help="most votes per canary before the loop decides")] = 120,
     budget: Annotated[float, typer.Option(min=1, help="seconds for the rounds (evaluation comes after)")] = 3600,
     judge: Annotated[str, typer.Option(help="voters' judge: module:function or file.py:function")] =
@@ -39,11 +41,14 @@ def loop(
     eval_judge: Annotated[str | None, typer.Option(help="evaluation judge (default: --judge)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="voters' prompts, JSONL {\"prompt\": ...}")] = None,
     eval_prompts: Annotated[Path | None, typer.Option(help="evaluation prompts, never trained on")] = None,
-    users: Annotated[int, typer.Option(min=1)] = 8,
+    users: Annotated[int, typer.Option(min=1)] = 16,
     noise: Annotated[float, typer.Option(min=0, max=1, help="probability of a random vote")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     eval_samples: Annotated[int, typer.Option(min=1, help="answers per evaluation prompt and version")] = 4,
+    eval_max_tokens: Annotated[int, typer.Option(min=1, help="tokens per evaluation answer (few cut off)")] = 256,
+    second_judge: Annotated[str | None, typer.Option(
+        help="a second evaluation judge, e.g. trainer.judges:reward_model (KAIZEN_JUDGE_REWARD_MODEL=DIR)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="a service setting for this run, NAME=VALUE "
                                                    "(as KAIZEN_NAME; repeatable), e.g. --set ppo_lr=1e-5")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: a new temporary one)")] = None,
@@ -67,7 +72,8 @@ def loop(
     config = LoopConfig(out_dir=out_dir, rounds=rounds, votes_per_round=votes, canary_votes=canary_votes,
                         budget_s=budget, judge=judge, eval_judge=eval_judge, prompts=prompts or DEFAULT_PROMPTS,
                         eval_prompts=eval_prompts or DEFAULT_EVAL_PROMPTS, users=users, noise=noise, seed=seed,
-                        max_tokens=max_tokens, eval_samples=eval_samples,
+                        max_tokens=max_tokens, eval_samples=eval_samples, eval_max_tokens=eval_max_tokens,
+                        second_judge=second_judge,
                         settings_overrides={**LOOP_SETTINGS, **overrides})
     report = run_loop(config, get_settings(), say=lambda m: console.print(f"[bold]loop[/bold] {m}"))
     console.print_json(json.dumps(report["evaluation"]))
@@ -88,7 +94,8 @@ def result_line(report: dict, *, rounds: int, votes: int, judge: str, seed: int,
     # every option the run changed from its default, so the row's command reruns it exactly
     used = report.get("config", {})
     flags = {"canary_votes": "--canary-votes", "users": "--users", "noise": "--noise", "max_tokens": "--max-tokens",
-             "eval_samples": "--eval-samples", "budget_s": "--budget", "eval_judge": "--eval-judge"}
+             "eval_samples": "--eval-samples", "budget_s": "--budget", "eval_judge": "--eval-judge",
+             "eval_max_tokens": "--eval-max-tokens", "second_judge": "--second-judge"}
     defaults = {f.name: f.default for f in fields(LoopConfig) if f.name in flags}
     options = "".join(f" {flag} {used[name]}" for name, flag in flags.items()
                       if name in used and used[name] != defaults[name])
@@ -99,6 +106,13 @@ def result_line(report: dict, *, rounds: int, votes: int, judge: str, seed: int,
         result = (f"{champion}: win rate {v['win_rate_vs_v0']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], "
                   f"ties {v['tie_share']}, KL {v['kl_to_v0']}, {v['mean_answer_tokens']} vs "
                   f"{evaluation['v0']['mean_answer_tokens']} tokens")
+        if "lc_win_rate_vs_v0" in v:
+            result += (f"; length-controlled {v['lc_win_rate_vs_v0']:.3f} [{v['lc_ci95'][0]:.3f}, "
+                       f"{v['lc_ci95'][1]:.3f}], cut off {v['truncated_share']} vs "
+                       f"{evaluation['v0']['truncated_share']}")
+        if "second_judge" in v:
+            w = v["second_judge"]
+            result += f"; second judge {w['win_rate_vs_v0']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"
     else:
         published = [k for k in evaluation if k != "v0"]
         result = f"champion still v0 (published: {', '.join(published) or 'none'})"

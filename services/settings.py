@@ -296,6 +296,14 @@ class Settings(BaseSettings):
     """Extra prompts, JSONL: {"prompt": str} or {"messages": [...]}, added to the store's user turns."""
     ppo_sync_dir: Path | None = None
     """Where the policy is written for the rollout engine to reload. Unset: /dev/shm (RAM)."""
+    policy_algorithm: Literal["ppo", "rloo"] = "ppo"
+    """The policy update of a round. ppo: clipped PPO with a value head and GAE (the design).
+    rloo: REINFORCE Leave-One-Out (Ahmadian et al. 2024): rloo_k answers per prompt, each one's
+    KL-penalised reward minus the mean of its siblings' as the advantage, the same clipped loss,
+    no value head. Both share the round, the KL controller, the gate and publishing; a PPO
+    iteration's ppo_batch_size answers are ppo_batch_size / rloo_k prompts x rloo_k in RLOO."""
+    rloo_k: int = Field(default=2, ge=2)
+    """Answers sampled per prompt in RLOO (TRL's rloo_k; 2 to 4 in the paper)."""
     gate_prompts: int = Field(default=32, ge=1)
     """Held-out prompts the gate compares candidate and champion on."""
     gate_samples: int = Field(default=2, ge=1)
@@ -310,6 +318,10 @@ class Settings(BaseSettings):
     """A round also starts after this long if at least one new vote arrived."""
     gate_min_win: float = Field(default=0.55, ge=0.0, le=1.0)
     """A candidate must beat the champion by this reward-model win rate on held-out prompts."""
+    gate_tie_margin: float = Field(default=0.1, ge=0.0)
+    """Rewards (in the reward model's units, normalised by its held-out std) closer than this count
+    as a tie in the gate's win rate, as an identical answer does: differences below the RM's
+    noise are not wins or losses."""
     gate_max_kl: float = Field(default=3.0, gt=0.0)
     """Mean per-answer KL (nats) to the reference policy a candidate may reach. Measured on SmolLM2:
     answers that learned to end within 64 tokens (36% -> 64% ended) sat ~2 nats from v0, and the

@@ -46,11 +46,11 @@ def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
                                    "bt_loss": final["bt_loss"], "world_size": dist.world_size}))
 
 
-def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
+def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str = "ppo") -> None:
     from trainer.ppo import PPOConfig, PPOTrainer, RewardScorer, Sample, encode_prompt, load_policy
     from trainer.reward import load_reward_model
 
-    config = PPOConfig(**PPO_JOB)  # type: ignore[arg-type]
+    config = PPOConfig(**PPO_JOB, algorithm=algorithm)  # type: ignore[arg-type]
     policy, tok, _ = load_policy(model_dir)
     reference, _, _ = load_policy(model_dir)
     rm, rm_tok = load_reward_model(model_dir, seed=1)
@@ -63,13 +63,15 @@ def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
     samples = []
     for i in range(config.batch_size):  # a fixed rollout batch: answers of 2..8 tokens, some unfinished
         ids = tok.encode(" ".join(rng.choices(words, k=8)), add_special_tokens=False)[: rng.randint(2, 8)]
-        samples.append(Sample(i, ids, tok.decode(ids), finished=rng.random() < 0.5))
+        prompt = i // config.answers_per_prompt  # RLOO: rloo_k answers per prompt
+        samples.append(Sample(prompt, ids, tok.decode(ids), finished=rng.random() < 0.5))
     trainer = PPOTrainer(config, policy, reference, tok, None, scorer, None, dist)
     scored = trainer.score(prompts, prompt_ids, samples)
     stats = trainer.update(scored)
     if dist.is_main:
         params = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
         torch.save({"params": params, "stats": stats, "advantages": scored.advantages,
+                    "v_head": policy.v_head.weight.detach().clone(),
                     "world_size": dist.world_size, "trunk_depth": trainer.trunk_depth}, out)
 
 
@@ -77,7 +79,10 @@ def main(argv: list[str]) -> int:
     job, model_dir, out = argv[0], Path(argv[1]), Path(argv[2])
     dist = distributed.init(Settings())
     try:
-        {"reward": reward_job, "ppo": ppo_job}[job](model_dir, out, dist)
+        if job == "rloo":
+            ppo_job(model_dir, out, dist, algorithm="rloo")
+        else:
+            {"reward": reward_job, "ppo": ppo_job}[job](model_dir, out, dist)
     finally:
         distributed.shutdown()
     return 0

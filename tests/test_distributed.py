@@ -84,11 +84,15 @@ def test_reward_model_on_two_processes_matches_one(tiny_model: Path, tmp_path: P
     assert one["accuracy"] == two["accuracy"] and abs(one["bt_loss"] - two["bt_loss"]) < TOLERANCE
 
 
-def test_one_ppo_update_on_two_processes_matches_one(tiny_model: Path, tmp_path: Path) -> None:
-    """One PPO update (sharded scoring, minibatches split by rank, DDP) on a fixed rollout batch."""
-    run_job("ppo", tiny_model, tmp_path / "one.pt", 1)
-    run_job("ppo", tiny_model, tmp_path / "two.pt", 2)
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_one_policy_update_on_two_processes_matches_one(tiny_model: Path, tmp_path: Path, algorithm: str) -> None:
+    """One PPO (or RLOO) update (sharded scoring, minibatches split by rank, DDP) on a fixed rollout batch."""
+    run_job(algorithm, tiny_model, tmp_path / "one.pt", 1)
+    run_job(algorithm, tiny_model, tmp_path / "two.pt", 2)
     one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
+    if algorithm == "rloo":  # no value head: it stays at its zero initialisation, untrained
+        assert "v_head.weight" not in one["params"] and float(one["v_head"].abs().max()) == 0.0
+        assert one["stats"]["vf_loss"] == 0.0
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["trunk_depth"] == 1
     assert torch.allclose(one["advantages"], two["advantages"], atol=TOLERANCE)
     assert one["params"].keys() == two["params"].keys() and len(one["params"]) > 0

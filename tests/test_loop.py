@@ -29,6 +29,10 @@ def prefers_yes(messages, a, b):
     if ya == yb:
         return "tie"
     return 0 if ya else 1
+
+
+def prefers_no(messages, a, b):
+    return {0: 1, 1: 0}.get(prefers_yes(messages, a, b), "tie")
 '''
 
 
@@ -44,6 +48,28 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
     lo, hi = bootstrap_interval(scores, 1000, seed=0)
     assert lo < 0.7 < hi and 0.55 < lo and hi < 0.85
     assert bootstrap_interval([0.5] * 10, 100, 0) == (0.5, 0.5)
+
+
+def test_length_controlled_win_rate_recovers_a_known_effect() -> None:
+    """Synthetic verdicts from P(win) = σ(θ₀ + θ₁·tanh(Δ/s)) with longer answers (Δ > 0 mostly) and a
+    judge that likes length (θ₁ = 1.5): the raw win rate is inflated, the length-controlled one
+    recovers σ(θ₀), for an equal version (θ₀ = 0) and a better one (θ₀ = 0.8)."""
+    import math
+
+    from trainer.loop import length_controlled_win_rate
+
+    rng = random.Random(0)
+    for theta0, expected in ((0.0, 0.5), (0.8, 1 / (1 + math.exp(-0.8)))):
+        diffs = [rng.gauss(25, 30) for _ in range(6000)]
+        s = (sum(d * d for d in diffs) / len(diffs) - (sum(diffs) / len(diffs)) ** 2) ** 0.5
+        outcomes = [1.0 if rng.random() < 1 / (1 + math.exp(-(theta0 + 1.5 * math.tanh(d / s)))) else 0.0
+                    for d in diffs]
+        raw = sum(outcomes) / len(outcomes)
+        lc = length_controlled_win_rate(outcomes, diffs)
+        assert raw > expected + 0.1  # the length effect inflates the plain win rate
+        assert abs(lc - expected) < 0.03, (theta0, raw, lc)
+    # no length effect at all: both agree; ties count half
+    assert abs(length_controlled_win_rate([1.0, 0.0, 0.5, 0.5] * 50, [3.0, -3.0, 1.0, -1.0] * 50) - 0.5) < 1e-6
 
 
 def test_bench_loop_refuses_an_unknown_setting(tmp_path: Path) -> None:
@@ -65,19 +91,23 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
 
     report = {"champion": "v2", "wall_s": 3000.0, "evaluation": {"versions": {
         "v0": {"mean_answer_tokens": 50.0}, "v1": version(0.7), "v2": version(0.6)}},
-        "config": {"canary_votes": 120, "users": 16, "max_tokens": 64, "eval_samples": 4, "budget_s": 3600.0}}
+        "config": {"canary_votes": 120, "users": 8, "max_tokens": 64, "eval_samples": 4, "budget_s": 3600.0}}
     line = result_line(report, rounds=2, votes=100, judge="trainer.judges:rubric", seed=0,
                        overrides={"ppo_lr": "1e-5"})
     assert "v2: win rate 0.600 [0.500, 0.700]" in line and "0.700 [" not in line
     assert "--set ppo_lr=1e-5`" in line and line.endswith("| 3000 s |\n")
     # the options the run changed are in the command (so it reruns exactly); defaults are not
-    assert "--votes 100 --users 16 --judge" in line and "--canary-votes" not in line
+    assert "--votes 100 --users 8 --judge" in line and "--canary-votes" not in line
     report["champion"] = "v0"
     assert "champion still v0 (published: v1, v2)" in result_line(report, rounds=2, votes=100, judge="j", seed=0,
                                                                   overrides={})
 
 
-def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
+                                      algorithm: str) -> None:
+    """The whole loop with each policy update (KAIZEN_POLICY_ALGORITHM): PPO, and RLOO with two answers
+    per prompt; the rest of the round (reward model, gate, publish, canary) is shared."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("loop")
     champion = sft_yes_no(tiny_model, root / "yes-no")
@@ -93,10 +123,11 @@ def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest
         ppo_iterations=3, ppo_batch_size=16, ppo_response_length=8, ppo_epochs=2, ppo_minibatches=1, ppo_lr=2e-4,
         ppo_train_layers=0, ppo_threads=1, gate_prompts=8, gate_samples=2, gate_min_win=0.55, gate_max_kl=3.0,
         gate_sanity_file=sanity, canary_min_votes=6, canary_fraction=0.5, registry_poll_interval_s=0.5,
-        kafka_max_poll_interval_ms=10_000)
+        kafka_max_poll_interval_ms=10_000, policy_algorithm=algorithm, rloo_k=2)
     config = LoopConfig(out_dir=root / "out", rounds=2, votes_per_round=40, canary_votes=24, users=4,
                         judge=f"{judge}:prefers_yes", prompts=prompt_file(root / "p.jsonl", 60, 1),
                         eval_prompts=prompt_file(root / "e.jsonl", 8, 2), max_tokens=8, eval_samples=2,
+                        eval_max_tokens=16, second_judge=f"{judge}:prefers_no",
                         bootstrap=200, settings_overrides=overrides)
     report = run_loop(config, Settings(model=champion))
 
@@ -122,7 +153,13 @@ def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest
         assert 0.0 <= e["ci95"][0] <= e["win_rate_vs_v0"] <= e["ci95"][1] <= 1.0
         assert e["kl_to_v0"] == e["kl_to_v0"] and e["sanity_pass"] in (0.0, 0.5, 1.0) or 0 <= e["sanity_pass"] <= 1
         assert e["stage"] == registry.info(v).stage
+        assert 0.0 <= e["lc_ci95"][0] <= e["lc_ci95"][1] <= 1.0 and 0.0 <= e["lc_win_rate_vs_v0"] <= 1.0
+        assert 0.0 <= e["truncated_share"] <= 1.0
+        second = e["second_judge"]  # the same pairs read by another judge (here: one that prefers "No.")
+        assert 0.0 <= second["ci95"][0] <= second["win_rate_vs_v0"] <= second["ci95"][1] <= 1.0
     assert set(report["phases_s"]) >= {"start", "votes", "train", "evaluate"}
+    for v in published:  # the algorithm the round ran is recorded with the version
+        assert registry.info(v).training["config"]["algorithm"] == algorithm
     png = (config.out_dir / "loop.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]

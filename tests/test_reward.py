@@ -43,7 +43,7 @@ from trainer.reward_data import (
     read_pairs_file,
     split_pairs,
 )
-from trainer.store import PreferenceStore, holdout_share
+from trainer.store import PreferenceStore, held_out, holdout_share, prompt_key
 
 MARKER = "I double-checked this answer."
 WORDS = ("apple river stone cloud green quick silent paper window orange music light table summer garden "
@@ -166,7 +166,8 @@ def vote(cid: str, choice: object, good: str = "a", bad: str = "b") -> Preferenc
 def test_votes_become_pairs_ties_and_both_bad_are_counted_not_paired() -> None:
     pairs, counts = pairs_from_events([vote("c1", 0), vote("c2", 1), vote("c3", "tie"), vote("c4", "both_bad"),
                                        vote("c5", "tie")])
-    assert [(p.chosen, p.rejected, p.key) for p in pairs] == [("a", "b", "c1"), ("b", "a", "c2")]
+    assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b"), ("b", "a")]
+    assert [p.key for p in pairs] == [prompt_key([{"role": "user", "content": f"q {c}"}]) for c in ("c1", "c2")]
     assert counts.as_dict() == {"pairs": 2, "ties": 2, "both_bad": 1}
 
 
@@ -177,6 +178,31 @@ def test_held_out_split_is_stable_and_disjoint() -> None:
     assert {p.key for p in held} == {p.key for p in again_held} and 60 < len(held) < 140
     assert not {p.key for p in train} & {p.key for p in held}
     assert holdout_share("cmp-1") == holdout_share("cmp-1") and 0 <= holdout_share("cmp-2") < 1
+
+
+def test_votes_on_one_prompt_never_straddle_the_held_out_split() -> None:
+    """Users vote on the same prompt many times (a popular question, the simulated users' prompt
+    file): every split keys by the prompt, so no prompt is trained on and tested on. Keyed by
+    comparison_id (before), 5 votes per prompt put most prompts on both sides."""
+    rng = random.Random(3)
+    events = []
+    for q in range(60):
+        question = " ".join(rng.choices(WORDS, k=5)) + "?"
+        for v in range(5):
+            events.append(PreferenceEvent(
+                comparison_id=f"cmp-{q}-{v}", user=f"u{v}", served_at=datetime.now(UTC),
+                messages=[Message(role="user", content=question)],
+                answers=[Answer(text="a", model_version="v0"), Answer(text="b", model_version="v0")], choice=v % 2))
+    pairs, _ = pairs_from_events(events)
+    train, held = split_pairs(pairs, 0.3)
+    assert 30 <= len(held) <= 150  # both sides used
+    assert not {p.prompt[0]["content"] for p in train} & {p.prompt[0]["content"] for p in held}
+    # the store's slice (the refresh gate's test set and the gate's prompts) the same way
+    slice_of = {}
+    for ev in events:
+        slice_of.setdefault(ev.messages[0].content, set()).add(held_out(ev, 0.3))
+    assert all(len(sides) == 1 for sides in slice_of.values())
+    assert {True, False} == set().union(*slice_of.values())
 
 
 def test_length_batches_group_similar_lengths(tiny_model: Path) -> None:
@@ -272,10 +298,12 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_model: Path) -> None:
 
 def marker_vote(i: int, rng: random.Random, *, flipped: bool = False, held_out: bool | None = None,
                 fraction: float = 0.3) -> PreferenceEvent:
-    while True:  # draw ids until the held-out slice is the one asked for
-        cid = f"cmp-{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}"
-        if held_out is None or (holdout_share(cid) < fraction) == held_out:
+    while True:  # draw prompts until the held-out slice is the one asked for
+        question = " ".join(rng.choices(WORDS, k=6)) + "?"
+        if held_out is None or (holdout_share(prompt_key([{"role": "user", "content": question}])) < fraction) \
+                == held_out:
             break
+    cid = f"cmp-{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}"
     good = " ".join(rng.choices(WORDS, k=rng.randint(3, 8))) + ". " + MARKER
     bad = " ".join(rng.choices(WORDS, k=rng.randint(3, 8))) + "."
     marked = rng.randint(0, 1)  # which answer slot carries the marker
@@ -283,7 +311,7 @@ def marker_vote(i: int, rng: random.Random, *, flipped: bool = False, held_out: 
     choice = 1 - marked if flipped else marked
     return PreferenceEvent(
         comparison_id=cid, user=f"u{i % 5}", served_at=datetime.now(UTC),
-        messages=[Message(role="user", content=" ".join(rng.choices(WORDS, k=6)) + "?")],
+        messages=[Message(role="user", content=question)],
         answers=[Answer(text=a, model_version="v0") for a in answers], choice=choice,  # type: ignore[arg-type]
     )
 

@@ -36,7 +36,7 @@ from services.settings import Settings
 from trainer import rounds
 from trainer.consumer import PreferenceConsumer
 from trainer.reward import current_version
-from trainer.store import PreferenceStore, holdout_share
+from trainer.store import PreferenceStore, holdout_share, prompt_key
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,11 +102,12 @@ class RoundScheduler:
             total = store.count()
             new = int(store.db.execute(
                 "SELECT COUNT(*) FROM preferences WHERE rowid > ?", (mark,)).fetchone()[0])
-            decided = [cid for (cid,) in store.db.execute(
-                "SELECT comparison_id FROM preferences WHERE choice IN ('0', '1')")]
+            decided = [json.loads(messages) for (messages,) in store.db.execute(
+                "SELECT json_extract(event, '$.messages') FROM preferences WHERE choice IN ('0', '1')")]
         finally:
             store.close()
-        held_out = sum(1 for cid in decided if holdout_share(cid) < s.reward_holdout_fraction)
+        fraction = s.reward_holdout_fraction
+        held_out = sum(1 for messages in decided if holdout_share(prompt_key(messages)) < fraction)
         since = ended or self.started_at
         report = {
             "checked_at": time.time(), "trainer_started": self.started_at, "last_round_ended": ended,

@@ -1,6 +1,7 @@
 """The loop benchmark: does the service get better from votes? (`kaizen bench loop`)
 
-    kaizen bench loop --rounds 3 --votes 200 --judge trainer.judges:rubric
+    kaizen bench loop --judge trainer.judges:rubric     # the recorded hour: 1 round x 500 votes, 16 users
+    kaizen bench loop --rounds 3 --budget 10800         # the longer run
 
 On a fresh data dir: start the embedded broker and the chat API (champion v0,
 automatic rollout on), then repeat for each round:
@@ -16,10 +17,13 @@ automatic rollout on), then repeat for each round:
 
 Then the API is stopped and every published version is evaluated against v0
 on the evaluation prompts (never used for training) with the evaluation
-judge: win rate (ties and "both bad" count half) with a 95% bootstrap
-interval over prompts, tie and both-bad shares, mean answer length, KL to v0
-(Monte Carlo: mean over the version's own answers of log p_v − log p_v0), and
-the sanity prompts. Writes `loop.json` and `loop.png` into the output folder.
+judge (and `second_judge`, when given): win rate (ties and "both bad" count
+half) with a 95% bootstrap interval over prompts, the length-controlled win
+rate (the judge's verdicts regressed on the length difference, read at equal
+length, as AlpacaEval 2.0 does), tie and both-bad shares, mean answer length,
+the share of answers cut off at `eval_max_tokens`, KL to v0 (Monte Carlo: mean
+over the version's own answers of log p_v − log p_v0), and the sanity prompts.
+Writes `loop.json` and `loop.png` into the output folder.
 
 Nothing here tells the trainer which judge votes: it sees votes only.
 """
@@ -53,8 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class LoopConfig:
     out_dir: Path
-    rounds: int = 3
-    votes_per_round: int = 200
+    rounds: int = 1
+    votes_per_round: int = 500
     canary_votes: int = 120
     """Most votes collected while a canary runs before the loop decides itself."""
     budget_s: float = 3600.0
@@ -63,10 +67,17 @@ class LoopConfig:
     eval_judge: str | None = None
     prompts: Path = DEFAULT_PROMPTS
     eval_prompts: Path = DEFAULT_EVAL_PROMPTS
-    users: int = 8
+    users: int = 16
     noise: float = 0.0
     seed: int = 0
     max_tokens: int = 64
+    """The voters' answers (what users of a small CPU deployment get)."""
+    eval_max_tokens: int = 256
+    """The evaluation's answers: long enough that few are cut off, so a version is not judged
+    better just for ending before the limit (its truncated share is reported too)."""
+    second_judge: str | None = None
+    """Another judge reading the same evaluation pairs (e.g. trainer.judges:reward_model, a
+    Bradley-Terry model trained on human pairs, never on votes): every result read twice."""
     eval_samples: int = 4
     """Answers per evaluation prompt and version (same seeds for every version)."""
     bootstrap: int = 2000
@@ -283,6 +294,7 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     from trainer.rounds import sanity_set
 
     judge = load_judge(config.eval_judge or config.judge)
+    second = load_judge(config.second_judge) if config.second_judge else None
     eval_prompts = read_prompts(config.eval_prompts)
     messages = [[{"role": "user", "content": p}] for p in eval_prompts]
     gate_rejected = {e.version for e in registry.audit() if e.action == "publish" and e.to_stage == "rejected"}
@@ -298,7 +310,7 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
         task = bar.add_task("evaluation: sampling", total=1 + len(versions))
         for v in ["v0", *versions]:
             engine.load_weights(registry.path(v))
-            answers[v] = engine.generate(ids, max_tokens=config.max_tokens, temperature=0.7,
+            answers[v] = engine.generate(ids, max_tokens=config.eval_max_tokens, temperature=0.7,
                                          n=config.eval_samples, seed=config.seed + 17)
             greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
             passed = [re.search(s["expect"], g.text.strip()) is not None for s, g in zip(sanity, greedy, strict=True)]
@@ -306,38 +318,110 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
             bar.advance(task)
         task = bar.add_task("evaluation: judge and KL", total=len(versions))
         out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
-                               "versions": {}}
-        rng = random.Random(config.seed)
+                               "max_tokens": config.eval_max_tokens, "judge": config.eval_judge or config.judge,
+                               "second_judge": config.second_judge, "versions": {}}
         base = _by_prompt(answers["v0"])
-        out["versions"]["v0"] = {"mean_answer_tokens": _mean_len(answers["v0"]), "sanity_pass": sanity_ok["v0"]}
+        out["versions"]["v0"] = {"mean_answer_tokens": _mean_len(answers["v0"]), "sanity_pass": sanity_ok["v0"],
+                                 "truncated_share": _truncated(answers["v0"])}
         for v in versions:
             mine = _by_prompt(answers[v])
-            per_prompt, ties, both_bad, n = [], 0, 0, 0
-            for i, m in enumerate(messages):
-                scores = []
-                for a, b in zip(mine.get(i, []), base.get(i, []), strict=False):
-                    flip = rng.random() < 0.5
-                    left, right = (b.text, a.text) if flip else (a.text, b.text)
-                    verdict = judge(m, left, right)
-                    n += 1
-                    if verdict in ("tie", "both_bad"):
-                        ties += verdict == "tie"
-                        both_bad += verdict == "both_bad"
-                        scores.append(0.5)
-                    else:
-                        scores.append(1.0 if (verdict == 1) == flip else 0.0)
-                if scores:
-                    per_prompt.append(sum(scores) / len(scores))
-            win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
-            lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)
-            out["versions"][v] = {"win_rate_vs_v0": round(win, 4), "ci95": [round(lo, 4), round(hi, 4)],
-                                  "tie_share": round(ties / n, 4) if n else None,
-                                  "both_bad_share": round(both_bad / n, 4) if n else None,
-                                  "mean_answer_tokens": _mean_len(answers[v]),
-                                  "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
-                                  "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
+            out["versions"][v] = {
+                **judge_pairs(judge, messages, mine, base, config, seed=config.seed),
+                "mean_answer_tokens": _mean_len(answers[v]), "truncated_share": _truncated(answers[v]),
+                "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
+                "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
+            if second is not None:
+                out["versions"][v]["second_judge"] = judge_pairs(second, messages, mine, base, config,
+                                                                 seed=config.seed + 1)
             bar.advance(task)
     return out
+
+
+def judge_pairs(judge: Any, messages: list[Any], mine: dict[int, list[Any]], base: dict[int, list[Any]],
+                config: LoopConfig, seed: int) -> dict[str, Any]:
+    """A version's answers against v0's, prompt by prompt (same seeds, paired in order), each pair
+    shown to the judge in a random order: win rate with its bootstrap interval over prompts, the
+    length-controlled win rate with its interval, tie and both-bad shares."""
+    rng = random.Random(seed)
+    per_prompt: list[float] = []
+    verdicts: list[tuple[int, float, float]] = []  # (prompt, outcome, length difference in tokens)
+    ties = both_bad = 0
+    for i, m in enumerate(messages):
+        scores = []
+        for a, b in zip(mine.get(i, []), base.get(i, []), strict=False):
+            flip = rng.random() < 0.5
+            left, right = (b.text, a.text) if flip else (a.text, b.text)
+            verdict = judge(m, left, right)
+            if verdict in ("tie", "both_bad"):
+                ties += verdict == "tie"
+                both_bad += verdict == "both_bad"
+                scores.append(0.5)
+            else:
+                scores.append(1.0 if (verdict == 1) == flip else 0.0)
+            verdicts.append((i, scores[-1], float(len(a.token_ids) - len(b.token_ids))))
+        if scores:
+            per_prompt.append(sum(scores) / len(scores))
+    n = len(verdicts)
+    win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
+    lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)
+    lc = length_controlled_win_rate([o for _, o, _ in verdicts], [d for _, _, d in verdicts])
+    lc_lo, lc_hi = lc_bootstrap_interval(verdicts, config.bootstrap, config.seed)
+    return {"win_rate_vs_v0": round(win, 4), "ci95": [round(lo, 4), round(hi, 4)],
+            "lc_win_rate_vs_v0": round(lc, 4), "lc_ci95": [round(lc_lo, 4), round(lc_hi, 4)],
+            "tie_share": round(ties / n, 4) if n else None,
+            "both_bad_share": round(both_bad / n, 4) if n else None}
+
+
+def length_controlled_win_rate(outcomes: list[float], length_diffs: list[float], l2: float = 1e-3) -> float:
+    """The win rate at equal length: σ(θ₀) of the logistic regression outcome ~ θ₀ + θ₁·tanh(Δ/s).
+
+    outcomes: 1 win, 0 loss, 0.5 tie (a fractional response: half a win, half a loss);
+    length_diffs: the version's answer minus v0's, in tokens; s: their standard deviation.
+    AlpacaEval 2.0's length-controlled win rate (Dubois et al. 2024) in its simplest form: the
+    judge's preference for longer (or shorter) answers goes into θ₁, what is left at Δ = 0 is
+    the preference for the version itself. Fitted by Newton's method (a tiny L2 keeps it finite
+    when every verdict is the same).
+    """
+    import numpy as np
+
+    y = np.asarray(outcomes, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    d = np.asarray(length_diffs, dtype=np.float64)
+    scale = d.std() or 1.0
+    X = np.stack([np.ones_like(d), np.tanh(d / scale)], axis=1)  # (n, 2)
+    theta = np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(X @ theta)))
+        grad = X.T @ (p - y) + l2 * theta
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(1 / (1 + np.exp(-theta[0])))
+
+
+def lc_bootstrap_interval(verdicts: list[tuple[int, float, float]], n: int, seed: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the length-controlled win rate, resampling prompts."""
+    by_prompt: dict[int, list[tuple[float, float]]] = {}
+    for i, outcome, diff in verdicts:
+        by_prompt.setdefault(i, []).append((outcome, diff))
+    groups = list(by_prompt.values())
+    if not groups:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(n):
+        sample = [v for g in rng.choices(groups, k=len(groups)) for v in g]
+        stats.append(length_controlled_win_rate([o for o, _ in sample], [d for _, d in sample]))
+    stats.sort()
+    return stats[int(0.025 * (n - 1))], stats[int(0.975 * (n - 1))]
+
+
+def _truncated(samples: list[Any]) -> float:
+    """Share of answers cut off at max_tokens (no end of turn)."""
+    return round(sum(not s.finished for s in samples) / max(1, len(samples)), 4)
 
 
 def _by_prompt(samples: list[Any]) -> dict[int, list[Any]]:
@@ -376,6 +460,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         lo = [w - report["evaluation"]["versions"][v]["ci95"][0] for v, w in zip(versions, win, strict=True)]
         hi = [report["evaluation"]["versions"][v]["ci95"][1] - w for v, w in zip(versions, win, strict=True)]
         ax.errorbar(versions, win, yerr=[lo, hi], fmt="o-", capsize=4, label="win rate vs v0 (95% CI)")
+        evals = report["evaluation"]["versions"]
+        if all("lc_win_rate_vs_v0" in evals[v] for v in versions):
+            lc = [evals[v]["lc_win_rate_vs_v0"] for v in versions]
+            ax.plot(versions, lc, "^:", color="tab:green", label="length-controlled win rate")
+        if all("second_judge" in evals[v] for v in versions):
+            ax.plot(versions, [evals[v]["second_judge"]["win_rate_vs_v0"] for v in versions], "d:",
+                    color="tab:purple", label="second judge's win rate")
         ax2 = ax.twinx()
         kl = [report["evaluation"]["versions"][v]["kl_to_v0"] for v in versions]
         ax2.plot(versions, kl, "s--", color="tab:orange", label="KL to v0 (nats/answer)")

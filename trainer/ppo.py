@@ -110,6 +110,25 @@ class PPOConfig:
     seed: int = 0
     sync_dir: Path | None = None
     """Folder the policy is saved to for vLLM's reload_weights; unset: under /dev/shm."""
+    algorithm: str = "ppo"
+    """"ppo" (value head + GAE) or "rloo" (leave-one-out baseline over rloo_k answers per prompt)."""
+    rloo_k: int = 2
+    """Answers per prompt in RLOO: an iteration samples batch_size / rloo_k prompts x rloo_k."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("ppo", "rloo"):
+            raise ValueError(f"algorithm must be ppo or rloo, got {self.algorithm!r}")
+        if self.algorithm == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
+            raise ValueError(f"rloo: batch_size {self.batch_size} must be a multiple of rloo_k "
+                             f"{self.rloo_k} >= 2")
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.batch_size // self.rloo_k if self.algorithm == "rloo" else self.batch_size
+
+    @property
+    def answers_per_prompt(self) -> int:
+        return self.rloo_k if self.algorithm == "rloo" else 1
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> PPOConfig:
@@ -118,6 +137,7 @@ class PPOConfig:
                  "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "train_layers", "threads",
                  "seed", "sync_dir")
         values = {n: getattr(settings, f"ppo_{n}") for n in names}
+        values.update(algorithm=settings.policy_algorithm, rloo_k=settings.rloo_k)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -229,6 +249,23 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask  # (B, T)
     returns = advantages + values
     return advantages, returns
+
+
+def rloo_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """REINFORCE Leave-One-Out advantages (Kool et al. 2019; Ahmadian et al. 2024, eq. 5).
+
+    rewards (B,): one sequence-level reward per answer; groups (B,): which prompt each answer is
+    for (every group has at least 2 answers). A_i = R_i - mean of R_j over the other answers j
+    of the same prompt: the siblings are the baseline, no value network needed. Returns (B,).
+    """
+    ids = torch.unique(groups, return_inverse=True)[1]  # (B,) 0..G-1
+    G = int(ids.max()) + 1
+    sums = torch.zeros(G, dtype=rewards.dtype, device=rewards.device).index_add_(0, ids, rewards)  # (G,)
+    counts = torch.zeros_like(sums).index_add_(0, ids, torch.ones_like(rewards))  # (G,)
+    if bool((counts < 2).any()):
+        raise ValueError("rloo_advantages: every prompt needs at least two answers")
+    baseline = (sums[ids] - rewards) / (counts[ids] - 1)  # mean of the siblings
+    return rewards - baseline
 
 
 # -- losses -------------------------------------------------------------------------------
@@ -729,6 +766,8 @@ class PPOTrainer:
         for p in self.reference.parameters():
             p.requires_grad_(False)
         freeze_lower_layers(self.policy, c.train_layers)
+        if c.algorithm == "rloo":
+            self.policy.v_head.requires_grad_(False)  # unused: DDP must not wait for its gradient
         self.trunk_depth = shared_trunk_depth(self.policy, self.reference)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, eps=1e-5, weight_decay=0.0)
@@ -776,6 +815,7 @@ class PPOTrainer:
             raise RuntimeError("rank 0 samples the rollouts and has no engine")
         if self.engine is not None:
             samples = self.engine.generate(prompt_ids, max_tokens=c.response_length, temperature=c.temperature,
+                                           n=c.answers_per_prompt,
                                            seed=(c.seed * 1_000 + self.iteration) * 100_003)
         out: list[Sample] = self.dist.broadcast(samples)
         return out
@@ -808,6 +848,13 @@ class PPOTrainer:
         ended = torch.tensor([s.finished for s in samples], dtype=torch.float32, device=dist.device)  # (B,)
         penalised = scores - c.missing_eos_penalty * (1 - ended)  # Huang et al. 2024: no EOS, lower score
         mask = batch.response_mask  # (B, R)
+        if c.algorithm == "rloo":
+            kl = kl_per_token(old_logprobs, ref_logprobs, "k1") * mask  # (B, R)
+            reward = penalised - self.kl_ctl.value * kl.sum(-1)  # (B,) R(x, y) - β KL (TRL's RLOO)
+            groups = torch.tensor([s.prompt for s in samples], device=dist.device)
+            advantages = rloo_advantages(reward, groups)[:, None] * mask  # (B, R): each token its answer's A
+            return Scored(batch, scores, penalised, ended, old_logprobs, torch.zeros_like(old_values), kl,
+                          advantages, torch.zeros_like(old_values), own, trunk)
         rewards, kl = shaped_rewards(penalised, old_logprobs, ref_logprobs, mask, self.kl_ctl.value)
         if c.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -833,15 +880,18 @@ class PPOTrainer:
                     rows, weight = [int(sc.own[0])], 0.0
                 idx = torch.tensor(rows, device=dist.device)
                 trunk = None if sc.trunk is None else sc.trunk[torch.tensor([local_index[r] for r in rows])]
+                rloo = c.algorithm == "rloo"  # no value head: the siblings are the baseline
                 logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.start,
-                                            c.temperature, trunk=trunk, depth=self.trunk_depth)  # (b, R, V), (b, R)
-                assert values is not None
+                                            c.temperature, with_values=not rloo, trunk=trunk,
+                                            depth=self.trunk_depth)  # (b, R, V), (b, R)
                 logprobs = logprobs_from_logits(logits, batch.input_ids[idx, batch.start:])  # (b, R)
                 tokens = mask[mb.to(dist.device)].sum().clamp(min=1)  # the whole minibatch's answer tokens
                 pg_loss, pg_stats = policy_loss(logprobs, sc.old_logprobs[idx], sc.advantages[idx], mask[idx],
                                                 c.cliprange, token_count=tokens)
-                vf_loss, _ = value_loss(values, sc.old_values[idx], sc.returns[idx], mask[idx], c.cliprange_value,
-                                        token_count=tokens)
+                vf_loss = torch.zeros(())
+                if values is not None:
+                    vf_loss, _ = value_loss(values, sc.old_values[idx], sc.returns[idx], mask[idx],
+                                            c.cliprange_value, token_count=tokens)
                 loss = (pg_loss + c.vf_coef * vf_loss) * (weight * dist.world_size)  # DDP divides by N
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -874,8 +924,9 @@ def _mean(xs: list[float]) -> float:
 def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,
             on_iteration: Callable[[IterationStats], None] | None = None,
             should_stop: Callable[[], bool] | None = None, progress: bool = False) -> list[IterationStats]:
-    """`config.iterations` PPO iterations, each on `batch_size` prompts drawn from `prompts`
-    (shuffled, cycling). Stops early, between iterations, when `should_stop()` says so."""
+    """`config.iterations` iterations, each on `prompts_per_iteration` prompts drawn from `prompts`
+    (shuffled, cycling; batch_size answers in all). Stops early, between iterations, when
+    `should_stop()` says so."""
     if not prompts:
         raise ValueError("prompts: PPO needs at least one prompt")
     order: list[int] = []
@@ -886,7 +937,7 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
             if trainer.dist.any(should_stop is not None and should_stop()):  # SIGTERM on any rank stops all
                 break
             picked: list[Messages] = []
-            while len(picked) < config.batch_size:
+            while len(picked) < config.prompts_per_iteration:
                 if not order:
                     order = list(range(len(prompts)))
                     trainer.rng.shuffle(order)

@@ -48,7 +48,7 @@ from trainer.reward_data import (
     pairs_from_events,
     split_pairs,
 )
-from trainer.store import PreferenceStore, holdout_share
+from trainer.store import PreferenceStore, held_out
 
 log = logging.getLogger(__name__)
 
@@ -599,9 +599,9 @@ def plan_refresh(settings: Settings, config: RewardConfig, base_model: Path | No
     finally:
         store.close()
     fraction = settings.reward_holdout_fraction
-    held_events = [ev for _, ev in rows if holdout_share(ev.comparison_id) < fraction]
-    new_events = [ev for rid, ev in rows if rid > mark and holdout_share(ev.comparison_id) >= fraction]
-    old_events = [ev for rid, ev in rows if rid <= mark and holdout_share(ev.comparison_id) >= fraction]
+    held_events = [ev for _, ev in rows if held_out(ev, fraction)]
+    new_events = [ev for rid, ev in rows if rid > mark and not held_out(ev, fraction)]
+    old_events = [ev for rid, ev in rows if rid <= mark and not held_out(ev, fraction)]
     held, held_counts = pairs_from_events(held_events)
     new, new_counts = pairs_from_events(new_events)
     old, _ = pairs_from_events(old_events)
@@ -651,8 +651,9 @@ def refresh_reward_model(settings: Settings, config: RewardConfig | None = None,
                          announce: Callable[[RefreshPlan], None] | None = None) -> RefreshResult:
     """One incremental refresh of the reward model from the preference store.
 
-    1. The held-out slice: votes whose comparison_id hashes below `reward_holdout_fraction`
-       (store.holdout_share); no RM ever trains on them, so it is a fair test for all versions.
+    1. The held-out slice: votes whose prompt hashes below `reward_holdout_fraction`
+       (store.held_out); no RM ever trains on them (nor on their prompts), so it is a fair test
+       for all versions.
     2. New votes: stored after the current RM's mark (`trained_through_rowid`), plus a replay
        sample of older ones (`reward_replay_fraction` x the new ones) against forgetting.
     3. Warm-start from the current RM (the policy `base_model` for the first), train.

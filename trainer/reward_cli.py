@@ -119,7 +119,7 @@ def _train(settings: Any, dist: Any, data: list[Path] | None, from_store: bool, 
         save_model, train_reward_model,
     )
     from trainer.reward_data import encode_pairs, pairs_from_events, read_pairs_file, split_pairs
-    from trainer.store import PreferenceStore, holdout_share
+    from trainer.store import PreferenceStore, held_out
 
     say = console.print if dist.is_main else (lambda *_a, **_k: None)
     config = RewardConfig.from_settings(settings, **asdict(overrides))
@@ -138,7 +138,7 @@ def _train(settings: Any, dist: Any, data: list[Path] | None, from_store: bool, 
         finally:
             store.close()
         # the refresh gate's slice stays unseen here too, so later gates remain fair
-        trainable = [ev for ev in events if holdout_share(ev.comparison_id) >= settings.reward_holdout_fraction]
+        trainable = [ev for ev in events if not held_out(ev, settings.reward_holdout_fraction)]
         store_pairs, store_counts = pairs_from_events(trainable)
         pairs += store_pairs
         counts["store"] = store_counts.as_dict()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from services.events import PreferenceEvent
-from trainer.store import holdout_share
+from trainer.store import holdout_share, prompt_key
 
 Messages = list[dict[str, str]]
 
@@ -59,7 +59,7 @@ class PairCounts:
 
 
 def _prompt_key(prompt: Messages) -> str:
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return prompt_key(prompt)
 
 
 def _as_messages(value: Any) -> Messages:
@@ -117,13 +117,14 @@ def pairs_from_events(events: Iterable[PreferenceEvent]) -> tuple[list[Pair], Pa
             continue
         prompt = [{"role": m.role, "content": m.content} for m in ev.messages]
         chosen, rejected = ev.answers[ev.choice].text, ev.answers[1 - ev.choice].text
-        pairs.append(Pair(prompt, chosen, rejected, key=ev.comparison_id, source="store"))
+        pairs.append(Pair(prompt, chosen, rejected, key=prompt_key(prompt), source="store"))
         counts.pairs += 1
     return pairs, counts
 
 
 def split_pairs(pairs: Sequence[Pair], fraction: float, salt: str = "") -> tuple[list[Pair], list[Pair]]:
-    """(train, held_out) by a stable hash of each pair's key: deterministic, no prompt on both sides."""
+    """(train, held_out) by a stable hash of each pair's key, its prompt: deterministic, no prompt
+    on both sides (two votes on one prompt always land together)."""
     train, held = [], []
     for p in pairs:
         (held if holdout_share(salt + p.key) < fraction else train).append(p)

@@ -9,7 +9,8 @@ A round, in order:
   2. PPO: `ppo_iterations` iterations from the registry's champion (trainer/ppo.py), prompts are
      the users' turns stored with the votes (held-out slice excluded) plus `ppo_prompt_file`;
   3. gate: on held-out prompts (the store's stable-hash holdout, never trained on) the candidate's
-     sampled answers beat the champion's by RM win rate >= gate_min_win (ties count half), its
+     sampled answers beat the champion's by RM win rate >= gate_min_win (ties, rewards within
+     gate_tie_margin of each other or the same answer, count half), its
      mean KL to the reference (the champion) is <= gate_max_kl, and every sanity prompt's greedy
      answer matches its expected regex;
   4. publish: `Registry.publish` (rejected=True when the gate fails: kept, never served) and the
@@ -58,7 +59,7 @@ from typing import Any
 from services import metrics
 from services.registry import write_atomic
 from services.settings import Settings
-from trainer.store import PreferenceStore, holdout_share
+from trainer.store import PreferenceStore, held_out
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def _key(messages: Messages) -> str:
 
 def store_prompts(settings: Settings) -> tuple[list[Messages], list[Messages]]:
     """(training prompts, held-out prompts) from the conversations stored with the votes,
-    de-duplicated; held out = the comparisons the RM refresh holds out (stable hash), so the
+    de-duplicated; held out = the prompts the RM refresh holds out (store.held_out), so the
     gate never sees a prompt PPO trained on. A prompt on both sides counts as held out."""
     store = PreferenceStore(settings.preferences_db)
     try:
@@ -175,7 +176,7 @@ def store_prompts(settings: Settings) -> tuple[list[Messages], list[Messages]]:
         messages = [{"role": m.role, "content": m.content} for m in ev.messages]
         if not messages or messages[-1]["role"] != "user":
             continue
-        side = held if holdout_share(ev.comparison_id) < settings.reward_holdout_fraction else train
+        side = held if held_out(ev, settings.reward_holdout_fraction) else train
         side.setdefault(_key(messages), messages)
     for k in held:
         train.pop(k, None)
@@ -537,7 +538,11 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
     r_cand = scorer(prompts_of, [s.text for s in cand]) - config.missing_eos_penalty * unended(cand)
     r_champ = scorer([held_prompts[s.prompt] for s in champ], [s.text for s in champ]) - \
         config.missing_eos_penalty * unended(champ)
-    wins = float((r_cand > r_champ).sum()) + 0.5 * float((r_cand == r_champ).sum())
+    # the same answer, or rewards closer than the reward model can tell apart, is a tie: a saturated
+    # RM scores "Yes." 0.989 and "Yes" 0.982, and counting that as a loss made the gate a coin toss
+    same = torch.tensor([a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)])
+    tie = same | ((r_cand - r_champ).abs() <= settings.gate_tie_margin)
+    wins = float(((r_cand > r_champ) & ~tie).sum()) + 0.5 * float(tie.sum())
     win_rate = wins / len(r_cand)
     sanity = []
     for item in sanity_set(settings):
@@ -548,7 +553,8 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
     mean_kl = sum(kls) / len(kls)
     gate = {
         "win_rate": win_rate, "win_rate_ci95": list(wilson_interval(round(wins), len(r_cand))),
-        "pairs": len(r_cand), "min_win": settings.gate_min_win,
+        "pairs": len(r_cand), "ties": int(tie.sum()), "tie_margin": settings.gate_tie_margin,
+        "min_win": settings.gate_min_win,
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
         "kl": mean_kl, "max_kl": settings.gate_max_kl,
         "sanity": sanity, "sanity_passed": all(s["passed"] for s in sanity),

@@ -9,6 +9,7 @@ not counted twice. Chosen/rejected pairs are derived from rows on read.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -132,10 +133,26 @@ class PreferenceStore:
 
 
 def holdout_share(key: str) -> float:
-    """A stable number in [0, 1) for `key` (a comparison_id): the same on every run and machine.
+    """A stable number in [0, 1) for `key` (a prompt key): the same on every run and machine.
 
-    `holdout_share(cid) < fraction` puts a comparison in the held-out slice for good,
-    so a vote held out once is never trained on later.
+    `holdout_share(prompt_key(messages)) < fraction` puts a prompt in the held-out slice for
+    good, so a vote held out once is never trained on later.
     """
     digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def prompt_key(messages: Any) -> str:
+    """The conversation a vote answered, as one canonical string (what held-out splits hash).
+
+    By prompt, not by comparison: voters see the same prompt many times (the simulated users'
+    prompt file, a popular question), and a prompt whose votes fell on both sides of a split
+    lets a reward model score its held-out votes from memory."""
+    turns = [{"role": str(m["role"] if isinstance(m, dict) else m.role),
+              "content": str(m["content"] if isinstance(m, dict) else m.content)} for m in messages]
+    return json.dumps(turns, sort_keys=True, ensure_ascii=False)
+
+
+def held_out(event: PreferenceEvent, fraction: float) -> bool:
+    """Whether a vote belongs to the slice no reward model trains on (and the gate's prompts)."""
+    return holdout_share(prompt_key(event.messages)) < fraction
