@@ -149,3 +149,19 @@ def test_sigkill_during_publish_leaves_registry_as_before(reg: Registry, tmp_pat
     m = reg.publish(src, parent="v0", who="t")  # the next writer tidies up and numbers on
     assert m.version == "v1" and not list(reg.versions_dir.glob(".staging-*"))
     reg.verify("v1")
+
+
+def test_a_decision_applies_only_to_the_generation_it_judged(reg: Registry, tmp_path: Path) -> None:
+    """Two replicas judging the same canary: the first decision applies, the late one is refused whole."""
+    reg.publish(fake_model(tmp_path / "a", "a"), parent="v0", who="trainer")
+    judged = reg.set_canary("v1", 0.5, who="auto", expect=reg.state().generation)
+    assert judged.canary == "v1"
+    promoted = reg.promote("v1", who="auto", why="winning", expect=judged.generation)
+    assert promoted.champion == "v1"
+    with pytest.raises(RegistryError) as stale:  # judged on the canary state: v1 was promoted meanwhile
+        reg.rollback(who="auto", why="losing", expect=judged.generation)
+    assert stale.value.code == "stale_decision" and stale.value.status == 409
+    assert reg.state().champion == "v1" and reg.state().generation == promoted.generation
+    with pytest.raises(RegistryError, match="changed since the decision"):
+        reg.set_canary("v0", 0.5, who="auto", why="again", expect=judged.generation)
+    assert [e.action for e in reg.audit()].count("rollback") == 0
