@@ -570,7 +570,10 @@ async def admin_rounds(_admin: AdminDep, request: Request, limit: int = 100) -> 
         from trainer.rounds import read_rounds
     except ImportError:  # the trainer package is not part of this install
         return {"object": "list", "data": []}
-    rows = await asyncio.to_thread(read_rounds, request.app.state.settings, max(1, min(limit, 10_000)))
+    settings: Settings = request.app.state.settings
+    # the trainer's own data dir: under Helm the shared volume, not this pod's directory
+    trainer_view = settings.model_copy(update={"data_dir": settings.trainer_data_path})
+    rows = await asyncio.to_thread(read_rounds, trainer_view, max(1, min(limit, 10_000)))
     return {"object": "list", "data": rows}
 
 
@@ -585,7 +588,7 @@ async def admin_schedule(_admin: AdminDep, request: Request) -> dict[str, Any]:
     """What starts the next training round, as the trainer's scheduler last saw it: votes so far,
     the thresholds, when the interval runs out. `trainer_reporting` is false when no trainer is checking."""
     settings: Settings = request.app.state.settings
-    path = settings.data_dir.joinpath(*SCHEDULE_PATH)
+    path = settings.trainer_data_path.joinpath(*SCHEDULE_PATH)
     try:
         report: dict[str, Any] = json.loads(await asyncio.to_thread(path.read_text))
     except (OSError, ValueError):

@@ -182,6 +182,10 @@ class Settings(BaseSettings):
     trainer_host: str = "127.0.0.1"
     trainer_port: int = Field(default=8001, ge=1, le=65535)
     """Trainer's Prometheus and health endpoint."""
+    trainer_data_dir: Path | None = None
+    """Where the chat API reads what the trainer writes there (round log, schedule) for the operator
+    page. Unset: the data dir (one machine, compose). The Helm chart sets the shared volume: each API
+    pod's own data dir holds nothing of the trainer's."""
 
     # -- reward model -------------------------------------------------------------
     reward_max_length: int = Field(default=384, ge=16)
@@ -388,9 +392,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_kafka_security(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL"):
-            if self.kafka_sasl_mechanism is None or not self.kafka_sasl_username or self.kafka_sasl_password is None:
+            if (self.kafka_sasl_mechanism is None or not self.kafka_sasl_username
+                    or self.kafka_sasl_password is None):
                 raise ValueError(f"KAIZEN_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
-                                 "KAIZEN_KAFKA_SASL_MECHANISM, KAIZEN_KAFKA_SASL_USERNAME and KAIZEN_KAFKA_SASL_PASSWORD")
+                                 "KAIZEN_KAFKA_SASL_MECHANISM, KAIZEN_KAFKA_SASL_USERNAME and "
+                                 "KAIZEN_KAFKA_SASL_PASSWORD")
         return self
 
     @model_validator(mode="after")
@@ -423,6 +429,11 @@ class Settings(BaseSettings):
     def registry_path(self) -> Path:
         """The model registry (versions, stages, audit log)."""
         return self.registry_dir if self.registry_dir is not None else self.data_dir / "registry"
+
+    @property
+    def trainer_data_path(self) -> Path:
+        """Where the trainer's round log and schedule are, as the chat API sees them."""
+        return self.trainer_data_dir if self.trainer_data_dir is not None else self.data_dir
 
     @property
     def api_db(self) -> Path:
@@ -458,7 +469,8 @@ class Settings(BaseSettings):
                                 "security_protocol": self.kafka_security_protocol}
         if self.kafka_security_protocol.startswith("SASL"):
             assert self.kafka_sasl_password is not None  # _check_kafka_security
-            opts.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+            opts.update(sasl_mechanism=self.kafka_sasl_mechanism,
+                        sasl_plain_username=self.kafka_sasl_username,
                         sasl_plain_password=self.kafka_sasl_password.get_secret_value())
         if self.kafka_security_protocol.endswith("SSL"):
             opts.update({k: str(v) for k, v in (("ssl_cafile", self.kafka_ssl_cafile),
@@ -502,6 +514,13 @@ class Settings(BaseSettings):
             if self.embedded_broker
             else f"external cluster at {self.bootstrap_servers}"
         )
+        if self.database_url is None:
+            out["database (effective)"] = f"SQLite at {self.api_db} (one API process)"
+        else:
+            from sqlalchemy.engine import make_url
+
+            shared = make_url(self.database_url.get_secret_value()).render_as_string(hide_password=True)
+            out["database (effective)"] = f"shared by the API replicas: {shared}"
         return out
 
     def child_env(self) -> dict[str, str]:

@@ -183,6 +183,10 @@ def test_api_and_trainer(profile: str) -> None:
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= pod_labels.items()
         assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # the operator page reads rounds where the trainer writes them (the shared volume), not in its pod
+    trainer_data = env_of(container(trainer))["KAIZEN_DATA_DIR"]["value"]
+    assert env_of(c)["KAIZEN_TRAINER_DATA_DIR"]["value"] == trainer_data == "/shared"
+    assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
 

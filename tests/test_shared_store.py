@@ -8,6 +8,7 @@ own engine and pool, as separate processes would).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -175,3 +176,19 @@ def test_settings_name_the_database(tmp_path: Path) -> None:
     url = "postgresql://kaizen:hunter2@db:5432/kaizen"
     s = Settings(data_dir=tmp_path, database_url=url)  # type: ignore[arg-type]
     assert "hunter2" not in str(s.masked()) and s.child_env()["KAIZEN_DATABASE_URL"] == url
+
+
+def test_the_operator_page_reads_rounds_where_the_trainer_writes_them(tmp_path: Path) -> None:
+    trainer_dir = tmp_path / "shared"  # under Helm: the shared volume; the API's data dir is its own
+    (trainer_dir / "rounds").mkdir(parents=True)
+    rounds = trainer_dir / "rounds"
+    (rounds / "rounds.jsonl").write_text(json.dumps({"round": 7, "outcome": "published"}) + "\n")
+    (rounds / "schedule.json").write_text(json.dumps({"checked_at": time.time(), "new_votes": 3}))
+    admin = {"Authorization": "Bearer admin-token-89ab"}
+    own = TestClient(build_app(make_settings(tmp_path / "pod", admin_token="admin-token-89ab")))
+    assert own.get("/admin/rounds", headers=admin).json()["data"] == []  # its own dir: nothing
+    client = TestClient(build_app(make_settings(tmp_path / "pod", admin_token="admin-token-89ab",
+                                                trainer_data_dir=trainer_dir)))
+    assert client.get("/admin/rounds", headers=admin).json()["data"] == [{"round": 7, "outcome": "published"}]
+    schedule = client.get("/admin/schedule", headers=admin).json()
+    assert schedule["trainer_reporting"] is True and schedule["new_votes"] == 3
