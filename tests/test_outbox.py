@@ -96,3 +96,46 @@ def test_full_outbox_refuses_votes_and_keeps_them_all(tmp_path: Path) -> None:
     store.mark_delivered([r.seq for r in store.pending(10)], {0: 4})
     assert len(vote_n(store, 1)) == 1
     store.close()
+
+
+def test_one_users_votes_share_a_partition_in_order(tmp_path: Path, broker: Settings) -> None:
+    """Preferences are keyed by the pseudonymous user: with several partitions each user's votes
+    land on one of them, in the order they were accepted."""
+    topic = f"kaizen.preferences.keyed-{uuid.uuid4().hex[:6]}"
+    settings = make_settings(tmp_path, broker_port=broker.broker_port, topic_preferences=topic,
+                             topic_partitions=4, outbox_poll_interval_s=0.1)
+    ensure_topics(settings, [topic])
+    store = ComparisonStore(settings.api_db, timedelta(hours=1))
+    answers = [Answer(text="a", model_version="v0"), Answer(text="b", model_version="v0")]
+    users = [f"user-{i}" for i in range(6)]
+    accepted = [store.vote(store.record(u, [{"role": "user", "content": f"q{n}"}], answers), u, 0, None)
+                for n in range(10) for u in users]
+    relay = OutboxRelay(settings, store)
+    try:
+        while relay.deliver_once():
+            pass
+    finally:
+        relay.stop()
+        store.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
+                             group_id=f"reader-{uuid.uuid4().hex[:6]}", consumer_timeout_ms=5000,
+                             session_timeout_ms=settings.kafka_session_timeout_ms,
+                             max_poll_interval_ms=settings.kafka_max_poll_interval_ms)
+    records = list(consumer)
+    consumer.close()
+    assert len(records) == len(accepted)
+    partitions: dict[str, set[int]] = {}
+    by_partition: dict[int, list[PreferenceEvent]] = {}
+    for r in records:
+        event = PreferenceEvent.model_validate_json(r.value)
+        assert r.key == event.user.encode()
+        partitions.setdefault(event.user, set()).add(r.partition)
+        by_partition.setdefault(r.partition, []).append(event)
+    assert all(len(p) == 1 for p in partitions.values()), partitions
+    assert len({p for ps in partitions.values() for p in ps}) > 1  # spread over partitions
+    for events in by_partition.values():  # in each partition (offset order), each user's votes in order
+        for u in users:
+            mine = [e.event_id for e in events if e.user == u]
+            assert mine == [e.event_id for e in accepted if e.user == u and e.event_id in mine]
+    for u in users:
+        assert sum(1 for r in records if r.key == u.encode()) == 10
