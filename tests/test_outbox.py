@@ -117,8 +117,8 @@ def test_one_users_votes_share_a_partition_in_order(tmp_path: Path, broker: Sett
     finally:
         relay.stop()
         store.close()
-    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
-                             group_id=f"reader-{uuid.uuid4().hex[:6]}", consumer_timeout_ms=5000,
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers,
+                             auto_offset_reset="earliest", group_id=f"reader-{uuid.uuid4().hex[:6]}", consumer_timeout_ms=5000,
                              session_timeout_ms=settings.kafka_session_timeout_ms,
                              max_poll_interval_ms=settings.kafka_max_poll_interval_ms)
     records = list(consumer)
