@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -298,3 +299,33 @@ class ComparisonStore:
         with self.transaction() as conn:
             return int(conn.execute(
                 delete(c).where(c.c.expires_at <= cutoff, c.c.voted_at.is_(None))).rowcount)
+
+    # -- health numbers of the replicas (the rollout leader's judge) ---------------------------------
+    def report_health(self, replica: str, numbers: dict[str, tuple[int, int, float | None]]) -> None:
+        """This replica's (requests, errors, median time to first token) per version, replacing its last
+        report."""
+        h = db.version_health
+        now = time.time()
+        with self.transaction() as conn:
+            for version, (requests, errors, ttft) in sorted(numbers.items()):
+                values = {"replica": replica, "version": version, "requests": requests, "errors": errors,
+                          "ttft_p50_s": ttft, "updated_at": now}
+                update_cols = {k: v for k, v in values.items() if k not in ("replica", "version")}
+                if self.shared:
+                    conn.execute(postgresql.insert(h).values(**values).on_conflict_do_update(
+                        index_elements=[h.c.replica, h.c.version], set_=update_cols))
+                else:
+                    conn.execute(sqlite.insert(h).values(**values).on_conflict_do_update(
+                        index_elements=[h.c.replica, h.c.version], set_=update_cols))
+
+    def health(self, versions: list[str]) -> dict[str, dict[str, tuple[int, int, float | None]]]:
+        """Each replica's last report per version: {version: {replica: (requests, errors, ttft p50)}}."""
+        h = db.version_health
+        with self.transaction() as conn:
+            rows: Any = conn.execute(
+                select(h.c.version, h.c.replica, h.c.requests, h.c.errors, h.c.ttft_p50_s)
+                .where(h.c.version.in_(versions))).all()
+        out: dict[str, dict[str, tuple[int, int, float | None]]] = {v: {} for v in versions}
+        for r in rows:
+            out[r.version][r.replica] = (int(r.requests), int(r.errors), r.ttft_p50_s)
+        return out

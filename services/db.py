@@ -85,6 +85,18 @@ leases = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+#: Each replica's health numbers per model version, so the rollout leader judges error rate and
+#: latency from every replica's traffic (services/rollout.py). Counts are since the replica started.
+version_health = Table(
+    "version_health", metadata,
+    Column("replica", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("ttft_p50_s", Float),  # median time to first token of the replica's recent requests
+    Column("updated_at", Float, nullable=False),  # unix time
+)
+
 #: Key of the advisory lock that serialises migrations of replicas starting together.
 MIGRATION_LOCK = 0x6B61697A656E  # "kaizen"
 

@@ -34,8 +34,9 @@ With several API replicas exactly one decides: the replica holding the
 head-to-head from every replica's votes (they share the comparisons table)
 and applies its decision to the registry as a compare-and-set on the state it
 judged; it publishes the decision for the others' operator pages. The other
-replicas only follow the registry and the model events. Error rate and time
-to first token are the leader's own sample of the traffic.
+replicas only follow the registry and the model events. Every replica shares
+its error and latency numbers per version in the store at each poll, so the
+leader's error-rate and time-to-first-token checks cover all replicas' traffic.
 """
 
 from __future__ import annotations
@@ -257,6 +258,8 @@ class Rollout:
             state = await asyncio.to_thread(self.registry.state)
             await self._sync_champion(state)
             await self._sync_canary(state)
+            if state.canary is not None:
+                await asyncio.to_thread(self.report_health, state)
             if self.settings.auto_rollout and not await asyncio.to_thread(self.lead):
                 self.decision = await asyncio.to_thread(self.leader_decision)
             elif self.settings.auto_rollout:
@@ -277,6 +280,44 @@ class Rollout:
             self.lease.held = held = False
         metrics.ROLLOUT_LEADER.set(1 if held else 0)
         return held
+
+    def report_health(self, state: RegistryState) -> None:
+        """Share this replica's numbers for champion and canary, for whichever replica judges."""
+        numbers = {}
+        for version in (state.champion, state.canary):
+            if version is not None:
+                h = self.health.get(version, VersionHealth())
+                numbers[version] = (h.requests, h.errors, statistics.median(h.ttft) if h.ttft else None)
+        try:
+            self.comparisons.report_health(self.lease.holder, numbers)
+        except DatabaseUnavailable as exc:
+            log.warning("could not share health numbers: %s", exc)
+
+    def fleet_health(self, versions: list[str]) -> dict[str, VersionHealth]:
+        """Every replica's health numbers per version: requests and errors summed, time to first token
+        the request-weighted median of the replicas' medians (an approximation). This replica counts
+        with its live numbers; if the store is away, they are all there is."""
+        local = {v: self.health.get(v, VersionHealth()) for v in versions}
+        try:
+            reports = self.comparisons.health(versions)
+        except DatabaseUnavailable:
+            return local
+        out = {}
+        for version in versions:
+            mine = local[version]
+            numbers = {**reports[version], self.lease.holder: (
+                mine.requests, mine.errors, statistics.median(mine.ttft) if mine.ttft else None)}
+            timed = sorted((t, n) for _, (n, _, t) in numbers.items() if t is not None and n > 0)
+            half, seen, p50 = sum(n for _, n in timed) / 2, 0, None
+            for ttft, n in timed:
+                seen += n
+                if seen >= half:
+                    p50 = ttft
+                    break
+            out[version] = VersionHealth(requests=sum(n for n, _, _ in numbers.values()),
+                                         errors=sum(e for _, e, _ in numbers.values()),
+                                         ttft=deque([p50] if p50 is not None else [], maxlen=TTFT_WINDOW))
+        return out
 
     def leader_decision(self) -> dict[str, Any]:
         """The decision the lease holder last published (what a follower shows operators)."""
@@ -411,8 +452,8 @@ class Rollout:
         if state.canary is None or state.champion is None:
             return "none", "no canary"
         h = self.head_to_head(state)
-        champ = self.health.get(state.champion, VersionHealth())
-        can = self.health.get(state.canary, VersionHealth())
+        fleet = self.fleet_health([state.champion, state.canary])  # every replica's traffic
+        champ, can = fleet[state.champion], fleet[state.canary]
         if champ.requests >= s.canary_min_requests and can.requests >= s.canary_min_requests:
             champ_err, can_err = champ.errors / champ.requests, can.errors / can.requests
             if can_err - champ_err > s.canary_max_error_rate_increase:
@@ -510,6 +551,14 @@ class Rollout:
 
     # -- what operators see -------------------------------------------------------------------
 
+    def _health_status(self, state: RegistryState) -> dict[str, Any]:
+        """Champion's and canary's health over every replica (this replica's alone without a canary)."""
+        if state.champion is None or state.canary is None:
+            champion = self.health.get(state.champion or "", VersionHealth())
+            return {"champion": champion.as_dict(), "canary": None}
+        fleet = self.fleet_health([state.champion, state.canary])
+        return {"champion": fleet[state.champion].as_dict(), "canary": fleet[state.canary].as_dict()}
+
     def status(self, state: RegistryState | None = None) -> dict[str, Any]:
         state = state or self.registry.state()
         return {
@@ -522,11 +571,7 @@ class Rollout:
                         "canary": self.canary.version if self.canary else None,
                         "canary_fraction": self.canary_fraction if self.canary else 0.0},
             "head_to_head": self.head_to_head(state),
-            "health": {
-                "champion": self.health.get(state.champion or "", VersionHealth()).as_dict(),
-                "canary": (self.health.get(state.canary, VersionHealth()).as_dict()
-                           if state.canary else None),
-            },
+            "health": self._health_status(state),
             "decision": {**(self.decision if self.settings.auto_rollout else
                             dict(zip(("state", "reason"), self.judge(state), strict=True))),
                          "automatic": self.settings.auto_rollout, "min_votes": self.settings.canary_min_votes},

@@ -41,7 +41,7 @@ def pg() -> Iterator[PostgresServer]:
 def replicas(pg: PostgresServer) -> Iterator[tuple[ComparisonStore, ComparisonStore]]:
     a = ComparisonStore(pg.url.replace("postgresql://", "postgresql+psycopg://"), timedelta(hours=1))
     b = ComparisonStore(pg.url, timedelta(hours=1))  # the plain scheme works too (KAIZEN_DATABASE_URL)
-    for table in ("outbox", "comparisons", "relay_state", "leases"):
+    for table in ("outbox", "comparisons", "relay_state", "leases", "version_health"):
         with a.transaction() as conn:
             conn.exec_driver_sql(f"DELETE FROM {table}")
     yield a, b
@@ -169,7 +169,8 @@ def test_an_old_sqlite_store_is_adopted_by_the_migration(tmp_path: Path) -> None
     with store.claim(10) as claim:
         assert [r.key for r in claim.rows] == ["u-1"]
     store.close()
-    assert sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+    # every migration applied
+    assert sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
 
 
 def test_settings_name_the_database(tmp_path: Path) -> None:
@@ -192,3 +193,32 @@ def test_the_operator_page_reads_rounds_where_the_trainer_writes_them(tmp_path: 
     assert client.get("/admin/rounds", headers=admin).json()["data"] == [{"round": 7, "outcome": "published"}]
     schedule = client.get("/admin/schedule", headers=admin).json()
     assert schedule["trainer_reporting"] is True and schedule["new_votes"] == 3
+
+
+def test_the_leader_judges_health_from_every_replicas_traffic(
+        replicas: tuple[ComparisonStore, ComparisonStore], tmp_path: Path) -> None:
+    from collections import deque
+
+    from services.registry import RegistryState
+    from services.rollout import Rollout, VersionHealth
+
+    a, b = replicas
+    settings = make_settings(tmp_path, canary_min_requests=20, canary_max_error_rate_increase=0.05)
+    leader, other = Rollout(settings, a), Rollout(settings, b)
+    state = RegistryState(champion="v0", canary="v1")
+    other.health = {"v0": VersionHealth(100, 0, deque([0.1] * 100)),
+                    "v1": VersionHealth(50, 10, deque([0.3] * 50))}
+    leader.health = {"v0": VersionHealth(100, 0, deque([0.2] * 100)),
+                     "v1": VersionHealth(10, 0, deque([0.2] * 10))}
+    # alone, the leader has seen 10 canary requests: too few to compare error rates
+    assert leader.judge(state)[0] == "collecting"
+    other.report_health(state)
+    fleet = leader.fleet_health(["v0", "v1"])
+    counts = (fleet["v0"].requests, fleet["v0"].errors, fleet["v1"].requests, fleet["v1"].errors)
+    assert counts == (200, 0, 60, 10)
+    assert list(fleet["v1"].ttft) == [0.3]  # request-weighted median of the replicas' medians (50 of 60)
+    verdict, why = leader.judge(state)
+    assert verdict == "rollback" and "error rate 16.7%" in why
+    leader.report_health(state)  # its own row is replaced by its live numbers, not counted twice
+    leader.health["v1"].requests += 5
+    assert leader.fleet_health(["v1"])["v1"].requests == 65
