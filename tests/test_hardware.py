@@ -26,8 +26,12 @@ def test_auto_is_bf16_only_where_the_cpu_or_gpu_computes_it() -> None:
     # a GPU decides for itself, whatever the host CPU has
     assert resolve_dtype("auto", flags=AVX2_EPYC, gpu_bf16=True).dtype == "bfloat16"
     assert resolve_dtype("auto", flags=AMX_XEON, gpu_bf16=False).dtype == "float32"
-    # the serving engine: float32 on any CPU (vLLM's CPU backend garbles bf16), bf16 on a capable GPU
-    assert resolve_dtype("auto", flags=AMX_XEON, gpu_bf16=None, serving=True).dtype == "float32"
+    # the serving engine: float32 on AMX (vLLM's CPU backend garbled bf16 there) and without native bf16,
+    # bf16 on avx512_bf16 without AMX (answers checked with the default model in test_models) and GPUs
+    amx = resolve_dtype("auto", flags=AMX_XEON, gpu_bf16=None, serving=True)
+    assert amx.dtype == "float32" and "AMX" in amx.reason
+    assert resolve_dtype("auto", flags=ZEN4_EPYC, gpu_bf16=None, serving=True).dtype == "bfloat16"
+    assert resolve_dtype("auto", flags=AVX2_EPYC, gpu_bf16=None, serving=True).dtype == "float32"
     assert resolve_dtype("auto", flags=AVX2_EPYC, gpu_bf16=True, serving=True).dtype == "bfloat16"
     # an explicit value is never second-guessed
     explicit = resolve_dtype("bfloat16", flags=AVX2_EPYC, gpu_bf16=None)

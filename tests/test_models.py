@@ -65,3 +65,18 @@ def test_prepare_default_model_from_the_wheel(tmp_path: Path) -> None:
     started = time.monotonic()
     again = prepare_default(settings)
     assert not again.created and time.monotonic() - started < 5
+    # vLLM in the dtype `auto` picks on this machine (bf16 where the CPU has avx512_bf16 without AMX,
+    # float32 elsewhere: services/hardware.py) still gives the sanity prompt's reference answer
+    from services.engine import serving_dtype
+    from trainer.ppo import RolloutEngine, encode_prompt
+    from transformers import AutoTokenizer
+
+    engine = RolloutEngine(settings, result.path, max_model_len=512)
+    try:
+        assert str(engine.llm.llm_engine.vllm_config.model_config.dtype) == f"torch.{serving_dtype(settings)}"
+        tok = AutoTokenizer.from_pretrained(result.path)
+        ids = encode_prompt(tok, [{"role": "user", "content": "What is the capital of France?"}], 256)
+        answer = engine.generate([ids], max_tokens=24, temperature=0.0)[0].text
+    finally:
+        engine.shutdown()
+    assert "Paris" in answer, (serving_dtype(settings), answer)
