@@ -539,7 +539,9 @@ class Settings(BaseSettings):
             elif isinstance(value, bool):
                 env[key] = "true" if value else "false"
             elif isinstance(value, timedelta):
-                env[key] = f"PT{value.total_seconds():g}S"  # ISO 8601, which pydantic parses
+                # ISO 8601, which pydantic parses; fixed-point (%g wrote 30 days as PT2.592e+06S, refused)
+                seconds = f"{value.total_seconds():.6f}".rstrip("0").rstrip(".")
+                env[key] = f"PT{seconds}S"
             else:
                 env[key] = str(value)
         return env

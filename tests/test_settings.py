@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -87,3 +88,13 @@ def test_kafka_security_reaches_every_client_through_one_method(tmp_path: Path) 
     KafkaProducer(**scram.kafka_options(), api_version=(2, 8)).close(timeout=0)
     with pytest.raises(ValueError, match="Unrecognized configs"):
         KafkaProducer(**scram.kafka_options(), sasl_password="typo", api_version=(2, 8))
+
+
+def test_long_durations_reach_child_processes(tmp_path: Path) -> None:
+    """`kaizen up` hands settings to its children through the environment: 30 days must survive it."""
+    s = Settings(data_dir=tmp_path, round_interval="P30D", canary_max_duration="PT0.5S")  # type: ignore[arg-type]
+    env = s.child_env()
+    assert env["KAIZEN_ROUND_INTERVAL"] == "PT2592000S"
+    child = Settings.model_validate({"round_interval": env["KAIZEN_ROUND_INTERVAL"],
+                                     "canary_max_duration": env["KAIZEN_CANARY_MAX_DURATION"]})
+    assert (child.round_interval, child.canary_max_duration) == (s.round_interval, s.canary_max_duration)
