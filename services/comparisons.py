@@ -31,6 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from services import db
 from services.db import DatabaseUnavailable
 from services.events import Answer, Choice, Message, PreferenceEvent
+from services.settings import Settings
 
 __all__ = ["ComparisonStore", "DatabaseUnavailable", "OutboxFull", "OutboxRow", "VoteError"]
 
@@ -87,7 +88,7 @@ class ComparisonStore:
     `target` is a SQLite file or a database URL (`ComparisonStore.from_settings` picks it)."""
 
     def __init__(self, target: Path | str, ttl: timedelta, max_pending: int = 1_000_000,
-                 settings: Any | None = None) -> None:
+                 settings: Settings | None = None) -> None:
         self.url = target if isinstance(target, str) else f"sqlite:///{target}"
         self.path = target if isinstance(target, Path) else None
         self.ttl = ttl
@@ -104,7 +105,7 @@ class ComparisonStore:
             raise
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ComparisonStore:
+    def from_settings(cls, settings: Settings) -> ComparisonStore:
         return cls(db.url_of(settings), settings.comparison_ttl, settings.outbox_max_pending, settings)
 
     @property

@@ -32,6 +32,8 @@ from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, 
                         create_engine, event, exc, text)
 from sqlalchemy.engine import Connection, Engine, make_url
 
+from services.settings import Settings
+
 log = logging.getLogger(__name__)
 
 metadata = MetaData()
@@ -105,11 +107,11 @@ class DatabaseUnavailable(Exception):
     """The store cannot be reached (or timed out); the caller should retry later."""
 
 
-def url_of(settings: Any) -> str:
+def url_of(settings: Settings) -> str:
     """The SQLAlchemy URL: KAIZEN_DATABASE_URL with the psycopg 3 driver, or SQLite in the data dir."""
     if settings.database_url is None:
-        return f"sqlite:///{Path(settings.api_db)}"
-    url: str = settings.database_url.get_secret_value()
+        return f"sqlite:///{settings.api_db}"
+    url = settings.database_url.get_secret_value()
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
@@ -121,7 +123,7 @@ def masked(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def make_engine(url: str, settings: Any | None = None) -> Engine:
+def make_engine(url: str, settings: Settings | None = None) -> Engine:
     """An engine for `url` with the pool, timeouts and SQLite transaction recipe described above."""
     if url.startswith("sqlite"):
         path = make_url(url).database
@@ -142,17 +144,17 @@ def make_engine(url: str, settings: Any | None = None) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    s = settings
+    s = settings or Settings.model_construct()  # the defaults (no environment), for a bare URL
     return create_engine(
         url,
-        pool_size=s.database_pool_size if s else 5,
-        max_overflow=s.database_max_overflow if s else 5,
-        pool_timeout=s.database_pool_timeout_s if s else 5.0,
+        pool_size=s.database_pool_size,
+        max_overflow=s.database_max_overflow,
+        pool_timeout=s.database_pool_timeout_s,
         pool_pre_ping=True,  # a server restart is noticed on checkout, not by the next vote
         pool_recycle=1800,
         connect_args={
-            "connect_timeout": s.database_connect_timeout_s if s else 5,
-            "options": f"-c statement_timeout={s.database_statement_timeout_ms if s else 10_000}",
+            "connect_timeout": s.database_connect_timeout_s,
+            "options": f"-c statement_timeout={s.database_statement_timeout_ms}",
             "application_name": "kaizen",
         },
     )
