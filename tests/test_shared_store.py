@@ -242,7 +242,8 @@ def test_the_migrations_build_exactly_the_declared_tables(
             conn.execute(text("DROP DATABASE IF EXISTS migrations_check"))
             conn.execute(text("CREATE DATABASE migrations_check"))
         admin.dispose()
-        url = db.url_of(make_settings(tmp_path, database_url=pg.url.replace("/postgres", "/migrations_check")))
+        own = pg.url.replace("/postgres", "/migrations_check")
+        url = db.url_of(make_settings(tmp_path, database_url=own))
     engine = db.make_engine(url)
     assert db.migrate(engine) == "0002"
     with engine.connect() as conn:
