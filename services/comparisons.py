@@ -61,8 +61,6 @@ def new_comparison_id() -> str:
     return f"cmp-{uuid.uuid4().hex}"
 
 
-
-
 class OutboxClaim:
     """Pending outbox rows held by one relay until `ComparisonStore.claim` returns.
 
@@ -95,7 +93,8 @@ class ComparisonStore:
         self.max_pending = max_pending
         self.engine = db.make_engine(self.url, settings)
         self.shared = self.engine.dialect.name == "postgresql"
-        # SQLite allows one writer: relays of one process take turns (there is one per process)
+        # SQLite: the relay's claim holds no transaction (a vote must not wait on Kafka); this lock keeps
+        # two claims of one process apart (there is one relay per process, and one process per file)
         self._claim_lock = threading.Lock()
         try:
             with db.reachable(self.url):
