@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=16, help="requests of the paired-vs-single comparison")
+    ap.add_argument("--vllm-dtype", default=None,
+                    help="dtype of the vLLM arm (default: Kaizen's own, KAIZEN_ENGINE_DTYPE resolved; "
+                         "float32 is what answered correctly on every CPU before dtype auto)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-serve-"))
@@ -116,7 +119,8 @@ def main() -> None:
     servers = {
         "kaizen": ([sys.executable, "-m", "kaizen", "serve"], f"http://127.0.0.1:{s.port}", s.served_model_name),
         "vllm": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(vllm_port),
-                  "--host", "127.0.0.1", "--dtype", serving_dtype(s), "--max-model-len", str(s.engine_max_model_len),
+                  "--host", "127.0.0.1", "--dtype", args.vllm_dtype or serving_dtype(s),
+                  "--max-model-len", str(s.engine_max_model_len),
                   "--gpu-memory-utilization", str(s.engine_memory_utilization), "--enforce-eager",
                   "--max-num-seqs", str(s.engine_max_num_seqs), "--seed", str(s.engine_seed),
                   "--served-model-name", "bench"], f"http://127.0.0.1:{vllm_port}", "bench"),
@@ -139,7 +143,8 @@ def main() -> None:
                 stop(proc)
 
     print(f"\nserving benchmark: {model.name}, {args.clients} clients, {args.requests} requests x "
-          f"{args.max_tokens} tokens, {args.rounds} round(s) ({provenance()})")
+          f"{args.max_tokens} tokens, {args.rounds} round(s) ({provenance()}); dtype kaizen "
+          f"{serving_dtype(s)}, vllm {args.vllm_dtype or serving_dtype(s)}")
     tps = {}
     for name, runs in results.items():
         wall = sum(r[0] for r in runs)
