@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 def configure_vllm_env(settings: Settings) -> None:
     """vLLM reads a few knobs from the environment; set them from our settings."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine_kv_cache_gib)
+    if settings.engine_reserved_cpus is not None:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.engine_reserved_cpus)
     # No usage reporting, no hub look-ups: nothing outside this machine is reachable.
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -4,6 +4,7 @@ device computes bf16 natively, and the resolved value is what the trainer and th
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,20 @@ def test_auto_is_bf16_only_where_the_cpu_or_gpu_computes_it() -> None:
     assert explicit.dtype == "bfloat16" and explicit.reason == "set explicitly"
 
 
+def test_reserved_cpus_reach_vllm_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.engine import configure_vllm_env
+
+    # everything configure_vllm_env writes is put back after the test (set, then removed: recorded)
+    for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    configure_vllm_env(Settings())
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's own default
+    configure_vllm_env(Settings(engine_reserved_cpus=0))
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16 sse4_2\n\n"
@@ -46,7 +61,8 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
-def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytest.LogCaptureFixture,
+                                                                   tiny_model: Path) -> None:
     settings = Settings()
     assert settings.reward_dtype == "auto" and settings.engine_dtype == "auto"  # the defaults
     here = choose_dtype("auto")
@@ -56,7 +72,7 @@ def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytes
     assert f"reward model dtype {here}" in caplog.text  # logged with its reason
     assert RewardConfig.from_settings(settings, dtype="float32").dtype == "float32"
     # the chat engine is built with the resolved value, never vLLM's own "auto" (the model's bf16)
-    assert engine_args(settings, settings.model_dir).dtype == serving_dtype(settings) == \
+    assert engine_args(settings, tiny_model).dtype == serving_dtype(settings) == \
         choose_dtype("auto", serving=True).dtype
     shown = settings.masked()
     assert shown["reward_dtype (effective)"].startswith(here.dtype)
