@@ -109,6 +109,15 @@ class Dist:
             tdist.barrier()
 
 
+def wrap_ddp(module: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """DistributedDataParallel around `module` when there are several ranks; else `module` itself."""
+    if not dist.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+
 ONE_PROCESS = Dist()
 _current: Dist = ONE_PROCESS
 
@@ -203,5 +212,5 @@ def relaunch(settings: Settings, module: str, argv: Sequence[str]) -> int:
     return subprocess.call(cmd, env=settings.child_env())
 
 
-__all__ = ["Dist", "ONE_PROCESS", "current", "init", "launched_by_torchrun", "launcher_env_hidden", "relaunch",
+__all__ = ["Dist", "ONE_PROCESS", "wrap_ddp", "current", "init", "launched_by_torchrun", "launcher_env_hidden", "relaunch",
            "resolve_backend", "shutdown", "torchrun_command", "wants_torchrun"]

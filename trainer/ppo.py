@@ -48,7 +48,7 @@ from torch import nn
 
 from services.registry import atomic_folder
 from services.settings import Settings
-from trainer.distributed import ONE_PROCESS, Dist, launcher_env_hidden
+from trainer.distributed import ONE_PROCESS, Dist, launcher_env_hidden, wrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -771,12 +771,7 @@ class PPOTrainer:
         self.trunk_depth = shared_trunk_depth(self.policy, self.reference)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, eps=1e-5, weight_decay=0.0)
-        self.model = self.policy
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.model = DistributedDataParallel(
-                self.policy, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = wrap_ddp(self.policy, self.dist)
 
     def step(self, prompts: Sequence[Messages]) -> IterationStats:
         """One PPO iteration on `prompts` (one answer each); the engine then holds the new weights."""

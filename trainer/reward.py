@@ -36,7 +36,7 @@ from torch import nn
 
 from services.registry import atomic_folder, write_atomic
 from services.settings import Settings
-from trainer.distributed import ONE_PROCESS, Dist
+from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
 from trainer.reward_data import (
     EncodedPair,
     Pair,
@@ -351,15 +351,6 @@ def _progress(enabled: bool) -> Any:
     )
 
 
-def _wrap_ddp(module: nn.Module, dist: Dist) -> nn.Module:
-    """DistributedDataParallel around `module` when there are several ranks; else `module`."""
-    if not dist.enabled:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-
-
 def train_reward_model(
     model: Any, tokenizer: Any, train: Sequence[Pair], held_out: Sequence[Pair], config: RewardConfig,
     *, progress: bool = True, dist: Dist = ONE_PROCESS,
@@ -391,7 +382,7 @@ def train_reward_model(
     log.info("reward training: %d pairs (%d cut to %d tokens), %d held out, %.1fM trainable parameters, "
              "%d process(es)", len(enc_train), sum(e.truncated for e in enc_train), config.max_length,
              len(enc_held), n_trainable / 1e6, dist.world_size)
-    forward = _wrap_ddp(RewardForward(model), dist)
+    forward = wrap_ddp(RewardForward(model), dist)
 
     batches_per_epoch = math.ceil(len(enc_train) / config.batch_size)
     total_steps = max(1, math.ceil(batches_per_epoch / config.grad_accum) * config.epochs)
