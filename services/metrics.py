@@ -127,6 +127,25 @@ PPO_SAMPLES_PER_SECOND = Gauge(
 GATE_WIN_RATE = Gauge(
     "kaizen_gate_win_rate", "Reward-model win rate of the last gated candidate over the champion."
 )
+# -- disk space and retention (#19; recorded by trainer/daemon.py and trainer/rounds.py) ---------
+DISK_FREE_BYTES = Gauge(
+    "kaizen_disk_free_bytes",
+    "Free bytes on a volume the trainer writes models to (data, registry, shm), at its last check.",
+    ["volume"],
+)
+DISK_SPACE_REFUSALS = Counter(
+    "kaizen_disk_space_refusals_total",
+    "Writes refused before they started because the volume had too little free space, by what.",
+    ["what"],
+)
+RETENTION_DELETED = Counter(
+    "kaizen_retention_deleted_total",
+    "Model versions and reward models deleted by retention after a round, by kind.",
+    ["kind"],
+)
+RETENTION_FREED_BYTES = Counter(
+    "kaizen_retention_freed_bytes_total", "Bytes freed by retention after rounds."
+)
 
 # -- registry and rollout (recorded by the chat API) ---------------------------------------
 VERSIONS_BY_STAGE = Gauge(
@@ -186,3 +205,7 @@ for _action in ("canary", "promote", "rollback"):
         ROLLOUT_DECISIONS.labels(action=_action, actor=_actor)
 for _choice in ("0", "1", "tie", "both_bad"):
     VOTES.labels(choice=_choice)
+for _what in ("round", "weight_sync", "publish"):
+    DISK_SPACE_REFUSALS.labels(what=_what)
+for _kind in ("version", "reward_model"):
+    RETENTION_DELETED.labels(kind=_kind)

@@ -7,6 +7,7 @@ machine and on a shared volume (a PVC in Kubernetes):
     <registry>/versions/v0/          Hugging Face folder + manifest.json (immutable)
     <registry>/versions/v1/ ...
     <registry>/state.json            champion, canary + fraction, stage of each version
+    <registry>/state.last-good.json  a copy of the last state written, for `kaizen models repair`
     <registry>/audit.jsonl           one line per change: who, when, what, why
     <registry>/.lock                 flock: one writer at a time across processes
 
@@ -19,6 +20,11 @@ Stages: ``candidate → canary → champion → retired``, and ``rejected`` (fai
 the gate, or rolled back). ``state.json`` is replaced atomically (write, fsync,
 rename) under the lock, and its ``generation`` grows with each change, so a
 reader can tell cheaply whether anything changed.
+
+A `state.json` that cannot be read (damaged, or edited by hand) does not stop readers: `state()`
+rebuilds the state from the audit log (services/registry_repair.py), or else the last good copy,
+and warns; `kaizen models repair` writes the rebuilt state back. Retention (services/retention.py)
+deletes versions through `delete`: each gets an audit entry, and version numbers are never reused.
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from services.disk import InsufficientSpace, require_free
 
 Stage = Literal["candidate", "canary", "champion", "retired", "rejected"]
 STAGES: tuple[Stage, ...] = ("candidate", "canary", "champion", "retired", "rejected")
@@ -69,6 +77,13 @@ class CorruptVersion(RegistryError):
     def __init__(self, version: str, reason: str) -> None:
         super().__init__(f"version {version} is corrupt: {reason}", status=422, code="corrupt_version")
         self.version, self.reason = version, reason
+
+
+class CorruptState(RegistryError):
+    """`state.json` is unreadable and nothing to rebuild it from was found; the message names the repair."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503, code="corrupt_registry_state")
 
 
 class FileEntry(BaseModel):
@@ -113,6 +128,8 @@ class RegistryState(BaseModel):
     previous_champions: list[str] = Field(default_factory=list)
     """Earlier champions, most recent last: where `rollback` returns to."""
     versions: dict[str, VersionState] = Field(default_factory=dict)
+    highest_version: int | None = None
+    """The highest version number published so far, kept when retention deletes it: never reused."""
 
 
 class AuditEntry(BaseModel):
@@ -290,6 +307,7 @@ class Registry:
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         self.state_file = self.root / "state.json"
+        self.good_state_file = self.root / "state.last-good.json"
         self.audit_file = self.root / "audit.jsonl"
         self.lock_file = self.root / ".lock"
 
@@ -308,14 +326,21 @@ class Registry:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _remove_staging(self) -> None:
-        for p in self.versions_dir.glob(".staging-*"):
-            shutil.rmtree(p, ignore_errors=True)
+        for pattern in (".staging-*", ".deleted-*"):  # an unfinished publish, or a deletion's leftovers
+            for p in self.versions_dir.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
 
     def state(self) -> RegistryState:
+        """The current state; when `state.json` is unreadable, the one rebuilt from the audit log (or
+        the last good copy), with a warning naming `kaizen models repair`; `CorruptState` if neither."""
         try:
             return RegistryState.model_validate_json(self.state_file.read_text())
         except FileNotFoundError:
             return RegistryState()
+        except ValueError as exc:  # bad JSON, a wrong field, bytes that are not UTF-8
+            from services.registry_repair import recovered_state
+
+            return recovered_state(self, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
 
     def _save(self, state: RegistryState, entries: list[AuditEntry]) -> RegistryState:
         """Write the new state (atomically) and its audit entries. Caller holds the lock."""
@@ -329,14 +354,17 @@ class Registry:
                 f.write(e.model_dump_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
-        write_atomic(self.state_file, state.model_dump_json(indent=2))
+        text = state.model_dump_json(indent=2)
+        write_atomic(self.state_file, text)
+        write_atomic(self.good_state_file, text)
         return state
 
     def _set_stage(self, state: RegistryState, version: str, stage: Stage, who: str, why: str,
                    action: str, entries: list[AuditEntry], **details: Any) -> None:
         old = state.versions.get(version)
-        state.versions[version] = VersionState(stage=stage, changed=now(), reason=why)
-        entries.append(AuditEntry(at=now(), generation=0, action=action, version=version, who=who, why=why,
+        at = now()  # one time for the state and its audit entry: a replay of the log gives the same state
+        state.versions[version] = VersionState(stage=stage, changed=at, reason=why)
+        entries.append(AuditEntry(at=at, generation=0, action=action, version=version, who=who, why=why,
                                   from_stage=old.stage if old else None, to_stage=stage, details=details))
 
     # -- reading versions ----------------------------------------------------------------
@@ -435,10 +463,21 @@ class Registry:
 
     def _next_version(self) -> str:
         nums = [version_number(p.name) for p in self.versions_dir.iterdir() if _VERSION_RE.match(p.name)]
+        highest = self.state().highest_version  # versions deleted by retention keep their numbers
+        if highest is not None:
+            nums.append(highest)
         return f"v{max(nums) + 1 if nums else 0}"
 
     def _stage_folder(self, src: Path, link: bool) -> Path:
-        """Copy (or hard-link) `src` into a fresh staging folder and fsync every file."""
+        """Copy (or hard-link) `src` into a fresh staging folder and fsync every file; refused with a
+        `RegistryError` (507) before anything is written when the registry's volume cannot hold a copy."""
+        if not link:
+            needed = sum(p.stat().st_size for p in _files_of(src))
+            try:
+                require_free(self.versions_dir, needed, what="publish",
+                             hint="free space with `kaizen models gc` or grow the registry's volume")
+            except InsufficientSpace as exc:
+                raise RegistryError(str(exc), status=507, code="insufficient_storage") from None
         staging = self.versions_dir / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
         for p in _files_of(src):
@@ -600,7 +639,8 @@ class Registry:
             if vs.stage == "rejected" and not why:
                 raise RegistryError(f"{version} was rejected ({vs.reason}); give a reason to canary it anyway")
             self._set_stage(state, version, "canary", who, why or "canary", "canary", entries, fraction=fraction)
-            state.canary, state.canary_fraction, state.canary_started = version, fraction, now()
+            state.canary, state.canary_fraction = version, fraction
+            state.canary_started = state.versions[version].changed
             return self._save(state, entries)
 
     def promote(self, version: str | None = None, *, who: str, why: str = "",
@@ -663,6 +703,45 @@ class Registry:
             entries: list[AuditEntry] = []
             self._set_stage(state, version, "rejected", who, why, "reject", entries)
             return self._save(state, entries)
+
+    def delete(self, choose: Callable[[RegistryState, list[str]], dict[str, str]], *,
+               who: str) -> dict[str, str]:
+        """Delete the versions `choose(state, names)` returns ({version: why}), decided under the lock
+        on the current state; the champion and the canary are refused whatever it says. Each version
+        is renamed out of sight at once (`.deleted-*`, gone from `names()`), then its audit entry
+        (with the manifest's gate and training summary, which go with the folder) and the new state
+        are written, then its files removed. Returns what was deleted."""
+        with self.locked():
+            state = self.state()
+            chosen = choose(state, self.names())
+            serving = {v for v in (state.champion, state.canary) if v is not None}
+            assert not serving & set(chosen), f"retention chose a serving version: {serving & set(chosen)}"
+            if not chosen:
+                return {}
+            entries: list[AuditEntry] = []
+            trash: list[Path] = []
+            highest = max([version_number(v) for v in self.names()] + [state.highest_version or 0])
+            for version, why in chosen.items():
+                try:
+                    m = self.manifest(version)
+                    summary: dict[str, Any] = {"parent": m.parent, "reward_model": m.reward_model,
+                                               "size_bytes": sum(f.size for f in m.files.values()),
+                                               "round_id": m.training.get("round_id"), "gate": m.gate}
+                except RegistryError as exc:
+                    summary = {"manifest": str(exc)}
+                gone = self.versions_dir / f".deleted-{version}-{uuid.uuid4().hex[:8]}"
+                os.rename(self.path(version), gone)
+                trash.append(gone)
+                old = state.versions.pop(version, None)
+                entries.append(AuditEntry(at=now(), generation=0, action="delete", version=version, who=who,
+                                          why=why, from_stage=old.stage if old else None, to_stage=None,
+                                          details=summary))
+            _fsync_dir(self.versions_dir)
+            state.highest_version = highest
+            self._save(state, entries)
+            for p in trash:
+                shutil.rmtree(p, ignore_errors=True)
+            return chosen
 
     def stage_counts(self) -> dict[str, int]:
         state = self.state()

@@ -363,6 +363,28 @@ class Settings(BaseSettings):
     for at most this long; the rest are frozen, resumed on the new weights and labelled
     `old+new`. Longer: fewer mixed answers, but new requests wait longer for the swap."""
 
+    # -- retention, disk space and cut-off rounds (#19) ------------------------------
+    retention_keep_champions: int = Field(default=3, ge=0)
+    """Earlier champions kept in the registry besides the serving one: how far `kaizen models rollback`
+    can go back. Older retired versions and rejected ones are deleted by `kaizen models gc`, which a
+    training round runs after it publishes; the champion, the canary, candidates and v0 are kept."""
+    retention_keep_rejected: int = Field(default=0, ge=0)
+    """Newest rejected versions kept for inspection. 0: a rejected version is deleted by the next gc;
+    its gate numbers stay in the audit log's `delete` entry (<registry>/audit.jsonl)."""
+    retention_keep_reward_models: int = Field(default=3, ge=1)
+    """Reward models kept under <data_dir>/reward, newest first, the current one always among them."""
+    round_disk_space_factor: float = Field(default=3.0, ge=0)
+    """Free space a round needs before it starts, on the data dir's and the registry's volume, in
+    multiples of the champion's size: a refreshed reward model, the saved candidate and the
+    registry's copy of it. Less: the round fails at once with the numbers, nothing written."""
+    disk_reserve_bytes: int = Field(default=1 << 30, ge=0)
+    """Bytes left free beyond what a round needs, for the preference store, the logs and the outbox."""
+    round_max_attempts: int = Field(default=3, ge=1)
+    """Starts of one round that keeps being cut off (SIGKILL: out of memory, or a node lost) before
+    it is recorded as failed with its reason; the next round waits for new votes."""
+    round_retry_backoff: timedelta = timedelta(seconds=60)
+    """Wait before a cut-off round is started again, doubled with each attempt."""
+
     # -- supervisor (`kaizen up`) ------------------------------------------------
     restart_limit: int = Field(default=5, ge=0)
     """Restarts of one child within `restart_window_s` before `kaizen up` gives up."""
