@@ -32,8 +32,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics, web
-from services.auth import (AuthError, RateLimiter, admin_token, check_admin, check_api_key,
-                           load_user_id_secret, retry_after, user_id)
+from services.auth import (AuthError, AuthFailures, RateLimiter, admin_token, bearer, check_admin,
+                           check_api_key, load_user_id_secret, retry_after, user_id, weak_admin_token)
 from services.comparisons import (ComparisonStore, DatabaseUnavailable, OutboxFull, VoteError,
                                   new_comparison_id)
 from services.outbox import OutboxRelay
@@ -63,6 +63,7 @@ from services.protocol import (
     completion_id,
     dump,
 )
+from services.security import BodySizeLimit, LoopbackHostOnly, SecurityHeaders
 from services.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,37 @@ class Caller:
     user: str
 
 
+def client_address(request: Request) -> str:
+    """Who failed to authenticate: the peer's address (a trusted proxy's X-Forwarded-For, per uvicorn)."""
+    return request.client.host if request.client else "unknown"
+
+
+def refuse_after_auth_failures(request: Request) -> None:
+    """429 for an address past its failed-authentication limit, before its credentials are checked."""
+    wait = request.app.state.auth_failures.wait(client_address(request))
+    if wait > 0:
+        raise APIError(429, f"too many failed authentications from this address: retry in {wait:.0f} s",
+                       type="rate_limit_error", code="too_many_auth_failures",
+                       headers={"Retry-After": retry_after(wait)})
+
+
+def count_auth_failure(request: Request) -> None:
+    """A wrong key or token was presented (a missing one guesses nothing, so it is not counted)."""
+    if bearer(request.headers.get("authorization")) is not None:
+        request.app.state.auth_failures.failed(client_address(request))
+
+
 async def get_caller(request: Request) -> Caller:
     """Authenticate the key (if keys are configured) and take a rate-limit token.
 
     Async on purpose, like the other dependencies: FastAPI runs a plain `def`
     dependency in a worker thread, a hop that cost more than the check itself."""
     state = request.app.state
+    refuse_after_auth_failures(request)
     try:
         key = check_api_key(state.settings, request.headers.get("authorization"))
     except AuthError as exc:
+        count_auth_failure(request)
         raise APIError(exc.status, exc.message, type="authentication_error", code=exc.code) from None
     caller = Caller(user=user_id(state.user_secret, key))
     wait = state.limiter.acquire(caller.user)
@@ -165,9 +188,11 @@ async def get_caller(request: Request) -> Caller:
 
 
 async def require_admin(request: Request) -> None:
+    refuse_after_auth_failures(request)
     try:
         check_admin(request.app.state.admin_token, request.headers.get("authorization"))
     except AuthError as exc:
+        count_auth_failure(request)
         type_ = "authentication_error" if exc.status == 401 else "permission_error"
         raise APIError(exc.status, exc.message, type=type_, code=exc.code) from None
 
@@ -203,10 +228,9 @@ async def list_models(_caller: CallerDep, rollout: RolloutDep, request: Request)
     settings: Settings = request.app.state.settings
     engine = rollout.champion
     assert engine is not None
-    card = ModelCard(
-        id=settings.served_model_name, created=int(engine.model_dir.stat().st_mtime),
-        version=engine.version, root=str(engine.model_dir),
-    )
+    # the version only: the folder's path would tell every key holder the server's layout (#19 item 5)
+    card = ModelCard(id=settings.served_model_name, created=int(engine.model_dir.stat().st_mtime),
+                     version=engine.version)
     return JSONResponse(dump(ModelList(data=[card])), headers={VERSION_HEADER: engine.version})
 
 
@@ -737,23 +761,6 @@ class MetricsMiddleware:
             metrics.HTTP_DURATION.labels(route=path).observe(time.perf_counter() - started)
 
 
-class BodySizeLimit:
-    """Answers 413 (OpenAI shape) to a request whose declared body exceeds the limit."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_bytes:
-                response = error_response(413, f"request body is {int(length)} bytes; the limit is "
-                                          f"{self.max_bytes}", "invalid_request_error", code="body_too_large")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 # -- error handlers --------------------------------------------------------------------------
 
 
@@ -809,6 +816,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.user_secret = load_user_id_secret(settings)
     app.state.admin_token = admin_token(settings)  # explicit, or generated for loopback development
     app.state.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+    app.state.auth_failures = AuthFailures(settings.auth_failure_limit, settings.auth_failure_window_s,
+                                           settings.auth_failure_max_clients)
     app.include_router(probes)
     app.include_router(openai_routes)
     app.include_router(admin_routes)
@@ -816,6 +825,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", web.static_files(), name="static")
     app.mount("/metrics", make_asgi_app())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if not settings.api_keys:  # open mode (loopback only, check_bind): refuse DNS-rebinding Hosts
+        app.add_middleware(LoopbackHostOnly, names=settings.open_mode_hosts)
+    app.add_middleware(SecurityHeaders)  # outside the others: their own answers get the headers too
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
@@ -826,7 +838,14 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
 
 def check_bind(settings: Settings) -> None:
-    """Refuse an open API on a non-loopback address; warn loudly on loopback."""
+    """Refuse an open API on a non-loopback address, and a weak admin token where others can reach
+    the server (production, or a non-loopback address); warn loudly on loopback."""
+    weak = weak_admin_token(settings)
+    if weak is not None:
+        if settings.environment == "production" or not settings.binds_loopback:
+            raise SystemExit(f"refusing to serve: KAIZEN_ADMIN_TOKEN is too weak ({weak}); use a random one, "
+                             "e.g. `python -c 'import secrets; print(secrets.token_hex(24))'`")
+        log.warning("KAIZEN_ADMIN_TOKEN is weak (%s): accepted on loopback only", weak)
     if settings.api_keys:
         return
     if not settings.binds_loopback:

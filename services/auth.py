@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from services.settings import Settings
@@ -105,6 +106,31 @@ def admin_token(settings: Settings, *, create: bool = True) -> str | None:
     return _secret_file(path, ADMIN_TOKEN_BYTES)
 
 
+def token_entropy_bits(token: str) -> float:
+    """An estimate of a token's entropy: its length times the Shannon entropy of its own characters.
+
+    Counts what the token shows, not how it was made, so it is an upper bound: `aaaa...` scores 0,
+    `abab...` 1 bit a character, 48 random hex digits (a generated token) about 180 bits, while a
+    dictionary phrase scores like random letters. Hence a floor on length as well."""
+    counts = Counter(token)
+    n = len(token)
+    return n * -sum(c / n * math.log2(c / n) for c in counts.values()) if n else 0.0
+
+
+def weak_admin_token(settings: Settings) -> str | None:
+    """Why `KAIZEN_ADMIN_TOKEN` is too weak to guard a server (None: it is not, or none is set)."""
+    if settings.admin_token is None:
+        return None  # a generated token (ADMIN_TOKEN_BYTES random bytes), or admin routes off
+    token = settings.admin_token.get_secret_value()
+    if len(token) < settings.admin_token_min_length:
+        return f"it is {len(token)} characters; at least {settings.admin_token_min_length} are needed"
+    bits = token_entropy_bits(token)
+    if bits < settings.admin_token_min_entropy_bits:
+        return (f"its characters carry about {bits:.0f} bits; at least "
+                f"{settings.admin_token_min_entropy_bits:.0f} are needed (it repeats too few characters)")
+    return None
+
+
 def admin_url(settings: Settings, token: str) -> str:
     """The operator page's address that signs in: the token rides in the fragment, which
     browsers never send to the server, so it stays out of access logs and Referer headers."""
@@ -136,6 +162,40 @@ class RateLimiter:
                 return 0.0
             self._buckets[user] = (tokens, now)
             return (1.0 - tokens) / self.rate
+
+
+class AuthFailures:
+    """Failed authentications per client address, as a token bucket of allowed failures.
+
+    An address may present `limit` wrong API keys or admin tokens per `window_s` (refilled
+    evenly); past that, every authenticated request from it is refused (429) until a failure
+    refills, and refused before its key is checked, so a right guess is not confirmed either.
+    At most `max_clients` addresses are remembered: past that, the least recently failing
+    are forgotten (an attack from many addresses costs memory, never more than that)."""
+
+    def __init__(self, limit: int, window_s: float, max_clients: int) -> None:
+        self.limit, self.rate, self.max_clients = float(limit), limit / window_s, max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (failures left, when)
+        self._lock = threading.Lock()
+
+    def _left(self, client: str, now: float) -> float:
+        left, last = self._buckets.get(client, (self.limit, now))
+        return min(self.limit, left + (now - last) * self.rate)
+
+    def wait(self, client: str) -> float:
+        """Seconds until `client` may try again; 0 when it may now."""
+        with self._lock:
+            left = self._left(client, time.monotonic())
+        return 0.0 if left >= 1.0 else (1.0 - left) / self.rate
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            left = self._left(client, now) - 1.0
+            self._buckets.pop(client, None)  # re-inserted last: the dict is ordered by last failure
+            self._buckets[client] = (left, now)
+            while len(self._buckets) > self.max_clients:
+                del self._buckets[next(iter(self._buckets))]
 
 
 def retry_after(seconds: float) -> str:

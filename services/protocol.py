@@ -215,7 +215,6 @@ class ModelCard(OpenAIBaseModel):
     owned_by: str = "kaizen"
     # -- Kaizen extensions --
     version: str
-    root: str
 
 
 class ModelList(OpenAIBaseModel):

@@ -77,6 +77,27 @@ class Settings(BaseSettings):
     max_inflight: int = Field(default=64, ge=1)
     """Chat requests in flight at once; beyond it the API answers 503, never queues unboundedly."""
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    """Largest request body, however it is framed (Content-Length or chunked): counted as it
+    streams in and answered 413 at the limit, before authentication."""
+    # -- hardening (#19): failed authentication, the admin token, open mode --------------
+    auth_failure_limit: int = Field(default=10, ge=1)
+    """Wrong API keys or admin tokens one client address may present per `auth_failure_window_s`;
+    past that its authenticated requests answer 429 until the window refills. Behind a proxy the
+    address is the proxy's unless uvicorn trusts it (FORWARDED_ALLOW_IPS)."""
+    auth_failure_window_s: float = Field(default=60.0, gt=0)
+    """Window of `auth_failure_limit`; failures are forgiven evenly over it."""
+    auth_failure_max_clients: int = Field(default=100_000, ge=1)
+    """Client addresses whose failures are remembered at once; the least recently failing are
+    forgotten past it (bounds memory under an attack from many addresses)."""
+    admin_token_min_length: int = Field(default=24, ge=1)
+    """Shortest KAIZEN_ADMIN_TOKEN a production or non-loopback server accepts (a generated
+    token has 48 hex digits; `openssl rand -hex 16` gives 32)."""
+    admin_token_min_entropy_bits: float = Field(default=80.0, ge=0)
+    """Least estimated entropy of KAIZEN_ADMIN_TOKEN there: length x Shannon entropy of its
+    characters (services/auth.py). 32 random hex digits score about 110 bits."""
+    open_mode_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
+    """Comma-separated Host names an open server (loopback, no API keys) answers; any other
+    Host is refused (400) as DNS rebinding. Names under `.localhost` always pass."""
     max_messages: int = Field(default=256, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     """Answer length when a request gives no `max_tokens`."""
@@ -392,7 +413,7 @@ class Settings(BaseSettings):
     stop_grace_s: float = Field(default=20.0, gt=0)
     """Seconds a child gets after SIGTERM before SIGKILL."""
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "open_mode_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

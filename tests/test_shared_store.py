@@ -186,10 +186,13 @@ def test_the_operator_page_reads_rounds_where_the_trainer_writes_them(tmp_path: 
     (rounds / "rounds.jsonl").write_text(json.dumps({"round": 7, "outcome": "published"}) + "\n")
     (rounds / "schedule.json").write_text(json.dumps({"checked_at": time.time(), "new_votes": 3}))
     admin = {"Authorization": "Bearer admin-token-89ab"}
-    own = TestClient(build_app(make_settings(tmp_path / "pod", admin_token="admin-token-89ab")))
+    # an open server (no API keys) answers loopback Host names only (#19 item 4): TestClient's default
+    # Host, `testserver`, would be refused
+    own = TestClient(build_app(make_settings(tmp_path / "pod", admin_token="admin-token-89ab")),
+                     base_url="http://127.0.0.1")
     assert own.get("/admin/rounds", headers=admin).json()["data"] == []  # its own dir: nothing
     client = TestClient(build_app(make_settings(tmp_path / "pod", admin_token="admin-token-89ab",
-                                                trainer_data_dir=trainer_dir)))
+                                                trainer_data_dir=trainer_dir)), base_url="http://127.0.0.1")
     assert client.get("/admin/rounds", headers=admin).json()["data"] == [{"round": 7, "outcome": "published"}]
     schedule = client.get("/admin/schedule", headers=admin).json()
     assert schedule["trainer_reporting"] is True and schedule["new_votes"] == 3
