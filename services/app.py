@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services import metrics, web
 from services.auth import (AuthError, AuthFailures, RateLimiter, admin_token, bearer, check_admin,
                            check_api_key, load_user_id_secret, retry_after, user_id, weak_admin_token)
+from services.canary import vote_limit_wait
 from services.comparisons import (ComparisonStore, DatabaseUnavailable, OutboxFull, VoteError,
                                   new_comparison_id)
 from services.outbox import OutboxRelay
@@ -235,9 +236,14 @@ async def list_models(_caller: CallerDep, rollout: RolloutDep, request: Request)
 
 
 def sampling(req: ChatCompletionRequest, max_tokens: int, paired: bool, settings: Settings) -> dict[str, Any]:
-    """The sampling parameters actually used (recorded with each paired answer)."""
+    """The sampling parameters actually used (recorded with each paired answer).
+
+    A paired answer ignores the request's `seed` (#19 item 2): with it, the same request pinned to
+    one version, or sent by a user the canary serves, would reproduce one side of the pair word for
+    word and tell the voter which answer is the canary's."""
     temperature = max(req.temperature, settings.comparison_temperature) if paired else req.temperature
-    return {"temperature": temperature, "top_p": req.top_p, "max_tokens": max_tokens, "seed": req.seed,
+    seed = None if paired else req.seed
+    return {"temperature": temperature, "top_p": req.top_p, "max_tokens": max_tokens, "seed": seed,
             "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
             "stop": req.stop_list}
 
@@ -252,7 +258,7 @@ def sampling_params(req: ChatCompletionRequest, used: dict[str, Any], n: int, st
         top_p=req.top_p,
         max_tokens=used["max_tokens"],
         stop=req.stop_list or None,
-        seed=req.seed,
+        seed=used["seed"],
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
@@ -292,11 +298,20 @@ class Part:
     version: str = ""
 
 
+def pinned_engine(rollout: Rollout, model: str | None) -> Engine | None:
+    """The engine a request's `model: "vN"` pins: only the champion's version (#19 item 2).
+
+    The canary's version is answered as an unknown model: pinning it would let any key sample the
+    canary at will (outside its share of users) and match the answers of a pair to versions."""
+    champion = rollout.champion
+    return champion if champion is not None and model is not None and champion.version == model else None
+
+
 def plan_parts(rollout: Rollout, caller: Caller, req: ChatCompletionRequest, paired: bool,
                request_id: str) -> list[Part]:
-    """Which engine(s) answer: a pinned version, champion vs canary for a pair while a
+    """Which engine(s) answer: the pinned champion, champion vs canary for a pair while a
     canary runs, else the user's sticky engine."""
-    pinned = rollout.engine_named(req.model) if req.model else None
+    pinned = pinned_engine(rollout, req.model)
     if pinned is not None:
         return [Part(pinned, 2 if paired else req.n, 0, request_id)]
     if paired:
@@ -319,7 +334,8 @@ async def chat_completions(
     req: ChatCompletionRequest, caller: CallerDep, rollout: RolloutDep, request: Request
 ) -> Response:
     settings: Settings = request.app.state.settings
-    if req.model is not None and req.model != settings.served_model_name and rollout.engine_named(req.model) is None:
+    if (req.model is not None and req.model != settings.served_model_name
+            and pinned_engine(rollout, req.model) is None):
         raise APIError(404, f"the model `{req.model}` does not exist; this server serves "
                        f"`{settings.served_model_name}`", param="model", code="model_not_found")
     if len(req.messages) > settings.max_messages:
@@ -492,9 +508,19 @@ def record_pair(app: FastAPI, pair: PendingPair, texts: list[str], finish: list[
 async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -> Response:
     """A vote on a paired answer: 0 or 1 (the better choice's index), "tie" or "both_bad"."""
     store: ComparisonStore = request.app.state.comparisons
+    settings: Settings = request.app.state.settings
+    # per-user vote limit (#19 item 2); checked before the vote, so concurrent votes of one key
+    # may pass it by as many as are in flight at once (the request rate limit bounds those)
+    now = datetime.now(UTC)
+    cast, oldest = await asyncio.to_thread(store.votes_in_window, caller.user, now - settings.vote_limit_window)
+    wait = vote_limit_wait(cast, oldest, now, settings.vote_limit_per_window, settings.vote_limit_window)
+    if wait > 0:
+        raise APIError(429, f"vote limit reached: {settings.vote_limit_per_window} votes per "
+                       f"{settings.vote_limit_window}; retry in {wait:.0f} s", type="rate_limit_error",
+                       code="vote_limit_exceeded", headers={"Retry-After": retry_after(wait)})
     try:
         # in a thread: on PostgreSQL a vote is a few network round trips the event loop should not wait on
-        event = await asyncio.to_thread(store.vote, body.comparison_id, caller.user, body.choice, body.reason)
+        event = store.vote(body.comparison_id, caller.user, body.choice, body.reason)  # BREAK-IT
     except OutboxFull as exc:
         metrics.OUTBOX_FULL_REJECTIONS.inc()
         raise APIError(503, f"votes are not being delivered fast enough ({exc}): retry later",

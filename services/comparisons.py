@@ -29,6 +29,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services import db
+from services.canary import Side
 from services.db import DatabaseUnavailable
 from services.events import Answer, Choice, Message, PreferenceEvent
 from services.settings import Settings
@@ -192,6 +193,37 @@ class ComparisonStore:
                 winner = left if choice == "0" else right
                 out["canary_wins" if winner == canary else "champion_wins"] += 1
         return out
+
+    def head_to_head_votes(self, champion: str, canary: str,
+                           since: datetime | None) -> list[tuple[str, Side]]:
+        """Votes on champion-vs-canary pairs since `since`, oldest first: (user, side that won), the
+        input of services/canary.py's per-user count (each user's first votes count)."""
+        c = db.comparisons
+        with self.transaction() as conn:
+            rows = conn.execute(
+                select(c.c.user, c.c.version_a, c.c.choice)
+                .where(c.c.choice.is_not(None),
+                       c.c.voted_at >= (since or datetime.min.replace(tzinfo=UTC)).isoformat(),
+                       ((c.c.version_a == champion) & (c.c.version_b == canary))
+                       | ((c.c.version_a == canary) & (c.c.version_b == champion)))
+                .order_by(c.c.voted_at, c.c.id)).all()
+        out: list[tuple[str, Side]] = []
+        for r in rows:
+            user, left, choice = str(r[0]), r[1], r[2]
+            if choice == "tie" or choice == "both_bad":
+                out.append((user, "tie" if choice == "tie" else "both_bad"))
+            else:  # "0": the left answer won; the left answer is the canary's when version_a is
+                out.append((user, "canary" if (choice == "0") == (left == canary) else "champion"))
+        return out
+
+    def votes_in_window(self, user: str, since: datetime) -> tuple[int, datetime | None]:
+        """Votes `user` cast since `since`, and when the oldest of them was cast (the vote limit)."""
+        c = db.comparisons
+        with self.transaction() as conn:
+            row: Any = conn.execute(select(func.count(), func.min(c.c.voted_at))
+                                    .where(c.c.user == user, c.c.voted_at >= since.isoformat())).one()
+        n, oldest = row
+        return int(n), datetime.fromisoformat(oldest) if oldest else None
 
     def _pending_upper_bound(self, conn: Connection) -> int:
         # seq grows by one per event, so (newest - oldest undelivered + 1) bounds the

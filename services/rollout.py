@@ -22,12 +22,15 @@ weights keep serving.
 
 While a canary runs, paired answers are champion-vs-canary (positions
 randomised), so votes are a live head-to-head. With `KAIZEN_AUTO_ROLLOUT` the
-same loop promotes the canary when the 95% Wilson interval of its win rate
-(ties and "both bad" count half) lies above 0.5 after
-`KAIZEN_CANARY_MIN_VOTES` votes, and rolls it back when the interval lies
-below 0.5, when its error rate or time to first token regress, or when it has
-run longer than `KAIZEN_CANARY_MAX_DURATION`. It also puts each newly
-published candidate on canary.
+same loop promotes the canary when the anytime-valid interval of its win rate
+(ties and "both bad" count half; services/canary.py, valid however often it is
+re-checked) lies above 0.5, and rolls it back when the interval lies below 0.5,
+both only after `KAIZEN_CANARY_MIN_VOTES` counted votes from
+`KAIZEN_CANARY_MIN_USERS` users (each user's first
+`KAIZEN_CANARY_MAX_VOTES_PER_USER` votes count); also when its error rate or
+time to first token regress, or when it has run longer than
+`KAIZEN_CANARY_MAX_DURATION`. It also puts each newly published candidate on
+canary.
 
 With several API replicas exactly one decides: the replica holding the
 `rollout` lease in the shared store (services/leader.py) judges the
@@ -44,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import random
 import statistics
 import threading
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from services import metrics, model_events
+from services.canary import CanaryDecision, canary_decision, count_votes
 from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import Engine, SwapFailed
 from services.leader import Lease
@@ -67,18 +70,6 @@ log = logging.getLogger(__name__)
 
 #: Time-to-first-token samples kept per version for the latency comparison.
 TTFT_WINDOW = 500
-Z95 = 1.959964
-
-
-def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (successes may be fractional: ties count half)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def canary_share(user: str, canary: str) -> float:
@@ -427,23 +418,31 @@ class Rollout:
     # -- the live head-to-head and automatic decisions ----------------------------------------
 
     def head_to_head(self, state: RegistryState | None = None) -> dict[str, Any]:
+        """The counted champion-vs-canary votes, their anytime interval and the votes' verdict.
+
+        `votes`, the wins, `win_rate`, `lower` and `upper` are over the counted votes (each user's
+        first `canary_max_votes_per_user`); `votes_cast` counts every vote, `users` the distinct
+        voters counted. `verdict` and `reason` are what the votes alone say (services/canary.py)."""
+        s = self.settings
         state = state or self.registry.state()
-        empty = {"votes": 0, "canary_wins": 0, "champion_wins": 0, "ties": 0, "both_bad": 0,
-                 "win_rate": None, "lower": None, "upper": None}
+        empty: dict[str, Any] = {"votes": 0, "canary_wins": 0, "champion_wins": 0, "ties": 0, "both_bad": 0,
+                                 "win_rate": None, "lower": None, "upper": None, "votes_cast": 0, "users": 0,
+                                 "alpha": s.canary_alpha, "verdict": "collecting", "reason": "no canary"}
         if state.canary is None or state.champion is None:
             return empty
-        h = self.comparisons.head_to_head(state.champion, state.canary, state.canary_started)
-        n = h["votes"]
-        out: dict[str, Any] = {**empty, **h}
-        if n:
-            wins = h["canary_wins"] + 0.5 * (h["ties"] + h["both_bad"])
-            out["win_rate"] = wins / n
-            out["lower"], out["upper"] = wilson(wins, n)
-        metrics.CANARY_VOTES.set(n)
-        if out["win_rate"] is not None:
-            metrics.CANARY_WIN_RATE.set(out["win_rate"])
-            metrics.CANARY_WIN_RATE_LOWER.set(out["lower"])
-            metrics.CANARY_WIN_RATE_UPPER.set(out["upper"])
+        rows = self.comparisons.head_to_head_votes(state.champion, state.canary, state.canary_started)
+        tally = count_votes(rows, s.canary_max_votes_per_user)
+        d: CanaryDecision = canary_decision(tally, alpha=s.canary_alpha, min_votes=s.canary_min_votes,
+                                            min_users=s.canary_min_users, tuned_votes=s.canary_tuned_votes)
+        out = {**empty, "votes": tally.votes, "canary_wins": tally.canary_wins,
+               "champion_wins": tally.champion_wins, "ties": tally.ties, "both_bad": tally.both_bad,
+               "votes_cast": tally.cast, "users": tally.users, "win_rate": d.win_rate, "lower": d.lower,
+               "upper": d.upper, "verdict": d.verdict, "reason": d.reason}
+        metrics.CANARY_VOTES.set(tally.votes)
+        if d.win_rate is not None and d.lower is not None and d.upper is not None:
+            metrics.CANARY_WIN_RATE.set(d.win_rate)
+            metrics.CANARY_WIN_RATE_LOWER.set(d.lower)
+            metrics.CANARY_WIN_RATE_UPPER.set(d.upper)
         return out
 
     def judge(self, state: RegistryState) -> tuple[str, str]:
@@ -462,16 +461,12 @@ class Rollout:
                 c50, k50 = statistics.median(champ.ttft), statistics.median(can.ttft)
                 if c50 > 0 and k50 / c50 > s.canary_max_ttft_ratio:
                     return "rollback", f"median time to first token {k50:.3f} s vs champion {c50:.3f} s"
-        if h["votes"] and h["upper"] < 0.5:
-            return "rollback", (f"losing: win rate {h['win_rate']:.2f}, 95% interval "
-                                f"[{h['lower']:.2f}, {h['upper']:.2f}] over {h['votes']} votes")
-        if h["votes"] >= s.canary_min_votes and h["lower"] > 0.5:
-            return "promote", (f"winning: win rate {h['win_rate']:.2f}, 95% interval "
-                               f"[{h['lower']:.2f}, {h['upper']:.2f}] over {h['votes']} votes")
+        if h["verdict"] in ("promote", "rollback"):
+            return h["verdict"], h["reason"]
         started = state.canary_started
         if started is not None and datetime.now(UTC) - started > s.canary_max_duration:
-            return "rollback", f"no decision after {s.canary_max_duration} ({h['votes']} votes)"
-        return "collecting", f"{h['votes']} of at least {s.canary_min_votes} votes, interval spans 0.5"
+            return "rollback", f"no decision after {s.canary_max_duration} ({h['votes']} counted votes)"
+        return "collecting", h["reason"]
 
     async def _auto(self, state: RegistryState) -> RegistryState | None:
         """Apply an automatic decision, or start a canary for the newest candidate."""
@@ -574,7 +569,9 @@ class Rollout:
             "health": self._health_status(state),
             "decision": {**(self.decision if self.settings.auto_rollout else
                             dict(zip(("state", "reason"), self.judge(state), strict=True))),
-                         "automatic": self.settings.auto_rollout, "min_votes": self.settings.canary_min_votes},
+                         "automatic": self.settings.auto_rollout, "min_votes": self.settings.canary_min_votes,
+                         "min_users": self.settings.canary_min_users, "alpha": self.settings.canary_alpha,
+                         "max_votes_per_user": self.settings.canary_max_votes_per_user},
             "refused": self.refused,
             "generation": state.generation,
         }

@@ -370,7 +370,26 @@ class Settings(BaseSettings):
     canary_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     """Share of users an automatic canary is served to (sticky per user)."""
     canary_min_votes: int = Field(default=30, ge=1)
-    """Champion-vs-canary votes needed before an automatic decision."""
+    """Counted champion-vs-canary votes needed before the votes decide, promotion and rollback
+    alike (services/canary.py argues why the floor is the same both ways)."""
+    # -- votes that decide a canary (#19 item 2: one key holder must not steer it; services/canary.py)
+    canary_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    """Chance, over all looks together, that the votes wrongly promote (canary not better) or wrongly
+    roll back (canary not worse): the decision is re-checked every poll, so it uses an anytime-valid
+    interval (a confidence sequence), not a fixed-n one."""
+    canary_tuned_votes: int = Field(default=100, ge=1)
+    """Vote count at which the anytime interval is nearly as narrow as it can be (the scale of its
+    mixing prior); any value keeps it valid, it only moves power between early and late looks."""
+    canary_min_users: int = Field(default=10, ge=1)
+    """Distinct users whose votes are needed before the votes decide, either way."""
+    canary_max_votes_per_user: int = Field(default=5, ge=1)
+    """Votes of one user that count toward one canary's decision (their first); later ones are
+    accepted and train reward models, but do not move the canary."""
+    vote_limit_per_window: int = Field(default=120, ge=1)
+    """Votes one user may cast per `vote_limit_window`; past it `POST /v1/feedback` answers 429
+    until the oldest leaves the window."""
+    vote_limit_window: timedelta = timedelta(hours=1)
+    """Window of `vote_limit_per_window` (seconds or ISO 8601)."""
     canary_max_duration: timedelta = timedelta(hours=24)
     """An automatic canary with no decision after this long is rolled back."""
     canary_max_error_rate_increase: float = Field(default=0.05, ge=0.0, le=1.0)

@@ -53,7 +53,8 @@ def server(
     settings = make_settings(tmp_path_factory.mktemp("admin-api"), model=tiny_model, api_keys=USER_KEY,
                              broker_port=broker.broker_port,
                              admin_token=ADMIN_TOKEN, auto_rollout=False, registry_poll_interval_s=1.0,
-                             rate_limit_rps=1000, rate_limit_burst=1000)
+                             rate_limit_rps=1000, rate_limit_burst=1000,
+                             canary_max_votes_per_user=6)  # one voter casts the 6 votes the chart shows
     log_path = settings.data_dir / "serve.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
