@@ -331,6 +331,23 @@ def prefs_export(
     err.print(f"exported {n} pairs")
 
 
+@prefs_app.command("erase")
+def prefs_erase(
+    user: Annotated[str, typer.Option("--user", help="the user's API key, or their pseudonym (u-...)")],
+) -> None:
+    """Delete one user's comparisons, votes and stored preferences everywhere this machine reaches."""
+    from kaizen.privacy import EraseError, erase, pseudonym
+
+    settings = get_settings()
+    try:
+        done = erase(settings, pseudonym(settings, user))
+    except EraseError as exc:
+        raise fail(str(exc)) from None
+    console.print_json(json.dumps(done.as_dict()))
+    if done.unreachable:
+        raise typer.Exit(1)
+
+
 @prefs_app.command("import")
 def prefs_import(file: Annotated[Path, typer.Argument(help="JSONL pairs (../shared/data format or TRL)")]) -> None:
     """Send public preference pairs through the preferences topic, like live votes."""

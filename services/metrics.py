@@ -84,7 +84,7 @@ TRAINER_READY = Gauge(
 )
 EVENTS_CONSUMED = Counter(
     "kaizen_trainer_events_consumed_total",
-    "Preference events read from Kafka, by outcome (stored, duplicate, dead_lettered).",
+    "Preference events read from Kafka, by outcome (stored, duplicate, dead_lettered, erased: an erased user's earlier vote).",
     ["outcome"],
 )
 PREFERENCES_STORED = Gauge(
@@ -194,7 +194,7 @@ CHAT_ERRORS = Counter(
 
 # Counters with a fixed set of label values start at 0, so `increase()` in alerts and
 # dashboards sees their first event (a series that appears at 1 has no increase).
-for _outcome in ("stored", "duplicate", "dead_lettered"):
+for _outcome in ("stored", "duplicate", "dead_lettered", "erased"):
     EVENTS_CONSUMED.labels(outcome=_outcome)
 for _outcome in ("published", "rejected", "failed", "skipped", "abandoned"):
     ROUNDS.labels(outcome=_outcome)

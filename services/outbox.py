@@ -43,6 +43,7 @@ class OutboxRelay:
         self._thread: threading.Thread | None = None
         self._producer: KafkaProducer | None = None
         self._last_check = 0.0
+        self._last_prune = 0.0
         self.resets = 0
 
     # -- lifecycle -------------------------------------------------------------------
@@ -127,6 +128,7 @@ class OutboxRelay:
         backoff = self.settings.outbox_backoff_min_s
         while not self._stop.is_set():
             try:
+                self.prune()
                 sent = self.deliver_once()
                 backoff = self.settings.outbox_backoff_min_s
                 if sent == 0:
@@ -196,8 +198,22 @@ class OutboxRelay:
         if marks and not self.broker_holds(marks):
             ensure_topics(self.settings)
             self._redeliver(f"the log no longer reaches the acknowledged offsets {marks}")
-        self.store.prune_delivered(datetime.now(UTC) - self.settings.outbox_retention)
-        self.store.purge_expired()
+
+    def prune(self) -> None:
+        """Retention, on its own clock and whether or not Kafka answers (a broker outage must
+        not keep personal data past its time): delivered outbox rows after `outbox_retention`,
+        unvoted comparisons one TTL after they expired, voted ones after `comparison_retention`."""
+        now = time.monotonic()
+        if now - self._last_prune < self.settings.retention_check_interval_s:
+            return
+        self._last_prune = now
+        wall = datetime.now(UTC)
+        pruned = self.store.prune_delivered(wall - self.settings.outbox_retention)
+        expired = self.store.purge_expired(wall)
+        voted = self.store.purge_voted(wall - self.settings.comparison_retention)
+        if pruned or expired or voted:
+            log.info("retention: deleted %d delivered outbox rows, %d expired and %d voted comparisons",
+                     pruned, expired, voted)
 
     def _redeliver(self, why: str) -> None:
         n = self.store.redeliver_all()

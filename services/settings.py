@@ -176,6 +176,22 @@ class Settings(BaseSettings):
     # -- outbox relay (API process → Kafka) ---------------------------------------------
     outbox_retention: timedelta = timedelta(days=7)
     """Delivered votes kept this long, to re-send if the broker loses them."""
+
+    # -- data retention (README, "Data retention"; `kaizen prefs erase` removes one user's data now)
+    comparison_retention: timedelta = timedelta(days=30)
+    """Voted comparisons (full prompts and answers, in the API's store) are deleted this long
+    after their vote. Keep it longer than a canary runs: its head-to-head reads the votes."""
+    preference_retention: timedelta = timedelta(days=365)
+    """Votes in the trainer's preference store (what reward models train on) are deleted this
+    long after the trainer received them."""
+    topic_retention: timedelta = timedelta(days=7)
+    """`retention.ms` of the preferences and model-event topics Kaizen creates (an existing
+    topic keeps its own); the trainer reads votes within seconds, so days are plenty."""
+    dlq_retention: timedelta = timedelta(days=7)
+    """`retention.ms` of the dead-letter topic Kaizen creates: malformed events carry their raw
+    text, kept this long for an operator to inspect."""
+    retention_check_interval_s: float = Field(default=60.0, gt=0)
+    """How often the API's relay and the trainer's consumer delete what is past retention."""
     outbox_max_pending: int = Field(default=100_000, ge=1)
     """Undelivered votes before `POST /v1/feedback` answers 503 (never drops a vote)."""
     outbox_batch_size: int = Field(default=500, ge=1)

@@ -1,6 +1,6 @@
 """Kafka → preference store, committing offsets only after the store commits.
 
-    kaizen train          # runs this consumer (and, later, training rounds)
+    kaizen train          # runs this consumer (and the training rounds, trainer/daemon.py)
 
 Each poll's batch is validated with the API's own event model; valid events
 go into SQLite in one transaction, invalid ones to the dead-letter topic with
@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -35,6 +36,8 @@ class ConsumeStats:
     stored: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    erased: int = 0
+    pruned: int = 0
 
 
 class _RebalanceFlag(ConsumerRebalanceListener):
@@ -60,6 +63,7 @@ class PreferenceConsumer:
         self._stop = threading.Event()
         self.consumer = self._new_consumer()  # sets self._rebalance, the new consumer's listener
         self._last_progress = time.monotonic()
+        self._last_prune = 0.0
         self.reopened = 0
         """How many times a stalled consumer was replaced (see `_check_stall`)."""
         self.dlq = KafkaProducer(
@@ -94,8 +98,22 @@ class PreferenceConsumer:
     def joined(self) -> bool:
         return bool(self.consumer.assignment())
 
+    def prune(self) -> int:
+        """Delete votes past `preference_retention`, every `retention_check_interval_s` (also
+        while the broker is down: the store is local). Returns the rows deleted this time."""
+        now = time.monotonic()
+        if self._last_prune and now - self._last_prune < self.settings.retention_check_interval_s:
+            return 0
+        self._last_prune = now
+        n = self.store.prune(datetime.now(UTC) - self.settings.preference_retention)
+        if n:
+            log.info("retention: deleted %d votes received over %s ago", n, self.settings.preference_retention)
+        self.stats.pruned += n
+        return n
+
     def poll_once(self) -> int:
         """Handle one poll's batch; return how many records it held."""
+        self.prune()
         batch = self.consumer.poll(timeout_ms=self.settings.kafka_poll_timeout_ms)
         if self._rebalance.assigned:
             # kafka-python keeps in-memory positions across a rebalance. After a broker
@@ -128,8 +146,10 @@ class PreferenceConsumer:
             self._seek_to_committed()
         self.stats.stored += result.stored
         self.stats.duplicates += result.duplicates
+        self.stats.erased += result.erased
         metrics.EVENTS_CONSUMED.labels(outcome="stored").inc(result.stored)
         metrics.EVENTS_CONSUMED.labels(outcome="duplicate").inc(result.duplicates)
+        metrics.EVENTS_CONSUMED.labels(outcome="erased").inc(result.erased)
         metrics.PREFERENCES_STORED.set(self.store.count())
         for ev in valid:
             log.info("received preference event %s (comparison %s, choice %s)",

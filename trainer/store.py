@@ -14,6 +14,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,27 @@ CREATE TABLE IF NOT EXISTS preferences (
     received_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 CREATE INDEX IF NOT EXISTS preferences_received ON preferences (received_at);
+CREATE INDEX IF NOT EXISTS preferences_user ON preferences (user);
+-- rows are deleted (retention, erasure) but rowids must keep growing: see `_next_rowid`
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- users whose data was erased: their events, if Kafka delivers them again, are not stored again
+CREATE TABLE IF NOT EXISTS erased_users (user TEXT PRIMARY KEY, erased_at TEXT NOT NULL);
 """
+
+HIGH_WATER = "rowid_high_water"
+
+
+def sqlite_time(when: datetime) -> str:
+    """`when` as the store writes `received_at` (SQLite's strftime), so the two compare as text."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @dataclass(frozen=True)
 class AddResult:
     stored: int
     duplicates: int
+    erased: int = 0
+    """Events of an erased user, voted before the erasure: not stored (again)."""
 
 
 class PreferenceStore:
@@ -67,24 +82,59 @@ class PreferenceStore:
         self.db.execute("COMMIT")
 
     def add_many(self, events: Iterable[PreferenceEvent]) -> AddResult:
-        """Insert events in one transaction; an event already stored is skipped."""
-        stored = duplicates = 0
+        """Insert events in one transaction; an event already stored is skipped, and so is
+        one an erased user cast before their erasure."""
+        stored = duplicates = erased = 0
         with self.transaction() as db:
+            gone = dict(db.execute("SELECT user, erased_at FROM erased_users").fetchall())
+            rowid = self._next_rowid(db)
             for ev in events:
+                if ev.user in gone and ev.voted_at <= datetime.fromisoformat(gone[ev.user]):
+                    erased += 1
+                    continue
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO preferences (event_id, comparison_id, user, served_at, "
-                    "voted_at, choice, version_a, version_b, event) VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR IGNORE INTO preferences (rowid, event_id, comparison_id, user, served_at, "
+                    "voted_at, choice, version_a, version_b, event) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
-                        str(ev.event_id), ev.comparison_id, ev.user, ev.served_at.isoformat(),
+                        rowid, str(ev.event_id), ev.comparison_id, ev.user, ev.served_at.isoformat(),
                         ev.voted_at.isoformat(), str(ev.choice), ev.answers[0].model_version,
                         ev.answers[1].model_version, ev.model_dump_json(),
                     ),
                 )
                 if cur.rowcount == 1:
                     stored += 1
+                    rowid += 1
                 else:
                     duplicates += 1
-        return AddResult(stored, duplicates)
+        return AddResult(stored, duplicates, erased)
+
+    @staticmethod
+    def _next_rowid(db: sqlite3.Connection) -> int:
+        """One above every rowid the table ever held. SQLite alone would hand a deleted newest
+        rowid out again, and a round's mark (`last_rowid`) at or above it would skip that row."""
+        newest, high = db.execute(
+            "SELECT (SELECT COALESCE(MAX(rowid), 0) FROM preferences), "
+            "(SELECT COALESCE(MAX(value), 0) FROM store_meta WHERE key = ?)", (HIGH_WATER,)).fetchone()
+        return int(max(newest, high)) + 1
+
+    def _delete(self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:
+        db.execute("INSERT INTO store_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE "
+                   "SET value = MAX(value, excluded.value)", (HIGH_WATER, self._next_rowid(db) - 1))
+        return int(db.execute(f"DELETE FROM preferences WHERE {where}", args).rowcount)
+
+    def prune(self, before: datetime) -> int:
+        """Delete votes received before `before` (`preference_retention`)."""
+        with self.transaction() as db:
+            return self._delete(db, "received_at < ?", (sqlite_time(before),))
+
+    def erase_user(self, user: str, when: datetime | None = None) -> int:
+        """Delete one pseudonymous user's votes, and refuse their earlier votes if Kafka delivers
+        them again (`kaizen prefs erase`). Returns the rows deleted."""
+        stamp = (when or datetime.now(UTC)).isoformat()
+        with self.transaction() as db:
+            db.execute("INSERT INTO erased_users (user, erased_at) VALUES (?, ?) ON CONFLICT (user) "
+                       "DO UPDATE SET erased_at = excluded.erased_at", (user, stamp))
+            return self._delete(db, "user = ?", (user,))
 
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM preferences").fetchone()[0])
@@ -115,12 +165,12 @@ class PreferenceStore:
 
 
     # -- reads for the reward model (trainer/reward.py) ----------------------------
-    # Rows are marked by SQLite's rowid: rows are never deleted, so it only grows,
+    # Rows are marked by their rowid: it only grows (`_next_rowid`, even when rows are deleted),
     # and unlike `received_at` (millisecond text) two rows never share one.
 
     def last_rowid(self) -> int:
-        """The newest row's mark (0 for an empty store)."""
-        return int(self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM preferences").fetchone()[0])
+        """The newest row's mark (0 for an empty store); never goes down when rows are deleted."""
+        return self._next_rowid(self.db) - 1
 
     def events_between(self, after: int = 0, through: int | None = None) -> list[tuple[int, PreferenceEvent]]:
         """(rowid, event) with `after < rowid <= through`, oldest first."""
