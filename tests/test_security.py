@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from playwright.sync_api import ConsoleMessage, sync_playwright
 
 from services.app import build_app
@@ -42,10 +43,12 @@ ANSWER_TIMEOUT_S = 120
 
 
 @contextmanager
-def app_server(settings: Settings) -> Iterator[str]:
-    """The real app on a real socket (uvicorn in a thread, no engine); yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=settings.port,
-                                           lifespan="off", log_level="warning"))
+def app_server(settings: Settings, app: FastAPI | None = None) -> Iterator[str]:
+    """The real app (`app`, else one built from `settings`) on a real socket: uvicorn in a thread,
+    lifespan off, so no engine; yields its base URL."""
+    app = app if app is not None else build_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, lifespan="off",
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{settings.port}"
