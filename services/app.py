@@ -164,8 +164,9 @@ def refuse_after_auth_failures(request: Request) -> None:
 
 def count_auth_failure(request: Request) -> None:
     """A wrong key or token was presented (a missing one guesses nothing, so it is not counted)."""
-    if bearer(request.headers.get("authorization")) is not None:
-        request.app.state.auth_failures.failed(client_address(request))
+    token = bearer(request.headers.get("authorization"))
+    if token is not None:
+        request.app.state.auth_failures.failed(client_address(request), token)
 
 
 async def get_caller(request: Request) -> Caller:

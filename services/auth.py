@@ -170,16 +170,19 @@ class AuthFailures:
     An address may present `limit` wrong API keys or admin tokens per `window_s` (refilled
     evenly); past that, every authenticated request from it is refused (429) until a failure
     refills, and refused before its key is checked, so a right guess is not confirmed either.
+    A wrong token repeated is one guess, counted once: a page that loads six admin routes with a
+    mistyped token, or a client retrying, does not lock its operator out.
     At most `max_clients` addresses are remembered: past that, the least recently failing
     are forgotten (an attack from many addresses costs memory, never more than that)."""
 
     def __init__(self, limit: int, window_s: float, max_clients: int) -> None:
         self.limit, self.rate, self.max_clients = float(limit), limit / window_s, max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (failures left, when)
+        # address -> (failures left, when, digest of the last wrong token)
+        self._buckets: dict[str, tuple[float, float, bytes]] = {}
         self._lock = threading.Lock()
 
     def _left(self, client: str, now: float) -> float:
-        left, last = self._buckets.get(client, (self.limit, now))
+        left, last, _ = self._buckets.get(client, (self.limit, now, b""))
         return min(self.limit, left + (now - last) * self.rate)
 
     def wait(self, client: str) -> float:
@@ -188,12 +191,15 @@ class AuthFailures:
             left = self._left(client, time.monotonic())
         return 0.0 if left >= 1.0 else (1.0 - left) / self.rate
 
-    def failed(self, client: str) -> None:
+    def failed(self, client: str, token: str) -> None:
+        """`client` presented `token`, which is wrong."""
         now = time.monotonic()
+        digest = hashlib.sha256(token.encode()).digest()
         with self._lock:
-            left = self._left(client, now) - 1.0
+            repeated = self._buckets.get(client, (0.0, 0.0, b""))[2] == digest
+            left = self._left(client, now) - (0.0 if repeated else 1.0)
             self._buckets.pop(client, None)  # re-inserted last: the dict is ordered by last failure
-            self._buckets[client] = (left, now)
+            self._buckets[client] = (left, now, digest)
             while len(self._buckets) > self.max_clients:
                 del self._buckets[next(iter(self._buckets))]
 

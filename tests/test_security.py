@@ -154,7 +154,8 @@ def test_chunked_body_under_the_limit_still_reaches_the_route(api_server: tuple[
 def test_failed_authentication_is_rate_limited_per_client_address(tmp_path: Path) -> None:
     """#19 item 3: after auth_failure_limit wrong keys or admin tokens, an address gets 429 (with
     Retry-After) on every authenticated route, even with the right key, so a guess cannot be
-    confirmed; requests without credentials do not count; another address is not affected.
+    confirmed; requests without credentials do not count, nor does a wrong token repeated (one
+    guess); another address is not affected.
     Before the fix every wrong key answered 401, without end."""
     settings = make_settings(tmp_path, api_keys=f"{USER_KEY},{OTHER_KEY}", admin_token=ADMIN_TOKEN,
                              auth_failure_limit=3, auth_failure_window_s=3600)
@@ -164,7 +165,7 @@ def test_failed_authentication_is_rate_limited_per_client_address(tmp_path: Path
             assert_openai_error(client.post("/v1/feedback", json=vote), 401, "invalid_api_key")
         assert_openai_error(client.post("/v1/feedback", json=vote, headers=bearer(USER_KEY)), 404,
                             "comparison_not_found")
-        for wrong in ("guess-1", "guess-2"):
+        for wrong in ("guess-1", "guess-1", "guess-1", "guess-1", "guess-2"):  # two guesses
             assert_openai_error(client.post("/v1/feedback", json=vote, headers=bearer(wrong)), 401,
                                 "invalid_api_key")
         assert_openai_error(client.get("/admin/versions", headers=bearer(USER_KEY)), 403, "forbidden")
@@ -177,8 +178,8 @@ def test_failed_authentication_is_rate_limited_per_client_address(tmp_path: Path
     # another client address (127.0.0.2 is loopback too) has its own count
     with app_server(settings.model_copy(update={"port": free_port()})) as base:
         other = httpx.Client(base_url=base, transport=httpx.HTTPTransport(local_address="127.0.0.2"))
-        for _ in range(3):
-            other.post("/v1/feedback", json=vote, headers=bearer("guess"))
+        for n in range(3):
+            other.post("/v1/feedback", json=vote, headers=bearer(f"guess-{n}"))
         assert other.post("/v1/feedback", json=vote, headers=bearer(USER_KEY)).status_code == 429
         local = httpx.post(f"{base}/v1/feedback", json=vote, headers=bearer(USER_KEY), timeout=ANSWER_TIMEOUT_S)
         assert_openai_error(local, 404, "comparison_not_found")
