@@ -6,12 +6,16 @@
     kaizen models promote            # the running canary
     kaizen models rollback --reason "users complain"
     kaizen models import ./my-finetune    # a Hugging Face folder trained elsewhere, as a candidate
+    kaizen models gc [--dry-run]          # retention: delete rejected and old versions, old reward models
+    kaizen models repair [--dry-run]      # rebuild an unreadable registry state.json
 
 They talk HTTP to a running chat API (KAIZEN_HOST/KAIZEN_PORT, or --url) with
 KAIZEN_ADMIN_TOKEN, so the server that swaps the weights is the one that
 changes the registry, checks the files first, and emits the model event.
-`import` writes the registry folder itself (as the trainer publishes into it):
-it adds a candidate and changes nothing that serves.
+`import`, `gc` and `repair` write the registry folder themselves (as the trainer
+publishes into it): they add a candidate, delete what nothing serves and no rollback
+can reach (services/retention.py), or rewrite a damaged state.json from its audit
+log (services/registry_repair.py).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from rich.table import Table
 from services.auth import admin_token
 from services.settings import get_settings
 
-models_app = typer.Typer(help="Model versions: list, inspect, canary, promote, roll back.", no_args_is_help=True)
+models_app = typer.Typer(help="Model versions: list, inspect, canary, promote, roll back; retention (gc); "
+                         "repair.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
@@ -192,3 +197,62 @@ def import_(
     console.print(f"imported {m.source} as [bold]{m.version}[/bold] (candidate): {len(m.files)} files, "
                   f"{size / 1e6:.1f} MB, sha256 of every file checked after the copy")
     console.print(f"try it on live votes: kaizen models canary {m.version} --fraction 0.1 -m \"why\"")
+
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="say what would be done; change nothing")]
+
+
+@models_app.command("gc")
+def gc(dry_run: DryRunOpt = False, as_json: JsonOpt = False) -> None:
+    """Retention: delete rejected versions, retired ones older than the kept champions, old reward models."""
+    from trainer.rounds import collect_garbage
+
+    plan = collect_garbage(get_settings(), dry_run=dry_run, who=_who())
+    if as_json:
+        console.print_json(json.dumps(plan.as_dict()))
+        return
+    table = Table("name", "kind", "", "why")
+    for kind, deleted, kept in (("version", plan.versions, plan.kept),
+                                ("reward model", plan.reward_models, plan.kept_reward_models)):
+        for name, why in deleted.items():
+            table.add_row(name, kind, "[red]delete[/red]", why)
+        for name, why in kept.items():
+            table.add_row(name, kind, "keep", why)
+    console.print(table)
+    verb = "would free" if dry_run else "freed"
+    console.print(f"{len(plan.versions)} versions and {len(plan.reward_models)} reward models: "
+                  f"{verb} {plan.bytes_freed / 1e6:.1f} MB")
+
+
+@models_app.command("repair")
+def repair(
+    dry_run: DryRunOpt = False, as_json: JsonOpt = False,
+    champion: Annotated[str | None, typer.Option(
+        "--champion", help="with no audit log and no good copy left: the version that serves")] = None,
+) -> None:
+    """Rebuild an unreadable registry state.json from its last good copy or audit log, and write it."""
+    from services.registry import Registry, RegistryError
+    from services.registry_repair import repair as do_repair
+
+    registry = Registry(get_settings().registry_path)
+    try:
+        result = do_repair(registry, who=_who(), dry_run=dry_run, champion=champion)
+    except RegistryError as exc:
+        err.print(f"[bold red]cannot repair:[/bold red] {exc}")
+        raise typer.Exit(1) from None
+    state = result.state
+    if as_json:
+        console.print_json(json.dumps({"needed": result.needed, "written": result.written,
+                                       "source": result.source, "damaged_copy": result.damaged_copy,
+                                       "state": state.model_dump(mode="json")}))
+        return
+    if not result.needed:
+        console.print(f"nothing to repair: {result.source} ({registry.state_file})")
+        return
+    what = (f"champion {state.champion}, canary {state.canary or '-'}, {len(state.versions)} versions, "
+            f"generation {state.generation}")
+    if result.written:
+        console.print(f"rebuilt {registry.state_file} from {result.source}: {what}; the damaged file is "
+                      f"{result.damaged_copy}")
+    else:
+        console.print(f"would rebuild {registry.state_file} from {result.source}: {what}")

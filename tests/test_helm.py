@@ -223,7 +223,27 @@ def test_default_profile() -> None:
     assert [p["name"] for p in trainer["ports"]] == ["metrics"]
     volumes = one(docs, "Deployment", "-trainer")["spec"]["template"]["spec"]["volumes"]
     shm = [v for v in volumes if v["name"] == "shm"]
-    assert shm == [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
+    assert shm == [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}]
+
+
+def quantity_bytes(q: str) -> int:
+    """A Kubernetes quantity (2Gi, 500M, 1024) in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9,
+             "T": 10**12}
+    m = re.fullmatch(r"(\d+)([KMGT]i|[kMGT])?", q)
+    assert m, q
+    return int(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
+def test_trainer_shm_holds_two_copies_of_the_policy() -> None:
+    """#19 item 8: PPO's weight sync writes the float32 policy into /dev/shm beside the previous copy
+    (about twice the model's size); the chart's default /dev/shm (1Gi) was smaller than that."""
+    from tests.test_ops_compose import DEFAULT_MODEL_FLOAT32_BYTES
+
+    docs, _ = rendered("default")
+    volumes = one(docs, "Deployment", "-trainer")["spec"]["template"]["spec"]["volumes"]
+    (shm,) = [v for v in volumes if v["name"] == "shm"]
+    assert quantity_bytes(shm["emptyDir"]["sizeLimit"]) >= 2 * DEFAULT_MODEL_FLOAT32_BYTES
 
 
 def test_gpu_profile() -> None:

@@ -249,3 +249,14 @@ def test_nginx_accepts_the_compose_config(tmp_path: Path) -> None:
     bad = subprocess.run([nginx_bin(), "-t", "-c", str(tmp_path / "broken.conf"), "-p", str(tmp_path),
                           "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0
+
+
+#: SmolLM2-135M-Instruct, the default model: 134.5 M parameters, 4 bytes each in float32 (PPO's copy).
+DEFAULT_MODEL_FLOAT32_BYTES = 134_515_008 * 4
+
+
+def test_trainer_shm_holds_two_copies_of_the_policy() -> None:
+    """#19 item 8: PPO's weight sync writes the float32 policy into /dev/shm beside the previous copy
+    (about twice the model's size); Docker's default /dev/shm (64 MB) made it fail."""
+    shm = normalized()["trainer"].get("shm_size")
+    assert shm is not None and int(shm) >= 2 * DEFAULT_MODEL_FLOAT32_BYTES, shm

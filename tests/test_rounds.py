@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,8 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
 
 def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any], engine: Any,
                                                           tmp_path: Path) -> None:
+    """A candidate that fails the sanity prompts is rejected, never served. #19 item 6: retention runs
+    after the round and deletes the rejected copy (it used to stay forever: ~540 MB a round)."""
     settings = round_settings(tmp_path, world["champion"], world["broker"], world["fail"], ppo_iterations=1)
     fill_store(settings)
     record = run_round(settings, engine=engine)
@@ -210,8 +212,16 @@ def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any],
     assert not gate["sanity_passed"] and not gate["passed"]
     assert any("sanity" in f for f in gate["failed"]) and "Paris" not in gate["sanity"][0]["answer"]
     registry = Registry(settings.registry_path)
-    assert registry.info(record["version"]).stage == "rejected"
-    assert registry.state().champion == "v0"  # kept for inspection, never served
+    assert registry.state().champion == "v0"  # never served
+    # #19 item 6: retention ran after the round: the rejected copy is deleted, its audit trail (with
+    # the gate's numbers) stays, and its number is not given out again
+    assert registry.names() == ["v0"] and not registry.path(record["version"]).exists()
+    trail = registry.audit(version=record["version"])
+    assert [(e.action, e.to_stage) for e in trail] == [("publish", "rejected"), ("delete", None)]
+    assert trail[1].details["gate"]["sanity_passed"] is False
+    assert trail[1].details["round_id"] == record["round_id"]
+    events = [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]
+    assert [e["versions"] for e in events if e["kind"] == "retention"] == [[record["version"]]]
 
 
 def test_sigkill_mid_round_leaves_the_registry_as_it_was(world: dict[str, Any], tmp_path: Path) -> None:
@@ -277,3 +287,128 @@ def test_daemon_starts_rounds_on_votes_or_interval_and_never_two_at_once(tmp_pat
         with pytest.raises(RoundBusy):
             run_round(settings)
     assert not round_running(settings)
+
+
+# -- #19 item 8: rounds cut off by SIGKILL (out of memory), and /dev/shm ----------------------------
+
+
+def start_round(settings: Settings) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "trainer.rounds", "run"], env=settings.child_env(),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_in_ppo(settings: Settings, pids: list[int], attempt: int) -> tuple[dict[str, Any], int]:
+    """Start a round process, SIGKILL it (and its engine) once this `attempt` of it is in PPO and has
+    synced weights; (its state, pid)."""
+    state_file = settings.data_dir / "rounds" / "state.json"
+    proc = start_round(settings)
+    pids.append(proc.pid)
+    state: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            in_ppo = state.get("phase") == "ppo" and state.get("iterations_done", 0) >= 1
+            if state.get("attempt") == attempt and in_ppo:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the round ended ({proc.returncode}) before it could be killed: {state}"
+        assert state.get("attempt") == attempt, state
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # what the out-of-memory killer does
+        proc.wait()
+    return state, proc.pid
+
+
+def test_round_killed_again_and_again_is_capped_backed_off_and_failed(world: dict[str, Any],
+                                                                      tmp_path: Path) -> None:
+    """#19 item 8: a round killed by SIGKILL (OOM) was restarted forever: its attempt counter was never
+    checked (and a restart even began again at attempt 1). Now: the daemon notes how it died and waits
+    round_retry_backoff before the next start; each start removes the /dev/shm weight-sync folder the
+    killed one left; the start after round_max_attempts records the round failed with its reason, and
+    the scheduler does not start it again."""
+    from trainer.daemon import RoundScheduler
+
+    settings = round_settings(tmp_path, world["champion"], world["broker"], world["pass"], ppo_iterations=50,
+                              round_max_attempts=2, round_retry_backoff=timedelta(seconds=3))
+    fill_store(settings)
+    if "first" in world:  # the same votes and their RM: the child skips the refresh (test time only)
+        shutil.copytree(world["first"] / "reward", settings.data_dir / "reward")
+    Registry(settings.registry_path).init_base(world["champion"])
+    scheduler = RoundScheduler(settings)
+    pids: list[int] = []
+    try:
+        _killed_again_and_again(settings, scheduler, pids)
+    finally:  # what a failing check leaves in /dev/shm: only the folders of the rounds started here
+        for pid in pids:
+            for folder in Path("/dev/shm").glob(f"kaizen-ppo-{pid}-*"):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _killed_again_and_again(settings: Settings, scheduler: Any, pids: list[int]) -> None:
+    first, pid1 = kill_in_ppo(settings, pids, attempt=1)
+    left = list(Path(first["sync_dir"]).parent.glob(f"kaizen-ppo-{pid1}-*"))
+    assert first["attempt"] == 1 and left == [Path(first["sync_dir"])] and left[0].is_dir()
+    scheduler._note_exit(-signal.SIGKILL)  # as tick() does when it sees the child die
+    assert scheduler.due() is None  # backing off
+    deadline = time.monotonic() + 30
+    while (why := scheduler.due()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert why is not None and "cut off (attempt 1)" in why
+
+    second, _ = kill_in_ppo(settings, pids, attempt=2)
+    assert second["round_id"] == first["round_id"]
+    assert not left[0].exists()  # the second start removed what the first left in /dev/shm
+    assert "SIGKILL" in second["cut_off"][0]["exit"]
+    scheduler._note_exit(-signal.SIGKILL)
+    assert scheduler.retry_wait(json.loads((settings.data_dir / "rounds" / "state.json").read_text())) > 3
+
+    third = start_round(settings)  # attempt 3 > round_max_attempts: recorded as failed, nothing run
+    pids.append(third.pid)
+    try:
+        assert third.wait(timeout=180) == 1
+    finally:
+        if third.poll() is None:
+            os.killpg(third.pid, signal.SIGKILL)
+            third.wait()
+    record = read_rounds(settings, 1)[0]
+    assert record["outcome"] == "failed" and record["round_id"] == first["round_id"], record
+    assert "cut off 2 times" in record["error"] and "KAIZEN_ROUND_MAX_ATTEMPTS=2" in record["error"]
+    assert "phase 'ppo'" in record["error"] and "SIGKILL" in record["error"], record["error"]
+    assert not Path(second["sync_dir"]).exists()
+    assert not (settings.data_dir / "rounds" / "state.json").exists()
+    assert scheduler.due() is None  # not restarted: the next round waits for new votes
+    assert Registry(settings.registry_path).names() == ["v0"]
+
+
+@pytest.fixture()
+def small_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real 1 MiB tmpfs (a too-small /dev/shm) when this runs as root. Without root a full /dev/shm
+    cannot be made here: then (only then) the free-space seam, services.disk.free_bytes, says 1 MiB."""
+    path = tmp_path / "shm"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        monkeypatch.setattr("services.disk.free_bytes", lambda _path: 1 << 20)
+        yield path
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_weight_sync_checks_dev_shm_first(tiny_model: Path, small_shm: Path) -> None:
+    """#19 item 8: the weight sync needs about twice the model's size in /dev/shm; on a /dev/shm too
+    small (a real 1 MiB tmpfs, the tiny policy is ~16 MB in float32) it refuses before writing, naming
+    the setting to change, instead of dying half-way with ENOSPC and a half-written file."""
+    from services.disk import InsufficientSpace
+    from trainer.ppo import load_policy, sync_weights
+
+    policy, _, _ = load_policy(tiny_model)
+    folder = small_shm / "kaizen-ppo-1-x"
+    with pytest.raises(InsufficientSpace, match=r"weight_sync.*shmSize.*shm_size.*PPO_SYNC_DIR") as exc:
+        sync_weights(policy, None, folder)  # type: ignore[arg-type] # refused before the engine is used
+    assert exc.value.needed > 8 * exc.value.free
+    assert list(folder.iterdir()) == []  # nothing half-written

@@ -13,6 +13,11 @@ max_poll_interval is 10 s) while PPO holds a core for minutes, and vLLM's engine
 process tree. The round's file lock keeps rounds from overlapping. The child logs JSON lines;
 this process follows them into its Prometheus metrics. SIGTERM stops the consumer and passes
 SIGTERM to the round, which abandons itself between PPO iterations.
+
+A round process that dies (SIGKILL from the out-of-memory killer, a crash) leaves its state file;
+the daemon writes how it ended there (`last_exit`) and starts it again only after
+KAIZEN_ROUND_RETRY_BACKOFF, doubled with each attempt; after KAIZEN_ROUND_MAX_ATTEMPTS starts the
+round itself records that it failed (trainer/rounds.py).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from prometheus_client import start_http_server
 
 from services import metrics
 from services.broker import ensure_topics
+from services.disk import record_free
+from services.registry import write_atomic
 from services.settings import Settings
 from trainer import rounds
 from trainer.consumer import PreferenceConsumer
@@ -66,6 +73,8 @@ class MetricsFollower:
                     rounds.record_iteration_metrics(rec)
                 elif rec.get("kind") == "round":
                     rounds.record_round_metrics(rec)
+                elif rec.get("kind") == "retention":
+                    rounds.record_retention_metrics(rec)
 
 
 class RoundScheduler:
@@ -80,7 +89,13 @@ class RoundScheduler:
         self.follower = MetricsFollower(settings)
 
     def due(self) -> str | None:
-        """Why a round is due now, or None."""
+        """Why a round is due now, or None. A cut-off round comes first, after its backoff: new votes
+        do not bring a killed round back any sooner."""
+        state = rounds.read_state(self.settings)
+        if state is not None:
+            if self.retry_wait(state) > 0:
+                return None
+            return f"a round was cut off (attempt {state.get('attempt', '?')}): resuming or restarting it"
         mark, ended = rounds.last_mark(self.settings)
         new = rounds.new_votes_since(self.settings, mark)
         if new >= self.settings.min_new_preferences:
@@ -88,9 +103,18 @@ class RoundScheduler:
         since = time.time() - (ended or self.started_at)
         if new > 0 and since >= self.settings.round_interval.total_seconds():
             return f"{new} new votes and {since:.0f} s since the last round (KAIZEN_ROUND_INTERVAL)"
-        if rounds.read_state(self.settings) is not None:
-            return "a round was cut off: resuming or restarting it"
         return None
+
+    def retry_wait(self, state: dict[str, Any]) -> float:
+        """Seconds left before a cut-off round may start again: round_retry_backoff x 2^(attempt-1)
+        after its state file was last written (its last sign of life), so a restarted daemon waits too."""
+        attempt = max(1, int(state.get("attempt", 1)))
+        backoff = self.settings.round_retry_backoff.total_seconds() * 2.0 ** (attempt - 1)
+        try:
+            last = rounds._state_file(self.settings).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+        return last + backoff - time.time()
 
     def report(self, due: str | None) -> dict[str, Any]:
         """What decides the next round, as numbers: written to <data_dir>/rounds/schedule.json at every
@@ -141,10 +165,16 @@ class RoundScheduler:
             log.info("training round process exited with %d", code)
             self.child = None
             self.follower.poll()
+            if code != 0:
+                self._note_exit(code)
         now = time.monotonic()
         if now < self._next_check:
             return
         self._next_check = now + self.check_every_s
+        from trainer.ppo import sync_base  # torch is loaded in the daemon anyway (trainer.reward)
+
+        record_free({"data": self.settings.data_dir, "registry": self.settings.registry_path,
+                     "shm": sync_base(self.settings.ppo_sync_dir) or self.settings.data_dir})
         if rounds.round_running(self.settings):
             self._report(None)
             return  # someone else's round (e.g. `kaizen rounds run`)
@@ -153,6 +183,23 @@ class RoundScheduler:
         if why:
             log.info("starting a training round: %s", why)
             self.child = start_round_process(self.settings)
+
+    def _note_exit(self, code: int) -> None:
+        """A round process that died left its state file: say how it ended there, for the record the
+        round writes when it gives up (and for `kaizen rounds list`)."""
+        state = rounds.read_state(self.settings)
+        if state is None or rounds.round_running(self.settings):
+            return
+        if code < 0:
+            name = signal.Signals(-code).name
+            oom = " (the out-of-memory killer's signal)" if name == "SIGKILL" else ""
+            state["last_exit"] = f"killed by {name}{oom}"
+        else:
+            state["last_exit"] = f"exited with {code}"
+        write_atomic(rounds._state_file(self.settings), json.dumps(state, indent=2, default=str))
+        log.warning("training round %s was cut off in phase %r (%s); retrying in %.0f s",
+                    state.get("round_id"), state.get("phase"), state["last_exit"],
+                    max(0.0, self.retry_wait(state)))
 
     def stop(self, grace_s: float) -> None:
         if self.child is None or self.child.poll() is not None:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.disk import require_free
 from services.registry import atomic_folder
 from services.settings import Settings
 from trainer.distributed import ONE_PROCESS, Dist, launcher_env_hidden, wrap_ddp
@@ -543,6 +544,13 @@ def sync_weights(policy: PolicyWithValue, engine: RolloutEngine, folder: Path) -
     tied = bool(getattr(policy.lm.config, "tie_word_embeddings", False))
     state = {k: v.detach().cpu().contiguous() for k, v in policy.lm.state_dict().items()
              if not (tied and k == "lm_head.weight")}
+    # the new file is written beside the previous one, which stays until the rename: in all about
+    # twice the model's size in /dev/shm. Checked first, so a full /dev/shm is a clear error, not a
+    # half-written file and a SIGBUS or ENOSPC from deep inside safetensors.
+    require_free(folder, sum(t.numel() * t.element_size() for t in state.values()), what="weight_sync",
+                 hint="the weight sync writes the policy there (about twice its size with the previous "
+                      "copy): raise the trainer's /dev/shm (Helm trainer.shmSize, compose shm_size) or set "
+                      "KAIZEN_PPO_SYNC_DIR to a folder on disk")
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
@@ -550,13 +558,40 @@ def sync_weights(policy: PolicyWithValue, engine: RolloutEngine, folder: Path) -
     return {"save_s": save_s, "reload_s": engine.load_weights(folder)}
 
 
+#: Weight-sync folders are `kaizen-ppo-<pid>-<random>`: a later round removes one whose process is gone.
+SYNC_PREFIX = "kaizen-ppo-"
+
+
+def sync_base(sync_dir: Path | None) -> Path | None:
+    """Where sync folders are made: `sync_dir`, else /dev/shm (RAM) where it exists, else the temp dir."""
+    return sync_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+
+
+def stale_sync_folders(base: Path | None) -> list[Path]:
+    """Sync folders under `base` (default: the temp dir) whose process no longer runs (SIGKILL, OOM)."""
+    root = base if base is not None else Path(tempfile.gettempdir())
+    stale = []
+    for folder in root.glob(f"{SYNC_PREFIX}*"):
+        pid = folder.name[len(SYNC_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue  # not ours to judge (an older name without the pid)
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.append(folder)
+        except PermissionError:
+            pass  # alive, someone else's
+    return stale
+
+
 @contextlib.contextmanager
 def sync_folder(config: PPOConfig) -> Iterator[Path]:
-    """A private folder in RAM (/dev/shm) for weight syncs, removed afterwards."""
-    base = config.sync_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    """A private folder in RAM (/dev/shm) for weight syncs, removed afterwards (after a SIGKILL,
+    by the next round: `stale_sync_folders`)."""
+    base = sync_base(config.sync_dir)
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="kaizen-ppo-", dir=base))
+    folder = Path(tempfile.mkdtemp(prefix=f"{SYNC_PREFIX}{os.getpid()}-", dir=base))
     try:
         yield folder
     finally:

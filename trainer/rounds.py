@@ -23,6 +23,16 @@ exists: gate and publish again; or the registry already holds the round's versio
 it) or "restarting" (anything earlier). Votes live in the store, which a round only reads.
 One round at a time: an flock on `<data_dir>/rounds/round.lock`.
 
+A round that keeps being cut off (the out-of-memory killer's SIGKILL) is not restarted forever:
+each start counts an `attempt` in the state file, the daemon waits `round_retry_backoff` (doubled
+per attempt) before the next, and the start after `round_max_attempts` records the round as
+failed, with the phases it died in, and leaves it. Each start first removes the /dev/shm weight
+sync folder a killed round left (named in the state file; or any `kaizen-ppo-<pid>-*` whose
+process is gone). Before anything is written, a round checks the free space on the data dir's
+and the registry's volumes (`round_disk_space_factor` x the champion's size + `disk_reserve_bytes`)
+and fails at once, with the numbers, when it is short. After it publishes it runs retention
+(`collect_garbage`: services/retention.py), the same as `kaizen models gc`.
+
 Logs: one JSON line per PPO iteration and per round in `<data_dir>/rounds/events.jsonl`; round
 records also in `rounds.jsonl` (what `read_rounds` and `kaizen rounds list` show).
 
@@ -57,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from services import metrics
+from services.disk import InsufficientSpace, folder_bytes, require_free
 from services.registry import write_atomic
 from services.settings import Settings
 from trainer.store import PreferenceStore, held_out
@@ -227,8 +238,11 @@ class RoundContext:
 
     def phase(self, name: str, **extra: Any) -> None:
         self.state.update(phase=name, phase_started=datetime.now(UTC).isoformat(), **extra)
-        write_atomic(_state_file(self.settings), json.dumps(self.state, indent=2, default=str))
+        self.save()
         log.info("round %s: %s", self.round_id, name)
+
+    def save(self) -> None:
+        write_atomic(_state_file(self.settings), json.dumps(self.state, indent=2, default=str))
 
     @property
     def work(self) -> Path:
@@ -329,6 +343,8 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
     """
     crew = crew or Crew()
     with round_lock(settings):
+        prior = read_state(settings)  # what a round cut off before this one left, if anything
+        _remove_sync_leftovers(settings, prior)
         resume, how = _recover(settings)
         log.info("training round: %s", how)
         if resume is not None and resume.get("phase") == "published":
@@ -336,7 +352,11 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
             record = _finish(ctx, "published" if resume["stage"] != "rejected" else "rejected",
                              {"version": resume["version"], "recovery": how}, record_metrics)
             return record
-        rid = resume["round_id"] if resume else datetime.now(UTC).strftime("r%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+        attempts = int(prior.get("attempt", 0)) if prior else 0
+        if prior is not None and attempts >= settings.round_max_attempts:
+            return _give_up(settings, prior, attempts, record_metrics)
+        rid = str((resume or prior or {}).get("round_id") or
+                  datetime.now(UTC).strftime("r%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6])
         store = PreferenceStore(settings.preferences_db)
         try:
             mark = store.last_rowid()
@@ -344,14 +364,91 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
             store.close()
         state = resume or {"round_id": rid, "started": datetime.now(UTC).isoformat(), "store_mark": mark}
         state["recovery"] = how
-        state["attempt"] = int(state.get("attempt", 0)) + 1
+        state["attempt"] = attempts + 1
+        if prior is not None:
+            state["cut_off"] = [*prior.get("cut_off", []), _cut_off(prior)]
         ctx = RoundContext(settings, rid, time.time(), state)
+        try:
+            _require_disk_space(settings)
+        except InsufficientSpace as exc:
+            log.error("training round %s refused: %s", rid, exc)
+            return _finish(ctx, "failed", {"error": str(exc), "space_refused": exc.what}, record_metrics)
+        ctx.save()  # the attempt counts from here, whatever kills the round next
         try:
             return _run(ctx, engine, stop, progress, record_metrics, resume is not None, crew)
         except Exception as exc:
             log.exception("training round %s failed", rid)
             shutil.rmtree(ctx.work, ignore_errors=True)
-            return _finish(ctx, "failed", {"error": f"{type(exc).__name__}: {exc}"}, record_metrics)
+            details = {"error": f"{type(exc).__name__}: {exc}"}
+            if isinstance(exc, InsufficientSpace):
+                details["space_refused"] = exc.what
+            return _finish(ctx, "failed", details, record_metrics)
+
+
+def _cut_off(prior: dict[str, Any]) -> dict[str, Any]:
+    """How a cut-off attempt ended: its phase, when, and the exit the daemon saw (if it did)."""
+    return {"attempt": prior.get("attempt"), "phase": prior.get("phase"), "at": prior.get("phase_started"),
+            "exit": prior.get("last_exit")}
+
+
+def _give_up(settings: Settings, prior: dict[str, Any], attempts: int,
+             record_metrics: bool) -> dict[str, Any]:
+    """The start after `round_max_attempts` cut-off starts: record the round as failed and leave it."""
+    cut = [*prior.get("cut_off", []), _cut_off(prior)]
+    how = "; ".join(f"attempt {c.get('attempt')} in phase {c.get('phase')!r}" +
+                    (f" ({c['exit']})" if c.get("exit") else "") for c in cut)
+    reason = (f"cut off {attempts} times, KAIZEN_ROUND_MAX_ATTEMPTS={settings.round_max_attempts}: {how}. "
+              "A SIGKILL is usually the out-of-memory killer: give the trainer more memory, or lower "
+              "KAIZEN_PPO_BATCH_SIZE / KAIZEN_REWARD_BATCH_SIZE; the next round starts on new votes")
+    log.error("training round %s failed: %s", prior.get("round_id"), reason)
+    ctx = RoundContext(settings, str(prior.get("round_id")), time.time(), {**prior, "cut_off": cut})
+    return _finish(ctx, "failed", {"error": reason, "reason": reason}, record_metrics)
+
+
+def _require_disk_space(settings: Settings) -> None:
+    """`InsufficientSpace` unless the data dir's and the registry's volumes can take this round's
+    files (module docstring), checked before anything is written."""
+    from services.registry import Registry
+
+    registry = Registry(settings.registry_path)
+    champion = registry.state().champion
+    size = folder_bytes(registry.path(champion) if champion else settings.model_dir)
+    needed = int(size * settings.round_disk_space_factor) + settings.disk_reserve_bytes
+    hint = (f"{settings.round_disk_space_factor:g} x the champion's {size / 1e6:,.0f} MB "
+            f"(KAIZEN_ROUND_DISK_SPACE_FACTOR) + KAIZEN_DISK_RESERVE_BYTES; free space with "
+            "`kaizen models gc`, or grow the volume")
+    seen: set[int] = set()
+    for path in (settings.data_dir, settings.registry_path):
+        path.mkdir(parents=True, exist_ok=True)
+        device = path.stat().st_dev
+        if device not in seen:  # the same volume once: the need is for all the round's files
+            seen.add(device)
+            require_free(path, needed, what="round", hint=hint)
+
+
+def _remove_sync_leftovers(settings: Settings, prior: dict[str, Any] | None) -> None:
+    """Remove the /dev/shm weight-sync folder a killed round left: the one its state file names, and
+    any `kaizen-ppo-<pid>-*` in the sync base whose process is gone (killed before it was named)."""
+    ppo = _heavy("trainer.ppo")
+    named = (prior or {}).get("sync_dir")
+    if named and Path(named).name.startswith(ppo.SYNC_PREFIX):
+        shutil.rmtree(named, ignore_errors=True)
+    base = ppo.sync_base(settings.ppo_sync_dir)
+    for folder in ppo.stale_sync_folders(base):
+        log.info("removing %s, left by a killed round", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def collect_garbage(settings: Settings, *, dry_run: bool = False, who: str = "trainer") -> Any:
+    """Retention over the registry and the reward models (services/retention.py); `kaizen models gc`."""
+    from services.retention import collect
+
+    reward = _heavy("trainer.reward")
+    root = reward.reward_root(settings)
+    folders = sorted((p for p in root.iterdir() if reward.VERSION_RE.match(p.name)),
+                     key=lambda p: int(reward.VERSION_RE.match(p.name).group(1))) if root.is_dir() else []
+    return collect(settings, reward_models=folders, current_reward_model=reward.current_version(settings),
+                   dry_run=dry_run, who=who)
 
 
 def _finish(ctx: RoundContext, outcome: str, details: dict[str, Any], record_metrics: bool) -> dict[str, Any]:
@@ -365,13 +462,38 @@ def _finish(ctx: RoundContext, outcome: str, details: dict[str, Any], record_met
     shutil.rmtree(ctx.work, ignore_errors=True)
     if record_metrics:
         record_round_metrics(record)
+    if outcome in ("published", "rejected"):
+        _retention(ctx.settings, record_metrics)
     log.info("training round %s: %s (%.0f s)", ctx.round_id, outcome, record["seconds"])
     return record
+
+
+def _retention(settings: Settings, record_metrics: bool) -> None:
+    """Retention after a round that published; logged as a "retention" event. A failure is logged and
+    left to the next round: it never fails the round that already published."""
+    try:
+        plan = collect_garbage(settings, who="trainer")
+    except Exception:  # noqa: BLE001 - retention must not undo a published round
+        log.exception("retention after the round failed; `kaizen models gc` runs it by hand")
+        return
+    rec = {"kind": "retention", "at": datetime.now(UTC).isoformat(), "versions": sorted(plan.versions),
+           "reward_models": sorted(plan.reward_models), "bytes_freed": plan.bytes_freed}
+    _json_line(rounds_dir(settings) / "events.jsonl", rec)
+    if record_metrics:
+        record_retention_metrics(rec)
+
+
+def record_retention_metrics(rec: dict[str, Any]) -> None:
+    metrics.RETENTION_DELETED.labels(kind="version").inc(len(rec.get("versions", [])))
+    metrics.RETENTION_DELETED.labels(kind="reward_model").inc(len(rec.get("reward_models", [])))
+    metrics.RETENTION_FREED_BYTES.inc(float(rec.get("bytes_freed", 0)))
 
 
 def record_round_metrics(record: dict[str, Any]) -> None:
     outcome = record.get("outcome", "failed")
     metrics.ROUNDS.labels(outcome=outcome).inc()
+    if record.get("space_refused"):
+        metrics.DISK_SPACE_REFUSALS.labels(what=str(record["space_refused"])).inc()
     metrics.ROUND_DURATION.observe(float(record.get("seconds", 0.0)))
     if outcome != "failed":
         metrics.LAST_ROUND_COMPLETED.set(float(record.get("ended_ts", time.time())))
@@ -506,6 +628,8 @@ def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, cha
         t0 = time.monotonic()
         crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": rm, "prompts": train_prompts})
         with sync_folder(config) as sync_dir:
+            ctx.state["sync_dir"] = str(sync_dir)  # a kill leaves it in /dev/shm: the next start removes it
+            ctx.save()
             trainer = PPOTrainer(config, policy, reference, tokenizer, engine, scorer, sync_dir,
                                  crew.dist or _one_process())
             history = run_ppo(config, trainer, train_prompts, on_iteration=on_iteration, should_stop=stopped,
