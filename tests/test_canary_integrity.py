@@ -246,25 +246,33 @@ def vote_for(client: httpx.Client, base: str, settings: Settings, key: str, favo
 def test_a_seed_or_a_pinned_version_cannot_map_pair_answers_to_versions(
         base: str, settings: Settings, folders: dict[str, Path]) -> None:
     """#19 item 2: a paired answer ignores the request's seed, so the same request pinned to the
-    champion (or sent by a user the canary serves) cannot reproduce one side word for word; and
-    the canary's version cannot be pinned at all (404, as an unknown model)."""
+    champion (or sent by a user the canary serves) cannot reproduce one side word for word."""
     canary = fresh_canary(base, settings, folders["v1"])
     sampled = {"max_tokens": 8, "temperature": 1.0, "seed": 1234}
     with httpx.Client(timeout=120) as client:
         _, texts, versions, sampling = pair(client, base, settings, KEYS[0], "Tell me a story.", **sampled)
         assert sorted(versions) == ["v0", canary]
-        assert all(s["seed"] is None for s in sampling), sampling  # recorded truthfully: not the user's
         pinned = client.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEYS[0]}"},
                              json={"messages": [{"role": "user", "content": "Tell me a story."}],
                                    "model": "v0", **sampled})
         assert pinned.status_code == 200 and pinned.json()["model_version"] == "v0", pinned.text
         reproduced = pinned.json()["choices"][0]["message"]["content"]
         assert reproduced not in texts, (reproduced, dict(zip(versions, texts, strict=True)))
-        refused = client.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEYS[0]}"},
-                              json={"messages": [{"role": "user", "content": "hi"}], "model": canary,
-                                    "max_tokens": 2})
+        assert all(s["seed"] is None for s in sampling), sampling  # recorded truthfully: not the user's
+
+
+def test_the_canary_version_cannot_be_pinned(base: str, settings: Settings, folders: dict[str, Path]) -> None:
+    """#19 item 2: `model: "vN"` naming the canary is answered as an unknown model (404), so no key
+    samples the canary at will (outside its share of users) to match pair answers to versions;
+    the champion's version can still be pinned."""
+    canary = status(base)["canary"] or fresh_canary(base, settings, folders["v1"])
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEYS[0]}"}) as client:
+        refused = client.post(f"{base}/v1/chat/completions", json={**ask, "model": canary})
         assert refused.status_code == 404, refused.text
         assert refused.json()["error"]["code"] == "model_not_found"
+        champion = client.post(f"{base}/v1/chat/completions", json={**ask, "model": status(base)["champion"]})
+        assert champion.status_code == 200, champion.text
 
 
 def test_a_rollback_needs_as_many_votes_as_a_promotion(
