@@ -18,6 +18,7 @@ Each answer made here is in OpenAI's error shape, like the app's own.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -140,12 +141,20 @@ def host_name(host: str) -> str:
     return host.rstrip(".")
 
 
+def is_loopback_address(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class LoopbackHostOnly:
     """Refuses (400) requests whose Host is not a loopback name, on a server without API keys.
 
     Browsers always send the Host they resolved, so a DNS-rebinding page cannot pass; local tools
-    (curl, the OpenAI client, `kaizen up`) address 127.0.0.1 or localhost. Names under `.localhost`
-    resolve to loopback by definition (RFC 6761) and pass too."""
+    (curl, the OpenAI client, `kaizen up`) address 127.0.0.1 or localhost. Loopback addresses
+    (127.0.0.0/8, ::1: a server on KAIZEN_HOST=127.0.0.2 is addressed so) and names under
+    `.localhost`, loopback by definition (RFC 6761), pass too."""
 
     def __init__(self, app: ASGIApp, names: list[str]) -> None:
         self.app, self.names = app, {host_name(n) for n in names}
@@ -154,7 +163,7 @@ class LoopbackHostOnly:
         if host is None:  # HTTP/1.0 without Host: no browser sends that
             return True
         name = host_name(host)
-        return name in self.names or name.endswith(".localhost")
+        return name in self.names or name.endswith(".localhost") or is_loopback_address(name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     characters (services/auth.py). 32 random hex digits score about 110 bits."""
     open_mode_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     """Comma-separated Host names an open server (loopback, no API keys) answers; any other
-    Host is refused (400) as DNS rebinding. Names under `.localhost` always pass."""
+    Host is refused (400) as DNS rebinding. Loopback addresses and names under `.localhost`
+    always pass."""
     max_messages: int = Field(default=256, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     """Answer length when a request gives no `max_tokens`."""

@@ -333,7 +333,7 @@ def test_open_mode_refuses_hosts_that_are_not_loopback(open_server: tuple[str, S
             error = assert_openai_error(r, 400, "invalid_host")
             assert "DNS rebinding" in error["message"] and "KAIZEN_API_KEYS" in error["message"]
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST.:{port}", f"[::1]:{port}",
-                 f"app.localhost:{port}", "127.0.0.1"):
+                 f"app.localhost:{port}", "127.0.0.1", f"127.0.0.2:{port}"):
         assert httpx.get(f"{base}/healthz", headers={"Host": host}, timeout=ANSWER_TIMEOUT_S).status_code == 200
 
 
