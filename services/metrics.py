@@ -37,11 +37,22 @@ GENERATED_TOKENS = Counter(
     "kaizen_generated_tokens_total", "Tokens generated for chat answers.", ["model_version"]
 )
 ENGINE_READY = Gauge(
-    "kaizen_engine_ready", "1 when the chat engine has loaded its model and serves, else 0."
+    "kaizen_engine_ready",
+    "1 when the champion engine serves (what /readyz answers), else 0: loading, restarting, unresponsive."
 )
 ENGINE_REQUESTS_IN_FLIGHT = Gauge(
     "kaizen_engine_requests_in_flight",
     "Requests the engine holds now (queued or generating), read from vLLM's output processor.",
+)
+ENGINE_RESTARTS = Counter(
+    "kaizen_engine_restarts_total",
+    "Engine restarts on the same version, by cause (died, swap_failed) and result (ok, failed).",
+    ["cause", "result"],
+)
+ENGINE_UNAVAILABLE = Counter(
+    "kaizen_engine_unavailable_total",
+    "Chat requests answered 503 because their engine was swapping, restarting or dead, by error code.",
+    ["code"],
 )
 CLIENT_DISCONNECTS = Counter(
     "kaizen_client_disconnects_total",
@@ -200,6 +211,11 @@ for _outcome in ("published", "rejected", "failed", "skipped", "abandoned"):
     ROUNDS.labels(outcome=_outcome)
 for _result in ("ok", "refused", "failed"):
     SWAPS.labels(result=_result)
+for _cause in ("died", "swap_failed"):
+    for _result in ("ok", "failed"):
+        ENGINE_RESTARTS.labels(cause=_cause, result=_result)
+for _code in ("engine_busy", "engine_queue_full", "engine_dead", "engine_stopped"):
+    ENGINE_UNAVAILABLE.labels(code=_code)
 for _action in ("canary", "promote", "rollback"):
     for _actor in ("auto", "operator"):
         ROLLOUT_DECISIONS.labels(action=_action, actor=_actor)

@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services import metrics, model_events
+from services import engine_health, metrics, model_events
 from services.canary import CanaryDecision, canary_decision, count_votes
 from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import Engine, SwapFailed
@@ -120,6 +120,7 @@ class Rollout:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._follower: ModelEventFollower | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -156,10 +157,14 @@ class Rollout:
         raise RuntimeError(f"no servable champion in {self.registry.root}: {self.refused}")
 
     def run_in_background(self) -> None:
-        """Start the reconcile loop and the model-event follower (call from the event loop)."""
+        """Start the reconcile loop, the engine watchdog (restarts a dead engine, heartbeats for the
+        probes: services/engine_health.py) and the model-event follower (call from the event loop)."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="kaizen-rollout")
+        self._watchdog = asyncio.create_task(engine_health.watch(
+            self.settings, lambda: [e for e in (self.champion, self.canary) if e is not None],
+            lambda: self.champion), name="kaizen-engine-watchdog")
         self._follower = ModelEventFollower(self.settings, self.wake)
         self._follower.start()
 
@@ -186,12 +191,13 @@ class Rollout:
     async def stop(self) -> None:
         if self._follower is not None:
             self._follower.stop()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
         for task in list(self._retiring):
             task.cancel()
         for engine in (self.canary, self.champion):
@@ -351,6 +357,8 @@ class Rollout:
         engine = self.champion
         target = state.champion
         if engine is None or target is None or engine.version == target:
+            return
+        if not engine.alive or engine.restarting:  # swap once it is back (next reconcile)
             return
         if not await self._check(target):
             return

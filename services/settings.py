@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     admin_token_min_entropy_bits: float = Field(default=80.0, ge=0)
     """Least estimated entropy of KAIZEN_ADMIN_TOKEN there: length x Shannon entropy of its
     characters (services/auth.py). 32 random hex digits score about 110 bits."""
+    forwarded_allow_ips: str | None = None
+    """Proxies (comma-separated addresses or networks, `*` for any) whose X-Forwarded-For names
+    the client: the address failed authentications are counted against, and access logs show.
+    Unset: uvicorn's default, FORWARDED_ALLOW_IPS or 127.0.0.1. Behind an ingress or a load
+    balancer set its addresses, or every client shares the proxy's address and its failure limit."""
     open_mode_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     """Comma-separated Host names an open server (loopback, no API keys) answers; any other
     Host is refused (400) as DNS rebinding. Loopback addresses and names under `.localhost`

@@ -126,7 +126,8 @@ def stream_answer(client: httpx.Client, base: str) -> tuple[str, str, str]:
 
 
 def serving(base: str) -> str:
-    return str(httpx.get(f"{base}/readyz").json()["model_version"])
+    """The champion version this process serves (the operators' route: probes name no versions)."""
+    return str(httpx.get(f"{base}/admin/rollout", headers=ADMIN).json()["serving"]["champion"])
 
 
 def test_swaps_under_streaming_load_fail_nothing_and_label_truthfully(

@@ -31,7 +31,7 @@ import uvicorn
 from fastapi import FastAPI
 from playwright.sync_api import ConsoleMessage, sync_playwright
 
-from services.app import build_app
+from services.app import build_app, uvicorn_options
 from services.auth import admin_token, token_entropy_bits, weak_admin_token
 from services.settings import Settings
 from tests.conftest import ADMIN_TOKEN, OTHER_KEY, ROOT, USER_KEY, free_port, make_settings, wait_http
@@ -47,8 +47,8 @@ def app_server(settings: Settings, app: FastAPI | None = None) -> Iterator[str]:
     """The real app (`app`, else one built from `settings`) on a real socket: uvicorn in a thread,
     lifespan off, so no engine; yields its base URL."""
     app = app if app is not None else build_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, lifespan="off",
-                                           log_level="warning"))
+    options = {**uvicorn_options(settings), "host": "127.0.0.1", "log_level": "warning"}  # as `serve` runs it
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{settings.port}"
@@ -184,6 +184,29 @@ def test_failed_authentication_is_rate_limited_per_client_address(tmp_path: Path
         local = httpx.post(f"{base}/v1/feedback", json=vote, headers=bearer(USER_KEY), timeout=ANSWER_TIMEOUT_S)
         assert_openai_error(local, 404, "comparison_not_found")
         other.close()
+
+
+def test_failed_authentication_counts_the_client_a_trusted_proxy_names(tmp_path: Path) -> None:
+    """#19 item 3: behind a proxy listed in KAIZEN_FORWARDED_ALLOW_IPS, failures count against the
+    client it names in X-Forwarded-For, so one client's guesses do not lock out the others behind
+    it; a proxy not listed cannot name clients, so a spoofed X-Forwarded-For per guess does not
+    escape the limit. Before the fix there was no such setting (uvicorn trusted 127.0.0.1 only)."""
+    vote = {"comparison_id": "cmp-does-not-exist", "choice": 1}
+
+    def post(base: str, client: str, key: str) -> httpx.Response:
+        headers = {**bearer(key), "X-Forwarded-For": client}  # this test plays the proxy, from 127.0.0.1
+        return httpx.post(f"{base}/v1/feedback", json=vote, headers=headers, timeout=ANSWER_TIMEOUT_S)
+
+    common: dict[str, Any] = {"api_keys": USER_KEY, "auth_failure_limit": 2, "auth_failure_window_s": 3600}
+    with app_server(make_settings(tmp_path / "trusted", forwarded_allow_ips="127.0.0.1", **common)) as base:
+        for n in range(2):
+            assert_openai_error(post(base, "203.0.113.7", f"guess-{n}"), 401, "invalid_api_key")
+        assert_openai_error(post(base, "203.0.113.7", USER_KEY), 429, "too_many_auth_failures")
+        assert_openai_error(post(base, "203.0.113.8", USER_KEY), 404, "comparison_not_found")
+    with app_server(make_settings(tmp_path / "untrusted", forwarded_allow_ips="10.9.9.9", **common)) as base:
+        for n in range(2):
+            assert_openai_error(post(base, f"203.0.113.{n}", f"guess-{n}"), 401, "invalid_api_key")
+        assert_openai_error(post(base, "203.0.113.99", USER_KEY), 429, "too_many_auth_failures")
 
 
 def bearer(token: str) -> dict[str, str]:

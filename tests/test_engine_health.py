@@ -1,0 +1,257 @@
+"""Probes that see the engine, restarts of a dead engine, bounded swaps (#19 items 10, 11, 12).
+
+One `kaizen serve` of its own on the tiny model (never the session's shared server: these
+tests stop, kill and hang its engine). The faults are real: the EngineCore child process is
+found with psutil and stopped (SIGSTOP: a wedged engine) or killed (SIGKILL: a crash, an
+OOM kill); a weight reload hangs for real on a named pipe that vLLM opens as a
+`.safetensors` file and that nobody ever writes (open() blocks, as on a dead network disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from services.registry import Registry
+from services.settings import Settings
+from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
+
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+PROMPT = [{"role": "user", "content": "Name three colours."}]
+RETRY_AFTER = 7  # engine_retry_after_s of this server: a value no other path answers with
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, broker: Settings, tmp_path_factory: pytest.TempPathFactory,
+           ) -> Iterator[tuple[str, Settings, subprocess.Popen[bytes]]]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("engine-health"), model=tiny_model, broker_port=broker.broker_port,
+        api_keys=USER_KEY, admin_token=ADMIN_TOKEN, rate_limit_rps=1000, rate_limit_burst=1000,
+        auto_rollout=False, registry_poll_interval_s=0.5, engine_max_model_len=2048, max_tokens_limit=2000,
+        engine_watchdog_interval_s=0.5, engine_heartbeat_timeout_s=2, engine_stall_timeout_s=8,
+        engine_admit_timeout_s=3, engine_max_waiting=2, engine_retry_after_s=RETRY_AFTER,
+        swap_reload_timeout_s=5, swap_drain_timeout_s=0)
+    log_path = settings.data_dir / "serve.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_http(f"{base}/readyz", 360, proc)
+    except Exception:
+        stop_group(proc)
+        print(log_path.read_text()[-5000:])
+        raise
+    yield base, settings, proc
+    stop_group(proc)
+
+
+def engine_core(proc: subprocess.Popen[bytes]) -> psutil.Process:
+    """The champion's EngineCore: the API process's one `VLLM::EngineCore` child."""
+    cores = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "EngineCore" in p.name() and p.status() != psutil.STATUS_ZOMBIE]
+    assert len(cores) == 1, cores
+    return cores[0]
+
+
+def poll(what: str, check: Callable[[], Any], timeout_s: float = 300) -> Any:
+    """Call `check` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def probe(base: str, path: str) -> httpx.Response:
+    return httpx.get(f"{base}{path}", timeout=10)
+
+
+def until(base: str, path: str, status: int, timeout_s: float = 300) -> httpx.Response:
+    """Poll a probe until it answers `status`; that answer."""
+    def answer() -> httpx.Response | None:
+        r = probe(base, path)
+        return r if r.status_code == status else None
+    return poll(f"{path} {status}", answer, timeout_s)
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    """One sample from /metrics (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in httpx.get(f"{base}/metrics/", timeout=10).text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))) == want:
+            return float(m.group(3))
+    return 0.0
+
+
+def chat(base: str, timeout_s: float = 120, **body: Any) -> httpx.Response:
+    payload = {"messages": PROMPT, "max_tokens": 8, "temperature": 0, **body}
+    return httpx.post(f"{base}/v1/chat/completions", json=payload, headers=USER, timeout=timeout_s)
+
+
+def other_weights(base: Path, out: Path) -> Path:
+    """A copy of `base` with every weight scaled: half of it loaded would change the answers."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    weights = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(19)
+    scaled = {k: (w.float() * (1 + torch.rand(w.shape, generator=gen))).to(w.dtype)
+              for k, w in weights.items()}
+    save_file(scaled, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def assert_unavailable(r: httpx.Response, code: str) -> None:
+    """An OpenAI-shaped 503 with Retry-After."""
+    assert r.status_code == 503, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert error["code"] == code and error["type"] == "service_unavailable" and error["message"], error
+    assert r.headers["retry-after"] == str(RETRY_AFTER), r.headers
+
+
+def test_probes_name_no_version_and_follow_the_engine(
+        server: tuple[str, Settings, subprocess.Popen[bytes]]) -> None:
+    """#19 item 10 (and item 2's probe part): unauthenticated probes say ready/ok and nothing more:
+    no champion or canary version (the admin routes have them)."""
+    base, _, _ = server
+    ready = until(base, "/readyz", 200)
+    assert ready.json() == {"status": "ready"}
+    assert "v0" not in ready.text
+    assert probe(base, "/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{base}/admin/rollout", headers=ADMIN).json()["serving"]["champion"] == "v0"
+
+
+def test_a_wedged_engine_fails_readiness_then_liveness_and_recovers(
+        server: tuple[str, Settings, subprocess.Popen[bytes]]) -> None:
+    """#19 item 10: an EngineCore that stops answering (SIGSTOP: alive, wedged) makes /readyz 503
+    after engine_heartbeat_timeout_s and /healthz 503 after engine_stall_timeout_s, so the
+    orchestrator restarts the process; once it answers again (SIGCONT) both are 200."""
+    base, _, proc = server
+    until(base, "/readyz", 200)
+    core = engine_core(proc)
+    core.send_signal(signal.SIGSTOP)
+    try:
+        unready = until(base, "/readyz", 503, 60)
+        assert unready.json()["error"]["code"] == "engine_unresponsive", unready.text
+        dead = until(base, "/healthz", 503, 60)
+        assert dead.json()["error"]["code"] == "engine_stalled", dead.text
+        assert "v0" not in unready.text + dead.text
+    finally:
+        core.send_signal(signal.SIGCONT)
+    until(base, "/healthz", 200, 60)
+    until(base, "/readyz", 200, 60)
+    assert chat(base).status_code == 200
+
+
+def test_a_killed_engine_is_restarted_on_the_same_version(
+        server: tuple[str, Settings, subprocess.Popen[bytes]]) -> None:
+    """#19 items 10 and 12: SIGKILL the real EngineCore mid-answer. /readyz turns 503 (it no
+    longer only checks that a champion object exists); the answers in flight end with a clear
+    503 (`engine_dead`; a stream with an error event); new requests wait, bounded, and get 503
+    `engine_busy` with Retry-After while the engine restarts; then it is back on the same
+    version, answers again, and kaizen_engine_restarts_total counts the restart."""
+    base, _, proc = server
+    until(base, "/readyz", 200)
+    restarts = metric(base, "kaizen_engine_restarts_total", cause="died", result="ok")
+    core = engine_core(proc)
+    long = {"max_tokens": 1900, "temperature": 1.0}
+
+    first_chunk = threading.Event()
+    stream_lines: list[str] = []
+
+    def stream() -> int:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", headers=USER, timeout=300,
+                          json={"messages": PROMPT, "stream": True, **long}) as r:
+            for line in r.iter_lines():
+                stream_lines.append(line)
+                if '"content":"' in line.replace(" ", "") and '"content":""' not in line.replace(" ", ""):
+                    first_chunk.set()
+            return r.status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(stream)
+        whole = pool.submit(chat, base, 300, n=8, **long)
+        assert first_chunk.wait(120), stream_lines[-5:]
+        poll("both in flight", lambda: metric(base, "kaizen_engine_requests_in_flight") >= 2, 60)
+        core.kill()
+        assert streamed.result(300) == 200  # the stream had begun: its 503 is an error event
+        assert_unavailable(whole.result(300), "engine_dead")
+    events = [json.loads(line[6:]) for line in stream_lines if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "engine_dead", events[-1]
+    assert stream_lines[-1] == "data: [DONE]" or stream_lines[-2] == "data: [DONE]", stream_lines[-3:]
+
+    unready = until(base, "/readyz", 503, 30)
+    assert unready.json()["error"]["code"] == "engine_restarting", unready.text
+    during = chat(base, timeout_s=60)
+    if probe(base, "/readyz").status_code == 503:  # still restarting after the wait: refused, bounded
+        assert_unavailable(during, "engine_busy")
+    else:  # the restart ended while it waited: it was answered
+        assert during.status_code == 200, during.text
+
+    until(base, "/readyz", 200, 300)
+    after = chat(base)
+    assert after.status_code == 200, after.text
+    assert after.headers["x-kaizen-model-version"] == "v0"
+    assert engine_core(proc).pid != core.pid
+    assert metric(base, "kaizen_engine_restarts_total", cause="died", result="ok") == restarts + 1
+
+
+def test_a_hung_reload_fails_the_swap_and_the_old_weights_keep_serving(
+        server: tuple[str, Settings, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """#19 item 11: a promotion whose `reload_weights` never returns (v1's folder holds a named
+    pipe ending in .safetensors) fails after swap_reload_timeout_s: v1 is refused, the engine is
+    restarted on v0 (the reload had loaded part of v1: no half state is kept) and answers exactly
+    as before. Requests held meanwhile wait at most engine_admit_timeout_s (503 `engine_busy`,
+    Retry-After), and beyond engine_max_waiting of them the rest are refused at once."""
+    base, settings, _ = server
+    until(base, "/readyz", 200)
+    before = chat(base)
+    assert before.status_code == 200, before.text
+    restarts = metric(base, "kaizen_engine_restarts_total", cause="swap_failed", result="ok")
+
+    folder = other_weights(settings.model_dir, tmp_path / "v1")
+    registry = Registry(settings.registry_path)
+    v1 = registry.publish(folder, parent="v0", who="test", why="hung reload").version
+    os.mkfifo(registry.path(v1) / "zz-hangs.safetensors")  # not in the manifest: verify passes
+
+    with ThreadPoolExecutor(8) as pool:
+        promoted = pool.submit(httpx.post, f"{base}/admin/promote", json={"version": v1}, headers=ADMIN,
+                               timeout=600)
+        held = poll("a request held by the swap", lambda: (r := chat(base, 60)).status_code == 503 and r, 120)
+        assert_unavailable(held, "engine_busy")
+        burst = [pool.submit(chat, base, 60) for _ in range(settings.engine_max_waiting + 2)]
+        codes = sorted(r.json()["error"]["code"] if r.status_code == 503 else str(r.status_code)
+                       for r in (f.result(120) for f in burst))
+        assert codes.count("engine_queue_full") >= 2, codes
+        assert promoted.result(600).status_code == 200
+    status = httpx.get(f"{base}/admin/rollout", headers=ADMIN).json()
+    assert status["serving"]["champion"] == "v0", status["serving"]
+    assert "timed out" in status["refused"][v1], status["refused"]
+    until(base, "/readyz", 200, 300)
+    after = chat(base)
+    assert after.status_code == 200, after.text
+    assert after.headers["x-kaizen-model-version"] == "v0"
+    answer = after.json()["choices"][0]["message"]["content"]
+    assert answer == before.json()["choices"][0]["message"]["content"]  # v0's weights, whole
+    assert metric(base, "kaizen_engine_restarts_total", cause="swap_failed", result="ok") == restarts + 1
