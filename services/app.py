@@ -39,7 +39,8 @@ from services.comparisons import (ComparisonStore, DatabaseUnavailable, OutboxFu
                                   new_comparison_id)
 from services.outbox import OutboxRelay
 from services.events import Answer
-from services.engine import Engine
+from services.engine import Engine, EngineUnavailable
+from services.engine_health import Probe, liveness, readiness
 from services.registry import RegistryError
 from services.rollout import Rollout
 from services.models import require_model
@@ -211,18 +212,26 @@ openai_routes = APIRouter(prefix="/v1", tags=["openai"])
 admin_routes = APIRouter(prefix="/admin", tags=["admin"])
 
 
+def probe_response(request: Request, check: Callable[..., Probe], status: str) -> JSONResponse:
+    """A probe's answer from the engine watchdog's state (services/engine_health.py): no engine
+    call, no version names (probes are unauthenticated; /admin/rollout names versions)."""
+    rollout: Rollout | None = getattr(request.app.state, "rollout", None)
+    probe = check(rollout.champion if rollout else None, request.app.state.settings, time.monotonic())
+    if probe.ok:
+        return JSONResponse({"status": status})
+    return error_response(503, probe.message, "service_unavailable", code=probe.code)
+
+
 @probes.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(request: Request) -> JSONResponse:
+    """Liveness: 503 when the engine has shown no sign of life for KAIZEN_ENGINE_STALL_TIMEOUT_S."""
+    return probe_response(request, liveness, "ok")
 
 
 @probes.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    rollout: Rollout | None = getattr(request.app.state, "rollout", None)
-    if rollout is None or rollout.champion is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "model_version": rollout.champion.version,
-                         "canary": rollout.canary.version if rollout.canary else None})
+    """Readiness: 503 while loading, while a dead engine restarts, or while it does not answer."""
+    return probe_response(request, readiness, "ready")
 
 
 @openai_routes.get("/models")
@@ -366,8 +375,13 @@ async def chat_completions(
         params = [sampling_params(req, used, p.n, req.stream) for p in parts]
     except ValueError as exc:  # vLLM's own validation of what our models let through
         raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
-    for p in parts:  # waits while a weight swap holds new requests
-        p.version = await p.engine.admit(p.request_id)
+    for i, p in enumerate(parts):  # waits (bounded) while a weight swap or a restart holds new requests
+        try:
+            p.version = await p.engine.admit(p.request_id)
+        except EngineUnavailable:
+            for q in parts[:i]:
+                q.engine.release(q.request_id)
+            raise
         rollout.count_request(p.version)
         metrics.PROMPT_TOKENS.labels(model_version=p.version).inc(len(prompt_ids))
 
@@ -732,6 +746,12 @@ async def stream_chunks(
         except (asyncio.CancelledError, GeneratorExit):
             metrics.CLIENT_DISCONNECTS.inc()
             raise
+        except EngineUnavailable as exc:  # the engine died mid-answer: the 503 as a stream's error event
+            metrics.ENGINE_UNAVAILABLE.labels(code=exc.reason).inc()
+            yield json.dumps(dump(ErrorResponse(error=ErrorInfo(
+                message=str(exc), type="service_unavailable", param=None, code=exc.reason))))
+            yield "[DONE]"
+            return
         finally:
             release()
             for p in parts:
@@ -827,6 +847,15 @@ async def handle_database_unavailable(request: Request, exc: Exception) -> Respo
                           "service_unavailable", code="database_unavailable", headers={"Retry-After": retry})
 
 
+async def handle_engine_unavailable(request: Request, exc: Exception) -> Response:
+    """The engine is swapping weights, restarting or died under the request: retry shortly."""
+    assert isinstance(exc, EngineUnavailable)
+    metrics.ENGINE_UNAVAILABLE.labels(code=exc.reason).inc()
+    retry = str(request.app.state.settings.engine_retry_after_s)
+    return error_response(503, str(exc), "service_unavailable", code=exc.reason,
+                          headers={"Retry-After": retry})
+
+
 async def handle_unexpected(_: Request, exc: Exception) -> Response:
     ref = uuid.uuid4().hex[:12]
     log.exception("unhandled error (ref %s)", ref, exc_info=exc)
@@ -859,6 +888,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(DatabaseUnavailable, handle_database_unavailable)
+    app.add_exception_handler(EngineUnavailable, handle_engine_unavailable)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     app.add_exception_handler(Exception, handle_unexpected)
     return app

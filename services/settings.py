@@ -138,6 +138,30 @@ class Settings(BaseSettings):
     engine_seed: int = 0
     engine_ready_timeout_s: float = Field(default=300.0, gt=0)
     """How long `kaizen up` waits for the chat API to load its model."""
+    # engine health, restarts and bounded waits (#19 items 10-12; services/engine_health.py)
+    engine_watchdog_interval_s: float = Field(default=2.0, gt=0)
+    """How often the chat API checks each engine: a dead one (its EngineCore process exited) is
+    restarted on the same version, a live one is asked a trivial question (the heartbeat)."""
+    engine_heartbeat_timeout_s: float = Field(default=10.0, gt=0)
+    """/readyz answers 503 while a heartbeat has gone unanswered this long (a step of the default
+    model takes well under a second on CPU; a busy core answers between steps)."""
+    engine_stall_timeout_s: float = Field(default=300.0, gt=0)
+    """/healthz (liveness) answers 503 when the champion engine has shown no sign of life (an
+    answered heartbeat, a start, a swap) for this long: a wedged EngineCore or a restart that
+    never succeeds; the orchestrator then restarts the process. Keep it above an engine start
+    (about 25 s idle on 2 cores, minutes under load) and above `swap_reload_timeout_s`."""
+    engine_admit_timeout_s: float = Field(default=30.0, ge=0)
+    """How long a chat request waits for a weight swap or an engine restart to end before it is
+    answered 503 (`engine_busy`, with Retry-After)."""
+    engine_max_waiting: int = Field(default=64, ge=0)
+    """Chat requests that may wait per engine for a swap or restart; more are answered 503 at once
+    (`engine_queue_full`)."""
+    engine_retry_after_s: int = Field(default=5, ge=1)
+    """Retry-After (seconds) of a 503 answered because an engine was swapping, restarting or dead."""
+    swap_reload_timeout_s: float = Field(default=120.0, gt=0)
+    """Bound of each engine call of a weight swap (pause, `reload_weights`, resume). One that takes
+    longer may have left the weights half loaded: the swap fails and the engine is restarted on
+    the old version (135M parameters reload in about 0.5 s)."""
 
     # -- Kafka ----------------------------------------------------------------
     kafka_bootstrap: str | None = None
