@@ -205,7 +205,7 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="say what would be do
 @models_app.command("gc")
 def gc(dry_run: DryRunOpt = False, as_json: JsonOpt = False) -> None:
     """Retention: delete rejected versions, retired ones older than the kept champions, old reward models."""
-    from trainer.rounds import collect_garbage
+    from trainer.upkeep import collect_garbage
 
     plan = collect_garbage(get_settings(), dry_run=dry_run, who=_who())
     if as_json:

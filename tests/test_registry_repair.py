@@ -11,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.registry import CorruptState, Registry, RegistryState
 from services.registry_repair import replay, repair
-from tests.conftest import ROOT, make_settings
+from tests.conftest import ADMIN_TOKEN, ROOT, make_settings, stop_group, wait_http
 from tests.test_registry import fake_model
 
 
@@ -103,3 +104,31 @@ def test_kaizen_models_repair_cli(tmp_path: Path) -> None:
     assert reg.audit()[-1].action == "repair"
     again = cli()
     assert again.returncode == 0 and "nothing to repair" in again.stdout
+
+
+def test_chat_api_starts_on_a_damaged_state(tmp_path: Path, tiny_model: Path) -> None:
+    """#19 item 7: the symptom itself. `kaizen serve` (a real process, real engine) on a registry whose
+    state.json is damaged used to exit at start with a ValidationError, again at every restart; now it
+    starts and serves the champion the registry last recorded (v1 here, not the base model v0)."""
+    settings = make_settings(tmp_path / "data", model=tiny_model, admin_token=ADMIN_TOKEN)
+    reg = Registry(settings.registry_path)
+    reg.init_base(tiny_model)
+    reg.publish(tiny_model, parent="v0", who="test")
+    reg.promote("v1", who="test")
+    reg.state_file.write_text(reg.state_file.read_text()[:40])  # torn
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        try:
+            wait_http(f"{base}/readyz", 240, proc)  # ready: the champion's engine is loaded
+        except Exception:
+            print(log_path.read_text()[-5000:])
+            raise
+        served = httpx.get(f"{base}/metrics", timeout=10, follow_redirects=True).text
+        assert 'kaizen_served_model_info{model_version="v1"} 1.0' in served
+        assert "kaizen models repair" in log_path.read_text()  # the warning names the repair
+    finally:
+        stop_group(proc)

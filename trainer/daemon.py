@@ -40,7 +40,7 @@ from services.broker import ensure_topics
 from services.disk import record_free
 from services.registry import write_atomic
 from services.settings import Settings
-from trainer import rounds
+from trainer import rounds, upkeep
 from trainer.consumer import PreferenceConsumer
 from trainer.reward import current_version
 from trainer.store import PreferenceStore, holdout_share, prompt_key
@@ -74,7 +74,7 @@ class MetricsFollower:
                 elif rec.get("kind") == "round":
                     rounds.record_round_metrics(rec)
                 elif rec.get("kind") == "retention":
-                    rounds.record_retention_metrics(rec)
+                    upkeep.record_retention_metrics(rec)
 
 
 class RoundScheduler:

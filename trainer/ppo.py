@@ -572,9 +572,9 @@ def stale_sync_folders(base: Path | None) -> list[Path]:
     root = base if base is not None else Path(tempfile.gettempdir())
     stale = []
     for folder in root.glob(f"{SYNC_PREFIX}*"):
-        pid = folder.name[len(SYNC_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit():
-            continue  # not ours to judge (an older name without the pid)
+        pid, dash, _ = folder.name[len(SYNC_PREFIX):].partition("-")
+        if not (dash and pid.isdigit()):
+            continue  # not ours to judge: an older name without the pid (mkdtemp's suffix has no "-")
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:

@@ -31,7 +31,7 @@ sync folder a killed round left (named in the state file; or any `kaizen-ppo-<pi
 process is gone). Before anything is written, a round checks the free space on the data dir's
 and the registry's volumes (`round_disk_space_factor` x the champion's size + `disk_reserve_bytes`)
 and fails at once, with the numbers, when it is short. After it publishes it runs retention
-(`collect_garbage`: services/retention.py), the same as `kaizen models gc`.
+(services/retention.py), the same as `kaizen models gc`. These chores live in trainer/upkeep.py.
 
 Logs: one JSON line per PPO iteration and per round in `<data_dir>/rounds/events.jsonl`; round
 records also in `rounds.jsonl` (what `read_rounds` and `kaizen rounds list` show).
@@ -67,9 +67,10 @@ from pathlib import Path
 from typing import Any
 
 from services import metrics
-from services.disk import InsufficientSpace, folder_bytes, require_free
+from services.disk import InsufficientSpace
 from services.registry import write_atomic
 from services.settings import Settings
+from trainer import upkeep
 from trainer.store import PreferenceStore, held_out
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
     crew = crew or Crew()
     with round_lock(settings):
         prior = read_state(settings)  # what a round cut off before this one left, if anything
-        _remove_sync_leftovers(settings, prior)
+        upkeep.remove_sync_leftovers(settings, prior)
         resume, how = _recover(settings)
         log.info("training round: %s", how)
         if resume is not None and resume.get("phase") == "published":
@@ -354,7 +355,7 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
             return record
         attempts = int(prior.get("attempt", 0)) if prior else 0
         if prior is not None and attempts >= settings.round_max_attempts:
-            return _give_up(settings, prior, attempts, record_metrics)
+            return _give_up(settings, prior, record_metrics)
         rid = str((resume or prior or {}).get("round_id") or
                   datetime.now(UTC).strftime("r%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6])
         store = PreferenceStore(settings.preferences_db)
@@ -366,10 +367,10 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
         state["recovery"] = how
         state["attempt"] = attempts + 1
         if prior is not None:
-            state["cut_off"] = [*prior.get("cut_off", []), _cut_off(prior)]
+            state["cut_off"] = upkeep.cut_offs(prior)
         ctx = RoundContext(settings, rid, time.time(), state)
         try:
-            _require_disk_space(settings)
+            upkeep.require_disk_space(settings)
         except InsufficientSpace as exc:
             log.error("training round %s refused: %s", rid, exc)
             return _finish(ctx, "failed", {"error": str(exc), "space_refused": exc.what}, record_metrics)
@@ -385,70 +386,12 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
             return _finish(ctx, "failed", details, record_metrics)
 
 
-def _cut_off(prior: dict[str, Any]) -> dict[str, Any]:
-    """How a cut-off attempt ended: its phase, when, and the exit the daemon saw (if it did)."""
-    return {"attempt": prior.get("attempt"), "phase": prior.get("phase"), "at": prior.get("phase_started"),
-            "exit": prior.get("last_exit")}
-
-
-def _give_up(settings: Settings, prior: dict[str, Any], attempts: int,
-             record_metrics: bool) -> dict[str, Any]:
+def _give_up(settings: Settings, prior: dict[str, Any], record_metrics: bool) -> dict[str, Any]:
     """The start after `round_max_attempts` cut-off starts: record the round as failed and leave it."""
-    cut = [*prior.get("cut_off", []), _cut_off(prior)]
-    how = "; ".join(f"attempt {c.get('attempt')} in phase {c.get('phase')!r}" +
-                    (f" ({c['exit']})" if c.get("exit") else "") for c in cut)
-    reason = (f"cut off {attempts} times, KAIZEN_ROUND_MAX_ATTEMPTS={settings.round_max_attempts}: {how}. "
-              "A SIGKILL is usually the out-of-memory killer: give the trainer more memory, or lower "
-              "KAIZEN_PPO_BATCH_SIZE / KAIZEN_REWARD_BATCH_SIZE; the next round starts on new votes")
+    cut, reason = upkeep.give_up(settings, prior)
     log.error("training round %s failed: %s", prior.get("round_id"), reason)
     ctx = RoundContext(settings, str(prior.get("round_id")), time.time(), {**prior, "cut_off": cut})
     return _finish(ctx, "failed", {"error": reason, "reason": reason}, record_metrics)
-
-
-def _require_disk_space(settings: Settings) -> None:
-    """`InsufficientSpace` unless the data dir's and the registry's volumes can take this round's
-    files (module docstring), checked before anything is written."""
-    from services.registry import Registry
-
-    registry = Registry(settings.registry_path)
-    champion = registry.state().champion
-    size = folder_bytes(registry.path(champion) if champion else settings.model_dir)
-    needed = int(size * settings.round_disk_space_factor) + settings.disk_reserve_bytes
-    hint = (f"{settings.round_disk_space_factor:g} x the champion's {size / 1e6:,.0f} MB "
-            f"(KAIZEN_ROUND_DISK_SPACE_FACTOR) + KAIZEN_DISK_RESERVE_BYTES; free space with "
-            "`kaizen models gc`, or grow the volume")
-    seen: set[int] = set()
-    for path in (settings.data_dir, settings.registry_path):
-        path.mkdir(parents=True, exist_ok=True)
-        device = path.stat().st_dev
-        if device not in seen:  # the same volume once: the need is for all the round's files
-            seen.add(device)
-            require_free(path, needed, what="round", hint=hint)
-
-
-def _remove_sync_leftovers(settings: Settings, prior: dict[str, Any] | None) -> None:
-    """Remove the /dev/shm weight-sync folder a killed round left: the one its state file names, and
-    any `kaizen-ppo-<pid>-*` in the sync base whose process is gone (killed before it was named)."""
-    ppo = _heavy("trainer.ppo")
-    named = (prior or {}).get("sync_dir")
-    if named and Path(named).name.startswith(ppo.SYNC_PREFIX):
-        shutil.rmtree(named, ignore_errors=True)
-    base = ppo.sync_base(settings.ppo_sync_dir)
-    for folder in ppo.stale_sync_folders(base):
-        log.info("removing %s, left by a killed round", folder)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def collect_garbage(settings: Settings, *, dry_run: bool = False, who: str = "trainer") -> Any:
-    """Retention over the registry and the reward models (services/retention.py); `kaizen models gc`."""
-    from services.retention import collect
-
-    reward = _heavy("trainer.reward")
-    root = reward.reward_root(settings)
-    folders = sorted((p for p in root.iterdir() if reward.VERSION_RE.match(p.name)),
-                     key=lambda p: int(reward.VERSION_RE.match(p.name).group(1))) if root.is_dir() else []
-    return collect(settings, reward_models=folders, current_reward_model=reward.current_version(settings),
-                   dry_run=dry_run, who=who)
 
 
 def _finish(ctx: RoundContext, outcome: str, details: dict[str, Any], record_metrics: bool) -> dict[str, Any]:
@@ -469,24 +412,12 @@ def _finish(ctx: RoundContext, outcome: str, details: dict[str, Any], record_met
 
 
 def _retention(settings: Settings, record_metrics: bool) -> None:
-    """Retention after a round that published; logged as a "retention" event. A failure is logged and
-    left to the next round: it never fails the round that already published."""
-    try:
-        plan = collect_garbage(settings, who="trainer")
-    except Exception:  # noqa: BLE001 - retention must not undo a published round
-        log.exception("retention after the round failed; `kaizen models gc` runs it by hand")
-        return
-    rec = {"kind": "retention", "at": datetime.now(UTC).isoformat(), "versions": sorted(plan.versions),
-           "reward_models": sorted(plan.reward_models), "bytes_freed": plan.bytes_freed}
-    _json_line(rounds_dir(settings) / "events.jsonl", rec)
-    if record_metrics:
-        record_retention_metrics(rec)
-
-
-def record_retention_metrics(rec: dict[str, Any]) -> None:
-    metrics.RETENTION_DELETED.labels(kind="version").inc(len(rec.get("versions", [])))
-    metrics.RETENTION_DELETED.labels(kind="reward_model").inc(len(rec.get("reward_models", [])))
-    metrics.RETENTION_FREED_BYTES.inc(float(rec.get("bytes_freed", 0)))
+    """Retention after a round that published (trainer/upkeep.py), logged as a "retention" event."""
+    rec = upkeep.retention(settings)
+    if rec is not None:
+        _json_line(rounds_dir(settings) / "events.jsonl", rec)
+        if record_metrics:
+            upkeep.record_retention_metrics(rec)
 
 
 def record_round_metrics(record: dict[str, Any]) -> None:
