@@ -72,7 +72,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-feedback-"))
     settings = Settings(data_dir=tmp / "data", model=tmp / "tiny", port=free_port(), trainer_port=free_port(),
                         broker_port=free_port(), api_keys=KEY, user_id_secret="bench",  # type: ignore[arg-type]
-                        rate_limit_rps=1e6, rate_limit_burst=10**6, engine_max_model_len=256)
+                        rate_limit_rps=1e6, rate_limit_burst=10**6, vote_limit_per_window=10**9, engine_max_model_len=256)
     build_tiny(settings, tmp / "tiny")
     store = ComparisonStore(settings.api_db, timedelta(hours=1))
     user = user_id(b"bench", KEY)

@@ -81,7 +81,7 @@ def main() -> None:
     results: list[tuple[str, int, float, list[float], int]] = []
     with postgres_server() as pg:
         common = dict(model=tmp / "tiny", broker_port=base_settings.broker_port, api_keys=KEY,
-                      user_id_secret="bench", rate_limit_rps=1e6, rate_limit_burst=10**6,
+                      user_id_secret="bench", rate_limit_rps=1e6, rate_limit_burst=10**6, vote_limit_per_window=10**9,
                       engine_max_model_len=256, registry_dir=tmp / "registry", topic_partitions=3,
                       min_new_preferences=10**9,  # no training round: the trainer only stores votes
                       round_interval=timedelta(hours=250))  # child_env writes %g: keep it below 1e6 s

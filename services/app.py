@@ -535,7 +535,7 @@ async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -
                        code="vote_limit_exceeded", headers={"Retry-After": retry_after(wait)})
     try:
         # in a thread: on PostgreSQL a vote is a few network round trips the event loop should not wait on
-        event = store.vote(body.comparison_id, caller.user, body.choice, body.reason)  # BREAK-IT
+        event = await asyncio.to_thread(store.vote, body.comparison_id, caller.user, body.choice, body.reason)
     except OutboxFull as exc:
         metrics.OUTBOX_FULL_REJECTIONS.inc()
         raise APIError(503, f"votes are not being delivered fast enough ({exc}): retry later",

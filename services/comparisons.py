@@ -25,14 +25,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, case, delete, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services import db
-from services.canary import Side
+from services.canary import Tally
 from services.db import DatabaseUnavailable
 from services.events import Answer, Choice, Message, PreferenceEvent
 from services.settings import Settings
+
+RETENTION_BATCH = 1000
+"""Rows one retention transaction deletes (the relay passes `retention_batch_size`)."""
 
 __all__ = ["ComparisonStore", "DatabaseUnavailable", "OutboxFull", "OutboxRow", "VoteError"]
 
@@ -122,6 +125,15 @@ class ComparisonStore:
         with db.reachable(self.url), self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A transaction that only reads: on SQLite it takes no write lock (WAL readers never wait
+        for a writer), so the judge's and the vote limit's reads do not queue behind votes."""
+        with db.reachable(self.url), self.engine.connect() as conn:
+            conn = conn.execution_options(**{db.READ_ONLY: True})
+            with conn.begin():
+                yield conn
+
     def record(
         self, user: str, messages: list[dict[str, Any]], answers: list[Answer],
         served_at: datetime | None = None, comparison_id: str | None = None,
@@ -176,7 +188,7 @@ class ComparisonStore:
         """Votes on champion-vs-canary pairs since `since`, from the canary's side."""
         out = {"votes": 0, "canary_wins": 0, "champion_wins": 0, "ties": 0, "both_bad": 0}
         c = db.comparisons
-        with self.transaction() as conn:
+        with self.reading() as conn:
             rows = conn.execute(
                 select(c.c.version_a, c.c.version_b, c.c.choice)
                 .where(c.c.choice.is_not(None),
@@ -194,32 +206,34 @@ class ComparisonStore:
                 out["canary_wins" if winner == canary else "champion_wins"] += 1
         return out
 
-    def head_to_head_votes(self, champion: str, canary: str,
-                           since: datetime | None) -> list[tuple[str, Side]]:
-        """Votes on champion-vs-canary pairs since `since`, oldest first: (user, side that won), the
-        input of services/canary.py's per-user count (each user's first votes count)."""
+    def head_to_head_tally(self, champion: str, canary: str, since: datetime | None, max_per_user: int) -> Tally:
+        """Votes on champion-vs-canary pairs since `since`, from the canary's side, each user's first
+        `max_per_user` (in the order cast) counted: services/canary.py's `count_votes`, computed
+        by the database (a window over the voted-at index) instead of row by row in Python."""
+        if max_per_user < 1:
+            raise ValueError(f"max_per_user must be at least 1, got {max_per_user}")
         c = db.comparisons
-        with self.transaction() as conn:
-            rows = conn.execute(
-                select(c.c.user, c.c.version_a, c.c.choice)
-                .where(c.c.choice.is_not(None),
-                       c.c.voted_at >= (since or datetime.min.replace(tzinfo=UTC)).isoformat(),
-                       ((c.c.version_a == champion) & (c.c.version_b == canary))
-                       | ((c.c.version_a == canary) & (c.c.version_b == champion)))
-                .order_by(c.c.voted_at, c.c.id)).all()
-        out: list[tuple[str, Side]] = []
-        for r in rows:
-            user, left, choice = str(r[0]), r[1], r[2]
-            if choice == "tie" or choice == "both_bad":
-                out.append((user, "tie" if choice == "tie" else "both_bad"))
-            else:  # "0": the left answer won; the left answer is the canary's when version_a is
-                out.append((user, "canary" if (choice == "0") == (left == canary) else "champion"))
-        return out
+        canary_won = ((c.c.choice == "0") & (c.c.version_a == canary)) | ((c.c.choice == "1") & (c.c.version_b == canary))
+        side = case((c.c.choice.in_(("tie", "both_bad")), c.c.choice), (canary_won, literal("canary")),
+                    else_=literal("champion")).label("side")
+        nth = func.row_number().over(partition_by=c.c.user, order_by=(c.c.voted_at, c.c.id)).label("nth")
+        votes = select(c.c.user, side, nth).where(
+            c.c.choice.is_not(None), c.c.voted_at >= (since or datetime.min.replace(tzinfo=UTC)).isoformat(),
+            ((c.c.version_a == champion) & (c.c.version_b == canary))
+            | ((c.c.version_a == canary) & (c.c.version_b == champion))).subquery()
+        with self.reading() as conn:
+            by_side: Any = conn.execute(select(votes.c.side, func.sum(case((votes.c.nth <= max_per_user, 1), else_=0)),
+                                               func.count()).group_by(votes.c.side)).all()
+            users = int(conn.execute(select(func.count(func.distinct(votes.c.user)))).scalar_one())
+        counted = {str(side_): int(n) for side_, n, _ in by_side}
+        return Tally(canary_wins=counted.get("canary", 0), champion_wins=counted.get("champion", 0),
+                     ties=counted.get("tie", 0), both_bad=counted.get("both_bad", 0), users=users,
+                     cast=sum(int(total) for _, _, total in by_side))
 
     def votes_in_window(self, user: str, since: datetime) -> tuple[int, datetime | None]:
         """Votes `user` cast since `since`, and when the oldest of them was cast (the vote limit)."""
         c = db.comparisons
-        with self.transaction() as conn:
+        with self.reading() as conn:
             row: Any = conn.execute(select(func.count(), func.min(c.c.voted_at))
                                     .where(c.c.user == user, c.c.voted_at >= since.isoformat())).one()
         n, oldest = row
@@ -261,7 +275,7 @@ class ComparisonStore:
     def pending(self, limit: int) -> list[OutboxRow]:
         """Undelivered rows, oldest first (a snapshot; relays use `claim`)."""
         o = db.outbox
-        with self.transaction() as conn:
+        with self.reading() as conn:
             return [self._row(r) for r in conn.execute(
                 select(o.c.seq, o.c.comparison_id, o.c.payload, o.c.key)
                 .where(o.c.delivered_at.is_(None)).order_by(o.c.seq).limit(limit))]
@@ -288,7 +302,7 @@ class ComparisonStore:
                     set_={"max_offset": func.max(r.c.max_offset, lite.excluded.max_offset)}))
 
     def max_acked_offsets(self) -> dict[int, int]:
-        with self.transaction() as conn:
+        with self.reading() as conn:
             rows: Any = conn.execute(select(db.relay_state)).all()
         return {int(p): int(o) for p, o in rows}
 
@@ -301,16 +315,26 @@ class ComparisonStore:
             conn.execute(delete(db.relay_state))
         return int(n)
 
-    def prune_delivered(self, before: datetime) -> int:
+    def prune_delivered(self, before: datetime, batch: int = RETENTION_BATCH) -> int:
         o = db.outbox
-        with self.transaction() as conn:
-            return int(conn.execute(delete(o).where(o.c.delivered_at.is_not(None),
-                                                     o.c.delivered_at < before.isoformat())).rowcount)
+        return self._delete_in_batches(o, o.c.seq, (o.c.delivered_at.is_not(None),
+                                                    o.c.delivered_at < before.isoformat()), batch)
+
+    def _delete_in_batches(self, table: Any, key: Any, where: tuple[Any, ...], batch: int) -> int:
+        """Delete the matching rows `batch` at a time, one short transaction each: a retention
+        pass over a large backlog must not hold the write lock (and every vote) for seconds."""
+        total = 0
+        while True:
+            with self.transaction() as conn:
+                n = int(conn.execute(delete(table).where(key.in_(select(key).where(*where).limit(batch)))).rowcount)
+            total += n
+            if n < batch:
+                return total
 
     def outbox_backlog(self) -> tuple[int, datetime | None]:
         """Undelivered events and when the oldest of them was accepted."""
         o = db.outbox
-        with self.transaction() as conn:
+        with self.reading() as conn:
             backlog: Any = conn.execute(select(func.count(), func.min(o.c.created_at))
                                         .where(o.c.delivered_at.is_(None))).one()
         n, oldest = backlog
@@ -319,27 +343,24 @@ class ComparisonStore:
     def outbox_events(self) -> list[PreferenceEvent]:
         """Every event in the outbox, oldest first (delivered or not)."""
         o = db.outbox
-        with self.transaction() as conn:
+        with self.reading() as conn:
             rows = conn.execute(select(o.c.payload).order_by(o.c.seq)).all()
         return [PreferenceEvent.model_validate_json(r[0]) for r in rows]
 
-    def purge_expired(self, now: datetime | None = None) -> int:
+    def purge_expired(self, now: datetime | None = None, batch: int = RETENTION_BATCH) -> int:
         """Delete unvoted comparisons expired for longer than one TTL (until then a late
         vote is told 410, not 404); voted ones live on as outbox events."""
         cutoff = ((now or datetime.now(UTC)) - self.ttl).isoformat()
         c = db.comparisons
-        with self.transaction() as conn:
-            return int(conn.execute(
-                delete(c).where(c.c.expires_at <= cutoff, c.c.voted_at.is_(None))).rowcount)
+        return self._delete_in_batches(c, c.c.id, (c.c.expires_at <= cutoff, c.c.voted_at.is_(None)), batch)
 
-    def purge_voted(self, before: datetime) -> int:
+    def purge_voted(self, before: datetime, batch: int = RETENTION_BATCH) -> int:
         """Delete voted comparisons (their full prompts and answers) voted before `before`:
         `comparison_retention`. Their events live on in the trainer's store until its own
         retention; the canary's head-to-head only reads votes since the canary started."""
         c = db.comparisons
-        with self.transaction() as conn:
-            return int(conn.execute(delete(c).where(c.c.voted_at.is_not(None),
-                                                     c.c.voted_at < before.isoformat())).rowcount)
+        return self._delete_in_batches(c, c.c.id, (c.c.voted_at.is_not(None), c.c.voted_at < before.isoformat()),
+                                       batch)
 
     def erase_user(self, user: str) -> dict[str, int]:
         """Delete everything stored about one pseudonymous user: their comparisons (voted or
@@ -372,7 +393,7 @@ class ComparisonStore:
     def health(self, versions: list[str]) -> dict[str, dict[str, tuple[int, int, float | None]]]:
         """Each replica's last report per version: {version: {replica: (requests, errors, ttft p50)}}."""
         h = db.version_health
-        with self.transaction() as conn:
+        with self.reading() as conn:
             rows: Any = conn.execute(
                 select(h.c.version, h.c.replica, h.c.requests, h.c.errors, h.c.ttft_p50_s)
                 .where(h.c.version.in_(versions))).all()

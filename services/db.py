@@ -54,6 +54,7 @@ comparisons = Table(
     Column("version_b", Text),
     Index("comparisons_expiry", "expires_at"),
     Index("comparisons_voted", "voted_at"),
+    Index("comparisons_user_voted", "user", "voted_at"),  # a voter's recent votes (the vote limit), erasure
 )
 
 #: Accepted votes waiting for (or kept after) delivery to Kafka (services/outbox.py).
@@ -101,6 +102,8 @@ version_health = Table(
 
 #: Key of the advisory lock that serialises migrations of replicas starting together.
 MIGRATION_LOCK = 0x6B61697A656E  # "kaizen"
+READ_ONLY = "kaizen_read_only"
+"""Execution option of a connection that only reads: SQLite begins it without the write lock."""
 
 
 class DatabaseUnavailable(Exception):
@@ -141,7 +144,9 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # a writer takes the write lock up front (no deadlock upgrading a read lock); a
+            # reader (`READ_ONLY`) does not, so in WAL mode it never waits behind a writer
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     s = settings or Settings.model_construct()  # the defaults (no environment), for a bare URL

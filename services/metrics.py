@@ -182,10 +182,10 @@ CANARY_WIN_RATE = Gauge(
     "kaizen_canary_win_rate", "Canary's win rate over the champion from live votes (ties count half)."
 )
 CANARY_WIN_RATE_LOWER = Gauge(
-    "kaizen_canary_win_rate_lower", "Lower bound of the 95% Wilson interval of the canary's win rate."
+    "kaizen_canary_win_rate_lower", "Lower bound of the anytime-valid interval (confidence sequence) of the canary's win rate."
 )
 CANARY_WIN_RATE_UPPER = Gauge(
-    "kaizen_canary_win_rate_upper", "Upper bound of the 95% Wilson interval of the canary's win rate."
+    "kaizen_canary_win_rate_upper", "Upper bound of the anytime-valid interval (confidence sequence) of the canary's win rate."
 )
 ROLLOUT_DECISIONS = Counter(
     "kaizen_rollout_decisions_total",

@@ -208,9 +208,10 @@ class OutboxRelay:
             return
         self._last_prune = now
         wall = datetime.now(UTC)
-        pruned = self.store.prune_delivered(wall - self.settings.outbox_retention)
-        expired = self.store.purge_expired(wall)
-        voted = self.store.purge_voted(wall - self.settings.comparison_retention)
+        batch = self.settings.retention_batch_size
+        pruned = self.store.prune_delivered(wall - self.settings.outbox_retention, batch)
+        expired = self.store.purge_expired(wall, batch)
+        voted = self.store.purge_voted(wall - self.settings.comparison_retention, batch)
         if pruned or expired or voted:
             log.info("retention: deleted %d delivered outbox rows, %d expired and %d voted comparisons",
                      pruned, expired, voted)

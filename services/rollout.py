@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from services import engine_health, metrics, model_events
-from services.canary import CanaryDecision, canary_decision, count_votes
+from services.canary import CanaryDecision, canary_decision
 from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import Engine, SwapFailed
 from services.leader import Lease
@@ -438,8 +438,8 @@ class Rollout:
                                  "alpha": s.canary_alpha, "verdict": "collecting", "reason": "no canary"}
         if state.canary is None or state.champion is None:
             return empty
-        rows = self.comparisons.head_to_head_votes(state.champion, state.canary, state.canary_started)
-        tally = count_votes(rows, s.canary_max_votes_per_user)
+        tally = self.comparisons.head_to_head_tally(state.champion, state.canary, state.canary_started,
+                                                    s.canary_max_votes_per_user)
         d: CanaryDecision = canary_decision(tally, alpha=s.canary_alpha, min_votes=s.canary_min_votes,
                                             min_users=s.canary_min_users, tuned_votes=s.canary_tuned_votes)
         out = {**empty, "votes": tally.votes, "canary_wins": tally.canary_wins,
@@ -453,12 +453,13 @@ class Rollout:
             metrics.CANARY_WIN_RATE_UPPER.set(d.upper)
         return out
 
-    def judge(self, state: RegistryState) -> tuple[str, str]:
-        """("promote" | "rollback" | "collecting" | "none", why) for the current canary."""
+    def judge(self, state: RegistryState, h: dict[str, Any] | None = None) -> tuple[str, str]:
+        """("promote" | "rollback" | "collecting" | "none", why) for the current canary; `h`: its
+        `head_to_head`, when the caller read it already."""
         s = self.settings
         if state.canary is None or state.champion is None:
             return "none", "no canary"
-        h = self.head_to_head(state)
+        h = h if h is not None else self.head_to_head(state)
         fleet = self.fleet_health([state.champion, state.canary])  # every replica's traffic
         champ, can = fleet[state.champion], fleet[state.canary]
         if champ.requests >= s.canary_min_requests and can.requests >= s.canary_min_requests:
@@ -479,7 +480,8 @@ class Rollout:
     async def _auto(self, state: RegistryState) -> RegistryState | None:
         """Apply an automatic decision, or start a canary for the newest candidate."""
         if state.canary is not None:
-            verdict, why = self.judge(state)
+            # the votes are read in a thread: a long canary's tally must not hold up the event loop
+            verdict, why = self.judge(state, await asyncio.to_thread(self.head_to_head, state))
             await self._publish({"state": verdict, "reason": why, "canary": state.canary,
                                  "generation": state.generation})
             if verdict == "promote":

@@ -222,6 +222,9 @@ class Settings(BaseSettings):
     text, kept this long for an operator to inspect."""
     retention_check_interval_s: float = Field(default=60.0, gt=0)
     """How often the API's relay and the trainer's consumer delete what is past retention."""
+    retention_batch_size: int = Field(default=1000, ge=1)
+    """Rows one retention transaction deletes: a large backlog goes in short transactions,
+    between which votes are written."""
     outbox_max_pending: int = Field(default=100_000, ge=1)
     """Undelivered votes before `POST /v1/feedback` answers 503 (never drops a vote)."""
     outbox_batch_size: int = Field(default=500, ge=1)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -183,3 +183,19 @@ def test_topics_are_created_with_their_retention(broker: Settings, tmp_path: Pat
     assert set(ensure_topics(settings)) == {settings.topic_preferences, settings.topic_preferences_dlq,
                                             settings.topic_model_events}
 
+
+
+def test_retention_deletes_a_backlog_in_short_transactions(tmp_path: Path) -> None:
+    """#19 items 9 and 13: a retention pass over many rows deletes them `batch` at a time (so
+    votes are written in between), and all of them."""
+    store = ComparisonStore(tmp_path / "api.sqlite", timedelta(hours=1))
+    try:
+        for i in range(25):
+            vote(store, f"u-{i:024x}", f"question {i}")
+        seqs = [r.seq for r in store.pending(100)]
+        store.mark_delivered(seqs, {})
+        future = datetime.now(UTC) + timedelta(seconds=1)
+        assert store.purge_voted(future, batch=10) == 25 and rows(store, db.comparisons) == 0
+        assert store.prune_delivered(future, batch=7) == 25 and rows(store, db.outbox) == 0
+    finally:
+        store.close()

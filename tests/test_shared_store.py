@@ -170,7 +170,7 @@ def test_an_old_sqlite_store_is_adopted_by_the_migration(tmp_path: Path) -> None
         assert [r.key for r in claim.rows] == ["u-1"]
     store.close()
     # every migration applied
-    assert sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
+    assert sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchone() == ("0003",)
 
 
 def test_settings_name_the_database(tmp_path: Path) -> None:
@@ -248,10 +248,51 @@ def test_the_migrations_build_exactly_the_declared_tables(
         own = pg.url.replace("/postgres", "/migrations_check")
         url = db.url_of(make_settings(tmp_path, database_url=own))
     engine = db.make_engine(url)
-    assert db.migrate(engine) == "0002"
+    assert db.migrate(engine) == "0003"
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), db.metadata)
         assert diff == []
         conn.execute(text("DROP INDEX comparisons_voted"))  # the check can fail
         assert compare_metadata(MigrationContext.configure(conn), db.metadata)[0][0] == "add_index"
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_stores_canary_tally_counts_as_count_votes_does(backend: str, tmp_path: Path, pg: PostgresServer) -> None:
+    """#19 item 9: the judge's tally runs in the database (a window over the voted-at index, not
+    a Python loop over every vote on each look) and counts exactly what the reference rule
+    `services.canary.count_votes` counts: each user's first N votes, in the order cast."""
+    import random
+
+    from services.canary import Side, count_votes
+
+    if backend == "sqlite":
+        store = ComparisonStore(tmp_path / "api.sqlite", timedelta(hours=1))
+    else:
+        store = ComparisonStore(pg.url, timedelta(hours=1))
+        with store.transaction() as conn:
+            conn.exec_driver_sql("DELETE FROM outbox")
+            conn.exec_driver_sql("DELETE FROM comparisons")
+    rng = random.Random(7)
+    cast: list[tuple[str, Side]] = []
+    try:
+        for i in range(120):
+            user = f"u-{rng.randrange(12)}"
+            versions = ["v0", "v1"] if rng.random() < 0.5 else ["v1", "v0"]
+            if i % 10 == 9:
+                versions = ["v0", "v2"]  # another pair: not part of this canary
+            cid = store.record(user, [{"role": "user", "content": f"q{i}"}],
+                               [Answer(text="a", model_version=versions[0]), Answer(text="b", model_version=versions[1])])
+            choice = rng.choice([0, 1, "tie", "both_bad"])
+            store.vote(cid, user, choice, None)  # type: ignore[arg-type]
+            if "v2" in versions:
+                continue
+            side: Side = (choice if choice in ("tie", "both_bad")  # type: ignore[assignment]
+                          else "canary" if versions[int(choice)] == "v1" else "champion")
+            cast.append((user, side))
+        for cap in (1, 3, 1000):
+            assert store.head_to_head_tally("v0", "v1", None, cap) == count_votes(cast, cap), cap
+        assert store.head_to_head_tally("v0", "v1", None, 3).cast == len(cast) > store.head_to_head_tally(
+            "v0", "v1", None, 3).votes
+    finally:
+        store.close()
