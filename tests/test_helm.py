@@ -480,6 +480,7 @@ BAD_VALUES = {
     "setting not KAIZEN_": {"config": {"LOG_LEVEL": "debug"}},
     "secret in config": {"config": {"KAIZEN_API_KEYS": "k1"}},
     "placeholder admin token": {"auth": {"adminToken": "changeme"}},
+    "short admin token": {"auth": {"adminToken": "0123456789abcdef"}},
     "root pods": {"podSecurityContext": {"runAsNonRoot": False}},
     "bad access mode": {"persistence": {"accessModes": ["ReadWriteAll"]}},
     "bad probe": {"api": {"startupProbe": {"periodSeconds": 0, "failureThreshold": 60}}},
@@ -511,12 +512,16 @@ def test_good_overrides_render() -> None:
     # the same paths with acceptable values pass: the refusals above are about the values
     docs, _ = render({"api": {"replicas": 2, "gpu": 2}, "kafka": {"bootstrap": "a:9092,b:9093"},
                       "database": {"url": "postgresql://kaizen:pw@db:5432/kaizen"},
-                      "config": {"KAIZEN_COMPARISON_RATE": "0.5"}, "auth": {"apiKeys": ["key-0123456789"]},
+                      "config": {"KAIZEN_COMPARISON_RATE": "0.5"}, "auth": {"apiKeys": ["key-0123456789"],
+                                                                            "adminToken": "a" * 12 + "b" * 12},
                       "trainer": {"shmSize": "2Gi", "distributed": {"nprocPerNode": 2, "masterPort": 29501,
                                                                     "env": {"TORCH_NCCL_BLOCKING_WAIT": "1"}}}})
     assert one(docs, "Deployment", "-api")["spec"]["replicas"] == 2
+    assert "KAIZEN_FORWARDED_ALLOW_IPS" not in env_of(container(one(docs, "Deployment", "-api")))
     keys = one(docs, "Secret", "-secrets")["data"]["KAIZEN_API_KEYS"]
     assert base64.b64decode(keys).decode() == "key-0123456789"
+    docs, _ = render({"api": {"forwardedAllowIps": "10.0.0.0/8"}})  # the ingress controller's pods
+    assert env_of(container(one(docs, "Deployment", "-api")))["KAIZEN_FORWARDED_ALLOW_IPS"]["value"] == "10.0.0.0/8"
 
 
 def test_helm_lint_is_clean() -> None:

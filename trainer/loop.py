@@ -35,6 +35,7 @@ import json
 import logging
 import random
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -126,7 +127,7 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
 
     config.out_dir.mkdir(parents=True, exist_ok=True)
     settings = loop_settings(base_settings, config)
-    admin_token = "loop-admin"
+    admin_token = secrets.token_hex(24)
     settings = settings.model_copy(update={"admin_token": __import__("pydantic").SecretStr(admin_token)})
     admin = {"Authorization": f"Bearer {admin_token}"}
     judge = load_judge(config.judge)
