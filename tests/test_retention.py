@@ -12,8 +12,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from services import metrics
 from services.registry import Registry
 from services.retention import collect
