@@ -192,7 +192,7 @@ def rounds_list(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
 ) -> None:
     """Recent training rounds (and one in progress), newest first."""
-    from trainer.rounds import read_rounds
+    from services.rounds_log import read_rounds
 
     records = read_rounds(get_settings(), limit)
     if as_json:

@@ -43,6 +43,7 @@ from services.engine import Engine, EngineUnavailable
 from services.engine_health import Probe, liveness, readiness
 from services.registry import RegistryError
 from services.rollout import Rollout
+from services.rounds_log import read_rounds
 from services.models import require_model
 from services.protocol import (
     AssistantMessage,
@@ -631,10 +632,6 @@ async def admin_audit(_admin: AdminDep, rollout: RolloutDep, limit: int = 100) -
 @admin_routes.get("/rounds")
 async def admin_rounds(_admin: AdminDep, request: Request, limit: int = 100) -> dict[str, Any]:
     """Training rounds as the trainer logged them (shared data dir), newest first."""
-    try:
-        from trainer.rounds import read_rounds
-    except ImportError:  # the trainer package is not part of this install
-        return {"object": "list", "data": []}
     settings: Settings = request.app.state.settings
     # the trainer's own data dir: under Helm the shared volume, not this pod's directory
     trainer_view = settings.model_copy(update={"data_dir": settings.trainer_data_path})

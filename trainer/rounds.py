@@ -48,7 +48,6 @@ state file that the next round recovers from); nothing is published either way.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import json
 import logging
@@ -60,7 +59,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +68,9 @@ from typing import Any
 from services import metrics
 from services.disk import InsufficientSpace
 from services.registry import write_atomic
+from services.rounds_log import (RoundBusy, read_rounds, read_state, round_lock,  # noqa: F401 (re-exported)
+                                 round_running, rounds_dir)
+from services.rounds_log import state_file as _state_file
 from services.settings import Settings
 from trainer import upkeep
 from trainer.store import PreferenceStore, held_out
@@ -79,19 +81,7 @@ Messages = list[dict[str, str]]
 DEFAULT_SANITY = [{"prompt": "What is the capital of France?", "expect": "Paris"}]
 
 
-class RoundBusy(RuntimeError):
-    """Another round holds the lock."""
-
-
 # -- where things live ---------------------------------------------------------------------
-
-
-def rounds_dir(settings: Settings) -> Path:
-    return settings.data_dir / "rounds"
-
-
-def _state_file(settings: Settings) -> Path:
-    return rounds_dir(settings) / "state.json"
 
 
 def _json_line(path: Path, record: dict[str, Any]) -> None:
@@ -100,30 +90,6 @@ def _json_line(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_state(settings: Settings) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(_state_file(settings).read_text())
-        return data
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def read_rounds(settings: Settings, limit: int = 20) -> list[dict[str, Any]]:
-    """The last `limit` rounds, newest first; a round in progress (or cut off by a crash)
-    comes first with outcome "running" (or "interrupted") and its phase. For the operator page and `kaizen rounds list`."""
-    out: list[dict[str, Any]] = []
-    path = rounds_dir(settings) / "rounds.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))  # a torn last line after a crash is skipped
-    out.reverse()
-    state = read_state(settings)
-    if state is not None:  # a state file without a lock holder is a round cut off by a crash
-        out.insert(0, {**state, "outcome": "running" if round_running(settings) else "interrupted"})
-    return out[:limit]
 
 
 def last_mark(settings: Settings) -> tuple[int, float | None]:
@@ -140,30 +106,6 @@ def new_votes_since(settings: Settings, mark: int) -> int:
         return int(store.db.execute("SELECT COUNT(*) FROM preferences WHERE rowid > ?", (mark,)).fetchone()[0])
     finally:
         store.close()
-
-
-@contextlib.contextmanager
-def round_lock(settings: Settings) -> Iterator[None]:
-    """Exclusive, non-blocking: raises RoundBusy when another process runs a round."""
-    path = rounds_dir(settings) / "round.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RoundBusy(f"another training round holds {path}") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def round_running(settings: Settings) -> bool:
-    try:
-        with round_lock(settings):
-            return False
-    except RoundBusy:
-        return True
 
 
 # -- prompts --------------------------------------------------------------------------------
@@ -251,8 +193,8 @@ class RoundContext:
 
 
 def _heavy(name: str) -> Any:
-    """torch/vLLM-backed trainer modules, imported when a round runs. The chat API imports this
-    module for `read_rounds`: it must stay light there, and out of services/' strict mypy graph."""
+    """torch/vLLM-backed trainer modules, imported when a round runs: `kaizen rounds list` and the
+    daemon import this module and must stay light."""
     return importlib.import_module(name)
 
 

@@ -1,0 +1,45 @@
+"""Layering: the online side (services/) imports nothing from the offline side (trainer/).
+
+What both sides need (settings, event schemas, the registry, the rounds log reader) lives under
+services/ and the trainer imports it from there; the chat API then installs and type-checks
+without the trainer. Reads the source with `ast`, so a lazy import inside a function counts too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+FORBIDDEN = "trainer"
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every import statement in the file, at any depth."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            found.append((node.lineno, str(node.args[0].value)))  # importlib.import_module("trainer.x")
+    return found
+
+
+def test_services_import_nothing_from_trainer() -> None:
+    files = sorted((ROOT / "services").rglob("*.py"))
+    assert len(files) > 10, files  # the walk found the package
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {module}"
+                 for path in files for line, module in imported_modules(path)
+                 if module == FORBIDDEN or module.startswith(FORBIDDEN + ".")]
+    assert offenders == [], "services/ must not import trainer/:\n" + "\n".join(offenders)
+
+
+def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from trainer.rounds import read_rounds\n    import trainer.ppo\n"
+                      "    importlib.import_module('trainer.reward')\n")
+    assert [m for _, m in imported_modules(source)] == ["trainer.rounds", "trainer.ppo", "trainer.reward"]
