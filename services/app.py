@@ -30,6 +30,7 @@ from prometheus_client import make_asgi_app
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from services import metrics, web
 from services.auth import (AuthError, AuthFailures, RateLimiter, admin_token, bearer, check_admin,
@@ -805,6 +806,17 @@ class MetricsMiddleware:
             metrics.HTTP_DURATION.labels(route=path).observe(time.perf_counter() - started)
 
 
+class PrometheusEndpoint:
+    """prometheus_client's ASGI app (text or OpenMetrics by Accept, gzip by Accept-Encoding) as an
+    object, so a Starlette `Route` serves it as it is rather than wrapping it as a request handler."""
+
+    def __init__(self) -> None:
+        self.asgi = make_asgi_app()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        await self.asgi(scope, receive, send)
+
+
 # -- error handlers --------------------------------------------------------------------------
 
 
@@ -876,7 +888,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_routes)
     app.include_router(web.router)
     app.mount("/static", web.static_files(), name="static")
-    app.mount("/metrics", make_asgi_app())
+    prometheus = PrometheusEndpoint()
+    app.router.routes.append(Route("/metrics", prometheus, methods=["GET"], include_in_schema=False))
+    app.mount("/metrics", prometheus)  # and /metrics/, what it answered before (a mount alone: 307 at /metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if not settings.api_keys:  # open mode (loopback only, check_bind): refuse DNS-rebinding Hosts
         app.add_middleware(LoopbackHostOnly, names=settings.open_mode_hosts)

@@ -694,16 +694,6 @@ class Registry:
             state.champion = previous
             return self._save(state, entries)
 
-    def reject(self, version: str, *, who: str, why: str) -> RegistryState:
-        with self.locked():
-            state = self.state()
-            self._require(state, version)
-            if version in (state.champion, state.canary):
-                raise RegistryError(f"{version} is serving: roll it back instead")
-            entries: list[AuditEntry] = []
-            self._set_stage(state, version, "rejected", who, why, "reject", entries)
-            return self._save(state, entries)
-
     def delete(self, choose: Callable[[RegistryState, list[str]], dict[str, str]], *,
                who: str) -> dict[str, str]:
         """Delete the versions `choose(state, names)` returns ({version: why}), decided under the lock
@@ -742,11 +732,3 @@ class Registry:
             for p in trash:
                 shutil.rmtree(p, ignore_errors=True)
             return chosen
-
-    def stage_counts(self) -> dict[str, int]:
-        state = self.state()
-        counts: dict[str, int] = dict.fromkeys(STAGES, 0)
-        for v in self.names():
-            vs = state.versions.get(v)
-            counts[vs.stage if vs else "candidate"] += 1
-        return counts

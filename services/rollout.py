@@ -60,7 +60,7 @@ from typing import Any
 from services import engine_health, metrics, model_events
 from services.canary import CanaryDecision, canary_decision
 from services.comparisons import ComparisonStore, DatabaseUnavailable
-from services.engine import Engine, SwapFailed
+from services.engine import Engine, EngineUnavailable, SwapFailed
 from services.leader import Lease
 from services.registry import (SHAPE_FIELDS, STAGES, CorruptVersion, Registry, RegistryError, RegistryState,
                                model_shape)
@@ -90,10 +90,6 @@ class VersionHealth:
         return {"requests": self.requests, "errors": self.errors,
                 "error_rate": self.errors / self.requests if self.requests else None,
                 "ttft_p50_s": statistics.median(self.ttft) if self.ttft else None}
-
-
-class NotReady(Exception):
-    pass
 
 
 def emit_in_background(settings: Settings, type_: Any, version: str | None, **details: Any) -> None:
@@ -215,8 +211,8 @@ class Rollout:
 
     def engine_for(self, user: str) -> Engine:
         """The engine that answers this user: the canary for a sticky share of users."""
-        if self.champion is None:
-            raise NotReady()
+        if self.champion is None:  # get_rollout refuses before the load; this is a request racing `stop`
+            raise EngineUnavailable("engine_stopped", "the model is not loaded: the server is stopping")
         canary = self.canary
         if canary is not None and canary_share(user, canary.version) < self.canary_fraction:
             return canary
@@ -539,7 +535,6 @@ class Rollout:
                                             expect=expect)
             event, ev_version = "canary", version
         elif action == "promote":
-            before = await asyncio.to_thread(self.registry.state)
             state = await asyncio.to_thread(self.registry.promote, version, who=who, why=why, expect=expect)
             event, ev_version = "promoted", state.champion
         elif action == "rollback":
@@ -602,7 +597,7 @@ class ModelEventFollower(threading.Thread):
         from kafka import KafkaConsumer, TopicPartition
 
         s = self.settings
-        backoff = s.outbox_backoff_min_s
+        backoff = s.model_events_backoff_min_s
         while not self._stop.is_set():
             consumer = None
             try:
@@ -616,7 +611,7 @@ class ModelEventFollower(threading.Thread):
                 tps = [TopicPartition(s.topic_model_events, p) for p in sorted(parts)]
                 consumer.assign(tps)
                 consumer.seek_to_end(*tps)
-                backoff = s.outbox_backoff_min_s
+                backoff = s.model_events_backoff_min_s
                 while not self._stop.is_set():
                     batch = consumer.poll(timeout_ms=500)
                     events = [model_events.parse(r.value) for recs in batch.values() for r in recs]
@@ -626,7 +621,7 @@ class ModelEventFollower(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - the registry poll covers the gap
                 log.warning("model-event follower: %s (retrying in %.1f s)", exc, backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, s.outbox_backoff_max_s)
+                backoff = min(backoff * 2, s.model_events_backoff_max_s)
             finally:
                 if consumer is not None:
                     consumer.close()

@@ -173,6 +173,10 @@ class Settings(BaseSettings):
     topic_preferences: str = "kaizen.preferences"
     topic_preferences_dlq: str = "kaizen.preferences.dlq"
     topic_model_events: str = "kaizen.model-events"
+    model_events_backoff_min_s: float = Field(default=0.2, gt=0)
+    """The chat API's model-event follower waits this long after the broker failed it, doubling per
+    failure up to `model_events_backoff_max_s` (the registry poll covers the gap meanwhile)."""
+    model_events_backoff_max_s: float = Field(default=10.0, gt=0)
     topic_partitions: int = Field(default=1, ge=1)
     topic_replication: int = Field(default=1, ge=1)
     consumer_group: str = "kaizen-trainer"

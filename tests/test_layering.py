@@ -43,3 +43,17 @@ def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     source.write_text("def f():\n    from trainer.rounds import read_rounds\n    import trainer.ppo\n"
                       "    importlib.import_module('trainer.reward')\n")
     assert [m for _, m in imported_modules(source)] == ["trainer.rounds", "trainer.ppo", "trainer.reward"]
+
+
+def private_reads(path: Path) -> list[str]:
+    """`obj._name` where obj is not self/cls: another object's or module's private attribute."""
+    return [f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}"
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+
+
+def test_the_daemon_uses_the_public_names_of_the_consumer_and_the_rounds_log() -> None:
+    """It read `consumer._stop` (now `consumer.stopping`) and `rounds._state_file` (now
+    `services.rounds_log.state_file`)."""
+    assert private_reads(ROOT / "trainer" / "daemon.py") == []

@@ -21,6 +21,7 @@ from services.events import Answer, Message, PreferenceEvent
 from services.settings import Settings
 from trainer.reward import (
     RewardConfig,
+    RewardModelMissing,
     bradley_terry_loss,
     current_version,
     evaluate,
@@ -423,3 +424,13 @@ def test_cli_train_then_eval(tmp_path: Path, tiny_model: Path) -> None:
 
     missing = runner.invoke(reward_app, ["train", "--model", str(tiny_model)])
     assert missing.exit_code == 1 and "--data" in missing.output
+
+
+def test_a_pointer_to_a_missing_reward_model_is_a_clear_error(tmp_path: Path) -> None:
+    """Checked on disk, not asserted (an `assert` disappears under `python -O`)."""
+    settings = Settings(data_dir=tmp_path)
+    assert current_version(settings) is None  # no pointer yet: no reward model, no error
+    (reward_root(settings) / "rm-v2").mkdir(parents=True)  # a folder cut short: no manifest.json
+    (reward_root(settings) / "current").write_text("rm-v2\n")
+    with pytest.raises(RewardModelMissing, match=r"names .*rm-v2, which has no manifest.json"):
+        current_version(settings)

@@ -49,13 +49,14 @@ ANSWER_TIMEOUT_MS = 30_000
 def limited_server_proc(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[subprocess.Popen[bytes], Settings]]:
-    """A second `kaizen serve` allowing 2 requests per key, then ~1 per 100 s.
+    """A second `kaizen serve` allowing 2 requests per key, then ~1 per 100 s, serving under
+    another KAIZEN_SERVED_MODEL_NAME than the default (the page must not hard-code one).
 
     Autouse at session scope, so it starts loading before the shared server's
     wait and both engines start together; only the rate-limit test waits on it.
     """
     settings = make_settings(tmp_path_factory.mktemp("limited-api"), model=tiny_model, api_keys=USER_KEY,
-                             rate_limit_rps=0.01, rate_limit_burst=2)
+                             rate_limit_rps=0.01, rate_limit_burst=2, served_model_name="acme-assistant")
     with open(settings.data_dir / "serve.log", "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
@@ -475,9 +476,16 @@ def test_rate_limit_is_explained(
     wait_http(f"{base}/readyz", 240, proc)
     # a token for the version probe, one for the first message; the second is refused
     page = open_page(browser, f"{base}/?compare=off", key=USER_KEY)
+    requests = chat_requests(page)
     expect(page.locator("#model-version")).to_have_text("model v0")
     send(page, "First question")
+    # served as "acme-assistant", not "kaizen": the page names no model, so the server's own answers
+    # (a page naming "kaizen" gets "Not found." here: HTTP 404, model_not_found)
+    expect(page.locator(".msg.assistant[data-done=true], #alerts [role=alert]")).to_have_count(
+        1, timeout=ANSWER_TIMEOUT_MS)
+    assert page.locator("#alerts").inner_text().strip() == "", page.locator("#alerts").inner_text()
     expect(page.locator(".msg.assistant[data-done=true]")).to_have_count(1)
+    assert requests[0]["body"].get("model") in (None, settings.served_model_name), requests[0]["body"]
     send(page, "Second question")
     alert = page.locator("#alerts").get_by_role("alert")
     expect(alert).to_contain_text("Too many requests")

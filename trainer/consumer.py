@@ -95,6 +95,11 @@ class PreferenceConsumer:
         self._stop.set()
 
     @property
+    def stopping(self) -> bool:
+        """`stop` was called (a signal, say): the owner's loop ends after the current poll."""
+        return self._stop.is_set()
+
+    @property
     def joined(self) -> bool:
         return bool(self.consumer.assignment())
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from services import metrics
+from services import metrics, rounds_log
 from services.broker import ensure_topics
 from services.disk import record_free
 from services.registry import write_atomic
@@ -55,7 +55,7 @@ class MetricsFollower:
     """Reads new lines of <data_dir>/rounds/events.jsonl and records them as metrics."""
 
     def __init__(self, settings: Settings) -> None:
-        self.path = rounds.rounds_dir(settings) / "events.jsonl"
+        self.path = rounds_log.rounds_dir(settings) / "events.jsonl"
         self.offset = self.path.stat().st_size if self.path.exists() else 0
 
     def poll(self) -> None:
@@ -91,7 +91,7 @@ class RoundScheduler:
     def due(self) -> str | None:
         """Why a round is due now, or None. A cut-off round comes first, after its backoff: new votes
         do not bring a killed round back any sooner."""
-        state = rounds.read_state(self.settings)
+        state = rounds_log.read_state(self.settings)
         if state is not None:
             if self.retry_wait(state) > 0:
                 return None
@@ -111,7 +111,7 @@ class RoundScheduler:
         attempt = max(1, int(state.get("attempt", 1)))
         backoff = self.settings.round_retry_backoff.total_seconds() * 2.0 ** (attempt - 1)
         try:
-            last = rounds._state_file(self.settings).stat().st_mtime
+            last = rounds_log.state_file(self.settings).stat().st_mtime
         except FileNotFoundError:
             return 0.0
         return last + backoff - time.time()
@@ -141,9 +141,9 @@ class RoundScheduler:
             "interval_due_at": since + s.round_interval.total_seconds(),
             "reward_model": rm.name if (rm := current_version(s)) is not None else None,
             "reward_min_holdout": s.reward_min_holdout, "reward_holdout_fraction": s.reward_holdout_fraction,
-            "round_running": self.child is not None or rounds.round_running(s), "due": due,
+            "round_running": self.child is not None or rounds_log.round_running(s), "due": due,
         }
-        path = rounds.rounds_dir(s) / SCHEDULE_FILE
+        path = rounds_log.rounds_dir(s) / SCHEDULE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(report))
@@ -175,7 +175,7 @@ class RoundScheduler:
 
         record_free({"data": self.settings.data_dir, "registry": self.settings.registry_path,
                      "shm": sync_base(self.settings.ppo_sync_dir) or self.settings.data_dir})
-        if rounds.round_running(self.settings):
+        if rounds_log.round_running(self.settings):
             self._report(None)
             return  # someone else's round (e.g. `kaizen rounds run`)
         why = self.due()
@@ -187,8 +187,8 @@ class RoundScheduler:
     def _note_exit(self, code: int) -> None:
         """A round process that died left its state file: say how it ended there, for the record the
         round writes when it gives up (and for `kaizen rounds list`)."""
-        state = rounds.read_state(self.settings)
-        if state is None or rounds.round_running(self.settings):
+        state = rounds_log.read_state(self.settings)
+        if state is None or rounds_log.round_running(self.settings):
             return
         if code < 0:
             name = signal.Signals(-code).name
@@ -196,7 +196,7 @@ class RoundScheduler:
             state["last_exit"] = f"killed by {name}{oom}"
         else:
             state["last_exit"] = f"exited with {code}"
-        write_atomic(rounds._state_file(self.settings), json.dumps(state, indent=2, default=str))
+        write_atomic(rounds_log.state_file(self.settings), json.dumps(state, indent=2, default=str))
         log.warning("training round %s was cut off in phase %r (%s); retrying in %.0f s",
                     state.get("round_id"), state.get("phase"), state["last_exit"],
                     max(0.0, self.retry_wait(state)))
@@ -276,7 +276,7 @@ def run_one_round(settings: Settings) -> dict[str, Any] | None:
     if child.returncode == 75:
         log.warning("another training round is running")
         return None
-    done = [r for r in rounds.read_rounds(settings, 1) if r.get("outcome") != "running"]
+    done = [r for r in rounds_log.read_rounds(settings, 1) if r.get("outcome") != "running"]
     return done[0] if done else None
 
 
@@ -313,7 +313,7 @@ def run(settings: Settings, *, once: bool = False, idle_polls_to_finish: int = 3
         else:
             assert scheduler is not None
             try:
-                while not consumer._stop.is_set():
+                while not consumer.stopping:
                     consumer.poll_once()  # bounded by kafka_poll_timeout_ms
                     metrics.TRAINER_READY.set(1 if consumer.joined else 0)
                     scheduler.tick()

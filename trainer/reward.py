@@ -497,6 +497,10 @@ def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequenc
 # -- registry + refresh -------------------------------------------------------------
 
 
+class RewardModelMissing(RuntimeError):
+    """The `current` pointer names a reward model folder that is not there whole."""
+
+
 def reward_root(settings: Settings) -> Path:
     """`<data_dir>/reward`: rm-v1, rm-v2, ... and the `current` pointer."""
     return settings.data_dir / "reward"
@@ -508,7 +512,10 @@ def current_version(settings: Settings) -> Path | None:
     if not pointer.is_file():
         return None
     path = reward_root(settings) / pointer.read_text().strip()
-    assert (path / MANIFEST).is_file(), f"pointer {pointer} names {path}, which has no {MANIFEST}"
+    if not (path / MANIFEST).is_file():  # on disk, not an invariant of this code: checked under -O too
+        raise RewardModelMissing(f"the reward model pointer {pointer} names {path}, which has no {MANIFEST} "
+                                 f"(removed or damaged): restore that folder, or point {pointer} at another "
+                                 f"rm-v* folder of {reward_root(settings)}, or remove {pointer} to train anew")
     return path
 
 

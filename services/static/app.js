@@ -517,7 +517,8 @@
   }
 
   function requestBody() {
-    const body = { model: "kaizen", messages: state.messages.slice(), stream: true, comparison: comparisonMode() };
+    // no `model`: the server answers with the one it serves, whatever KAIZEN_SERVED_MODEL_NAME says
+    const body = { messages: state.messages.slice(), stream: true, comparison: comparisonMode() };
     if (Number.isFinite(maxTokensParam) && maxTokensParam > 0) body.max_tokens = maxTokensParam;
     return body;
   }
