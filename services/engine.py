@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from services import metrics
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -292,8 +293,6 @@ class Engine:
         A start that fails is retried every `engine_watchdog_interval_s` until one works or
         the engine is shut down; liveness fails meanwhile once `engine_stall_timeout_s` passes."""
         from vllm.v1.engine.exceptions import EngineDeadError
-
-        from services import metrics
 
         self.restarting = True
         self._open.clear()
