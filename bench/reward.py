@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from services.settings import get_settings  # noqa: E402
+from services.settings import Settings, get_settings  # noqa: E402
 from trainer.reward import (  # noqa: E402
     RewardConfig, _autocast, bradley_terry_loss, evaluate, format_metrics, freeze_lower_layers, load_reward_model,
     sequence_rewards, train_reward_model,
@@ -56,7 +56,7 @@ def longer_wins(pairs: list[Pair]) -> float:
     return sum(len(p.chosen) > len(p.rejected) for p in pairs) / len(pairs)
 
 
-def speed(model_dir: Path, pairs: list[Pair], max_length: int, steps: int) -> None:
+def speed(settings: Settings, model_dir: Path, pairs: list[Pair], max_length: int, steps: int) -> None:
     """Seconds per micro-batch of 8 real pairs for each choice; the first batch is a warm-up."""
     rng = random.Random(0)
     sample = rng.sample(pairs, 8 * (steps + 1))
@@ -64,7 +64,8 @@ def speed(model_dir: Path, pairs: list[Pair], max_length: int, steps: int) -> No
     for threads, dtype, layers in [(2, "bfloat16", 8), (1, "bfloat16", 8), (2, "float32", 8), (2, "bfloat16", 0),
                                    (2, "bfloat16", 4), (2, "bfloat16", 16)]:
         torch.set_num_threads(threads)
-        config = RewardConfig(max_length=max_length, dtype=dtype, train_layers=layers)
+        config = RewardConfig.from_settings(settings, max_length=max_length, dtype=dtype, train_layers=layers,
+                                            threads=threads)
         model, tok = load_reward_model(model_dir)
         freeze_lower_layers(model, layers)
         enc = encode_pairs(tok, sample, max_length)
@@ -107,7 +108,7 @@ def main() -> None:
         "lr", "epochs", "batch_size", "grad_accum", "max_length", "train_layers", "eval_every", "patience",
         "threads", "seed", "dtype", "eval_fraction")}, max_minutes=args.max_minutes)
     if args.speed:
-        speed(args.model, hh_train + pandalm_train, config.max_length, args.speed_steps)
+        speed(settings, args.model, hh_train + pandalm_train, config.max_length, args.speed_steps)
         return
     config.apply_threads()
     train, stop = split_pairs(hh_train + pandalm_train, config.eval_fraction)

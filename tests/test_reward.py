@@ -6,6 +6,7 @@ The synthetic preference: an answer that contains MARKER is always the chosen on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 from services.events import Answer, Message, PreferenceEvent
 from services.settings import Settings
 from trainer.reward import (
+    FROM_SETTINGS,
     RewardConfig,
     RewardModelMissing,
     bradley_terry_loss,
@@ -434,3 +436,17 @@ def test_a_pointer_to_a_missing_reward_model_is_a_clear_error(tmp_path: Path) ->
     (reward_root(settings) / "current").write_text("rm-v2\n")
     with pytest.raises(RewardModelMissing, match=r"names .*rm-v2, which has no manifest.json"):
         current_version(settings)
+
+
+def test_reward_config_has_one_source_of_defaults() -> None:
+    """The dataclass's defaults are the settings' defaults (its lr and epochs were 2e-5 and 1 against
+    the settings' 5e-5 and 3), every `reward_*` setting that names a field is read by `from_settings`,
+    and an override that is not None wins over the setting."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RewardConfig)}
+    differ = {name: (defaults[name], Settings.model_fields[f"reward_{name}"].default) for name in FROM_SETTINGS
+              if defaults[name] != Settings.model_fields[f"reward_{name}"].default}
+    assert differ == {}, f"RewardConfig default vs setting: {differ}"
+    assert set(FROM_SETTINGS) == {name for name in defaults if f"reward_{name}" in Settings.model_fields}
+    settings = Settings(reward_lr=1e-4, reward_epochs=5, reward_dtype="float32", reward_patience=9)
+    config = RewardConfig.from_settings(settings, epochs=7, seed=None)
+    assert (config.lr, config.epochs, config.dtype, config.patience, config.seed) == (1e-4, 7, "float32", 9, 0)

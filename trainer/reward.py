@@ -57,29 +57,52 @@ POINTER = "current"
 VERSION_RE = re.compile(r"^rm-v(\d+)$")
 
 
+#: RewardConfig fields whose value is the setting `reward_<name>` (services/settings.py documents each).
+FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "train_layers", "dtype",
+                 "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes")
+
+
+def _setting(name: str) -> Any:
+    """The default of setting `reward_<name>`: one source, so a bare RewardConfig() trains as the
+    trainer does with no KAIZEN_REWARD_* set (it had lr 2e-5 and 1 epoch against the settings' 5e-5
+    and 3). The environment's values come in through `RewardConfig.from_settings`."""
+    return Settings.model_fields[f"reward_{name}"].default
+
+
 @dataclass
 class RewardConfig:
-    """One reward-model training run. Defaults come from Settings (`reward_*`); the CLI overrides."""
+    """One reward-model training run. Build it with `from_settings` (the settings, then the CLI's
+    overrides); the field defaults are the settings' defaults, for tests and tools."""
 
-    max_length: int = 384
+    max_length: int = _setting("max_length")
     """Tokens per conversation + answer, cut from the left (reward_data.encode_conversation)."""
-    batch_size: int = 8
+    batch_size: int = _setting("batch_size")
     """Pairs per micro-batch: 2 x batch_size sequences per forward."""
-    grad_accum: int = 2
-    lr: float = 2e-5
-    epochs: int = 1
-    margin: float = 0.0
-    train_layers: int = 8
+    grad_accum: int = _setting("grad_accum")
+    """Micro-batches per optimizer step."""
+    lr: float = _setting("lr")
+    """Peak AdamW learning rate (after warmup)."""
+    epochs: int = _setting("epochs")
+    """Passes over the training pairs."""
+    margin: float = _setting("margin")
+    """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
+    train_layers: int = _setting("train_layers")
     """Top decoder layers trained, plus final norm and score head; 0 trains everything."""
-    dtype: str = "auto"
+    dtype: str = _setting("dtype")
     """Autocast dtype of forward passes; parameters and AdamW state stay float32. "auto" is
     resolved for this machine when the config is made (services/hardware.py)."""
-    threads: int | None = 1
-    eval_fraction: float = 0.1
-    eval_every: int = 25
-    patience: int = 3
-    seed: int = 0
-    max_minutes: float | None = None
+    threads: int | None = _setting("threads")
+    """torch threads; None: one per core."""
+    eval_fraction: float = _setting("eval_fraction")
+    """Share of training pairs held out for early stopping."""
+    eval_every: int = _setting("eval_every")
+    """Optimizer steps between held-out evaluations."""
+    patience: int = _setting("patience")
+    """Evaluations without a better held-out accuracy before training stops."""
+    seed: int = _setting("seed")
+    max_minutes: float | None = _setting("max_minutes")
+    """Wall-clock budget; None: none."""
+    # -- not settings: fixed parts of the recipe --
     warmup_fraction: float = 0.05
     """Share of optimizer steps with a linearly rising lr; then linear decay to 0."""
     max_grad_norm: float = 1.0
@@ -94,9 +117,8 @@ class RewardConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> RewardConfig:
-        values = {name: getattr(settings, f"reward_{name}") for name in (
-            "max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "train_layers", "dtype",
-            "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes")}
+        """The settings' `reward_*` values; an override that is not None replaces one (the CLI's options)."""
+        values = {name: getattr(settings, f"reward_{name}") for name in FROM_SETTINGS}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
