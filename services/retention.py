@@ -15,7 +15,7 @@ the current one and the newest `retention_keep_reward_models` in all are kept.
 Versions are deleted through `Registry.delete` (under the registry's lock, decided on the state
 as it is then); reward models by renaming each out of sight first (`.deleted-*`), so a reader
 sees a whole folder or none. Which reward models exist is the trainer's layout: callers pass them
-(trainer/rounds.py `collect_garbage`, which also records the kaizen_retention_* metrics).
+(trainer/upkeep.py `collect_garbage`, which also records the kaizen_retention_* metrics).
 """
 
 from __future__ import annotations
