@@ -127,7 +127,7 @@ def stream_answer(client: httpx.Client, base: str) -> tuple[str, str, str]:
 
 def serving(base: str) -> str:
     """The champion version this process serves (the operators' route: probes name no versions)."""
-    return str(httpx.get(f"{base}/admin/rollout", headers=ADMIN).json()["serving"]["champion"])
+    return str(httpx.get(f"{base}/admin/rollout", headers=ADMIN, timeout=60).json()["serving"]["champion"])
 
 
 def test_swaps_under_streaming_load_fail_nothing_and_label_truthfully(

@@ -190,7 +190,9 @@ def test_sixty_votes_through_the_proxy_are_stored_once(cluster: Cluster) -> None
 
 def serving(cluster: Cluster, i: int) -> dict[str, Any]:
     """What replica i serves (the operators' route: probes name no versions)."""
-    return dict(httpx.get(f"{cluster.base(i)}/admin/rollout", headers=ADMIN).json()["serving"])
+    # /admin/rollout also reads the head-to-head and every replica's health from the store: not 5 s
+    # on a machine busy starting three canary engines
+    return dict(httpx.get(f"{cluster.base(i)}/admin/rollout", headers=ADMIN, timeout=60).json()["serving"])
 
 
 def test_a_canary_is_decided_once_and_applied_by_every_replica(
