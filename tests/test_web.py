@@ -28,6 +28,7 @@ import uvicorn
 from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from services.app import build_app
+from services.protocol import ErrorInfo, ErrorResponse, dump
 from services.settings import Settings
 from tests.conftest import ROOT, USER_KEY, make_settings, stop_group, wait_http
 from tests.test_feedback import outbox
@@ -462,6 +463,40 @@ def test_loading_server_is_explained(browser: Browser, tmp_path: Path) -> None:
         page.locator("#prompt").press("Enter")
         expect(alert).to_contain_text("HTTP 503")
         assert len(requests) == 2 and requests[1]["body"]["comparison"] == "off"
+        page.context.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_engine_death_mid_answer_is_explained(browser: Browser, tmp_path: Path) -> None:
+    """A stream cut by a dead engine ends in the API's error event (services/app.py, the 503 as a
+    stream's error event): the page keeps the partial answer and words it as the 503 it is (it
+    said "a problem answering", HTTP 500). The page comes from the real app without an engine;
+    the stream is the app's own event shapes, served by Playwright (killing an EngineCore mid-answer
+    in a browser test is tests/test_engine_health.py's slow business)."""
+    settings = make_settings(tmp_path)
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1", port=settings.port,
+                                           lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{settings.port}"
+        wait_http(f"{base}/healthz", 10)
+        piece = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "kaizen",
+                 "model_version": "v0", "choices": [{"index": 0, "delta": {"content": "Half an ans"}}]}
+        died = dump(ErrorResponse(error=ErrorInfo(message="the engine died under the request; it is being "
+                                                  "restarted", type="service_unavailable", code="engine_dead")))
+        stream = "".join(f"data: {json.dumps(d)}\n\n" for d in (piece, died)) + "data: [DONE]\n\n"
+        page = open_page(browser, f"{base}/?compare=off")
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, headers={"Content-Type": "text/event-stream"}, body=stream))
+        send(page, "Tell me everything")
+        answer = page.locator(".msg.assistant").last
+        alert = answer.get_by_role("alert")
+        expect(alert).to_contain_text("The server is busy right now")
+        expect(alert).to_contain_text("HTTP 503, engine_dead")
+        expect(answer).to_contain_text("Half an ans")
         page.context.close()
     finally:
         server.should_exit = True

@@ -580,7 +580,11 @@
         if (data === "[DONE]") { sawDone = true; break; }
         let chunk;
         try { chunk = JSON.parse(data); } catch { continue; }
-        if (chunk.error) { streamErr = { status: chunk.error.status || 500, ...chunk.error }; break; }
+        // the API's error event when the engine fails mid-answer (a 503 it can no longer send as a status)
+        if (chunk.error) {
+          streamErr = { status: chunk.error.type === "service_unavailable" ? 503 : 500, ...chunk.error };
+          break;
+        }
         noteVersion(chunk.model_version);
         if (chunk.comparison_id && !pair) {
           pair = makePair(turn, chunk.comparison_id);
