@@ -55,7 +55,9 @@ def make_reward_model(model_dir: Path, out: Path) -> Path:
 
 
 def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> dict[str, Any]:
-    from trainer.ppo import PPOConfig, PPOTrainer, RewardScorer, RolloutEngine, load_policy, sync_folder
+    from trainer.policy import RewardScorer, load_policy
+    from trainer.ppo import PPOConfig, PPOTrainer
+    from trainer.rollout_engine import RolloutEngine, sync_folder
 
     settings = get_settings()
     t0 = time.monotonic()
@@ -69,7 +71,7 @@ def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> di
     scorer = RewardScorer.load(rm_dir, 1024)
     iterations = []
     try:
-        with sync_folder(config) as folder:
+        with sync_folder(config.sync_dir) as folder:
             trainer = PPOTrainer(config, policy, reference, tok, engine, scorer, folder)
             for i in range(args.iterations):
                 st = trainer.step(prompts[(i * args.batch) % len(prompts):][: args.batch])
@@ -93,7 +95,7 @@ def run_trl(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> dict[
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
-    from trainer.ppo import encode_prompt
+    from trainer.policy import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     ids = [encode_prompt(tok, m, args.max_prompt_length) for m in prompts]

@@ -41,7 +41,9 @@ def main() -> None:
     from rich.progress import track
 
     from services.settings import get_settings
-    from trainer.ppo import PPOConfig, PPOTrainer, RolloutEngine, load_policy, sync_folder
+    from trainer.policy import load_policy
+    from trainer.ppo import PPOConfig, PPOTrainer
+    from trainer.rollout_engine import RolloutEngine, sync_folder
     from trainer.simulate import DEFAULT_PROMPTS, read_prompts
 
     settings = get_settings()
@@ -65,7 +67,7 @@ def main() -> None:
     engine = RolloutEngine(settings, args.model, max_model_len=1024, seed=0)
     arms: dict[str, PPOTrainer] = {}
     times: dict[str, list[dict[str, float]]] = {}
-    with sync_folder(config) as sync_dir:
+    with sync_folder(config.sync_dir) as sync_dir:
         for name in ("shared", "whole", "before"):
             policy, tokenizer, _ = load_policy(args.model)
             reference, _, _ = load_policy(args.model)

@@ -38,7 +38,7 @@ from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPT
 
 def judged_pairs(engine: object, tokenizer: object, prompts: list[str], judge: object, samples: int,
                  max_tokens: int, seed: int, tag: str) -> tuple[list[Pair], int]:
-    from trainer.ppo import encode_prompt
+    from trainer.policy import encode_prompt
 
     ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}], 256) for p in prompts]
     out = engine.generate(ids, max_tokens=max_tokens, temperature=1.0, n=samples, seed=seed)  # type: ignore[attr-defined]
@@ -76,7 +76,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from trainer.ppo import RolloutEngine
+    from trainer.rollout_engine import RolloutEngine
 
     judge = load_judge(args.judge)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -47,7 +47,9 @@ def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
 
 
 def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str = "ppo") -> None:
-    from trainer.ppo import PPOConfig, PPOTrainer, RewardScorer, Sample, encode_prompt, load_policy
+    from trainer.policy import RewardScorer, encode_prompt, load_policy
+    from trainer.ppo import PPOConfig, PPOTrainer
+    from trainer.rollout_engine import Sample
     from trainer.reward import load_reward_model
 
     config = PPOConfig(**PPO_JOB, algorithm=algorithm)  # type: ignore[arg-type]
@@ -67,10 +69,11 @@ def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str =
         samples.append(Sample(prompt, ids, tok.decode(ids), finished=rng.random() < 0.5))
     trainer = PPOTrainer(config, policy, reference, tok, None, scorer, None, dist)
     scored = trainer.score(prompts, prompt_ids, samples)
-    stats = trainer.update(scored)
+    adv = trainer.advantages(scored)
+    stats = trainer.update(scored, adv)
     if dist.is_main:
         params = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        torch.save({"params": params, "stats": stats, "advantages": scored.advantages,
+        torch.save({"params": params, "stats": stats, "advantages": adv.advantages,
                     "v_head": policy.v_head.weight.detach().clone(),
                     "world_size": dist.world_size, "trunk_depth": trainer.trunk_depth}, out)
 

@@ -96,7 +96,7 @@ def test_one_policy_update_on_two_processes_matches_one(tiny_model: Path, tmp_pa
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["trunk_depth"] == 1
     assert torch.allclose(one["advantages"], two["advantages"], atol=TOLERANCE)
     assert one["params"].keys() == two["params"].keys() and len(one["params"]) > 0
-    from trainer.ppo import load_policy
+    from trainer.policy import load_policy
 
     start = dict(load_policy(tiny_model)[0].named_parameters())
     moved = max(float((p - start[n].detach()).abs().max()) for n, p in one["params"].items() if n in start)

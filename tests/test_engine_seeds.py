@@ -65,7 +65,7 @@ def test_the_rollout_engine_never_splits_a_prefill_and_vllm_would(tiny_model: Pa
     from vllm import LLM, SamplingParams
 
     from tests.conftest import make_settings
-    from trainer.ppo import RolloutEngine
+    from trainer.rollout_engine import RolloutEngine
 
     settings = make_settings(tmp_path, engine_max_model_len=512)
     prompts = [list(range(100 + i, 400 + i)) for i in range(6)]  # 300 tokens each

@@ -68,7 +68,8 @@ def test_prepare_default_model_from_the_wheel(tmp_path: Path) -> None:
     # vLLM in the dtype `auto` picks on this machine (bf16 where the CPU has avx512_bf16 without AMX,
     # float32 elsewhere: services/hardware.py) still gives the sanity prompt's reference answer
     from services.engine import serving_dtype
-    from trainer.ppo import RolloutEngine, encode_prompt
+    from trainer.policy import encode_prompt
+    from trainer.rollout_engine import RolloutEngine
     from transformers import AutoTokenizer
 
     engine = RolloutEngine(settings, result.path, max_model_len=512)

@@ -1,4 +1,4 @@
-"""PPO math (trainer/ppo.py) against hand-computed numbers and reference implementations.
+"""PPO math (trainer/ppo_math.py) against hand-computed numbers and reference implementations.
 
 Each expected number below is worked out by hand in the comment next to it. The last tests use
 the tiny real model of conftest (no vLLM): the policy's log-probs agree with the plain HF model
@@ -13,23 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.ppo import (
+from trainer.policy import collate, freeze_lower_layers, load_policy, sequence_logprobs, shared_trunk_depth
+from trainer.ppo_math import (
     AdaptiveKLController,
-    collate,
     entropy_from_logits,
     explained_variance,
-    freeze_lower_layers,
     gae,
     kl_per_token,
-    load_policy,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
     policy_loss,
     rloo_advantages,
-    sequence_logprobs,
     shaped_rewards,
-    shared_trunk_depth,
     value_loss,
 )
 
@@ -256,7 +252,7 @@ def test_the_shared_trunk_gives_the_whole_models_numbers_and_only_when_it_is_sha
 def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_path: Path) -> None:
     """The loop's KL(version ‖ v0): batched, left-padded forward passes give the per-answer sums."""
     from trainer.loop import kl_to_base
-    from trainer.ppo import save_policy
+    from trainer.policy import save_policy
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -123,7 +123,7 @@ def fill_store(settings: Settings, n: int = 80) -> int:
 
 @pytest.fixture(scope="module")
 def engine(world: dict[str, Any]) -> Iterator[Any]:
-    from trainer.ppo import RolloutEngine
+    from trainer.rollout_engine import RolloutEngine
 
     eng = RolloutEngine(make_settings(world["root"], engine_max_model_len=512), world["champion"],
                         max_model_len=512)
@@ -181,7 +181,7 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     engine.load_weights(path)
     from transformers import AutoTokenizer
 
-    from trainer.ppo import encode_prompt
+    from trainer.policy import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(path)
     answers = engine.generate([encode_prompt(tok, question(random.Random(9)), 64)], max_tokens=8,
@@ -404,7 +404,8 @@ def test_weight_sync_checks_dev_shm_first(tiny_model: Path, small_shm: Path) -> 
     small (a real 1 MiB tmpfs, the tiny policy is ~16 MB in float32) it refuses before writing, naming
     the setting to change, instead of dying half-way with ENOSPC and a half-written file."""
     from services.disk import InsufficientSpace
-    from trainer.ppo import load_policy, sync_weights
+    from trainer.policy import load_policy
+    from trainer.rollout_engine import sync_weights
 
     policy, _, _ = load_policy(tiny_model)
     folder = small_shm / "kaizen-ppo-1-x"

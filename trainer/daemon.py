@@ -171,7 +171,7 @@ class RoundScheduler:
         if now < self._next_check:
             return
         self._next_check = now + self.check_every_s
-        from trainer.ppo import sync_base  # torch is loaded in the daemon anyway (trainer.reward)
+        from trainer.rollout_engine import sync_base  # torch is loaded in the daemon anyway (trainer.reward)
 
         record_free({"data": self.settings.data_dir, "registry": self.settings.registry_path,
                      "shm": sync_base(self.settings.ppo_sync_dir) or self.settings.data_dir})

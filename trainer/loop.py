@@ -166,7 +166,7 @@ def run_loop(config: LoopConfig, base_settings: Settings, say: Callable[[str], N
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the chat API did not get ready; see {serve_log}")
             time.sleep(0.5)
-        from trainer.ppo import RolloutEngine
+        from trainer.rollout_engine import RolloutEngine
 
         registry = Registry(settings.registry_path)
         # one sampling engine for every round and the evaluation (each start costs ~25 s)
@@ -291,8 +291,8 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     """Every published version (not rejected by its gate) against v0 on the evaluation prompts."""
     from transformers import AutoTokenizer
 
-    from trainer.ppo import encode_prompt
-    from trainer.rounds import sanity_set
+    from trainer.policy import encode_prompt
+    from trainer.gate import sanity_set
 
     judge = load_judge(config.eval_judge or config.judge)
     second = load_judge(config.second_judge) if config.second_judge else None
@@ -438,8 +438,8 @@ def _mean_len(samples: list[Any]) -> float:
 
 def kl_to_base(model_dir: Path, base_dir: Path, prompt_ids: list[list[int]], samples: list[Any]) -> float:
     """Monte-Carlo KL(version ‖ v0) per answer: mean of Σ_t log p_v(y_t) − log p_v0(y_t) over its own answers
-    (batched forward passes of both models, trainer.ppo.kl_to_reference)."""
-    from trainer.ppo import kl_to_reference, load_policy
+    (batched forward passes of both models, trainer.policy.kl_to_reference)."""
+    from trainer.policy import kl_to_reference, load_policy
 
     policy, tokenizer, _ = load_policy(model_dir)
     base, _, _ = load_policy(base_dir)

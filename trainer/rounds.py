@@ -8,11 +8,11 @@ A round, in order:
      gate keeps the better RM); no RM at all: the round is skipped;
   2. PPO: `ppo_iterations` iterations from the registry's champion (trainer/ppo.py), prompts are
      the users' turns stored with the votes (held-out slice excluded) plus `ppo_prompt_file`;
-  3. gate: on held-out prompts (the store's stable-hash holdout, never trained on) the candidate's
-     sampled answers beat the champion's by RM win rate >= gate_min_win (ties, rewards within
-     gate_tie_margin of each other or the same answer, count half), its
-     mean KL to the reference (the champion) is <= gate_max_kl, and every sanity prompt's greedy
-     answer matches its expected regex;
+  3. gate (trainer/gate.py, the decision a pure `gate_verdict`): on held-out prompts (the store's
+     stable-hash holdout, never trained on) the candidate's sampled answers beat the champion's by
+     RM win rate >= gate_min_win (ties, rewards within gate_tie_margin of each other or the same
+     answer, count half), its mean KL to the reference (the champion) is <= gate_max_kl, and every
+     sanity prompt's greedy answer matches its expected regex;
   4. publish: `Registry.publish` (rejected=True when the gate fails: kept, never served) and the
      model event.
 
@@ -52,15 +52,14 @@ import importlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,6 @@ from trainer.store import PreferenceStore, held_out
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
-DEFAULT_SANITY = [{"prompt": "What is the capital of France?", "expect": "Paris"}]
 
 
 # -- where things live ---------------------------------------------------------------------
@@ -158,18 +156,17 @@ def read_prompt_file(path: Path) -> list[Messages]:
     return out
 
 
-def sanity_set(settings: Settings) -> list[dict[str, str]]:
-    if settings.gate_sanity_file is None:
-        return DEFAULT_SANITY
-    out = []
-    for line in settings.gate_sanity_file.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out.append({"prompt": str(rec["prompt"]), "expect": str(rec["expect"])})
-    return out
-
-
 # -- the round ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundOptions:
+    """How a round runs, beside the settings (`run_round`'s keywords)."""
+
+    progress: bool = False
+    """A progress bar over the PPO iterations (on a terminal)."""
+    record_metrics: bool = True
+    """Set the Prometheus metrics of rounds and PPO iterations."""
 
 
 @dataclass
@@ -178,6 +175,7 @@ class RoundContext:
     round_id: str
     started: float
     state: dict[str, Any]
+    options: RoundOptions = field(default_factory=RoundOptions)
 
     def phase(self, name: str, **extra: Any) -> None:
         self.state.update(phase=name, phase_started=datetime.now(UTC).isoformat(), **extra)
@@ -257,7 +255,7 @@ class Crew:
 
 def follow(settings: Settings, dist: Any, stop: threading.Event) -> None:
     """A rank other than 0: run rank 0's training commands until it says "done"."""
-    reward, ppo = _heavy("trainer.reward"), _heavy("trainer.ppo")
+    reward, ppo, policy = _heavy("trainer.reward"), _heavy("trainer.ppo"), _heavy("trainer.policy")
     while True:
         command, payload = dist.broadcast()
         log.info("rank %d: %s", dist.rank, command)
@@ -267,10 +265,10 @@ def follow(settings: Settings, dist: Any, stop: threading.Event) -> None:
             reward.train_refresh(payload, dist=dist)
         elif command == "ppo":
             config = payload["config"]
-            policy, tokenizer, _ = ppo.load_policy(payload["champion"])
-            reference, _, _ = ppo.load_policy(payload["champion"])
-            scorer = ppo.RewardScorer.load(payload["reward_model"], settings.reward_max_length)
-            trainer = ppo.PPOTrainer(config, policy, reference, tokenizer, None, scorer, None, dist)
+            model, tokenizer, _ = policy.load_policy(payload["champion"])
+            reference, _, _ = policy.load_policy(payload["champion"])
+            scorer = policy.RewardScorer.load(payload["reward_model"], settings.reward_max_length)
+            trainer = ppo.PPOTrainer(config, model, reference, tokenizer, None, scorer, None, dist)
             ppo.run_ppo(config, trainer, payload["prompts"], should_stop=stop.is_set)
         else:
             raise ValueError(f"rank {dist.rank}: unknown command {command!r} from rank 0")
@@ -285,19 +283,20 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
     `crew`: the other training ranks when this is rank 0 of several.
     """
     crew = crew or Crew()
+    options = RoundOptions(progress=progress, record_metrics=record_metrics)
     with round_lock(settings):
         prior = read_state(settings)  # what a round cut off before this one left, if anything
         upkeep.remove_sync_leftovers(settings, prior)
         resume, how = _recover(settings)
         log.info("training round: %s", how)
         if resume is not None and resume.get("phase") == "published":
-            ctx = RoundContext(settings, resume["round_id"], time.time(), resume)
+            ctx = RoundContext(settings, resume["round_id"], time.time(), resume, options)
             record = _finish(ctx, "published" if resume["stage"] != "rejected" else "rejected",
-                             {"version": resume["version"], "recovery": how}, record_metrics)
+                             {"version": resume["version"], "recovery": how})
             return record
         attempts = int(prior.get("attempt", 0)) if prior else 0
         if prior is not None and attempts >= settings.round_max_attempts:
-            return _give_up(settings, prior, record_metrics)
+            return _give_up(settings, prior, options)
         rid = str((resume or prior or {}).get("round_id") or
                   datetime.now(UTC).strftime("r%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6])
         store = PreferenceStore(settings.preferences_db)
@@ -310,33 +309,33 @@ def run_round(settings: Settings, *, engine: Any = None, stop: threading.Event |
         state["attempt"] = attempts + 1
         if prior is not None:
             state["cut_off"] = upkeep.cut_offs(prior)
-        ctx = RoundContext(settings, rid, time.time(), state)
+        ctx = RoundContext(settings, rid, time.time(), state, options)
         try:
             upkeep.require_disk_space(settings)
         except InsufficientSpace as exc:
             log.error("training round %s refused: %s", rid, exc)
-            return _finish(ctx, "failed", {"error": str(exc), "space_refused": exc.what}, record_metrics)
+            return _finish(ctx, "failed", {"error": str(exc), "space_refused": exc.what})
         ctx.save()  # the attempt counts from here, whatever kills the round next
         try:
-            return _run(ctx, engine, stop, progress, record_metrics, resume is not None, crew)
+            return _run(ctx, engine, stop, crew, resuming=resume is not None)
         except Exception as exc:
             log.exception("training round %s failed", rid)
             shutil.rmtree(ctx.work, ignore_errors=True)
             details = {"error": f"{type(exc).__name__}: {exc}"}
             if isinstance(exc, InsufficientSpace):
                 details["space_refused"] = exc.what
-            return _finish(ctx, "failed", details, record_metrics)
+            return _finish(ctx, "failed", details)
 
 
-def _give_up(settings: Settings, prior: dict[str, Any], record_metrics: bool) -> dict[str, Any]:
+def _give_up(settings: Settings, prior: dict[str, Any], options: RoundOptions) -> dict[str, Any]:
     """The start after `round_max_attempts` cut-off starts: record the round as failed and leave it."""
     cut, reason = upkeep.give_up(settings, prior)
     log.error("training round %s failed: %s", prior.get("round_id"), reason)
-    ctx = RoundContext(settings, str(prior.get("round_id")), time.time(), {**prior, "cut_off": cut})
-    return _finish(ctx, "failed", {"error": reason, "reason": reason}, record_metrics)
+    ctx = RoundContext(settings, str(prior.get("round_id")), time.time(), {**prior, "cut_off": cut}, options)
+    return _finish(ctx, "failed", {"error": reason, "reason": reason})
 
 
-def _finish(ctx: RoundContext, outcome: str, details: dict[str, Any], record_metrics: bool) -> dict[str, Any]:
+def _finish(ctx: RoundContext, outcome: str, details: dict[str, Any]) -> dict[str, Any]:
     now = time.time()
     record = {k: v for k, v in ctx.state.items() if k not in ("phase_started",)}
     record.update(kind="round", outcome=outcome, ended=datetime.now(UTC).isoformat(), ended_ts=now,
@@ -345,15 +344,15 @@ def _finish(ctx: RoundContext, outcome: str, details: dict[str, Any], record_met
     _json_line(rounds_dir(ctx.settings) / "rounds.jsonl", record)
     _state_file(ctx.settings).unlink(missing_ok=True)
     shutil.rmtree(ctx.work, ignore_errors=True)
-    if record_metrics:
+    if ctx.options.record_metrics:
         record_round_metrics(record)
     if outcome in ("published", "rejected"):
-        _retention(ctx.settings, record_metrics)
+        _retention(ctx.settings, record_metrics=ctx.options.record_metrics)
     log.info("training round %s: %s (%.0f s)", ctx.round_id, outcome, record["seconds"])
     return record
 
 
-def _retention(settings: Settings, record_metrics: bool) -> None:
+def _retention(settings: Settings, *, record_metrics: bool) -> None:
     """Retention after a round that published (trainer/upkeep.py), logged as a "retention" event."""
     rec = upkeep.retention(settings)
     if rec is not None:
@@ -385,205 +384,201 @@ def record_iteration_metrics(it: dict[str, Any]) -> None:
     metrics.PPO_SAMPLES_PER_SECOND.set(float(it["samples_per_s"]))
 
 
-def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, progress: bool, record_metrics: bool,
-         resuming: bool, crew: Crew) -> dict[str, Any]:
-    reward = _heavy("trainer.reward")
-    PPOConfig = _heavy("trainer.ppo").PPOConfig
-    RewardConfig, current_version, read_manifest = reward.RewardConfig, reward.current_version, reward.read_manifest
-    refresh_reward_model = reward.refresh_reward_model
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """timings[name] = the seconds the block took."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = time.monotonic() - started
 
+
+@dataclass
+class RoundJob:
+    """What the phases after the reward model share: train candidate -> gate -> publish."""
+
+    registry: Any
+    """services.registry.Registry"""
+    engine: Any
+    """trainer.rollout_engine.RolloutEngine, holding the champion's weights at the start"""
+    config: Any
+    """trainer.ppo.PPOConfig"""
+    reward_model: Path
+    champion: str
+    train_prompts: list[Messages]
+    held_prompts: list[Messages]
+    stopped: Callable[[], bool]
+    """True once SIGTERM asked the round to stop."""
+    crew: Crew
+    resuming: bool
+    """The candidate was saved before a crash: gate and publish it, no PPO."""
+    timings: dict[str, float]
+
+
+def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, crew: Crew, *,
+         resuming: bool) -> dict[str, Any]:
+    """The round's work: refresh the reward model, choose the prompts, start the engine; then
+    train candidate -> gate -> publish (`_ppo_gate_publish`)."""
+    reward = _heavy("trainer.reward")
     settings = ctx.settings
+
     def stopped() -> bool:
         return stop is not None and stop.is_set()
 
     registry = _registry(settings)
     serving = registry.state().champion
-
-    # 1. reward model ---------------------------------------------------------------------------
     timings: dict[str, float] = {}
     if not resuming:
-        ctx.phase("refresh")
-        t0 = time.monotonic()
-        current = current_version(settings)
-        mark = int(read_manifest(current)["data"]["trained_through_rowid"]) if current else 0
-        if new_votes_since(settings, mark) > 0:
-            base = registry.path(serving) if serving else settings.model_dir
-            result = refresh_reward_model(settings, RewardConfig.from_settings(settings), base_model=base,
-                                          progress=progress, dist=crew.dist or _one_process(),
-                                          announce=lambda plan: crew.order("refresh", plan))
-            ctx.state["reward_refresh"] = {"accepted": result.accepted, "reason": result.reason}
-        timings["refresh"] = time.monotonic() - t0
-    rm = current_version(settings)
+        _refresh(ctx, registry, serving, crew, timings)
+    rm = reward.current_version(settings)
     if rm is None:
-        return _finish(ctx, "skipped", {"reason": "no reward model yet (too few held-out votes to accept one)"},
-                       record_metrics)
+        return _finish(ctx, "skipped", {"reason": "no reward model yet (too few held-out votes to accept one)"})
     ctx.state["reward_model"] = rm.name
-    holdout = read_manifest(rm).get("metrics", {}).get("holdout") or {}
+    holdout = reward.read_manifest(rm).get("metrics", {}).get("holdout") or {}
     ctx.state["reward_accuracy"] = holdout.get("accuracy")
     train_prompts, held_prompts = store_prompts(settings)
     held_prompts = held_prompts[: settings.gate_prompts]
     if not train_prompts:
-        return _finish(ctx, "skipped", {"reason": "no training prompts"}, record_metrics)
+        return _finish(ctx, "skipped", {"reason": "no training prompts"})
     if not held_prompts:
-        return _finish(ctx, "skipped", {"reason": "no held-out prompts for the gate"}, record_metrics)
+        return _finish(ctx, "skipped", {"reason": "no held-out prompts for the gate"})
     ctx.state.update(train_prompts=len(train_prompts), held_out_prompts=len(held_prompts))
     if "champion" not in ctx.state:  # a resumed round keeps the champion it started from
         ctx.state["champion"] = serving or registry.init_base(settings.model_dir, who="trainer")
     champion = ctx.state["champion"]
     if stopped():
-        return _finish(ctx, "abandoned", {"reason": "SIGTERM before PPO"}, record_metrics)
+        return _finish(ctx, "abandoned", {"reason": "SIGTERM before PPO"})
 
-    config = PPOConfig.from_settings(settings)
+    config = _heavy("trainer.ppo").PPOConfig.from_settings(settings)
     own_engine = engine is None
     if own_engine:
-        t0 = time.monotonic()
-        engine = _heavy("trainer.ppo").RolloutEngine(settings, registry.path(champion), max_model_len=settings.engine_max_model_len,
-                               seed=settings.ppo_seed)
-        timings["engine_start"] = time.monotonic() - t0
+        with _timed(timings, "engine_start"):
+            engine = _heavy("trainer.rollout_engine").RolloutEngine(
+                settings, registry.path(champion), max_model_len=settings.engine_max_model_len,
+                seed=settings.ppo_seed)
     else:
         timings["engine_reset"] = engine.load_weights(registry.path(champion))
+    job = RoundJob(registry=registry, engine=engine, config=config, reward_model=rm, champion=champion,
+                   train_prompts=train_prompts, held_prompts=held_prompts, stopped=stopped, crew=crew,
+                   resuming=resuming, timings=timings)
     try:
-        return _ppo_gate_publish(ctx, engine, config, rm, champion, train_prompts, held_prompts, stopped,
-                                 progress, record_metrics, resuming, timings, crew)
+        return _ppo_gate_publish(ctx, job)
     finally:
         if own_engine:
             engine.shutdown()
 
 
-def _gate_answers(engine: Any, tokenizer: Any, prompts: list[Messages], settings: Settings,
-                  config: Any) -> tuple[list[list[int]], list[Any]]:
-    encode_prompt = _heavy("trainer.ppo").encode_prompt
-    ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
-    # the same seeds for champion and candidate: differences come from the weights
-    samples = engine.generate(ids, max_tokens=config.response_length, temperature=config.temperature,
-                              n=settings.gate_samples, seed=settings.ppo_seed + 7_919)
-    return ids, samples
-
-
-def _ppo_gate_publish(ctx: RoundContext, engine: Any, config: Any, rm: Path, champion: str,
-                      train_prompts: list[Messages], held_prompts: list[Messages], stopped: Callable[[], bool],
-                      progress: bool, record_metrics: bool, resuming: bool,
-                      timings: dict[str, float], crew: Crew) -> dict[str, Any]:
-    import torch
-
-    ppo = _heavy("trainer.ppo")
-    PPOTrainer, RewardScorer, encode_prompt, kl_to_reference = \
-        ppo.PPOTrainer, ppo.RewardScorer, ppo.encode_prompt, ppo.kl_to_reference
-    load_policy, run_ppo, save_policy, sync_folder = ppo.load_policy, ppo.run_ppo, ppo.save_policy, ppo.sync_folder
-
+def _refresh(ctx: RoundContext, registry: Any, serving: str | None, crew: Crew,
+             timings: dict[str, float]) -> None:
+    """1. reward model: retrained when votes arrived since the current one (its own gate keeps the better)."""
+    reward = _heavy("trainer.reward")
     settings = ctx.settings
-    registry = _registry(settings)
-    champion_dir = registry.path(champion)
-    scorer = RewardScorer.load(rm, settings.reward_max_length)
-    reference, tokenizer, saved_dtype = load_policy(champion_dir)
+    ctx.phase("refresh")
+    with _timed(timings, "refresh"):
+        current = reward.current_version(settings)
+        mark = int(reward.read_manifest(current)["data"]["trained_through_rowid"]) if current else 0
+        if new_votes_since(settings, mark) > 0:
+            base = registry.path(serving) if serving else settings.model_dir
+            result = reward.refresh_reward_model(settings, reward.RewardConfig.from_settings(settings),
+                                                 base_model=base, progress=ctx.options.progress,
+                                                 dist=crew.dist or _one_process(),
+                                                 announce=lambda plan: crew.order("refresh", plan))
+            ctx.state["reward_refresh"] = {"accepted": result.accepted, "reason": result.reason}
+
+
+def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
+    """2. train candidate (PPO; skipped when resuming) -> 3. gate -> 4. publish."""
+    settings, config = ctx.settings, job.config
+    policy = _heavy("trainer.policy")
+    gate = _heavy("trainer.gate")
+    scorer = policy.RewardScorer.load(job.reward_model, settings.reward_max_length)
+    reference, tokenizer, saved_dtype = policy.load_policy(job.registry.path(job.champion))
+    models = gate.GateModels(scorer, reference, tokenizer)
     config.apply_threads()
-
     # champion's answers to the held-out prompts, while the engine still holds its weights
-    t0 = time.monotonic()
-    held_ids, champ = _gate_answers(engine, tokenizer, held_prompts, settings, config)
-    timings["gate_champion"] = time.monotonic() - t0
+    with _timed(job.timings, "gate_champion"):
+        held_ids, champ = gate.gate_answers(job.engine, tokenizer, job.held_prompts, settings, config)
     candidate = ctx.work / "candidate"
+    if not job.resuming:
+        abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype)
+        if abandoned is not None:
+            return abandoned
+    record, verdict = _gate(ctx, job, models, candidate, held_ids, champ)
+    return _publish(ctx, job, candidate, record, verdict)
 
-    # 2. PPO -------------------------------------------------------------------------------------
+
+def _train_candidate(ctx: RoundContext, job: RoundJob, models: Any, candidate: Path,
+                     saved_dtype: Any) -> dict[str, Any] | None:
+    """2. PPO from the champion on the training prompts, saved to `candidate` (then the "gate" phase).
+    Returns the round's record when SIGTERM cut it short, else None."""
+    ppo, policy_mod = _heavy("trainer.ppo"), _heavy("trainer.policy")
+    sync_folder = _heavy("trainer.rollout_engine").sync_folder
+    settings, config = ctx.settings, job.config
+    champion_dir = job.registry.path(job.champion)
     events = rounds_dir(settings) / "events.jsonl"
-    if not resuming:
-        ctx.phase("ppo", iterations_done=0, reward_model=rm.name)
-        policy, _, _ = load_policy(champion_dir)
+    ctx.phase("ppo", iterations_done=0, reward_model=job.reward_model.name)
+    policy, _, _ = policy_mod.load_policy(champion_dir)
 
-        def on_iteration(st: Any) -> None:
-            rec = {"kind": "iteration", "round_id": ctx.round_id, "at": datetime.now(UTC).isoformat(),
-                   **st.as_dict(), "kl_coef_next": trainer.kl_ctl.value}
-            _json_line(events, rec)
-            if record_metrics:
-                record_iteration_metrics(rec)
-            ctx.phase("ppo", iterations_done=st.iteration)
+    def on_iteration(st: Any) -> None:
+        rec = {"kind": "iteration", "round_id": ctx.round_id, "at": datetime.now(UTC).isoformat(),
+               **st.as_dict(), "kl_coef_next": trainer.kl_ctl.value}
+        _json_line(events, rec)
+        if ctx.options.record_metrics:
+            record_iteration_metrics(rec)
+        ctx.phase("ppo", iterations_done=st.iteration)
 
-        t0 = time.monotonic()
-        crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": rm, "prompts": train_prompts})
-        with sync_folder(config) as sync_dir:
+    with _timed(job.timings, "ppo"):
+        job.crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": job.reward_model,
+                               "prompts": job.train_prompts})
+        with sync_folder(config.sync_dir) as sync_dir:
             ctx.state["sync_dir"] = str(sync_dir)  # a kill leaves it in /dev/shm: the next start removes it
             ctx.save()
-            trainer = PPOTrainer(config, policy, reference, tokenizer, engine, scorer, sync_dir,
-                                 crew.dist or _one_process())
-            history = run_ppo(config, trainer, train_prompts, on_iteration=on_iteration, should_stop=stopped,
-                              progress=progress)
-        timings["ppo"] = time.monotonic() - t0
-        if stopped():
-            return _finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"},
-                           record_metrics)
-        ctx.state["ppo"] = _summary(history)
-        ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
-        ctx.state["distributed"] = trainer.dist.describe()
-        save_policy(policy, tokenizer, candidate, saved_dtype)
-        del policy
-        ctx.phase("gate")
+            trainer = ppo.PPOTrainer(config, policy, models.reference, models.tokenizer, job.engine,
+                                     models.scorer, sync_dir, job.crew.dist or _one_process())
+            history = ppo.run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
+                                  should_stop=job.stopped, progress=ctx.options.progress)
+    if job.stopped():
+        return _finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"})
+    ctx.state["ppo"] = _summary(history)
+    ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
+    ctx.state["distributed"] = trainer.dist.describe()
+    policy_mod.save_policy(policy, models.tokenizer, candidate, saved_dtype)
+    ctx.phase("gate")
+    return None
 
-    # 3. gate ------------------------------------------------------------------------------------
-    t0 = time.monotonic()
-    timings["load_candidate"] = engine.load_weights(candidate)  # vLLM reads the saved folder itself
-    _, cand = _gate_answers(engine, tokenizer, held_prompts, settings, config)
-    cand_policy, _, _ = load_policy(candidate)
-    kls = kl_to_reference(cand_policy, reference, tokenizer, [held_ids[s.prompt] for s in cand],
-                          [s.token_ids for s in cand], config.temperature)
-    del cand_policy
-    cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
-    champ = sorted(champ, key=lambda s: int(s.prompt))
-    prompts_of = [held_prompts[s.prompt] for s in cand]
-    def unended(ss: list[Any]) -> torch.Tensor:
-        return torch.tensor([0.0 if s.finished else 1.0 for s in ss])
 
-    r_cand = scorer(prompts_of, [s.text for s in cand]) - config.missing_eos_penalty * unended(cand)
-    r_champ = scorer([held_prompts[s.prompt] for s in champ], [s.text for s in champ]) - \
-        config.missing_eos_penalty * unended(champ)
-    # the same answer, or rewards closer than the reward model can tell apart, is a tie: a saturated
-    # RM scores "Yes." 0.989 and "Yes" 0.982, and counting that as a loss made the gate a coin toss
-    same = torch.tensor([a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)])
-    tie = same | ((r_cand - r_champ).abs() <= settings.gate_tie_margin)
-    wins = float(((r_cand > r_champ) & ~tie).sum()) + 0.5 * float(tie.sum())
-    win_rate = wins / len(r_cand)
-    sanity = []
-    for item in sanity_set(settings):
-        ids = [encode_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}], config.max_prompt_length)]
-        answer = engine.generate(ids, max_tokens=config.response_length, temperature=0.0)[0].text
-        sanity.append({**item, "answer": answer, "passed": re.search(item["expect"], answer) is not None})
-    wilson_interval = _heavy("trainer.reward").wilson_interval
-    mean_kl = sum(kls) / len(kls)
-    gate = {
-        "win_rate": win_rate, "win_rate_ci95": list(wilson_interval(round(wins), len(r_cand))),
-        "pairs": len(r_cand), "ties": int(tie.sum()), "tie_margin": settings.gate_tie_margin,
-        "min_win": settings.gate_min_win,
-        "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
-        "kl": mean_kl, "max_kl": settings.gate_max_kl,
-        "sanity": sanity, "sanity_passed": all(s["passed"] for s in sanity),
-    }
-    failed = []
-    if win_rate < settings.gate_min_win:
-        failed.append(f"win rate {win_rate:.3f} < {settings.gate_min_win}")
-    if mean_kl > settings.gate_max_kl:
-        failed.append(f"KL {mean_kl:.3f} > {settings.gate_max_kl}")
-    if not gate["sanity_passed"]:
-        failed.append("sanity: " + ", ".join(repr(s["prompt"]) for s in sanity if not s["passed"]))
-    gate["passed"] = not failed
-    gate["failed"] = failed
-    timings["gate"] = time.monotonic() - t0
-    ctx.state["gate"] = gate
+def _gate(ctx: RoundContext, job: RoundJob, models: Any, candidate: Path, held_ids: list[list[int]],
+          champ: list[Any]) -> tuple[dict[str, Any], Any]:
+    """3. the candidate against the champion on the held-out prompts (trainer/gate.py): (record, verdict)."""
+    gate = _heavy("trainer.gate")
+    with _timed(job.timings, "gate"):
+        job.timings["load_candidate"] = job.engine.load_weights(candidate)  # vLLM reads the saved folder itself
+        record, verdict = gate.measure_gate(job.engine, candidate, models, job.held_prompts, held_ids, champ,
+                                            ctx.settings, job.config)
+    ctx.state["gate"] = record
+    return record, verdict
 
-    # 4. publish ---------------------------------------------------------------------------------
-    ctx.phase("publish")
+
+def _publish(ctx: RoundContext, job: RoundJob, candidate: Path, gate: dict[str, Any],
+             verdict: Any) -> dict[str, Any]:
+    """4. the candidate into the registry (rejected=True when the gate failed: kept, never served)
+    and its model event."""
     from services.model_events import emit
 
-    why = "passed the gate" if not failed else "failed the gate: " + "; ".join(failed)
+    ctx.phase("publish")
     training = {"round_id": ctx.round_id, "ppo": ctx.state.get("ppo"), "config": ctx.state.get("ppo_config"),
-                "reward_refresh": ctx.state.get("reward_refresh"), "timings": timings,
+                "reward_refresh": ctx.state.get("reward_refresh"), "timings": job.timings,
                 "distributed": ctx.state.get("distributed", {"world_size": 1, "backend": "none"})}
-    t0 = time.monotonic()
-    m = registry.publish(candidate, parent=champion, who="trainer", why=why, reward_model=rm.name,
-                         training=training, gate=gate, rejected=bool(failed))
-    timings["publish"] = time.monotonic() - t0
-    outcome = "rejected" if failed else "published"
-    emit(settings, "rejected" if failed else "published", m.version, who="trainer", round_id=ctx.round_id,
-         parent=champion, gate_passed=not failed, win_rate=win_rate, kl=mean_kl)
-    return _finish(ctx, outcome, {"version": m.version, "timings": timings}, record_metrics)
+    with _timed(job.timings, "publish"):
+        m = job.registry.publish(candidate, parent=job.champion, who="trainer", why=verdict.reason,
+                                 reward_model=job.reward_model.name, training=training, gate=gate,
+                                 rejected=not verdict.passed)
+    outcome = "published" if verdict.passed else "rejected"
+    emit(ctx.settings, "published" if verdict.passed else "rejected", m.version, who="trainer",
+         round_id=ctx.round_id, parent=job.champion, gate_passed=verdict.passed, win_rate=verdict.win_rate,
+         kl=gate["kl"])
+    return _finish(ctx, outcome, {"version": m.version, "timings": job.timings})
 
 
 def _summary(history: list[Any]) -> dict[str, Any]:

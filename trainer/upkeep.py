@@ -69,11 +69,11 @@ def require_disk_space(settings: Settings) -> None:
 def remove_sync_leftovers(settings: Settings, prior: dict[str, Any] | None) -> None:
     """Remove the /dev/shm weight-sync folder a killed round left: the one its state file names, and
     any `kaizen-ppo-<pid>-*` in the sync base whose process is gone (killed before it was named)."""
-    ppo = importlib.import_module("trainer.ppo")
+    engine = importlib.import_module("trainer.rollout_engine")
     named = (prior or {}).get("sync_dir")
-    if named and Path(named).name.startswith(ppo.SYNC_PREFIX):
+    if named and Path(named).name.startswith(engine.SYNC_PREFIX):
         shutil.rmtree(named, ignore_errors=True)
-    for folder in ppo.stale_sync_folders(ppo.sync_base(settings.ppo_sync_dir)):
+    for folder in engine.stale_sync_folders(engine.sync_base(settings.ppo_sync_dir)):
         log.info("removing %s, left by a killed round", folder)
         shutil.rmtree(folder, ignore_errors=True)
 

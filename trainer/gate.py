@@ -1,0 +1,169 @@
+"""The round's gate: does the PPO candidate replace the champion?
+
+    from trainer.gate import gate_verdict   # trainer/rounds.py measures, then asks gate_verdict
+
+On held-out prompts (never trained on) the candidate and the champion each answer with the same
+seeds; the reward model scores both (less the missing-EOS penalty). The candidate passes when
+
+  * its win rate over the champion is >= gate_min_win, a tie counting half: the same answer, or
+    rewards within gate_tie_margin of each other (closer than the reward model can tell apart);
+  * the mean KL of its answers to the reference (the champion) is <= gate_max_kl, nats per answer;
+  * every sanity prompt's greedy answer matches its expected regex.
+
+`measure_gate` runs the models (engine, reward model, policy) and returns the numbers;
+`gate_verdict` is the decision, a pure function of those numbers and the thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.settings import Settings
+
+Messages = list[dict[str, str]]
+DEFAULT_SANITY = [{"prompt": "What is the capital of France?", "expect": "Paris"}]
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """The settings the gate decides by."""
+
+    min_win: float
+    """gate_min_win: the least win rate over the champion, ties counting half."""
+    max_kl: float
+    """gate_max_kl: the most mean KL to the reference, nats per answer."""
+    tie_margin: float
+    """gate_tie_margin: rewards this close (or the same answer) are a tie."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GateThresholds:
+        return cls(settings.gate_min_win, settings.gate_max_kl, settings.gate_tie_margin)
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    passed: bool
+    failed: list[str]
+    """Why the candidate was rejected, one reason per failed check; empty when it passed."""
+    win_rate: float
+    wins: float
+    """Pairs won, a tie counting half."""
+    ties: int
+
+    @property
+    def reason(self) -> str:
+        return "passed the gate" if self.passed else "failed the gate: " + "; ".join(self.failed)
+
+
+def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, failed_sanity: Sequence[str],
+                 thresholds: GateThresholds) -> GateVerdict:
+    """The gate's decision from its measured numbers.
+
+    gaps[i]: candidate's minus champion's reward on held-out pair i; same[i]: both gave the same
+    answer; mean_kl: the candidate's mean KL to the reference; failed_sanity: the sanity prompts
+    whose answer missed its regex. A pair is a tie when the answers are the same or
+    |gap| <= tie_margin (a saturated RM scores "Yes." 0.989 and "Yes" 0.982: counting that as a
+    loss made the gate a coin toss); win rate = (wins + ties / 2) / pairs.
+    """
+    assert len(gaps) == len(same) and gaps, (len(gaps), len(same))
+    tie = [s or abs(g) <= thresholds.tie_margin for g, s in zip(gaps, same, strict=True)]
+    won = sum(1 for g, t in zip(gaps, tie, strict=True) if g > 0 and not t)
+    wins = float(won) + 0.5 * float(sum(tie))
+    win_rate = wins / len(gaps)
+    failed = []
+    if win_rate < thresholds.min_win:
+        failed.append(f"win rate {win_rate:.3f} < {thresholds.min_win}")
+    if mean_kl > thresholds.max_kl:
+        failed.append(f"KL {mean_kl:.3f} > {thresholds.max_kl}")
+    if failed_sanity:
+        failed.append("sanity: " + ", ".join(repr(p) for p in failed_sanity))
+    return GateVerdict(not failed, failed, win_rate, wins, sum(tie))
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def sanity_set(settings: Settings) -> list[dict[str, str]]:
+    """The sanity prompts and the regex each greedy answer must match (gate_sanity_file, JSONL)."""
+    if settings.gate_sanity_file is None:
+        return DEFAULT_SANITY
+    out = []
+    for line in settings.gate_sanity_file.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out.append({"prompt": str(rec["prompt"]), "expect": str(rec["expect"])})
+    return out
+
+
+def gate_answers(engine: Any, tokenizer: Any, prompts: list[Messages], settings: Settings,
+                 config: Any) -> tuple[list[list[int]], list[Any]]:
+    """(prompt ids, sampled answers) to the held-out prompts from whatever weights `engine` holds."""
+    from trainer.policy import encode_prompt
+
+    ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
+    # the same seeds for champion and candidate: differences come from the weights
+    samples = engine.generate(ids, max_tokens=config.response_length, temperature=config.temperature,
+                              n=settings.gate_samples, seed=settings.ppo_seed + 7_919)
+    return ids, samples
+
+
+@dataclass
+class GateModels:
+    """What the gate reads with: the reward scorer, the reference (the champion) and its tokenizer."""
+
+    scorer: Any
+    reference: Any
+    tokenizer: Any
+
+
+def measure_gate(engine: Any, candidate: Path, models: GateModels, held_prompts: list[Messages],
+                 held_ids: list[list[int]], champ: list[Any], settings: Settings,
+                 config: Any) -> tuple[dict[str, Any], GateVerdict]:
+    """With the engine holding the weights saved in `candidate`: answer the held-out prompts, score
+    both sides against `champ` (the champion's answers), run the sanity prompts; returns (the
+    gate's record, its verdict)."""
+    import torch
+
+    from trainer.policy import encode_prompt, kl_to_reference, load_policy
+    from trainer.reward import wilson_interval
+
+    _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
+    cand_policy, _, _ = load_policy(candidate)
+    kls = kl_to_reference(cand_policy, models.reference, models.tokenizer, [held_ids[s.prompt] for s in cand],
+                          [s.token_ids for s in cand], config.temperature)
+    del cand_policy
+    cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
+    champ = sorted(champ, key=lambda s: int(s.prompt))
+
+    def reward(ss: list[Any]) -> torch.Tensor:  # (N,) RM score less the missing-EOS penalty
+        unended = torch.tensor([0.0 if s.finished else 1.0 for s in ss])
+        scores: torch.Tensor = models.scorer([held_prompts[s.prompt] for s in ss], [s.text for s in ss])
+        return scores - float(config.missing_eos_penalty) * unended
+
+    r_cand, r_champ = reward(cand), reward(champ)
+    sanity = []
+    for item in sanity_set(settings):
+        ids = [encode_prompt(models.tokenizer, [{"role": "user", "content": item["prompt"]}],
+                             config.max_prompt_length)]
+        answer = engine.generate(ids, max_tokens=config.response_length, temperature=0.0)[0].text
+        sanity.append({**item, "answer": answer, "passed": re.search(item["expect"], answer) is not None})
+    mean_kl = sum(kls) / len(kls)
+    same = [a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)]
+    verdict = gate_verdict((r_cand - r_champ).tolist(), same, mean_kl,  # float32 gaps, as the RM scored
+                           [s["prompt"] for s in sanity if not s["passed"]],
+                           GateThresholds.from_settings(settings))
+    gate = {
+        "win_rate": verdict.win_rate, "win_rate_ci95": list(wilson_interval(round(verdict.wins), len(r_cand))),
+        "pairs": len(r_cand), "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
+        "min_win": settings.gate_min_win,
+        "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
+        "kl": mean_kl, "max_kl": settings.gate_max_kl,
+        "sanity": sanity, "sanity_passed": all(s["passed"] for s in sanity),
+        "passed": verdict.passed, "failed": verdict.failed,
+    }
+    return gate, verdict
