@@ -42,7 +42,7 @@ from services.outbox import OutboxRelay
 from services.events import Answer
 from services.engine import Engine, EngineUnavailable
 from services.engine_health import Probe, liveness, readiness
-from services.registry import RegistryError
+from services.registry import CorruptState, RegistryError
 from services.rollout import Rollout
 from services.rounds_log import read_rounds
 from services.models import require_model
@@ -113,19 +113,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     relay.start()  # votes accepted before a crash are delivered while the model loads
     app.state.relay = relay
     rollout = Rollout(settings, app.state.comparisons)
+    waiting: asyncio.Task[None] | None = None
     try:
-        rollout.start()  # registers v0 if needed, loads the champion (and a running canary)
-        app.state.rollout = rollout
-        rollout.run_in_background()
-        metrics.ENGINE_READY.set(1)
-        metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: sum(
-            e.unfinished_requests() for e in (rollout.champion, rollout.canary) if e is not None))
-        assert rollout.champion is not None
-        metrics.MODEL_INFO.labels(model_version=rollout.champion.version).set(1)
-        log.info("serving %s (champion %s%s) on %s", settings.served_model_name, rollout.champion.version,
-                 f", canary {rollout.canary.version}" if rollout.canary else "", settings.public_url)
+        try:
+            rollout.start()  # registers v0 if needed, loads the champion (and a running canary)
+        except CorruptState as exc:  # nothing to rebuild the state from: wait for a repair, up
+            log.error("%s", exc)
+            app.state.registry_damaged = True
+            waiting = asyncio.create_task(_serve_after_repair(app, rollout), name="kaizen-await-repair")
+        else:
+            _start_serving(app, rollout)
         yield
     finally:
+        if waiting is not None:
+            waiting.cancel()
         metrics.ENGINE_READY.set(0)
         metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: 0)
         app.state.rollout = None
@@ -134,10 +135,46 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.comparisons.close()
 
 
+def _start_serving(app: FastAPI, rollout: Rollout) -> None:
+    settings: Settings = app.state.settings
+    app.state.registry_damaged = False
+    app.state.rollout = rollout
+    rollout.run_in_background()
+    metrics.ENGINE_READY.set(1)
+    metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: sum(
+        e.unfinished_requests() for e in (rollout.champion, rollout.canary) if e is not None))
+    assert rollout.champion is not None
+    metrics.MODEL_INFO.labels(model_version=rollout.champion.version).set(1)
+    log.info("serving %s (champion %s%s) on %s", settings.served_model_name, rollout.champion.version,
+             f", canary {rollout.canary.version}" if rollout.canary else "", settings.public_url)
+
+
+async def _serve_after_repair(app: FastAPI, rollout: Rollout) -> None:
+    """#19 item 7: a registry whose state nothing can rebuild does not crash-loop the API. It
+    stays up, not ready (503 `registry_damaged` naming `kaizen models repair`), and starts
+    serving as soon as the state reads again."""
+    settings: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(settings.registry_poll_interval_s)
+        try:
+            await asyncio.to_thread(rollout.start)
+        except CorruptState:
+            continue
+        log.info("the registry state reads again: starting to serve")
+        _start_serving(app, rollout)
+        return
+
+
+REGISTRY_DAMAGED = ("the model registry's state is damaged and nothing can rebuild it: an operator must run "
+                    "`kaizen models repair --champion vN` (the server log has the details)")
+
+
 # -- dependencies ----------------------------------------------------------------------
 
 
 async def get_rollout(request: Request) -> Rollout:
+    if getattr(request.app.state, "registry_damaged", False):
+        raise APIError(503, REGISTRY_DAMAGED, type="service_unavailable", code="registry_damaged")
     rollout: Rollout | None = getattr(request.app.state, "rollout", None)
     if rollout is None or not rollout.ready:
         raise APIError(503, "the model is still loading", type="service_unavailable", code="loading")
@@ -217,6 +254,8 @@ admin_routes = APIRouter(prefix="/admin", tags=["admin"])
 def probe_response(request: Request, check: Callable[..., Probe], status: str) -> JSONResponse:
     """A probe's answer from the engine watchdog's state (services/engine_health.py): no engine
     call, no version names (probes are unauthenticated; /admin/rollout names versions)."""
+    if check is readiness and getattr(request.app.state, "registry_damaged", False):
+        return error_response(503, REGISTRY_DAMAGED, "service_unavailable", code="registry_damaged")
     rollout: Rollout | None = getattr(request.app.state, "rollout", None)
     probe = check(rollout.champion if rollout else None, request.app.state.settings, time.monotonic())
     if probe.ok:

@@ -132,3 +132,50 @@ def test_chat_api_starts_on_a_damaged_state(tmp_path: Path, tiny_model: Path) ->
         assert "kaizen models repair" in log_path.read_text()  # the warning names the repair
     finally:
         stop_group(proc)
+
+
+def test_chat_api_waits_for_a_repair_instead_of_crash_looping(tmp_path: Path, tiny_model: Path) -> None:
+    """#19 item 7: with nothing to rebuild the state from (no audit log, no last good copy) the
+    API used to exit at start, again at every restart (a crash loop under Kubernetes). Now it
+    stays up: alive, not ready, chat answered 503 `registry_damaged` naming the repair; once
+    `kaizen models repair --champion v1` runs, it starts serving v1 by itself."""
+    settings = make_settings(tmp_path / "data", model=tiny_model, admin_token=ADMIN_TOKEN,
+                             registry_poll_interval_s=0.5)
+    reg = Registry(settings.registry_path)
+    reg.init_base(tiny_model)
+    reg.publish(tiny_model, parent="v0", who="test")
+    reg.promote("v1", who="test")
+    reg.state_file.write_text("{not json")
+    reg.audit_file.unlink()
+    reg.good_state_file.unlink()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_http(f"{base}/healthz", 120, proc)  # up and alive, though it serves nothing
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "registry_damaged", ready.text
+        assert "kaizen models repair" in ready.json()["error"]["message"]
+        assert str(settings.registry_path) not in ready.text  # no server paths in an unauthenticated probe
+        chat = httpx.post(f"{base}/v1/chat/completions", timeout=10,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 503 and chat.json()["error"]["code"] == "registry_damaged", chat.text
+        assert proc.poll() is None
+
+        fixed = subprocess.run([sys.executable, "-m", "kaizen", "models", "repair", "--champion", "v1"],
+                               env=settings.child_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        try:
+            wait_http(f"{base}/readyz", 240, proc)
+        except Exception:
+            print(log_path.read_text()[-5000:])
+            raise
+        served = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'kaizen_served_model_info{model_version="v1"} 1.0' in served
+        chat = httpx.post(f"{base}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["model_version"] == "v1", chat.text
+    finally:
+        stop_group(proc)
