@@ -291,8 +291,8 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     """Every published version (not rejected by its gate) against v0 on the evaluation prompts."""
     from transformers import AutoTokenizer
 
-    from trainer.policy import encode_prompt
     from trainer.gate import sanity_set
+    from trainer.policy import encode_prompt
 
     judge = load_judge(config.eval_judge or config.judge)
     second = load_judge(config.second_judge) if config.second_judge else None
