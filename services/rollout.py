@@ -464,7 +464,7 @@ class Rollout:
                 return "rollback", f"error rate {can_err:.1%} vs champion {champ_err:.1%}"
             if champ.ttft and can.ttft:
                 c50, k50 = statistics.median(champ.ttft), statistics.median(can.ttft)
-                if c50 > 0 and k50 / c50 > s.canary_max_ttft_ratio:
+                if c50 > 0 and k50 / c50 > s.canary_max_ttft_ratio and k50 - c50 > s.canary_min_ttft_increase_s:
                     return "rollback", f"median time to first token {k50:.3f} s vs champion {c50:.3f} s"
         if h["verdict"] in ("promote", "rollback"):
             return h["verdict"], h["reason"]

@@ -448,7 +448,11 @@ class Settings(BaseSettings):
     canary_max_error_rate_increase: float = Field(default=0.05, ge=0.0, le=1.0)
     """Roll back when the canary's error rate exceeds the champion's by more."""
     canary_max_ttft_ratio: float = Field(default=3.0, ge=1.0)
-    """Roll back when the canary's median time to first token exceeds the champion's by this factor."""
+    """Roll back when the canary's median time to first token exceeds the champion's by this factor
+    (and by `canary_min_ttft_increase_s`)."""
+    canary_min_ttft_increase_s: float = Field(default=0.25, ge=0.0)
+    """...and by at least this many seconds: a few milliseconds more on a small model is noise
+    (a freshly loaded engine's first answers, a busy machine), not a slower version."""
     canary_min_requests: int = Field(default=20, ge=1)
     """Requests per version before error rate and latency are compared at all."""
     swap_drain_timeout_s: float = Field(default=2.0, ge=0)
