@@ -91,6 +91,7 @@ def wait_until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[
 def test_no_vote_lost_or_doubled_across_crashes(tiny_model: Path, tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", model=tiny_model, api_keys=USER_KEY,
                              user_id_secret="fault-test-secret", rate_limit_rps=10_000, rate_limit_burst=10_000,
+                             vote_limit_per_window=1_000_000,  # one key casts every vote: not what this tests
                              outbox_check_interval_s=1.0, outbox_poll_interval_s=0.2, outbox_backoff_max_s=1.0)
     logs = tmp_path / "logs"
     logs.mkdir()
