@@ -95,11 +95,21 @@ class Phases:
 
 
 def _free_port() -> int:
+    """A free loopback port below the ephemeral range. A port the OS hands out (bind to 0) can be
+    handed out again, to one of vLLM's own sockets, while the API still loads its engine and has
+    not bound it yet: a loop once died on "address already in use"."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port between 20000 and 32000")
 
 
 def loop_settings(base: Settings, config: LoopConfig) -> Settings:
