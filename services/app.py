@@ -373,6 +373,22 @@ def plan_parts(rollout: Rollout, caller: Caller, req: ChatCompletionRequest, pai
     return [Part(rollout.engine_for(caller.user), req.n, 0, request_id)]
 
 
+ADMIT_REPLANS = 2
+"""How often a request whose engine was retired before it was admitted is planned again."""
+
+
+async def admit_parts(parts: list[Part]) -> None:
+    """Admit every part (each waits, bounded, while a swap or a restart holds new requests);
+    all or none: on `EngineUnavailable` the parts already admitted are released."""
+    for i, p in enumerate(parts):
+        try:
+            p.version = await p.engine.admit(p.request_id)
+        except EngineUnavailable:
+            for q in parts[:i]:
+                q.engine.release(q.request_id)
+            raise
+
+
 def response_version(parts: list[Part]) -> str:
     """The label of a response: its version, or both of a champion-vs-canary pair (sorted,
     so the label does not say which side is which)."""
@@ -416,13 +432,18 @@ async def chat_completions(
         params = [sampling_params(req, used, p.n, req.stream) for p in parts]
     except ValueError as exc:  # vLLM's own validation of what our models let through
         raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
-    for i, p in enumerate(parts):  # waits (bounded) while a weight swap or a restart holds new requests
+    for replan in range(ADMIT_REPLANS + 1):
         try:
-            p.version = await p.engine.admit(p.request_id)
-        except EngineUnavailable:
-            for q in parts[:i]:
-                q.engine.release(q.request_id)
-            raise
+            await admit_parts(parts)
+            break
+        except EngineUnavailable as exc:
+            # an engine retired between planning and admission (a canary promoted or withdrawn,
+            # here or by another replica): plan again on what is served now
+            if exc.reason != "engine_stopped" or replan == ADMIT_REPLANS:
+                raise
+            parts = plan_parts(rollout, caller, req, paired, request_id)
+            params = [sampling_params(req, used, p.n, req.stream) for p in parts]
+    for p in parts:
         rollout.count_request(p.version)
         metrics.PROMPT_TOKENS.labels(model_version=p.version).inc(len(prompt_ids))
 
