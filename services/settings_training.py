@@ -1,0 +1,212 @@
+"""Settings of the trainer: its endpoint, the reward model, distributed training, the policy update
+(PPO or RLOO), training rounds and their gate, and what rounds keep and need on disk (#19).
+
+Field groups only: services/settings.py's `Settings` inherits them with the others, and is the one
+class Kaizen reads settings through (`get_settings()`); the environment names are `KAIZEN_` + the
+field name in capitals.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings
+
+
+class TrainingSettings(BaseSettings):
+    """The trainer process, reward model training, torchrun, the policy update and the gate."""
+
+    # -- trainer ----------------------------------------------------------------
+    trainer_host: str = "127.0.0.1"
+    trainer_port: int = Field(default=8001, ge=1, le=65535)
+    """Trainer's Prometheus and health endpoint."""
+    trainer_data_dir: Path | None = None
+    """Where the chat API reads what the trainer writes there (round log, schedule) for the operator
+    page. Unset: the data dir (one machine, compose). The Helm chart sets the shared volume: each API
+    pod's own data dir holds nothing of the trainer's."""
+
+    # -- reward model -------------------------------------------------------------
+    reward_max_length: int = Field(default=384, ge=16)
+    """Tokens of conversation + answer; longer ones lose their oldest tokens, never the
+    answer's end, where the score is read. 384 cuts 0.8% of ../shared/data pairs (256: 14%)."""
+    reward_batch_size: int = Field(default=8, ge=1)
+    """Pairs per micro-batch (each pair is two sequences)."""
+    reward_grad_accum: int = Field(default=2, ge=1)
+    """Micro-batches per optimizer step."""
+    reward_lr: float = Field(default=5e-5, gt=0)
+    reward_epochs: int = Field(default=3, ge=1)
+    """Passes over a refresh's pairs. Measured on SmolLM2 with 150 rubric-judged pairs of its own
+    answers (254 test pairs): 1 epoch at lr 2e-5 0.49 accuracy (chance), 3 epochs at 5e-5 0.65;
+    300 pairs 0.71 (bench/README.md, "Reward model from votes")."""
+    reward_margin: float = Field(default=0.0, ge=0)
+    """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
+    reward_train_layers: int = Field(default=8, ge=0)
+    """Top decoder layers trained (with the final norm and the score head); 0 trains all.
+    SmolLM2 (30 layers) on 2 busy CPU cores: 44 s per 8 pairs with 8 layers, 64 s with all."""
+    reward_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Autocast dtype; weights and optimizer stay float32. auto (services/hardware.py): bf16 where
+    the device computes it (amx_bf16 or avx512_bf16 on CPU, a bf16-capable GPU), else float32: on
+    an AVX2-only CPU bf16 autocast is emulated, 15x slower than float32."""
+    reward_threads: int | None = Field(default=1, ge=1)
+    """torch threads for reward training/eval; unset: one per core. 1, because the trainer
+    shares the machine with the chat engine: with the other core busy, 2 threads took 44 s
+    per batch against 23 s for 1 (OpenMP workers wait for each other; bench/README.md)."""
+    reward_eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Share of training pairs held out for early stopping (by a stable hash of the prompt)."""
+    reward_early_stop_min_pairs: int = Field(default=64, ge=1)
+    """Fewest early-stopping pairs worth judging by: with fewer (a small refresh) all pairs train and
+    the last weights are kept. Early stopping on a dozen pairs restores whichever step got lucky,
+    often the untrained head (seen in the loop benchmark: 11 pairs picked step 0)."""
+    reward_eval_every: int = Field(default=25, ge=1)
+    """Optimizer steps between held-out evaluations (early stopping)."""
+    reward_patience: int = Field(default=3, ge=1)
+    """Evaluations without a better held-out accuracy before training stops."""
+    reward_seed: int = 0
+    reward_max_minutes: float | None = Field(default=None, gt=0)
+    """Wall-clock budget of one training run; unset: none."""
+    reward_holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Share of the store's comparisons (stable hash of comparison_id) never trained on: the gate's
+    test set."""
+    reward_replay_fraction: float = Field(default=1.0, ge=0.0)
+    """Older votes replayed in a refresh, as a multiple of the new votes."""
+    reward_gate_tolerance: float = Field(default=0.02, ge=0.0, le=1.0)
+    """A refreshed RM is accepted unless its held-out accuracy is lower than the current one's by more."""
+    reward_min_holdout: int = Field(default=20, ge=1)
+    """Fewest held-out pairs a refresh needs to judge a new RM at all."""
+
+    # -- distributed training (torchrun) ---------------------------------------------
+    train_nproc_per_node: int = Field(default=1, ge=1)
+    """Training processes per node for the reward model and the PPO update. Above 1 (or with
+    train_nnodes above 1) rounds and `kaizen reward train` run under torchrun: DistributedDataParallel,
+    data sharded by rank, rank 0 holds the rollout engine and writes what is published."""
+    train_nnodes: int = Field(default=1, ge=1)
+    """Nodes taking part in each round; every node runs `kaizen train` (rank 0: the daemon)."""
+    train_node_rank: int = Field(default=0, ge=0)
+    """This node's rank; 0 is the daemon and global rank 0, above 0 a worker that joins each round."""
+    train_master_addr: str = "127.0.0.1"
+    """Rendezvous host: the node with train_node_rank 0 (torchrun's --master-addr)."""
+    train_master_port: int = Field(default=29500, ge=1, le=65535)
+    train_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto: nccl where CUDA is available, gloo on CPU."""
+    train_dist_timeout_s: float = Field(default=1800.0, gt=0)
+    """How long a rank waits in a collective (rank 0 runs the gate and the engine start alone
+    while the others wait) before the round fails."""
+
+    # -- PPO ----------------------------------------------------------------------------
+    # Defaults follow TRL's PPO trainer and OpenRLHF where they apply; trainer/ppo.py
+    # (PPOConfig) documents each one next to the equation that uses it.
+    ppo_iterations: int = Field(default=16, ge=1)
+    """PPO iterations (rollout, score, update, weight sync) per training round (~30 s each on SmolLM2,
+    2 cores, with the frozen lower layers run once per batch)."""
+    ppo_batch_size: int = Field(default=16, ge=1)
+    """Prompts per iteration, one answer each."""
+    ppo_response_length: int = Field(default=64, ge=1)
+    """Most tokens of a sampled answer; one that hits it is penalised (ppo_missing_eos_penalty)."""
+    ppo_max_prompt_length: int = Field(default=256, ge=8)
+    """Prompt tokens kept (the oldest are cut)."""
+    ppo_epochs: int = Field(default=2, ge=1)
+    """Optimisation passes over one iteration's batch (TRL: 4; 2 halves the CPU cost)."""
+    ppo_minibatches: int = Field(default=2, ge=1)
+    ppo_lr: float = Field(default=2e-5, gt=0)
+    """On SmolLM2 in `kaizen bench loop` (8 iterations of 16, top 8 layers): 1e-5 with one minibatch
+    barely moved the policy (approx KL 4e-5 per update, clip fraction 0, the gate could not tell);
+    5e-5 with two reached KL 0.80 and broke the sanity prompt (gate rejected); 2e-5 with two: KL 0.18,
+    gate passed (bench/README.md, "The loop"). Those runs also trained the tied LM head, so the
+    embeddings' gradient shared the clipped norm; with the head frozen, 16 iterations at 2e-5 reach
+    KL ~2 nats per answer. TRL's 3e-6 suits far more samples than a CPU round has."""
+    ppo_kl_coef: float = Field(default=0.05, ge=0)
+    """Initial β of the per-token KL penalty to the reference policy."""
+    ppo_adaptive_kl: bool = True
+    """Adapt β toward ppo_target_kl (Ziegler et al. 2019); off: β stays fixed."""
+    ppo_target_kl: float = Field(default=1.0, gt=0)
+    """KL (nats per answer) the adaptive controller steers toward; below gate_max_kl."""
+    ppo_kl_horizon: int = Field(default=1000, ge=1)
+    ppo_cliprange: float = Field(default=0.2, gt=0)
+    ppo_cliprange_value: float = Field(default=0.2, gt=0)
+    ppo_vf_coef: float = Field(default=0.1, ge=0)
+    ppo_gamma: float = Field(default=1.0, ge=0, le=1)
+    ppo_lam: float = Field(default=0.95, ge=0, le=1)
+    ppo_temperature: float = Field(default=1.0, gt=0)
+    ppo_missing_eos_penalty: float = Field(default=1.0, ge=0)
+    """Subtracted from the (normalised) score of an answer that hit ppo_response_length."""
+    ppo_train_layers: int = Field(default=8, ge=0)
+    """Top decoder layers trained (plus norm, value head, and the LM head unless it is tied to the
+    embeddings); the frozen layers below run once per batch. 0 trains all."""
+    ppo_threads: int | None = Field(default=1, ge=1)
+    """torch threads for PPO training (see reward_threads for why 1)."""
+    ppo_seed: int = 0
+    ppo_prompt_file: Path | None = None
+    """Extra prompts, JSONL: {"prompt": str} or {"messages": [...]}, added to the store's user turns."""
+    ppo_sync_dir: Path | None = None
+    """Where the policy is written for the rollout engine to reload. Unset: /dev/shm (RAM)."""
+    policy_algorithm: Literal["ppo", "rloo"] = "ppo"
+    """The policy update of a round. ppo: clipped PPO with a value head and GAE (the design).
+    rloo: REINFORCE Leave-One-Out (Ahmadian et al. 2024): rloo_k answers per prompt, each one's
+    KL-penalised reward minus the mean of its siblings' as the advantage, the same clipped loss,
+    no value head. Both share the round, the KL controller, the gate and publishing; a PPO
+    iteration's ppo_batch_size answers are ppo_batch_size / rloo_k prompts x rloo_k in RLOO."""
+    rloo_k: int = Field(default=2, ge=2)
+    """Answers sampled per prompt in RLOO (TRL's rloo_k; 2 to 4 in the paper)."""
+    gate_prompts: int = Field(default=32, ge=1)
+    """Held-out prompts the gate compares candidate and champion on."""
+    gate_samples: int = Field(default=2, ge=1)
+    """Sampled answers per held-out prompt and model (pairs compared by the reward model)."""
+    gate_sanity_file: Path | None = None
+    """Sanity prompts, JSONL {"prompt": str, "expect": regex}; unset: capital of France -> Paris."""
+
+    # -- training rounds (PPO) and the gate ------------------------------------------
+    min_new_preferences: int = Field(default=64, ge=1)
+    """New votes in the store that start a training round."""
+    round_interval: timedelta = timedelta(hours=1)
+    """A round also starts after this long if at least one new vote arrived."""
+    gate_min_win: float = Field(default=0.55, ge=0.0, le=1.0)
+    """A candidate must beat the champion by this reward-model win rate on held-out prompts."""
+    gate_tie_margin: float = Field(default=0.1, ge=0.0)
+    """Rewards (in the reward model's units, normalised by its held-out std) closer than this count
+    as a tie in the gate's win rate, as an identical answer does: differences below the RM's
+    noise are not wins or losses."""
+    gate_max_kl: float = Field(default=3.0, gt=0.0)
+    """Mean per-answer KL (nats) to the reference policy a candidate may reach. Measured on SmolLM2:
+    answers that learned to end within 64 tokens (36% -> 64% ended) sat ~2 nats from v0, and the
+    sanity prompts still passed; 0.5 refused every candidate that had moved enough to matter."""
+
+    @model_validator(mode="after")
+    def _check_node_rank(self) -> Self:
+        if self.train_node_rank >= self.train_nnodes:
+            raise ValueError(f"KAIZEN_TRAIN_NODE_RANK={self.train_node_rank} must be below "
+                             f"KAIZEN_TRAIN_NNODES={self.train_nnodes}")
+        return self
+
+    @property
+    def train_world_size(self) -> int:
+        """Training processes in all: torchrun runs rounds when this is above 1."""
+        return self.train_nproc_per_node * self.train_nnodes
+
+
+class RoundUpkeepSettings(BaseSettings):
+    """What the registry and the reward dir keep, the free space a round needs, cut-off rounds."""
+
+    # -- retention, disk space and cut-off rounds (#19) ------------------------------
+    retention_keep_champions: int = Field(default=3, ge=0)
+    """Earlier champions kept in the registry besides the serving one: how far `kaizen models rollback`
+    can go back. Older retired versions and rejected ones are deleted by `kaizen models gc`, which a
+    training round runs after it publishes; the champion, the canary, candidates and v0 are kept."""
+    retention_keep_rejected: int = Field(default=0, ge=0)
+    """Newest rejected versions kept for inspection. 0: a rejected version is deleted by the next gc;
+    its gate numbers stay in the audit log's `delete` entry (<registry>/audit.jsonl)."""
+    retention_keep_reward_models: int = Field(default=3, ge=1)
+    """Reward models kept under <data_dir>/reward, newest first, the current one always among them."""
+    round_disk_space_factor: float = Field(default=3.0, ge=0)
+    """Free space a round needs before it starts, on the data dir's and the registry's volume, in
+    multiples of the champion's size: a refreshed reward model, the saved candidate and the
+    registry's copy of it. Less: the round fails at once with the numbers, nothing written."""
+    disk_reserve_bytes: int = Field(default=1 << 30, ge=0)
+    """Bytes left free beyond what a round needs, for the preference store, the logs and the outbox."""
+    round_max_attempts: int = Field(default=3, ge=1)
+    """Starts of one round that keeps being cut off (SIGKILL: out of memory, or a node lost) before
+    it is recorded as failed with its reason; the next round waits for new votes."""
+    round_retry_backoff: timedelta = timedelta(seconds=60)
+    """Wait before a cut-off round is started again, doubled with each attempt."""
