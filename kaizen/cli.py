@@ -349,7 +349,9 @@ def prefs_erase(
 
 
 @prefs_app.command("import")
-def prefs_import(file: Annotated[Path, typer.Argument(help="JSONL pairs (../shared/data format or TRL)")]) -> None:
+def prefs_import(
+        file: Annotated[Path, typer.Argument(help="JSONL pairs ({prompt, chosen, rejected} or TRL)")],
+) -> None:
     """Send public preference pairs through the preferences topic, like live votes."""
     from kafka.errors import KafkaError
 

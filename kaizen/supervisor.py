@@ -129,6 +129,8 @@ class Supervisor:
                 "broker", broker_command(s),
                 ready=lambda: port_in_use(s.broker_host, s.broker_port), ready_timeout_s=30,
                 after_ready=lambda: say("up", "topics created: " + (", ".join(ensure_topics(s)) or "none missing")),
+                fix=f"is port {s.broker_port} taken by another program (KAIZEN_BROKER_PORT)? "
+                    f"read {s.logs_dir / 'broker.log'}",
             ))
         else:
             say("up", f"using the Kafka cluster at {s.bootstrap_servers}: no embedded broker")

@@ -4,6 +4,12 @@
     KAIZEN_DATABASE_URL=postgresql://kaizen:secret@db/kaizen kaizen serve   # the shared server
 
 One code path over both: SQLAlchemy Core (no ORM) with psycopg 3 for PostgreSQL.
+Why Core rather than psycopg behind a thin interface of our own: one dialect layer
+writes the SQL for both backends (upserts, `FOR UPDATE SKIP LOCKED` through
+`with_for_update`, window functions), it brings a maintained connection pool with
+pre-ping and overflow, and Alembic, the migration tool, is built on it; the thin
+interface would have re-implemented each of these, twice. The ORM is not used: the
+store is a handful of tables read and written by explicit statements.
 The tables are declared here; their history lives in Alembic migrations
 (services/migrations), run at start under a lock so replicas starting together
 migrate once. What differs by backend is small and local:

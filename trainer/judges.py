@@ -8,7 +8,7 @@ Two ship here:
   language of the question, on its topic, not repetitive, and complete; an
   adequate length helps a little. Deterministic, no model needed.
 * `trainer.judges:reward_model` — a Bradley–Terry reward model trained on the
-  human pairs of ../shared/data (`kaizen reward train --data ... -o DIR`), read
+  human preference pairs (`kaizen reward train --data PAIRS.jsonl --out DIR`), read
   from `KAIZEN_JUDGE_REWARD_MODEL`. It must not be the reward model the trainer
   refreshes from the votes, or the loop would grade its own homework.
 
@@ -177,8 +177,8 @@ def reward_model(messages: Messages, answer_a: str, answer_b: str) -> Verdict:
 
     path = os.environ.get("KAIZEN_JUDGE_REWARD_MODEL")
     if not path:
-        raise RuntimeError("set KAIZEN_JUDGE_REWARD_MODEL to a reward-model folder trained on ../shared/data "
-                           "(kaizen reward train --data ../shared/data/pandalm_pairs.jsonl -o DIR)")
+        raise RuntimeError("set KAIZEN_JUDGE_REWARD_MODEL to a reward-model folder trained on human "
+                           "preference pairs (kaizen reward train --data PAIRS.jsonl --out DIR)")
     model, tokenizer = _load_rm(path)
     settings = get_settings()
     config = RewardConfig.from_settings(settings)

@@ -41,7 +41,7 @@ def trl_records(store: PreferenceStore) -> Iterator[dict[str, Any]]:
 
 
 def imported_events(path: Path) -> list[PreferenceEvent]:
-    """A pairs file (../shared/data format or TRL JSONL) as Preference events, chosen = answer 0."""
+    """A pairs file ({prompt, chosen, rejected} or TRL JSONL) as Preference events, chosen = answer 0."""
     now = datetime.now(UTC)
     events = []
     for pair in read_pairs_file(path):

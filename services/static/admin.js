@@ -186,7 +186,8 @@
     switch (err.status) {
       case 0: return ["Could not reach the Kaizen server.", "Check that it is running, then refresh."];
       case 401: return ["This page needs the admin token.",
-        "Enter the server's KAIZEN_ADMIN_TOKEN under Admin token."];
+        "Enter the server's KAIZEN_ADMIN_TOKEN under Admin token, or, on a local development server, " +
+        "open the URL that `kaizen config --show-admin-url` prints on the server machine."];
       case 403: return ["The admin token was not accepted.",
         "Check it under Admin token: it must be the server's KAIZEN_ADMIN_TOKEN (a user API key is not enough)."];
       case 404: return ["Not found.", "The server does not know what the page asked for."];
@@ -278,7 +279,8 @@
     openSettings(!token());
     ui.tokenHint.textContent = token()
       ? "The server did not accept this token. Check it for typos."
-      : "Paste the server's admin token (KAIZEN_ADMIN_TOKEN) here.";
+      : "Paste the server's admin token (KAIZEN_ADMIN_TOKEN) here; a local development server " +
+        "generates one: `kaizen config --show-admin-url` prints the URL that signs in with it.";
     ui.tokenHint.classList.add("warn");
   }
 
