@@ -179,7 +179,8 @@ def import_(
 ) -> None:
     """Register DIR as a candidate version (checked like any version); then canary it against the champion."""
     from services.model_events import emit
-    from services.registry import Registry, RegistryError
+    from services.registry import Registry
+    from services.registry_schema import RegistryError
 
     settings = get_settings()
     registry = Registry(settings.registry_path)
@@ -231,7 +232,8 @@ def repair(
         "--champion", help="with no audit log and no good copy left: the version that serves")] = None,
 ) -> None:
     """Rebuild an unreadable registry state.json from its last good copy or audit log, and write it."""
-    from services.registry import Registry, RegistryError
+    from services.registry import Registry
+    from services.registry_schema import RegistryError
     from services.registry_repair import repair as do_repair
 
     registry = Registry(get_settings().registry_path)

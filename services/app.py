@@ -42,7 +42,7 @@ from services.outbox import OutboxRelay
 from services.events import Answer
 from services.engine import Engine, EngineUnavailable
 from services.engine_health import Probe, liveness, readiness
-from services.registry import CorruptState, RegistryError
+from services.registry_schema import CorruptState, RegistryError
 from services.rollout import Rollout
 from services.rounds_log import read_rounds
 from services.models import require_model

@@ -10,6 +10,9 @@ The store is SQLite in the data dir by default, or the PostgreSQL server named
 by KAIZEN_DATABASE_URL that every API replica shares (services/db.py): a pair
 served by one replica can be voted on through any other, and a second vote is
 refused wherever it arrives (the comparison's row is locked for the check).
+
+The vote counts read from the store (the canary's head-to-head, the vote limit) are queries in
+services/vote_counts.py, run here in read-only transactions.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, case, delete, func, insert, literal, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from services import db
+from services import db, vote_counts
 from services.canary import Tally
 from services.db import DatabaseUnavailable
 from services.events import Answer, Choice, Message, PreferenceEvent
@@ -184,60 +187,25 @@ class ComparisonStore:
             assert done.rowcount == 1, (comparison_id, done.rowcount)  # the row lock above guarantees it
         return event
 
+    # -- counting votes (services/vote_counts.py holds the queries) -------------------------
     def head_to_head(self, champion: str, canary: str, since: datetime | None) -> dict[str, int]:
         """Votes on champion-vs-canary pairs since `since`, from the canary's side."""
-        out = {"votes": 0, "canary_wins": 0, "champion_wins": 0, "ties": 0, "both_bad": 0}
-        c = db.comparisons
         with self.reading() as conn:
-            rows = conn.execute(
-                select(c.c.version_a, c.c.version_b, c.c.choice)
-                .where(c.c.choice.is_not(None),
-                       c.c.voted_at >= (since or datetime.min.replace(tzinfo=UTC)).isoformat(),
-                       ((c.c.version_a == champion) & (c.c.version_b == canary))
-                       | ((c.c.version_a == canary) & (c.c.version_b == champion)))).all()
-        for left, right, choice in rows:
-            out["votes"] += 1
-            if choice == "tie":
-                out["ties"] += 1
-            elif choice == "both_bad":
-                out["both_bad"] += 1
-            else:
-                winner = left if choice == "0" else right
-                out["canary_wins" if winner == canary else "champion_wins"] += 1
-        return out
+            return vote_counts.head_to_head(conn, champion, canary, since)
 
-    def head_to_head_tally(self, champion: str, canary: str, since: datetime | None, max_per_user: int) -> Tally:
-        """Votes on champion-vs-canary pairs since `since`, from the canary's side, each user's first
-        `max_per_user` (in the order cast) counted: services/canary.py's `count_votes`, computed
-        by the database (a window over the voted-at index) instead of row by row in Python."""
+    def head_to_head_tally(self, champion: str, canary: str, since: datetime | None,
+                           max_per_user: int) -> Tally:
+        """Votes on champion-vs-canary pairs since `since`, each user's first `max_per_user` counted
+        (services/canary.py's `count_votes`, computed by the database)."""
         if max_per_user < 1:
             raise ValueError(f"max_per_user must be at least 1, got {max_per_user}")
-        c = db.comparisons
-        canary_won = ((c.c.choice == "0") & (c.c.version_a == canary)) | ((c.c.choice == "1") & (c.c.version_b == canary))
-        side = case((c.c.choice.in_(("tie", "both_bad")), c.c.choice), (canary_won, literal("canary")),
-                    else_=literal("champion")).label("side")
-        nth = func.row_number().over(partition_by=c.c.user, order_by=(c.c.voted_at, c.c.id)).label("nth")
-        votes = select(c.c.user, side, nth).where(
-            c.c.choice.is_not(None), c.c.voted_at >= (since or datetime.min.replace(tzinfo=UTC)).isoformat(),
-            ((c.c.version_a == champion) & (c.c.version_b == canary))
-            | ((c.c.version_a == canary) & (c.c.version_b == champion))).subquery()
         with self.reading() as conn:
-            by_side: Any = conn.execute(select(votes.c.side, func.sum(case((votes.c.nth <= max_per_user, 1), else_=0)),
-                                               func.count()).group_by(votes.c.side)).all()
-            users = int(conn.execute(select(func.count(func.distinct(votes.c.user)))).scalar_one())
-        counted = {str(side_): int(n) for side_, n, _ in by_side}
-        return Tally(canary_wins=counted.get("canary", 0), champion_wins=counted.get("champion", 0),
-                     ties=counted.get("tie", 0), both_bad=counted.get("both_bad", 0), users=users,
-                     cast=sum(int(total) for _, _, total in by_side))
+            return vote_counts.head_to_head_tally(conn, champion, canary, since, max_per_user)
 
     def votes_in_window(self, user: str, since: datetime) -> tuple[int, datetime | None]:
         """Votes `user` cast since `since`, and when the oldest of them was cast (the vote limit)."""
-        c = db.comparisons
         with self.reading() as conn:
-            row: Any = conn.execute(select(func.count(), func.min(c.c.voted_at))
-                                    .where(c.c.user == user, c.c.voted_at >= since.isoformat())).one()
-        n, oldest = row
-        return int(n), datetime.fromisoformat(oldest) if oldest else None
+            return vote_counts.votes_in_window(conn, user, since)
 
     def _pending_upper_bound(self, conn: Connection) -> int:
         # seq grows by one per event, so (newest - oldest undelivered + 1) bounds the
@@ -326,7 +294,8 @@ class ComparisonStore:
         total = 0
         while True:
             with self.transaction() as conn:
-                n = int(conn.execute(delete(table).where(key.in_(select(key).where(*where).limit(batch)))).rowcount)
+                doomed = select(key).where(*where).limit(batch)
+                n = int(conn.execute(delete(table).where(key.in_(doomed))).rowcount)
             total += n
             if n < batch:
                 return total
@@ -359,8 +328,8 @@ class ComparisonStore:
         `comparison_retention`. Their events live on in the trainer's store until its own
         retention; the canary's head-to-head only reads votes since the canary started."""
         c = db.comparisons
-        return self._delete_in_batches(c, c.c.id, (c.c.voted_at.is_not(None), c.c.voted_at < before.isoformat()),
-                                       batch)
+        return self._delete_in_batches(
+            c, c.c.id, (c.c.voted_at.is_not(None), c.c.voted_at < before.isoformat()), batch)
 
     def erase_user(self, user: str) -> dict[str, int]:
         """Delete everything stored about one pseudonymous user: their comparisons (voted or
@@ -368,7 +337,8 @@ class ComparisonStore:
         c, o = db.comparisons, db.outbox
         with self.transaction() as conn:
             theirs = select(c.c.id).where(c.c.user == user)  # outbox rows from before `key` existed
-            votes = int(conn.execute(delete(o).where((o.c.key == user) | o.c.comparison_id.in_(theirs))).rowcount)
+            votes = int(conn.execute(
+                delete(o).where((o.c.key == user) | o.c.comparison_id.in_(theirs))).rowcount)
             pairs = int(conn.execute(delete(c).where(c.c.user == user)).rowcount)
         return {"comparisons": pairs, "outbox_events": votes}
 

@@ -25,16 +25,16 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.registry import (
+from services.atomic_files import write_atomic
+from services.registry import Registry
+from services.registry_schema import (
     AuditEntry,
     CorruptState,
-    Registry,
     RegistryError,
     RegistryState,
     VersionState,
     now,
     version_number,
-    write_atomic,
 )
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.registry import Registry, RegistryState, version_number
+from services.registry import Registry
+from services.registry_schema import RegistryState, version_number
 from services.settings import Settings
 
 log = logging.getLogger(__name__)

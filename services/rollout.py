@@ -62,9 +62,10 @@ from services.canary import CanaryDecision, canary_decision
 from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import Engine, EngineUnavailable, SwapFailed
 from services.leader import Lease
-from services.registry import (SHAPE_FIELDS, STAGES, CorruptVersion, Registry, RegistryError, RegistryState,
-                               model_shape)
+from services.registry import Registry
+from services.registry_schema import STAGES, CorruptVersion, RegistryError, RegistryState
 from services.settings import Settings
+from services.version_folder import SHAPE_FIELDS, model_shape
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import CorruptVersion, Registry, RegistryError
+from services.registry import Registry
+from services.registry_schema import CorruptVersion, RegistryError
 
 
 def fake_model(folder: Path, marker: str) -> Path:

@@ -202,7 +202,7 @@ def test_the_leader_judges_health_from_every_replicas_traffic(
         replicas: tuple[ComparisonStore, ComparisonStore], tmp_path: Path) -> None:
     from collections import deque
 
-    from services.registry import RegistryState
+    from services.registry_schema import RegistryState
     from services.rollout import Rollout, VersionHealth
 
     a, b = replicas

@@ -38,7 +38,7 @@ from prometheus_client import start_http_server
 from services import metrics, rounds_log
 from services.broker import ensure_topics
 from services.disk import record_free
-from services.registry import write_atomic
+from services.atomic_files import write_atomic
 from services.settings import Settings
 from trainer import rounds, upkeep
 from trainer.consumer import PreferenceConsumer

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.registry import atomic_folder
+from services.atomic_files import atomic_folder
 from trainer.ppo_math import kl_per_token, logprobs_from_logits
 
 Messages = list[dict[str, str]]

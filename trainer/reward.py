@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.registry import atomic_folder, write_atomic
+from services.atomic_files import atomic_folder, write_atomic
 from services.settings import Settings
 from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
 from trainer.reward_data import (

@@ -66,7 +66,7 @@ from typing import Any
 
 from services import metrics
 from services.disk import InsufficientSpace
-from services.registry import write_atomic
+from services.atomic_files import write_atomic
 from services.rounds_log import (RoundBusy, read_rounds, read_state, round_lock,  # noqa: F401 (re-exported)
                                  round_running, rounds_dir)
 from services.rounds_log import state_file as _state_file
