@@ -43,8 +43,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from services.settings import Settings
     from trainer import distributed
-    from trainer.reward import RewardConfig, load_reward_model, train_reward_model
     from trainer.reward_data import read_pairs_file
+    from trainer.reward_model import RewardConfig, load_reward_model
+    from trainer.reward_train import train_reward_model
 
     started = time.monotonic()
     dist = distributed.init(Settings())

@@ -48,7 +48,7 @@ def load_prompts(path: Path, n: int) -> list[list[dict[str, str]]]:
 
 
 def make_reward_model(model_dir: Path, out: Path) -> Path:
-    from trainer.reward import load_reward_model, save_model
+    from trainer.reward_model import load_reward_model, save_model
 
     rm, tok = load_reward_model(model_dir)
     return save_model(rm, tok, out, {"reward_norm": {"mean": 0.0, "std": 1.0}})

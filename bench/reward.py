@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,16 +33,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from services.settings import Settings, get_settings  # noqa: E402
-from trainer.reward import (  # noqa: E402
-    RewardConfig, _autocast, bradley_terry_loss, evaluate, format_metrics, freeze_lower_layers, load_reward_model,
-    sequence_rewards, train_reward_model,
-)
 from trainer.reward_data import Pair, collate_pairs, encode_pairs, read_pairs_file, split_pairs  # noqa: E402
+from trainer.reward_eval import evaluate, format_metrics  # noqa: E402
+from trainer.reward_model import (  # noqa: E402
+    RewardConfig, autocast, bradley_terry_loss, freeze_lower_layers, load_reward_model, sequence_rewards,
+)
+from trainer.reward_train import train_reward_model  # noqa: E402
 
 
 def hardware() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
@@ -61,8 +63,8 @@ def speed(settings: Settings, model_dir: Path, pairs: list[Pair], max_length: in
     rng = random.Random(0)
     sample = rng.sample(pairs, 8 * (steps + 1))
     print(f"{'threads':>7} {'dtype':>9} {'layers':>6}  s/batch  pairs/s  (max_length {max_length})")
-    for threads, dtype, layers in [(2, "bfloat16", 8), (1, "bfloat16", 8), (2, "float32", 8), (2, "bfloat16", 0),
-                                   (2, "bfloat16", 4), (2, "bfloat16", 16)]:
+    for threads, dtype, layers in [(2, "bfloat16", 8), (1, "bfloat16", 8), (2, "float32", 8),
+                                   (2, "bfloat16", 0), (2, "bfloat16", 4), (2, "bfloat16", 16)]:
         torch.set_num_threads(threads)
         config = RewardConfig.from_settings(settings, max_length=max_length, dtype=dtype, train_layers=layers,
                                             threads=threads)
@@ -73,7 +75,7 @@ def speed(settings: Settings, model_dir: Path, pairs: list[Pair], max_length: in
         for b in range(steps + 1):
             ids, mask = collate_pairs(enc[8 * b: 8 * b + 8], tok.pad_token_id)
             start = time.perf_counter()
-            with _autocast(config):
+            with autocast(config):
                 r = sequence_rewards(model, ids, mask)
             bradley_terry_loss(*r.chunk(2)).backward()
             times.append(time.perf_counter() - start)
@@ -81,12 +83,12 @@ def speed(settings: Settings, model_dir: Path, pairs: list[Pair], max_length: in
         print(f"{threads:>7} {dtype:>9} {layers:>6}  {per:7.2f}  {8 / per:7.2f}", flush=True)
 
 
-def main() -> None:
-    settings = get_settings()
+def arguments(settings: Settings) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--model", type=Path, default=settings.model_dir)
-    ap.add_argument("--max-minutes", type=float, default=20.0, help="training budget (evaluation comes after)")
+    ap.add_argument("--max-minutes", type=float, default=20.0,
+                    help="training budget (evaluation comes after)")
     ap.add_argument("--pandalm-test", type=float, default=0.25, help="share of pandalm prompts held out")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on at most this many pairs per file")
     ap.add_argument("--out", type=Path, default=None, help="JSON report [bench/results/reward-<time>.json]")
@@ -98,7 +100,12 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     ap.add_argument("--eval-fraction", type=float, default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    settings = get_settings()
+    args = arguments(settings)
 
     hh_train = read_pairs_file(args.data_dir / "hh_harmless_train.jsonl")
     hh_test = read_pairs_file(args.data_dir / "hh_harmless_test.jsonl")
@@ -113,20 +120,33 @@ def main() -> None:
     config.apply_threads()
     train, stop = split_pairs(hh_train + pandalm_train, config.eval_fraction)
     tests = {"hh_harmless_test": hh_test[: args.limit], "pandalm held-out": pandalm_test[: args.limit]}
-    print(f"train {len(train)} pairs (hh {len(hh_train)} + pandalm {len(pandalm_train)}, minus {len(stop)} for "
-          f"early stopping); test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()), flush=True)
+    print(f"train {len(train)} pairs (hh {len(hh_train)} + pandalm {len(pandalm_train)}, minus {len(stop)} "
+          f"for early stopping); test: " + ", ".join(f"{k} {len(v)}" for k, v in tests.items()), flush=True)
     print(f"config: {config}", flush=True)
 
     model, tok = load_reward_model(args.model, seed=config.seed)
     result = train_reward_model(model, tok, train, stop, config, progress=sys.stderr.isatty())
     print(f"training: {result.stopped} after {result.steps} steps, {result.seconds:.0f} s, "
-          f"{result.pairs_per_s:.2f} pairs/s; best held-out step {result.best_step}; history {result.history}",
-          flush=True)
-    report = {"command": " ".join(sys.argv), "commit": commit(), "hardware": hardware(),
-              "date": datetime.now(UTC).isoformat(timespec="seconds"), "config": asdict(config),
-              "train_pairs": len(train), "early_stop_pairs": len(stop), "train_seconds": result.seconds,
-              "pairs_per_s": result.pairs_per_s, "steps": result.steps, "stopped": result.stopped,
-              "history": result.history, "files": {}}
+          f"{result.pairs_per_s:.2f} pairs/s; best held-out step {result.best_step}; "
+          f"history {result.history}", flush=True)
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv), "commit": commit(), "hardware": hardware(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "config": asdict(config),
+        "train_pairs": len(train), "early_stop_pairs": len(stop), "train_seconds": result.seconds,
+        "pairs_per_s": result.pairs_per_s, "steps": result.steps, "stopped": result.stopped,
+        "history": result.history, "files": {}}
+    evaluate_files(model, tok, tests, config, report)
+    print(f"training {result.seconds / 60:.1f} min, {result.pairs_per_s:.2f} pairs/s; {report['hardware']}; "
+          f"commit {report['commit']}")
+    out = args.out or ROOT / "bench" / "results" / f"reward-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def evaluate_files(model: Any, tok: Any, tests: dict[str, list[Pair]], config: RewardConfig,
+                   report: dict[str, Any]) -> None:
+    """Metrics of each test file into report["files"], printed, then the Markdown table of bench/README.md."""
     for name, pairs in tests.items():
         started = time.monotonic()
         m = evaluate(model, encode_pairs(tok, pairs, config.max_length), config, tok.pad_token_id)
@@ -138,12 +158,6 @@ def main() -> None:
     for name, m in report["files"].items():
         lo, hi = m["accuracy_ci95"]
         print(f"| {name} | {m['pairs']} | {m['accuracy']:.3f} | {lo:.3f}-{hi:.3f} | {m['longer_wins']:.3f} |")
-    print(f"training {result.seconds / 60:.1f} min, {result.pairs_per_s:.2f} pairs/s; {report['hardware']}; "
-          f"commit {report['commit']}")
-    out = args.out or ROOT / "bench" / "results" / f"reward-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from rich.console import Console
 from services.settings import Settings, get_settings
 from kaizen.bench_cli import bench_app
 from kaizen.models_cli import models_app
+from kaizen.reward_cli import reward_app
 from kaizen.simulate_cli import simulate_cmd
-from trainer.reward_cli import reward_app
 
 app = typer.Typer(help="Kaizen: a chat service that gets better while people use it.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)

@@ -32,8 +32,10 @@ PPO_JOB = dict(batch_size=8, response_length=8, epochs=2, minibatches=2, lr=1e-3
 
 def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
     from tests.test_reward import synthetic_pairs
-    from trainer.reward import RewardConfig, evaluate, load_reward_model, train_reward_model
     from trainer.reward_data import encode_pairs
+    from trainer.reward_eval import evaluate
+    from trainer.reward_model import RewardConfig, load_reward_model
+    from trainer.reward_train import train_reward_model
 
     config = RewardConfig(**REWARD_JOB)  # type: ignore[arg-type]
     model, tok = load_reward_model(model_dir, seed=0)
@@ -50,7 +52,7 @@ def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str =
     from trainer.policy import RewardScorer, encode_prompt, load_policy
     from trainer.ppo import PPOConfig, PPOTrainer
     from trainer.rollout_engine import Sample
-    from trainer.reward import load_reward_model
+    from trainer.reward_model import load_reward_model
 
     config = PPOConfig(**PPO_JOB, algorithm=algorithm)  # type: ignore[arg-type]
     policy, tok, _ = load_policy(model_dir)

@@ -12,7 +12,7 @@ import pytest
 from services.engine import engine_args, serving_dtype
 from services.hardware import choose_dtype, cpu_flags, resolve_dtype
 from services.settings import Settings
-from trainer.reward import RewardConfig
+from trainer.reward_model import RewardConfig
 
 AMX_XEON = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 ZEN4_EPYC = frozenset({"avx2", "avx512f", "avx512_bf16"})

@@ -1,4 +1,4 @@
-"""Reward model (trainer/reward.py): the Bradley–Terry loss, scoring, training, evaluation, refresh.
+"""Reward model (trainer/reward*.py): the Bradley–Terry loss, scoring, training, evaluation, refresh.
 
 Real parts only: the tiny random Llama of conftest, a real SQLite store, the real CLI sub-app.
 The synthetic preference: an answer that contains MARKER is always the chosen one.
@@ -20,23 +20,8 @@ from typer.testing import CliRunner
 
 from services.events import Answer, Message, PreferenceEvent
 from services.settings import Settings
-from trainer.reward import (
-    FROM_SETTINGS,
-    RewardConfig,
-    RewardModelMissing,
-    bradley_terry_loss,
-    current_version,
-    evaluate,
-    load_reward_model,
-    pairwise_metrics,
-    read_manifest,
-    refresh_reward_model,
-    reward_root,
-    sequence_rewards,
-    train_reward_model,
-    wilson_interval,
-)
-from trainer.reward_cli import reward_app
+from kaizen.reward_cli import reward_app
+from trainer.reward import RewardModelMissing, current_version, refresh_reward_model, reward_root
 from trainer.reward_data import (
     Pair,
     encode_pairs,
@@ -46,6 +31,16 @@ from trainer.reward_data import (
     read_pairs_file,
     split_pairs,
 )
+from trainer.reward_eval import evaluate, pairwise_metrics, wilson_interval
+from trainer.reward_model import (
+    FROM_SETTINGS,
+    RewardConfig,
+    bradley_terry_loss,
+    load_reward_model,
+    read_manifest,
+    sequence_rewards,
+)
+from trainer.reward_train import train_reward_model
 from trainer.store import PreferenceStore, held_out, holdout_share, prompt_key
 
 MARKER = "I double-checked this answer."

@@ -92,7 +92,8 @@ def test_reward_model_judge_follows_its_model(tiny_model: Path, tmp_path: Path, 
     """`trainer.judges:reward_model` with a real (tiny) reward model trained to like a marker word."""
     from tests.test_reward import MARKER, synthetic_pairs, tiny_config
     from trainer import judges
-    from trainer.reward import load_reward_model, save_model, train_reward_model
+    from trainer.reward_model import load_reward_model, save_model
+    from trainer.reward_train import train_reward_model
 
     model, tokenizer = load_reward_model(tiny_model, seed=0)
     train_reward_model(model, tokenizer, synthetic_pairs(96, seed=3), [], tiny_config(epochs=3), progress=False)

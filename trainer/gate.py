@@ -130,7 +130,7 @@ def measure_gate(engine: Any, candidate: Path, models: GateModels, held_prompts:
     import torch
 
     from trainer.policy import encode_prompt, kl_to_reference, load_policy
-    from trainer.reward import wilson_interval
+    from trainer.reward_eval import wilson_interval
 
     _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
     cand_policy, _, _ = load_policy(candidate)

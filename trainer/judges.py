@@ -162,7 +162,7 @@ RM_TIE_MARGIN = 0.1
 
 @lru_cache(maxsize=2)
 def _load_rm(path: str) -> tuple[Any, Any]:
-    from trainer.reward import load_reward_model
+    from trainer.reward_model import load_reward_model
 
     return load_reward_model(Path(path))  # type: ignore[no-any-return]
 
@@ -172,8 +172,8 @@ def reward_model(messages: Messages, answer_a: str, answer_b: str) -> Verdict:
     import torch
 
     from services.settings import get_settings
-    from trainer.reward import RewardConfig, score_texts
     from trainer.reward_data import encode_conversation
+    from trainer.reward_model import RewardConfig, score_texts
 
     path = os.environ.get("KAIZEN_JUDGE_REWARD_MODEL")
     if not path:

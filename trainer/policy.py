@@ -168,7 +168,7 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: Path, max_length: int = 384) -> RewardScorer:
-        reward = importlib.import_module("trainer.reward")  # see trainer/rounds.py `_heavy`
+        reward = importlib.import_module("trainer.reward_model")  # see trainer/rounds.py `_heavy`
         load_reward_model, read_manifest = reward.load_reward_model, reward.read_manifest
         model, tokenizer = load_reward_model(path)
         norm = read_manifest(path).get("reward_norm", {}) if (path / "manifest.json").is_file() else {}
@@ -177,7 +177,7 @@ class RewardScorer:
 
     def __call__(self, prompts: Sequence[Messages], answers: Sequence[str]) -> torch.Tensor:
         """Normalised scores (N,) of answers[i] to prompts[i]."""
-        reward = importlib.import_module("trainer.reward")
+        reward = importlib.import_module("trainer.reward_model")
         RewardConfig, score_texts = reward.RewardConfig, reward.score_texts
         encode_conversation = importlib.import_module("trainer.reward_data").encode_conversation
 

@@ -125,7 +125,8 @@ def pairs_from_events(events: Iterable[PreferenceEvent]) -> tuple[list[Pair], Pa
 def split_pairs(pairs: Sequence[Pair], fraction: float, salt: str = "") -> tuple[list[Pair], list[Pair]]:
     """(train, held_out) by a stable hash of each pair's key, its prompt: deterministic, no prompt
     on both sides (two votes on one prompt always land together)."""
-    train, held = [], []
+    train: list[Pair] = []
+    held: list[Pair] = []
     for p in pairs:
         (held if holdout_share(salt + p.key) < fraction else train).append(p)
     return train, held
@@ -145,7 +146,8 @@ class EncodedPair:
         return max(len(self.chosen), len(self.rejected))
 
 
-def encode_conversation(tokenizer: Any, prompt: Messages, answer: str, max_length: int) -> tuple[list[int], bool]:
+def encode_conversation(tokenizer: Any, prompt: Messages, answer: str,
+                        max_length: int) -> tuple[list[int], bool]:
     """Chat-template tokens of prompt + answer, and whether the front was cut to fit max_length.
 
     Cut from the left: the score is read at the last token, so the answer's end must stay,
@@ -167,7 +169,8 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], max_length: int) -> list
     return out
 
 
-def length_batches(encoded: Sequence[EncodedPair], batch_size: int, rng: random.Random | None) -> list[list[int]]:
+def length_batches(encoded: Sequence[EncodedPair], batch_size: int,
+                   rng: random.Random | None) -> list[list[int]]:
     """Indices of `encoded` in batches of similar length, so padding stays small.
 
     Pairs are sorted by length (ties broken at random when `rng` is given) and cut into
@@ -181,7 +184,8 @@ def length_batches(encoded: Sequence[EncodedPair], batch_size: int, rng: random.
     return batches
 
 
-def pad_sequences(seqs: Sequence[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: Sequence[list[int]], pad_id: int,
+                  side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest in this batch (dynamic padding).
 
     Returns input_ids (B, T) and attention_mask (B, T), 1 on real tokens.

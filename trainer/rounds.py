@@ -435,7 +435,7 @@ def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, crew: Cre
     if rm is None:
         return _finish(ctx, "skipped", {"reason": "no reward model yet (too few held-out votes to accept one)"})
     ctx.state["reward_model"] = rm.name
-    holdout = reward.read_manifest(rm).get("metrics", {}).get("holdout") or {}
+    holdout = _heavy("trainer.reward_model").read_manifest(rm).get("metrics", {}).get("holdout") or {}
     ctx.state["reward_accuracy"] = holdout.get("accuracy")
     train_prompts, held_prompts = store_prompts(settings)
     held_prompts = held_prompts[: settings.gate_prompts]
@@ -472,15 +472,15 @@ def _run(ctx: RoundContext, engine: Any, stop: threading.Event | None, crew: Cre
 def _refresh(ctx: RoundContext, registry: Any, serving: str | None, crew: Crew,
              timings: dict[str, float]) -> None:
     """1. reward model: retrained when votes arrived since the current one (its own gate keeps the better)."""
-    reward = _heavy("trainer.reward")
+    reward, reward_model = _heavy("trainer.reward"), _heavy("trainer.reward_model")
     settings = ctx.settings
     ctx.phase("refresh")
     with _timed(timings, "refresh"):
         current = reward.current_version(settings)
-        mark = int(reward.read_manifest(current)["data"]["trained_through_rowid"]) if current else 0
+        mark = int(reward_model.read_manifest(current)["data"]["trained_through_rowid"]) if current else 0
         if new_votes_since(settings, mark) > 0:
             base = registry.path(serving) if serving else settings.model_dir
-            result = reward.refresh_reward_model(settings, reward.RewardConfig.from_settings(settings),
+            result = reward.refresh_reward_model(settings, reward_model.RewardConfig.from_settings(settings),
                                                  base_model=base, progress=ctx.options.progress,
                                                  dist=crew.dist or _one_process(),
                                                  announce=lambda plan: crew.order("refresh", plan))

@@ -17,12 +17,18 @@ import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from services.settings import get_settings
+from services.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # torch and transformers load inside the commands
+    from trainer.distributed import Dist
+    from trainer.reward_data import Pair
+    from trainer.reward_model import RewardConfig
+    from trainer.reward_train import TrainResult
 
 reward_app = typer.Typer(help="The reward model: train, evaluate, refresh.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
@@ -32,6 +38,7 @@ Threads = Annotated[int | None, typer.Option(help="torch threads [settings: rewa
 MaxLength = Annotated[int | None, typer.Option(help="tokens per sequence [reward_max_length]")]
 BatchSize = Annotated[int | None, typer.Option(help="pairs per micro-batch [reward_batch_size]")]
 Dtype = Annotated[str | None, typer.Option(help="autocast dtype: auto | bfloat16 | float32 [reward_dtype]")]
+MaxMinutes = Annotated[float | None, typer.Option(help="training time budget [reward_max_minutes]")]
 
 
 def _logging() -> None:
@@ -49,23 +56,28 @@ def train(
     data: Annotated[list[Path] | None, typer.Option(
         "--data", help="pairs file (shared-data or TRL JSONL); repeat for several", exists=True,
         dir_okay=False)] = None,
-    from_store: Annotated[bool, typer.Option("--from-store", help="train on the preference store's votes")] = False,
-    out: Annotated[Path | None, typer.Option(help="output folder [default: <data_dir>/reward/offline]")] = None,
+    from_store: Annotated[bool, typer.Option(
+        "--from-store", help="train on the preference store's votes")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="output folder [default: <data_dir>/reward/offline]")] = None,
     register: Annotated[bool, typer.Option(
         "--register", help="save as the next rm-vN and make it current (no gate: you asked for it)")] = False,
-    model: Annotated[Path | None, typer.Option(help="policy (or reward model) to start from [settings: model]")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="policy (or reward model) to start from [settings: model]")] = None,
     lr: Annotated[float | None, typer.Option(help="[reward_lr]")] = None,
     epochs: Annotated[int | None, typer.Option(help="[reward_epochs]")] = None,
     batch_size: BatchSize = None,
     grad_accum: Annotated[int | None, typer.Option(help="[reward_grad_accum]")] = None,
     max_length: MaxLength = None,
-    train_layers: Annotated[int | None, typer.Option(help="top layers trained, 0 = all [reward_train_layers]")] = None,
+    train_layers: Annotated[int | None, typer.Option(
+        help="top layers trained, 0 = all [reward_train_layers]")] = None,
     margin: Annotated[float | None, typer.Option(help="[reward_margin]")] = None,
-    eval_fraction: Annotated[float | None, typer.Option(help="held out for early stopping [reward_eval_fraction]")] = None,
+    eval_fraction: Annotated[float | None, typer.Option(
+        help="held out for early stopping [reward_eval_fraction]")] = None,
     eval_every: Annotated[int | None, typer.Option(help="[reward_eval_every]")] = None,
     patience: Annotated[int | None, typer.Option(help="[reward_patience]")] = None,
     seed: Annotated[int | None, typer.Option(help="[reward_seed]")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="training time budget [reward_max_minutes]")] = None,
+    max_minutes: MaxMinutes = None,
     dtype: Dtype = None,
     threads: Threads = None,
     progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
@@ -112,18 +124,52 @@ class RewardOverrides:
     threads: int | None = None
 
 
-def _train(settings: Any, dist: Any, data: list[Path] | None, from_store: bool, out: Path | None, register: bool,
-           model: Path | None, progress: bool, overrides: RewardOverrides) -> None:
-    from trainer.reward import (
-        RewardConfig, evaluate, format_metrics, load_reward_model, register_version, reward_root, reward_stats,
-        save_model, train_reward_model,
-    )
-    from trainer.reward_data import encode_pairs, pairs_from_events, read_pairs_file, split_pairs
-    from trainer.store import PreferenceStore, held_out
+def _train(settings: Settings, dist: Dist, data: list[Path] | None, from_store: bool, out: Path | None,
+           register: bool, model: Path | None, progress: bool, overrides: RewardOverrides) -> None:
+    from trainer.reward import register_version, reward_root
+    from trainer.reward_data import encode_pairs, split_pairs
+    from trainer.reward_eval import evaluate, format_metrics
+    from trainer.reward_model import RewardConfig, load_reward_model, save_model
+    from trainer.reward_train import train_reward_model
 
     say = console.print if dist.is_main else (lambda *_a, **_k: None)
     config = RewardConfig.from_settings(settings, **asdict(overrides))
-    pairs, counts = [], {}
+    pairs, counts = _gather_pairs(settings, data, from_store)
+    train_pairs, held = split_pairs(pairs, config.eval_fraction)
+    if not train_pairs:
+        raise _fail(f"no pairs to train on ({counts})")
+    base = model or settings.model_dir
+    rm, tokenizer = load_reward_model(base, seed=config.seed)
+    say(f"training on {len(train_pairs)} pairs, {len(held)} held out, from {base}"
+        + (f", {dist.world_size} processes ({dist.backend})" if dist.enabled else ""))
+    result = train_reward_model(rm, tokenizer, train_pairs, held, config, progress=progress, dist=dist)
+    metrics = evaluate(rm, encode_pairs(tokenizer, held, config.max_length), config, tokenizer.pad_token_id,
+                       dist)
+    if not dist.is_main:
+        return  # rank 0 writes the model
+    before = result.history[0]["accuracy"] if result.history else None
+    say(f"{result.stopped} after {result.steps} steps in {result.seconds:.0f} s "
+        f"({result.pairs_per_s:.2f} pairs/s); held-out accuracy before training: "
+        f"{'-' if before is None else f'{before:.3f}'}")
+    say(format_metrics("held-out", metrics))
+    manifest = _manifest(TrainedOffline(rm, tokenizer, base, counts, train_pairs, held, result, metrics),
+                         config, dist)
+    if register:
+        path = register_version(settings, rm, tokenizer, manifest)
+        console.print(f"registered {path} as the current reward model")
+    else:
+        path = save_model(rm, tokenizer, out or reward_root(settings) / "offline", manifest)
+        console.print(f"saved {path}")
+
+
+def _gather_pairs(settings: Settings, data: list[Path] | None,
+                  from_store: bool) -> tuple[list[Pair], dict[str, Any]]:
+    """The pairs of every --data file, then the store's trainable votes; with what each held."""
+    from trainer.reward_data import pairs_from_events, read_pairs_file
+    from trainer.store import PreferenceStore, held_out
+
+    pairs: list[Pair] = []
+    counts: dict[str, Any] = {}
     for path in data or []:
         try:
             found = read_pairs_file(path)
@@ -142,41 +188,44 @@ def _train(settings: Any, dist: Any, data: list[Path] | None, from_store: bool, 
         store_pairs, store_counts = pairs_from_events(trainable)
         pairs += store_pairs
         counts["store"] = store_counts.as_dict()
-    train_pairs, held = split_pairs(pairs, config.eval_fraction)
-    if not train_pairs:
-        raise _fail(f"no pairs to train on ({counts})")
-    base = model or settings.model_dir
-    rm, tokenizer = load_reward_model(base, seed=config.seed)
-    say(f"training on {len(train_pairs)} pairs, {len(held)} held out, from {base}"
-        + (f", {dist.world_size} processes ({dist.backend})" if dist.enabled else ""))
-    result = train_reward_model(rm, tokenizer, train_pairs, held, config, progress=progress, dist=dist)
-    metrics = evaluate(rm, encode_pairs(tokenizer, held, config.max_length), config, tokenizer.pad_token_id, dist)
-    if not dist.is_main:
-        return  # rank 0 writes the model
-    before = result.history[0]["accuracy"] if result.history else None
-    say(f"{result.stopped} after {result.steps} steps in {result.seconds:.0f} s "
-        f"({result.pairs_per_s:.2f} pairs/s); held-out accuracy before training: "
-        f"{'-' if before is None else f'{before:.3f}'}")
-    say(format_metrics("held-out", metrics))
-    manifest: dict[str, Any] = {
-        "parent": None, "base_model": str(base), "created": datetime.now(UTC).isoformat(),
-        "data": {"files": counts, "train_pairs": len(train_pairs), "early_stop_pairs": len(held),
-                 "trained_through_rowid": 0},
-        "metrics": {"held_out": metrics, "train": {
+    return pairs, counts
+
+
+@dataclass
+class TrainedOffline:
+    """What `kaizen reward train` trained, on what, and how it did: the manifest's content."""
+
+    model: Any
+    tokenizer: Any
+    base: Path
+    counts: dict[str, Any]
+    """Pairs per --data file, and the store's PairCounts."""
+    train_pairs: list[Pair]
+    held: list[Pair]
+    result: TrainResult
+    metrics: dict[str, Any]
+    """Held-out metrics after training (reward_eval.evaluate)."""
+
+
+def _manifest(trained: TrainedOffline, config: RewardConfig, dist: Dist) -> dict[str, Any]:
+    """The manifest.json of an offline-trained reward model (no parent: it starts a lineage)."""
+    from trainer.reward_eval import reward_stats
+
+    result, held = trained.result, trained.held
+    reference = held or trained.train_pairs[:256]
+    return {
+        "parent": None, "base_model": str(trained.base), "created": datetime.now(UTC).isoformat(),
+        "data": {"files": trained.counts, "train_pairs": len(trained.train_pairs),
+                 "early_stop_pairs": len(held), "trained_through_rowid": 0},
+        "metrics": {"held_out": trained.metrics, "train": {
             "steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
             "stopped": result.stopped, "best_step": result.best_step, "history": result.history,
             "losses": result.losses}},
-        "reward_norm": {**reward_stats(rm, tokenizer, held or train_pairs[:256], config),
+        "reward_norm": {**reward_stats(trained.model, trained.tokenizer, reference, config),
                         "reference": "held-out split, both answers" if held else "first training pairs"},
         "config": asdict(config),
         "distributed": dist.describe(),
     }
-    if register:
-        path = register_version(settings, rm, tokenizer, manifest)
-        console.print(f"registered {path} as the current reward model")
-    else:
-        path = save_model(rm, tokenizer, out or reward_root(settings) / "offline", manifest)
-        console.print(f"saved {path}")
 
 
 @reward_app.command("eval")
@@ -191,8 +240,9 @@ def eval_(
     threads: Threads = None,
 ) -> None:
     """Pairwise accuracy (Wilson 95% interval), mean margin and calibration per file, as text and JSON."""
-    from trainer.reward import RewardConfig, evaluate, format_metrics, load_reward_model
     from trainer.reward_data import encode_pairs, read_pairs_file
+    from trainer.reward_eval import evaluate, format_metrics
+    from trainer.reward_model import RewardConfig, load_reward_model
 
     _logging()
     config = RewardConfig.from_settings(get_settings(), max_length=max_length, batch_size=batch_size,
@@ -207,7 +257,8 @@ def eval_(
             pairs = read_pairs_file(path)
         except ValueError as exc:
             raise _fail(str(exc)) from exc
-        metrics = evaluate(rm, encode_pairs(tokenizer, pairs, config.max_length), config, tokenizer.pad_token_id)
+        encoded = encode_pairs(tokenizer, pairs, config.max_length)
+        metrics = evaluate(rm, encoded, config, tokenizer.pad_token_id)
         report["files"][str(path)] = metrics
         console.print(format_metrics(path.name, metrics))
     target = out or model / "eval.json"
@@ -217,12 +268,14 @@ def eval_(
 
 @reward_app.command("refresh")
 def refresh(
-    model: Annotated[Path | None, typer.Option(help="policy to start from when no RM exists yet [settings: model]")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="training time budget [reward_max_minutes]")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="policy to start from when no RM exists yet [settings: model]")] = None,
+    max_minutes: MaxMinutes = None,
     threads: Threads = None,
 ) -> None:
     """Warm-start from the current RM on the votes since, gate on the held-out slice, keep the better."""
-    from trainer.reward import RewardConfig, refresh_reward_model
+    from trainer.reward import refresh_reward_model
+    from trainer.reward_model import RewardConfig
 
     _logging()
     settings = get_settings()

@@ -1,0 +1,248 @@
+"""The Bradley–Terry training loop of the reward model: AdamW over the top layers, length-bucketed
+micro-batches, early stopping on held-out accuracy, DDP over N ranks.
+
+    config = RewardConfig.from_settings(settings)
+    result = train_reward_model(model, tokenizer, train_pairs, held_out_pairs, config)
+
+The model, its loss and config are trainer/reward_model.py; the held-out numbers come from
+trainer/reward_eval.py; what a round trains on (the gated refresh) is trainer/reward.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
+from trainer.reward_data import EncodedPair, Pair, collate_pairs, encode_pairs, length_batches
+from trainer.reward_eval import evaluate
+from trainer.reward_model import (
+    RewardConfig,
+    RewardForward,
+    autocast,
+    bradley_terry_loss,
+    freeze_lower_layers,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    pairs_seen: int
+    """Over all ranks."""
+    seconds: float
+    stopped: str
+    """Why training ended: "done", "early stop", "time budget"."""
+    best_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Held-out accuracy at each evaluation: [{"step", "accuracy", "bt_loss"}]."""
+    losses: list[float] = field(default_factory=list)
+    """The loss curve: mean Bradley-Terry loss of each optimizer step's pairs (all ranks)."""
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs_seen / self.seconds if self.seconds else 0.0
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.2f} held-out {task.fields[held]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+    )
+
+
+def train_reward_model(
+    model: Any, tokenizer: Any, train: Sequence[Pair], held_out: Sequence[Pair], config: RewardConfig,
+    *, progress: bool = True, dist: Dist = ONE_PROCESS,
+) -> TrainResult:
+    """Fit `model` to `train` pairs in place; early-stop on accuracy on `held_out`.
+
+    Micro-batches of similar-length pairs (dynamic padding), `grad_accum` of them per AdamW
+    step, linear warmup then decay. Every `eval_every` steps the held-out accuracy is
+    measured; the best weights (step 0 included) are restored at the end.
+
+    On N ranks (trainer/distributed.py) every rank builds the same micro-batches from the same
+    seed; of each step's `grad_accum` micro-batches rank r takes those at positions r, r + N, ...
+    and DDP averages the gradients, so a step sees exactly the pairs one process would
+    (the global batch is batch_size x grad_accum pairs whatever N is). Held-out scoring is
+    sharded too; every rank reaches the same metrics and so the same stop decisions.
+    """
+    if not train:
+        raise ValueError("train: no pairs to train on")
+    config.apply_threads()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    fit = _Fit(model, tokenizer, train, held_out, config, dist)
+    if fit.enc_held:
+        fit.best = fit.held_out_score(0)
+        fit.best_state = fit.snapshot()
+    deadline = time.monotonic() + config.max_minutes * 60 if config.max_minutes else math.inf
+    started = time.monotonic()
+    model.train()
+    fit.optimizer.zero_grad(set_to_none=True)
+    with _progress(progress and dist.is_main) as bar:
+        task = bar.add_task("reward model", total=fit.total_steps, loss=float("nan"), acc=float("nan"),
+                            held=f"{fit.best[0]:.3f}" if fit.enc_held else "-")
+        for _epoch in range(config.epochs):
+            fit.epoch(length_batches(fit.enc_train, config.batch_size, rng), bar, task, deadline)
+            if fit.stopped != "done":
+                break
+    return fit.finish(time.monotonic() - started)
+
+
+Schedule = tuple[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]
+
+
+def _schedule(params: list[nn.Parameter], n_pairs: int, config: RewardConfig) -> Schedule:
+    """(optimizer steps in all, AdamW, its schedule: linear warmup, then linear decay to 0)."""
+    batches_per_epoch = math.ceil(n_pairs / config.batch_size)
+    total_steps = max(1, math.ceil(batches_per_epoch / config.grad_accum) * config.epochs)
+    warmup = max(1, int(total_steps * config.warmup_fraction))
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    return total_steps, optimizer, scheduler
+
+
+class _Fit:
+    """One `train_reward_model` run: the encoded pairs, the trainable parameters with their
+    optimizer, the counters, and the best held-out score with its weights so far."""
+
+    def __init__(self, model: Any, tokenizer: Any, train: Sequence[Pair], held_out: Sequence[Pair],
+                 config: RewardConfig, dist: Dist) -> None:
+        self.model, self.config, self.dist = model, config, dist
+        self.pad_id: int = tokenizer.pad_token_id
+        model.to(dist.device)
+        self.enc_train = encode_pairs(tokenizer, train, config.max_length)
+        self.enc_held = encode_pairs(tokenizer, held_out, config.max_length)
+        n_trainable = freeze_lower_layers(model, config.train_layers)
+        self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        self.names: list[str] = [n for n, p in model.named_parameters() if p.requires_grad]
+        log.info("reward training: %d pairs (%d cut to %d tokens), %d held out, %.1fM trainable parameters, "
+                 "%d process(es)", len(self.enc_train), sum(e.truncated for e in self.enc_train),
+                 config.max_length, len(self.enc_held), n_trainable / 1e6, dist.world_size)
+        self.forward = wrap_ddp(RewardForward(model), dist)
+        self.total_steps, self.optimizer, self.scheduler = _schedule(self.params, len(self.enc_train), config)
+        self.history: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self.best: tuple[float, float] = (-1.0, -math.inf)
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stale, self.step, self.seen, self.stopped = 0, 0, 0, "done"
+        self.run_loss: float | None = None
+        self.run_acc: float | None = None
+
+    def held_out_score(self, step: int) -> tuple[float, float]:
+        # (accuracy, -BT loss): accuracy decides, the loss breaks its frequent ties
+        m = evaluate(self.model, self.enc_held, self.config, self.pad_id, self.dist)
+        self.history.append({"step": step, "accuracy": m["accuracy"], "bt_loss": m["bt_loss"]})
+        self.model.train()
+        return float(m["accuracy"]), -float(m["bt_loss"])
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
+
+    def epoch(self, batches: list[list[int]], bar: Any, task: Any, deadline: float) -> None:
+        """One pass over `batches`, `grad_accum` micro-batches per optimizer step; sets `stopped`
+        and returns early when patience runs out or the time budget is spent."""
+        config, dist = self.config, self.dist
+        for first in range(0, len(batches), config.grad_accum):
+            self.optimizer_step(batches[first:first + config.grad_accum])
+            bar.update(task, completed=self.step, loss=self.run_loss, acc=self.run_acc)
+            if self.enc_held and self.step % config.eval_every == 0:
+                score = self.held_out_score(self.step)
+                bar.update(task, held=f"{score[0]:.3f}")
+                if score > self.best:
+                    self.best, self.best_step, self.stale = score, self.step, 0
+                    self.best_state = self.snapshot()
+                else:
+                    self.stale += 1
+                if dist.any(self.stale >= config.patience):
+                    self.stopped = "early stop"
+                    return
+            if dist.any(time.monotonic() > deadline):  # clocks differ: one rank's deadline stops all
+                self.stopped = "time budget"
+                return
+
+    def optimizer_step(self, group: Sequence[list[int]]) -> None:
+        """One AdamW step over the micro-batches `group`; the running loss and accuracy follow it."""
+        step_loss, step_acc, n_pairs = _accumulate(self.forward, group, self.enc_train, self.pad_id,
+                                                   self.config, self.dist)
+        self.seen += n_pairs
+        self.run_loss = step_loss if self.run_loss is None else 0.9 * self.run_loss + 0.1 * step_loss
+        self.run_acc = step_acc if self.run_acc is None else 0.9 * self.run_acc + 0.1 * step_acc
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.losses.append(step_loss)
+
+    def finish(self, seconds: float) -> TrainResult:
+        """Measure the last step if it was not, restore the best weights, unfreeze, sum up."""
+        model, dist, step = self.model, self.dist, self.step
+        if self.enc_held and (not self.history or self.history[-1]["step"] != step):
+            score = self.held_out_score(step)
+            if score > self.best:
+                # the current weights are the best
+                self.best, self.best_step, self.best_state = score, step, None
+        if self.best_state is not None and self.best_step != step:
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params, strict=True):
+                    p.copy_(self.best_state[n])
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        seen = int(dist.all_reduce_sum(torch.tensor([float(self.seen)])).item())
+        log.info("reward training %s after %d steps (%.0f s, %.2f pairs/s); best held-out step %d",
+                 self.stopped, step, seconds, seen / seconds if seconds else 0.0, self.best_step)
+        return TrainResult(step, seen, seconds, self.stopped, self.best_step if self.enc_held else step,
+                           self.history, self.losses)
+
+
+def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequence[EncodedPair], pad_id: int,
+                config: RewardConfig, dist: Dist) -> tuple[float, float, int]:
+    """Forward and backward of this rank's micro-batches of one optimizer step.
+
+    Each micro-batch's loss is weighted N / len(group): DDP averages over the N ranks, so the
+    gradient is the mean over the step's micro-batches, as with one process. A rank with no
+    micro-batch in a short last group runs one with weight 0, so the all-reduce meets every
+    rank. Returns (the step's mean loss and accuracy over all ranks, pairs this rank trained on).
+    """
+    mine = list(range(dist.rank, len(group), dist.world_size))
+    work = [(j, 1.0) for j in mine] or [(0, 0.0)]
+    scale = dist.world_size / len(group)
+    sums = torch.zeros(2)  # loss, accuracy: sums over this rank's micro-batches, / len(group)
+    pairs = 0
+    device = dist.device
+    for k, (j, weight) in enumerate(work):
+        sync = k == len(work) - 1 or not dist.enabled
+        with contextlib.nullcontext() if sync else forward.no_sync():  # type: ignore[operator]
+            ids, mask = collate_pairs([encoded[x] for x in group[j]], pad_id)  # (2b, T)
+            with autocast(config, device):
+                rewards = forward(ids, mask)  # (2b,)
+            chosen_rewards, rejected_rewards = rewards.chunk(2)  # (b,), (b,)
+            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin)
+            (loss * (weight * scale)).backward()  # type: ignore[no-untyped-call]
+        if weight:
+            pairs += len(group[j])
+            acc = (chosen_rewards > rejected_rewards).float().mean()
+            sums += torch.stack([loss.detach().float().cpu(), acc.cpu()]) / len(group)
+    sums = dist.all_reduce_sum(sums)
+    return float(sums[0]), float(sums[1]), pairs
