@@ -51,7 +51,7 @@ SECURITY_HEADERS = {
 
 
 def error_json(status: int, message: str, code: str) -> JSONResponse:
-    """An OpenAI-shaped error answered by middleware (services.app.error_response, for routes)."""
+    """An OpenAI-shaped error answered by middleware (services.api.errors.error_response, for routes)."""
     body = ErrorResponse(error=ErrorInfo(message=message, type="invalid_request_error", code=code))
     return JSONResponse(dump(body), status_code=status)
 

@@ -470,7 +470,7 @@ def test_loading_server_is_explained(browser: Browser, tmp_path: Path) -> None:
 
 
 def test_engine_death_mid_answer_is_explained(browser: Browser, tmp_path: Path) -> None:
-    """A stream cut by a dead engine ends in the API's error event (services/app.py, the 503 as a
+    """A stream cut by a dead engine ends in the API's error event (services/api/chat_serving.py, the 503 as a
     stream's error event): the page keeps the partial answer and words it as the 503 it is (it
     said "a problem answering", HTTP 500). The page comes from the real app without an engine;
     the stream is the app's own event shapes, served by Playwright (killing an EngineCore mid-answer
