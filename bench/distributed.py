@@ -7,8 +7,9 @@ Arms (same pairs, same global batch of batch_size x grad_accum pairs, same seed,
   A. 1 process x T threads      (what `kaizen reward train` does without torchrun)
   B. N processes x T/N threads  (torchrun --standalone, gloo, DistributedDataParallel)
 The arms run one after the other, each in fresh processes; model loading and process start
-are reported apart from training. Prints pairs/s per arm and the ratio B / A; appends one JSON
-line to bench/results/distributed.jsonl. A report, never a pass/fail test.
+are reported apart from training. The config is the settings' (`RewardConfig.from_settings`) with
+the arm's options over them. Prints pairs/s per arm and the ratio B / A; appends one JSON line to
+bench/results/distributed.jsonl. A report, never a pass/fail test.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ DATA = ROOT.parent / "shared" / "data" / "hh_harmless_train.jsonl"
 
 def cpu_name() -> str:
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -48,15 +50,17 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.reward_train import train_reward_model
 
     started = time.monotonic()
-    dist = distributed.init(Settings())
+    settings = Settings()
+    dist = distributed.init(settings)
     try:
         torch.set_num_threads(args.threads)
         pairs = read_pairs_file(Path(args.data))[: args.pairs]
         model, tok = load_reward_model(Path(args.model), seed=0)
         loaded = time.monotonic() - started
-        config = RewardConfig(max_length=args.max_length, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                              epochs=1, train_layers=args.train_layers, dtype=args.dtype, threads=args.threads,
-                              eval_every=10_000, seed=0, lr=5e-5)
+        config = RewardConfig.from_settings(settings, max_length=args.max_length, batch_size=args.batch_size,
+                                            grad_accum=args.grad_accum, epochs=1,
+                                            train_layers=args.train_layers, dtype=args.dtype,
+                                            threads=args.threads, eval_every=10_000, seed=0, lr=5e-5)
         result = train_reward_model(model, tok, pairs, [], config, progress=False, dist=dist)
         if dist.is_main:
             Path(args.out).write_text(json.dumps({
@@ -72,7 +76,8 @@ def arm(args: argparse.Namespace, processes: int, out: Path) -> dict[str, object
     job = [str(Path(__file__).resolve()), "--worker", "--out", str(out), "--threads", str(threads),
            "--model", str(args.model), "--data", str(args.data), "--pairs", str(args.pairs),
            "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
-           "--max-length", str(args.max_length), "--train-layers", str(args.train_layers), "--dtype", args.dtype]
+           "--max-length", str(args.max_length), "--train-layers", str(args.train_layers),
+           "--dtype", args.dtype]
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
         "--max-restarts=0"]
@@ -109,7 +114,8 @@ def main() -> None:
 
         args.model = get_settings().model_dir
     if args.grad_accum % args.processes:
-        raise SystemExit("--grad-accum must be a multiple of --processes (each rank takes whole micro-batches)")
+        raise SystemExit("--grad-accum must be a multiple of --processes "
+                         "(each rank takes whole micro-batches)")
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -1,12 +1,14 @@
 """PPO iteration speed: Kaizen (rollouts on vLLM, shared-trunk value head) vs TRL's PPO trainer.
 
     pip install -e '.[bench]'                  # TRL 1.12.0, the last release with a PPO trainer
-    python bench/ppo.py                        # SmolLM2-135M-Instruct, 16 prompts x 64 tokens, 2 iterations each
+    python bench/ppo.py                        # SmolLM2-135M-Instruct, 16 prompts x 64 tokens,
+                                               # 2 iterations each
     python bench/ppo.py --model /tmp/tiny --iterations 1 --skip-trl   # a quick smoke run
 
 Same model, prompts (user turns of ../shared/data/hh_harmless_test.jsonl), batch, answer length,
 epochs and hyperparameters on both sides; the reward model is the policy with a fresh scalar head
-(its values do not matter for speed). Both train every layer in float32 with the same number of
+(its values do not matter for speed). Kaizen's config is the settings' (`PPOConfig.from_settings`)
+with this benchmark's options over them. Both train every layer in float32 with the same number of
 torch threads. Kaizen's time is split into rollout (vLLM), scoring (RM + log-probs of policy and
 reference), training and weight sync (save to /dev/shm + reload_weights); TRL's into rollout
 (its `batch_generation`, HF generate) and everything else. vLLM's engine start (~25 s, once per
@@ -56,16 +58,18 @@ def make_reward_model(model_dir: Path, out: Path) -> Path:
 
 def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> dict[str, Any]:
     from trainer.policy import RewardScorer, load_policy
-    from trainer.ppo import PPOConfig, PPOTrainer
+    from trainer.ppo import PPOTrainer
+    from trainer.ppo_config import PPOConfig
     from trainer.rollout_engine import RolloutEngine, sync_folder
 
     settings = get_settings()
     t0 = time.monotonic()
     engine = RolloutEngine(settings, args.model, max_model_len=1024, seed=0)
     start_s = time.monotonic() - t0
-    config = PPOConfig(iterations=args.iterations, batch_size=args.batch, response_length=args.response_length,
-                       max_prompt_length=args.max_prompt_length, epochs=args.epochs, lr=3e-6, train_layers=0,
-                       threads=args.threads, adaptive_kl=False)
+    config = PPOConfig.from_settings(settings, iterations=args.iterations, batch_size=args.batch,
+                                     response_length=args.response_length,
+                                     max_prompt_length=args.max_prompt_length, epochs=args.epochs, lr=3e-6,
+                                     train_layers=0, threads=args.threads, adaptive_kl=False)
     policy, tok, _ = load_policy(args.model)
     reference, _, _ = load_policy(args.model)
     scorer = RewardScorer.load(rm_dir, 1024)
@@ -82,7 +86,8 @@ def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> di
         engine.shutdown()
     total = sum(it["seconds"]["total"] for it in iterations)
     split = {k: sum(it["seconds"][k] for it in iterations) for k in iterations[0]["seconds"]}
-    return {"samples_per_s": args.batch * len(iterations) / total, "seconds": split, "engine_start_s": start_s,
+    return {"samples_per_s": args.batch * len(iterations) / total, "seconds": split,
+            "engine_start_s": start_s,
             "samples_per_s_with_start": args.batch * len(iterations) / (total + start_s),
             "answer_tokens": sum(it["answer_tokens"] for it in iterations) / len(iterations),
             "iterations": iterations}
@@ -108,9 +113,10 @@ def run_trl(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> dict[
     for m in (policy, ref, value, reward):
         m.config.pad_token_id = tok.pad_token_id
     out = Path(tempfile.mkdtemp(prefix="trl-ppo-"))
-    config = PPOConfig(output_dir=str(out), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-                       num_mini_batches=1, num_ppo_epochs=args.epochs, response_length=args.response_length,
-                       local_rollout_forward_batch_size=args.batch, total_episodes=episodes, learning_rate=3e-6,
+    config = PPOConfig(output_dir=str(out), per_device_train_batch_size=args.batch,
+                       gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=args.epochs,
+                       response_length=args.response_length, local_rollout_forward_batch_size=args.batch,
+                       total_episodes=episodes, learning_rate=3e-6,
                        kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
                        temperature=1.0, stop_token="eos", missing_eos_penalty=1.0, num_sample_generations=0,
                        use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
@@ -135,7 +141,8 @@ def run_trl(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> dict[
     total = time.monotonic() - t0
     trl_ppo.batch_generation = original
     return {"version": trl.__version__, "samples_per_s": episodes / total,
-            "seconds": {"rollout": spent["rollout"], "scoring + training": total - spent["rollout"], "total": total}}
+            "seconds": {"rollout": spent["rollout"], "scoring + training": total - spent["rollout"],
+                        "total": total}}
 
 
 def main() -> None:
@@ -168,8 +175,8 @@ def main() -> None:
               ", ".join(f"{n} {v:.1f} s" for n, v in t["seconds"].items()), flush=True)
         report["ratio"] = k["samples_per_s"] / t["samples_per_s"]
         report["ratio_with_engine_start"] = k["samples_per_s_with_start"] / t["samples_per_s"]
-        print(f"kaizen / trl: {report['ratio']:.2f}x ({report['ratio_with_engine_start']:.2f}x counting vLLM's "
-              f"start-up); {report['hardware']}; commit {report['commit']}", flush=True)
+        print(f"kaizen / trl: {report['ratio']:.2f}x ({report['ratio_with_engine_start']:.2f}x counting "
+              f"vLLM's start-up); {report['hardware']}; commit {report['commit']}", flush=True)
     out = args.out or ROOT / "bench" / "results" / f"ppo-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")

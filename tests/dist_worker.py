@@ -50,7 +50,8 @@ def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
 
 def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str = "ppo") -> None:
     from trainer.policy import RewardScorer, encode_prompt, load_policy
-    from trainer.ppo import PPOConfig, PPOTrainer
+    from trainer.ppo import PPOTrainer
+    from trainer.ppo_config import PPOConfig
     from trainer.rollout_engine import Sample
     from trainer.reward_model import load_reward_model
 

@@ -125,7 +125,8 @@ def test_a_rank_killed_mid_round_fails_the_round_and_publishes_nothing(tmp_path:
     whole (torchrun exits non-zero), the registry and the reward pointer are as they were, and the
     next round starts from that committed state."""
     from tests.test_rounds import fill_store, round_settings, snapshot
-    from trainer.rounds import _recover, read_rounds
+    from services.rounds_log import read_rounds
+    from trainer.rounds import _recover
 
     sanity = tmp_path / "sanity.jsonl"
     sanity.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": ""}) + "\n")

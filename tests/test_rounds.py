@@ -30,9 +30,10 @@ import torch
 
 from services.events import Answer, Message, PreferenceEvent
 from services.registry import Registry
+from services.rounds_log import read_rounds
 from services.settings import Settings
 from tests.conftest import ROOT, make_settings
-from trainer.rounds import _recover, read_rounds, run_round
+from trainer.rounds import _recover, run_round
 from trainer.store import PreferenceStore
 
 WORDS = ("apple river stone cloud green quick silent paper window orange music light table summer garden "
@@ -259,8 +260,9 @@ def test_sigkill_mid_round_leaves_the_registry_as_it_was(world: dict[str, Any], 
 def test_daemon_starts_rounds_on_votes_or_interval_and_never_two_at_once(tmp_path: Path) -> None:
     from datetime import timedelta
 
+    from services.rounds_log import RoundBusy, round_lock, round_running
     from trainer.daemon import RoundScheduler
-    from trainer.rounds import RoundBusy, _json_line, round_lock, round_running
+    from trainer.round_record import json_line
 
     settings = make_settings(tmp_path, min_new_preferences=5, round_interval=timedelta(seconds=3600))
     rng = random.Random(3)
@@ -271,13 +273,13 @@ def test_daemon_starts_rounds_on_votes_or_interval_and_never_two_at_once(tmp_pat
     store.add_many([yes_vote(i, rng) for i in range(3, 6)])
     assert scheduler.due() is not None and "6 new votes" in str(scheduler.due())
     # a finished round started from rowid 6: nothing new since
-    _json_line(settings.data_dir / "rounds" / "rounds.jsonl", {"round_id": "r1", "outcome": "published",
-                                                               "store_mark": 6, "ended_ts": time.time()})
+    json_line(settings.data_dir / "rounds" / "rounds.jsonl", {"round_id": "r1", "outcome": "published",
+                                                              "store_mark": 6, "ended_ts": time.time()})
     assert scheduler.due() is None
     store.add_many([yes_vote(6, rng)])
     assert scheduler.due() is None  # one new vote, but the interval has not passed
-    _json_line(settings.data_dir / "rounds" / "rounds.jsonl", {"round_id": "r2", "outcome": "skipped",
-                                                               "store_mark": 6, "ended_ts": time.time() - 7200})
+    json_line(settings.data_dir / "rounds" / "rounds.jsonl", {"round_id": "r2", "outcome": "skipped",
+                                                              "store_mark": 6, "ended_ts": time.time() - 7200})
     assert "since the last round" in str(scheduler.due())
     store.close()
     assert [r["round_id"] for r in read_rounds(settings, 5)] == ["r2", "r1"]

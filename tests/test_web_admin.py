@@ -29,8 +29,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from services.registry import Registry
+from services.rounds_log import rounds_dir
 from services.settings import Settings
-from trainer.rounds import rounds_dir
 from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
 from tests.test_web import CHROMIUM, CHROMIUM_ARGS, SHOTS, open_page, send
 
@@ -92,7 +92,7 @@ def _round(n: int, hours_ago: float, outcome: str, **fields: Any) -> dict[str, A
             "ended": ended.isoformat(), "ended_ts": ended.timestamp(), "seconds": 540.0, **fields}
 
 
-#: Round records as trainer/rounds.py logs them (`_finish`), oldest first.
+#: Round records as trainer/round_record.py logs them (`finish`), oldest first.
 ROUNDS = [
     _round(1, 3, "skipped", reason="no reward model yet (too few held-out votes to accept one)"),
     _round(2, 2, "rejected", version="v1", reward_model="rm-v1", reward_accuracy=0.58,

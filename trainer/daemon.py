@@ -40,7 +40,7 @@ from services.broker import ensure_topics
 from services.disk import record_free
 from services.atomic_files import write_atomic
 from services.settings import Settings
-from trainer import rounds, upkeep
+from trainer import round_inputs, round_record, upkeep
 from trainer.consumer import PreferenceConsumer
 from trainer.reward import current_version
 from trainer.store import PreferenceStore, holdout_share, prompt_key
@@ -70,9 +70,9 @@ class MetricsFollower:
                 except ValueError:
                     continue
                 if rec.get("kind") == "iteration":
-                    rounds.record_iteration_metrics(rec)
+                    round_record.record_iteration_metrics(rec)
                 elif rec.get("kind") == "round":
-                    rounds.record_round_metrics(rec)
+                    round_record.record_round_metrics(rec)
                 elif rec.get("kind") == "retention":
                     upkeep.record_retention_metrics(rec)
 
@@ -96,8 +96,8 @@ class RoundScheduler:
             if self.retry_wait(state) > 0:
                 return None
             return f"a round was cut off (attempt {state.get('attempt', '?')}): resuming or restarting it"
-        mark, ended = rounds.last_mark(self.settings)
-        new = rounds.new_votes_since(self.settings, mark)
+        mark, ended = round_inputs.last_mark(self.settings)
+        new = round_inputs.new_votes_since(self.settings, mark)
         if new >= self.settings.min_new_preferences:
             return f"{new} new votes (KAIZEN_MIN_NEW_PREFERENCES={self.settings.min_new_preferences})"
         since = time.time() - (ended or self.started_at)
@@ -120,7 +120,7 @@ class RoundScheduler:
         """What decides the next round, as numbers: written to <data_dir>/rounds/schedule.json at every
         check, so the operator page can say what happens next without reaching into the trainer."""
         s = self.settings
-        mark, ended = rounds.last_mark(s)
+        mark, ended = round_inputs.last_mark(s)
         store = PreferenceStore(s.preferences_db)
         try:
             total = store.count()

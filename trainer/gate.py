@@ -1,6 +1,6 @@
 """The round's gate: does the PPO candidate replace the champion?
 
-    from trainer.gate import gate_verdict   # trainer/rounds.py measures, then asks gate_verdict
+    from trainer.gate import gate_verdict   # trainer/round_phases.py measures, then asks gate_verdict
 
 On held-out prompts (never trained on) the candidate and the champion each answer with the same
 seeds; the reward model scores both (less the missing-EOS penalty). The candidate passes when
@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from services.settings import Settings
+from trainer.policy import PolicyWithValue, RewardScorer, encode_prompt, kl_to_reference, load_policy
+from trainer.ppo_config import PPOConfig
+from trainer.reward_eval import wilson_interval
+from trainer.rollout_engine import RolloutEngine, Sample
 
 Messages = list[dict[str, str]]
 DEFAULT_SANITY = [{"prompt": "What is the capital of France?", "expect": "Paris"}]
@@ -100,11 +106,9 @@ def sanity_set(settings: Settings) -> list[dict[str, str]]:
     return out
 
 
-def gate_answers(engine: Any, tokenizer: Any, prompts: list[Messages], settings: Settings,
-                 config: Any) -> tuple[list[list[int]], list[Any]]:
+def gate_answers(engine: RolloutEngine, tokenizer: Any, prompts: list[Messages], settings: Settings,
+                 config: PPOConfig) -> tuple[list[list[int]], list[Sample]]:
     """(prompt ids, sampled answers) to the held-out prompts from whatever weights `engine` holds."""
-    from trainer.policy import encode_prompt
-
     ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
     # the same seeds for champion and candidate: differences come from the weights
     samples = engine.generate(ids, max_tokens=config.response_length, temperature=config.temperature,
@@ -112,26 +116,33 @@ def gate_answers(engine: Any, tokenizer: Any, prompts: list[Messages], settings:
     return ids, samples
 
 
+def sanity_answers(engine: RolloutEngine, tokenizer: Any, settings: Settings,
+                   config: PPOConfig) -> list[dict[str, Any]]:
+    """Each sanity prompt with the greedy answer of the weights `engine` holds and whether it matched."""
+    sanity = []
+    for item in sanity_set(settings):
+        turn = [{"role": "user", "content": item["prompt"]}]
+        ids = [encode_prompt(tokenizer, turn, config.max_prompt_length)]
+        answer = engine.generate(ids, max_tokens=config.response_length, temperature=0.0)[0].text
+        sanity.append({**item, "answer": answer, "passed": re.search(item["expect"], answer) is not None})
+    return sanity
+
+
 @dataclass
 class GateModels:
     """What the gate reads with: the reward scorer, the reference (the champion) and its tokenizer."""
 
-    scorer: Any
-    reference: Any
+    scorer: RewardScorer
+    reference: PolicyWithValue
     tokenizer: Any
 
 
-def measure_gate(engine: Any, candidate: Path, models: GateModels, held_prompts: list[Messages],
-                 held_ids: list[list[int]], champ: list[Any], settings: Settings,
-                 config: Any) -> tuple[dict[str, Any], GateVerdict]:
+def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, held_prompts: list[Messages],
+                 held_ids: list[list[int]], champ: list[Sample], settings: Settings,
+                 config: PPOConfig) -> tuple[dict[str, Any], GateVerdict]:
     """With the engine holding the weights saved in `candidate`: answer the held-out prompts, score
     both sides against `champ` (the champion's answers), run the sanity prompts; returns (the
     gate's record, its verdict)."""
-    import torch
-
-    from trainer.policy import encode_prompt, kl_to_reference, load_policy
-    from trainer.reward_eval import wilson_interval
-
     _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
     cand_policy, _, _ = load_policy(candidate)
     kls = kl_to_reference(cand_policy, models.reference, models.tokenizer, [held_ids[s.prompt] for s in cand],
@@ -140,25 +151,21 @@ def measure_gate(engine: Any, candidate: Path, models: GateModels, held_prompts:
     cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
     champ = sorted(champ, key=lambda s: int(s.prompt))
 
-    def reward(ss: list[Any]) -> torch.Tensor:  # (N,) RM score less the missing-EOS penalty
+    def reward(ss: list[Sample]) -> torch.Tensor:  # (N,) RM score less the missing-EOS penalty
         unended = torch.tensor([0.0 if s.finished else 1.0 for s in ss])
         scores: torch.Tensor = models.scorer([held_prompts[s.prompt] for s in ss], [s.text for s in ss])
         return scores - float(config.missing_eos_penalty) * unended
 
     r_cand, r_champ = reward(cand), reward(champ)
-    sanity = []
-    for item in sanity_set(settings):
-        ids = [encode_prompt(models.tokenizer, [{"role": "user", "content": item["prompt"]}],
-                             config.max_prompt_length)]
-        answer = engine.generate(ids, max_tokens=config.response_length, temperature=0.0)[0].text
-        sanity.append({**item, "answer": answer, "passed": re.search(item["expect"], answer) is not None})
+    sanity = sanity_answers(engine, models.tokenizer, settings, config)
     mean_kl = sum(kls) / len(kls)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, mean_kl,  # float32 gaps, as the RM scored
                            [s["prompt"] for s in sanity if not s["passed"]],
                            GateThresholds.from_settings(settings))
     gate = {
-        "win_rate": verdict.win_rate, "win_rate_ci95": list(wilson_interval(round(verdict.wins), len(r_cand))),
+        "win_rate": verdict.win_rate,
+        "win_rate_ci95": list(wilson_interval(round(verdict.wins), len(r_cand))),
         "pairs": len(r_cand), "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
         "min_win": settings.gate_min_win,
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),

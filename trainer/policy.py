@@ -11,7 +11,6 @@ log-probs, and the KL of sampled answers to a reference.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from torch import nn
 
 from services.atomic_files import atomic_folder
 from trainer.ppo_math import kl_per_token, logprobs_from_logits
+from trainer.reward_data import encode_conversation
+from trainer.reward_model import RewardConfig, load_reward_model, read_manifest, score_texts
 
 Messages = list[dict[str, str]]
 
@@ -129,7 +130,8 @@ def freeze_lower_layers(policy: PolicyWithValue, train_layers: int) -> int:
     if partial:
         head = policy.lm.lm_head
         tied = any(p is q for p in head.parameters() for q in policy.lm.model.embed_tokens.parameters())
-        for module in [*layers[-train_layers:], policy.lm.model.norm, policy.v_head, *([] if tied else [head])]:
+        trained = [*layers[-train_layers:], policy.lm.model.norm, policy.v_head, *([] if tied else [head])]
+        for module in trained:
             for p in module.parameters():
                 p.requires_grad_(True)
     return sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -168,8 +170,6 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: Path, max_length: int = 384) -> RewardScorer:
-        reward = importlib.import_module("trainer.reward_model")  # see trainer/rounds.py `_heavy`
-        load_reward_model, read_manifest = reward.load_reward_model, reward.read_manifest
         model, tokenizer = load_reward_model(path)
         norm = read_manifest(path).get("reward_norm", {}) if (path / "manifest.json").is_file() else {}
         return cls(model, tokenizer, max_length, float(norm.get("mean", 0.0)),
@@ -177,10 +177,6 @@ class RewardScorer:
 
     def __call__(self, prompts: Sequence[Messages], answers: Sequence[str]) -> torch.Tensor:
         """Normalised scores (N,) of answers[i] to prompts[i]."""
-        reward = importlib.import_module("trainer.reward_model")
-        RewardConfig, score_texts = reward.RewardConfig, reward.score_texts
-        encode_conversation = importlib.import_module("trainer.reward_data").encode_conversation
-
         seqs = [encode_conversation(self.tokenizer, p, a, self.max_length)[0]
                 for p, a in zip(prompts, answers, strict=True)]
         raw: torch.Tensor = score_texts(self.model, self.tokenizer, seqs,
@@ -236,7 +232,8 @@ def collate(prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], pad_i
 
 @torch.no_grad()
 def sequence_logprobs(model: PolicyWithValue, batch: Batch, temperature: float, with_values: bool = True,
-                      trunk: torch.Tensor | None = None, depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      trunk: torch.Tensor | None = None,
+                      depth: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the answer tokens (B, R) and values (B, R) without gradients."""
     batch = batch.to(model.v_head.weight.device)
     logits, values = model(batch.input_ids, batch.attention_mask, batch.start, temperature, with_values,

@@ -21,18 +21,18 @@ The value head sits on the policy's own last hidden state (one forward gives log
 values), a shared-trunk design (Stiennon et al. 2020 used a separate value network; TRL's
 PPO trainer does too, which costs a second model's forward and backward per step).
 
-Where things are: the math (losses, GAE, RLOO, KL estimates, whitening) in trainer/ppo_math.py;
-the policy and reward models, batches and log-probs in trainer/policy.py; the vLLM engine and the weight
-sync in trainer/rollout_engine.py. Here: the config and the iteration loop.
+Where things are: the hyperparameters (PPOConfig, from the `ppo_*` settings) in trainer/ppo_config.py;
+the math (losses, GAE, RLOO, KL estimates, whitening) in trainer/ppo_math.py; the policy and reward
+models, batches and log-probs in trainer/policy.py; the vLLM engine and the weight sync in
+trainer/rollout_engine.py; the phase timer in trainer/timing.py. Here: one iteration
+(`PPOTrainer.step`) and the loop over them (`run_ppo`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.settings import Settings
 from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
 from trainer.policy import (
     Batch,
@@ -52,6 +51,7 @@ from trainer.policy import (
     sequence_logprobs,
     shared_trunk_depth,
 )
+from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -67,101 +67,11 @@ from trainer.ppo_math import (
     value_loss,
 )
 from trainer.rollout_engine import RolloutEngine, Sample, sync_weights
+from trainer.timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
-
-
-# -- config -------------------------------------------------------------------------
-
-
-@dataclass
-class PPOConfig:
-    """One PPO run. Defaults come from Settings (`ppo_*`); near TRL's / OpenRLHF's."""
-
-    iterations: int = 16
-    """Rollout + update cycles."""
-    batch_size: int = 16
-    """Prompts per iteration, one sampled answer each (TRL: per_device_train_batch_size x grad accum)."""
-    response_length: int = 64
-    """Most generated tokens per answer (TRL: 53)."""
-    max_prompt_length: int = 256
-    """Prompt tokens kept; the oldest are cut so the latest turn stays."""
-    epochs: int = 2
-    """Passes over each batch (TRL num_ppo_epochs: 4). Each pass is a full forward+backward on CPU."""
-    minibatches: int = 2
-    """Optimizer steps per pass (TRL num_mini_batches: 1; 2 here: a CPU round has few samples)."""
-    lr: float = 2e-5
-    """AdamW learning rate (TRL: 3e-6; see Settings.ppo_lr for what was measured on SmolLM2)."""
-    kl_coef: float = 0.05
-    """Initial β of the per-token KL penalty (TRL: 0.05; Ziegler et al.: 0.1-0.2)."""
-    adaptive_kl: bool = True
-    """Move β toward `target_kl` (Ziegler et al. 2019, sec. 2.2); off: β stays `kl_coef`."""
-    target_kl: float = 1.0
-    """Target of the controller, nats per answer (Ziegler et al.: 6 for long texts; our answers
-    are short and the gate refuses more than gate_max_kl=3)."""
-    kl_horizon: int = 1000
-    """Samples over which the controller closes its error (Ziegler et al.: 10000)."""
-    cliprange: float = 0.2
-    """ε of the clipped surrogate (Schulman et al. 2017; TRL 0.2)."""
-    cliprange_value: float = 0.2
-    """Clip of the value update around the rollout's values (TRL 0.2)."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (TRL 0.1)."""
-    gamma: float = 1.0
-    """Discount: 1, an answer is one episode (TRL)."""
-    lam: float = 0.95
-    """GAE λ (TRL 0.95)."""
-    whiten_rewards: bool = False
-    """Whiten per-token rewards before GAE (TRL default off)."""
-    temperature: float = 1.0
-    """Sampling temperature; the training model divides its logits by it so both agree."""
-    missing_eos_penalty: float = 1.0
-    """Subtracted from the normalised score of an answer that hit `response_length` without
-    ending (TRL: missing_eos_penalty; Huang et al. 2024, detail 4)."""
-    max_grad_norm: float = 1.0
-    train_layers: int = 8
-    """Top decoder layers trained, plus final norm, value head and (when not tied to the input
-    embeddings) the LM head; 0 trains all. The frozen layers below run once per batch."""
-    threads: int | None = 1
-    seed: int = 0
-    sync_dir: Path | None = None
-    """Folder the policy is saved to for vLLM's reload_weights; unset: under /dev/shm."""
-    algorithm: str = "ppo"
-    """"ppo" (value head + GAE) or "rloo" (leave-one-out baseline over rloo_k answers per prompt)."""
-    rloo_k: int = 2
-    """Answers per prompt in RLOO: an iteration samples batch_size / rloo_k prompts x rloo_k."""
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ("ppo", "rloo"):
-            raise ValueError(f"algorithm must be ppo or rloo, got {self.algorithm!r}")
-        if self.algorithm == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
-            raise ValueError(f"rloo: batch_size {self.batch_size} must be a multiple of rloo_k "
-                             f"{self.rloo_k} >= 2")
-
-    @property
-    def prompts_per_iteration(self) -> int:
-        return self.batch_size // self.rloo_k if self.algorithm == "rloo" else self.batch_size
-
-    @property
-    def answers_per_prompt(self) -> int:
-        return self.rloo_k if self.algorithm == "rloo" else 1
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> PPOConfig:
-        names = ("iterations", "batch_size", "response_length", "max_prompt_length", "epochs", "minibatches",
-                 "lr", "kl_coef", "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value",
-                 "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "train_layers", "threads",
-                 "seed", "sync_dir")
-        values = {n: getattr(settings, f"ppo_{n}") for n in names}
-        values.update(algorithm=settings.policy_algorithm, rloo_k=settings.rloo_k)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    def apply_threads(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
 
 
 # -- the iteration loop -------------------------------------------------------------------------
@@ -192,21 +102,6 @@ class IterationStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class PhaseTimer:
-    """Seconds per named phase: `with timer("rollout"): ...`; `timer.seconds` maps name -> s."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - started
 
 
 @dataclass
@@ -297,7 +192,7 @@ class PPOTrainer:
         prompt_ids = [encode_prompt(self.tokenizer, m, c.max_prompt_length) for m in prompts]
         with timer("rollout"):
             samples = self.rollout(prompt_ids)
-        with timer("scoring"):
+        with timer("scoring"):  # the advantages are cheap: timed with the scoring they follow
             scored = self.score(prompts, prompt_ids, samples)
             adv = self.advantages(scored)
         with timer("training"):
@@ -319,7 +214,8 @@ class PPOTrainer:
         self.iteration += 1
         return IterationStats(
             iteration=self.iteration, reward_mean=float(scored.penalised.mean()),
-            reward_std=float(scored.penalised.std()) if B > 1 else 0.0, score_mean=float(scored.scores.mean()),
+            reward_std=float(scored.penalised.std()) if B > 1 else 0.0,
+            score_mean=float(scored.scores.mean()),
             kl=mean_kl, kl_coef=kl_coef_used, **losses,
             explained_variance=explained_variance(scored.old_values, adv.returns, scored.batch.response_mask),
             ended_share=float(scored.ended.mean()), answer_tokens=tokens / B, tokens_per_s=tokens / total,
@@ -333,8 +229,8 @@ class PPOTrainer:
         if self.dist.is_main and self.engine is None:
             raise RuntimeError("rank 0 samples the rollouts and has no engine")
         if self.engine is not None:
-            samples = self.engine.generate(prompt_ids, max_tokens=c.response_length, temperature=c.temperature,
-                                           n=c.answers_per_prompt,
+            samples = self.engine.generate(prompt_ids, max_tokens=c.response_length,
+                                           temperature=c.temperature, n=c.answers_per_prompt,
                                            seed=(c.seed * 1_000 + self.iteration) * 100_003)
         out: list[Sample] = self.dist.broadcast(samples)
         return out
@@ -342,10 +238,12 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, prompts: Sequence[Messages], prompt_ids: Sequence[list[int]],
               samples: Sequence[Sample]) -> Scored:
-        """Reward-model scores (less the missing-EOS penalty), old log-probs and values, KL to the reference."""
+        """Reward-model scores (less the missing-EOS penalty), old log-probs and values, KL to the
+        reference."""
         c, tok, dist = self.config, self.tokenizer, self.dist
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         batch = collate([prompt_ids[s.prompt] for s in samples], [s.token_ids for s in samples],
-                        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id).to(dist.device)
+                        pad_id).to(dist.device)
         B, R = batch.response_mask.shape
         own = torch.arange(dist.rank, B, dist.world_size)  # (b,) this rank's rows
         mine = batch.rows(own.to(dist.device))
@@ -356,8 +254,8 @@ class PPOTrainer:
         scores = self.scorer([prompts[samples[i].prompt] for i in own.tolist()],
                              [samples[i].text for i in own.tolist()]).to(dist.device)  # (b,)
         logprobs, values = sequence_logprobs(self.policy, mine, c.temperature, trunk=trunk, depth=depth)
-        ref_logprobs, _ = sequence_logprobs(self.reference, mine, c.temperature, with_values=False, trunk=trunk,
-                                            depth=depth)
+        ref_logprobs, _ = sequence_logprobs(self.reference, mine, c.temperature, with_values=False,
+                                            trunk=trunk, depth=depth)
         assert values is not None
         full = torch.zeros(B, 1 + 3 * R, device=dist.device)  # each row filled by the one rank that owns it
         full[own.to(dist.device)] = torch.cat([scores[:, None], logprobs, values, ref_logprobs], dim=1)
@@ -370,8 +268,8 @@ class PPOTrainer:
         penalised = scores - c.missing_eos_penalty * (1 - ended)  # Huang et al. 2024: no EOS, lower score
         kl = kl_per_token(old_logprobs, ref_logprobs, "k1") * batch.response_mask  # (B, R)
         groups = torch.tensor([s.prompt for s in samples], device=dist.device)  # (B,)
-        return Scored(batch, scores, penalised, ended, old_logprobs, old_values, ref_logprobs, kl, groups, own,
-                      trunk)
+        return Scored(batch, scores, penalised, ended, old_logprobs, old_values, ref_logprobs, kl, groups,
+                      own, trunk)
 
     @torch.no_grad()
     def advantages(self, sc: Scored) -> Advantages:
@@ -380,7 +278,8 @@ class PPOTrainer:
         c, mask = self.config, sc.batch.response_mask  # (B, R)
         if c.algorithm == "rloo":
             reward = sc.penalised - self.kl_ctl.value * sc.kl.sum(-1)  # (B,) R(x, y) - β KL (TRL's RLOO)
-            advantages = rloo_advantages(reward, sc.groups)[:, None] * mask  # (B, R): each token its answer's A
+            # (B, R): each token its answer's advantage
+            advantages = rloo_advantages(reward, sc.groups)[:, None] * mask
             return Advantages(advantages, torch.zeros_like(sc.old_values))
         rewards, _ = shaped_rewards(sc.penalised, sc.old_logprobs, sc.ref_logprobs, mask, self.kl_ctl.value)
         if c.whiten_rewards:
@@ -441,8 +340,8 @@ class PPOTrainer:
         self.optimizer.step()
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits), mask[idx])
-        return weight * torch.tensor([float(pg_loss.detach()), float(vf_loss.detach()),
-                                      float(pg_stats["clipfrac"]), float(pg_stats["approx_kl"]), float(entropy)])
+        stats = [pg_loss.detach(), vf_loss.detach(), pg_stats["clipfrac"], pg_stats["approx_kl"], entropy]
+        return weight * torch.tensor([float(v) for v in stats])
 
     def sync(self) -> dict[str, float]:
         """The new weights into the rollout engine (rank 0; the others have none)."""
@@ -450,6 +349,7 @@ class PPOTrainer:
             return {"save_s": 0.0, "reload_s": 0.0}
         assert self.sync_dir is not None
         return sync_weights(self.policy, self.engine, self.sync_dir)
+
 
 def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,
             on_iteration: Callable[[IterationStats], None] | None = None,

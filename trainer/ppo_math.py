@@ -153,7 +153,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask, count=token_count)  # PPO eq. 7: -min(r A, clip(r) A)
+    # PPO eq. 7: -min(r A, clip(r) A)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask, count=token_count)
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # Schulman 2020, k3
@@ -161,7 +162,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float, token_count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               cliprange_value: float,
+               token_count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss ½·max((V - R)², (V_clip - R)²), V_clip = V_old + clip(V - V_old, ±c).
 
     All inputs (B, T). From OpenAI baselines' ppo2, kept by TRL and OpenRLHF (Huang et al. 2024).

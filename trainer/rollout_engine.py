@@ -46,7 +46,8 @@ class RolloutEngine:
     (`Worker.reload_weights`), so the next rollout samples from the new weights.
     """
 
-    def __init__(self, settings: Settings, model_dir: Path, *, max_model_len: int = 1024, seed: int = 0) -> None:
+    def __init__(self, settings: Settings, model_dir: Path, *, max_model_len: int = 1024,
+                 seed: int = 0) -> None:
         from vllm import LLM
 
         from services.engine import configure_vllm_env, scheduling_args, serving_dtype

@@ -1,0 +1,93 @@
+"""What a training round reads before it trains: whether one is due, and its prompts.
+
+    from trainer.round_inputs import last_mark, new_votes_since   # the daemon's schedule
+    from trainer.round_inputs import store_prompts                 # the round's PPO and gate prompts
+
+The daemon starts a round when enough votes arrived since the store row the last round started
+from (`last_mark`, `new_votes_since`). A round's prompts are the users' turns stored with the
+votes: the held-out slice (store.held_out, the same the reward model's refresh holds out) goes
+to the gate, the rest (plus `ppo_prompt_file`) to PPO. Votes live in the store, which a round
+only reads. Light at import (no torch): the daemon imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from services.rounds_log import read_rounds
+from services.settings import Settings
+from trainer.store import PreferenceStore, held_out
+
+Messages = list[dict[str, str]]
+
+
+# -- when a round is due ----------------------------------------------------------------------
+
+
+def last_mark(settings: Settings) -> tuple[int, float | None]:
+    """(store rowid the last round started from, unix time it ended); (0, None) before any."""
+    rounds = [r for r in read_rounds(settings, 1000) if r.get("outcome") not in ("running", "interrupted")]
+    if not rounds:
+        return 0, None
+    return int(rounds[0].get("store_mark", 0)), float(rounds[0].get("ended_ts", 0)) or None
+
+
+def new_votes_since(settings: Settings, mark: int) -> int:
+    """Votes in the store after rowid `mark`."""
+    store = PreferenceStore(settings.preferences_db)
+    try:
+        row = store.db.execute("SELECT COUNT(*) FROM preferences WHERE rowid > ?", (mark,)).fetchone()
+        return int(row[0])
+    finally:
+        store.close()
+
+
+# -- prompts --------------------------------------------------------------------------------
+
+
+def _key(messages: Messages) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def store_prompts(settings: Settings) -> tuple[list[Messages], list[Messages]]:
+    """(training prompts, held-out prompts) from the conversations stored with the votes,
+    de-duplicated; held out = the prompts the RM refresh holds out (store.held_out), so the
+    gate never sees a prompt PPO trained on. A prompt on both sides counts as held out."""
+    store = PreferenceStore(settings.preferences_db)
+    try:
+        rows = store.events_between(0)
+    finally:
+        store.close()
+    train: dict[str, Messages] = {}
+    held: dict[str, Messages] = {}
+    for _, ev in rows:
+        messages = [{"role": m.role, "content": m.content} for m in ev.messages]
+        if not messages or messages[-1]["role"] != "user":
+            continue
+        side = held if held_out(ev, settings.reward_holdout_fraction) else train
+        side.setdefault(_key(messages), messages)
+    for k in held:
+        train.pop(k, None)
+    if settings.ppo_prompt_file is not None:
+        for m in read_prompt_file(settings.ppo_prompt_file):
+            if _key(m) not in held:
+                train.setdefault(_key(m), m)
+    return list(train.values()), list(held.values())
+
+
+def read_prompt_file(path: Path) -> list[Messages]:
+    """JSONL: {"prompt": str} or {"messages": [...]}, one per line."""
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if "messages" in rec:
+                out.append([{"role": str(m["role"]), "content": str(m["content"])} for m in rec["messages"]])
+            else:
+                out.append([{"role": "user", "content": str(rec["prompt"])}])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: not a prompt ({exc})") from exc
+    return out

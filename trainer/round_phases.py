@@ -1,0 +1,229 @@
+"""A training round's phases, in order: refresh the reward model, train a candidate, gate it, publish.
+
+    from trainer.round_phases import run_phases   # trainer/rounds.py, under the round lock
+
+1. refresh: when votes arrived since the current reward model, `refresh_reward_model` (its own
+   gate keeps the better RM); no RM at all: the round is skipped;
+2. train candidate: `ppo_iterations` iterations from the champion (trainer/ppo.py) on the store's
+   training prompts, saved to the round's work folder (then the state file says "gate");
+3. gate: the candidate against the champion on held-out prompts (trainer/gate.py);
+4. publish: `Registry.publish` (rejected=True when the gate fails: kept, never served) and the
+   model event.
+
+Each phase is marked in the state file before it starts (`RoundContext.phase`) and timed into
+the round's record. A round resumed after a crash with its candidate saved runs 3 and 4 only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.model_events import emit
+from services.registry import Registry
+from trainer.distributed import ONE_PROCESS
+from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate
+from trainer.policy import RewardScorer, load_policy, save_policy
+from trainer.ppo import IterationStats, PPOTrainer, run_ppo
+from trainer.ppo_config import PPOConfig
+from trainer.reward import current_version, refresh_reward_model
+from trainer.reward_model import RewardConfig, read_manifest
+from trainer.rollout_engine import RolloutEngine, Sample, sync_folder
+from trainer.round_crew import Crew
+from trainer.round_inputs import Messages, new_votes_since, store_prompts
+from trainer.round_record import RoundContext, finish, json_line, record_iteration_metrics
+from trainer.timing import PhaseTimer
+
+
+@dataclass
+class RoundJob:
+    """What the phases after the reward model share: train candidate -> gate -> publish."""
+
+    registry: Registry
+    engine: RolloutEngine
+    """Holds the champion's weights at the start."""
+    config: PPOConfig
+    reward_model: Path
+    champion: str
+    train_prompts: list[Messages]
+    held_prompts: list[Messages]
+    stopped: Callable[[], bool]
+    """True once SIGTERM asked the round to stop."""
+    crew: Crew
+    resuming: bool
+    """The candidate was saved before a crash: gate and publish it, no PPO."""
+    timer: PhaseTimer
+    """Seconds per phase, in the round's record as `timings`."""
+
+
+def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.Event | None, crew: Crew, *,
+               resuming: bool) -> dict[str, Any]:
+    """The round's work: refresh the reward model, choose the prompts, start the engine; then
+    train candidate -> gate -> publish (`_ppo_gate_publish`). Returns the round's record."""
+    settings = ctx.settings
+
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
+    registry = Registry(settings.registry_path)
+    serving = registry.state().champion
+    timer = PhaseTimer()
+    if not resuming:
+        _refresh(ctx, registry, serving, crew, timer)
+    rm = current_version(settings)
+    if rm is None:
+        reason = "no reward model yet (too few held-out votes to accept one)"
+        return finish(ctx, "skipped", {"reason": reason})
+    ctx.state["reward_model"] = rm.name
+    holdout = read_manifest(rm).get("metrics", {}).get("holdout") or {}
+    ctx.state["reward_accuracy"] = holdout.get("accuracy")
+    train_prompts, held_prompts = store_prompts(settings)
+    held_prompts = held_prompts[: settings.gate_prompts]
+    if not train_prompts:
+        return finish(ctx, "skipped", {"reason": "no training prompts"})
+    if not held_prompts:
+        return finish(ctx, "skipped", {"reason": "no held-out prompts for the gate"})
+    ctx.state.update(train_prompts=len(train_prompts), held_out_prompts=len(held_prompts))
+    if "champion" not in ctx.state:  # a resumed round keeps the champion it started from
+        ctx.state["champion"] = serving or registry.init_base(settings.model_dir, who="trainer")
+    champion = ctx.state["champion"]
+    if stopped():
+        return finish(ctx, "abandoned", {"reason": "SIGTERM before PPO"})
+
+    own_engine = engine is None
+    if engine is None:
+        with timer("engine_start"):
+            engine = RolloutEngine(settings, registry.path(champion),
+                                   max_model_len=settings.engine_max_model_len, seed=settings.ppo_seed)
+    else:
+        timer.seconds["engine_reset"] = engine.load_weights(registry.path(champion))
+    job = RoundJob(registry=registry, engine=engine, config=PPOConfig.from_settings(settings),
+                   reward_model=rm, champion=champion, train_prompts=train_prompts, held_prompts=held_prompts,
+                   stopped=stopped, crew=crew, resuming=resuming, timer=timer)
+    try:
+        return _ppo_gate_publish(ctx, job)
+    finally:
+        if own_engine:
+            engine.shutdown()
+
+
+def _refresh(ctx: RoundContext, registry: Registry, serving: str | None, crew: Crew,
+             timer: PhaseTimer) -> None:
+    """1. reward model: retrained when votes arrived since the current one (its own gate keeps
+    the better)."""
+    settings = ctx.settings
+    ctx.phase("refresh")
+    with timer("refresh"):
+        current = current_version(settings)
+        mark = int(read_manifest(current)["data"]["trained_through_rowid"]) if current else 0
+        if new_votes_since(settings, mark) > 0:
+            base = registry.path(serving) if serving else settings.model_dir
+            result = refresh_reward_model(settings, RewardConfig.from_settings(settings), base_model=base,
+                                          progress=ctx.options.progress, dist=crew.dist or ONE_PROCESS,
+                                          announce=lambda plan: crew.order("refresh", plan))
+            ctx.state["reward_refresh"] = {"accepted": result.accepted, "reason": result.reason}
+
+
+def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
+    """2. train candidate (PPO; skipped when resuming) -> 3. gate -> 4. publish."""
+    settings, config = ctx.settings, job.config
+    scorer = RewardScorer.load(job.reward_model, settings.reward_max_length)
+    reference, tokenizer, saved_dtype = load_policy(job.registry.path(job.champion))
+    models = GateModels(scorer, reference, tokenizer)
+    config.apply_threads()
+    # champion's answers to the held-out prompts, while the engine still holds its weights
+    with job.timer("gate_champion"):
+        held_ids, champ = gate_answers(job.engine, tokenizer, job.held_prompts, settings, config)
+    candidate = ctx.work / "candidate"
+    if not job.resuming:
+        abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype)
+        if abandoned is not None:
+            return abandoned
+    record, verdict = _gate(ctx, job, models, candidate, held_ids, champ)
+    return _publish(ctx, job, candidate, record, verdict)
+
+
+def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path,
+                    saved_dtype: torch.dtype) -> dict[str, Any] | None:
+    """2. PPO from the champion on the training prompts, saved to `candidate` (then the "gate" phase).
+    Returns the round's record when SIGTERM cut it short, else None."""
+    config = job.config
+    champion_dir = job.registry.path(job.champion)
+    ctx.phase("ppo", iterations_done=0, reward_model=job.reward_model.name)
+    policy, _, _ = load_policy(champion_dir)
+
+    def on_iteration(st: IterationStats) -> None:
+        rec = {"kind": "iteration", "round_id": ctx.round_id, "at": datetime.now(UTC).isoformat(),
+               **st.as_dict(), "kl_coef_next": trainer.kl_ctl.value}
+        json_line(ctx.events, rec)
+        if ctx.options.record_metrics:
+            record_iteration_metrics(rec)
+        ctx.phase("ppo", iterations_done=st.iteration)
+
+    with job.timer("ppo"):
+        job.crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": job.reward_model,
+                               "prompts": job.train_prompts})
+        with sync_folder(config.sync_dir) as sync_dir:
+            ctx.state["sync_dir"] = str(sync_dir)  # a kill leaves it in /dev/shm: the next start removes it
+            ctx.save()
+            trainer = PPOTrainer(config, policy, models.reference, models.tokenizer, job.engine,
+                                 models.scorer, sync_dir, job.crew.dist or ONE_PROCESS)
+            history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
+                              should_stop=job.stopped, progress=ctx.options.progress)
+    if job.stopped():
+        return finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"})
+    ctx.state["ppo"] = _summary(history)
+    ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
+    ctx.state["distributed"] = trainer.dist.describe()
+    save_policy(policy, models.tokenizer, candidate, saved_dtype)
+    ctx.phase("gate")
+    return None
+
+
+def _gate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path, held_ids: list[list[int]],
+         champ: list[Sample]) -> tuple[dict[str, Any], GateVerdict]:
+    """3. the candidate against the champion on the held-out prompts (trainer/gate.py):
+    (record, verdict)."""
+    with job.timer("gate"):
+        # vLLM reads the saved folder itself
+        job.timer.seconds["load_candidate"] = job.engine.load_weights(candidate)
+        record, verdict = measure_gate(job.engine, candidate, models, job.held_prompts, held_ids, champ,
+                                       ctx.settings, job.config)
+    ctx.state["gate"] = record
+    return record, verdict
+
+
+def _publish(ctx: RoundContext, job: RoundJob, candidate: Path, gate: dict[str, Any],
+            verdict: GateVerdict) -> dict[str, Any]:
+    """4. the candidate into the registry (rejected=True when the gate failed: kept, never served)
+    and its model event."""
+    ctx.phase("publish")
+    timings = job.timer.seconds
+    training = {"round_id": ctx.round_id, "ppo": ctx.state.get("ppo"), "config": ctx.state.get("ppo_config"),
+                "reward_refresh": ctx.state.get("reward_refresh"), "timings": timings,
+                "distributed": ctx.state.get("distributed", {"world_size": 1, "backend": "none"})}
+    with job.timer("publish"):
+        m = job.registry.publish(candidate, parent=job.champion, who="trainer", why=verdict.reason,
+                                 reward_model=job.reward_model.name, training=training, gate=gate,
+                                 rejected=not verdict.passed)
+    outcome = "published" if verdict.passed else "rejected"
+    emit(ctx.settings, "published" if verdict.passed else "rejected", m.version, who="trainer",
+         round_id=ctx.round_id, parent=job.champion, gate_passed=verdict.passed, win_rate=verdict.win_rate,
+         kl=gate["kl"])
+    return finish(ctx, outcome, {"version": m.version, "timings": timings})
+
+
+def _summary(history: list[IterationStats]) -> dict[str, Any]:
+    if not history:
+        return {"iterations": 0}
+    first, last = history[0], history[-1]
+    return {"iterations": len(history), "reward_first": first.reward_mean, "reward_last": last.reward_mean,
+            "kl_last": last.kl, "kl_coef_last": last.kl_coef,
+            "samples_per_s": sum(h.samples_per_s for h in history) / len(history),
+            "seconds": {k: sum(h.seconds.get(k, 0.0) for h in history) for k in first.seconds}}
