@@ -267,3 +267,44 @@ def test_a_hung_reload_fails_the_swap_and_the_old_weights_keep_serving(
     answer = after.json()["choices"][0]["message"]["content"]
     assert answer == before.json()["choices"][0]["message"]["content"]  # v0's weights, whole
     assert metric(base, "kaizen_engine_restarts_total", cause="swap_failed", result="ok") == restarts + 1
+
+
+def test_an_answer_resumed_on_new_weights_names_both_versions(
+        server: tuple[str, Settings, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """#18 item 2: with swap_drain_timeout_s=0 an answer still generating when a swap pauses the
+    engine is frozen, resumed on the new weights, and labelled `old+new` (header and body): the
+    label never claims one version for text two versions wrote. An answer that happened to end
+    before the pause is labelled with its one version; the test then tries again with the next
+    version (at most three times)."""
+    base, settings, _ = server
+    until(base, "/readyz", 200)
+    registry = Registry(settings.registry_path)
+    long = {"max_tokens": 1900, "temperature": 1.0, "n": 8}
+    labels: list[str] = []
+    for attempt in range(3):
+        old = httpx.get(f"{base}/admin/rollout", headers=ADMIN, timeout=30).json()["serving"]["champion"]
+        folder = other_weights(settings.model_dir, tmp_path / f"straddle-{attempt}")
+        new = registry.publish(folder, parent=old, who="test", why="straddle").version
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(chat, base, 300, **long)
+            poll("the answer in flight", lambda: metric(base, "kaizen_engine_requests_in_flight") >= 1
+                 or answer.done(), 60)
+            t0 = time.monotonic()
+            promoted = httpx.post(f"{base}/admin/promote", json={"version": new, "reason": "straddle"},
+                                  headers=ADMIN, timeout=300)
+            assert promoted.status_code == 200, promoted.text
+            t1 = time.monotonic()
+            r = answer.result(300)
+        assert r.status_code == 200, r.text
+        label = r.headers["x-kaizen-model-version"]
+        assert r.json()["model_version"] == label
+        labels.append(f"{label} (promote {t1 - t0:.2f} s, answer {time.monotonic() - t0:.2f} s after it)")
+        if "+" in label:
+            assert label == f"{old}+{new}", labels
+            assert r.json()["choices"][0]["message"]["content"], labels
+            break
+        assert label == old, labels  # ended before the pause: the old version wrote all of it
+    else:
+        raise AssertionError(f"no answer was in flight at any of three swaps: {labels}")
+    after = chat(base)
+    assert after.status_code == 200 and after.headers["x-kaizen-model-version"] == new, after.text
