@@ -8,7 +8,8 @@ from pathlib import Path
 
 from services.comparisons import ComparisonStore
 from services.registry import Registry
-from services.rollout import Rollout, VersionHealth
+from services.rollout import Rollout
+from services.rollout_health import VersionHealth
 from tests.conftest import make_settings
 from tests.test_registry import fake_model
 

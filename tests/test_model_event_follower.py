@@ -1,4 +1,4 @@
-"""The chat API's model-event follower (services/rollout.py, ModelEventFollower) backs off on its
+"""The chat API's model-event follower (services/rollout_events.py, ModelEventFollower) backs off on its
 own settings, not the vote outbox's.
 
     python -m pytest tests/test_model_event_follower.py -q
@@ -12,7 +12,7 @@ from pathlib import Path
 import kafka
 import pytest
 
-from services.rollout import ModelEventFollower
+from services.rollout_events import ModelEventFollower
 from tests.conftest import make_settings
 
 

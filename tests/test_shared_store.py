@@ -203,7 +203,8 @@ def test_the_leader_judges_health_from_every_replicas_traffic(
     from collections import deque
 
     from services.registry_schema import RegistryState
-    from services.rollout import Rollout, VersionHealth
+    from services.rollout import Rollout
+    from services.rollout_health import VersionHealth
 
     a, b = replicas
     settings = make_settings(tmp_path, canary_min_requests=20, canary_max_error_rate_increase=0.05)
