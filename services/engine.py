@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from services import metrics
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_EXPORTED: Counter[str] = Counter()
+"""Engines per version label of kaizen_engine_config_info."""
 
 
 def configure_vllm_env(settings: Settings) -> None:
@@ -53,6 +57,25 @@ def scheduling_args(settings: Settings, max_model_len: int) -> dict[str, Any]:
         return {}
     return {"enable_chunked_prefill": False,
             "max_num_batched_tokens": max(max_model_len, settings.engine_max_num_batched_tokens)}
+
+
+def running_config(llm: Any) -> dict[str, str]:
+    """What a started `AsyncLLM` really runs with, read back from its `vllm_config` (vLLM may
+    adjust what it was given: a dtype, the batch budget); exported as kaizen_engine_config_info."""
+    import vllm.envs as envs
+
+    config = llm.vllm_config
+    model, scheduler = config.model_config, config.scheduler_config
+    reserved = envs.VLLM_CPU_NUM_OF_RESERVED_CPU  # the EngineCore inherits this process's environment
+    return {
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "max_model_len": str(model.max_model_len),
+        "max_num_seqs": str(scheduler.max_num_seqs),
+        "max_num_batched_tokens": str(scheduler.max_num_batched_tokens),
+        "chunked_prefill": str(bool(scheduler.enable_chunked_prefill)).lower(),
+        "seed": str(model.seed),
+        "reserved_cpus": "vllm default" if reserved is None else str(reserved),
+    }
 
 
 VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
@@ -138,6 +161,9 @@ class Engine:
         self.model_dir = model_dir
         self.version = version
         self.log_stats = log_stats
+        self.config: dict[str, str] = {}
+        """What the running vLLM engine reports (`running_config`)."""
+        self._exported: str | None = None
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self.llm = self._start_llm(model_dir)
         self._open = asyncio.Event()
@@ -157,7 +183,27 @@ class Engine:
         """A new `AsyncLLM` (and its EngineCore process) on `model_dir`. Blocking: tens of seconds."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(engine_args(self.settings, model_dir, self.log_stats))
+        llm = AsyncLLM.from_engine_args(engine_args(self.settings, model_dir, self.log_stats))
+        self.config = running_config(llm)
+        self._export_config(self.version)
+        log.info("engine for %s runs with %s", self.version, self.config)
+        return llm
+
+    def _export_config(self, version: str | None) -> None:
+        """Label kaizen_engine_config_info with `version` (None: this engine is gone). A series is
+        removed when no engine serves its version any more (a promoted canary's version is also
+        the champion's for a moment)."""
+        if self._exported == version:
+            return
+        if self._exported is not None:
+            _EXPORTED[self._exported] -= 1
+            if _EXPORTED[self._exported] <= 0:
+                del _EXPORTED[self._exported]
+                metrics.ENGINE_CONFIG.remove(self._exported)
+        if version is not None:
+            _EXPORTED[version] += 1
+            metrics.ENGINE_CONFIG.labels(model_version=version).info(self.config)
+        self._exported = version
 
     # -- admission -------------------------------------------------------------------------
 
@@ -253,6 +299,7 @@ class Engine:
                 if failed is not None:
                     raise failed
                 self.model_dir, self.version = model_dir, version
+                self._export_config(version)
                 self.last_alive = time.monotonic()
                 for rid in frozen:
                     self._straddled[rid] = f"{old_version}+{version}"
@@ -378,6 +425,7 @@ class Engine:
     def shutdown(self) -> None:
         self._closed = True
         self._open.set()  # waiting requests wake up and are refused (`stopped`)
+        self._export_config(None)
         self.llm.shutdown()
 
 

@@ -7,7 +7,7 @@ happens where the event happens; declaring happens only here.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -39,6 +39,12 @@ GENERATED_TOKENS = Counter(
 ENGINE_READY = Gauge(
     "kaizen_engine_ready",
     "1 when the champion engine serves (what /readyz answers), else 0: loading, restarting, unresponsive."
+)
+ENGINE_CONFIG = Info(
+    "kaizen_engine_config",
+    "The configuration each running engine reports (read back from vLLM, not from the settings): "
+    "dtype, context, batch limits, chunked prefill, seed and reserved CPUs.",
+    ["model_version"],
 )
 ENGINE_REQUESTS_IN_FLIGHT = Gauge(
     "kaizen_engine_requests_in_flight",

@@ -142,6 +142,38 @@ def test_probes_name_no_version_and_follow_the_engine(
     assert httpx.get(f"{base}/admin/rollout", headers=ADMIN).json()["serving"]["champion"] == "v0"
 
 
+def engine_config(base: str) -> dict[str, dict[str, str]]:
+    """kaizen_engine_config_info's labels by model_version."""
+    found = {}
+    for line in httpx.get(f"{base}/metrics/", timeout=10).text.splitlines():
+        if line.startswith("kaizen_engine_config_info{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            found[labels.pop("model_version")] = labels
+    return found
+
+
+def test_the_engine_reports_the_configuration_it_runs(
+        server: tuple[str, Settings, subprocess.Popen[bytes]]) -> None:
+    """#18: the engine configuration Kaizen chose is what the running vLLM engine holds, read back
+    from the engine (its vllm_config), not from the settings: the resolved dtype (never vLLM's
+    own `auto`), the context and batch limits, no chunked prefill on the CPU backend
+    (tests/test_engine_seeds.py says why)."""
+    from services.engine import serving_dtype
+
+    base, settings, _ = server
+    until(base, "/readyz", 200)
+    running = engine_config(base)
+    assert set(running) == {"v0"}, running
+    assert running["v0"] == {
+        "dtype": serving_dtype(settings), "max_model_len": str(settings.engine_max_model_len),
+        "max_num_seqs": str(settings.engine_max_num_seqs),
+        "max_num_batched_tokens": str(max(settings.engine_max_model_len, settings.engine_max_num_batched_tokens)),
+        "chunked_prefill": "false", "seed": str(settings.engine_seed),
+        "reserved_cpus": "vllm default" if settings.engine_reserved_cpus is None
+        else str(settings.engine_reserved_cpus),
+    }, running
+
+
 def test_a_wedged_engine_fails_readiness_then_liveness_and_recovers(
         server: tuple[str, Settings, subprocess.Popen[bytes]]) -> None:
     """#19 item 10: an EngineCore that stops answering (SIGSTOP: alive, wedged) makes /readyz 503
@@ -308,3 +340,4 @@ def test_an_answer_resumed_on_new_weights_names_both_versions(
         raise AssertionError(f"no answer was in flight at any of three swaps: {labels}")
     after = chat(base)
     assert after.status_code == 200 and after.headers["x-kaizen-model-version"] == new, after.text
+    assert set(engine_config(base)) == {new}  # the swapped engine's configuration, under its new label
