@@ -5,7 +5,7 @@
     d = canary_decision(tally, alpha=0.05, min_votes=30, min_users=10, tuned_votes=100)
     d.verdict, d.lower, d.upper          # "promote" | "rollback" | "collecting", the interval
 
-Pure functions; services/rollout.py feeds them the champion-vs-canary votes from the shared
+Pure functions; services/rollout_decisions.py feeds them the champion-vs-canary votes from the shared
 store on every registry poll (every few seconds), and the rollout leader acts on the verdict.
 
 **Votes to scores.** A counted vote is a score x_i in [0, 1] for the canary: 1 it won, 0 it
