@@ -152,7 +152,8 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
         def _sqlite_begin(conn: Connection) -> None:
             # a writer takes the write lock up front (no deadlock upgrading a read lock); a
             # reader (`READ_ONLY`) does not, so in WAL mode it never waits behind a writer
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get(READ_ONLY)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     s = settings or Settings.model_construct()  # the defaults (no environment), for a bare URL

@@ -37,7 +37,8 @@ MANIFEST = "manifest.json"
 """The file in every reward-model folder that says what it was trained on and how well it did."""
 
 
-#: RewardConfig fields whose value is the setting `reward_<name>` (services/settings_training.py documents each).
+#: RewardConfig fields whose value is the setting `reward_<name>`
+#: (services/settings_training.py documents each).
 FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "train_layers", "dtype",
                  "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes")
 
