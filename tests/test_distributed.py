@@ -211,3 +211,21 @@ def test_a_rank_killed_mid_round_fails_the_round_and_publishes_nothing(tmp_path:
     assert info.training["distributed"] == {"world_size": 2, "backend": "gloo", "device": "cpu"}
     assert "kaizen_trainer_ready 1.0" in scraped
     assert done and done[0] > time.time() - 600, done  # the worker saw the round finish
+
+
+def test_kaizen_reward_train_launches_torchrun_itself(tiny_model: Path, tmp_path: Path) -> None:
+    """`kaizen reward train` with KAIZEN_TRAIN_NPROC_PER_NODE=2 relaunches itself under torchrun
+    (no torchrun on the command line), trains on two gloo ranks, and one rank writes the model,
+    whose manifest records the world size and backend it was trained with."""
+    out = tmp_path / "rm"
+    sample = ROOT / "tests" / "data" / "hh_harmless_sample.jsonl"
+    env = {**Settings(data_dir=tmp_path / "data", train_nproc_per_node=2).child_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kaizen", "reward", "train", "--data", str(sample),
+                           "--out", str(out), "--model", str(tiny_model), "--epochs", "1", "--max-length", "96",
+                           "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert "torch.distributed.run" in proc.stderr + proc.stdout  # it relaunched itself
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["distributed"]["world_size"] == 2 and manifest["distributed"]["backend"] == "gloo", manifest
+    assert manifest["metrics"]["train"]["steps"] > 0
+    assert list(out.glob("*.safetensors")), sorted(p.name for p in out.iterdir())
