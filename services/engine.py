@@ -10,101 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 from services import metrics
+from services.engine_config import configure_vllm_env, engine_args, running_config
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _EXPORTED: Counter[str] = Counter()
 """Engines per version label of kaizen_engine_config_info."""
-
-
-def configure_vllm_env(settings: Settings) -> None:
-    """vLLM reads a few knobs from the environment; set them from our settings."""
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine_kv_cache_gib)
-    if settings.engine_reserved_cpus is not None:
-        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.engine_reserved_cpus)
-    # No usage reporting, no hub look-ups: nothing outside this machine is reachable.
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def scheduling_args(settings: Settings, max_model_len: int) -> dict[str, Any]:
-    """Scheduler options that keep one request from killing a CPU engine.
-
-    vLLM 0.32 rewinds a seeded request's generator after a partial prefill
-    (`_bookkeeping_sync`: `gen.set_offset(gen.get_offset() - 4)`); CPU generators refuse
-    ("CPU Generator does not use offset"), the engine core dies and every later request fails.
-    A prefill is partial when chunked prefill splits a prompt because the step's token budget
-    ran out, e.g. long prompts arriving together. Any user may send `seed` and PPO seeds every
-    rollout, so on the CPU backend chunked prefill is off and a step's budget holds any whole
-    prompt: a prompt that does not fit this step waits for the next one instead of being split
-    (tests/test_engine_seeds.py). GPU generators rewind fine: nothing changes there.
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return {}
-    return {"enable_chunked_prefill": False,
-            "max_num_batched_tokens": max(max_model_len, settings.engine_max_num_batched_tokens)}
-
-
-def running_config(llm: Any) -> dict[str, str]:
-    """What a started `AsyncLLM` really runs with, read back from its `vllm_config` (vLLM may
-    adjust what it was given: a dtype, the batch budget); exported as kaizen_engine_config_info."""
-    import vllm.envs as envs
-
-    config = llm.vllm_config
-    model, scheduler = config.model_config, config.scheduler_config
-    reserved = envs.VLLM_CPU_NUM_OF_RESERVED_CPU  # the EngineCore inherits this process's environment
-    return {
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "max_model_len": str(model.max_model_len),
-        "max_num_seqs": str(scheduler.max_num_seqs),
-        "max_num_batched_tokens": str(scheduler.max_num_batched_tokens),
-        "chunked_prefill": str(bool(scheduler.enable_chunked_prefill)).lower(),
-        "seed": str(model.seed),
-        "reserved_cpus": "vllm default" if reserved is None else str(reserved),
-    }
-
-
-VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
-
-
-def serving_dtype(settings: Settings) -> VllmDtype:
-    """engine_dtype with `auto` resolved for this machine (services/hardware.py), logged."""
-    from services.hardware import choose_dtype
-
-    choice = choose_dtype(settings.engine_dtype, serving=True)
-    log.info("engine dtype %s", choice)
-    return cast(VllmDtype, choice.dtype)
-
-
-def engine_args(settings: Settings, model_dir: Path, log_stats: bool = True) -> Any:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    return AsyncEngineArgs(
-        **scheduling_args(settings, settings.engine_max_model_len),
-        model=str(model_dir),
-        served_model_name=[settings.served_model_name],
-        dtype=serving_dtype(settings),
-        max_model_len=settings.engine_max_model_len,
-        gpu_memory_utilization=settings.engine_memory_utilization,
-        enforce_eager=settings.engine_enforce_eager,
-        max_num_seqs=settings.engine_max_num_seqs,
-        seed=settings.engine_seed,
-        disable_log_stats=not log_stats,
-    )
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ def test_the_engine_reports_the_configuration_it_runs(
     from the engine (its vllm_config), not from the settings: the resolved dtype (never vLLM's
     own `auto`), the context and batch limits, no chunked prefill on the CPU backend
     (tests/test_engine_seeds.py says why)."""
-    from services.engine import serving_dtype
+    from services.engine_config import serving_dtype
 
     base, settings, _ = server
     until(base, "/readyz", 200)

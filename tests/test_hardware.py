@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine import engine_args, serving_dtype
+from services.engine_config import engine_args, serving_dtype
 from services.hardware import choose_dtype, cpu_flags, resolve_dtype
 from services.settings import Settings
 from trainer.reward_model import RewardConfig
@@ -40,7 +40,7 @@ def test_auto_is_bf16_only_where_the_cpu_or_gpu_computes_it() -> None:
 
 
 def test_reserved_cpus_reach_vllm_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.engine import configure_vllm_env
+    from services.engine_config import configure_vllm_env
 
     # everything configure_vllm_env writes is put back after the test (set, then removed: recorded)
     for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",

@@ -67,7 +67,7 @@ def test_prepare_default_model_from_the_wheel(tmp_path: Path) -> None:
     assert not again.created and time.monotonic() - started < 5
     # vLLM in the dtype `auto` picks on this machine (bf16 where the CPU has avx512_bf16 without AMX,
     # float32 elsewhere: services/hardware.py) still gives the sanity prompt's reference answer
-    from services.engine import serving_dtype
+    from services.engine_config import serving_dtype
     from trainer.policy import encode_prompt
     from trainer.rollout_engine import RolloutEngine
     from transformers import AutoTokenizer

@@ -50,7 +50,7 @@ class RolloutEngine:
                  seed: int = 0) -> None:
         from vllm import LLM
 
-        from services.engine import configure_vllm_env, scheduling_args, serving_dtype
+        from services.engine_config import configure_vllm_env, scheduling_args, serving_dtype
 
         configure_vllm_env(settings)
         self.model_dir = model_dir
