@@ -111,7 +111,7 @@ TRAINER_CONSUMER_LAG = Gauge(
     "kaizen_trainer_consumer_lag_messages",
     "Preference events on the topic not yet consumed by the trainer (high watermark - position).",
 )
-# -- training rounds (recorded by trainer/rounds.py) ---------------------------------
+# -- training rounds (recorded by trainer/round_record.py) ----------------------------
 REWARD_MODEL_ACCURACY = Gauge(
     "kaizen_reward_model_accuracy",
     "Held-out pairwise accuracy of the current reward model (share of votes it ranks right).",
@@ -144,7 +144,7 @@ PPO_SAMPLES_PER_SECOND = Gauge(
 GATE_WIN_RATE = Gauge(
     "kaizen_gate_win_rate", "Reward-model win rate of the last gated candidate over the champion."
 )
-# -- disk space and retention (#19; recorded by trainer/daemon.py and trainer/rounds.py) ---------
+# -- disk space and retention (#19; recorded by trainer/daemon.py and trainer/upkeep.py) ---------
 DISK_FREE_BYTES = Gauge(
     "kaizen_disk_free_bytes",
     "Free bytes on a volume the trainer writes models to (data, registry, shm), at its last check.",

@@ -3,7 +3,7 @@
     kaizen rounds list                # read_rounds: <data_dir>/rounds/rounds.jsonl, newest first
     GET /admin/rounds                 # the same for the operator page
 
-The trainer (trainer/rounds.py) writes these files; the chat API only reads them, so the reader
+The trainer (trainer/round_record.py) writes these files; the chat API only reads them, so the reader
 lives here, on the services side, and services/ never imports trainer/:
   - `<data_dir>/rounds/rounds.jsonl`: one JSON line per finished round (`ROUNDS_LOG`);
   - `<data_dir>/rounds/state.json`: the round in progress and its phase (`STATE_FILE`);

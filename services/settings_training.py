@@ -96,8 +96,8 @@ class TrainingSettings(BaseSettings):
     while the others wait) before the round fails."""
 
     # -- PPO ----------------------------------------------------------------------------
-    # Defaults follow TRL's PPO trainer and OpenRLHF where they apply; trainer/ppo.py
-    # (PPOConfig) documents each one next to the equation that uses it.
+    # Defaults follow TRL's PPO trainer and OpenRLHF where they apply; trainer/ppo_config.py
+    # (PPOConfig) and trainer/ppo_math.py document each one next to the equation that uses it.
     ppo_iterations: int = Field(default=16, ge=1)
     """PPO iterations (rollout, score, update, weight sync) per training round (~30 s each on SmolLM2,
     2 cores, with the frozen lower layers run once per batch)."""

@@ -14,7 +14,7 @@ on GPU (`train_backend`), and:
   runs a zero-weighted step so the all-reduce still meets every rank;
 - decisions (stop now, early stopping) are reduced so every rank takes the same one (`any`);
 - rank 0 leads: it holds the rollout engine, writes checkpoints and publishes; the others
-  follow its broadcast commands (trainer/rounds.py).
+  follow its broadcast commands (trainer/round_crew.py).
 
 OpenRLHF and veRL place their trainers the same way (DeepSpeed/FSDP under Ray); here the
 launcher is torchrun and the wrapper DDP, which is enough while one device holds the model.

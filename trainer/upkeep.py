@@ -8,7 +8,7 @@ the attempts and the phases it died in), `require_disk_space` before anything is
 (round_disk_space_factor x the champion's size + disk_reserve_bytes, on the data dir's and the
 registry's volumes), `remove_sync_leftovers` at every start (a SIGKILLed round leaves its weight
 sync folder, about the policy's float32 size, in RAM), `retention` after a round that published.
-Light at import (the chat API imports trainer.rounds): torch-backed modules load when called.
+Light at import (the trainer's daemon imports it): torch-backed modules load when called.
 """
 
 from __future__ import annotations
