@@ -160,6 +160,13 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     assert registry.state().champion == "v0"  # publishing never serves: rollout decides
     registry.verify("v1")
     assert info.training["round_id"] == record["round_id"] and info.gate["passed"]
+    # #18: the rollout engine's configuration as vLLM reports it, not as the settings asked
+    from services.engine_config import serving_dtype
+
+    rollout_engine = info.training["rollout_engine"]
+    assert (rollout_engine["dtype"], rollout_engine["max_model_len"], rollout_engine["chunked_prefill"],
+            rollout_engine["max_num_seqs"]) == (serving_dtype(settings), "512", "false",
+                                                str(max(settings.engine_max_num_seqs, 64))), rollout_engine
 
     # one JSON line per iteration and per round; read_rounds shows it first
     lines = [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]

@@ -39,7 +39,7 @@ class Sample:
 
 class RolloutEngine:
     """A vLLM `LLM` in this process (its engine core in a child process), eager, small KV cache, in
-    the serving engine's dtype (float32 on CPU, where vLLM garbles bf16; bf16 on a capable GPU).
+    the serving engine's dtype (`engine_dtype`, `auto`: bf16 where the hardware computes it).
 
     vLLM generates (≈255 tok/s batched here, against ≈6 tok/s for HF generate); after each
     update the trainer saves the policy to a RAM folder and the engine reloads it in place
@@ -50,7 +50,7 @@ class RolloutEngine:
                  seed: int = 0) -> None:
         from vllm import LLM
 
-        from services.engine_config import configure_vllm_env, scheduling_args, serving_dtype
+        from services.engine_config import configure_vllm_env, running_config, scheduling_args, serving_dtype
 
         configure_vllm_env(settings)
         self.model_dir = model_dir
@@ -64,6 +64,9 @@ class RolloutEngine:
                            max_num_seqs=max(settings.engine_max_num_seqs, 64), disable_log_stats=True,
                            **scheduling_args(settings, max_model_len))  # seeded rollouts: no split prefill
         self.start_seconds = time.monotonic() - started
+        self.config = running_config(self.llm.llm_engine)
+        """What the engine reports it runs with (read back from vLLM); a published version's
+        manifest records it under `training.rollout_engine`."""
         self.weights_version: str = str(model_dir)
 
     def generate(self, prompts: Sequence[list[int]], *, max_tokens: int, temperature: float, n: int = 1,

@@ -103,6 +103,7 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
                                    max_model_len=settings.engine_max_model_len, seed=settings.ppo_seed)
     else:
         timer.seconds["engine_reset"] = engine.load_weights(registry.path(champion))
+    ctx.state["rollout_engine"] = engine.config
     job = RoundJob(registry=registry, engine=engine, config=PPOConfig.from_settings(settings),
                    reward_model=rm, champion=champion, train_prompts=train_prompts, held_prompts=held_prompts,
                    stopped=stopped, crew=crew, resuming=resuming, timer=timer)
@@ -207,6 +208,7 @@ def _publish(ctx: RoundContext, job: RoundJob, candidate: Path, gate: dict[str, 
     timings = job.timer.seconds
     training = {"round_id": ctx.round_id, "ppo": ctx.state.get("ppo"), "config": ctx.state.get("ppo_config"),
                 "reward_refresh": ctx.state.get("reward_refresh"), "timings": timings,
+                "rollout_engine": ctx.state.get("rollout_engine"),
                 "distributed": ctx.state.get("distributed", {"world_size": 1, "backend": "none"})}
     with job.timer("publish"):
         m = job.registry.publish(candidate, parent=job.champion, who="trainer", why=verdict.reason,
