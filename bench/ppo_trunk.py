@@ -105,7 +105,7 @@ def main() -> None:
     from services.settings import get_settings
     from trainer.ppo_config import PPOConfig
     from trainer.rollout_engine import RolloutEngine, sync_folder
-    from trainer.simulate import DEFAULT_PROMPTS, read_prompts
+    from simulation.simulate import DEFAULT_PROMPTS, read_prompts
 
     settings = get_settings()
     args = parse_args(settings)

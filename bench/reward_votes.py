@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from services.settings import get_settings  # noqa: E402
-from trainer.judges import load_judge  # noqa: E402
+from simulation.judges import load_judge  # noqa: E402
 from trainer.reward_data import Pair, encode_pairs  # noqa: E402
 from trainer.reward_eval import evaluate, wilson_interval  # noqa: E402
 from trainer.reward_model import RewardConfig, load_reward_model  # noqa: E402
 from trainer.reward_train import train_reward_model  # noqa: E402
-from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, read_prompts  # noqa: E402
+from simulation.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, read_prompts  # noqa: E402
 
 
 def judged_pairs(engine: object, tokenizer: object, prompts: list[str], judge: object, samples: int,

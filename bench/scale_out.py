@@ -24,6 +24,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -81,7 +82,8 @@ def main() -> None:
     results: list[tuple[str, int, float, list[float], int]] = []
     with postgres_server() as pg:
         common = dict(model=tmp / "tiny", broker_port=base_settings.broker_port, api_keys=KEY,
-                      user_id_secret="bench", rate_limit_rps=1e6, rate_limit_burst=10**6, vote_limit_per_window=10**9,
+                      user_id_secret="bench", rate_limit_rps=1e6, rate_limit_burst=10**6,
+                      vote_limit_per_window=10**9,
                       engine_max_model_len=256, registry_dir=tmp / "registry", topic_partitions=3,
                       min_new_preferences=10**9,  # no training round: the trainer only stores votes
                       round_interval=timedelta(hours=250))  # child_env writes %g: keep it below 1e6 s
@@ -95,37 +97,51 @@ def main() -> None:
             configurations = (("1 replica, SQLite", 1, None), ("1 replica, PostgreSQL", 1, pg.url),
                               ("3 replicas, PostgreSQL", 3, pg.url))
             for name, replicas, database in configurations:
-                tag = name.replace(" ", "").replace(",", "-")
-                procs, ports = [], []
-                for i in range(replicas):
-                    s = Settings.model_validate({**common, "data_dir": tmp / f"{tag}-{i}",
-                                                 "port": free_port(), "trainer_port": free_port(),
-                                                 "database_url": database})
-                    s.data_dir.mkdir(parents=True)
-                    procs.append(start([sys.executable, "-m", "kaizen", "serve"], s.child_env(),
-                                       s.data_dir / "serve.log"))
-                    ports.append(s.port)
-                nginx = None
-                try:
-                    for port, proc in zip(ports, procs, strict=True):
-                        wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
-                    ids = seed(database or tmp / f"{tag}-0" / "api.sqlite", args.votes, tag)
-                    proxy_port = free_port()
-                    nginx = start_nginx(tmp / f"nginx-{tag}", proxy_port, ports)
-                    print(f"{name}: {args.votes} votes with {args.clients} clients through nginx")
-                    proxy = f"http://127.0.0.1:{proxy_port}"
-                    latencies, _, wall = asyncio.run(vote_all(proxy, ids, args.clients))
-                    n_stored = stored(trainer_settings.preferences_db, set(ids))
-                    results.append((name, len(latencies), wall, latencies, n_stored))
-                finally:
-                    if nginx is not None:
-                        stop_nginx(nginx)
-                    for proc in procs:
-                        stop(proc)
+                results.append(run_configuration(name, replicas, database, common, tmp, args,
+                                                 trainer_settings.preferences_db))
         finally:
             stop(trainer)
             broker.kill()
             broker.wait()
+    report(results)
+
+
+def run_configuration(name: str, replicas: int, database: str | None, common: dict[str, Any], tmp: Path,
+                      args: argparse.Namespace,
+                      preferences_db: Path) -> tuple[str, int, float, list[float], int]:
+    """Start the replicas and nginx in front, seed comparisons, vote through the proxy: (name, votes,
+    wall seconds, latencies, votes the trainer stored)."""
+    tag = name.replace(" ", "").replace(",", "-")
+    procs, ports = [], []
+    for i in range(replicas):
+        s = Settings.model_validate({**common, "data_dir": tmp / f"{tag}-{i}",
+                                     "port": free_port(), "trainer_port": free_port(),
+                                     "database_url": database})
+        s.data_dir.mkdir(parents=True)
+        procs.append(start([sys.executable, "-m", "kaizen", "serve"], s.child_env(),
+                           s.data_dir / "serve.log"))
+        ports.append(s.port)
+    nginx = None
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+        ids = seed(database or tmp / f"{tag}-0" / "api.sqlite", args.votes, tag)
+        proxy_port = free_port()
+        nginx = start_nginx(tmp / f"nginx-{tag}", proxy_port, ports)
+        print(f"{name}: {args.votes} votes with {args.clients} clients through nginx")
+        proxy = f"http://127.0.0.1:{proxy_port}"
+        latencies, _, wall = asyncio.run(vote_all(proxy, ids, args.clients))
+        n_stored = stored(preferences_db, set(ids))
+        return name, len(latencies), wall, latencies, n_stored
+    finally:
+        if nginx is not None:
+            stop_nginx(nginx)
+        for proc in procs:
+            stop(proc)
+
+
+def report(results: list[tuple[str, int, float, list[float], int]]) -> None:
+    """The result lines (what bench/README.md records)."""
     print(f"\nscale-out benchmark ({provenance()}; {cpu_model()})")
     for name, n, wall, latencies, n_stored in results:
         print(f"  {name:<24} {n / wall:6.0f} votes/s ({n} in {wall:.2f} s), latency p50 "

@@ -59,7 +59,8 @@ async def load(base: str, model: str, clients: int, requests: int, max_tokens: i
                 nonlocal tokens
                 while not queue.empty():
                     i = queue.get_nowait()
-                    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    body = {"model": model,
+                            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                             "max_tokens": max_tokens, "temperature": 0, "stream": True,
                             "stream_options": {"include_usage": True}}
                     t0 = time.perf_counter()
@@ -70,7 +71,8 @@ async def load(base: str, model: str, clients: int, requests: int, max_tokens: i
                             if not line.startswith("data: ") or line == "data: [DONE]":
                                 continue
                             chunk = json.loads(line[6:])
-                            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            if (first is None and chunk["choices"]
+                                    and chunk["choices"][0]["delta"].get("content")):
                                 first = time.perf_counter() - t0
                             if chunk.get("usage"):
                                 tokens += chunk["usage"]["completion_tokens"]
@@ -112,19 +114,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-serve-"))
     model = (args.model or Settings().model_dir).resolve()  # the user's prepared model
-    s = Settings(data_dir=tmp / "data").model_copy(update={"model": model, "port": free_port(), "rate_limit_rps": 1e6,
-                                         "rate_limit_burst": 10**6, "max_inflight": 10**6})
+    s = Settings(data_dir=tmp / "data").model_copy(update={"model": model, "port": free_port(),
+                                                           "rate_limit_rps": 1e6, "rate_limit_burst": 10**6,
+                                                           "max_inflight": 10**6})
     env = s.child_env()
-    vllm_port = free_port()
-    servers = {
-        "kaizen": ([sys.executable, "-m", "kaizen", "serve"], f"http://127.0.0.1:{s.port}", s.served_model_name),
-        "vllm": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(vllm_port),
-                  "--host", "127.0.0.1", "--dtype", args.vllm_dtype or serving_dtype(s),
-                  "--max-model-len", str(s.engine_max_model_len),
-                  "--gpu-memory-utilization", str(s.engine_memory_utilization), "--enforce-eager",
-                  "--max-num-seqs", str(s.engine_max_num_seqs), "--seed", str(s.engine_seed),
-                  "--served-model-name", "bench"], f"http://127.0.0.1:{vllm_port}", "bench"),
-    }
+    servers = server_commands(s, model, args.vllm_dtype or serving_dtype(s))
     env["VLLM_CPU_KVCACHE_SPACE"] = str(s.engine_kv_cache_gib)
     results: dict[str, list[tuple[float, list[float], int]]] = {"kaizen": [], "vllm": []}
     pair_result = None
@@ -142,6 +136,29 @@ def main() -> None:
             finally:
                 stop(proc)
 
+    report(args, model, s, results, pair_result)
+
+
+def server_commands(s: Settings, model: Path, vllm_dtype: str) -> dict[str, tuple[list[str], str, str]]:
+    """name → (command line, base URL, served model name) of the two arms: Kaizen's API and plain vLLM
+    with the same engine settings."""
+    vllm_port = free_port()
+    return {
+        "kaizen": ([sys.executable, "-m", "kaizen", "serve"], f"http://127.0.0.1:{s.port}",
+                   s.served_model_name),
+        "vllm": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                  "--port", str(vllm_port), "--host", "127.0.0.1", "--dtype", vllm_dtype,
+                  "--max-model-len", str(s.engine_max_model_len),
+                  "--gpu-memory-utilization", str(s.engine_memory_utilization), "--enforce-eager",
+                  "--max-num-seqs", str(s.engine_max_num_seqs), "--seed", str(s.engine_seed),
+                  "--served-model-name", "bench"], f"http://127.0.0.1:{vllm_port}", "bench"),
+    }
+
+
+def report(args: argparse.Namespace, model: Path, s: Settings,
+           results: dict[str, list[tuple[float, list[float], int]]],
+           pair_result: tuple[float, float] | None) -> None:
+    """The result lines (what bench/README.md records)."""
     print(f"\nserving benchmark: {model.name}, {args.clients} clients, {args.requests} requests x "
           f"{args.max_tokens} tokens, {args.rounds} round(s) ({provenance()}); dtype kaizen "
           f"{serving_dtype(s)}, vllm {args.vllm_dtype or serving_dtype(s)}")
@@ -151,8 +168,8 @@ def main() -> None:
         tokens = sum(r[2] for r in runs)
         ttfts = [t for r in runs for t in r[1]]
         tps[name] = tokens / wall
-        print(f"  {name:7s} {tps[name]:7.1f} output tokens/s   TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms"
-              f"   p99 {percentile(ttfts, 99) * 1000:6.0f} ms")
+        print(f"  {name:7s} {tps[name]:7.1f} output tokens/s   "
+              f"TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms   p99 {percentile(ttfts, 99) * 1000:6.0f} ms")
     print(f"  ratio kaizen / vllm: {tps['kaizen'] / tps['vllm']:.3f} (goal >= 0.95)")
     if pair_result:
         single, paired = pair_result

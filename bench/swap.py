@@ -137,35 +137,15 @@ def main() -> None:
         try:
             wait_ready(f"{base}/readyz", server)
             registry = Registry(settings.registry_path)
-            with Progress(transient=True) as progress:
-                task = progress.add_task("preparing versions", total=args.swaps)
-                versions = []
-                for i in range(args.swaps):
-                    folder = nudged_copy(model, tmpdir / f"v{i + 1}", seed=i + 1)
-                    versions.append(registry.publish(folder, parent=f"v{i}", who="bench").version)
-                    progress.advance(task)
+            versions = publish_versions(registry, model, tmpdir, args.swaps)
             streams = Streams(base, args.clients, args.max_tokens)
             for t in streams.threads:
                 t.start()
             time.sleep(args.quiet_s)
             quiet = streams.max_gap(time.monotonic() - args.quiet_s / 2, time.monotonic())
             quiet_ttft = streams.max_ttft(time.monotonic() - args.quiet_s / 2, time.monotonic())
-            to_first: list[float] = []
-            swap_gaps: list[float] = []
-            swap_ttfts: list[float] = []
-            with Progress() as progress:
-                task = progress.add_task("swaps", total=len(versions))
-                for v in versions:
-                    t0 = time.monotonic()
-                    registry.promote(v, who="bench", why="swap benchmark")
-                    model_events.emit(settings, "promoted", v, who="bench")
-                    while v not in streams.first_by_version and time.monotonic() - t0 < 120:
-                        time.sleep(0.01)
-                    to_first.append(streams.first_by_version.get(v, float("nan")) - t0)
-                    time.sleep(args.between_s)
-                    swap_gaps.append(streams.max_gap(t0, time.monotonic()))
-                    swap_ttfts.append(streams.max_ttft(t0, time.monotonic()))
-                    progress.advance(task)
+            to_first, swap_gaps, swap_ttfts = swap_through(settings, registry, streams, versions,
+                                                           args.between_s)
             streams.stop.set()
             for t in streams.threads:
                 t.join(timeout=120)
@@ -175,6 +155,48 @@ def main() -> None:
             broker.wait(10)
         swaps = [line for line in log.read_text().splitlines() if "now serving" in line]
 
+    report(args, streams, quiet, quiet_ttft, to_first, swap_gaps, swap_ttfts, swaps)
+
+
+def publish_versions(registry: Registry, model: Path, tmpdir: Path, n: int) -> list[str]:
+    """v1..vn: nudged copies of the model, each published on the previous one."""
+    with Progress(transient=True) as progress:
+        task = progress.add_task("preparing versions", total=n)
+        versions = []
+        for i in range(n):
+            folder = nudged_copy(model, tmpdir / f"v{i + 1}", seed=i + 1)
+            versions.append(registry.publish(folder, parent=f"v{i}", who="bench").version)
+            progress.advance(task)
+    return versions
+
+
+def swap_through(settings: Settings, registry: Registry, streams: Streams, versions: list[str],
+                 between_s: float) -> tuple[list[float], list[float], list[float]]:
+    """Promote each version in turn under the streams' load: per swap, the seconds from the
+    registry change to the first answer from the new version, the longest inter-token gap and the
+    longest time to first token in the `between_s` after it."""
+    to_first: list[float] = []
+    swap_gaps: list[float] = []
+    swap_ttfts: list[float] = []
+    with Progress() as progress:
+        task = progress.add_task("swaps", total=len(versions))
+        for v in versions:
+            t0 = time.monotonic()
+            registry.promote(v, who="bench", why="swap benchmark")
+            model_events.emit(settings, "promoted", v, who="bench")
+            while v not in streams.first_by_version and time.monotonic() - t0 < 120:
+                time.sleep(0.01)
+            to_first.append(streams.first_by_version.get(v, float("nan")) - t0)
+            time.sleep(between_s)
+            swap_gaps.append(streams.max_gap(t0, time.monotonic()))
+            swap_ttfts.append(streams.max_ttft(t0, time.monotonic()))
+            progress.advance(task)
+    return to_first, swap_gaps, swap_ttfts
+
+
+def report(args: argparse.Namespace, streams: Streams, quiet: float, quiet_ttft: float, to_first: list[float],
+           swap_gaps: list[float], swap_ttfts: list[float], swaps: list[str]) -> None:
+    """The result lines (what bench/README.md records)."""
     print(f"\nswap under load: {args.clients} streaming clients, {args.max_tokens} tokens, greedy, "
           f"SmolLM2-135M-Instruct float32 on vLLM CPU")
     print(f"answers {streams.answers}, failed requests {len(streams.failures)}")

@@ -1,4 +1,4 @@
-"""`kaizen bench loop`: the end-to-end proof that votes make the service better (trainer/loop.py)."""
+"""`kaizen bench loop`: the end-to-end proof that votes make the service better (simulation/loop.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def loop(
     canary_votes: Annotated[int, typer.Option(min=1, help="most votes per canary before the loop decides")] = 120,
     budget: Annotated[float, typer.Option(min=1, help="seconds for the rounds (evaluation comes after)")] = 3600,
     judge: Annotated[str, typer.Option(help="voters' judge: module:function or file.py:function")] =
-        "trainer.judges:rubric",
+        "simulation.judges:rubric",
     eval_judge: Annotated[str | None, typer.Option(help="evaluation judge (default: --judge)")] = None,
     prompts: Annotated[Path | None, typer.Option(help="voters' prompts, JSONL {\"prompt\": ...}")] = None,
     eval_prompts: Annotated[Path | None, typer.Option(help="evaluation prompts, never trained on")] = None,
@@ -48,15 +48,16 @@ def loop(
     eval_samples: Annotated[int, typer.Option(min=1, help="answers per evaluation prompt and version")] = 4,
     eval_max_tokens: Annotated[int, typer.Option(min=1, help="tokens per evaluation answer (few cut off)")] = 256,
     second_judge: Annotated[str | None, typer.Option(
-        help="a second evaluation judge, e.g. trainer.judges:reward_model (KAIZEN_JUDGE_REWARD_MODEL=DIR)")] = None,
+        help="a second evaluation judge, e.g. simulation.judges:reward_model "
+             "(KAIZEN_JUDGE_REWARD_MODEL=DIR)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="a service setting for this run, NAME=VALUE "
                                                    "(as KAIZEN_NAME; repeatable), e.g. --set ppo_lr=1e-5")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: a new temporary one)")] = None,
     record: Annotated[bool, typer.Option(help="append the result line to bench/README.md")] = False,
 ) -> None:
     """Rounds of (simulated votes → training round → canary by live votes), then every version vs v0."""
-    from trainer.loop import LoopConfig, run_loop
-    from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS
+    from simulation.loop import LoopConfig, run_loop
+    from simulation.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS
 
     overrides: dict[str, str] = {}
     for item in set_ or []:
@@ -89,7 +90,7 @@ def result_line(report: dict, *, rounds: int, votes: int, judge: str, seed: int,
     champion = report.get("champion")
     from dataclasses import fields
 
-    from trainer.loop import LoopConfig
+    from simulation.loop import LoopConfig
 
     # every option the run changed from its default, so the row's command reruns it exactly
     used = report.get("config", {})

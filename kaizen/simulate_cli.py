@@ -1,4 +1,4 @@
-"""`kaizen simulate`: simulated users voting on the running service with a judge (trainer/simulate.py)."""
+"""`kaizen simulate`: simulated users voting on the running service with a judge (simulation/simulate.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def simulate_cmd(
     users: Annotated[int, typer.Option(min=1, help="concurrent simulated users")] = 4,
     rate: Annotated[float, typer.Option(min=0.0, help="requests/s across all users (0: unpaced)")] = 2.0,
     noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="probability of a random vote")] = 0.0,
-    judge: Annotated[str, typer.Option(help="`module:function` or `file.py:function`")] = "trainer.judges:rubric",
+    judge: Annotated[str, typer.Option(
+        help="`module:function` or `file.py:function`")] = "simulation.judges:rubric",
     prompts: Annotated[Path | None, typer.Option(help="JSONL, one {\"prompt\": ...} per line")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     max_tokens: Annotated[int, typer.Option(min=1)] = 96,
@@ -32,8 +33,8 @@ def simulate_cmd(
     log: Annotated[Path | None, typer.Option(help="write every vote as JSONL here")] = None,
 ) -> None:
     """Simulated users chat through the public API and vote on paired answers with a judge."""
-    from trainer.judges import load_judge
-    from trainer.simulate import DEFAULT_PROMPTS, SimulateConfig, read_prompts, simulate
+    from simulation.judges import load_judge
+    from simulation.simulate import DEFAULT_PROMPTS, SimulateConfig, read_prompts, simulate
 
     settings = get_settings()
     try:

@@ -19,8 +19,9 @@ import torch
 
 from services.registry import Registry
 from services.settings import Settings
+from simulation.evaluate import bootstrap_interval
+from simulation.loop import LoopConfig, run_loop
 from tests.test_rounds import WORDS, sft_yes_no
-from trainer.loop import LoopConfig, bootstrap_interval, run_loop
 from trainer.store import PreferenceStore
 
 JUDGE = '''
@@ -56,7 +57,7 @@ def test_length_controlled_win_rate_recovers_a_known_effect() -> None:
     recovers σ(θ₀), for an equal version (θ₀ = 0) and a better one (θ₀ = 0.8)."""
     import math
 
-    from trainer.loop import length_controlled_win_rate
+    from simulation.evaluate import length_controlled_win_rate
 
     rng = random.Random(0)
     for theta0, expected in ((0.0, 0.5), (0.8, 1 / (1 + math.exp(-0.8)))):
@@ -92,7 +93,7 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
     report = {"champion": "v2", "wall_s": 3000.0, "evaluation": {"versions": {
         "v0": {"mean_answer_tokens": 50.0}, "v1": version(0.7), "v2": version(0.6)}},
         "config": {"canary_votes": 120, "users": 8, "max_tokens": 64, "eval_samples": 4, "budget_s": 3600.0}}
-    line = result_line(report, rounds=2, votes=100, judge="trainer.judges:rubric", seed=0,
+    line = result_line(report, rounds=2, votes=100, judge="simulation.judges:rubric", seed=0,
                        overrides={"ppo_lr": "1e-5"})
     assert "v2: win rate 0.600 [0.500, 0.700]" in line and "0.700 [" not in line
     assert "--set ppo_lr=1e-5`" in line and line.endswith("| 3000 s |\n")

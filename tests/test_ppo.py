@@ -251,7 +251,7 @@ def test_the_shared_trunk_gives_the_whole_models_numbers_and_only_when_it_is_sha
 
 def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_path: Path) -> None:
     """The loop's KL(version ‖ v0): batched, left-padded forward passes give the per-answer sums."""
-    from trainer.loop import kl_to_base
+    from simulation.evaluate import kl_to_base
     from trainer.policy import save_policy
 
     torch.set_num_threads(1)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from services.settings import Settings
+from simulation.judges import language_of, load_judge, rubric, rubric_score
+from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, SimulateConfig, read_prompts,
+                                 simulate)
 from tests.conftest import OTHER_KEY, ROOT, USER_KEY
 from tests.test_feedback import outbox
-from trainer.judges import language_of, load_judge, rubric, rubric_score
-from trainer.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, SimulateConfig, read_prompts, simulate
 
 Q = [{"role": "user", "content": "Why do leaves change colour in autumn?"}]
 GOOD = ("Leaves change colour in autumn because trees stop making chlorophyll, so the green fades and "
@@ -35,11 +36,12 @@ def test_rubric_prefers_the_better_answer_either_side() -> None:
 
 
 def test_judges_load_from_modules_and_files(tmp_path: Path) -> None:
-    assert load_judge("trainer.judges:rubric") is rubric
+    assert load_judge("simulation.judges:rubric") is rubric
+    assert load_judge("trainer.judges:rubric") is rubric  # as results recorded before the move name it
     f = tmp_path / "my judge.py"
     f.write_text("def prefer_b(messages, a, b):\n    return 1\n")
     assert load_judge(f"{f}:prefer_b")(Q, "x", "y") == 1
-    for bad in ("trainer.judges", "trainer.judges:nope", f"{tmp_path}/missing.py:f", ":f"):
+    for bad in ("simulation.judges", "trainer.judges:nope", f"{tmp_path}/missing.py:f", ":f"):
         with pytest.raises(ValueError):
             load_judge(bad)
 
@@ -89,16 +91,16 @@ def test_cli_with_a_judge_from_a_file(api_server: tuple[str, Settings], tmp_path
 
 
 def test_reward_model_judge_follows_its_model(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`trainer.judges:reward_model` with a real (tiny) reward model trained to like a marker word."""
+    """`simulation.judges:reward_model` with a real (tiny) reward model trained to like a marker word."""
     from tests.test_reward import MARKER, synthetic_pairs, tiny_config
-    from trainer import judges
+    from simulation import judges
     from trainer.reward_model import load_reward_model, save_model
     from trainer.reward_train import train_reward_model
 
     model, tokenizer = load_reward_model(tiny_model, seed=0)
     train_reward_model(model, tokenizer, synthetic_pairs(96, seed=3), [], tiny_config(epochs=3), progress=False)
     save_model(model, tokenizer, tmp_path / "judge-rm", {"purpose": "judge"})
-    judge = load_judge("trainer.judges:reward_model")
+    judge = load_judge("simulation.judges:reward_model")
 
     monkeypatch.delenv("KAIZEN_JUDGE_REWARD_MODEL", raising=False)
     with pytest.raises(RuntimeError, match="KAIZEN_JUDGE_REWARD_MODEL"):

@@ -4,10 +4,10 @@ A judge is any Python function with that signature, named as
 `package.module:function` or `path/to/file.py:function` (`load_judge`).
 Two ship here:
 
-* `trainer.judges:rubric` — a transparent rubric: the answer should be in the
+* `simulation.judges:rubric` — a transparent rubric: the answer should be in the
   language of the question, on its topic, not repetitive, and complete; an
   adequate length helps a little. Deterministic, no model needed.
-* `trainer.judges:reward_model` — a Bradley–Terry reward model trained on the
+* `simulation.judges:reward_model` — a Bradley–Terry reward model trained on the
   human preference pairs (`kaizen reward train --data PAIRS.jsonl --out DIR`), read
   from `KAIZEN_JUDGE_REWARD_MODEL`. It must not be the reward model the trainer
   refreshes from the votes, or the loop would grade its own homework.
@@ -36,6 +36,8 @@ VERDICTS = (0, 1, "tie", "both_bad")
 
 def load_judge(spec: str) -> Judge:
     """`package.module:function` or `path/to/file.py:function` → the function."""
+    # results recorded before the harness left trainer/ (bench/results/*.json) name trainer.judges
+    spec = re.sub(r"^trainer\.judges:", "simulation.judges:", spec)
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise ValueError(f"a judge is `module:function` or `file.py:function`, got {spec!r}")
@@ -73,8 +75,10 @@ STOPWORDS = {
               "mi no o".split()),
     "de": set("der die das und ist sind sie was wie warum von zu im für auf mit es dies ich mein nicht "
               "oder ein eine".split()),
-    "it": set("il lo la gli le e è sono che come perché di del un una per in su con questo io mio non o".split()),
-    "pt": set("o a os as e é são você que como por de do da um uma para em sobre com este eu meu não ou".split()),
+    "it": set("il lo la gli le e è sono che come perché di del un una per in su con questo io mio "
+              "non o".split()),
+    "pt": set("o a os as e é são você que como por de do da um uma para em sobre com este eu meu "
+              "não ou".split()),
 }
 
 
@@ -182,7 +186,8 @@ def reward_model(messages: Messages, answer_a: str, answer_b: str) -> Verdict:
     model, tokenizer = _load_rm(path)
     settings = get_settings()
     config = RewardConfig.from_settings(settings)
-    seqs = [encode_conversation(tokenizer, messages, a, settings.reward_max_length)[0] for a in (answer_a, answer_b)]
+    seqs = [encode_conversation(tokenizer, messages, a, settings.reward_max_length)[0]
+            for a in (answer_a, answer_b)]
     with torch.no_grad():
         ra, rb = (float(x) for x in score_texts(model, tokenizer, seqs, config))
     if abs(ra - rb) < RM_TIE_MARGIN:

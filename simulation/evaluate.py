@@ -1,0 +1,246 @@
+"""The loop benchmark's evaluation: every published version against v0 on the evaluation prompts.
+
+With the evaluation judge (and a second one, when given): the win rate (ties and "both bad" count
+half) with a 95% bootstrap interval over prompts, the length-controlled win rate (the judge's
+verdicts regressed on the length difference, read at equal length, as AlpacaEval 2.0 does), tie and
+both-bad shares, mean answer length, the share of answers cut off at `eval_max_tokens`, KL to v0
+(Monte Carlo: mean over the version's own answers of log p_v − log p_v0), and the sanity prompts;
+and the plot of it (`loop.png`). The rounds that publish the versions are simulation/loop.py.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from services.registry import Registry
+from services.settings import Settings
+from simulation.judges import load_judge
+from simulation.simulate import read_prompts
+
+if TYPE_CHECKING:
+    from simulation.loop import LoopConfig
+
+
+def progress_bar() -> Any:
+    """A progress bar with a count and an ETA (rich)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn())
+
+
+
+def bootstrap_interval(scores: list[float], n: int, seed: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of per-prompt scores."""
+    if not scores:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(n))
+    return means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))]
+
+
+def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig,
+                      engine: Any) -> dict[str, Any]:
+    """Every published version (not rejected by its gate) against v0 on the evaluation prompts."""
+    from transformers import AutoTokenizer
+
+    from trainer.gate import sanity_set
+    from trainer.policy import encode_prompt
+
+    judge = load_judge(config.eval_judge or config.judge)
+    second = load_judge(config.second_judge) if config.second_judge else None
+    eval_prompts = read_prompts(config.eval_prompts)
+    messages = [[{"role": "user", "content": p}] for p in eval_prompts]
+    gate_rejected = {e.version for e in registry.audit()
+                     if e.action == "publish" and e.to_stage == "rejected"}
+    versions = [v for v in registry.names() if v != "v0" and v not in gate_rejected]
+    tokenizer = AutoTokenizer.from_pretrained(registry.path("v0"))
+    ids = [encode_prompt(tokenizer, m, settings.ppo_max_prompt_length) for m in messages]
+    sanity = sanity_set(settings)
+    sanity_ids = [encode_prompt(tokenizer, [{"role": "user", "content": s["prompt"]}],
+                                settings.ppo_max_prompt_length) for s in sanity]
+    answers: dict[str, list[Any]] = {}
+    sanity_ok: dict[str, float] = {}
+    with progress_bar() as bar:
+        task = bar.add_task("evaluation: sampling", total=1 + len(versions))
+        for v in ["v0", *versions]:
+            engine.load_weights(registry.path(v))
+            answers[v] = engine.generate(ids, max_tokens=config.eval_max_tokens, temperature=0.7,
+                                         n=config.eval_samples, seed=config.seed + 17)
+            greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
+            passed = [re.search(s["expect"], g.text.strip()) is not None
+                      for s, g in zip(sanity, greedy, strict=True)]
+            sanity_ok[v] = sum(passed) / max(1, len(passed))
+            bar.advance(task)
+        task = bar.add_task("evaluation: judge and KL", total=len(versions))
+        out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
+                               "max_tokens": config.eval_max_tokens,
+                               "judge": config.eval_judge or config.judge,
+                               "second_judge": config.second_judge, "versions": {}}
+        base = _by_prompt(answers["v0"])
+        out["versions"]["v0"] = {"mean_answer_tokens": _mean_len(answers["v0"]),
+                                 "sanity_pass": sanity_ok["v0"],
+                                 "truncated_share": _truncated(answers["v0"])}
+        for v in versions:
+            mine = _by_prompt(answers[v])
+            out["versions"][v] = {
+                **judge_pairs(judge, messages, mine, base, config, seed=config.seed),
+                "mean_answer_tokens": _mean_len(answers[v]), "truncated_share": _truncated(answers[v]),
+                "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
+                "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
+            if second is not None:
+                out["versions"][v]["second_judge"] = judge_pairs(second, messages, mine, base, config,
+                                                                 seed=config.seed + 1)
+            bar.advance(task)
+    return out
+
+
+def judge_pairs(judge: Any, messages: list[Any], mine: dict[int, list[Any]], base: dict[int, list[Any]],
+                config: LoopConfig, seed: int) -> dict[str, Any]:
+    """A version's answers against v0's, prompt by prompt (same seeds, paired in order), each pair
+    shown to the judge in a random order: win rate with its bootstrap interval over prompts, the
+    length-controlled win rate with its interval, tie and both-bad shares."""
+    rng = random.Random(seed)
+    per_prompt: list[float] = []
+    verdicts: list[tuple[int, float, float]] = []  # (prompt, outcome, length difference in tokens)
+    ties = both_bad = 0
+    for i, m in enumerate(messages):
+        scores = []
+        for a, b in zip(mine.get(i, []), base.get(i, []), strict=False):
+            flip = rng.random() < 0.5
+            left, right = (b.text, a.text) if flip else (a.text, b.text)
+            verdict = judge(m, left, right)
+            if verdict in ("tie", "both_bad"):
+                ties += verdict == "tie"
+                both_bad += verdict == "both_bad"
+                scores.append(0.5)
+            else:
+                scores.append(1.0 if (verdict == 1) == flip else 0.0)
+            verdicts.append((i, scores[-1], float(len(a.token_ids) - len(b.token_ids))))
+        if scores:
+            per_prompt.append(sum(scores) / len(scores))
+    n = len(verdicts)
+    win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
+    lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)
+    lc = length_controlled_win_rate([o for _, o, _ in verdicts], [d for _, _, d in verdicts])
+    lc_lo, lc_hi = lc_bootstrap_interval(verdicts, config.bootstrap, config.seed)
+    return {"win_rate_vs_v0": round(win, 4), "ci95": [round(lo, 4), round(hi, 4)],
+            "lc_win_rate_vs_v0": round(lc, 4), "lc_ci95": [round(lc_lo, 4), round(lc_hi, 4)],
+            "tie_share": round(ties / n, 4) if n else None,
+            "both_bad_share": round(both_bad / n, 4) if n else None}
+
+
+def length_controlled_win_rate(outcomes: list[float], length_diffs: list[float], l2: float = 1e-3) -> float:
+    """The win rate at equal length: σ(θ₀) of the logistic regression outcome ~ θ₀ + θ₁·tanh(Δ/s).
+
+    outcomes: 1 win, 0 loss, 0.5 tie (a fractional response: half a win, half a loss);
+    length_diffs: the version's answer minus v0's, in tokens; s: their standard deviation.
+    AlpacaEval 2.0's length-controlled win rate (Dubois et al. 2024) in its simplest form: the
+    judge's preference for longer (or shorter) answers goes into θ₁, what is left at Δ = 0 is
+    the preference for the version itself. Fitted by Newton's method (a tiny L2 keeps it finite
+    when every verdict is the same).
+    """
+    import numpy as np
+
+    y = np.asarray(outcomes, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    d = np.asarray(length_diffs, dtype=np.float64)
+    scale = d.std() or 1.0
+    X = np.stack([np.ones_like(d), np.tanh(d / scale)], axis=1)  # (n, 2)
+    theta = np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(X @ theta)))
+        grad = X.T @ (p - y) + l2 * theta
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(1 / (1 + np.exp(-theta[0])))
+
+
+def lc_bootstrap_interval(verdicts: list[tuple[int, float, float]], n: int, seed: int) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the length-controlled win rate, resampling prompts."""
+    by_prompt: dict[int, list[tuple[float, float]]] = {}
+    for i, outcome, diff in verdicts:
+        by_prompt.setdefault(i, []).append((outcome, diff))
+    groups = list(by_prompt.values())
+    if not groups:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(n):
+        sample = [v for g in rng.choices(groups, k=len(groups)) for v in g]
+        stats.append(length_controlled_win_rate([o for o, _ in sample], [d for _, d in sample]))
+    stats.sort()
+    return stats[int(0.025 * (n - 1))], stats[int(0.975 * (n - 1))]
+
+
+def _truncated(samples: list[Any]) -> float:
+    """Share of answers cut off at max_tokens (no end of turn)."""
+    return round(sum(not s.finished for s in samples) / max(1, len(samples)), 4)
+
+
+def _by_prompt(samples: list[Any]) -> dict[int, list[Any]]:
+    out: dict[int, list[Any]] = {}
+    for s in samples:
+        out.setdefault(s.prompt, []).append(s)
+    return out
+
+
+def _mean_len(samples: list[Any]) -> float:
+    return round(sum(len(s.token_ids) for s in samples) / max(1, len(samples)), 2)
+
+
+def kl_to_base(model_dir: Path, base_dir: Path, prompt_ids: list[list[int]], samples: list[Any]) -> float:
+    """Monte-Carlo KL(version ‖ v0) per answer: mean of Σ_t log p_v(y_t) − log p_v0(y_t) over its own
+    answers
+    (batched forward passes of both models, trainer.policy.kl_to_reference)."""
+    from trainer.policy import kl_to_reference, load_policy
+
+    policy, tokenizer, _ = load_policy(model_dir)
+    base, _, _ = load_policy(base_dir)
+    kls = kl_to_reference(policy, base, tokenizer, [prompt_ids[s.prompt] for s in samples],
+                          [list(s.token_ids) for s in samples])
+    return round(sum(kls) / max(1, len(kls)), 4)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    versions = [v for v in report["evaluation"]["versions"] if v != "v0"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if versions:
+        win = [report["evaluation"]["versions"][v]["win_rate_vs_v0"] for v in versions]
+        lo = [w - report["evaluation"]["versions"][v]["ci95"][0] for v, w in zip(versions, win, strict=True)]
+        hi = [report["evaluation"]["versions"][v]["ci95"][1] - w for v, w in zip(versions, win, strict=True)]
+        ax.errorbar(versions, win, yerr=[lo, hi], fmt="o-", capsize=4, label="win rate vs v0 (95% CI)")
+        evals = report["evaluation"]["versions"]
+        if all("lc_win_rate_vs_v0" in evals[v] for v in versions):
+            lc = [evals[v]["lc_win_rate_vs_v0"] for v in versions]
+            ax.plot(versions, lc, "^:", color="tab:green", label="length-controlled win rate")
+        if all("second_judge" in evals[v] for v in versions):
+            ax.plot(versions, [evals[v]["second_judge"]["win_rate_vs_v0"] for v in versions], "d:",
+                    color="tab:purple", label="second judge's win rate")
+        ax2 = ax.twinx()
+        kl = [report["evaluation"]["versions"][v]["kl_to_v0"] for v in versions]
+        ax2.plot(versions, kl, "s--", color="tab:orange", label="KL to v0 (nats/answer)")
+        ax2.set_ylabel("KL to v0")
+        ax2.legend(loc="lower right")
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate over v0")
+    ax.set_xlabel("version")
+    ax.set_title("Kaizen loop: published versions against v0")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

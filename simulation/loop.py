@@ -1,0 +1,327 @@
+"""The loop benchmark: does the service get better from votes? (`kaizen bench loop`)
+
+    kaizen bench loop --judge simulation.judges:rubric  # the recorded hour: 1 round x 500 votes, 16 users
+    kaizen bench loop --rounds 3 --budget 10800         # the longer run
+
+On a fresh data dir: start the embedded broker and the chat API (champion v0,
+automatic rollout on), then repeat for each round:
+
+1. **votes**: simulated users (simulation/simulate.py) chat through the public
+   API with forced comparisons and vote with the judge;
+2. **train**: the trainer drains the votes into its store and runs a training
+   round (reward-model refresh, PPO, gate, publish: trainer/rounds.py);
+3. **rollout**: the API puts the published candidate on canary and the
+   simulated users keep voting, now champion vs canary, until the automatic
+   rollout promotes or rolls it back (or the round's canary vote budget is
+   spent: then the loop decides from the win rate so far, as an operator would).
+
+Then the API is stopped and every published version is evaluated against v0
+on the evaluation prompts (never used for training) with the evaluation
+judge (and `second_judge`, when given): simulation/evaluate.py.
+Writes `loop.json` and `loop.png` into the output folder.
+
+Nothing here tells the trainer which judge votes: it sees votes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from services.registry import Registry
+from services.settings import Settings
+from simulation.evaluate import evaluate_versions, plot, progress_bar
+from simulation.judges import load_judge
+from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, SimulateConfig,
+                                 read_prompts, simulate)
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A batch of simulated votes: (number of votes, seed, progress label) -> the simulation's numbers.
+Votes = Callable[..., dict[str, Any]]
+
+
+@dataclass
+class LoopConfig:
+    out_dir: Path
+    rounds: int = 1
+    votes_per_round: int = 500
+    canary_votes: int = 120
+    """Most votes collected while a canary runs before the loop decides itself."""
+    budget_s: float = 3600.0
+    """Wall-clock budget of the rounds (evaluation comes after)."""
+    judge: str = DEFAULT_JUDGE
+    eval_judge: str | None = None
+    prompts: Path = DEFAULT_PROMPTS
+    eval_prompts: Path = DEFAULT_EVAL_PROMPTS
+    users: int = 16
+    noise: float = 0.0
+    seed: int = 0
+    max_tokens: int = 64
+    """The voters' answers (what users of a small CPU deployment get)."""
+    eval_max_tokens: int = 256
+    """The evaluation's answers: long enough that few are cut off, so a version is not judged
+    better just for ending before the limit (its truncated share is reported too)."""
+    second_judge: str | None = None
+    """Another judge reading the same evaluation pairs (e.g. simulation.judges:reward_model, a
+    Bradley-Terry model trained on human pairs, never on votes): every result read twice."""
+    eval_samples: int = 4
+    """Answers per evaluation prompt and version (same seeds for every version)."""
+    bootstrap: int = 2000
+    settings_overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra settings for the service (tests: the tiny model, a relaxed gate)."""
+
+
+@dataclass
+class Phases:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, started: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 2)
+
+
+def _free_port() -> int:
+    """A free loopback port below the ephemeral range. A port the OS hands out (bind to 0) can be
+    handed out again, to one of vLLM's own sockets, while the API still loads its engine and has
+    not bound it yet: a loop once died on "address already in use"."""
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port between 20000 and 32000")
+
+
+def loop_settings(base: Settings, config: LoopConfig) -> Settings:
+    data_dir = config.out_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    values = {**base.model_dump(), "data_dir": data_dir, "port": _free_port(), "broker_port": _free_port(),
+              "trainer_port": _free_port(), "kafka_bootstrap": None, "auto_rollout": True,
+              "api_keys": [f"loop-user-{i}" for i in range(config.users)], "rate_limit_rps": 1000.0,
+              "rate_limit_burst": 1000, "comparison_ttl": "PT24H",
+              "model": base.model_dir.resolve(), **config.settings_overrides}
+    return Settings.model_validate(values)
+
+
+def _status(base: str, admin: dict[str, str]) -> dict[str, Any]:
+    r = httpx.get(f"{base}/admin/rollout", headers=admin, timeout=30)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def run_loop(config: LoopConfig, base_settings: Settings,
+             say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the rounds, then the evaluation; returns the report (also written to loop.json)."""
+    from services.broker import ensure_topics, start_embedded_broker
+    from trainer.rollout_engine import RolloutEngine
+
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    settings, admin = with_admin_token(loop_settings(base_settings, config))
+    votes = voter(config, settings)  # the judge and the prompts load before anything starts
+    phases = Phases()
+    started_all = t = time.monotonic()
+    broker = start_embedded_broker(settings)
+    ensure_topics(settings)
+    engine: Any = None
+    server = start_api(settings)
+    try:
+        wait_ready(settings, server)
+        registry = Registry(settings.registry_path)
+        # one sampling engine for every round and the evaluation (each start costs ~25 s)
+        engine = RolloutEngine(settings, registry.path("v0"), max_model_len=settings.engine_max_model_len,
+                               seed=config.seed)
+        phases.add("start", t)
+        say(f"service up at {base_url(settings)} (data {settings.data_dir})")
+        rounds = run_rounds(config, settings, admin, engine, votes, phases, started_all, say)
+    except BaseException:
+        if engine is not None:
+            engine.shutdown()
+        raise
+    finally:
+        stop(server, broker)
+    t = time.monotonic()
+    try:
+        evaluation = evaluate_versions(settings, registry, config, engine)
+    finally:
+        engine.shutdown()
+    phases.add("evaluate", t)
+    return write_report(config, rounds, evaluation, phases, registry.state().champion, started_all)
+
+
+def with_admin_token(settings: Settings) -> tuple[Settings, dict[str, str]]:
+    """The settings with a fresh admin token, and the headers that carry it."""
+    admin_token = secrets.token_hex(24)
+    settings = settings.model_copy(update={"admin_token": SecretStr(admin_token)})
+    return settings, {"Authorization": f"Bearer {admin_token}"}
+
+
+def base_url(settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.port}"
+
+
+def voter(config: LoopConfig, settings: Settings) -> Votes:
+    """The simulated users as a function: a batch of votes through the loop's API, with a progress bar."""
+    judge = load_judge(config.judge)
+    prompts = read_prompts(config.prompts)
+    keys = [k.get_secret_value() for k in settings.api_keys]
+
+    def votes(n: int, seed: int, label: str = "votes") -> dict[str, Any]:
+        cfg = SimulateConfig(base_url=base_url(settings), api_keys=keys, users=config.users, rate=0,
+                             noise=config.noise, votes=n, seed=seed, max_tokens=config.max_tokens)
+        with progress_bar() as bar:
+            task = bar.add_task(label, total=n)
+            return asyncio.run(simulate(cfg, judge, prompts, lambda: bar.advance(task))).as_dict()
+
+    return votes
+
+
+def start_api(settings: Settings) -> subprocess.Popen[bytes]:
+    """`kaizen serve` in its own session, its output appended to serve.log in the data dir."""
+    with open(settings.data_dir / "serve.log", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(settings: Settings, server: subprocess.Popen[bytes]) -> None:
+    """Until the API answers /readyz (it exited or took longer than engine_ready_timeout_s: an error)."""
+    serve_log = settings.data_dir / "serve.log"
+    deadline = time.monotonic() + settings.engine_ready_timeout_s
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the chat API exited ({server.returncode}); see {serve_log}")
+        try:
+            if httpx.get(f"{base_url(settings)}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the chat API did not get ready; see {serve_log}")
+        time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen[bytes], broker: Any) -> None:
+    """Stop the API (killed after 60 s) and the embedded broker."""
+    server.terminate()
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    broker.terminate()
+    broker.wait(10)
+
+
+def run_rounds(config: LoopConfig, settings: Settings, admin: dict[str, str], engine: Any, votes: Votes,
+               phases: Phases, started_all: float, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The rounds, until `rounds` are done or the time budget is spent: each round's record."""
+    rounds: list[dict[str, Any]] = []
+    for r in range(config.rounds):
+        if time.monotonic() - started_all > config.budget_s:
+            say(f"time budget of {config.budget_s:.0f} s spent after {r} rounds")
+            break
+        rounds.append(run_one_round(r, config, settings, admin, engine, votes, phases, say))
+    return rounds
+
+
+def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[str, str], engine: Any,
+                  votes: Votes, phases: Phases, say: Callable[[str], None]) -> dict[str, Any]:
+    """Votes, a training round on them, and the rollout of the version it published (if any)."""
+    from trainer import daemon
+    from trainer.rounds import run_round
+
+    base = base_url(settings)
+    rec: dict[str, Any] = {"round": r + 1}
+    t = time.monotonic()
+    rec["votes"] = votes(config.votes_per_round, config.seed * 1000 + r, f"round {r + 1}: votes")
+    phases.add("votes", t)
+    say(f"round {r + 1}: {rec['votes']['votes']} votes {rec['votes']['verdicts']}")
+    t = time.monotonic()
+    wait_outbox_empty(base)
+    daemon.run(settings, once=True)
+    result = run_round(settings, engine=engine, progress=True)
+    phases.add("train", t)
+    rec["training"] = {k: result.get(k) for k in ("outcome", "version", "reason", "error", "gate",
+                                                  "reward_accuracy", "ppo", "seconds") if k in result}
+    say(f"round {r + 1}: {result.get('outcome')} {result.get('version') or ''} {result.get('reason') or ''}")
+    version = result.get("version")
+    if result.get("outcome") == "published" and version:
+        t = time.monotonic()
+        rec["rollout"] = rollout_version(base, admin, version, votes, config, r)
+        phases.add("rollout", t)
+        say(f"round {r + 1}: {version} {rec['rollout']['result']} ({rec['rollout']['reason']})")
+    return rec
+
+
+def write_report(config: LoopConfig, rounds: list[dict[str, Any]], evaluation: dict[str, Any], phases: Phases,
+                 champion: str | None, started_all: float) -> dict[str, Any]:
+    """The report: loop.json and loop.png in the output folder."""
+    report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+              "rounds": rounds, "evaluation": evaluation, "phases_s": phases.seconds,
+              "champion": champion,
+              "wall_s": round(time.monotonic() - started_all, 1)}
+    (config.out_dir / "loop.json").write_text(json.dumps(report, indent=2, default=str))
+    plot(report, config.out_dir / "loop.png")
+    return report
+
+
+def wait_outbox_empty(base: str, timeout_s: float = 60.0) -> None:
+    """Until the API's relay has handed every vote to Kafka (kaizen_outbox_pending 0)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{base}/metrics/", timeout=10).text
+        m = re.search(r"^kaizen_outbox_pending (\S+)$", text, re.M)
+        if m and float(m.group(1)) == 0:
+            return
+        time.sleep(0.25)
+    log.warning("votes still waiting in the outbox after %.0f s", timeout_s)
+
+
+def rollout_version(base: str, admin: dict[str, str], version: str, votes: Votes,
+                    config: LoopConfig, r: int) -> dict[str, Any]:
+    """Wait for the automatic canary of `version`, vote until it is decided (or decide at the budget)."""
+    deadline = time.monotonic() + 120
+    while _status(base, admin)["serving"]["canary"] != version:
+        if time.monotonic() > deadline:
+            return {"result": "not canaried", "reason": json.dumps(_status(base, admin)["refused"])}
+        time.sleep(0.5)
+    spent, batch = 0, max(5, config.canary_votes // 6)
+    while spent < config.canary_votes:
+        votes(batch, config.seed * 1000 + 500 + r * 37 + spent, f"canary {version}: votes")
+        spent += batch
+        time.sleep(1.5)  # the reconcile loop judges every poll interval
+        status = _status(base, admin)
+        if status["canary"] is None:
+            audit = httpx.get(f"{base}/admin/audit?limit=20", headers=admin, timeout=30).json()["data"]
+            last = next((e for e in audit
+                         if e["version"] == version and e["action"] in ("promote", "rollback")), None)
+            result = "promoted" if status["champion"] == version else "rolled back"
+            return {"result": result, "reason": last["why"] if last else "", "votes": spent,
+                    "head_to_head": status["head_to_head"]}
+    status = _status(base, admin)
+    h = status["head_to_head"]
+    action = "promote" if (h["win_rate"] or 0) > 0.5 else "rollback"
+    why = f"loop vote budget spent ({h['votes']} votes, win rate {h['win_rate']})"
+    httpx.post(f"{base}/admin/{action}", headers=admin, json={"reason": why, "who": "bench-loop"},
+               timeout=180)
+    return {"result": "promoted" if action == "promote" else "rolled back", "reason": why, "votes": spent,
+            "head_to_head": h}
