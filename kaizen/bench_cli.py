@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -84,7 +84,8 @@ def loop(
             f.write(result_line(report, rounds=rounds, votes=votes, judge=judge, seed=seed, overrides=overrides))
 
 
-def result_line(report: dict, *, rounds: int, votes: int, judge: str, seed: int, overrides: dict[str, str]) -> str:
+def result_line(report: dict[str, Any], *, rounds: int, votes: int, judge: str, seed: int,
+                overrides: dict[str, str]) -> str:
     """bench/README.md's row: the final champion against v0 (not the best of several: no selection bias)."""
     evaluation = report["evaluation"]["versions"]
     champion = report.get("champion")

@@ -168,7 +168,7 @@ RM_TIE_MARGIN = 0.1
 def _load_rm(path: str) -> tuple[Any, Any]:
     from trainer.reward_model import load_reward_model
 
-    return load_reward_model(Path(path))  # type: ignore[no-any-return]
+    return load_reward_model(Path(path))
 
 
 def reward_model(messages: Messages, answer_a: str, answer_b: str) -> Verdict:

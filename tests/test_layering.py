@@ -38,6 +38,16 @@ def test_services_import_nothing_from_trainer() -> None:
     assert offenders == [], "services/ must not import trainer/:\n" + "\n".join(offenders)
 
 
+def test_nothing_in_the_service_imports_the_simulation_harness() -> None:
+    """simulation/ (simulated users, judges, the loop benchmark) drives the service from outside:
+    the loop learns from votes only, so neither side may import a judge or the harness."""
+    files = sorted((ROOT / "services").rglob("*.py")) + sorted((ROOT / "trainer").rglob("*.py"))
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {module}"
+                 for path in files for line, module in imported_modules(path)
+                 if module == "simulation" or module.startswith("simulation.")]
+    assert offenders == [], "services/ and trainer/ must not import simulation/:\n" + "\n".join(offenders)
+
+
 def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from trainer.rounds import read_rounds\n    import trainer.ppo\n"

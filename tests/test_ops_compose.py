@@ -17,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,10 @@ def test_dockerfile_install_order_user_and_volume(name: str) -> None:
     user = index(r"^USER ")
     assert lines[user].split()[1].split(":")[0] not in {"0", "root"}
     assert project < user
+    # every package pyproject.toml installs is copied in before the install (simulation/ was not)
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for package in (p.rstrip("*") for p in include["include"]):
+        assert index(rf"^COPY {package} \./{package}$") < project, (name, package)
     assert index(r'^VOLUME \["/data"\]') and "KAIZEN_DATA_DIR=/data" in " ".join(lines)
     cmd = json.loads(lines[index(r"^CMD ")].removeprefix("CMD "))
     assert cli_error(cmd[1:]) is None

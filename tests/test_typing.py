@@ -1,4 +1,5 @@
-"""services/ type-checks under mypy --strict (configured in pyproject.toml)."""
+"""The whole package (services/, trainer/, kaizen/, simulation/) type-checks under mypy --strict
+(configured in pyproject.toml: `files`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,6 @@ import sys
 from tests.conftest import ROOT
 
 
-def test_services_pass_mypy_strict() -> None:
+def test_the_package_passes_mypy_strict() -> None:
     out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-5000:]

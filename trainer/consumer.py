@@ -40,7 +40,7 @@ class ConsumeStats:
     pruned: int = 0
 
 
-class _RebalanceFlag(ConsumerRebalanceListener):
+class _RebalanceFlag(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python ships no types
     """Remembers that partitions were (re)assigned during a poll."""
 
     def __init__(self) -> None:
