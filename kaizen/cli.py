@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import signal
 import sys
 import threading
@@ -21,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from services.log_setup import setup_logging
 from services.settings import Settings, get_settings
 from kaizen.bench_cli import bench_app
 from kaizen.models_cli import models_app
@@ -47,16 +47,6 @@ def settings_with(**overrides: Any) -> Settings:
     if not given:
         return base
     return Settings.model_validate({**base.model_dump(), **given})
-
-
-def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # kafka-python logs every group (re)join at INFO; keep its warnings only.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

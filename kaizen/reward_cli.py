@@ -12,7 +12,6 @@ transformers) happen inside the commands, so `kaizen --help` stays fast.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from services.log_setup import setup_logging
 from services.settings import Settings, get_settings
 
 if TYPE_CHECKING:  # torch and transformers load inside the commands
@@ -42,8 +42,7 @@ MaxMinutes = Annotated[float | None, typer.Option(help="training time budget [re
 
 
 def _logging() -> None:
-    logging.basicConfig(level=get_settings().log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(get_settings())
 
 
 def _fail(message: str) -> typer.Exit:

@@ -69,6 +69,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.disk import InsufficientSpace
+from services.log_setup import setup_logging
 from services.registry import Registry
 from services.rounds_log import RoundBusy, read_state, round_lock, rounds_dir
 from services.settings import Settings, get_settings
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m trainer.rounds run", file=sys.stderr)
         return 2
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings)
     stop = threading.Event()
 
     def _term(signum: int, _frame: Any) -> None:
