@@ -34,16 +34,32 @@ from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_grou
 USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PROMPT = [{"role": "user", "content": "Name three colours."}]
+ATTEMPTS = 5  # swaps the straddle test tries before it concludes no answer was ever in flight at one
 RETRY_AFTER = 7  # engine_retry_after_s of this server: a value no other path answers with
 
 
+CONTEXT = 32768
+"""This module's tiny model's context: the tests need answers that are still being written
+seconds after they began, and the session's tiny model (2,048 positions) writes a whole
+answer in well under a second on an idle machine."""
+LONG = 30000  # max_tokens of a long answer
+
+
 @pytest.fixture(scope="module")
-def server(tiny_model: Path, broker: Settings, tmp_path_factory: pytest.TempPathFactory,
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from services.models import build_tiny
+
+    return build_tiny(Settings(engine_max_model_len=CONTEXT), tmp_path_factory.mktemp("models") / "tiny-long")
+
+
+@pytest.fixture(scope="module")
+def server(long_model: Path, broker: Settings, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[tuple[str, Settings, subprocess.Popen[bytes]]]:
     settings = make_settings(
-        tmp_path_factory.mktemp("engine-health"), model=tiny_model, broker_port=broker.broker_port,
+        tmp_path_factory.mktemp("engine-health"), model=long_model, broker_port=broker.broker_port,
         api_keys=USER_KEY, admin_token=ADMIN_TOKEN, rate_limit_rps=1000, rate_limit_burst=1000,
-        auto_rollout=False, registry_poll_interval_s=0.5, engine_max_model_len=2048, max_tokens_limit=2000,
+        auto_rollout=False, registry_poll_interval_s=0.5, engine_max_model_len=CONTEXT,
+        max_tokens_limit=LONG,
         engine_watchdog_interval_s=0.5, engine_heartbeat_timeout_s=2, engine_stall_timeout_s=8,
         engine_admit_timeout_s=3, engine_max_waiting=2, engine_retry_after_s=RETRY_AFTER,
         swap_reload_timeout_s=5, swap_drain_timeout_s=0)
@@ -108,15 +124,16 @@ def chat(base: str, timeout_s: float = 120, **body: Any) -> httpx.Response:
     return httpx.post(f"{base}/v1/chat/completions", json=payload, headers=USER, timeout=timeout_s)
 
 
-def other_weights(base: Path, out: Path) -> Path:
-    """A copy of `base` with every weight scaled: half of it loaded would change the answers."""
+def other_weights(base: Path, out: Path, spread: float = 1.0) -> Path:
+    """A copy of `base` with every weight scaled by 1 + U[0, spread): half of it loaded would change
+    the answers."""
     import torch
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(base, out)
     weights = load_file(str(out / "model.safetensors"))
     gen = torch.Generator().manual_seed(19)
-    scaled = {k: (w.float() * (1 + torch.rand(w.shape, generator=gen))).to(w.dtype)
+    scaled = {k: (w.float() * (1 + spread * torch.rand(w.shape, generator=gen))).to(w.dtype)
               for k, w in weights.items()}
     save_file(scaled, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
@@ -207,7 +224,7 @@ def test_a_killed_engine_is_restarted_on_the_same_version(
     until(base, "/readyz", 200)
     restarts = metric(base, "kaizen_engine_restarts_total", cause="died", result="ok")
     core = engine_core(proc)
-    long = {"max_tokens": 1900, "temperature": 1.0}
+    long = {"max_tokens": LONG, "temperature": 1.0}
 
     first_chunk = threading.Event()
     stream_lines: list[str] = []
@@ -225,12 +242,12 @@ def test_a_killed_engine_is_restarted_on_the_same_version(
         streamed = pool.submit(stream)
         assert first_chunk.wait(120), stream_lines[-5:]
         # Freeze the EngineCore before the second request: on a quiet machine the tiny model writes
-        # 1,900 tokens in seconds, and both answers could end before the kill. A frozen core still
+        # an answer in seconds, and both answers could end before the kill. A frozen core still
         # lets the API admit the request and register it with vLLM (kaizen_engine_requests_in_flight).
         core.send_signal(signal.SIGSTOP)
         try:
             assert not streamed.done(), stream_lines[-3:]
-            whole = pool.submit(chat, base, 300, n=8, **long)
+            whole = pool.submit(chat, base, 300, n=4, **long)
             poll("both in flight", lambda: metric(base, "kaizen_engine_requests_in_flight") >= 2, 60)
         finally:
             core.kill()  # a stopped process dies on SIGKILL as a running one does
@@ -307,15 +324,17 @@ def test_an_answer_resumed_on_new_weights_names_both_versions(
     engine is frozen, resumed on the new weights, and labelled `old+new` (header and body): the
     label never claims one version for text two versions wrote. An answer that happened to end
     before the pause is labelled with its one version; the test then tries again with the next
-    version (at most three times)."""
+    version (at most ATTEMPTS times)."""
     base, settings, _ = server
     until(base, "/readyz", 200)
     registry = Registry(settings.registry_path)
-    long = {"max_tokens": 1900, "temperature": 1.0, "n": 8}
+    long = {"max_tokens": 8000, "temperature": 1.0, "n": 2}  # seconds of writing, even when idle
     labels: list[str] = []
-    for attempt in range(3):
+    for attempt in range(ATTEMPTS):
         old = httpx.get(f"{base}/admin/rollout", headers=ADMIN, timeout=30).json()["serving"]["champion"]
-        folder = other_weights(settings.model_dir, tmp_path / f"straddle-{attempt}")
+        # close to v0 (weights within 5%): a version that answers as long as v0 does, where
+        # strongly scaled weights can make the next attempt's old version end its answers early
+        folder = other_weights(settings.model_dir, tmp_path / f"straddle-{attempt}", spread=0.05)
         new = registry.publish(folder, parent=old, who="test", why="straddle").version
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(chat, base, 300, **long)
@@ -330,14 +349,16 @@ def test_an_answer_resumed_on_new_weights_names_both_versions(
         assert r.status_code == 200, r.text
         label = r.headers["x-kaizen-model-version"]
         assert r.json()["model_version"] == label
-        labels.append(f"{label} (promote {t1 - t0:.2f} s, answer {time.monotonic() - t0:.2f} s after it)")
+        tokens = (r.json()["usage"]["completion_tokens"], [c["finish_reason"] for c in r.json()["choices"]])
+        labels.append(f"{label} (promote {t1 - t0:.2f} s, answer {time.monotonic() - t0:.2f} s after it, "
+                      f"{tokens} tokens)")
         if "+" in label:
             assert label == f"{old}+{new}", labels
             assert r.json()["choices"][0]["message"]["content"], labels
             break
         assert label == old, labels  # ended before the pause: the old version wrote all of it
     else:
-        raise AssertionError(f"no answer was in flight at any of three swaps: {labels}")
+        raise AssertionError(f"no answer was in flight at any of {ATTEMPTS} swaps: {labels}")
     after = chat(base)
     assert after.status_code == 200 and after.headers["x-kaizen-model-version"] == new, after.text
     assert set(engine_config(base)) == {new}  # the swapped engine's configuration, under its new label
