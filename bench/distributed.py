@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     """One arm's training job (a torchrun worker, or the one process)."""
     import torch
 
-    from services.settings import Settings
+    from kaizen.core.settings import Settings
     from trainer import distributed
     from trainer.reward_data import read_pairs_file
     from trainer.reward_model import RewardConfig, load_reward_model
@@ -110,7 +110,7 @@ def main() -> None:
         worker(args)
         return
     if args.model is None:
-        from services.settings import get_settings
+        from kaizen.core.settings import get_settings
 
         args.model = get_settings().model_dir
     if args.grad_accum % args.processes:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.reward import commit, hardware  # noqa: E402
-from services.settings import get_settings  # noqa: E402
+from kaizen.core.settings import get_settings  # noqa: E402
 
 
 def load_prompts(path: Path, n: int) -> list[list[dict[str, str]]]:

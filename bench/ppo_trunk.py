@@ -102,7 +102,7 @@ def main() -> None:
     from rich.console import Console
     from rich.progress import track
 
-    from services.settings import get_settings
+    from kaizen.core.settings import get_settings
     from trainer.ppo_config import PPOConfig
     from trainer.rollout_engine import RolloutEngine, sync_folder
     from simulation.simulate import DEFAULT_PROMPTS, read_prompts

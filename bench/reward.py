@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from services.settings import Settings, get_settings  # noqa: E402
+from kaizen.core.settings import Settings, get_settings  # noqa: E402
 from trainer.reward_data import Pair, collate_pairs, encode_pairs, read_pairs_file, split_pairs  # noqa: E402
 from trainer.reward_eval import evaluate, format_metrics  # noqa: E402
 from trainer.reward_model import (  # noqa: E402

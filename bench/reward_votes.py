@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.settings import get_settings  # noqa: E402
+from kaizen.core.settings import get_settings  # noqa: E402
 from simulation.judges import load_judge  # noqa: E402
 from trainer.reward_data import Pair, encode_pairs  # noqa: E402
 from trainer.reward_eval import evaluate, wilson_interval  # noqa: E402

@@ -30,8 +30,8 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
-from services.engine_config import serving_dtype  # noqa: E402
-from services.settings import Settings  # noqa: E402
+from kaizen.core.engine_config import serving_dtype  # noqa: E402
+from kaizen.core.settings import Settings  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis simply.",

@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
 from services.auth import user_id  # noqa: E402
-from services.broker import start_embedded_broker  # noqa: E402
+from kaizen.core.broker import start_embedded_broker  # noqa: E402
 from services.comparisons import ComparisonStore  # noqa: E402
-from services.events import Answer  # noqa: E402
+from kaizen.core.events import Answer  # noqa: E402
 from services.models import build_tiny  # noqa: E402
-from services.registry import Registry  # noqa: E402
-from services.settings import Settings  # noqa: E402
+from kaizen.core.registry import Registry  # noqa: E402
+from kaizen.core.settings import Settings  # noqa: E402
 
 ADMIN = "bench-admin-token-0123456789abcdef"
 KEY = "bench-key"

@@ -36,9 +36,9 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
-from services import model_events  # noqa: E402
-from services.registry import Registry  # noqa: E402
-from services.settings import Settings, get_settings  # noqa: E402
+from kaizen.core import model_events
+from kaizen.core.registry import Registry  # noqa: E402
+from kaizen.core.settings import Settings, get_settings  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper."}]
 
@@ -127,7 +127,7 @@ def main() -> None:
             "auto_rollout": False, "registry_poll_interval_s": 5.0, "kafka_bootstrap": None,
             "broker_port": free_port(), "topic_model_events": "kaizen.model-events.bench"})
         settings.data_dir.mkdir(parents=True)
-        from services.broker import ensure_topics, start_embedded_broker
+        from kaizen.core.broker import ensure_topics, start_embedded_broker
 
         broker = start_embedded_broker(settings)
         ensure_topics(settings)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from services.settings import Settings, get_settings
+from kaizen.core.settings import Settings, get_settings
 
 bench_app = typer.Typer(help="Benchmarks that need the whole service.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)

@@ -3,7 +3,7 @@
     kaizen up                 # broker + chat API + trainer on embedded defaults
     kaizen --help             # every verb
 
-Options override settings (services/settings.py): each command builds its
+Options override settings (kaizen/core/settings.py): each command builds its
 settings once, then copies them with the options given.
 """
 
@@ -20,8 +20,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from services.log_setup import setup_logging
-from services.settings import Settings, get_settings
+from kaizen.core.log_setup import setup_logging
+from kaizen.core.settings import Settings, get_settings
 from kaizen.bench_cli import bench_app
 from kaizen.models_cli import models_app
 from kaizen.reward_cli import reward_app
@@ -119,7 +119,7 @@ def serve(
         require_model(settings.model_dir)
     except ModelError as exc:
         raise fail(str(exc)) from None
-    from services.broker import port_in_use
+    from kaizen.core.broker import port_in_use
 
     if port_in_use("127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host, settings.port):
         raise fail(f"port {settings.port} is already in use: is `kaizen serve` or `kaizen up` running?")
@@ -182,7 +182,7 @@ def rounds_list(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
 ) -> None:
     """Recent training rounds (and one in progress), newest first."""
-    from services.rounds_log import read_rounds
+    from kaizen.core.rounds_log import read_rounds
 
     records = read_rounds(get_settings(), limit)
     if as_json:
@@ -212,7 +212,7 @@ def rounds_run() -> None:
 @app.command()
 def broker(port: Annotated[int | None, typer.Option(help="port to listen on")] = None) -> None:
     """Run the embedded Kafka-compatible broker (Tansu) and create Kaizen's topics."""
-    from services.broker import BrokerError, ensure_topics, start_embedded_broker
+    from kaizen.core.broker import BrokerError, ensure_topics, start_embedded_broker
 
     settings = settings_with(broker_port=port)
     setup_logging(settings)

@@ -14,8 +14,8 @@ KAIZEN_ADMIN_TOKEN, so the server that swaps the weights is the one that
 changes the registry, checks the files first, and emits the model event.
 `import`, `gc` and `repair` write the registry folder themselves (as the trainer
 publishes into it): they add a candidate, delete what nothing serves and no rollback
-can reach (services/retention.py), or rewrite a damaged state.json from its audit
-log (services/registry_repair.py).
+can reach (kaizen/core/retention.py), or rewrite a damaged state.json from its audit
+log (kaizen/core/registry_repair.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.auth import admin_token
-from services.settings import get_settings
+from kaizen.core.settings import get_settings
 
 models_app = typer.Typer(help="Model versions: list, inspect, canary, promote, roll back; retention (gc); "
                          "repair.", no_args_is_help=True)
@@ -178,9 +178,9 @@ def import_(
     reason: ReasonOpt = "", as_json: JsonOpt = False,
 ) -> None:
     """Register DIR as a candidate version (checked like any version); then canary it against the champion."""
-    from services.model_events import emit
-    from services.registry import Registry
-    from services.registry_schema import RegistryError
+    from kaizen.core.model_events import emit
+    from kaizen.core.registry import Registry
+    from kaizen.core.registry_schema import RegistryError
 
     settings = get_settings()
     registry = Registry(settings.registry_path)
@@ -232,9 +232,9 @@ def repair(
         "--champion", help="with no audit log and no good copy left: the version that serves")] = None,
 ) -> None:
     """Rebuild an unreadable registry state.json from its last good copy or audit log, and write it."""
-    from services.registry import Registry
-    from services.registry_schema import RegistryError
-    from services.registry_repair import repair as do_repair
+    from kaizen.core.registry import Registry
+    from kaizen.core.registry_schema import RegistryError
+    from kaizen.core.registry_repair import repair as do_repair
 
     registry = Registry(get_settings().registry_path)
     try:

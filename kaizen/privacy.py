@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.auth import ANONYMOUS, user_id
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 PSEUDONYM = re.compile(r"u-[0-9a-f]{24}")
 

@@ -5,7 +5,7 @@
     kaizen reward eval --model rm/ --data ../shared/data/hh_harmless_test.jsonl
     kaizen reward refresh                              # the gated incremental refresh
 
-Options override the `reward_*` settings (services/settings.py). Heavy imports (torch,
+Options override the `reward_*` settings (kaizen/core/settings.py). Heavy imports (torch,
 transformers) happen inside the commands, so `kaizen --help` stays fast.
 """
 
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from services.log_setup import setup_logging
-from services.settings import Settings, get_settings
+from kaizen.core.log_setup import setup_logging
+from kaizen.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:  # torch and transformers load inside the commands
     from trainer.distributed import Dist

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from services.settings import get_settings
+from kaizen.core.settings import get_settings
 
 console = Console(highlight=False, soft_wrap=True)
 

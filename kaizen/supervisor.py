@@ -30,9 +30,9 @@ from rich.console import Console
 from rich.text import Text
 
 from services.auth import admin_token, admin_url, local_admin_allowed
-from services.broker import broker_command, ensure_topics, port_in_use
+from kaizen.core.broker import broker_command, ensure_topics, port_in_use
 from services.models import ModelError, require_model
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 console = Console(highlight=False, soft_wrap=True)
 COLORS = {"broker": "magenta", "api": "cyan", "trainer": "green", "up": "bold yellow"}

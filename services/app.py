@@ -22,7 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from services import metrics, web
+from services import web
+from kaizen.core import metrics
 from services.api import admin, chat, feedback, probes
 from services.api.errors import (APIError, handle_api_error, handle_database_unavailable,
                                  handle_engine_unavailable, handle_http_error, handle_unexpected,
@@ -34,10 +35,10 @@ from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import EngineUnavailable
 from services.models import require_model
 from services.outbox import OutboxRelay
-from services.registry_schema import CorruptState
+from kaizen.core.registry_schema import CorruptState
 from services.rollout import Rollout
 from services.security import BodySizeLimit, LoopbackHostOnly, SecurityHeaders
-from services.settings import Settings, get_settings
+from kaizen.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

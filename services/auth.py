@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 ANONYMOUS = "anonymous"
 #: Random bytes of a generated admin token (hex: twice as many characters).

@@ -34,8 +34,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from services import db, vote_counts
 from services.canary import Tally
 from services.db import DatabaseUnavailable
-from services.events import Answer, Choice, Message, PreferenceEvent
-from services.settings import Settings
+from kaizen.core.events import Answer, Choice, Message, PreferenceEvent
+from kaizen.core.settings import Settings
 
 RETENTION_BATCH = 1000
 """Rows one retention transaction deletes (the relay passes `retention_batch_size`)."""

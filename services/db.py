@@ -38,7 +38,7 @@ from sqlalchemy import (BigInteger, Column, Float, Index, Integer, LargeBinary, 
                         create_engine, event, exc, text)
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services import metrics
-from services.engine_config import configure_vllm_env, engine_args, running_config
-from services.settings import Settings
+from kaizen.core import metrics
+from kaizen.core.engine_config import configure_vllm_env, engine_args, running_config
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services import metrics
+from kaizen.core import metrics
 from services.engine import Engine
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

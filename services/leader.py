@@ -13,7 +13,7 @@ it is read and written, so two replicas cannot both take it).
 
 A lease alone cannot fence a holder that stalls past its expiry and then acts;
 decisions are therefore also compare-and-set on the registry's generation
-(services/registry.py, `expect`): a decision applies only to the exact state it
+(kaizen/core/registry.py, `expect`): a decision applies only to the exact state it
 judged, so a stale holder's decision is refused, never applied twice or against
 a newer state. Expiry uses wall-clock time of the replicas (NTP-synchronised
 pods; the TTL is seconds, clock skew is milliseconds).

@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from services import metrics
-from services.broker import ensure_topics
+from kaizen.core import metrics
+from kaizen.core.broker import ensure_topics
 from services.comparisons import ComparisonStore
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

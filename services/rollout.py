@@ -13,7 +13,7 @@ The chat API process hosts up to two vLLM engines:
   both the same way (a separate canary Deployment is the alternative for big
   models: see README, operator guide).
 
-The registry (services/registry.py) is the truth. This module reconciles the
+The registry (kaizen/core/registry.py) is the truth. This module reconciles the
 process with it: at start, whenever a model event arrives on
 `kaizen.model-events`, and every `KAIZEN_REGISTRY_POLL_INTERVAL_S` in case an
 event was missed. A version whose files do not match its manifest, or that
@@ -56,14 +56,15 @@ import logging
 import random
 from typing import Any
 
-from services import engine_health, metrics
+from services import engine_health
+from kaizen.core import metrics
 from services.comparisons import ComparisonStore
 from services.engine import Engine, EngineUnavailable
-from services.registry_schema import RegistryState
+from kaizen.core.registry_schema import RegistryState
 from services.rollout_decisions import RolloutDecisions
 from services.rollout_events import ModelEventFollower
 from services.rollout_health import VersionHealth
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,16 +19,17 @@ import statistics
 from datetime import UTC, datetime
 from typing import Any
 
-from services import metrics, rollout_health
+from services import rollout_health
+from kaizen.core import metrics
 from services.canary import CanaryDecision, canary_decision
 from services.comparisons import ComparisonStore
 from services.db import DatabaseUnavailable
 from services.leader import Lease
-from services.registry_schema import RegistryError, RegistryState
+from kaizen.core.registry_schema import RegistryError, RegistryState
 from services.rollout_engines import RolloutEngines
 from services.rollout_events import emit_in_background
 from services.rollout_health import VersionHealth
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The process hosts up to two vLLM engines: the champion's, always, into which a new champion's
 weights are swapped in place (`Engine.swap`), and a canary's while a canary runs, a second engine
-in the same process (services/rollout.py says more). The registry (services/registry.py) is the
+in the same process (services/rollout.py says more). The registry (kaizen/core/registry.py) is the
 truth: `RolloutEngines` loads what it names at start, and at each reconcile swaps the champion's
 weights, starts or retires the canary engine. A version whose files do not match its manifest, or
 do not fit the serving engine, or that does not load, is refused (metric, log, `refused` event)
@@ -15,14 +15,14 @@ import asyncio
 import logging
 import time
 
-from services import metrics
+from kaizen.core import metrics
 from services.comparisons import ComparisonStore
 from services.engine import Engine, SwapFailed
-from services.registry import Registry
-from services.registry_schema import STAGES, CorruptVersion, RegistryError, RegistryState
+from kaizen.core.registry import Registry
+from kaizen.core.registry_schema import STAGES, CorruptVersion, RegistryError, RegistryState
 from services.rollout_events import emit_in_background
-from services.settings import Settings
-from services.version_folder import SHAPE_FIELDS, model_shape
+from kaizen.core.settings import Settings
+from kaizen.core.version_folder import SHAPE_FIELDS, model_shape
 
 log = logging.getLogger(__name__)
 

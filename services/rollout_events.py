@@ -13,8 +13,8 @@ import logging
 import threading
 from typing import Any
 
-from services import model_events
-from services.settings import Settings
+from kaizen.core import model_events
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

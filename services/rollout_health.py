@@ -18,7 +18,7 @@ from typing import Any
 
 from services.comparisons import ComparisonStore
 from services.db import DatabaseUnavailable
-from services.registry_schema import RegistryState
+from kaizen.core.registry_schema import RegistryState
 
 log = logging.getLogger(__name__)
 

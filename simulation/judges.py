@@ -175,7 +175,7 @@ def reward_model(messages: Messages, answer_a: str, answer_b: str) -> Verdict:
     """Prefer the answer the judge reward model scores higher (`KAIZEN_JUDGE_REWARD_MODEL`)."""
     import torch
 
-    from services.settings import get_settings
+    from kaizen.core.settings import get_settings
     from trainer.reward_data import encode_conversation
     from trainer.reward_model import RewardConfig, score_texts
 

@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from simulation.evaluate import evaluate_versions, plot, progress_bar
 from simulation.judges import load_judge
 from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, SimulateConfig,
@@ -133,7 +133,7 @@ def _status(base: str, admin: dict[str, str]) -> dict[str, Any]:
 def run_loop(config: LoopConfig, base_settings: Settings,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the rounds, then the evaluation; returns the report (also written to loop.json)."""
-    from services.broker import ensure_topics, start_embedded_broker
+    from kaizen.core.broker import ensure_topics, start_embedded_broker
     from trainer.rollout_engine import RolloutEngine
 
     config.out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.settings import Settings, get_settings
+from kaizen.core.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Keys of the shared API server: two users and an operator.
@@ -75,7 +75,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """A real embedded broker with Kaizen's topics; yields settings that point at it."""
-    from services.broker import ensure_topics, start_embedded_broker
+    from kaizen.core.broker import ensure_topics, start_embedded_broker
 
     settings = make_settings(tmp_path_factory.mktemp("broker-data"))
     proc = start_embedded_broker(settings)

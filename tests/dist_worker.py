@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from trainer import distributed
 
 #: The jobs compared: the global batch (batch_size x grad_accum pairs) is the same for any

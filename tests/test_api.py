@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import USER_KEY
 
 AUTH = {"Authorization": f"Bearer {USER_KEY}"}

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from services.app import build_app
 from services.auth import user_id
-from services.events import Answer
-from services.settings import Settings
+from kaizen.core.events import Answer
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, OTHER_KEY, USER_KEY, make_settings
 from tests.test_security import app_server
 

@@ -10,8 +10,8 @@ import uuid
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from services import broker as broker_mod
-from services.settings import Settings
+from kaizen.core import broker as broker_mod
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings
 
 

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, make_settings, stop_group
 from tests.test_rollout import make_version, start_server
 

@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 
 from services.app import build_app
 from services.canary import Side, Tally, canary_decision, count_votes
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, OTHER_KEY, USER_KEY, make_settings, stop_group
 from tests.test_feedback import seed_comparison
 from tests.test_rollout import make_version, start_server

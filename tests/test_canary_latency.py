@@ -7,7 +7,7 @@ from collections import deque
 from pathlib import Path
 
 from services.comparisons import ComparisonStore
-from services.registry import Registry
+from kaizen.core.registry import Registry
 from services.rollout import Rollout
 from services.rollout_health import VersionHealth
 from tests.conftest import make_settings

@@ -23,8 +23,8 @@ import psutil
 import pytest
 import torch
 
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, free_port, stop_group, wait_http
 from trainer.daemon import round_command
 from trainer.distributed import Dist, resolve_backend, torchrun_command
@@ -125,7 +125,7 @@ def test_a_rank_killed_mid_round_fails_the_round_and_publishes_nothing(tmp_path:
     whole (torchrun exits non-zero), the registry and the reward pointer are as they were, and the
     next round starts from that committed state."""
     from tests.test_rounds import fill_store, round_settings, snapshot
-    from services.rounds_log import read_rounds
+    from kaizen.core.rounds_log import read_rounds
     from trainer.rounds import _recover
 
     sanity = tmp_path / "sanity.jsonl"

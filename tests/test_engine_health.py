@@ -27,8 +27,8 @@ import httpx
 import psutil
 import pytest
 
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
 
 USER = {"Authorization": f"Bearer {USER_KEY}"}
@@ -175,7 +175,7 @@ def test_the_engine_reports_the_configuration_it_runs(
     from the engine (its vllm_config), not from the settings: the resolved dtype (never vLLM's
     own `auto`), the context and batch limits, no chunked prefill on the CPU backend
     (tests/test_engine_seeds.py says why)."""
-    from services.engine_config import serving_dtype
+    from kaizen.core.engine_config import serving_dtype
 
     base, settings, _ = server
     until(base, "/readyz", 200)

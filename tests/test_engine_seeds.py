@@ -7,7 +7,7 @@ later request fails. A prefill is partial when chunked prefill splits a prompt o
 which happens whenever the step's token budget runs out mid-prompt: long prompts arriving
 together. Any API user can send a seed, and PPO rollouts seed every request, so Kaizen's
 engines run with chunked prefill off and a step budget that holds any whole prompt
-(`services.engine_config.scheduling_args`).
+(`kaizen.core.engine_config.scheduling_args`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.engine_config import scheduling_args, serving_dtype
-from services.settings import Settings
+from kaizen.core.engine_config import scheduling_args, serving_dtype
+from kaizen.core.settings import Settings
 from tests.conftest import USER_KEY
 
 WORDS = ("apple river stone cloud green quick silent paper window orange music light table summer garden "

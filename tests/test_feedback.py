@@ -16,8 +16,8 @@ from openai import OpenAI
 from services.app import build_app
 from services.auth import user_id
 from services.comparisons import ComparisonStore
-from services.events import Answer, PreferenceEvent
-from services.settings import Settings
+from kaizen.core.events import Answer, PreferenceEvent
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, OTHER_KEY, USER_KEY, make_settings
 
 

@@ -26,7 +26,7 @@ from playwright.sync_api import Browser, expect, sync_playwright
 
 from services.app import build_app
 from services.auth import admin_token
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings, stop_group, wait_http
 from tests.test_web import CHROMIUM, CHROMIUM_ARGS, SHOTS, open_page
 

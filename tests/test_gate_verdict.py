@@ -84,7 +84,7 @@ def test_no_pairs_is_an_internal_error() -> None:
 
 
 def test_thresholds_come_from_the_settings() -> None:
-    from services.settings import Settings
+    from kaizen.core.settings import Settings
 
     s = Settings(gate_min_win=0.55, gate_max_kl=2.5, gate_tie_margin=0.02)
     assert GateThresholds.from_settings(s) == GateThresholds(0.55, 2.5, 0.02)

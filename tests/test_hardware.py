@@ -1,4 +1,4 @@
-"""Every dtype follows the hardware it runs on (services/hardware.py): `auto` is bf16 only where the
+"""Every dtype follows the hardware it runs on (kaizen/core/hardware.py): `auto` is bf16 only where the
 device computes bf16 natively, and the resolved value is what the trainer and the engines use."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from services.engine_config import engine_args, serving_dtype
-from services.hardware import choose_dtype, cpu_flags, resolve_dtype
-from services.settings import Settings
+from kaizen.core.engine_config import engine_args, serving_dtype
+from kaizen.core.hardware import choose_dtype, cpu_flags, resolve_dtype
+from kaizen.core.settings import Settings
 from trainer.reward_model import RewardConfig
 
 AMX_XEON = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
@@ -40,7 +40,7 @@ def test_auto_is_bf16_only_where_the_cpu_or_gpu_computes_it() -> None:
 
 
 def test_reserved_cpus_reach_vllm_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.engine_config import configure_vllm_env
+    from kaizen.core.engine_config import configure_vllm_env
 
     # everything configure_vllm_env writes is put back after the test (set, then removed: recorded)
     for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",

@@ -1,8 +1,13 @@
-"""Layering: the online side (services/) imports nothing from the offline side (trainer/).
+"""Layering: two sides on one shared floor.
 
-What both sides need (settings, event schemas, the registry, the rounds log reader) lives under
-services/ and the trainer imports it from there; the chat API then installs and type-checks
-without the trainer. Reads the source with `ast`, so a lazy import inside a function counts too.
+    kaizen/core/   settings, event schemas, the registry, atomic writes, the rounds log, metrics, ...
+    services/      the online side (chat API)       -> kaizen.core only
+    trainer/       the offline side (training)      -> kaizen.core only
+    simulation/    simulated users and judges, driving the service from outside (nobody imports it)
+
+services/ and trainer/ never import each other, kaizen/core/ imports neither (nor the CLI), so the
+chat API installs and type-checks without the trainer and the trainer without the API. Reads the
+source with `ast`, so a lazy import inside a function counts too.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-FORBIDDEN = "trainer"
+CLI = tuple(sorted(f"kaizen.{path.stem}" for path in (ROOT / "kaizen").glob("*.py")
+                   if path.stem != "__init__"))
+"""The command-line modules of the kaizen package: everything in it except the floor, kaizen.core."""
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -29,23 +36,42 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def test_services_import_nothing_from_trainer() -> None:
-    files = sorted((ROOT / "services").rglob("*.py"))
+def offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    files = sorted((ROOT / folder).rglob("*.py"))
     assert len(files) > 10, files  # the walk found the package
-    offenders = [f"{path.relative_to(ROOT)}:{line}: {module}"
-                 for path in files for line, module in imported_modules(path)
-                 if module == FORBIDDEN or module.startswith(FORBIDDEN + ".")]
-    assert offenders == [], "services/ must not import trainer/:\n" + "\n".join(offenders)
+    return [f"{path.relative_to(ROOT)}:{line}: {module}"
+            for path in files for line, module in imported_modules(path)
+            if any(module == f or module.startswith(f + ".") for f in forbidden)]
+
+
+def test_services_import_nothing_from_trainer() -> None:
+    found = offenders("services", ("trainer",))
+    assert found == [], "services/ must not import trainer/:\n" + "\n".join(found)
+
+
+def test_trainer_imports_nothing_from_services() -> None:
+    """What the trainer needs of the online side's world (settings, events, the registry) is the floor."""
+    found = offenders("trainer", ("services",))
+    assert found == [], "trainer/ must not import services/ (move what both need to kaizen/core/):\n" + \
+        "\n".join(found)
+
+
+def test_the_floor_stands_on_nothing_above_it() -> None:
+    found = offenders("kaizen/core", ("services", "trainer", "simulation") + CLI)
+    assert found == [], "kaizen/core/ must import only itself and libraries:\n" + "\n".join(found)
+
+
+def test_both_sides_use_only_the_floor_of_the_cli_package() -> None:
+    assert "kaizen.cli" in CLI and "kaizen.supervisor" in CLI, CLI
+    found = offenders("services", CLI) + offenders("trainer", CLI)
+    assert found == [], "services/ and trainer/ may import kaizen.core, not the CLI:\n" + "\n".join(found)
 
 
 def test_nothing_in_the_service_imports_the_simulation_harness() -> None:
     """simulation/ (simulated users, judges, the loop benchmark) drives the service from outside:
     the loop learns from votes only, so neither side may import a judge or the harness."""
-    files = sorted((ROOT / "services").rglob("*.py")) + sorted((ROOT / "trainer").rglob("*.py"))
-    offenders = [f"{path.relative_to(ROOT)}:{line}: {module}"
-                 for path in files for line, module in imported_modules(path)
-                 if module == "simulation" or module.startswith("simulation.")]
-    assert offenders == [], "services/ and trainer/ must not import simulation/:\n" + "\n".join(offenders)
+    found = offenders("services", ("simulation",)) + offenders("trainer", ("simulation",))
+    assert found == [], "services/ and trainer/ must not import simulation/:\n" + "\n".join(found)
 
 
 def test_the_check_sees_lazy_imports(tmp_path: Path) -> None:
@@ -65,5 +91,5 @@ def private_reads(path: Path) -> list[str]:
 
 def test_the_daemon_uses_the_public_names_of_the_consumer_and_the_rounds_log() -> None:
     """It read `consumer._stop` (now `consumer.stopping`) and `rounds._state_file` (now
-    `services.rounds_log.state_file`)."""
+    `kaizen.core.rounds_log.state_file`)."""
     assert private_reads(ROOT / "trainer" / "daemon.py") == []

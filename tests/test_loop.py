@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from simulation.evaluate import bootstrap_interval
 from simulation.loop import LoopConfig, run_loop
 from tests.test_rounds import WORDS, sft_yes_no

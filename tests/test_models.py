@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.models import MARKER, ModelError, is_complete, prepare_default, require_model
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT
 
 
@@ -66,8 +66,8 @@ def test_prepare_default_model_from_the_wheel(tmp_path: Path) -> None:
     again = prepare_default(settings)
     assert not again.created and time.monotonic() - started < 5
     # vLLM in the dtype `auto` picks on this machine (bf16 where the CPU has avx512_bf16 without AMX,
-    # float32 elsewhere: services/hardware.py) still gives the sanity prompt's reference answer
-    from services.engine_config import serving_dtype
+    # float32 elsewhere: kaizen/core/hardware.py) still gives the sanity prompt's reference answer
+    from kaizen.core.engine_config import serving_dtype
     from trainer.policy import encode_prompt
     from trainer.rollout_engine import RolloutEngine
     from transformers import AutoTokenizer

@@ -26,8 +26,8 @@ import torch
 from playwright.sync_api import Browser, expect, sync_playwright
 
 from services.models import build_tiny
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings, stop_group, wait_http
 from tests.test_feedback import outbox
 from tests.test_web import CHROMIUM, CHROMIUM_ARGS, SHOTS, open_page, send

@@ -1,8 +1,8 @@
-"""The metric catalogue (docs/metrics.md) agrees with the code (services/metrics.py).
+"""The metric catalogue (docs/metrics.md) agrees with the code (kaizen/core/metrics.py).
 
     .venv/bin/python -m pytest tests/test_ops_catalogue.py -q
 
-Every prometheus_client metric object declared in services.metrics must have a
+Every prometheus_client metric object declared in kaizen.core.metrics must have a
 row in the catalogue table with the same exposed name, type and labels, and
 the table must name nothing the code does not declare.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client.metrics import MetricWrapperBase
 
-import services.metrics
+import kaizen.core.metrics
 from tests.conftest import ROOT
 
 CATALOGUE = ROOT / "docs" / "metrics.md"
@@ -29,9 +29,9 @@ class Entry:
 
 
 def declared() -> dict[str, Entry]:
-    """Every metric object of services.metrics, by exposed name."""
+    """Every metric object of kaizen.core.metrics, by exposed name."""
     out: dict[str, Entry] = {}
-    for obj in vars(services.metrics).values():
+    for obj in vars(kaizen.core.metrics).values():
         if not isinstance(obj, MetricWrapperBase):
             continue
         kind = obj._type  # "counter", "gauge", "histogram", ...
@@ -73,8 +73,8 @@ def test_catalogue_matches_code() -> None:
     docs = documented(CATALOGUE.read_text(encoding="utf-8"))
     missing = sorted(set(code) - set(docs))
     extra = sorted(set(docs) - set(code))
-    assert not missing, f"declared in services/metrics.py but not in docs/metrics.md: {missing}"
-    assert not extra, f"in docs/metrics.md but not declared in services/metrics.py: {extra}"
+    assert not missing, f"declared in kaizen/core/metrics.py but not in docs/metrics.md: {missing}"
+    assert not extra, f"in docs/metrics.md but not declared in kaizen/core/metrics.py: {extra}"
     wrong = [(code[n], docs[n][0]) for n in code if code[n] != docs[n][0]]
     assert not wrong, "type or labels differ (code, docs): " + "; ".join(f"{c} vs {d}" for c, d in wrong)
     bad_process = {n: p for n, (_, p) in docs.items() if p not in PROCESSES}

@@ -29,7 +29,7 @@ import yaml
 from typer._click import ClickException, Context
 
 from kaizen.cli import app
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"

@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest tests/test_ops_grafana.py -q
 
 Every kaizen_* series a panel queries must belong to the metric catalogue
-(services/metrics.py): counters as `_total`, histograms as `_bucket`, `_sum`,
+(kaizen/core/metrics.py): counters as `_total`, histograms as `_bucket`, `_sum`,
 `_count`. That the queries parse as PromQL is checked against a real
 Prometheus in tests/test_ops_prometheus.py.
 """

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, USER_KEY, free_port, make_settings, stop_group, wait_http
 
 PROM_DIR = ROOT / "deploy" / "prometheus"

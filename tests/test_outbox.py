@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 
-from services.broker import ensure_topics, start_embedded_broker
+from kaizen.core.broker import ensure_topics, start_embedded_broker
 from services.comparisons import ComparisonStore, OutboxFull
-from services.events import Answer, PreferenceEvent
+from kaizen.core.events import Answer, PreferenceEvent
 from services.outbox import OutboxRelay
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import make_settings
 
 

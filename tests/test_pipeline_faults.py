@@ -23,10 +23,10 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from services.auth import user_id
-from services.broker import ensure_topics, start_embedded_broker
+from kaizen.core.broker import ensure_topics, start_embedded_broker
 from services.comparisons import ComparisonStore
-from services.events import Answer
-from services.settings import Settings
+from kaizen.core.events import Answer
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, USER_KEY, make_settings, stop_group, wait_http
 from tests.test_trainer_consumer import make_event
 from trainer.store import PreferenceStore

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from trainer.ppo_config import FROM_SETTINGS, RENAMED, PPOConfig
 
 

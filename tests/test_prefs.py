@@ -8,8 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from services.broker import ensure_topics
-from services.settings import Settings
+from kaizen.core.broker import ensure_topics
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings
 from trainer import daemon
 from trainer.store import PreferenceStore

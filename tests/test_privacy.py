@@ -19,11 +19,11 @@ from sqlalchemy import func, select
 
 from services import db
 from services.auth import user_id
-from services.broker import ensure_topics, topic_configs
+from kaizen.core.broker import ensure_topics, topic_configs
 from services.comparisons import ComparisonStore
-from services.events import Answer, PreferenceEvent
+from kaizen.core.events import Answer, PreferenceEvent
 from services.outbox import OutboxRelay
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, free_port
 from tests.test_trainer_consumer import isolated, make_event, send
 from trainer.consumer import PreferenceConsumer
@@ -162,7 +162,7 @@ def test_dead_letter_log_lines_carry_no_message_text(broker: Settings, tmp_path:
         consumer.close()
         store.close()
     assert consumer.stats.dead_lettered == 1
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("trainer", "services")))
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(("trainer", "services", "kaizen")))
     assert "dead-lettering" in ours and "messages" in ours and secret not in ours
     dlq = KafkaConsumer(settings.topic_preferences_dlq, bootstrap_servers=settings.bootstrap_servers,
                         auto_offset_reset="earliest", consumer_timeout_ms=20_000)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.registry import Registry
-from services.registry_schema import CorruptVersion, RegistryError
+from kaizen.core.registry import Registry
+from kaizen.core.registry_schema import CorruptVersion, RegistryError
 
 
 def fake_model(folder: Path, marker: str) -> Path:
@@ -127,7 +127,7 @@ def test_unknown_and_invalid_versions(reg: Registry) -> None:
 KILLER = r"""
 import sys, time
 from pathlib import Path
-import services.registry as r
+import kaizen.core.registry as r
 orig = r.Registry._publish_staged
 def slow(self, staging, fields):
     print("staged", flush=True)

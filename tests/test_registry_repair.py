@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.registry import Registry
-from services.registry_schema import CorruptState, RegistryState
-from services.registry_repair import replay, repair
+from kaizen.core.registry import Registry
+from kaizen.core.registry_schema import CorruptState, RegistryState
+from kaizen.core.registry_repair import replay, repair
 from tests.conftest import ADMIN_TOKEN, ROOT, make_settings, stop_group, wait_http
 from tests.test_registry import fake_model
 

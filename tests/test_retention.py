@@ -12,10 +12,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from services import metrics
-from services.registry import Registry
-from services.retention import collect
-from services.settings import Settings
+from kaizen.core import metrics
+from kaizen.core.registry import Registry
+from kaizen.core.retention import collect
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings
 from tests.test_registry import fake_model
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from services.events import Answer, Message, PreferenceEvent
-from services.settings import Settings
+from kaizen.core.events import Answer, Message, PreferenceEvent
+from kaizen.core.settings import Settings
 from kaizen.reward_cli import reward_app
 from trainer.reward import RewardModelMissing, current_version, refresh_reward_model, reward_root
 from trainer.reward_data import (

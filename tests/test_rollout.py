@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 import torch
 
-from services.events import Answer, Message, PreferenceEvent
-from services.registry import Registry
-from services.rounds_log import read_rounds
-from services.settings import Settings
+from kaizen.core.events import Answer, Message, PreferenceEvent
+from kaizen.core.registry import Registry
+from kaizen.core.rounds_log import read_rounds
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings
 from trainer.rounds import _recover, run_round
 from trainer.store import PreferenceStore
@@ -161,7 +161,7 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     registry.verify("v1")
     assert info.training["round_id"] == record["round_id"] and info.gate["passed"]
     # #18: the rollout engine's configuration as vLLM reports it, not as the settings asked
-    from services.engine_config import serving_dtype
+    from kaizen.core.engine_config import serving_dtype
 
     rollout_engine = info.training["rollout_engine"]
     assert (rollout_engine["dtype"], rollout_engine["max_model_len"], rollout_engine["chunked_prefill"],
@@ -267,7 +267,7 @@ def test_sigkill_mid_round_leaves_the_registry_as_it_was(world: dict[str, Any], 
 def test_daemon_starts_rounds_on_votes_or_interval_and_never_two_at_once(tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from services.rounds_log import RoundBusy, round_lock, round_running
+    from kaizen.core.rounds_log import RoundBusy, round_lock, round_running
     from trainer.daemon import RoundScheduler
     from trainer.round_record import json_line
 
@@ -394,12 +394,12 @@ def _killed_again_and_again(settings: Settings, scheduler: Any, pids: list[int])
 @pytest.fixture()
 def small_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A real 1 MiB tmpfs (a too-small /dev/shm) when this runs as root. Without root a full /dev/shm
-    cannot be made here: then (only then) the free-space seam, services.disk.free_bytes, says 1 MiB."""
+    cannot be made here: then (only then) the free-space seam, kaizen.core.disk.free_bytes, says 1 MiB."""
     path = tmp_path / "shm"
     path.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
                                            capture_output=True).returncode != 0:
-        monkeypatch.setattr("services.disk.free_bytes", lambda _path: 1 << 20)
+        monkeypatch.setattr("kaizen.core.disk.free_bytes", lambda _path: 1 << 20)
         yield path
         return
     try:
@@ -412,7 +412,7 @@ def test_weight_sync_checks_dev_shm_first(tiny_model: Path, small_shm: Path) -> 
     """#19 item 8: the weight sync needs about twice the model's size in /dev/shm; on a /dev/shm too
     small (a real 1 MiB tmpfs, the tiny policy is ~16 MB in float32) it refuses before writing, naming
     the setting to change, instead of dying half-way with ENOSPC and a half-written file."""
-    from services.disk import InsufficientSpace
+    from kaizen.core.disk import InsufficientSpace
     from trainer.policy import load_policy
     from trainer.rollout_engine import sync_weights
 

@@ -34,8 +34,8 @@ import httpx
 import psycopg
 import pytest
 
-from services.registry import Registry
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, ROOT, free_port, make_settings, stop_group, wait_http
 from tests.lb import start_nginx, stop_nginx
 from tests.pg import postgres_server

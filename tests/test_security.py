@@ -33,7 +33,7 @@ from playwright.sync_api import ConsoleMessage, sync_playwright
 
 from services.app import build_app, uvicorn_options
 from services.auth import admin_token, token_entropy_bits, weak_admin_token
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, OTHER_KEY, ROOT, USER_KEY, free_port, make_settings, wait_http
 from tests.test_web import CHROMIUM, CHROMIUM_ARGS
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT
 
 
@@ -33,7 +33,7 @@ def test_environment_overrides_and_key_list(monkeypatch: pytest.MonkeyPatch) -> 
     assert not s.embedded_broker and s.bootstrap_servers == "kafka-0:9092,kafka-1:9092"
     # a child process started with child_env() sees exactly the same settings
     monkeypatch.delenv("KAIZEN_PORT")
-    child = subprocess.run([sys.executable, "-c", "from services.settings import Settings; "
+    child = subprocess.run([sys.executable, "-c", "from kaizen.core.settings import Settings; "
                             "import sys; sys.stdout.write(Settings().model_dump_json())"],
                            env=s.child_env(), cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(child.stdout)["port"] == 9100

@@ -22,9 +22,9 @@ from fastapi.testclient import TestClient
 from services.app import build_app
 from services.auth import user_id
 from services.comparisons import ComparisonStore, DatabaseUnavailable, VoteError
-from services.events import Answer
+from kaizen.core.events import Answer
 from services.leader import Lease
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import USER_KEY, free_port, make_settings
 from tests.pg import PostgresServer, postgres_server
 
@@ -202,7 +202,7 @@ def test_the_leader_judges_health_from_every_replicas_traffic(
         replicas: tuple[ComparisonStore, ComparisonStore], tmp_path: Path) -> None:
     from collections import deque
 
-    from services.registry_schema import RegistryState
+    from kaizen.core.registry_schema import RegistryState
     from services.rollout import Rollout
     from services.rollout_health import VersionHealth
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from simulation.judges import language_of, load_judge, rubric, rubric_score
 from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, SimulateConfig, read_prompts,
                                  simulate)

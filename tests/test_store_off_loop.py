@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import USER_KEY
 
 HOLD_S = 4.0

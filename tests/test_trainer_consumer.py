@@ -10,9 +10,9 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from services.broker import ensure_topics
-from services.events import Answer, Message, PreferenceEvent
-from services.settings import Settings
+from kaizen.core.broker import ensure_topics
+from kaizen.core.events import Answer, Message, PreferenceEvent
+from kaizen.core.settings import Settings
 from trainer import daemon
 from trainer.consumer import PreferenceConsumer
 from trainer.store import PreferenceStore
@@ -154,7 +154,7 @@ def test_consumer_reads_a_restarted_broker_from_the_start(tmp_path: Path) -> Non
     waits for an assignment that never comes (seen in 2 of 3 runs beside a busy CPU, each
     waiting out the whole 180 s); the consumer then replaces itself after
     `kafka_stall_timeout_s` (10 s here) and reads the new log from the start."""
-    from services.broker import start_embedded_broker
+    from kaizen.core.broker import start_embedded_broker
     from tests.conftest import make_settings
 
     settings = make_settings(tmp_path, kafka_stall_timeout_s=10)

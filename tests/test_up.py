@@ -14,8 +14,8 @@ import psutil
 import pytest
 from kafka import KafkaProducer
 
-from services.broker import port_in_use
-from services.settings import Settings
+from kaizen.core.broker import port_in_use
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings, stop_group, wait_http
 from tests.test_trainer_consumer import make_event
 

@@ -29,7 +29,7 @@ from playwright.sync_api import Browser, Page, Request, expect, sync_playwright
 
 from services.app import build_app
 from services.protocol import ErrorInfo, ErrorResponse, dump
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from tests.conftest import ROOT, USER_KEY, make_settings, stop_group, wait_http
 from tests.test_feedback import outbox
 

@@ -28,9 +28,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from services.registry import Registry
-from services.rounds_log import rounds_dir
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.rounds_log import rounds_dir
+from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, ROOT, USER_KEY, make_settings, stop_group, wait_http
 from tests.test_web import CHROMIUM, CHROMIUM_ARGS, SHOTS, open_page, send
 

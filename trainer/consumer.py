@@ -23,9 +23,9 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 
-from services import metrics
-from services.events import InvalidEvent, PreferenceEvent, parse_preference
-from services.settings import Settings
+from kaizen.core import metrics
+from kaizen.core.events import InvalidEvent, PreferenceEvent, parse_preference
+from kaizen.core.settings import Settings
 from trainer.store import PreferenceStore
 
 log = logging.getLogger(__name__)

@@ -35,11 +35,11 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
-from services import metrics, rounds_log
-from services.broker import ensure_topics
-from services.disk import record_free
-from services.atomic_files import write_atomic
-from services.settings import Settings
+from kaizen.core import metrics, rounds_log
+from kaizen.core.broker import ensure_topics
+from kaizen.core.disk import record_free
+from kaizen.core.atomic_files import write_atomic
+from kaizen.core.settings import Settings
 from trainer import round_inputs, round_record, upkeep
 from trainer.consumer import PreferenceConsumer
 from trainer.reward import current_version

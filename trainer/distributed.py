@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from trainer.policy import PolicyWithValue, RewardScorer, encode_prompt, kl_to_reference, load_policy
 from trainer.ppo_config import PPOConfig
 from trainer.reward_eval import wilson_interval

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.atomic_files import atomic_folder
+from kaizen.core.atomic_files import atomic_folder
 from trainer.ppo_math import kl_per_token, logprobs_from_logits
 from trainer.reward_data import encode_conversation
 from trainer.reward_model import RewardConfig, load_reward_model, read_manifest, score_texts

@@ -2,7 +2,7 @@
 
     config = PPOConfig.from_settings(settings, batch_size=8)   # a round, a benchmark, the CLI
 
-Every field that is a setting takes its default from `services.settings.Settings` (one source:
+Every field that is a setting takes its default from `kaizen.core.settings.Settings` (one source:
 a bare `PPOConfig()` trains as a round does with no KAIZEN_PPO_* set); the environment's values
 come in through `from_settings`. Defaults sit near TRL's and OpenRLHF's; each field says where.
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
-#: PPOConfig fields whose value is the setting `ppo_<name>` (services/settings.py documents each).
+#: PPOConfig fields whose value is the setting `ppo_<name>` (kaizen/core/settings.py documents each).
 FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_length", "epochs", "minibatches",
                  "lr", "kl_coef", "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value",
                  "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "train_layers", "threads",

@@ -21,8 +21,8 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from services.events import Answer, Message, PreferenceEvent
-from services.settings import Settings
+from kaizen.core.events import Answer, Message, PreferenceEvent
+from kaizen.core.settings import Settings
 from trainer.reward_data import pairs_from_events, read_pairs_file
 from trainer.store import PreferenceStore
 

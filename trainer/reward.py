@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.atomic_files import write_atomic
-from services.settings import Settings
+from kaizen.core.atomic_files import write_atomic
+from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS, Dist
 from trainer.reward_data import Pair, PairCounts, encode_pairs, pairs_from_events, split_pairs
 from trainer.reward_eval import evaluate, reward_stats

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from services.events import PreferenceEvent
+from kaizen.core.events import PreferenceEvent
 from trainer.store import holdout_share, prompt_key
 
 Messages = list[dict[str, str]]

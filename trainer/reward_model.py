@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.atomic_files import atomic_folder
-from services.settings import Settings
+from kaizen.core.atomic_files import atomic_folder
+from kaizen.core.settings import Settings
 from trainer.reward_data import pad_sequences
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 
 
 #: RewardConfig fields whose value is the setting `reward_<name>`
-#: (services/settings_training.py documents each).
+#: (kaizen/core/settings_training.py documents each).
 FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "train_layers", "dtype",
                  "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes")
 
@@ -71,7 +71,7 @@ class RewardConfig:
     """Top decoder layers trained, plus final norm and score head; 0 trains everything."""
     dtype: str = _setting("dtype")
     """Autocast dtype of forward passes; parameters and AdamW state stay float32. "auto" is
-    resolved for this machine when the config is made (services/hardware.py)."""
+    resolved for this machine when the config is made (kaizen/core/hardware.py)."""
     threads: int | None = _setting("threads")
     """torch threads; None: one per core."""
     eval_fraction: float = _setting("eval_fraction")
@@ -90,7 +90,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":
-            from services.hardware import choose_dtype
+            from kaizen.core.hardware import choose_dtype
 
             choice = choose_dtype("auto")
             log.info("reward model dtype %s", choice)

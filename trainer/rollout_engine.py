@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.disk import require_free
-from services.settings import Settings
+from kaizen.core.disk import require_free
+from kaizen.core.settings import Settings
 from trainer.distributed import launcher_env_hidden
 from trainer.policy import PolicyWithValue
 
@@ -50,7 +50,8 @@ class RolloutEngine:
                  seed: int = 0) -> None:
         from vllm import LLM
 
-        from services.engine_config import configure_vllm_env, running_config, scheduling_args, serving_dtype
+        from kaizen.core.engine_config import (configure_vllm_env, running_config, scheduling_args,
+                                               serving_dtype)
 
         configure_vllm_env(settings)
         self.model_dir = model_dir

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 from trainer.distributed import Dist
 from trainer.policy import RewardScorer, load_policy
 from trainer.ppo import PPOTrainer, run_ppo

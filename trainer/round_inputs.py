@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.rounds_log import read_rounds
-from services.settings import Settings
+from kaizen.core.rounds_log import read_rounds
+from kaizen.core.settings import Settings
 from trainer.store import PreferenceStore, held_out
 
 Messages = list[dict[str, str]]

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from services.model_events import emit
-from services.registry import Registry
+from kaizen.core.model_events import emit
+from kaizen.core.registry import Registry
 from trainer.distributed import ONE_PROCESS
 from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate
 from trainer.policy import RewardScorer, load_policy, save_policy

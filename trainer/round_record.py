@@ -5,7 +5,7 @@
 `RoundContext` names the round and marks each phase in `<data_dir>/rounds/state.json`, written
 atomically before the phase starts (what a round cut off by SIGKILL is recovered from).
 `finish` ends a round with an outcome: its record goes to `events.jsonl` and `rounds.jsonl`
-(what services/rounds_log.py reads back), the state file and the work folder go, retention
+(what kaizen/core/rounds_log.py reads back), the state file and the work folder go, retention
 runs after a round that published, and the Prometheus metrics of rounds and PPO iterations
 are set (the trainer daemon sets them too, from the records a child round wrote).
 
@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services import metrics
-from services.atomic_files import write_atomic
-from services.rounds_log import rounds_dir, state_file
-from services.settings import Settings
+from kaizen.core import metrics
+from kaizen.core.atomic_files import write_atomic
+from kaizen.core.rounds_log import rounds_dir, state_file
+from kaizen.core.settings import Settings
 from trainer import upkeep
 
 log = logging.getLogger(__name__)

@@ -32,10 +32,10 @@ sync folder a killed round left (named in the state file; or any `kaizen-ppo-<pi
 process is gone). Before anything is written, a round checks the free space on the data dir's
 and the registry's volumes (`round_disk_space_factor` x the champion's size + `disk_reserve_bytes`)
 and fails at once, with the numbers, when it is short. After it publishes it runs retention
-(services/retention.py), the same as `kaizen models gc`. These chores live in trainer/upkeep.py.
+(kaizen/core/retention.py), the same as `kaizen models gc`. These chores live in trainer/upkeep.py.
 
 Logs: one JSON line per PPO iteration and per round in `<data_dir>/rounds/events.jsonl`; round
-records also in `rounds.jsonl` (what services/rounds_log.py's `read_rounds` and `kaizen rounds
+records also in `rounds.jsonl` (what kaizen/core/rounds_log.py's `read_rounds` and `kaizen rounds
 list` show).
 
 Several training processes (KAIZEN_TRAIN_NPROC_PER_NODE / KAIZEN_TRAIN_NNODES; the daemon starts
@@ -68,11 +68,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from services.disk import InsufficientSpace
-from services.log_setup import setup_logging
-from services.registry import Registry
-from services.rounds_log import RoundBusy, read_state, round_lock, rounds_dir
-from services.settings import Settings, get_settings
+from kaizen.core.disk import InsufficientSpace
+from kaizen.core.log_setup import setup_logging
+from kaizen.core.registry import Registry
+from kaizen.core.rounds_log import RoundBusy, read_state, round_lock, rounds_dir
+from kaizen.core.settings import Settings, get_settings
 from trainer import distributed, upkeep
 from trainer.rollout_engine import RolloutEngine
 from trainer.round_crew import Crew, follow

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.events import PreferenceEvent
+from kaizen.core.events import PreferenceEvent
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS preferences (

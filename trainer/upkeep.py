@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services import metrics
-from services.disk import folder_bytes, require_free
-from services.registry import Registry
-from services.retention import GcPlan, collect
-from services.settings import Settings
+from kaizen.core import metrics
+from kaizen.core.disk import folder_bytes, require_free
+from kaizen.core.registry import Registry
+from kaizen.core.retention import GcPlan, collect
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def remove_sync_leftovers(settings: Settings, prior: dict[str, Any] | None) -> N
 
 
 def collect_garbage(settings: Settings, *, dry_run: bool = False, who: str = "trainer") -> GcPlan:
-    """Retention over the registry and the trainer's reward models (services/retention.py)."""
+    """Retention over the registry and the trainer's reward models (kaizen/core/retention.py)."""
     reward = importlib.import_module("trainer.reward")
     root = reward.reward_root(settings)
     numbered = [(int(m.group(1)), p) for p in root.iterdir()

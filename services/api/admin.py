@@ -17,10 +17,10 @@ from services.api.deps import AdminDep, RolloutDep
 from services.api.errors import APIError
 from services.api.rates import Rates
 from services.protocol import PromoteRequest, RollbackRequest, RolloutRequest
-from services.registry_schema import RegistryError
+from kaizen.core.registry_schema import RegistryError
 from services.rollout import Rollout
-from services.rounds_log import read_rounds
-from services.settings import Settings
+from kaizen.core.rounds_log import read_rounds
+from kaizen.core.settings import Settings
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 

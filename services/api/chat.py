@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services import metrics
+from kaizen.core import metrics
 from services.api.chat_serving import VERSION_HEADER, Completion, full_response, stream_response
 from services.api.deps import CallerDep, RolloutDep
 from services.api.errors import APIError
@@ -22,7 +22,7 @@ from services.engine import Engine
 from services.protocol import (ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList,
                                completion_id, dump)
 from services.rollout import Rollout
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

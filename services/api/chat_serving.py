@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from services import metrics
+from kaizen.core import metrics
 from services.api.pairing import Part, PendingPair, choice_versions, record_pair, response_version
 from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import EngineUnavailable

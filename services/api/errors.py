@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services import metrics
+from kaizen.core import metrics
 from services.comparisons import DatabaseUnavailable
 from services.engine import EngineUnavailable
 from services.protocol import ErrorInfo, ErrorResponse, dump

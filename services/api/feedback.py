@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from services import metrics
+from kaizen.core import metrics
 from services.api.deps import CallerDep
 from services.api.errors import APIError
 from services.auth import retry_after
@@ -20,7 +20,7 @@ from services.canary import vote_limit_wait
 from services.comparisons import ComparisonStore, OutboxFull, VoteError
 from services.outbox import OutboxRelay
 from services.protocol import FeedbackRequest, FeedbackResponse, dump
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from services import metrics
+from kaizen.core import metrics
 from services.api.deps import Caller
 from services.comparisons import ComparisonStore, new_comparison_id
 from services.engine import Engine, EngineUnavailable
-from services.events import Answer
+from kaizen.core.events import Answer
 from services.protocol import ChatCompletionRequest
 from services.rollout import Rollout
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 ADMIT_REPLANS = 2
 """How often a request whose engine was retired before it was admitted is planned again."""

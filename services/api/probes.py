@@ -1,5 +1,5 @@
 """Probes and Prometheus: `/healthz`, `/readyz`, `/metrics`, and the middleware that counts and
-times every HTTP response for it (route template and status; metrics declared in services/metrics.py).
+times every HTTP response for it (route template and status; metrics declared in kaizen/core/metrics.py).
 
 Probes are unauthenticated: they answer from the engine watchdog's state (services/engine_health.py)
 without calling the engine, and never name versions (`/admin/rollout` does).
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
-from services import metrics
+from kaizen.core import metrics
 from services.api.errors import REGISTRY_DAMAGED, error_response
 from services.engine_health import Probe, liveness, readiness
 from services.rollout import Rollout

@@ -9,7 +9,7 @@ from typing import Any
 
 from services.api.errors import APIError
 from services.protocol import ChatCompletionRequest
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 
 def check_limits(req: ChatCompletionRequest, prompt_len: int, settings: Settings) -> int:

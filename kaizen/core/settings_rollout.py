@@ -1,7 +1,7 @@
 """Settings of the rollout: the model registry, the canary (its share of users, the votes and the
 health numbers that decide it), and weight swaps' drain.
 
-Field group only: services/settings.py's `Settings` inherits it with the others, and is the one
+Field group only: kaizen/core/settings.py's `Settings` inherits it with the others, and is the one
 class Kaizen reads settings through (`get_settings()`); the environment names are `KAIZEN_` + the
 field name in capitals.
 """

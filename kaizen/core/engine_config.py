@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ VllmDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 
 def serving_dtype(settings: Settings) -> VllmDtype:
-    """engine_dtype with `auto` resolved for this machine (services/hardware.py), logged."""
-    from services.hardware import choose_dtype
+    """engine_dtype with `auto` resolved for this machine (kaizen/core/hardware.py), logged."""
+    from kaizen.core.hardware import choose_dtype
 
     choice = choose_dtype(settings.engine_dtype, serving=True)
     log.info("engine dtype %s", choice)

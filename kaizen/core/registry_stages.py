@@ -3,8 +3,8 @@
 Stages: ``candidate → canary → champion → retired``, and ``rejected`` (failed the gate, or rolled
 back). Each function here checks that a change is allowed, applies it to the state it is given,
 and returns the audit entries that describe it (one per stage set, so a replay of the audit log
-gives the same state: services/registry_repair.py). It touches no file: `Registry`
-(services/registry.py) takes the lock, reads the state, calls one of these and saves the result.
+gives the same state: kaizen/core/registry_repair.py). It touches no file: `Registry`
+(kaizen/core/registry.py) takes the lock, reads the state, calls one of these and saves the result.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from services.registry_schema import AuditEntry, RegistryError, RegistryState, Stage, VersionState, now
+from kaizen.core.registry_schema import AuditEntry, RegistryError, RegistryState, Stage, VersionState, now
 
 
 def set_stage(state: RegistryState, version: str, stage: Stage, who: str, why: str,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 ROUNDS_LOG = "rounds.jsonl"
 STATE_FILE = "state.json"

@@ -1,6 +1,6 @@
 """Free space on the volumes Kaizen writes big files to, checked before writing.
 
-    from services.disk import require_free
+    from kaizen.core.disk import require_free
     require_free(path, needed, what="round", hint="run `kaizen models gc`")
 
 A training round writes a reward model, a candidate and the registry's copy of it (each about
@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from services import metrics
+from kaizen.core import metrics
 
 log = logging.getLogger(__name__)
 

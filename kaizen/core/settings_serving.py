@@ -1,7 +1,7 @@
 """Settings of the serving side: where the model and data live, the chat API with its hardening
 (#19), the vLLM engine the API answers with, and `kaizen up`'s supervisor.
 
-Field groups only: services/settings.py's `Settings` inherits them with the others, and is the one
+Field groups only: kaizen/core/settings.py's `Settings` inherits them with the others, and is the one
 class Kaizen reads settings through (`get_settings()`); the environment names are `KAIZEN_` + the
 field name in capitals.
 """
@@ -120,7 +120,7 @@ class EngineSettings(BaseSettings):
 
     # -- vLLM engine ----------------------------------------------------------
     engine_dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
-    """auto (services/hardware.py): bfloat16 on a bf16-capable GPU, float32 on CPU: on vLLM's CPU
+    """auto (kaizen/core/hardware.py): bfloat16 on a bf16-capable GPU, float32 on CPU: on vLLM's CPU
     backend SmolLM2-135M in bf16 answered the greedy "capital of France" check with French
     gibberish; float32 said Paris (transformers gets Paris in both). `kaizen config` shows the
     resolved value."""

@@ -24,7 +24,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

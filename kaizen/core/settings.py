@@ -9,11 +9,11 @@ module reads the environment for Kaizen settings.
     KAIZEN_PORT=9000 kaizen serve
 
 The fields are declared, with their defaults, limits and what each is for, in
-groups by area that `Settings` inherits: services/settings_serving.py (data
-dir, chat API, hardening, vLLM engine, supervisor), services/settings_storage.py
-(Kafka, outbox, retention, shared store), services/settings_training.py
+groups by area that `Settings` inherits: kaizen/core/settings_serving.py (data
+dir, chat API, hardening, vLLM engine, supervisor), kaizen/core/settings_storage.py
+(Kafka, outbox, retention, shared store), kaizen/core/settings_training.py
 (trainer, reward model, torchrun, PPO/RLOO, rounds, gate, disk) and
-services/settings_rollout.py (registry, canary). This module holds the one
+kaizen/core/settings_rollout.py (registry, canary). This module holds the one
 class and what is derived from the fields together.
 """
 
@@ -29,10 +29,10 @@ from typing import Any
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.settings_rollout import RolloutSettings
-from services.settings_serving import EngineSettings, ServingSettings, SupervisorSettings
-from services.settings_storage import KafkaSettings, StoreSettings
-from services.settings_training import RoundUpkeepSettings, TrainingSettings
+from kaizen.core.settings_rollout import RolloutSettings
+from kaizen.core.settings_serving import EngineSettings, ServingSettings, SupervisorSettings
+from kaizen.core.settings_storage import KafkaSettings, StoreSettings
+from kaizen.core.settings_training import RoundUpkeepSettings, TrainingSettings
 
 #: Name of the prepared default model's folder under ``<data_dir>/models``.
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -118,7 +118,7 @@ class Settings(SupervisorSettings, RoundUpkeepSettings, RolloutSettings, Trainin
             else:
                 out[name] = value
         out["model_dir (effective)"] = str(self.model_dir)
-        from services.hardware import choose_dtype
+        from kaizen.core.hardware import choose_dtype
 
         out["engine_dtype (effective)"] = str(choose_dtype(self.engine_dtype, serving=True))
         out["reward_dtype (effective)"] = str(choose_dtype(self.reward_dtype))

@@ -1,7 +1,7 @@
 """Settings of what carries and keeps data: the Kafka broker or cluster (with its security), the
 API's vote outbox, data retention, and the shared store of the API replicas.
 
-Field groups only: services/settings.py's `Settings` inherits them with the others, and is the one
+Field groups only: kaizen/core/settings.py's `Settings` inherits them with the others, and is the one
 class Kaizen reads settings through (`get_settings()`); the environment names are `KAIZEN_` + the
 field name in capitals.
 """

@@ -1,7 +1,7 @@
 """Settings of the trainer: its endpoint, the reward model, distributed training, the policy update
 (PPO or RLOO), training rounds and their gate, and what rounds keep and need on disk (#19).
 
-Field groups only: services/settings.py's `Settings` inherits them with the others, and is the one
+Field groups only: kaizen/core/settings.py's `Settings` inherits them with the others, and is the one
 class Kaizen reads settings through (`get_settings()`); the environment names are `KAIZEN_` + the
 field name in capitals.
 """
@@ -47,7 +47,7 @@ class TrainingSettings(BaseSettings):
     """Top decoder layers trained (with the final norm and the score head); 0 trains all.
     SmolLM2 (30 layers) on 2 busy CPU cores: 44 s per 8 pairs with 8 layers, 64 s with all."""
     reward_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    """Autocast dtype; weights and optimizer stay float32. auto (services/hardware.py): bf16 where
+    """Autocast dtype; weights and optimizer stay float32. auto (kaizen/core/hardware.py): bf16 where
     the device computes it (amx_bf16 or avx512_bf16 on CPU, a bf16-capable GPU), else float32: on
     an AVX2-only CPU bf16 autocast is emulated, 15x slower than float32."""
     reward_threads: int | None = Field(default=1, ge=1)

@@ -1,7 +1,7 @@
 """Logging for every Kaizen process, set up one way: `kaizen serve`, `kaizen train`, a training
 round's child process, `kaizen reward ...`.
 
-    from services.log_setup import setup_logging
+    from kaizen.core.log_setup import setup_logging
     setup_logging(settings)     # KAIZEN_LOG_LEVEL, one line per record on stderr
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from services.settings import Settings
+from kaizen.core.settings import Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

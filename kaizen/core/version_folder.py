@@ -5,7 +5,7 @@ size. This module checks a version's files against its manifest (`check_files`),
 an outside folder may become a version at all (`check_importable`: safetensors only, a tokenizer,
 the champion's shape), and writes a new one atomically: files go into
 ``versions/.staging-*`` (`stage_folder`), are hashed into a manifest and fsynced, and only then
-is the folder renamed to ``versions/vN`` (`seal_version`). The registry (services/registry.py)
+is the folder renamed to ``versions/vN`` (`seal_version`). The registry (kaizen/core/registry.py)
 decides which version number and stage it gets.
 """
 
@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from services.atomic_files import fsync_dir
-from services.disk import InsufficientSpace, require_free
-from services.registry_schema import MANIFEST, CorruptVersion, FileEntry, Manifest, RegistryError, now
+from kaizen.core.atomic_files import fsync_dir
+from kaizen.core.disk import InsufficientSpace, require_free
+from kaizen.core.registry_schema import MANIFEST, CorruptVersion, FileEntry, Manifest, RegistryError, now
 
 #: Files a servable version must have besides weights.
 REQUIRED_FILES = ("config.json",)

@@ -26,9 +26,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.registry import Registry
-from services.registry_schema import RegistryState, version_number
-from services.settings import Settings
+from kaizen.core.registry import Registry
+from kaizen.core.registry_schema import RegistryState, version_number
+from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

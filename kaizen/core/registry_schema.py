@@ -2,9 +2,9 @@
 
 `Manifest` is a version's `manifest.json` (written once at publish time), `RegistryState` is
 `state.json` (which version serves, every version's stage), `AuditEntry` is one line of
-`audit.jsonl`. The registry itself (services/registry.py), its stage transitions
-(services/registry_stages.py), its version folders (services/version_folder.py) and its repair
-(services/registry_repair.py) all speak in these terms.
+`audit.jsonl`. The registry itself (kaizen/core/registry.py), its stage transitions
+(kaizen/core/registry_stages.py), its version folders (kaizen/core/version_folder.py) and its repair
+(kaizen/core/registry_repair.py) all speak in these terms.
 """
 
 from __future__ import annotations

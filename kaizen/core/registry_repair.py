@@ -25,9 +25,9 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from services.atomic_files import write_atomic
-from services.registry import Registry
-from services.registry_schema import (
+from kaizen.core.atomic_files import write_atomic
+from kaizen.core.registry import Registry
+from kaizen.core.registry_schema import (
     AuditEntry,
     CorruptState,
     RegistryError,

@@ -22,13 +22,13 @@ rename) under the lock, and its ``generation`` grows with each change, so a
 reader can tell cheaply whether anything changed.
 
 A `state.json` that cannot be read (damaged, or edited by hand) does not stop readers: `state()`
-rebuilds the state from the audit log (services/registry_repair.py), or else the last good copy,
-and warns; `kaizen models repair` writes the rebuilt state back. Retention (services/retention.py)
+rebuilds the state from the audit log (kaizen/core/registry_repair.py), or else the last good copy,
+and warns; `kaizen models repair` writes the rebuilt state back. Retention (kaizen/core/retention.py)
 deletes versions through `delete`: each gets an audit entry, and version numbers are never reused.
 
 This class does the locking and the reading and writing; what the files hold and the errors are in
-services/registry_schema.py, the stage transitions in services/registry_stages.py, a version
-folder's checks and writing in services/version_folder.py.
+kaizen/core/registry_schema.py, the stage transitions in kaizen/core/registry_stages.py, a version
+folder's checks and writing in kaizen/core/version_folder.py.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from services import registry_stages as stages
-from services.atomic_files import fsync_dir, write_atomic
-from services.registry_schema import (
+from kaizen.core import registry_stages as stages
+from kaizen.core.atomic_files import fsync_dir, write_atomic
+from kaizen.core.registry_schema import (
     MANIFEST,
     VERSION_RE,
     AuditEntry,
@@ -58,7 +58,7 @@ from services.registry_schema import (
     now,
     version_number,
 )
-from services.version_folder import check_files, check_importable, seal_version, sha256_file, stage_folder
+from kaizen.core.version_folder import check_files, check_importable, seal_version, sha256_file, stage_folder
 
 
 class Registry:
@@ -99,7 +99,7 @@ class Registry:
         except FileNotFoundError:
             return RegistryState()
         except ValueError as exc:  # bad JSON, a wrong field, bytes that are not UTF-8
-            from services.registry_repair import recovered_state
+            from kaizen.core.registry_repair import recovered_state
 
             return recovered_state(self, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
 
@@ -298,7 +298,7 @@ class Registry:
         self.verify(m.version)
         return m
 
-    # -- stage changes (services/registry_stages.py decides them; these lock, read and save) ------
+    # -- stage changes (kaizen/core/registry_stages.py decides them; these lock, read and save) ------
 
     def _require(self, state: RegistryState, version: str) -> VersionState:
         if not self.exists(version):
