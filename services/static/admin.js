@@ -9,12 +9,16 @@
 //   GET  /admin/audit           registry changes
 //   GET  /admin/schedule        what starts the next training round (the trainer's scheduler)
 //   POST /admin/rollout | /admin/promote | /admin/rollback   the operator's buttons
-// Every figure shown is one the server sends; the page only draws it.
+// Every figure shown is one the server sends; the page only draws it. The helpers both pages
+// share (elements, storage, errors, the settings panel) are common.js's.
 //
 // Hidden query parameter: ?refresh=N (seconds between refreshes, 0 = off; default 5).
 "use strict";
 
 (() => {
+  const { make, announce, authHeaders, errorFrom, networkError, dismissButton, settingsPanel, revealButton } =
+    window.Kaizen;
+  const { get: storageGet, set: storageSet } = window.Kaizen.storage("sessionStorage");
   const TOKEN_STORE = "kaizen.adminToken";
   const params = new URLSearchParams(location.search);
   const refreshParam = Number.parseFloat(params.get("refresh") ?? "");
@@ -32,7 +36,7 @@
     token: el("admin-token"), tokenForm: el("token-form"), tokenHint: el("token-hint"),
     showToken: el("show-token"), forgetToken: el("forget-token"),
     settings: el("settings"), settingsToggle: el("settings-toggle"), refresh: el("refresh"),
-    updated: el("updated"), alerts: el("alerts"), result: el("result"), status: el("status"),
+    updated: el("updated"), alerts: el("alerts"), result: el("result"),
     split: el("split"), splitLegend: el("split-legend"), servingNote: el("serving-note"),
     autoRollout: el("auto-rollout"), promoteCanary: el("promote-canary"), rollback: el("rollback"),
     decision: el("decision"), decisionReason: el("decision-reason"), h2hChart: el("h2h-chart"),
@@ -47,6 +51,7 @@
     reason: el("reason"), dialogError: el("confirm-error"), dialogOk: el("confirm-ok"), dialogCancel: el("confirm-cancel"),
   };
   const tokenHintText = ui.tokenHint.innerHTML;
+  const settings = settingsPanel(ui.settings, ui.settingsToggle, ui.token);
 
   const state = {
     loading: false,
@@ -62,13 +67,6 @@
 
   // -- small helpers ------------------------------------------------------------------
 
-  function make(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
-
   function svg(tag, attrs, text) {
     const node = document.createElementNS(SVG_NS, tag);
     for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
@@ -76,22 +74,7 @@
     return node;
   }
 
-  function storageGet(name) {
-    try { return sessionStorage.getItem(name); } catch { return null; }
-  }
-
-  function storageSet(name, value) {
-    try {
-      if (value) sessionStorage.setItem(name, value); else sessionStorage.removeItem(name);
-    } catch { /* storage off: the token lasts for this page only */ }
-  }
-
   function token() { return ui.token.value.trim(); }
-
-  function announce(text) {
-    ui.status.textContent = "";
-    window.setTimeout(() => { ui.status.textContent = text; }, 30);
-  }
 
   const isNum = (x) => typeof x === "number" && Number.isFinite(x);
   const DASH = "—";
@@ -160,26 +143,21 @@
 
   // -- API and errors in words ----------------------------------------------------------------
 
+  /** {ok: true, body} or {ok: false, err} (common.js's error shape): an admin call never throws. */
   async function api(method, path, body) {
-    const headers = { Accept: "application/json" };
-    if (token()) headers.Authorization = `Bearer ${token()}`;
+    const headers = authHeaders(token(), { Accept: "application/json" });
     if (body !== undefined) headers["Content-Type"] = "application/json";
     let res;
     try {
       res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
     } catch (e) {
-      return { ok: false, err: { status: 0, message: String(e && e.message ? e.message : e), code: null } };
+      return { ok: false, err: networkError(e) };
     }
     const raw = await res.text().catch(() => "");
+    if (!res.ok) return { ok: false, err: errorFrom(res, raw) };
     let json = null;
     try { json = JSON.parse(raw); } catch { /* not JSON: a proxy's page, say */ }
-    if (res.ok) return { ok: true, body: json };
-    const info = json && typeof json.error === "object" && json.error ? json.error : {};
-    const detail = typeof json?.detail === "string" ? json.detail : null;
-    return { ok: false, err: {
-      status: res.status, message: info.message || detail || raw.slice(0, 300) || res.statusText,
-      code: info.code || null, param: info.param || null,
-    } };
+    return { ok: true, body: json };
   }
 
   function describe(err) {
@@ -203,14 +181,7 @@
 
   function errorBox(err) {
     const [title, advice] = describe(err);
-    const box = make("div", "notice error");
-    box.setAttribute("role", "alert");
-    box.dataset.status = String(err.status);
-    box.append(make("strong", "notice-title", title));
-    if (advice) box.append(make("p", "notice-advice", advice));
-    box.append(make("p", "notice-detail", err.status === 0 ? `Browser said: ${err.message}`
-      : `Server said: ${err.message} (HTTP ${err.status}${err.code ? `, ${err.code}` : ""})`));
-    return box;
+    return window.Kaizen.errorBox(err, title, advice);
   }
 
   function showAlert(err) {
@@ -276,7 +247,7 @@
     state.authFailed = Boolean(err);
     state.rendered = {};
     if (!err) return;
-    openSettings(!token());
+    settings.open(!token());
     ui.tokenHint.textContent = token()
       ? "The server did not accept this token. Check it for typos."
       : "Paste the server's admin token (KAIZEN_ADMIN_TOKEN) here; a local development server " +
@@ -293,6 +264,25 @@
 
   function renderRollout(r) {
     const fraction = r.canary ? (isNum(r.canary_fraction) ? r.canary_fraction : 0) : 0;
+    renderSplit(r, fraction);
+    renderServing(r, fraction);
+
+    ui.autoRollout.textContent = r.auto_rollout ? "auto rollout on" : "auto rollout off";
+    ui.autoRollout.title = r.auto_rollout
+      ? "The server promotes or rolls back the canary from live votes"
+      : "Only operators promote or roll back";
+
+    ui.promoteCanary.disabled = !r.canary;
+    ui.promoteCanary.textContent = r.canary ? `Promote ${r.canary}…` : "Promote canary…";
+    ui.rollback.disabled = !r.champion;
+    ui.rollback.textContent = r.canary ? `Roll back ${r.canary}…` : `Roll back ${r.champion || ""}…`.replace(" …", "…");
+
+    renderHeadToHead(r);
+    renderHealth(r.health || {}, r);
+  }
+
+  /** The champion/canary traffic bar, its shares in words for screen readers. */
+  function renderSplit(r, fraction) {
     ui.split.replaceChildren();
     ui.split.dataset.champion = r.champion || "";
     ui.split.dataset.canary = r.canary || "";
@@ -310,7 +300,10 @@
       ? `Traffic split: champion ${r.champion} ${pct(1 - fraction)}, canary ${r.canary} ${pct(fraction)}`
       : `Traffic split: champion ${r.champion || "none"} 100%, no canary`;
     ui.split.setAttribute("aria-label", words);
+  }
 
+  /** The registry's rollout next to what the server serves now (they differ while it switches). */
+  function renderServing(r, fraction) {
     ui.splitLegend.replaceChildren();
     const fact = (term, value, id) => {
       const d = make("div");
@@ -338,19 +331,6 @@
         ...refused.map(([v, why]) => `The server refuses to load ${v}: ${why}.`)].filter(Boolean).join(" ");
     }
     ui.servingNote.classList.toggle("warn", Boolean(switching || refused.length));
-
-    ui.autoRollout.textContent = r.auto_rollout ? "auto rollout on" : "auto rollout off";
-    ui.autoRollout.title = r.auto_rollout
-      ? "The server promotes or rolls back the canary from live votes"
-      : "Only operators promote or roll back";
-
-    ui.promoteCanary.disabled = !r.canary;
-    ui.promoteCanary.textContent = r.canary ? `Promote ${r.canary}…` : "Promote canary…";
-    ui.rollback.disabled = !r.champion;
-    ui.rollback.textContent = r.canary ? `Roll back ${r.canary}…` : `Roll back ${r.champion || ""}…`.replace(" …", "…");
-
-    renderHeadToHead(r);
-    renderHealth(r.health || {}, r);
   }
 
   function renderHeadToHead(r) {
@@ -905,10 +885,7 @@
     const box = make("div", "notice success");
     box.dataset.action = pending.action;
     box.append(make("strong", "notice-title", "Done. "), make("span", "", text));
-    const close = make("button", "notice-close", "Dismiss");
-    close.type = "button";
-    close.addEventListener("click", () => ui.result.replaceChildren());
-    box.append(close);
+    box.append(dismissButton(() => ui.result.replaceChildren()));
     ui.result.replaceChildren(box);
   }
 
@@ -1014,17 +991,6 @@
 
   // -- token ---------------------------------------------------------------------------------------
 
-  function openSettings(focusToken) {
-    ui.settings.hidden = false;
-    ui.settingsToggle.setAttribute("aria-expanded", "true");
-    if (focusToken) ui.token.focus();
-  }
-
-  function closeSettings() {
-    ui.settings.hidden = true;
-    ui.settingsToggle.setAttribute("aria-expanded", "false");
-  }
-
   async function useToken() {
     storageSet(TOKEN_STORE, token());
     state.authFailed = false;
@@ -1032,21 +998,13 @@
     await refresh();
     if (!state.authFailed && document.body.dataset.state === "ready") {
       announce("Admin token accepted.");
-      closeSettings();
+      settings.close();
       el("main").focus();
     }
   }
 
   ui.tokenForm.addEventListener("submit", (e) => { e.preventDefault(); useToken(); });
-  ui.settingsToggle.addEventListener("click", () => {
-    if (ui.settings.hidden) openSettings(true); else closeSettings();
-  });
-  ui.showToken.addEventListener("click", () => {
-    const show = ui.token.type === "password";
-    ui.token.type = show ? "text" : "password";
-    ui.showToken.textContent = show ? "Hide" : "Show";
-    ui.showToken.setAttribute("aria-pressed", String(show));
-  });
+  revealButton(ui.showToken, ui.token);
   ui.forgetToken.addEventListener("click", () => { ui.token.value = ""; storageSet(TOKEN_STORE, ""); ui.token.focus(); });
   ui.refresh.addEventListener("click", () => { state.authFailed = false; refresh(); });
   document.addEventListener("visibilitychange", () => { if (!document.hidden) tick(); });

@@ -7,7 +7,8 @@
 //   POST /v1/feedback          {"comparison_id", "choice": 0|1|"tie"|"both_bad", "reason"?}
 //   GET  /v1/models            the served version (also in X-Kaizen-Model-Version)
 //
-// Answers are drawn as Markdown by markdown.js (DOM nodes and text nodes only, never HTML).
+// Answers are drawn as Markdown by markdown.js (DOM nodes and text nodes only, never HTML);
+// the helpers both pages share (elements, storage, errors, the settings panel) are common.js's.
 // The conversation is kept in localStorage (kaizen.chat) until "New chat", so a reload keeps it;
 // a pair not yet voted on can still be voted on after a reload.
 //
@@ -15,6 +16,10 @@
 "use strict";
 
 (() => {
+  const {
+    make, announce, authHeaders, apiError, networkError, dismissButton, settingsPanel, revealButton,
+  } = window.Kaizen;
+  const { get: storageGet, set: storageSet } = window.Kaizen.storage("localStorage");
   const KEY_STORE = "kaizen.apiKey";
   const COMPARE_STORE = "kaizen.compare";
   const CHAT_STORE = "kaizen.chat";
@@ -38,12 +43,13 @@
   const ui = {
     log: el("log"), empty: el("empty"), main: el("main"), alerts: el("alerts"),
     form: el("composer"), prompt: el("prompt"), send: el("send"), stop: el("stop"),
-    newChat: el("new-chat"), version: el("model-version"), status: el("status"),
+    newChat: el("new-chat"), version: el("model-version"),
     settings: el("settings"), settingsToggle: el("settings-toggle"),
     key: el("api-key"), showKey: el("show-key"), forgetKey: el("forget-key"), keyHint: el("key-hint"),
     compare: el("compare"), compareNote: el("compare-note"),
   };
   const keyHintText = ui.keyHint.innerHTML;
+  const settings = settingsPanel(ui.settings, ui.settingsToggle, ui.key);
 
   const state = {
     messages: [],        // the conversation as the API sees it (committed turns only)
@@ -54,38 +60,9 @@
 
   // -- small helpers ------------------------------------------------------------------
 
-  function make(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  function storageGet(name) {
-    try { return localStorage.getItem(name); } catch { return null; }
-  }
-
-  function storageSet(name, value) {
-    try {
-      if (value === null || value === "") localStorage.removeItem(name);
-      else localStorage.setItem(name, value);
-    } catch { /* private mode: the setting lasts for this page only */ }
-  }
-
   function apiKey() { return ui.key.value.trim(); }
 
-  function headers(extra) {
-    const out = Object.assign({}, extra);
-    const key = apiKey();
-    if (key) out.Authorization = `Bearer ${key}`;
-    return out;
-  }
-
-  function announce(text) {
-    ui.status.textContent = "";
-    // a fresh text node so screen readers repeat an identical message
-    window.setTimeout(() => { ui.status.textContent = text; }, 30);
-  }
+  function headers(extra) { return authHeaders(apiKey(), extra); }
 
   function nearBottom() {
     const m = ui.main;
@@ -102,25 +79,6 @@
   }
 
   // -- errors, in words -----------------------------------------------------------------
-
-  /** An API error from a response: {status, message, type, code, retryAfter}. */
-  async function apiError(res) {
-    let body = null;
-    const raw = await res.text().catch(() => "");
-    try { body = JSON.parse(raw); } catch { /* not JSON: a proxy's page, say */ }
-    const info = body && typeof body.error === "object" && body.error ? body.error : {};
-    return {
-      status: res.status,
-      message: info.message || (typeof body?.detail === "string" ? body.detail : raw.slice(0, 300)) || res.statusText,
-      type: info.type || null,
-      code: info.code || null,
-      retryAfter: Number.parseInt(res.headers.get("Retry-After") || "", 10) || null,
-    };
-  }
-
-  function networkError(err) {
-    return { status: 0, message: String(err && err.message ? err.message : err), type: "network", code: null };
-  }
 
   function seconds(n) { return n === 1 ? "1 second" : `${n} seconds`; }
 
@@ -160,20 +118,11 @@
     }
   }
 
-  /** An alert box (role=alert): title, advice, and what the server actually said. */
+  /** An alert box (role=alert): title, advice (a countdown while rate limited), what the server said. */
   function errorBox(err, where) {
     const [title, advice] = describe(err, where);
-    const box = make("div", "notice error");
-    box.setAttribute("role", "alert");
-    box.append(make("strong", "notice-title", title));
-    if (err.status === 429 && err.retryAfter) box.append(countdown(err.retryAfter, where));
-    else if (advice) box.append(make("p", "notice-advice", advice));
-    const detail = err.status === 0
-      ? `Browser said: ${err.message}`
-      : `Server said: ${err.message} (HTTP ${err.status}${err.code ? `, ${err.code}` : ""})`;
-    box.append(make("p", "notice-detail", detail));
-    box.dataset.status = String(err.status);
-    return box;
+    const rateLimited = err.status === 429 && err.retryAfter;
+    return window.Kaizen.errorBox(err, title, rateLimited ? countdown(err.retryAfter, where) : advice);
   }
 
   /** "Please wait N seconds", counting down each second to "You can try again now." */
@@ -198,12 +147,9 @@
   function showAlert(err, where) {
     clearAlerts();
     const box = errorBox(err, where);
-    const close = make("button", "notice-close", "Dismiss");
-    close.type = "button";
-    close.addEventListener("click", () => { box.remove(); ui.prompt.focus(); });
-    box.append(close);
+    box.append(dismissButton(() => { box.remove(); ui.prompt.focus(); }));
     ui.alerts.append(box);
-    if (err.status === 401) openSettings(false);
+    if (err.status === 401) settings.open(false);
   }
 
   function clearAlerts() { ui.alerts.replaceChildren(); }
@@ -242,7 +188,7 @@
         ? "The server did not accept this key. Check it for typos."
         : "This server needs an API key. Paste yours here.";
       ui.keyHint.classList.add("warn");
-      if (!apiKey()) openSettings(true);
+      if (!apiKey()) settings.open(true);
     } else if (err.status === 503) {
       ui.version.textContent = "model loading…";
     }
@@ -251,31 +197,13 @@
 
   // -- settings ---------------------------------------------------------------------------
 
-  function openSettings(focusKey) {
-    ui.settings.hidden = false;
-    ui.settingsToggle.setAttribute("aria-expanded", "true");
-    if (focusKey) ui.key.focus();
-  }
-
-  function toggleSettings() {
-    const open = ui.settings.hidden;
-    ui.settings.hidden = !open;
-    ui.settingsToggle.setAttribute("aria-expanded", String(open));
-    if (open) ui.key.focus();
-  }
-
-  function closeSettings() {
-    ui.settings.hidden = true;
-    ui.settingsToggle.setAttribute("aria-expanded", "false");
-  }
-
   /** Store the key; once the server accepts it, fold the settings away. */
   async function saveKey() {
     storageSet(KEY_STORE, apiKey());
     const ok = await loadVersion();
     if (ok && apiKey()) {
       announce("API key saved and accepted.");
-      if (!ui.settings.contains(document.activeElement)) closeSettings();
+      if (!ui.settings.contains(document.activeElement)) settings.close();
     }
   }
 
@@ -503,7 +431,7 @@
     } else {
       pair.buttons.forEach((b) => { b.disabled = false; }); // a retry may work (429, 503, network)
       pair.feedback.replaceChildren(box);
-      if (err.status === 401) openSettings(false);
+      if (err.status === 401) settings.open(false);
     }
   }
 
@@ -523,114 +451,139 @@
     return body;
   }
 
+  /** One exchange: the question on screen, the answer streamed into its turn, then settled. */
   async function send(text) {
     if (state.controller || !text.trim()) return;
+    const ex = beginExchange(text);
+    const res = await openStream(ex);
+    if (!res) return;
+    const got = await readAnswer(res, ex);
+    const stopped = ex.controller.signal.aborted;
+    finishRequest();
+    ex.turn.cards.forEach((card, i) => finishCard(card, ex.turn.texts[i], null));
+    if (got.pair) endPair(ex, got, stopped);
+    else endAnswer(ex, got, stopped);
+  }
+
+  /** The question and an empty answer turn on screen; a pair still waiting for a vote is settled. */
+  function beginExchange(text) {
     if (state.pair && !state.pair.settled) {
       settlePair(state.pair, 0, "Not rated: you moved on, so the conversation continues with answer A.");
     }
     clearAlerts();
     state.messages.push({ role: "user", content: text });
     const userRow = renderUser(text);
-    const userRecord = { kind: "user", text };
     const turn = renderTurn();
     state.stick = true;
     scrollToEnd(true);
     const controller = new AbortController();
     state.controller = controller;
     setBusy(true);
+    return { text, userRow, userRecord: { kind: "user", text }, turn, controller };
+  }
 
-    // Undo the turn: the message goes back into the box so nothing typed is lost.
-    const withdraw = () => {
-      state.messages.pop();
-      userRow.remove();
-      turn.row.remove();
-      if (!ui.prompt.value) { ui.prompt.value = text; autosize(); }
-      if (!state.messages.length && !ui.log.querySelector(".msg")) ui.empty.hidden = false;
-    };
+  /** Undo an exchange the server did not take: the message goes back into the box so nothing typed is lost. */
+  function withdraw(ex) {
+    finishRequest();
+    state.messages.pop();
+    ex.userRow.remove();
+    ex.turn.row.remove();
+    if (!ui.prompt.value) { ui.prompt.value = ex.text; autosize(); }
+    if (!state.messages.length && !ui.log.querySelector(".msg")) ui.empty.hidden = false;
+  }
 
+  /** The streaming response, or null once the failure is shown and the exchange withdrawn. */
+  async function openStream(ex) {
     let res;
     try {
       res = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
-        body: JSON.stringify(requestBody()), signal: controller.signal,
+        body: JSON.stringify(requestBody()), signal: ex.controller.signal,
       });
     } catch (e) {
-      finishRequest();
-      withdraw();
-      if (!controller.signal.aborted) showAlert(networkError(e), "chat");
-      return;
+      withdraw(ex);
+      if (!ex.controller.signal.aborted) showAlert(networkError(e), "chat");
+      return null;
     }
     if (!res.ok) {
       const err = await apiError(res);
-      finishRequest();
-      withdraw();
+      withdraw(ex);
       showAlert(err, "chat");
       announce(describe(err, "chat")[0]);
-      return;
+      return null;
     }
     noteVersion(res.headers.get(VERSION_HEADER));
+    return res;
+  }
 
-    const texts = [""];
-    const finish = [null];
-    let pair = null;
-    let sawDone = false;
-    let streamErr = null;
+  /** Draw the stream's chunks into the turn until [DONE], an error event, a cut or Stop. */
+  async function readAnswer(res, ex) {
+    const got = { texts: [""], pair: null, sawDone: false, streamErr: null };
     try {
       for await (const data of sseData(res.body)) {
-        if (data === "[DONE]") { sawDone = true; break; }
+        if (data === "[DONE]") { got.sawDone = true; break; }
         let chunk;
         try { chunk = JSON.parse(data); } catch { continue; }
         // the API's error event when the engine fails mid-answer (a 503 it can no longer send as a status)
         if (chunk.error) {
-          streamErr = { status: chunk.error.type === "service_unavailable" ? 503 : 500, ...chunk.error };
+          got.streamErr = { status: chunk.error.type === "service_unavailable" ? 503 : 500, ...chunk.error };
           break;
         }
-        noteVersion(chunk.model_version);
-        if (chunk.comparison_id && !pair) {
-          pair = makePair(turn, chunk.comparison_id);
-          texts.push("");
-          finish.push(null);
-        }
-        for (const choice of chunk.choices || []) {
-          const i = choice.index;
-          if (i < 0 || i >= turn.texts.length) continue;
-          const piece = choice.delta && choice.delta.content;
-          if (piece) {
-            state.stick = nearBottom();
-            texts[i] += piece;
-            setText(turn.texts[i], texts[i]);
-            scrollToEnd();
-          }
-          if (choice.finish_reason) {
-            finish[i] = choice.finish_reason;
-            finishCard(turn.cards[i], turn.texts[i], choice.finish_reason);
-          }
-        }
+        drawChunk(ex.turn, got, chunk);
       }
     } catch (e) {
-      if (!controller.signal.aborted) streamErr = networkError(e);
+      if (!ex.controller.signal.aborted) got.streamErr = networkError(e);
     }
-    const stopped = controller.signal.aborted;
-    finishRequest();
-    turn.cards.forEach((card, i) => finishCard(card, turn.texts[i], null));
+    return got;
+  }
 
-    if (!pair) {
-      state.messages.push({ role: "assistant", content: texts[0] });
-      turn.row.dataset.done = "true";
-      setText(turn.texts[0], texts[0]);
-      if (stopped) turn.single.append(make("p", "meta", "Stopped."));
-      else if (streamErr || !sawDone) turn.single.append(errorBox(streamErr || networkError("the answer was cut off"), "chat"));
-      state.turns.push(userRecord, { kind: "answer", text: texts[0], note: stopped ? "Stopped." : null });
-      saveChat();
-      announce(stopped ? "Answer stopped." : "Answer complete.");
-      return;
+  /** One chat.completion.chunk: the first with a comparison_id turns the answer into a pair. */
+  function drawChunk(turn, got, chunk) {
+    noteVersion(chunk.model_version);
+    if (chunk.comparison_id && !got.pair) {
+      got.pair = makePair(turn, chunk.comparison_id);
+      got.texts.push("");
     }
+    for (const choice of chunk.choices || []) {
+      const i = choice.index;
+      if (i < 0 || i >= turn.texts.length) continue;
+      const piece = choice.delta && choice.delta.content;
+      if (piece) {
+        state.stick = nearBottom();
+        got.texts[i] += piece;
+        setText(turn.texts[i], got.texts[i]);
+        scrollToEnd();
+      }
+      if (choice.finish_reason) finishCard(turn.cards[i], turn.texts[i], choice.finish_reason);
+    }
+  }
+
+  /** A single answer joins the conversation as far as it got, with a note if it did not finish. */
+  function endAnswer(ex, got, stopped) {
+    const { turn } = ex;
+    const text = got.texts[0];
+    state.messages.push({ role: "assistant", content: text });
+    turn.row.dataset.done = "true";
+    setText(turn.texts[0], text);
+    if (stopped) turn.single.append(make("p", "meta", "Stopped."));
+    else if (got.streamErr || !got.sawDone) {
+      turn.single.append(errorBox(got.streamErr || networkError("the answer was cut off"), "chat"));
+    }
+    state.turns.push(ex.userRecord, { kind: "answer", text, note: stopped ? "Stopped." : null });
+    saveChat();
+    announce(stopped ? "Answer stopped." : "Answer complete.");
+  }
+
+  /** A pair delivered whole waits for a vote; one cut short continues with A, unrated. */
+  function endPair(ex, got, stopped) {
+    const { turn, userRecord } = ex;
+    const { pair, texts, streamErr } = got;
     pair.texts = texts;
     texts.forEach((t, i) => setText(turn.texts[i], t));
     pair.record = { kind: "pair", comparisonId: pair.comparisonId, texts, ready: false, continueWith: null,
                     voted: null, versions: null, note: null, noteClass: null };
     state.turns.push(userRecord, pair.record);
-    if (stopped || streamErr || !sawDone) {
+    if (stopped || streamErr || !got.sawDone) {
       // the server keeps only pairs delivered whole: this one cannot be voted on
       const why = stopped ? "Stopped before both answers were complete, so this pair can't be rated."
         : "The answers were cut off, so this pair can't be rated.";
@@ -750,17 +703,11 @@
   });
   ui.stop.addEventListener("click", () => { stop(); ui.prompt.focus(); });
   ui.newChat.addEventListener("click", newChat);
-  ui.settingsToggle.addEventListener("click", toggleSettings);
   ui.key.addEventListener("change", saveKey);
   ui.key.addEventListener("keydown", (e) => {
     if (e.key === "Enter") { e.preventDefault(); ui.prompt.focus(); } // leaving the field fires "change"
   });
-  ui.showKey.addEventListener("click", () => {
-    const show = ui.key.type === "password";
-    ui.key.type = show ? "text" : "password";
-    ui.showKey.textContent = show ? "Hide" : "Show";
-    ui.showKey.setAttribute("aria-pressed", String(show));
-  });
+  revealButton(ui.showKey, ui.key);
   ui.forgetKey.addEventListener("click", () => { ui.key.value = ""; saveKey(); ui.key.focus(); });
   ui.compare.addEventListener("change", () => storageSet(COMPARE_STORE, ui.compare.checked ? "allow" : "off"));
   ui.main.addEventListener("scroll", () => { state.stick = nearBottom(); }, { passive: true });
