@@ -97,65 +97,78 @@
   }
 
   /** Block structure of `source` as a list of nodes. */
+  // A fenced code block from line `start` (the opening fence): its node and the line after it.
+  function fencedBlock(src, start, fence) {
+    const marker = fence[1];
+    const body = [];
+    let i = start + 1;
+    while (i < src.length && !(src[i].trim().startsWith(marker) && src[i].trim().replace(/[`~]/g, "") === "")) {
+      body.push(src[i]);
+      i++;
+    }
+    return { node: codeBlock(body.join("\n"), fence[2]), next: i + 1 };
+  }
+
+  function headingBlock(match) {
+    const level = Math.min(6, match[1].length + 2);  // inside an answer, below the page's own headings
+    const h = el(`h${level}`, "md-heading");
+    inline(h, match[2]);
+    return h;
+  }
+
+  // One list item; a new list starts when there is none or its kind changes. Returns the list.
+  function listItem(list, bullet, numbered, out) {
+    const ordered = Boolean(numbered);
+    if (!list || list.ordered !== ordered) {
+      list = { node: el(ordered ? "ol" : "ul"), ordered, item: null };
+      if (ordered && numbered[1] !== "1") list.node.start = Number(numbered[1]);
+      out.push(list.node);
+    }
+    list.item = el("li");
+    list.lines = [bullet ? bullet[1] : numbered[2]];
+    lines(list.item, list.lines);
+    list.node.append(list.item);
+    return list;
+  }
+
   function blocks(source) {
     const out = [];
     const src = source.replace(/\r\n?/g, "\n").split("\n");
     let para = [];
-    let list = null;   // {node, ordered, item}
+    let list = null;   // {node, ordered, item, lines}
     const flushPara = () => {
       if (para.length) out.push(lines(el("p"), para));
       para = [];
     };
-    const flushList = () => { list = null; };
     for (let i = 0; i < src.length; i++) {
       const line = src[i];
       const fence = FENCE.exec(line);
-      if (fence) {
-        flushPara(); flushList();
-        const marker = fence[1];
-        const body = [];
-        i++;
-        while (i < src.length && !(src[i].trim().startsWith(marker) && src[i].trim().replace(/[`~]/g, "") === "")) {
-          body.push(src[i]);
-          i++;
-        }
-        out.push(codeBlock(body.join("\n"), fence[2]));
-        continue;
-      }
-      if (!line.trim()) { flushPara(); flushList(); continue; }
-      const heading = HEADING.exec(line);
-      if (heading) {
-        flushPara(); flushList();
-        const level = Math.min(6, heading[1].length + 2);  // inside an answer, below the page's own headings
-        const h = el(`h${level}`, "md-heading");
-        inline(h, heading[2]);
-        out.push(h);
-        continue;
-      }
-      const bullet = BULLET.exec(line);
-      const numbered = bullet ? null : NUMBERED.exec(line);
-      if (bullet || numbered) {
+      const heading = fence ? null : HEADING.exec(line);
+      const bullet = fence || heading ? null : BULLET.exec(line);
+      const numbered = fence || heading || bullet ? null : NUMBERED.exec(line);
+      if (fence || heading || !line.trim()) {
         flushPara();
-        const ordered = Boolean(numbered);
-        if (!list || list.ordered !== ordered) {
-          list = { node: el(ordered ? "ol" : "ul"), ordered, item: null };
-          if (ordered && numbered[1] !== "1") list.node.start = Number(numbered[1]);
-          out.push(list.node);
-        }
-        list.item = el("li");
-        list.lines = [bullet ? bullet[1] : numbered[2]];
-        lines(list.item, list.lines);
-        list.node.append(list.item);
-        continue;
+        list = null;
       }
-      if (list && INDENTED.test(line)) {  // a continuation of the last item
+      if (fence) {
+        const block = fencedBlock(src, i, fence);
+        out.push(block.node);
+        i = block.next - 1;
+      } else if (heading) {
+        out.push(headingBlock(heading));
+      } else if (!line.trim()) {
+        continue;
+      } else if (bullet || numbered) {
+        flushPara();
+        list = listItem(list, bullet, numbered, out);
+      } else if (list && INDENTED.test(line)) {  // a continuation of the last item
         list.lines.push(line.trim());
         list.item.replaceChildren();
         lines(list.item, list.lines);
-        continue;
+      } else {
+        list = null;
+        para.push(line);
       }
-      flushList();
-      para.push(line);
     }
     flushPara();
     return out;
