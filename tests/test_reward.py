@@ -150,6 +150,12 @@ def test_pairs_files_in_shared_and_trl_formats(tmp_path: Path) -> None:
     bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"chosen": "x", "rejected": "y"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_pairs_file(bad)
+    # an answer given as a conversation must end with the assistant's turn (a ValueError, not an
+    # assert that `python -O` would drop and let the user's turn be trained on as an answer)
+    for answer in ([{"role": "user", "content": "x"}], [], [{"content": "x"}], ["x"]):
+        bad.write_text(json.dumps({"prompt": "Hi?", "chosen": answer, "rejected": "y"}) + "\n")
+        with pytest.raises(ValueError, match="bad.jsonl:1: not a preference pair: an answer is"):
+            read_pairs_file(bad)
 
 
 def vote(cid: str, choice: object, good: str = "a", bad: str = "b") -> PreferenceEvent:

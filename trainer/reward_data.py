@@ -71,7 +71,10 @@ def _as_messages(value: Any) -> Messages:
 def _answer_text(value: Any) -> str:
     if isinstance(value, str):
         return value
-    assert value and value[-1]["role"] == "assistant", f"answer must end with an assistant turn: {value!r}"
+    if not isinstance(value, list) or not value or not isinstance(value[-1], dict) \
+            or value[-1].get("role") != "assistant":
+        raise ValueError("an answer is a string or a conversation ending with an assistant turn: "
+                         f"{value!r:.200}")
     return str(value[-1]["content"])
 
 
@@ -100,7 +103,7 @@ def read_pairs_file(path: Path) -> list[Pair]:
                 continue
             try:
                 pairs.append(pair_from_record(json.loads(line), source=path.name))
-            except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{lineno}: not a preference pair: {exc}") from exc
     return pairs
 
