@@ -134,7 +134,7 @@ def train(
     """Run the trainer daemon: votes into the preference store, training rounds when due.
 
     On a node with KAIZEN_TRAIN_NODE_RANK above 0: a worker that joins each round node 0 starts."""
-    from trainer.daemon import run, run_one_round, run_worker
+    from trainer.daemon import run, run_worker
 
     settings = get_settings()
     setup_logging(settings)
@@ -144,12 +144,7 @@ def train(
     if once:
         console.print(f"stored {stored} new preference events")
         if not no_round:
-            record = run_one_round(settings)
-            if record is None:
-                raise fail("another training round is running", code=75)
-            _print_round(record)
-            if record.get("outcome") == "failed":
-                raise typer.Exit(1)
+            _one_round(settings)
 
 
 rounds_app = typer.Typer(help="Training rounds: reward refresh, PPO, gate, publish.", no_args_is_help=True)
@@ -197,10 +192,15 @@ def rounds_list(
 @rounds_app.command("run")
 def rounds_run() -> None:
     """One training round now, on the votes already in the store (no Kafka needed)."""
-    from trainer.daemon import run_one_round
-
     settings = get_settings()
     setup_logging(settings)
+    _one_round(settings)
+
+
+def _one_round(settings: Settings) -> None:
+    """A training round now, printed; exit 75 if another one runs, 1 if it failed."""
+    from trainer.daemon import run_one_round
+
     record = run_one_round(settings)
     if record is None:
         raise fail("another training round is running", code=75)

@@ -295,6 +295,12 @@ def test_daemon_starts_rounds_on_votes_or_interval_and_never_two_at_once(tmp_pat
         assert round_running(settings)
         with pytest.raises(RoundBusy):
             run_round(settings)
+        # and the operator's `kaizen rounds run` says so and exits 75 (EX_TEMPFAIL), writing nothing
+        cli = subprocess.run([sys.executable, "-m", "kaizen", "rounds", "run"], env=settings.child_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 75, (cli.returncode, cli.stdout, cli.stderr)
+        assert "another training round is running" in cli.stdout + cli.stderr
+        assert [r["round_id"] for r in read_rounds(settings, 5)] == ["r2", "r1"]
     assert not round_running(settings)
 
 
