@@ -26,16 +26,18 @@ README = Path(__file__).resolve().parent.parent / "bench" / "README.md"
 #: than 20 decided pairs to be judged on, and the round would be skipped).
 LOOP_SETTINGS = {"ppo_threads": str(os.cpu_count() or 1), "reward_threads": str(os.cpu_count() or 1),
                  "reward_holdout_fraction": "0.15", "reward_min_holdout": "15", "ppo_iterations": "20"}
-#: The defaults below are the recorded hour-long run (bench/README.md, "The loop"): one round of 500
-#: votes from 16 users, 20 PPO iterations; `kaizen bench loop --judge J --eval-prompts P` reruns it.
+#: The defaults below are the hour-long run bench/README.md records ("The loop"): rounds of 500 votes
+#: from 16 users and 20 PPO iterations, as many as fit 50 minutes, then the evaluation;
+#: `kaizen bench loop --judge J --eval-prompts P` reruns it.
 
 
 @bench_app.command("loop")
 def loop(
-    rounds: Annotated[int, typer.Option(min=1, help="training rounds")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="most training rounds (the budget decides)")] = 6,
     votes: Annotated[int, typer.Option(min=1, help="simulated votes before each round")] = 500,
     canary_votes: Annotated[int, typer.Option(min=1, help="most votes per canary before the loop decides")] = 120,
-    budget: Annotated[float, typer.Option(min=1, help="seconds for the rounds (evaluation comes after)")] = 3600,
+    budget: Annotated[float, typer.Option(min=1, help="seconds for the start and the rounds (a round starts "
+                                                    "only if it fits; the evaluation comes after)")] = 3000,
     judge: Annotated[str, typer.Option(help="voters' judge: module:function or file.py:function")] =
         "simulation.judges:rubric",
     eval_judge: Annotated[str | None, typer.Option(help="evaluation judge (default: --judge)")] = None,

@@ -59,12 +59,13 @@ Votes = Callable[..., dict[str, Any]]
 @dataclass
 class LoopConfig:
     out_dir: Path
-    rounds: int = 1
+    rounds: int = 6
+    """At most; the budget decides how many run (next_round_fits)."""
     votes_per_round: int = 500
     canary_votes: int = 120
     """Most votes collected while a canary runs before the loop decides itself."""
-    budget_s: float = 3600.0
-    """Wall-clock budget of the rounds (evaluation comes after)."""
+    budget_s: float = 3000.0
+    """Wall-clock budget of the start and the rounds; the evaluation after them fits the hour's rest."""
     judge: str = DEFAULT_JUDGE
     eval_judge: str | None = None
     prompts: Path = DEFAULT_PROMPTS
@@ -233,14 +234,26 @@ def stop(server: subprocess.Popen[bytes], broker: Any) -> None:
 
 def run_rounds(config: LoopConfig, settings: Settings, admin: dict[str, str], engine: Any, votes: Votes,
                phases: Phases, started_all: float, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The rounds, until `rounds` are done or the time budget is spent: each round's record."""
+    """The rounds, until `rounds` are done or the next one would not fit the time budget: each
+    round's record."""
     rounds: list[dict[str, Any]] = []
+    took: list[float] = []
     for r in range(config.rounds):
-        if time.monotonic() - started_all > config.budget_s:
-            say(f"time budget of {config.budget_s:.0f} s spent after {r} rounds")
+        elapsed = time.monotonic() - started_all
+        if not next_round_fits(elapsed, took, config.budget_s):
+            say(f"{r} rounds in {elapsed:.0f} s: another (the longest took {max(took):.0f} s) would not "
+                f"fit the budget of {config.budget_s:.0f} s")
             break
+        t = time.monotonic()
         rounds.append(run_one_round(r, config, settings, admin, engine, votes, phases, say))
+        took.append(time.monotonic() - t)
     return rounds
+
+
+def next_round_fits(elapsed: float, took: list[float], budget: float) -> bool:
+    """Start another round only if one as long as the longest so far ends within the budget (the
+    first round always starts): a round started just before the end would overrun it by a round."""
+    return not took or elapsed + max(took) <= budget
 
 
 def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[str, str], engine: Any,

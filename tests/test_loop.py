@@ -44,6 +44,16 @@ def prompt_file(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+
+def test_a_round_starts_only_if_one_as_long_as_the_longest_fits_the_budget() -> None:
+    from simulation.loop import next_round_fits
+
+    assert next_round_fits(0.0, [], 3000)          # the first round always starts
+    assert next_round_fits(5000.0, [], 3000)        # even late: a run with no round shows nothing
+    assert next_round_fits(1500.0, [700.0, 900.0], 3000)      # 1500 + 900 <= 3000
+    assert not next_round_fits(2200.0, [700.0, 900.0], 3000)  # 2200 + 900 > 3000: it would overrun
+    assert not next_round_fits(2101.0, [900.0], 3000)
+
 def test_bootstrap_interval_brackets_the_mean() -> None:
     scores = [1.0] * 70 + [0.0] * 30
     lo, hi = bootstrap_interval(scores, 1000, seed=0)
@@ -92,7 +102,7 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
 
     report = {"champion": "v2", "wall_s": 3000.0, "evaluation": {"versions": {
         "v0": {"mean_answer_tokens": 50.0}, "v1": version(0.7), "v2": version(0.6)}},
-        "config": {"canary_votes": 120, "users": 8, "max_tokens": 64, "eval_samples": 4, "budget_s": 3600.0}}
+        "config": {"canary_votes": 120, "users": 8, "max_tokens": 64, "eval_samples": 4, "budget_s": 3000.0}}
     line = result_line(report, rounds=2, votes=100, judge="simulation.judges:rubric", seed=0,
                        overrides={"ppo_lr": "1e-5"})
     assert "v2: win rate 0.600 [0.500, 0.700]" in line and "0.700 [" not in line
