@@ -82,8 +82,25 @@ def loop(
     console.print_json(json.dumps(report["evaluation"]))
     console.print(f"phases (s): {report['phases_s']}; report {out_dir / 'loop.json'}, plot {out_dir / 'loop.png'}")
     if record:
-        with README.open("a") as f:
-            f.write(result_line(report, rounds=rounds, votes=votes, judge=judge, seed=seed, overrides=overrides))
+        row = result_line(report, rounds=rounds, votes=votes, judge=judge, seed=seed, overrides=overrides)
+        README.write_text(with_loop_row(README.read_text(), row))
+        console.print(f"recorded in {README}")
+
+
+LOOP_SECTION = "## The loop (`kaizen bench loop`)"
+
+
+def with_loop_row(readme: str, row: str) -> str:
+    """bench/README.md with `row` added as the last row of the loop section's table (appending to
+    the file put it under the prose that follows the table, outside it); at the end if there is none."""
+    lines = readme.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(LOOP_SECTION)), None)
+    if start is None:
+        return readme + ("" if readme.endswith("\n") else "\n") + row
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rows = [i for i in range(start, end) if lines[i].startswith("| 20")]
+    at = rows[-1] + 1 if rows else end
+    return "".join(lines[:at] + [row] + lines[at:])
 
 
 def result_line(report: dict[str, Any], *, rounds: int, votes: int, judge: str, seed: int,

@@ -45,6 +45,21 @@ def prompt_file(path: Path, n: int, seed: int) -> Path:
 
 
 
+
+def test_record_puts_the_row_in_the_loop_table_not_under_its_prose() -> None:
+    from kaizen.bench_cli import with_loop_row
+
+    readme = ("# Benchmarks\n\n## Serving\n\n| date | x |\n| --- | --- |\n| 2026-01-01 | serve |\n\n"
+              "## The loop (`kaizen bench loop`)\n\nIntro.\n\n| date | command |\n| --- | --- |\n"
+              "| 2026-11-26 | old |\n\nProse about the old row.\n")
+    out = with_loop_row(readme, "| 2026-11-28 | new |\n")
+    assert "| 2026-11-26 | old |\n| 2026-11-28 | new |\n\nProse about the old row.\n" in out
+    assert out.count("| 2026-11-28 | new |") == 1 and "| 2026-01-01 | serve |\n\n## The loop" in out
+    # no table yet in the section: the row goes at the section's end; no section: the file's end
+    bare = "## The loop (`kaizen bench loop`)\n\nIntro.\n\n## Next\n"
+    assert with_loop_row(bare, "| r |\n") == "## The loop (`kaizen bench loop`)\n\nIntro.\n\n| r |\n## Next\n"
+    assert with_loop_row("# B\n", "| r |\n") == "# B\n| r |\n"
+
 def test_a_round_starts_only_if_one_as_long_as_the_longest_fits_the_budget() -> None:
     from simulation.loop import next_round_fits
 
