@@ -225,13 +225,17 @@ def test_a_killed_engine_is_restarted_on_the_same_version(
     restarts = metric(base, "kaizen_engine_restarts_total", cause="died", result="ok")
     core = engine_core(proc)
     long = {"max_tokens": 8000, "temperature": 1.0}
+    # The stream asks for 4 choices: the random tiny model samples its end-of-text token (1 of 49,152)
+    # now and then, and one choice could end on it before the kill (CI saw a stream end normally);
+    # all four ending within the moment before the freeze is out of reach.
+    streamed_choices = 4
 
     first_chunk = threading.Event()
     stream_lines: list[str] = []
 
     def stream() -> int:
         with httpx.stream("POST", f"{base}/v1/chat/completions", headers=USER, timeout=300,
-                          json={"messages": PROMPT, "stream": True, **long}) as r:
+                          json={"messages": PROMPT, "stream": True, "n": streamed_choices, **long}) as r:
             for line in r.iter_lines():
                 stream_lines.append(line)
                 if '"content":"' in line.replace(" ", "") and '"content":""' not in line.replace(" ", ""):
@@ -257,7 +261,9 @@ def test_a_killed_engine_is_restarted_on_the_same_version(
         assert streamed.result(300) == 200  # the stream had begun: its 503 is an error event
         assert_unavailable(whole.result(300), "engine_dead")
     events = [json.loads(line[6:]) for line in stream_lines if line.startswith("data: {")]
-    assert events[-1]["error"]["code"] == "engine_dead", events[-1]
+    assert "error" in events[-1] and events[-1]["error"]["code"] == "engine_dead", events[-3:]
+    finished = {c["index"] for e in events for c in e.get("choices", []) if c.get("finish_reason")}
+    assert len(finished) < streamed_choices, finished  # the error ended choices still being written
     assert stream_lines[-1] == "data: [DONE]" or stream_lines[-2] == "data: [DONE]", stream_lines[-3:]
 
     # (a 503 `engine_unresponsive` may come first: the core was frozen for a moment before the kill)
@@ -328,7 +334,7 @@ def test_an_answer_resumed_on_new_weights_names_both_versions(
     label never claims one version for text two versions wrote. An answer that happened to end
     before the pause is labelled with its one version; the test then tries again with the next
     version (at most ATTEMPTS times)."""
-    base, settings, _ = server
+    base, settings, proc = server
     until(base, "/readyz", 200)
     registry = Registry(settings.registry_path)
     long = {"max_tokens": 8000, "temperature": 1.0, "n": 2}  # seconds of writing, even when idle
@@ -339,12 +345,24 @@ def test_an_answer_resumed_on_new_weights_names_both_versions(
         # strongly scaled weights can make the next attempt's old version end its answers early
         folder = other_weights(settings.model_dir, tmp_path / f"straddle-{attempt}", spread=0.05)
         new = registry.publish(folder, parent=old, who="test", why="straddle").version
-        with ThreadPoolExecutor(1) as pool:
+        core = engine_core(proc)
+        with ThreadPoolExecutor(2) as pool:
             answer = pool.submit(chat, base, 300, **long)
             time.sleep(0.5)  # admitted (milliseconds); 16,000 tokens take this model seconds to write
-            t0 = time.monotonic()
-            promoted = httpx.post(f"{base}/admin/promote", json={"version": new, "reason": "straddle"},
-                                  headers=ADMIN, timeout=300)
+            # While the tiny model writes a long answer on a 2-core machine, the API took no other
+            # request until the answer ended (a promote sent mid-answer waited 20 s and was handled as
+            # it ended; bench/probe_stall.py measures it). So the core is frozen for a moment: the
+            # promote reaches the API and asks the core to pause, which it does on waking, with the
+            # answer still in flight.
+            core.send_signal(signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                promoted_f = pool.submit(httpx.post, f"{base}/admin/promote", headers=ADMIN, timeout=300,
+                                         json={"version": new, "reason": "straddle"})
+                time.sleep(1.0)  # the promote is received and its pause sent (well under the 2 s heartbeat)
+            finally:
+                core.send_signal(signal.SIGCONT)
+            promoted = promoted_f.result(300)
             assert promoted.status_code == 200, promoted.text
             t1 = time.monotonic()
             r = answer.result(300)
