@@ -1,7 +1,7 @@
 """How long `/healthz` waits while one long answer is written, against the same probe idle.
 
     python bench/probe_stall.py --tokens 8000 --n 2
-    python bench/probe_stall.py --model .kaizen/models/<prepared model> --tokens 2000
+    python bench/probe_stall.py --model .kaizen/models/SmolLM2-135M-Instruct --context 4096 --tokens 1500
 
 Starts a real embedded broker and `kaizen serve` (by default on a tiny random model with a
 32,768-token context, which writes hundreds of tokens a second on two cores), then probes
@@ -72,16 +72,17 @@ def answer(base: str, body: dict[str, object], stream: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a prepared model folder (default: a tiny random model)")
+    ap.add_argument("--context", type=int, default=CONTEXT, help="the engine's context (max_model_len)")
     ap.add_argument("--tokens", type=int, default=8000, help="max_tokens of the long answer")
     ap.add_argument("--n", type=int, default=2, help="choices of the long answer")
     ap.add_argument("--idle-s", type=float, default=5.0)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-probe-stall-"))
-    model = args.model or build_tiny(Settings(engine_max_model_len=CONTEXT), tmp / "tiny-long")
+    model = args.model or build_tiny(Settings(engine_max_model_len=args.context), tmp / "tiny-long")
     settings = Settings(data_dir=tmp / "data", model=model, port=free_port(), trainer_port=free_port(),
-                        broker_port=free_port(), api_keys=KEY, engine_max_model_len=CONTEXT,  # type: ignore[arg-type]
-                        max_tokens_limit=CONTEXT - 1024, auto_rollout=False)
+                        broker_port=free_port(), api_keys=KEY, engine_max_model_len=args.context,  # type: ignore[arg-type]
+                        max_tokens_limit=args.context - 512, auto_rollout=False)
     broker = start_embedded_broker(settings)
     ensure_topics(settings)
     api = start([sys.executable, "-m", "kaizen", "serve"], settings.child_env(), tmp / "api.log")
