@@ -2,7 +2,8 @@
 
     python bench/swap.py --clients 8 --swaps 3
 
-Starts `kaizen serve` on the prepared SmolLM2-135M-Instruct (float32, eager;
+Starts `kaizen serve` on the prepared SmolLM2-135M-Instruct (the engine dtype's setting resolved
+for this machine, printed with the result; eager;
 `auto_rollout` off), publishes copies of it as new versions (weights nudged
 by tiny noise, so each is a real, distinct set of files), keeps `--clients`
 streaming greedy requests running, and promotes each version *behind the
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
 from kaizen.core import model_events
+from kaizen.core.engine_config import serving_dtype  # noqa: E402
 from kaizen.core.registry import Registry  # noqa: E402
 from kaizen.core.settings import Settings, get_settings  # noqa: E402
 
@@ -155,7 +157,7 @@ def main() -> None:
             broker.wait(10)
         swaps = [line for line in log.read_text().splitlines() if "now serving" in line]
 
-    report(args, streams, quiet, quiet_ttft, to_first, swap_gaps, swap_ttfts, swaps)
+    report(args, streams, quiet, quiet_ttft, to_first, swap_gaps, swap_ttfts, swaps, serving_dtype(settings))
 
 
 def publish_versions(registry: Registry, model: Path, tmpdir: Path, n: int) -> list[str]:
@@ -195,10 +197,10 @@ def swap_through(settings: Settings, registry: Registry, streams: Streams, versi
 
 
 def report(args: argparse.Namespace, streams: Streams, quiet: float, quiet_ttft: float, to_first: list[float],
-           swap_gaps: list[float], swap_ttfts: list[float], swaps: list[str]) -> None:
+           swap_gaps: list[float], swap_ttfts: list[float], swaps: list[str], dtype: str) -> None:
     """The result lines (what bench/README.md records)."""
     print(f"\nswap under load: {args.clients} streaming clients, {args.max_tokens} tokens, greedy, "
-          f"SmolLM2-135M-Instruct float32 on vLLM CPU")
+          f"SmolLM2-135M-Instruct {dtype} on vLLM CPU")
     print(f"answers {streams.answers}, failed requests {len(streams.failures)}")
     print(f"longest inter-token gap: quiet {quiet:.3f} s; during swaps max {max(swap_gaps):.3f} s "
           f"(each: {', '.join(f'{g:.3f}' for g in swap_gaps)}); ratio {max(swap_gaps) / quiet:.2f}")
