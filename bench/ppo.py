@@ -4,6 +4,7 @@
     python bench/ppo.py                        # SmolLM2-135M-Instruct, 16 prompts x 64 tokens,
                                                # 2 iterations each
     python bench/ppo.py --model /tmp/tiny --iterations 1 --skip-trl   # a quick smoke run
+    python bench/ppo.py --train-layers 8      # Kaizen as shipped (frozen trunk) against TRL
 
 Same model, prompts (user turns of ../shared/data/hh_harmless_test.jsonl), batch, answer length,
 epochs and hyperparameters on both sides; the reward model is the policy with a fresh scalar head
@@ -69,7 +70,7 @@ def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> di
     config = PPOConfig.from_settings(settings, iterations=args.iterations, batch_size=args.batch,
                                      response_length=args.response_length,
                                      max_prompt_length=args.max_prompt_length, epochs=args.epochs, lr=3e-6,
-                                     train_layers=0, threads=args.threads, adaptive_kl=False)
+                                     train_layers=args.train_layers, threads=args.threads, adaptive_kl=False)
     policy, tok, _ = load_policy(args.model)
     reference, _, _ = load_policy(args.model)
     scorer = RewardScorer.load(rm_dir, 1024)
@@ -156,6 +157,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-layers", type=int, default=0,
+                    help="Kaizen's trained top layers (0: all, like TRL; the setting's default 8 runs the "
+                         "frozen trunk once per batch); TRL always trains all")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
