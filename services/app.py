@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -168,7 +169,13 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def serve(settings: Settings) -> None:
-    """Run the chat API in this process until SIGINT/SIGTERM."""
+    """Run the chat API in this process until SIGINT/SIGTERM.
+
+    The port is bound first, then the app starts (the engine loads: seconds to minutes), then it
+    listens. uvicorn.run binds only after the app's startup; meanwhile vLLM's processes open sockets
+    on ephemeral ports, and one took the API's port once (CI: `kaizen up` died on "address already
+    in use" after loading its engine). Bound early, a taken port fails at once and nothing can take it.
+    """
     import uvicorn
 
     check_bind(settings)
@@ -176,5 +183,15 @@ def serve(settings: Settings) -> None:
         app = build_app(settings)
     except DatabaseUnavailable as exc:
         raise SystemExit(f"cannot start: {exc} (KAIZEN_DATABASE_URL)") from None
-    uvicorn.run(app, **uvicorn_options(settings))
+    config = uvicorn.Config(app, **uvicorn_options(settings))
+    sock = config.bind_socket()  # bound, not yet listening (connections are refused until ready)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        sys.exit(3)  # uvicorn.run's STARTUP_FAILURE: what `kaizen up` reports as "exited while starting"
 

@@ -100,3 +100,51 @@ def test_kaizen_up_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
         if up.poll() is None:
             stop_group(up)
         print(log_path.read_text()[-4000:])
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _taken(port: int) -> bool:
+    """Whether another socket holds the port (bound, listening or not): a plain bind fails."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_serve_claims_its_port_before_loading_the_engine(tiny_model: Path, broker: Settings,
+                                                         tmp_path: Path) -> None:
+    """uvicorn binds its port only after the app's startup, and the engine loads in that startup
+    while vLLM's own processes open sockets on ephemeral ports: once one of them took the API's
+    port and `kaizen up` died after loading its engine (CI). `kaizen serve` binds first: while the
+    engine loads, the port is already held (a bind fails) and connections are refused; then it
+    answers."""
+    settings = make_settings(tmp_path / "data", model=tiny_model, broker_port=broker.broker_port)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    held_while_loading = False
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not _listening(settings.port):
+            if _taken(settings.port):
+                held_while_loading = not _listening(settings.port)  # bound and listening at once: not early
+                break
+            time.sleep(0.05)
+        assert held_while_loading, log_path.read_text()[-3000:]
+        wait_http(f"http://127.0.0.1:{settings.port}/readyz", 240, proc)
+    finally:
+        stop_group(proc)
