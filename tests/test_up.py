@@ -102,16 +102,6 @@ def test_kaizen_up_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
         print(log_path.read_text()[-4000:])
 
 
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _taken(port: int) -> bool:
     """Whether another socket holds the port (bound, listening or not): a plain bind fails."""
     import socket
@@ -139,9 +129,11 @@ def test_serve_claims_its_port_before_loading_the_engine(tiny_model: Path, broke
     held_while_loading = False
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and not _listening(settings.port):
+        while (time.monotonic() < deadline and proc.poll() is None
+               and not port_in_use("127.0.0.1", settings.port)):
             if _taken(settings.port):
-                held_while_loading = not _listening(settings.port)  # bound and listening at once: not early
+                # bound and listening at once (uvicorn.run's order) is not early
+                held_while_loading = not port_in_use("127.0.0.1", settings.port)
                 break
             time.sleep(0.05)
         assert held_while_loading, log_path.read_text()[-3000:]
