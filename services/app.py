@@ -33,11 +33,12 @@ from services.api.probes import MetricsMiddleware, PrometheusEndpoint
 from services.api.rates import Rates
 from services.auth import AuthFailures, RateLimiter, admin_token, load_user_id_secret, weak_admin_token
 from services.comparisons import ComparisonStore, DatabaseUnavailable
-from services.engine import EngineUnavailable
+from services.engine import EngineUnavailable, freeze_heap
 from services.models import require_model
 from services.outbox import OutboxRelay
 from kaizen.core.registry_schema import CorruptState
 from services.rollout import Rollout
+from services.vote_writer import VoteWriter
 from services.security import BodySizeLimit, LoopbackHostOnly, SecurityHeaders
 from kaizen.core.settings import Settings, get_settings
 
@@ -71,12 +72,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: 0)
         app.state.rollout = None
         await rollout.stop()
+        app.state.vote_writer.stop()  # commits the votes already queued; the relay then flushes them
         relay.stop()
         app.state.comparisons.close()
 
 
 def _start_serving(app: FastAPI, rollout: Rollout) -> None:
     settings: Settings = app.state.settings
+    freeze_heap()  # the startup heap is static from here on (services/engine.py)
     app.state.registry_damaged = False
     app.state.rollout = rollout
     rollout.run_in_background()
@@ -112,6 +115,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.rollout = None
     app.state.rates = Rates()
     app.state.comparisons = ComparisonStore.from_settings(settings)  # SQLite, or the shared PostgreSQL
+    app.state.vote_writer = VoteWriter(settings, app.state.comparisons)  # group commit of votes
     app.state.user_secret = load_user_id_secret(settings)
     app.state.admin_token = admin_token(settings)  # explicit, or generated for loopback development
     app.state.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)

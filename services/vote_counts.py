@@ -64,10 +64,12 @@ def head_to_head_tally(conn: Connection, champion: str, canary: str, since: date
                  cast=sum(int(total) for _, _, total in by_side))
 
 
-def votes_in_window(conn: Connection, user: str, since: datetime) -> tuple[int, datetime | None]:
-    """Votes `user` cast since `since`, and when the oldest of them was cast (the vote limit)."""
+def votes_in_windows(conn: Connection, users: list[str], since: datetime,
+                     ) -> dict[str, tuple[int, datetime | None]]:
+    """Votes each of `users` cast since `since`, and when the oldest of them was cast (the vote
+    limit); users without a vote there are absent. One query for a batch of votes."""
     c = db.comparisons
-    row: Any = conn.execute(select(func.count(), func.min(c.c.voted_at))
-                            .where(c.c.user == user, c.c.voted_at >= since.isoformat())).one()
-    n, oldest = row
-    return int(n), datetime.fromisoformat(oldest) if oldest else None
+    rows: Any = conn.execute(select(c.c.user, func.count(), func.min(c.c.voted_at))
+                             .where(c.c.user.in_(users), c.c.voted_at >= since.isoformat())
+                             .group_by(c.c.user)).all()
+    return {user: (int(n), datetime.fromisoformat(oldest) if oldest else None) for user, n, oldest in rows}

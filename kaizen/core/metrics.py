@@ -70,6 +70,10 @@ COMPARISONS_SERVED = Counter(
 VOTES = Counter(
     "kaizen_votes_total", "Votes accepted at POST /v1/feedback, by choice.", ["choice"]
 )
+VOTE_BATCH_SIZE = Histogram(
+    "kaizen_vote_batch_size", "Votes committed together in one transaction (group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 OUTBOX_PENDING = Gauge("kaizen_outbox_pending", "Accepted votes not yet acknowledged by Kafka.")
 OUTBOX_OLDEST_PENDING_AGE = Gauge(
     "kaizen_outbox_oldest_pending_age_seconds", "Age of the oldest vote waiting for Kafka (0 when none)."

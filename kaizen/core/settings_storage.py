@@ -127,6 +127,10 @@ class StoreSettings(BaseSettings):
     outbox_max_pending: int = Field(default=100_000, ge=1)
     """Undelivered votes before `POST /v1/feedback` answers 503 (never drops a vote)."""
     outbox_batch_size: int = Field(default=500, ge=1)
+    """Outbox rows the relay sends to Kafka in one batch."""
+    vote_batch_max: int = Field(default=256, ge=1)
+    """Votes committed in one transaction at most (group commit, services/vote_writer.py): the votes
+    that arrive while one batch commits share the next, so an idle API adds no wait."""
     outbox_poll_interval_s: float = Field(default=0.5, gt=0)
     outbox_check_interval_s: float = Field(default=5.0, gt=0)
     """How often an idle relay checks that the broker still holds what it acknowledged."""

@@ -6,9 +6,6 @@ Invalid bodies answer 422 here, not OpenAI's 400 (services/api/errors.py, UNPROC
 
 from __future__ import annotations
 
-import asyncio
-from datetime import UTC, datetime
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -16,10 +13,10 @@ from kaizen.core import metrics
 from services.api.deps import CallerDep
 from services.api.errors import APIError
 from services.auth import retry_after
-from services.canary import vote_limit_wait
-from services.comparisons import ComparisonStore, OutboxFull, VoteError
+from services.comparisons import OutboxFull, VoteError, VoteLimited, VoteRequest
 from services.outbox import OutboxRelay
 from services.protocol import FeedbackRequest, FeedbackResponse, dump
+from services.vote_writer import VoteWriter, WriterStopped
 from kaizen.core.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -28,25 +25,21 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 @router.post("/feedback", status_code=202, response_model=FeedbackResponse)
 async def feedback(body: FeedbackRequest, caller: CallerDep, request: Request) -> Response:
     """A vote on a paired answer: 0 or 1 (the better choice's index), "tie" or "both_bad"."""
-    store: ComparisonStore = request.app.state.comparisons
     settings: Settings = request.app.state.settings
-    # per-user vote limit (#19 item 2); checked before the vote, so concurrent votes of one key
-    # may pass it by as many as are in flight at once (the request rate limit bounds those)
-    now = datetime.now(UTC)
-    since = now - settings.vote_limit_window
-    cast, oldest = await asyncio.to_thread(store.votes_in_window, caller.user, since)
-    wait = vote_limit_wait(cast, oldest, now, settings.vote_limit_per_window, settings.vote_limit_window)
-    if wait > 0:
+    writer: VoteWriter = request.app.state.vote_writer
+    try:  # committed with the other votes waiting (services/vote_writer.py); 202 only after the commit
+        event = await writer.submit(VoteRequest(body.comparison_id, caller.user, body.choice, body.reason))
+    except VoteLimited as exc:  # per-user vote limit (#19 item 2), exact: counted in the vote's transaction
         raise APIError(429, f"vote limit reached: {settings.vote_limit_per_window} votes per "
-                       f"{settings.vote_limit_window}; retry in {wait:.0f} s", type="rate_limit_error",
-                       code="vote_limit_exceeded", headers={"Retry-After": retry_after(wait)})
-    try:
-        # in a thread: on PostgreSQL a vote is a few network round trips the event loop should not wait on
-        event = await asyncio.to_thread(store.vote, body.comparison_id, caller.user, body.choice, body.reason)
+                       f"{settings.vote_limit_window}; retry in {exc.wait_s:.0f} s", type="rate_limit_error",
+                       code="vote_limit_exceeded", headers={"Retry-After": retry_after(exc.wait_s)}) from None
     except OutboxFull as exc:
         metrics.OUTBOX_FULL_REJECTIONS.inc()
         raise APIError(503, f"votes are not being delivered fast enough ({exc}): retry later",
                        type="overloaded_error", code="outbox_full", headers={"Retry-After": "5"}) from None
+    except WriterStopped as exc:
+        raise APIError(503, f"{exc}: retry", type="overloaded_error", code="shutting_down",
+                       headers={"Retry-After": "1"}) from None
     except VoteError as exc:
         type_ = "not_found_error" if exc.status == 404 else (
             "permission_error" if exc.status == 403 else "invalid_request_error")
