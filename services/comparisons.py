@@ -28,13 +28,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from services import db, vote_counts
-from services.canary import Tally, vote_limit_wait
+from services.canary import Tally
 from services.db import DatabaseUnavailable
-from kaizen.core.events import Answer, Choice, Message, PreferenceEvent
+from services.votes import (OutboxFull, VoteBatch, VoteError, VoteLimit, VoteLimited, VoteRequest,
+                            write_votes)
+from kaizen.core.events import Answer, Choice, PreferenceEvent
 from kaizen.core.settings import Settings
 
 RETENTION_BATCH = 1000
@@ -42,42 +44,6 @@ RETENTION_BATCH = 1000
 
 __all__ = ["ComparisonStore", "DatabaseUnavailable", "OutboxFull", "OutboxRow", "VoteError", "VoteLimit",
            "VoteLimited", "VoteRequest"]
-
-
-class VoteError(Exception):
-    """A vote that cannot be accepted; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-class VoteLimited(Exception):
-    """The user cast `vote_limit_per_window` votes in the window; `wait_s` until one leaves it."""
-
-    def __init__(self, wait_s: float) -> None:
-        super().__init__(f"vote limit reached; retry in {wait_s:.0f} s")
-        self.wait_s = wait_s
-
-
-@dataclass(frozen=True)
-class VoteRequest:
-    """One vote as `POST /v1/feedback` received it."""
-    comparison_id: str
-    user: str
-    choice: Choice
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class VoteLimit:
-    """At most `per_window` votes per user in any `window` (the settings' `vote_limit_*`)."""
-    per_window: int
-    window: timedelta
-
-
-class OutboxFull(Exception):
-    """The outbox holds `limit` undelivered events: refuse new votes rather than drop any."""
 
 
 @dataclass(frozen=True)
@@ -188,11 +154,10 @@ class ComparisonStore:
                   ) -> list[PreferenceEvent | Exception]:
         """Accept a batch of votes in one transaction (group commit, services/vote_writer.py).
 
-        Each vote is judged on its own, in order, as if cast alone: its user's vote limit, its
-        comparison (exists, theirs, not yet voted, not expired), room in the outbox. The accepted
-        ones' events go into the outbox and their comparisons are marked, atomically: the result
-        per vote is its event or the refusal (`VoteLimited`, `VoteError`, `OutboxFull`). A database
-        error raises for the whole batch, and then none was taken."""
+        Each vote is judged on its own, in order, as if cast alone (services/votes.py); the accepted
+        ones' events go into the outbox and their comparisons are marked, atomically. The result per
+        vote is its event or its refusal. A database error raises for the whole batch, and then none
+        was taken."""
         now = datetime.now(UTC)
         c = db.comparisons
         with self.transaction() as conn:
@@ -203,68 +168,14 @@ class ComparisonStore:
                        c.c.voted_at)
                 .where(c.c.id.in_(sorted({v.comparison_id for v in votes}))).order_by(c.c.id)
                 .with_for_update())}
-            room = self.max_pending - self._pending_upper_bound(conn)
             window = (vote_counts.votes_in_windows(conn, sorted({v.user for v in votes}), now - limit.window)
                       if limit else {})
-            results: list[PreferenceEvent | Exception] = []
-            taken: list[PreferenceEvent] = []
-            voted: set[str] = set()  # in this batch
-            for v in votes:
-                try:
-                    if limit is not None:
-                        self._check_limit(window, v.user, now, limit)
-                    event = self._judge(rows.get(v.comparison_id), v, now, v.comparison_id in voted)
-                    if len(taken) >= room:
-                        raise OutboxFull(f"{self.max_pending} votes are waiting for the broker")
-                except (VoteLimited, VoteError, OutboxFull) as exc:
-                    results.append(exc)
-                    continue
-                taken.append(event)
-                results.append(event)
-                cast, oldest = window.get(v.user, (0, None))
-                window[v.user] = (cast + 1, oldest or now)
-                voted.add(v.comparison_id)
-            if taken:
-                self._write_votes(conn, taken, now)
+            batch = VoteBatch(rows, window, limit, room=self.max_pending - self._pending_upper_bound(conn),
+                              max_pending=self.max_pending, now=now)
+            results = [batch.judge(v) for v in votes]
+            if batch.taken:
+                write_votes(conn, batch.taken, now)
         return results
-
-    @staticmethod
-    def _check_limit(window: dict[str, tuple[int, datetime | None]], user: str, now: datetime,
-                     limit: VoteLimit) -> None:
-        cast, oldest = window.get(user, (0, None))
-        wait = vote_limit_wait(cast, oldest, now, limit.per_window, limit.window)
-        if wait > 0:
-            raise VoteLimited(wait)
-
-    @staticmethod
-    def _judge(row: Any, v: VoteRequest, now: datetime, voted_in_batch: bool) -> PreferenceEvent:
-        """The vote's event, or the `VoteError` that refuses it (`row`: its comparison, or None)."""
-        if row is None:
-            raise VoteError(404, "comparison_not_found", f"no comparison {v.comparison_id!r}")
-        if row.user != v.user:
-            raise VoteError(403, "not_your_comparison", "this comparison was served to another user")
-        if row.voted_at is not None or voted_in_batch:
-            raise VoteError(409, "already_voted", "this comparison already has a vote")
-        if datetime.fromisoformat(row.expires_at) <= now:
-            raise VoteError(410, "comparison_expired", "this comparison has expired")
-        return PreferenceEvent(
-            comparison_id=v.comparison_id, user=v.user, served_at=datetime.fromisoformat(row.served_at),
-            voted_at=now, messages=[Message.model_validate(m) for m in json.loads(row.messages)],
-            answers=[Answer.model_validate(a) for a in json.loads(row.answers)],
-            choice=v.choice, reason=v.reason,
-        )
-
-    @staticmethod
-    def _write_votes(conn: Connection, events: list[PreferenceEvent], now: datetime) -> None:
-        """The events into the outbox and their comparisons marked voted: two statements a batch."""
-        c, at = db.comparisons, now.isoformat()
-        conn.execute(insert(db.outbox), [
-            {"event_id": str(e.event_id), "comparison_id": e.comparison_id, "key": e.user,
-             "payload": e.to_bytes(), "created_at": at} for e in events])
-        conn.execute(
-            update(c).where(c.c.id == bindparam("b_id"), c.c.voted_at.is_(None))
-            .values(voted_at=at, event_id=bindparam("b_event"), choice=bindparam("b_choice")),
-            [{"b_id": e.comparison_id, "b_event": str(e.event_id), "b_choice": str(e.choice)} for e in events])
 
     # -- counting votes (services/vote_counts.py holds the queries) -------------------------
     def head_to_head(self, champion: str, canary: str, since: datetime | None) -> dict[str, int]:
