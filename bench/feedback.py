@@ -58,7 +58,8 @@ async def vote_all(base: str, ids: list[tuple[str, str]], clients: int,
     conn = aiohttp.TCPConnector(limit=clients)
     with Progress() as progress:
         task = progress.add_task("votes", total=len(ids))
-        async with aiohttp.ClientSession(base, connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as http:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(base, connector=conn, timeout=timeout) as http:
             async def worker() -> None:
                 for cid, key in pending:
                     t0 = time.perf_counter()
@@ -115,7 +116,8 @@ def run(votes: int, clients: int, users: int, batch_max: int, profile: Path | No
     tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-feedback-"))
     keys = [f"bench-key-{i}" for i in range(users)]
     settings = Settings(data_dir=tmp / "data", model=tmp / "tiny", port=free_port(), trainer_port=free_port(),
-                        broker_port=free_port(), api_keys=",".join(keys), user_id_secret="bench",  # type: ignore[arg-type]
+                        broker_port=free_port(), api_keys=",".join(keys),  # type: ignore[arg-type]
+                        user_id_secret="bench",  # type: ignore[arg-type]
                         rate_limit_rps=1e6, rate_limit_burst=10**6, engine_max_model_len=256,
                         vote_batch_max=batch_max)
     build_tiny(settings, tmp / "tiny")
@@ -165,14 +167,18 @@ def run(votes: int, clients: int, users: int, batch_max: int, profile: Path | No
 
 def report(r: Result, clients: int) -> None:
     print(f"  vote_batch_max={r.batch_max}")
-    print(f"    votes accepted      {r.accepted} with {clients} clients in {r.wall:.2f} s = {r.rate:.0f} votes/s")
+    print(f"    votes accepted      {r.accepted} with {clients} clients in {r.wall:.2f} s "
+          f"= {r.rate:.0f} votes/s")
     print(f"    CPU while voting    load generator {r.cpu_generator / r.wall:.0%} of a core, API (with its "
-          f"engine) {r.cpu_api / r.wall:.0%}: {r.accepted / max(r.cpu_api, 1e-9):.0f} votes per API core-second")
+          f"engine) {r.cpu_api / r.wall:.0%}: "
+          f"{r.accepted / max(r.cpu_api, 1e-9):.0f} votes per API core-second")
     if r.errors:
-        print(f"    transport errors    {len(r.errors)} (not retried): {', '.join(sorted(set(r.errors))[:5])}")
+        print(f"    transport errors    {len(r.errors)} (not retried): "
+              f"{', '.join(sorted(set(r.errors))[:5])}")
     print(f"    request latency     p50 {percentile(r.latencies, 50) * 1000:.1f} ms, "
           f"p99 {percentile(r.latencies, 99) * 1000:.1f} ms")
-    print(f"    vote-to-store       p50 {percentile(r.to_store, 50):.2f} s, p99 {percentile(r.to_store, 99):.2f} s "
+    print(f"    vote-to-store       p50 {percentile(r.to_store, 50):.2f} s, "
+          f"p99 {percentile(r.to_store, 99):.2f} s "
           f"({len(r.to_store)} of {r.accepted} accepted stored)")
 
 
@@ -181,7 +187,8 @@ def main() -> None:
     ap.add_argument("--votes", type=int, default=8000)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--users", type=int, default=100, help="API keys casting the votes in turn")
-    ap.add_argument("--batch-max", type=int, nargs="+", default=[1, Settings.model_fields["vote_batch_max"].default],
+    ap.add_argument("--batch-max", type=int, nargs="+",
+                    default=[1, Settings.model_fields["vote_batch_max"].default],
                     help="vote_batch_max of each run, side by side (1: one transaction per vote)")
     ap.add_argument("--profile", type=Path, help="py-spy the API while it takes votes; raw samples to "
                     "PROFILE.batchN.txt (needs py-spy on PATH)")

@@ -103,8 +103,8 @@ def test_a_failed_batch_takes_none_of_its_votes(tmp_path: Path) -> None:
     writer = VoteWriter(make_settings(tmp_path), store)
 
     async def cast() -> list[object]:
-        return await asyncio.gather(*(writer.submit(VoteRequest(cid, "u-1", 0, None)) for cid in (good, poison)),
-                                    return_exceptions=True)
+        votes = [VoteRequest(cid, "u-1", 0, None) for cid in (good, poison)]
+        return await asyncio.gather(*(writer.submit(v) for v in votes), return_exceptions=True)
 
     results = asyncio.run(cast())
     assert all(isinstance(r, IntegrityError) for r in results), results
