@@ -6,7 +6,7 @@ Starts a private PostgreSQL (tests/pg.py), the embedded broker, `kaizen train`
 (rounds disabled: it only stores votes) and nginx in front of the replicas
 (tests/lb.py, round robin). Each configuration gets its own fresh comparisons
 (seeded straight into the shared database) and the same load generator as
-bench/feedback.py (httpx, asyncio, `--clients` connections). Configurations,
+bench/feedback.py (aiohttp, asyncio, `--clients` connections). Configurations,
 in one run: 1 replica on SQLite (the default store, through the proxy), 1
 replica on PostgreSQL, 3 replicas on PostgreSQL. Reports accepted votes/s,
 request latency p50/p99 and how many votes reached the preference store.
@@ -29,13 +29,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
-from bench.feedback import KEY, vote_all  # noqa: E402
+from bench.feedback import vote_all  # noqa: E402
 from services.auth import user_id  # noqa: E402
 from kaizen.core.broker import ensure_topics, start_embedded_broker  # noqa: E402
 from services.comparisons import ComparisonStore  # noqa: E402
 from kaizen.core.events import Answer  # noqa: E402
 from services.models import build_tiny  # noqa: E402
 from kaizen.core.settings import Settings  # noqa: E402
+
+KEY = "bench-key"
 from tests.lb import start_nginx, stop_nginx  # noqa: E402
 from tests.pg import postgres_server  # noqa: E402
 
@@ -130,7 +132,10 @@ def run_configuration(name: str, replicas: int, database: str | None, common: di
         nginx = start_nginx(tmp / f"nginx-{tag}", proxy_port, ports)
         print(f"{name}: {args.votes} votes with {args.clients} clients through nginx")
         proxy = f"http://127.0.0.1:{proxy_port}"
-        latencies, _, wall = asyncio.run(vote_all(proxy, ids, args.clients))
+        votes = [(cid, KEY) for cid in ids]
+        latencies, _, wall, errors = asyncio.run(vote_all(proxy, votes, args.clients))
+        if errors:
+            print(f"  {len(errors)} transport errors (not retried): {', '.join(sorted(set(errors))[:5])}")
         n_stored = stored(preferences_db, set(ids))
         return name, len(latencies), wall, latencies, n_stored
     finally:
