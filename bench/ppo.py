@@ -73,7 +73,7 @@ def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> di
                                      train_layers=args.train_layers, threads=args.threads, adaptive_kl=False)
     policy, tok, _ = load_policy(args.model)
     reference, _, _ = load_policy(args.model)
-    scorer = RewardScorer.load(rm_dir, 1024)
+    scorer = RewardScorer.load(rm_dir, 1024, args.reward_dtype)
     iterations = []
     try:
         with sync_folder(config.sync_dir) as folder:
@@ -88,7 +88,7 @@ def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> di
     total = sum(it["seconds"]["total"] for it in iterations)
     split = {k: sum(it["seconds"][k] for it in iterations) for k in iterations[0]["seconds"]}
     return {"samples_per_s": args.batch * len(iterations) / total, "seconds": split,
-            "engine_start_s": start_s,
+            "engine_start_s": start_s, "reward_dtype": scorer.dtype,
             "samples_per_s_with_start": args.batch * len(iterations) / (total + start_s),
             "answer_tokens": sum(it["answer_tokens"] for it in iterations) / len(iterations),
             "iterations": iterations}
@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--train-layers", type=int, default=0,
                     help="Kaizen's trained top layers (0: all, like TRL; the setting's default 8 runs the "
                          "frozen trunk once per batch); TRL always trains all")
+    ap.add_argument("--reward-dtype", default=settings.reward_dtype,
+                    help="Kaizen's scoring autocast: auto (as shipped: the reward model's dtype for this "
+                         "hardware) | bfloat16 | float32; TRL scores in the model's float32")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -170,7 +173,8 @@ def main() -> None:
                               "date": datetime.now(UTC).isoformat(timespec="seconds"), "args": {
                                   k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     report["kaizen"] = k = run_kaizen(args, prompts, rm_dir)
-    print(f"kaizen: {k['samples_per_s']:.3f} samples/s ({k['samples_per_s_with_start']:.3f} with the "
+    print(f"kaizen (scoring in {k['reward_dtype']}): {k['samples_per_s']:.3f} samples/s "
+          f"({k['samples_per_s_with_start']:.3f} with the "
           f"{k['engine_start_s']:.0f} s engine start); split " +
           ", ".join(f"{n} {v:.1f} s" for n, v in k["seconds"].items()), flush=True)
     if not args.skip_trl:

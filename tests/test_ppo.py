@@ -284,3 +284,30 @@ def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_pat
         sums.append(float((a - b).sum()))
     assert got != 0 and got == pytest.approx(round(sum(sums) / len(sums), 4), abs=2e-4)
     assert kl_to_base(tiny_model, tiny_model, prompts, samples) == 0
+
+
+def test_the_reward_scorer_runs_in_the_reward_models_dtype(tiny_model: Path, tmp_path: Path) -> None:
+    """#18: PPO and the gate score under `reward_dtype` resolved for this hardware (the dtype the
+    reward model trained in and its `reward_norm` was measured in), no longer a hard-coded float32;
+    the score head's output dtype shows what really ran."""
+    from kaizen.core.hardware import choose_dtype
+    from trainer.policy import RewardScorer
+    from trainer.reward_model import load_reward_model, save_model
+
+    rm, tok = load_reward_model(tiny_model)
+    folder = save_model(rm, tok, tmp_path / "rm", {"reward_norm": {"mean": 0.5, "std": 2.0}})
+    prompts = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "name a colour"}]]
+    answers = ["hi there", "blue, or perhaps green"]
+    ran: list[torch.dtype] = []
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        scorer = RewardScorer.load(folder, 64, dtype)
+        hook = scorer.model.score.register_forward_hook(lambda _m, _i, out: ran.append(out.dtype))
+        scores[dtype] = scorer(prompts, answers)
+        hook.remove()
+    assert ran == [torch.float32, torch.bfloat16]
+    # the same model and normalisation: only bf16's rounding separates the two
+    f32, bf16 = scores["float32"], scores["bfloat16"]
+    assert f32.dtype == bf16.dtype == torch.float32 and not torch.equal(f32, bf16)
+    assert (f32 - bf16).abs().max() <= 0.1 * f32.abs().max() + 1e-2, (f32, bf16)
+    assert RewardScorer.load(folder, 64, "auto").dtype == choose_dtype("auto").dtype

@@ -167,20 +167,25 @@ class RewardScorer:
     mean: float = 0.0
     std: float = 1.0
     version: str | None = None
+    dtype: str = "float32"
+    """Autocast dtype of the forward passes. `load` takes the reward model's own (`reward_dtype`,
+    resolved for this hardware): the dtype its `reward_norm` was measured in, and on a CPU with
+    native bf16 half the time of float32 (scoring was half of a shipped PPO iteration)."""
 
     @classmethod
-    def load(cls, path: Path, max_length: int = 384) -> RewardScorer:
+    def load(cls, path: Path, max_length: int = 384, dtype: str = "float32") -> RewardScorer:
+        """`dtype`: auto | bfloat16 | float32 (auto follows the hardware, kaizen/core/hardware.py)."""
         model, tokenizer = load_reward_model(path)
         norm = read_manifest(path).get("reward_norm", {}) if (path / "manifest.json").is_file() else {}
         return cls(model, tokenizer, max_length, float(norm.get("mean", 0.0)),
-                   float(norm.get("std", 1.0)) or 1.0, path.name)
+                   float(norm.get("std", 1.0)) or 1.0, path.name, RewardConfig(dtype=dtype).dtype)
 
     def __call__(self, prompts: Sequence[Messages], answers: Sequence[str]) -> torch.Tensor:
         """Normalised scores (N,) of answers[i] to prompts[i]."""
         seqs = [encode_conversation(self.tokenizer, p, a, self.max_length)[0]
                 for p, a in zip(prompts, answers, strict=True)]
         raw: torch.Tensor = score_texts(self.model, self.tokenizer, seqs,
-                                        RewardConfig(max_length=self.max_length, dtype="float32"))  # (N,)
+                                        RewardConfig(max_length=self.max_length, dtype=self.dtype))  # (N,)
         return (raw - self.mean) / self.std
 
 

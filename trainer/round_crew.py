@@ -71,6 +71,6 @@ def _follow_ppo(settings: Settings, dist: Dist, stop: threading.Event, payload: 
     config = payload["config"]
     model, tokenizer, _ = load_policy(payload["champion"])
     reference, _, _ = load_policy(payload["champion"])
-    scorer = RewardScorer.load(payload["reward_model"], settings.reward_max_length)
+    scorer = RewardScorer.load(payload["reward_model"], settings.reward_max_length, settings.reward_dtype)
     trainer = PPOTrainer(config, model, reference, tokenizer, None, scorer, None, dist)
     run_ppo(config, trainer, payload["prompts"], should_stop=stop.is_set)

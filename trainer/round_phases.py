@@ -134,7 +134,7 @@ def _refresh(ctx: RoundContext, registry: Registry, serving: str | None, crew: C
 def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     """2. train candidate (PPO; skipped when resuming) -> 3. gate -> 4. publish."""
     settings, config = ctx.settings, job.config
-    scorer = RewardScorer.load(job.reward_model, settings.reward_max_length)
+    scorer = RewardScorer.load(job.reward_model, settings.reward_max_length, settings.reward_dtype)
     reference, tokenizer, saved_dtype = load_policy(job.registry.path(job.champion))
     models = GateModels(scorer, reference, tokenizer)
     config.apply_threads()
