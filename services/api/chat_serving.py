@@ -242,6 +242,7 @@ async def stream_chunks(job: Completion, include_usage: bool) -> AsyncIterator[s
     """
     chunks = Chunks(job)
     acc = Choices(job.n)
+    done = False
     try:
         for i in range(job.n):
             yield chunks.chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
@@ -254,9 +255,6 @@ async def stream_chunks(job: Completion, include_usage: bool) -> AsyncIterator[s
                     if c.finish_reason is not None:
                         yield chunks.chunk([ChunkChoice(index=i, delta=Delta(),
                                                         finish_reason=finish_reason(c.finish_reason))])
-        except (asyncio.CancelledError, GeneratorExit):
-            metrics.CLIENT_DISCONNECTS.inc()
-            raise
         except EngineUnavailable as exc:  # the engine died mid-answer: the 503 as a stream's error event
             yield chunks.error(exc)
             yield "[DONE]"
@@ -269,7 +267,12 @@ async def stream_chunks(job: Completion, include_usage: bool) -> AsyncIterator[s
             await record_streamed_pair(job, job.pair, acc)
         if include_usage:
             yield chunks.chunk([], acc.usage(len(job.prompt_ids)))
+        done = True
         yield "[DONE]"
+    except (asyncio.CancelledError, GeneratorExit):  # the client left before [DONE], even if the
+        if not done:  # engine had finished (on a stalled machine it often has)
+            metrics.CLIENT_DISCONNECTS.inc()
+        raise
     finally:
         job.release()
 
