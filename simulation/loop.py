@@ -121,6 +121,10 @@ def loop_settings(base: Settings, config: LoopConfig) -> Settings:
               "trainer_port": _free_port(), "kafka_bootstrap": None, "auto_rollout": True,
               "api_keys": [f"loop-user-{i}" for i in range(config.users)], "rate_limit_rps": 1000.0,
               "rate_limit_burst": 1000, "comparison_ttl": "PT24H",
+              # a few simulated users stand in for many people: no per-user vote limit
+              "vote_limit_per_window": 10**9,
+              # keep rolled-back versions: the evaluation reads every version the loop published
+              "retention_keep_rejected": 10**6,
               "model": base.model_dir.resolve(), **config.settings_overrides}
     return Settings.model_validate(values)
 

@@ -191,3 +191,31 @@ def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest
     assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]
     print(json.dumps({"rounds": report["rounds"], "evaluation": versions, "phases": report["phases_s"]},
                      default=str)[:3000])
+
+
+def test_the_loop_keeps_rolled_back_versions_for_its_evaluation_and_limits_no_votes(tmp_path: Path) -> None:
+    """The evaluation reads every version the loop published. Under the service's defaults, retention
+    deleted a version its canary rolled back before the evaluation could read it (seen in CI: RLOO's
+    v1 was missing from the report). And its few simulated users stand in for many people, so the
+    per-user vote limit must not cut a round's votes short."""
+    from datetime import UTC, datetime
+
+    from kaizen.core.registry_schema import RegistryState, VersionState
+    from kaizen.core.retention import choose_versions
+    from simulation.loop import loop_settings
+
+    settings = loop_settings(Settings(), LoopConfig(out_dir=tmp_path))
+    now = datetime.now(UTC)
+    state = RegistryState(champion="v2", previous_champions=["v0"], versions={
+        "v0": VersionState(stage="retired", changed=now),
+        "v1": VersionState(stage="rejected", changed=now, reason="rolled back"),
+        "v2": VersionState(stage="champion", changed=now)})
+    deleted, _ = choose_versions(state, ["v0", "v1", "v2"], keep_champions=settings.retention_keep_champions,
+                                 keep_rejected=settings.retention_keep_rejected)
+    assert deleted == {}
+    defaults = Settings()
+    assert "v1" in choose_versions(  # what the loop avoids
+        state, ["v0", "v1", "v2"], keep_champions=defaults.retention_keep_champions,
+        keep_rejected=defaults.retention_keep_rejected)[0]
+    config = LoopConfig(out_dir=tmp_path)
+    assert settings.vote_limit_per_window >= config.rounds * (config.votes_per_round + config.canary_votes)
