@@ -76,21 +76,21 @@ class VoteWriter:
         return asyncio.wrap_future(fut)
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.batch_max:
+        stopping = False
+        while not stopping:
+            batch: list[_Pending] = []
+            item = self._queue.get()  # wait for the first vote, then take what else is waiting
+            while item is not None:
+                batch.append(item)
+                if len(batch) == self.batch_max:
+                    break
                 try:
-                    more = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:  # stop after this batch
-                    self._queue.put(None)
-                    break
-                batch.append(more)
-            self._commit(batch)
+            stopping = item is None  # `stop` queued its marker: commit this batch, then end
+            if batch:
+                self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
         metrics.VOTE_BATCH_SIZE.observe(len(batch))
