@@ -327,6 +327,34 @@ def test_a_hung_reload_fails_the_swap_and_the_old_weights_keep_serving(
     assert metric(base, "kaizen_engine_restarts_total", cause="swap_failed", result="ok") == restarts + 1
 
 
+def test_probes_are_answered_while_a_long_answer_is_written(
+        server: tuple[str, Settings, subprocess.Popen[bytes]]) -> None:
+    """While the engine writes a long answer, `/healthz` is still answered within the chart's
+    liveness timeout (5 s). vLLM's processes wait for each other by spinning on sched_yield; on a
+    kernel that schedules by autogroup that spin starved every other process on the machine, and
+    this probe went unanswered for 22 s on two cores. kaizen/core/vllm_plugin.py makes them sleep
+    between polls (`engine_spin_sleep_us`). On a kernel without autogroup the spin did not starve
+    anyone and this test passes either way."""
+    base, settings, _ = server
+    assert settings.engine_spin_sleep_us > 0
+    until(base, "/readyz", 200)
+    waits: list[float] = []
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(chat, base, 300, max_tokens=8000, temperature=1.0, n=2)
+        while not answer.done():
+            t0 = time.monotonic()
+            r = httpx.get(f"{base}/healthz", timeout=60)
+            assert r.status_code == 200, r.text
+            if not answer.done():
+                waits.append(time.monotonic() - t0)
+            time.sleep(0.1)
+        r = answer.result()
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] > 2000, r.json()["usage"]  # seconds of writing
+    assert len(waits) >= 10, waits  # probes answered while it was written, not only after
+    assert max(waits) < 5.0, f"/healthz waited {max(waits):.1f} s during the answer: {sorted(waits)[-5:]}"
+
+
 def test_an_answer_resumed_on_new_weights_names_both_versions(
         server: tuple[str, Settings, subprocess.Popen[bytes]], tmp_path: Path) -> None:
     """#18 item 2: with swap_drain_timeout_s=0 an answer still generating when a swap pauses the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from kaizen.core.engine_config import engine_args, serving_dtype
 from kaizen.core.hardware import choose_dtype, cpu_flags, resolve_dtype
 from kaizen.core.settings import Settings
+from kaizen.core.vllm_plugin import ENV as VLLM_SPIN_ENV
 from trainer.reward_model import RewardConfig
 
 AMX_XEON = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
@@ -44,13 +46,47 @@ def test_reserved_cpus_reach_vllm_only_when_set(monkeypatch: pytest.MonkeyPatch)
 
     # everything configure_vllm_env writes is put back after the test (set, then removed: recorded)
     for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", VLLM_SPIN_ENV):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     configure_vllm_env(Settings())
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's own default
-    configure_vllm_env(Settings(engine_reserved_cpus=0))
+    assert float(os.environ[VLLM_SPIN_ENV]) == Settings().engine_spin_sleep_us  # for kaizen/core/vllm_plugin.py
+    configure_vllm_env(Settings(engine_reserved_cpus=0, engine_spin_sleep_us=0))
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert float(os.environ[VLLM_SPIN_ENV]) == 0
+
+
+def test_the_vllm_plugin_replaces_the_spin_only_when_kaizen_asks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM calls `register` in each process it starts (entry point `vllm.general_plugins`). It
+    replaces vLLM's sched_yield spin with a sleep of `engine_spin_sleep_us` where Kaizen configured
+    vLLM, and leaves vLLM alone otherwise (a plain `vllm serve`) or at 0. What the sleep does to a
+    running engine: tests/test_engine_health.py::test_probes_are_answered_while_a_long_answer_is_written."""
+    from importlib.metadata import entry_points
+
+    from vllm.distributed import utils
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    from kaizen.core import vllm_plugin
+
+    assert "kaizen.core.vllm_plugin:register" in {e.value for e in entry_points(group="vllm.general_plugins")}
+    original = utils.sched_yield
+    monkeypatch.setattr(utils, "sched_yield", original)  # put back after the test
+    monkeypatch.setattr(shm_broadcast, "sched_yield", original)
+    for value in (None, "0", "0.0"):
+        if value is None:
+            monkeypatch.delenv(VLLM_SPIN_ENV, raising=False)
+        else:
+            monkeypatch.setenv(VLLM_SPIN_ENV, value)
+        vllm_plugin.register()
+        assert utils.sched_yield is original and shm_broadcast.sched_yield is original, value
+    monkeypatch.setenv(VLLM_SPIN_ENV, "2000")
+    vllm_plugin.register()
+    assert utils.sched_yield is not original and getattr(shm_broadcast, "sched_yield") is utils.sched_yield
+    t0 = time.perf_counter()
+    for _ in range(10):
+        utils.sched_yield()
+    assert time.perf_counter() - t0 >= 10 * 0.002  # it sleeps 2,000 us each time
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:

