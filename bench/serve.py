@@ -10,7 +10,8 @@ engine settings, and sends each the same streamed requests from 16 concurrent
 clients (greedy, `max_tokens` fixed). Reports output tokens/s of each and
 their ratio, time to first token p50/p99, and, on Kaizen alone, the latency
 of a forced paired answer over a single answer. The two servers alternate
-for `--rounds` rounds so drift on a noisy machine hits both. A report, not a test.
+for `--rounds` rounds so drift on a noisy machine hits both. `--spin-us 0` adds a third arm:
+Kaizen with vLLM's own sched_yield spin (kaizen/core/vllm_plugin.py). A report, not a test.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def main() -> None:
     ap.add_argument("--vllm-dtype", default=None,
                     help="dtype of the vLLM arm (default: Kaizen's own, KAIZEN_ENGINE_DTYPE resolved; "
                          "float32 is what answered correctly on every CPU before dtype auto)")
+    ap.add_argument("--spin-us", type=float, default=None,
+                    help="also run Kaizen with KAIZEN_ENGINE_SPIN_SLEEP_US set to this (0: vLLM's own "
+                         "sched_yield spin) as a third arm, `kaizen-spin`")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="kaizen-bench-serve-"))
@@ -120,12 +124,16 @@ def main() -> None:
     env = s.child_env()
     servers = server_commands(s, model, args.vllm_dtype or serving_dtype(s))
     env["VLLM_CPU_KVCACHE_SPACE"] = str(s.engine_kv_cache_gib)
-    results: dict[str, list[tuple[float, list[float], int]]] = {"kaizen": [], "vllm": []}
+    envs = {"kaizen": env, "vllm": env}
+    if args.spin_us is not None:
+        servers["kaizen-spin"] = servers["kaizen"]
+        envs["kaizen-spin"] = {**env, "KAIZEN_ENGINE_SPIN_SLEEP_US": str(args.spin_us)}
+    results: dict[str, list[tuple[float, list[float], int]]] = {name: [] for name in servers}
     pair_result = None
     for rnd in range(args.rounds):
-        for name in (("kaizen", "vllm") if rnd % 2 == 0 else ("vllm", "kaizen")):
+        for name in (list(servers) if rnd % 2 == 0 else list(servers)[::-1]):
             argv, base, served = servers[name]
-            proc = start(argv, env, tmp / f"{name}.log")
+            proc = start(argv, envs[name], tmp / f"{name}.log")
             try:
                 wait_ready(f"{base}/health" if name == "vllm" else f"{base}/readyz", proc)
                 asyncio.run(load(base, served, args.clients, 8, args.max_tokens, f"{name} warm-up"))
@@ -168,9 +176,12 @@ def report(args: argparse.Namespace, model: Path, s: Settings,
         tokens = sum(r[2] for r in runs)
         ttfts = [t for r in runs for t in r[1]]
         tps[name] = tokens / wall
-        print(f"  {name:7s} {tps[name]:7.1f} output tokens/s   "
+        print(f"  {name:11s} {tps[name]:7.1f} output tokens/s   "
               f"TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms   p99 {percentile(ttfts, 99) * 1000:6.0f} ms")
     print(f"  ratio kaizen / vllm: {tps['kaizen'] / tps['vllm']:.3f} (goal >= 0.95)")
+    if "kaizen-spin" in tps:
+        print(f"  ratio kaizen / kaizen-spin ({args.spin_us:g} us): {tps['kaizen'] / tps['kaizen-spin']:.3f} "
+              f"(kaizen: {s.engine_spin_sleep_us:g} us)")
     if pair_result:
         single, paired = pair_result
         print(f"  forced pair vs single answer (median latency): {paired:.2f} s / {single:.2f} s "

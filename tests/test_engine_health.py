@@ -340,7 +340,7 @@ def test_probes_are_answered_while_a_long_answer_is_written(
     until(base, "/readyz", 200)
     waits: list[float] = []
     with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(chat, base, 300, max_tokens=8000, temperature=1.0, n=2)
+        answer = pool.submit(chat, base, 300, max_tokens=3000, temperature=1.0, n=2)
         while not answer.done():
             t0 = time.monotonic()
             r = httpx.get(f"{base}/healthz", timeout=60)
@@ -350,7 +350,7 @@ def test_probes_are_answered_while_a_long_answer_is_written(
             time.sleep(0.1)
         r = answer.result()
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] > 2000, r.json()["usage"]  # seconds of writing
+    assert r.json()["usage"]["completion_tokens"] > 1500, r.json()["usage"]  # seconds of writing
     assert len(waits) >= 10, waits  # probes answered while it was written, not only after
     assert max(waits) < 5.0, f"/healthz waited {max(waits):.1f} s during the answer: {sorted(waits)[-5:]}"
 

@@ -138,11 +138,12 @@ class EngineSettings(BaseSettings):
     leaves the model one core. Measured on a 2-core EPYC (bf16, 32 sampled answers of 64 tokens,
     one engine alone): 0 gave 664 output tokens/s against 441-468 with the default. Not the
     default yet: not measured with the trainer or several engines sharing the cores."""
-    engine_spin_sleep_us: float = Field(default=50.0, ge=0.0, le=10_000.0)
+    engine_spin_sleep_us: float = Field(default=500.0, ge=0.0, le=100_000.0)
     """How long vLLM's processes sleep between polls while they wait for each other's messages,
-    instead of vLLM's `sched_yield` spin (kaizen/core/vllm_plugin.py). The spin starved every other
-    process for seconds on kernels that schedule by autogroup (the API's probes waited 22 s during
-    one long answer on 2 cores; 0.19 s with 50 us). 0: vLLM's own spin."""
+    instead of vLLM's `sched_yield` spin (kaizen/core/vllm_plugin.py). On kernels that schedule by
+    autogroup the spin starved every other process: /healthz waited 22 s during one long answer
+    on 2 cores; 64 ms with 500 us, 285 ms with 50 us, 21 s with 1 us. 500 us served SmolLM2 as
+    fast as the spin (1.01x; 50 us: 0.73x). 0: vLLM's own spin (bench/README.md)."""
     engine_max_num_batched_tokens: int = Field(default=2048, ge=64)
     """Tokens one engine step may process (prompts + decodes). On CPU chunked prefill is off (a
     seeded request prefilled in two steps kills vLLM 0.32's CPU engine), so this is raised to
