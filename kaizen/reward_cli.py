@@ -99,6 +99,10 @@ def train(
             lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
             train_layers=train_layers, margin=margin, eval_fraction=eval_fraction, eval_every=eval_every,
             patience=patience, seed=seed, max_minutes=max_minutes, dtype=dtype, threads=threads))
+        # Every rank leaves the group together, once rank 0 has written the model: a rank that tore
+        # the group down while rank 0 was still saving died with SIGABRT in gloo ("terminate called
+        # without an active exception"; seen once in CI), failing the job after the model was written.
+        dist.barrier()
     finally:
         distributed.shutdown()
 
