@@ -70,7 +70,8 @@ def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> di
     config = PPOConfig.from_settings(settings, iterations=args.iterations, batch_size=args.batch,
                                      response_length=args.response_length,
                                      max_prompt_length=args.max_prompt_length, epochs=args.epochs, lr=3e-6,
-                                     train_layers=args.train_layers, threads=args.threads, adaptive_kl=False)
+                                     train_layers=args.train_layers, threads=args.threads, adaptive_kl=False,
+                                     dtype=args.ppo_dtype)
     policy, tok, _ = load_policy(args.model)
     reference, _, _ = load_policy(args.model)
     scorer = RewardScorer.load(rm_dir, 1024, args.reward_dtype)
@@ -89,6 +90,7 @@ def run_kaizen(args: argparse.Namespace, prompts: list[Any], rm_dir: Path) -> di
     split = {k: sum(it["seconds"][k] for it in iterations) for k in iterations[0]["seconds"]}
     return {"samples_per_s": args.batch * len(iterations) / total, "seconds": split,
             "engine_start_s": start_s, "reward_dtype": scorer.dtype,
+            "ppo_dtype": str(trainer.compute_dtype).removeprefix("torch."),
             "samples_per_s_with_start": args.batch * len(iterations) / (total + start_s),
             "answer_tokens": sum(it["answer_tokens"] for it in iterations) / len(iterations),
             "iterations": iterations}
@@ -163,6 +165,9 @@ def main() -> None:
     ap.add_argument("--reward-dtype", default=settings.reward_dtype,
                     help="Kaizen's scoring autocast: auto (as shipped: the reward model's dtype for this "
                          "hardware) | bfloat16 | float32; TRL scores in the model's float32")
+    ap.add_argument("--ppo-dtype", default=settings.ppo_dtype,
+                    help="Kaizen's policy and reference autocast: auto (as shipped) | bfloat16 | float32; "
+                         "TRL trains in the model's float32")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -173,7 +178,8 @@ def main() -> None:
                               "date": datetime.now(UTC).isoformat(timespec="seconds"), "args": {
                                   k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     report["kaizen"] = k = run_kaizen(args, prompts, rm_dir)
-    print(f"kaizen (scoring in {k['reward_dtype']}): {k['samples_per_s']:.3f} samples/s "
+    print(f"kaizen (scoring in {k['reward_dtype']}, policy in {k['ppo_dtype']}): "
+          f"{k['samples_per_s']:.3f} samples/s "
           f"({k['samples_per_s_with_start']:.3f} with the "
           f"{k['engine_start_s']:.0f} s engine start); split " +
           ", ".join(f"{n} {v:.1f} s" for n, v in k["seconds"].items()), flush=True)

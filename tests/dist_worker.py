@@ -15,6 +15,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,8 +27,9 @@ from trainer import distributed
 #: micro-batch only, so with two processes rank 1 takes the zero-weighted step there.
 REWARD_JOB = dict(max_length=64, batch_size=4, grad_accum=2, lr=1e-3, epochs=2, train_layers=0, eval_every=3,
                   patience=50, threads=1, seed=0, dtype="float32")
+# float32: one process and two ranks must agree to TOLERANCE, and bf16's rounding depends on the batch shape
 PPO_JOB = dict(batch_size=8, response_length=8, epochs=2, minibatches=2, lr=1e-3, train_layers=1, threads=1,
-               seed=0, kl_coef=0.05)
+               seed=0, kl_coef=0.05, dtype="float32")
 
 
 def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
@@ -48,11 +50,29 @@ def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
                                    "bt_loss": final["bt_loss"], "world_size": dist.world_size}))
 
 
+def fixed_rollout(tok: Any, config: Any) -> tuple[list[Any], list[list[int]], list[Any]]:
+    """A fixed rollout batch without an engine: prompts of 2..6 words, answers of 2..8 tokens, about
+    half unfinished; (prompts, their token ids, samples)."""
+    from trainer.policy import encode_prompt
+    from trainer.rollout_engine import Sample
+
+    rng = random.Random(0)
+    words = "apple river stone cloud green quick silent paper window orange".split()
+    prompts = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 6))) + "?"}]
+               for _ in range(config.batch_size)]
+    prompt_ids = [encode_prompt(tok, m, config.max_prompt_length) for m in prompts]
+    samples = []
+    for i in range(config.batch_size):
+        ids = tok.encode(" ".join(rng.choices(words, k=8)), add_special_tokens=False)[: rng.randint(2, 8)]
+        prompt = i // config.answers_per_prompt  # RLOO: rloo_k answers per prompt
+        samples.append(Sample(prompt, ids, tok.decode(ids), finished=rng.random() < 0.5))
+    return prompts, prompt_ids, samples
+
+
 def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str = "ppo") -> None:
-    from trainer.policy import RewardScorer, encode_prompt, load_policy
+    from trainer.policy import RewardScorer, load_policy
     from trainer.ppo import PPOTrainer
     from trainer.ppo_config import PPOConfig
-    from trainer.rollout_engine import Sample
     from trainer.reward_model import load_reward_model
 
     config = PPOConfig(**PPO_JOB, algorithm=algorithm)  # type: ignore[arg-type]
@@ -60,16 +80,7 @@ def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str =
     reference, _, _ = load_policy(model_dir)
     rm, rm_tok = load_reward_model(model_dir, seed=1)
     scorer = RewardScorer(rm, rm_tok, max_length=64)
-    rng = random.Random(0)
-    words = "apple river stone cloud green quick silent paper window orange".split()
-    prompts = [[{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(2, 6))) + "?"}]
-               for _ in range(config.batch_size)]
-    prompt_ids = [encode_prompt(tok, m, config.max_prompt_length) for m in prompts]
-    samples = []
-    for i in range(config.batch_size):  # a fixed rollout batch: answers of 2..8 tokens, some unfinished
-        ids = tok.encode(" ".join(rng.choices(words, k=8)), add_special_tokens=False)[: rng.randint(2, 8)]
-        prompt = i // config.answers_per_prompt  # RLOO: rloo_k answers per prompt
-        samples.append(Sample(prompt, ids, tok.decode(ids), finished=rng.random() < 0.5))
+    prompts, prompt_ids, samples = fixed_rollout(tok, config)
     trainer = PPOTrainer(config, policy, reference, tok, None, scorer, None, dist)
     scored = trainer.score(prompts, prompt_ids, samples)
     adv = trainer.advantages(scored)

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from kaizen.core.engine_config import engine_args, serving_dtype
 from kaizen.core.hardware import choose_dtype, cpu_flags, resolve_dtype
 from kaizen.core.settings import Settings
 from kaizen.core.vllm_plugin import ENV as VLLM_SPIN_ENV
+from trainer.ppo_config import PPOConfig
 from trainer.reward_model import RewardConfig
 
 AMX_XEON = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
@@ -107,9 +109,14 @@ def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytes
     assert config.dtype == here.dtype in ("bfloat16", "float32")
     assert f"reward model dtype {here}" in caplog.text  # logged with its reason
     assert RewardConfig.from_settings(settings, dtype="float32").dtype == "float32"
+    assert settings.ppo_dtype == "auto"
+    with caplog.at_level(logging.INFO):
+        ppo = PPOConfig.from_settings(settings).resolved_dtype()
+    assert ppo == getattr(torch, here.dtype) and f"PPO autocast dtype {here}" in caplog.text
     # the chat engine is built with the resolved value, never vLLM's own "auto" (the model's bf16)
     assert engine_args(settings, tiny_model).dtype == serving_dtype(settings) == \
         choose_dtype("auto", serving=True).dtype
     shown = settings.masked()
     assert shown["reward_dtype (effective)"].startswith(here.dtype)
+    assert shown["ppo_dtype (effective)"].startswith(here.dtype)
     assert shown["engine_dtype (effective)"].startswith(serving_dtype(settings))

@@ -311,3 +311,45 @@ def test_the_reward_scorer_runs_in_the_reward_models_dtype(tiny_model: Path, tmp
     assert f32.dtype == bf16.dtype == torch.float32 and not torch.equal(f32, bf16)
     assert (f32 - bf16).abs().max() <= 0.1 * f32.abs().max() + 1e-2, (f32, bf16)
     assert RewardScorer.load(folder, 64, "auto").dtype == choose_dtype("auto").dtype
+
+
+def test_ppo_passes_run_in_ppo_dtype_and_keep_float32_numbers(tiny_model: Path) -> None:
+    """#18: `ppo_dtype` is the autocast of every policy and reference pass (scoring and the update,
+    read from a trained layer's output); log-probs, values and the weights stay float32, and bf16
+    gives float32's log-probs up to its rounding. auto is this machine's choice (kaizen/core/hardware.py)."""
+    from kaizen.core.hardware import choose_dtype
+    from tests.dist_worker import fixed_rollout
+    from trainer.policy import RewardScorer
+    from trainer.ppo import PPOTrainer
+    from trainer.ppo_config import PPOConfig
+    from trainer.reward_model import load_reward_model
+
+    torch.set_num_threads(1)
+    rm, rm_tok = load_reward_model(tiny_model, seed=1)
+    old: dict[str, torch.Tensor] = {}
+    for dtype in ("float32", "bfloat16"):
+        config = PPOConfig(batch_size=8, response_length=8, lr=1e-3, train_layers=1, threads=1, dtype=dtype)
+        policy, tok, _ = load_policy(tiny_model)
+        reference, _, _ = load_policy(tiny_model)
+        trainer = PPOTrainer(config, policy, reference, tok, None, RewardScorer(rm, rm_tok, max_length=64),
+                             None)
+        assert trainer.compute_dtype == getattr(torch, dtype)
+        ran: list[torch.dtype] = []
+        hooks = [model.lm.model.layers[-1].mlp.down_proj.register_forward_hook(
+            lambda _m, _i, out: ran.append(out.dtype)) for model in (policy, reference)]
+        before = policy.lm.model.layers[-1].mlp.down_proj.weight.detach().clone()
+        scored = trainer.score(*fixed_rollout(tok, config))
+        stats = trainer.update(scored, trainer.advantages(scored))
+        for hook in hooks:
+            hook.remove()
+        # scoring: policy and reference; the update: 2 epochs x 2 minibatches
+        assert ran == [getattr(torch, dtype)] * 6, ran
+        assert scored.old_logprobs.dtype == scored.old_values.dtype == torch.float32
+        weight = policy.lm.model.layers[-1].mlp.down_proj.weight
+        assert weight.dtype == torch.float32 and not torch.equal(weight, before)
+        assert all(math.isfinite(v) for v in stats.values()), stats
+        old[dtype] = scored.old_logprobs
+    assert not torch.equal(old["float32"], old["bfloat16"])
+    gap = (old["float32"] - old["bfloat16"]).abs().max()
+    assert 0 < gap <= 0.1, gap
+    assert PPOConfig(dtype="auto").resolved_dtype() == getattr(torch, choose_dtype("auto").dtype)

@@ -60,7 +60,7 @@ class PolicyWithValue(nn.Module):
             hidden = top(inputs_embeds=trunk, attention_mask=attention_mask,
                          position_ids=position_ids).last_hidden_state  # (B, S, H)
         h = hidden[:, start - 1: -1]  # (B, R, H): position t predicts token t+1
-        logits = self.lm.lm_head(h) / temperature  # (B, R, V)
+        logits = self.lm.lm_head(h).float() / temperature  # (B, R, V): float32 under autocast too
         values = self.v_head(h).squeeze(-1).float() if with_values else None  # (B, R)
         return logits, values
 

@@ -51,7 +51,7 @@ from trainer.policy import (
     sequence_logprobs,
     shared_trunk_depth,
 )
-from trainer.ppo_config import PPOConfig
+from trainer.ppo_config import PPOConfig, autocast
 from trainer.ppo_math import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -161,6 +161,8 @@ class PPOTrainer:
     """Lower layers shared by policy and reference and frozen: run once per batch."""
     model: nn.Module = field(init=False)
     """The policy as trained: wrapped in DistributedDataParallel on several ranks."""
+    compute_dtype: torch.dtype = field(init=False)
+    """The autocast dtype of every policy and reference pass (`ppo_dtype` for this hardware)."""
 
     def __post_init__(self) -> None:
         c = self.config
@@ -168,6 +170,7 @@ class PPOTrainer:
             raise ValueError(f"ppo batch_size {c.batch_size} is smaller than the {self.dist.world_size} "
                              "training processes: every rank needs at least one rollout")
         c.apply_threads()
+        self.compute_dtype = c.resolved_dtype()
         torch.manual_seed(c.seed)
         self.rng = random.Random(c.seed)
         self.kl_ctl = AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon, fixed=not c.adaptive_kl)
@@ -249,13 +252,15 @@ class PPOTrainer:
         mine = batch.rows(own.to(dist.device))
         self.policy.eval()
         depth = self.trunk_depth
-        # the frozen lower layers, once: the same for policy, reference and every minibatch pass
-        trunk = self.policy.trunk(mine.input_ids, mine.attention_mask, depth) if depth else None  # (b, S, H)
         scores = self.scorer([prompts[samples[i].prompt] for i in own.tolist()],
                              [samples[i].text for i in own.tolist()]).to(dist.device)  # (b,)
-        logprobs, values = sequence_logprobs(self.policy, mine, c.temperature, trunk=trunk, depth=depth)
-        ref_logprobs, _ = sequence_logprobs(self.reference, mine, c.temperature, with_values=False,
-                                            trunk=trunk, depth=depth)
+        with autocast(self.compute_dtype, self.dist.device):
+            # the frozen lower layers, once: the same for policy, reference and every minibatch pass
+            trunk = (self.policy.trunk(mine.input_ids, mine.attention_mask, depth)  # (b, S, H)
+                     if depth else None)
+            logprobs, values = sequence_logprobs(self.policy, mine, c.temperature, trunk=trunk, depth=depth)
+            ref_logprobs, _ = sequence_logprobs(self.reference, mine, c.temperature, with_values=False,
+                                                trunk=trunk, depth=depth)
         assert values is not None
         full = torch.zeros(B, 1 + 3 * R, device=dist.device)  # each row filled by the one rank that owns it
         full[own.to(dist.device)] = torch.cat([scores[:, None], logprobs, values, ref_logprobs], dim=1)
@@ -321,9 +326,10 @@ class PPOTrainer:
         idx = torch.tensor(rows, device=dist.device)
         trunk = None if sc.trunk is None else sc.trunk[torch.tensor([local_index[r] for r in rows])]
         rloo = c.algorithm == "rloo"  # no value head: the siblings are the baseline
-        logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.start,
-                                    c.temperature, with_values=not rloo, trunk=trunk,
-                                    depth=self.trunk_depth)  # (b, R, V), (b, R)
+        with autocast(self.compute_dtype, self.dist.device):
+            logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.start,
+                                        c.temperature, with_values=not rloo, trunk=trunk,
+                                        depth=self.trunk_depth)  # (b, R, V) float32, (b, R)
         logprobs = logprobs_from_logits(logits, batch.input_ids[idx, batch.start:])  # (b, R)
         tokens = mask[mb.to(dist.device)].sum().clamp(min=1)  # the whole minibatch's answer tokens
         pg_loss, pg_stats = policy_loss(logprobs, sc.old_logprobs[idx], adv.advantages[idx], mask[idx],

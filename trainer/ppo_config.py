@@ -9,6 +9,8 @@ come in through `from_settings`. Defaults sit near TRL's and OpenRLHF's; each fi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,13 @@ import torch
 
 from kaizen.core.settings import Settings
 
+log = logging.getLogger(__name__)
+
 #: PPOConfig fields whose value is the setting `ppo_<name>` (kaizen/core/settings.py documents each).
 FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_length", "epochs", "minibatches",
                  "lr", "kl_coef", "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value",
                  "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "train_layers", "threads",
-                 "seed", "sync_dir")
+                 "seed", "sync_dir", "dtype")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k"}
 
@@ -78,6 +82,8 @@ class PPOConfig:
     """Top decoder layers trained, plus final norm, value head and (when not tied to the input
     embeddings) the LM head; 0 trains all. The frozen layers below run once per batch."""
     threads: int | None = _setting("ppo_threads")
+    dtype: str = _setting("ppo_dtype")
+    """Autocast dtype of the policy's and reference's passes: auto | bfloat16 | float32 (`resolved`)."""
     seed: int = _setting("ppo_seed")
     sync_dir: Path | None = _setting("ppo_sync_dir")
     """Folder the policy is saved to for vLLM's reload_weights; unset: under /dev/shm."""
@@ -114,6 +120,21 @@ class PPOConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def resolved_dtype(self) -> torch.dtype:
+        """`dtype` for this machine (auto: kaizen/core/hardware.py), logged with the reason."""
+        from kaizen.core.hardware import choose_dtype
+
+        choice = choose_dtype(self.dtype)
+        log.info("PPO autocast dtype %s", choice)
+        return torch.float32 if choice.dtype == "float32" else torch.bfloat16
+
     def apply_threads(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+
+
+def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """PPO's passes in `dtype` on `device` (PPOTrainer.compute_dtype); none in float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -122,6 +122,7 @@ class Settings(SupervisorSettings, RoundUpkeepSettings, RolloutSettings, Trainin
 
         out["engine_dtype (effective)"] = str(choose_dtype(self.engine_dtype, serving=True))
         out["reward_dtype (effective)"] = str(choose_dtype(self.reward_dtype))
+        out["ppo_dtype (effective)"] = str(choose_dtype(self.ppo_dtype))
         out["kafka (effective)"] = (
             f"embedded broker at {self.bootstrap_servers}"
             if self.embedded_broker

@@ -135,6 +135,10 @@ class TrainingSettings(BaseSettings):
     ppo_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (plus norm, value head, and the LM head unless it is tied to the
     embeddings); the frozen layers below run once per batch. 0 trains all."""
+    ppo_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Autocast dtype of PPO's forward and backward passes (the frozen trunk, policy and reference
+    log-probs, the update); weights, AdamW state, log-probs and losses stay float32. auto follows
+    the hardware as reward_dtype does (kaizen/core/hardware.py). bench/README.md, "PPO iteration"."""
     ppo_threads: int | None = Field(default=1, ge=1)
     """torch threads for PPO training (see reward_threads for why 1)."""
     ppo_seed: int = 0
