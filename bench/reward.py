@@ -83,6 +83,26 @@ def speed(settings: Settings, model_dir: Path, pairs: list[Pair], max_length: in
         print(f"{threads:>7} {dtype:>9} {layers:>6}  {per:7.2f}  {8 / per:7.2f}", flush=True)
 
 
+def trunk_speed(model_dir: Path, pairs: list[Pair], config: RewardConfig, n: int) -> None:
+    """The same training (n real pairs, `config`: the shipped epochs, layers and dtype) with the frozen
+    trunk computed at every pass and from the cache (trainer/trunk.py), back to back, cache second."""
+    rng = random.Random(0)
+    sample = rng.sample(pairs, n)
+    seconds, losses = {}, {}
+    for cache_mb in (0, config.trunk_cache_mb or 4096):
+        run = RewardConfig(**{**asdict(config), "trunk_cache_mb": cache_mb, "max_minutes": None})
+        model, tok = load_reward_model(model_dir, seed=run.seed)
+        result = train_reward_model(model, tok, sample, [], run, progress=sys.stderr.isatty())
+        seconds[cache_mb], losses[cache_mb] = result.seconds, result.losses
+        print(f"trunk cache {cache_mb} MB: {result.steps} steps in {result.seconds:.1f} s, "
+              f"{result.pairs_per_s:.2f} pairs/s, last loss {result.losses[-1]:.4f}", flush=True)
+    plain, cached = seconds.values()
+    gap = max(abs(a - b) for a, b in zip(*losses.values(), strict=True))
+    print(f"trunk cache: {plain / cached:.2f}x the training speed ({n} pairs, {config.epochs} epochs, "
+          f"top {config.train_layers} layers, {config.dtype}, {config.threads} threads); largest step-loss "
+          f"difference {gap:.4f}; {hardware()}; commit {commit()}", flush=True)
+
+
 def arguments(settings: Settings) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
@@ -94,6 +114,8 @@ def arguments(settings: Settings) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="JSON report [bench/results/reward-<time>.json]")
     ap.add_argument("--speed", action="store_true", help="time configurations instead of training")
     ap.add_argument("--speed-steps", type=int, default=3)
+    ap.add_argument("--trunk-speed", type=int, default=None, metavar="PAIRS",
+                    help="time training PAIRS pairs with and without the frozen-trunk cache instead")
     for name in ("lr", "epochs", "batch_size", "grad_accum", "max_length", "train_layers", "eval_every",
                  "patience", "threads", "seed"):
         kind = float if name == "lr" else int
@@ -116,6 +138,10 @@ def main() -> None:
         "threads", "seed", "dtype", "eval_fraction")}, max_minutes=args.max_minutes)
     if args.speed:
         speed(settings, args.model, hh_train + pandalm_train, config.max_length, args.speed_steps)
+        return
+    if args.trunk_speed:
+        config.apply_threads()
+        trunk_speed(args.model, hh_train + pandalm_train, config, args.trunk_speed)
         return
     config.apply_threads()
     train, stop = split_pairs(hh_train + pandalm_train, config.eval_fraction)

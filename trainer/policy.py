@@ -10,7 +10,6 @@ log-probs, and the KL of sampled answers to a reference.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from kaizen.core.atomic_files import atomic_folder
 from trainer.ppo_math import kl_per_token, logprobs_from_logits
 from trainer.reward_data import encode_conversation
 from trainer.reward_model import RewardConfig, load_reward_model, read_manifest, score_texts
+from trainer.trunk import decoder_slice
 
 Messages = list[dict[str, str]]
 
@@ -74,14 +74,8 @@ class PolicyWithValue(nn.Module):
         return out
 
     def _part(self, layers: Any, norm: nn.Module) -> Any:
-        """The decoder with only `layers` and `norm`, sharing every weight with the whole model.
-
-        A shallow copy with its own module table: the model class's own forward (embeddings or
-        `inputs_embeds`, causal mask, rotary positions) runs over a slice of the layers.
-        """
-        part = copy.copy(self.lm.model)
-        part._modules = {**self.lm.model._modules, "layers": nn.ModuleList(layers), "norm": norm}
-        return part
+        """The decoder with only `layers` and `norm`, sharing every weight (trainer/trunk.py)."""
+        return decoder_slice(self.lm.model, layers, norm)
 
 
 def shared_trunk_depth(policy: PolicyWithValue, reference: PolicyWithValue) -> int:

@@ -30,6 +30,7 @@ from torch import nn
 from kaizen.core.atomic_files import atomic_folder
 from kaizen.core.settings import Settings
 from trainer.reward_data import pad_sequences
+from trainer.trunk import decoder_slice
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ MANIFEST = "manifest.json"
 #: RewardConfig fields whose value is the setting `reward_<name>`
 #: (kaizen/core/settings_training.py documents each).
 FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "train_layers", "dtype",
-                 "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes")
+                 "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes",
+                 "trunk_cache_mb")
 
 
 def _setting(name: str) -> Any:
@@ -83,6 +85,9 @@ class RewardConfig:
     seed: int = _setting("seed")
     max_minutes: float | None = _setting("max_minutes")
     """Wall-clock budget; None: none."""
+    trunk_cache_mb: int = _setting("trunk_cache_mb")
+    """Memory for the frozen lower layers' output of the training pairs, kept from their first pass
+    (trainer/trunk.py); 0: the whole model runs at every pass."""
     # -- not settings: fixed parts of the recipe --
     warmup_fraction: float = 0.05
     """Share of optimizer steps with a linearly rising lr; then linear decay to 0."""
@@ -161,10 +166,13 @@ def freeze_lower_layers(model: Any, train_layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     trunk: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
     """Scalar reward of each sequence, read at its last real token.
 
     input_ids, attention_mask: (B, T), padded on either side. Returns (B,).
+    trunk: (B, T, H) the states after the lowest `depth` layers (trainer/trunk.py): only the
+    layers above run.
     Position ids count real tokens only, so a left-padded row scores as it would alone.
     We read the score ourselves instead of using the HF head's pooling: that pooling looks
     for `pad_token_id`, which in SmolLM2 is <|im_end|>, a real token of every turn.
@@ -173,8 +181,13 @@ def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     B, T = input_ids.shape
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids).last_hidden_state  # (B, T, H)
+    if trunk is None:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids).last_hidden_state  # (B, T, H)
+    else:
+        top = decoder_slice(model.base_model, model.base_model.layers[depth:], model.base_model.norm)
+        hidden = top(inputs_embeds=trunk.to(device), attention_mask=attention_mask,
+                     position_ids=position_ids).last_hidden_state  # (B, T, H)
     last = (torch.arange(T, device=input_ids.device) * attention_mask).argmax(-1)  # (B,) last 1 per row
     h_last = hidden[torch.arange(B, device=input_ids.device), last]  # (B, H)
     rewards: torch.Tensor = model.score(h_last).squeeze(-1).float()  # (B, 1) -> (B,)
@@ -189,8 +202,9 @@ class RewardForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_rewards(self.model, input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                trunk: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+        return sequence_rewards(self.model, input_ids, attention_mask, trunk, depth)
 
 
 def autocast(config: RewardConfig,

@@ -25,6 +25,7 @@ from torch import nn
 from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
 from trainer.reward_data import EncodedPair, Pair, collate_pairs, encode_pairs, length_batches
 from trainer.reward_eval import evaluate
+from trainer.trunk import TrunkCache, frozen_depth
 from trainer.reward_model import (
     RewardConfig,
     RewardForward,
@@ -138,6 +139,9 @@ class _Fit:
                  "%d process(es)", len(self.enc_train), sum(e.truncated for e in self.enc_train),
                  config.max_length, len(self.enc_held), n_trainable / 1e6, dist.world_size)
         self.forward = wrap_ddp(RewardForward(model), dist)
+        depth = frozen_depth(len(model.base_model.layers), config.train_layers)
+        self.trunk = (TrunkCache(model, depth, config.trunk_cache_mb << 20)
+                      if depth and config.trunk_cache_mb else None)
         self.total_steps, self.optimizer, self.scheduler = _schedule(self.params, len(self.enc_train), config)
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
@@ -183,7 +187,7 @@ class _Fit:
     def optimizer_step(self, group: Sequence[list[int]]) -> None:
         """One AdamW step over the micro-batches `group`; the running loss and accuracy follow it."""
         step_loss, step_acc, n_pairs = _accumulate(self.forward, group, self.enc_train, self.pad_id,
-                                                   self.config, self.dist)
+                                                   self.config, self.dist, self.trunk)
         self.seen += n_pairs
         self.run_loss = step_loss if self.run_loss is None else 0.9 * self.run_loss + 0.1 * step_loss
         self.run_acc = step_acc if self.run_acc is None else 0.9 * self.run_acc + 0.1 * step_acc
@@ -210,6 +214,9 @@ class _Fit:
             p.requires_grad_(True)
         model.eval()
         seen = int(dist.all_reduce_sum(torch.tensor([float(self.seen)])).item())
+        if self.trunk is not None:
+            log.info("frozen trunk (%d layers) of the training sequences: %d passes from the cache, %d run, "
+                     "%.0f MB kept", self.trunk.depth, self.trunk.hits, self.trunk.misses, self.trunk.bytes / 2**20)
         log.info("reward training %s after %d steps (%.0f s, %.2f pairs/s); best held-out step %d",
                  self.stopped, step, seconds, seen / seconds if seconds else 0.0, self.best_step)
         return TrainResult(step, seen, seconds, self.stopped, self.best_step if self.enc_held else step,
@@ -217,8 +224,10 @@ class _Fit:
 
 
 def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequence[EncodedPair], pad_id: int,
-                config: RewardConfig, dist: Dist) -> tuple[float, float, int]:
-    """Forward and backward of this rank's micro-batches of one optimizer step.
+                config: RewardConfig, dist: Dist,
+                trunk: TrunkCache | None = None) -> tuple[float, float, int]:
+    """Forward and backward of this rank's micro-batches of one optimizer step (with `trunk`, the
+    frozen lower layers' output comes from the cache: trainer/trunk.py).
 
     Each micro-batch's loss is weighted N / len(group): DDP averages over the N ranks, so the
     gradient is the mean over the step's micro-batches, as with one process. A rank with no
@@ -236,7 +245,9 @@ def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequenc
         with contextlib.nullcontext() if sync else forward.no_sync():  # type: ignore[operator]
             ids, mask = collate_pairs([encoded[x] for x in group[j]], pad_id)  # (2b, T)
             with autocast(config, device):
-                rewards = forward(ids, mask)  # (2b,)
+                states = None if trunk is None else trunk.batch(
+                    [(x, side) for side in (0, 1) for x in group[j]], ids.to(device), mask.to(device))
+                rewards = forward(ids, mask, states, trunk.depth if trunk else 0)  # (2b,)
             chosen_rewards, rejected_rewards = rewards.chunk(2)  # (b,), (b,)
             loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin)
             (loss * (weight * scale)).backward()  # type: ignore[no-untyped-call]

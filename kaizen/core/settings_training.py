@@ -67,6 +67,11 @@ class TrainingSettings(BaseSettings):
     reward_seed: int = 0
     reward_max_minutes: float | None = Field(default=None, gt=0)
     """Wall-clock budget of one training run; unset: none."""
+    reward_trunk_cache_mb: int = Field(default=4096, ge=0)
+    """With reward_train_layers below the model's depth, the frozen layers' output of each training
+    sequence is kept from its first pass and later epochs run the trained layers only
+    (trainer/trunk.py): SmolLM2 keeps ~0.5 MB per sequence of 200 tokens, so 4 GiB hold ~4,000 pairs
+    and the rest are computed each time. 0: no cache."""
     reward_holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Share of the store's comparisons (stable hash of comparison_id) never trained on: the gate's
     test set."""
