@@ -63,6 +63,23 @@ def load_judge(spec: str) -> Judge:
     return fn  # type: ignore[no-any-return]
 
 
+PROBE: Messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def ready_judge(spec: str) -> Judge:
+    """`load_judge`, then one verdict on a probe pair, so that a judge which cannot run (a reward
+    model judge without its folder, a function with the wrong signature) stops a benchmark before
+    it starts, not at its evaluation an hour later. ValueError names the judge and the cause."""
+    judge = load_judge(spec)
+    try:
+        verdict = judge(PROBE, "The capital of France is Paris.", "I do not know.")
+    except Exception as exc:  # noqa: BLE001 - any failure of a user's judge is reported as its own
+        raise ValueError(f"judge {spec!r} failed on a probe pair: {type(exc).__name__}: {exc}") from exc
+    if verdict not in VERDICTS:
+        raise ValueError(f"judge {spec!r} answered {verdict!r}; a judge returns one of {VERDICTS}")
+    return judge
+
+
 # -- the rubric ----------------------------------------------------------------------------
 
 WORD = re.compile(r"[^\W\d_]+", re.UNICODE)

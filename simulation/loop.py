@@ -45,7 +45,7 @@ from pydantic import SecretStr
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from simulation.evaluate import evaluate_versions, plot, progress_bar
-from simulation.judges import load_judge
+from simulation.judges import ready_judge
 from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, SimulateConfig,
                                  read_prompts, simulate)
 
@@ -144,6 +144,8 @@ def run_loop(config: LoopConfig, base_settings: Settings,
     config.out_dir.mkdir(parents=True, exist_ok=True)
     settings, admin = with_admin_token(loop_settings(base_settings, config))
     votes = voter(config, settings)  # the judge and the prompts load before anything starts
+    for spec in filter(None, (config.eval_judge, config.second_judge)):
+        ready_judge(spec)  # as do the evaluation's judges: a broken one fails now, not in an hour
     phases = Phases()
     started_all = t = time.monotonic()
     broker = start_embedded_broker(settings)
@@ -187,7 +189,7 @@ def base_url(settings: Settings) -> str:
 
 def voter(config: LoopConfig, settings: Settings) -> Votes:
     """The simulated users as a function: a batch of votes through the loop's API, with a progress bar."""
-    judge = load_judge(config.judge)
+    judge = ready_judge(config.judge)
     prompts = read_prompts(config.prompts)
     keys = [k.get_secret_value() for k in settings.api_keys]
 

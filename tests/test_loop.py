@@ -219,3 +219,25 @@ def test_the_loop_keeps_rolled_back_versions_for_its_evaluation_and_limits_no_vo
         keep_rejected=defaults.retention_keep_rejected)[0]
     config = LoopConfig(out_dir=tmp_path)
     assert settings.vote_limit_per_window >= config.rounds * (config.votes_per_round + config.canary_votes)
+
+
+def test_a_judge_that_cannot_run_stops_the_loop_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation's judges used to load only after the rounds: a reward-model judge without its
+    folder failed the loop at its evaluation, an hour in. Every judge now gives one verdict on a
+    probe pair before the broker or the API start."""
+    monkeypatch.delenv("KAIZEN_JUDGE_REWARD_MODEL", raising=False)
+    judges = tmp_path / "judges.py"
+    judges.write_text(JUDGE + "\n\ndef unsure(messages, a, b):\n    return 'maybe'\n")
+    for field, spec, error in [
+            ("second_judge", "simulation.judges:reward_model", "RuntimeError: set KAIZEN_JUDGE_REWARD_MODEL"),
+            ("eval_judge", f"{judges}:unsure", "answered 'maybe'"),
+            ("judge", f"{judges}:missing", "missing is not a function")]:
+        out = tmp_path / field / "out"
+        config = LoopConfig(out_dir=out, **{"judge": f"{judges}:prefers_yes", field: spec})
+        with pytest.raises(ValueError, match=error):
+            run_loop(config, Settings())
+        assert not (out / "data" / "serve.log").exists()  # no API was started
+    # a judge that runs passes the check and is the one returned
+    from simulation.judges import ready_judge
+    assert ready_judge(f"{judges}:prefers_no")([{"role": "user", "content": "?"}], "Yes.", "No.") == 1
