@@ -1,6 +1,6 @@
 """A training job for tests/test_distributed.py, run alone or under torchrun.
 
-    python -m tests.dist_worker reward|ppo MODEL OUT                   # one process
+    python -m tests.dist_worker reward|reward-top|ppo|rloo MODEL OUT   # one process
     torchrun --standalone --nproc-per-node 2 -m tests.dist_worker ...  # two, as a round runs them
 
 `reward`: trains the reward model on synthetic pairs (tests/test_reward.py's marker preference);
@@ -32,14 +32,14 @@ PPO_JOB = dict(batch_size=8, response_length=8, epochs=2, minibatches=2, lr=1e-3
                seed=0, kl_coef=0.05, dtype="float32")
 
 
-def reward_job(model_dir: Path, out: Path, dist: distributed.Dist) -> None:
+def reward_job(model_dir: Path, out: Path, dist: distributed.Dist, **overrides: Any) -> None:
     from tests.test_reward import synthetic_pairs
     from trainer.reward_data import encode_pairs
     from trainer.reward_eval import evaluate
     from trainer.reward_model import RewardConfig, load_reward_model
     from trainer.reward_train import train_reward_model
 
-    config = RewardConfig(**REWARD_JOB)  # type: ignore[arg-type]
+    config = RewardConfig(**{**REWARD_JOB, **overrides})  # type: ignore[arg-type]
     model, tok = load_reward_model(model_dir, seed=0)
     held = synthetic_pairs(16, seed=2)
     result = train_reward_model(model, tok, synthetic_pairs(44, seed=1), held, config, progress=False, dist=dist)
@@ -98,6 +98,8 @@ def main(argv: list[str]) -> int:
     try:
         if job == "rloo":
             ppo_job(model_dir, out, dist, algorithm="rloo")
+        elif job == "reward-top":  # the top layer only: the frozen trunk comes from the cache
+            reward_job(model_dir, out, dist, train_layers=1)
         else:
             {"reward": reward_job, "ppo": ppo_job}[job](model_dir, out, dist)
     finally:

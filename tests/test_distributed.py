@@ -67,10 +67,12 @@ def test_backend_and_launch_command_follow_the_settings() -> None:
     assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]]
 
 
-def test_reward_model_on_two_processes_matches_one(tiny_model: Path, tmp_path: Path) -> None:
-    """Same pairs, global batch and seed: the same loss curve and held-out accuracy on 1 and 2 ranks."""
-    run_job("reward", tiny_model, tmp_path / "one.json", 1)
-    run_job("reward", tiny_model, tmp_path / "two.json", 2)
+@pytest.mark.parametrize("job", ["reward", "reward-top"])
+def test_reward_model_on_two_processes_matches_one(job: str, tiny_model: Path, tmp_path: Path) -> None:
+    """Same pairs, global batch and seed: the same loss curve and held-out accuracy on 1 and 2 ranks;
+    `reward-top` trains the top layer only, each rank reading the frozen trunk from its own cache."""
+    run_job(job, tiny_model, tmp_path / "one.json", 1)
+    run_job(job, tiny_model, tmp_path / "two.json", 2)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert one["steps"] == two["steps"] == 12  # 2 epochs x ceil(11 micro-batches / 2)
