@@ -89,7 +89,7 @@ def trunk_speed(model_dir: Path, pairs: list[Pair], config: RewardConfig, n: int
     rng = random.Random(0)
     sample = rng.sample(pairs, n)
     seconds, losses = {}, {}
-    for cache_mb in (0, config.trunk_cache_mb or 4096):
+    for cache_mb in (0, config.trunk_cache_mb or Settings.model_fields["reward_trunk_cache_mb"].default):
         run = RewardConfig(**{**asdict(config), "trunk_cache_mb": cache_mb, "max_minutes": None})
         model, tok = load_reward_model(model_dir, seed=run.seed)
         result = train_reward_model(model, tok, sample, [], run, progress=sys.stderr.isatty())

@@ -51,7 +51,7 @@ from trainer.policy import (
     sequence_logprobs,
     shared_trunk_depth,
 )
-from trainer.ppo_config import PPOConfig, autocast
+from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -66,6 +66,7 @@ from trainer.ppo_math import (
     shaped_rewards,
     value_loss,
 )
+from trainer.reward_model import autocast_to
 from trainer.rollout_engine import RolloutEngine, Sample, sync_weights
 from trainer.timing import PhaseTimer
 
@@ -254,7 +255,7 @@ class PPOTrainer:
         depth = self.trunk_depth
         scores = self.scorer([prompts[samples[i].prompt] for i in own.tolist()],
                              [samples[i].text for i in own.tolist()]).to(dist.device)  # (b,)
-        with autocast(self.compute_dtype, self.dist.device):
+        with autocast_to(self.compute_dtype, self.dist.device):
             # the frozen lower layers, once: the same for policy, reference and every minibatch pass
             trunk = (self.policy.trunk(mine.input_ids, mine.attention_mask, depth)  # (b, S, H)
                      if depth else None)
@@ -326,7 +327,7 @@ class PPOTrainer:
         idx = torch.tensor(rows, device=dist.device)
         trunk = None if sc.trunk is None else sc.trunk[torch.tensor([local_index[r] for r in rows])]
         rloo = c.algorithm == "rloo"  # no value head: the siblings are the baseline
-        with autocast(self.compute_dtype, self.dist.device):
+        with autocast_to(self.compute_dtype, self.dist.device):
             logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.start,
                                         c.temperature, with_values=not rloo, trunk=trunk,
                                         depth=self.trunk_depth)  # (b, R, V) float32, (b, R)

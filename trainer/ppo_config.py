@@ -9,7 +9,6 @@ come in through `from_settings`. Defaults sit near TRL's and OpenRLHF's; each fi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,10 +130,3 @@ class PPOConfig:
     def apply_threads(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-
-
-def autocast(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """PPO's passes in `dtype` on `device` (PPOTrainer.compute_dtype); none in float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)

@@ -207,12 +207,20 @@ class RewardForward(nn.Module):
         return sequence_rewards(self.model, input_ids, attention_mask, trunk, depth)
 
 
+def autocast_to(dtype: str | torch.dtype,
+                device: torch.device | None = None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to `dtype` on `device` (CPU when None); none for float32. The reward model's passes
+    and PPO's (PPOTrainer.compute_dtype) both enter it here."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type if device is not None else "cpu", dtype=dtype)
+
+
 def autocast(config: RewardConfig,
              device: torch.device | None = None) -> contextlib.AbstractContextManager[Any]:
     """The forward passes' autocast to `config.dtype` on `device` (CPU when None); none for float32."""
-    if config.dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type if device is not None else "cpu", dtype=getattr(torch, config.dtype))
+    return autocast_to(config.dtype, device)
 
 
 def model_device(model: Any) -> torch.device:
