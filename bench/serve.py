@@ -25,13 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
-from kaizen.core.engine_config import serving_dtype  # noqa: E402
+from kaizen.core.engine_config import reserved_cpus, serving_dtype  # noqa: E402
 from kaizen.core.settings import Settings  # noqa: E402
 
 PROMPTS = [
@@ -45,8 +46,12 @@ PROMPTS = [
 
 
 async def load(base: str, model: str, clients: int, requests: int, max_tokens: int,
-               label: str) -> tuple[float, list[float], int]:
-    """Streamed greedy requests from `clients` workers; returns (wall s, TTFTs, output tokens)."""
+               label: str) -> tuple[float, list[float], int, float]:
+    """Streamed greedy requests from `clients` workers; returns (wall s, TTFTs, output tokens, the
+    load generator's own CPU share of one core).
+
+    aiohttp, not httpx: on two cores the client shares the machine with the server, and httpx's
+    async client cost several times aiohttp's CPU per request (bench/feedback.py)."""
     ttfts: list[float] = []
     tokens = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -54,8 +59,9 @@ async def load(base: str, model: str, clients: int, requests: int, max_tokens: i
         queue.put_nowait(i)
     with Progress(transient=True) as progress:
         task = progress.add_task(label, total=requests)
-        async with httpx.AsyncClient(base_url=base, timeout=300,
-                                     limits=httpx.Limits(max_connections=clients)) as http:
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=clients),
+                                         timeout=timeout) as http:
             async def worker() -> None:
                 nonlocal tokens
                 while not queue.empty():
@@ -66,9 +72,10 @@ async def load(base: str, model: str, clients: int, requests: int, max_tokens: i
                             "stream_options": {"include_usage": True}}
                     t0 = time.perf_counter()
                     first = None
-                    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                        assert r.status_code == 200, await r.aread()
-                        async for line in r.aiter_lines():
+                    async with http.post("/v1/chat/completions", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        async for raw in r.content:
+                            line = raw.decode().strip()
                             if not line.startswith("data: ") or line == "data: [DONE]":
                                 continue
                             chunk = json.loads(line[6:])
@@ -80,14 +87,16 @@ async def load(base: str, model: str, clients: int, requests: int, max_tokens: i
                     ttfts.append(first if first is not None else time.perf_counter() - t0)
                     progress.advance(task)
 
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await asyncio.gather(*(worker() for _ in range(clients)))
-    return time.perf_counter() - started, ttfts, tokens
+            wall = time.perf_counter() - started
+    return wall, ttfts, tokens, (time.process_time() - cpu) / wall
 
 
 async def pair_vs_single(base: str, model: str, n: int, max_tokens: int) -> tuple[float, float]:
     """Median latency of a single answer and of a forced pair, one request at a time."""
-    single, paired = [], []
+    single: list[float] = []
+    paired: list[float] = []
     async with httpx.AsyncClient(base_url=base, timeout=300) as http:
         for i in range(n):
             body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
@@ -111,6 +120,9 @@ def main() -> None:
     ap.add_argument("--vllm-dtype", default=None,
                     help="dtype of the vLLM arm (default: Kaizen's own, KAIZEN_ENGINE_DTYPE resolved; "
                          "float32 is what answered correctly on every CPU before dtype auto)")
+    ap.add_argument("--vllm-compile", action="store_true",
+                    help="run the vLLM arm with vLLM's own default, torch.compile, instead of "
+                         "--enforce-eager (Kaizen serves eager: compiled bf16 garbled SmolLM2 here)")
     ap.add_argument("--spin-us", type=float, default=None,
                     help="also run Kaizen with KAIZEN_ENGINE_SPIN_SLEEP_US set to this (0: vLLM's own "
                          "sched_yield spin) as a third arm, `kaizen-spin`")
@@ -122,13 +134,13 @@ def main() -> None:
                                                            "rate_limit_rps": 1e6, "rate_limit_burst": 10**6,
                                                            "max_inflight": 10**6})
     env = s.child_env()
-    servers = server_commands(s, model, args.vllm_dtype or serving_dtype(s))
+    servers = server_commands(s, model, args.vllm_dtype or serving_dtype(s), args.vllm_compile)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(s.engine_kv_cache_gib)
     envs = {"kaizen": env, "vllm": env}
     if args.spin_us is not None:
         servers["kaizen-spin"] = servers["kaizen"]
         envs["kaizen-spin"] = {**env, "KAIZEN_ENGINE_SPIN_SLEEP_US": str(args.spin_us)}
-    results: dict[str, list[tuple[float, list[float], int]]] = {name: [] for name in servers}
+    results: dict[str, list[tuple[float, list[float], int, float]]] = {name: [] for name in servers}
     pair_result = None
     for rnd in range(args.rounds):
         for name in (list(servers) if rnd % 2 == 0 else list(servers)[::-1]):
@@ -147,7 +159,8 @@ def main() -> None:
     report(args, model, s, results, pair_result)
 
 
-def server_commands(s: Settings, model: Path, vllm_dtype: str) -> dict[str, tuple[list[str], str, str]]:
+def server_commands(s: Settings, model: Path, vllm_dtype: str,
+                    compile_vllm: bool = False) -> dict[str, tuple[list[str], str, str]]:
     """name → (command line, base URL, served model name) of the two arms: Kaizen's API and plain vLLM
     with the same engine settings."""
     vllm_port = free_port()
@@ -157,27 +170,32 @@ def server_commands(s: Settings, model: Path, vllm_dtype: str) -> dict[str, tupl
         "vllm": ([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                   "--port", str(vllm_port), "--host", "127.0.0.1", "--dtype", vllm_dtype,
                   "--max-model-len", str(s.engine_max_model_len),
-                  "--gpu-memory-utilization", str(s.engine_memory_utilization), "--enforce-eager",
+                  "--gpu-memory-utilization", str(s.engine_memory_utilization),
+                  *([] if compile_vllm else ["--enforce-eager"]),
                   "--max-num-seqs", str(s.engine_max_num_seqs), "--seed", str(s.engine_seed),
                   "--served-model-name", "bench"], f"http://127.0.0.1:{vllm_port}", "bench"),
     }
 
 
 def report(args: argparse.Namespace, model: Path, s: Settings,
-           results: dict[str, list[tuple[float, list[float], int]]],
+           results: dict[str, list[tuple[float, list[float], int, float]]],
            pair_result: tuple[float, float] | None) -> None:
     """The result lines (what bench/README.md records)."""
     print(f"\nserving benchmark: {model.name}, {args.clients} clients, {args.requests} requests x "
           f"{args.max_tokens} tokens, {args.rounds} round(s) ({provenance()}); dtype kaizen "
-          f"{serving_dtype(s)}, vllm {args.vllm_dtype or serving_dtype(s)}")
+          f"{serving_dtype(s)}, vllm {args.vllm_dtype or serving_dtype(s)}"
+          f"{' compiled' if args.vllm_compile else ' eager'}; reserved cores kaizen "
+          f"{'vllm default' if reserved_cpus(s) is None else reserved_cpus(s)}, vllm its default")
     tps = {}
     for name, runs in results.items():
         wall = sum(r[0] for r in runs)
         tokens = sum(r[2] for r in runs)
         ttfts = [t for r in runs for t in r[1]]
         tps[name] = tokens / wall
+        client_cpu = sum(r[3] * r[0] for r in runs) / wall
         print(f"  {name:11s} {tps[name]:7.1f} output tokens/s   "
-              f"TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms   p99 {percentile(ttfts, 99) * 1000:6.0f} ms")
+              f"TTFT p50 {percentile(ttfts, 50) * 1000:6.0f} ms   p99 {percentile(ttfts, 99) * 1000:6.0f} ms"
+              f"   load generator {client_cpu:.0%} of a core")
     print(f"  ratio kaizen / vllm: {tps['kaizen'] / tps['vllm']:.3f} (goal >= 0.95)")
     if "kaizen-spin" in tps:
         print(f"  ratio kaizen / kaizen-spin ({args.spin_us:g} us): {tps['kaizen'] / tps['kaizen-spin']:.3f} "

@@ -175,20 +175,28 @@ def test_the_engine_reports_the_configuration_it_runs(
     from the engine (its vllm_config), not from the settings: the resolved dtype (never vLLM's
     own `auto`), the context and batch limits, no chunked prefill on the CPU backend
     (tests/test_engine_seeds.py says why)."""
-    from kaizen.core.engine_config import serving_dtype
+    from kaizen.core.engine_config import reserved_cpus, serving_dtype
 
-    base, settings, _ = server
+    base, settings, proc = server
     until(base, "/readyz", 200)
     running = engine_config(base)
+    reserved = reserved_cpus(settings)
     assert set(running) == {"v0"}, running
     assert running["v0"] == {
         "dtype": serving_dtype(settings), "max_model_len": str(settings.engine_max_model_len),
         "max_num_seqs": str(settings.engine_max_num_seqs),
         "max_num_batched_tokens": str(max(settings.engine_max_model_len, settings.engine_max_num_batched_tokens)),
         "chunked_prefill": "false", "seed": str(settings.engine_seed),
-        "reserved_cpus": "vllm default" if settings.engine_reserved_cpus is None
-        else str(settings.engine_reserved_cpus),
+        "reserved_cpus": "vllm default" if reserved is None else str(reserved),
+        "omp_spincount": str(settings.engine_omp_spincount),
     }, running
+    # and the engine's own processes (EngineCore, its worker) started with them
+    engine_env = [p.environ() for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "VLLM_CPU_KVCACHE_SPACE" in p.environ()]
+    assert engine_env, "no vLLM process under the server"
+    for env in engine_env:
+        assert env.get("GOMP_SPINCOUNT") == str(settings.engine_omp_spincount)
+        assert env.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == (None if reserved is None else str(reserved))
 
 
 def test_a_wedged_engine_fails_readiness_then_liveness_and_recovers(

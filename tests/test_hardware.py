@@ -43,20 +43,33 @@ def test_auto_is_bf16_only_where_the_cpu_or_gpu_computes_it() -> None:
     assert explicit.dtype == "bfloat16" and explicit.reason == "set explicitly"
 
 
-def test_reserved_cpus_reach_vllm_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kaizen.core.engine_config import configure_vllm_env
+def test_reserved_cpus_and_spincount_reach_vllm_as_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kaizen.core.engine_config import configure_vllm_env, reserved_cpus, usable_cpus
 
     # everything configure_vllm_env writes is put back after the test (set, then removed: recorded)
     for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", VLLM_SPIN_ENV):
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", VLLM_SPIN_ENV, "GOMP_SPINCOUNT"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    configure_vllm_env(Settings())
+    configure_vllm_env(Settings(engine_reserved_cpus=None, engine_omp_spincount=None))
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # vLLM's own default
+    assert "GOMP_SPINCOUNT" not in os.environ  # libgomp's own default
     assert float(os.environ[VLLM_SPIN_ENV]) == Settings().engine_spin_sleep_us  # for kaizen/core/vllm_plugin.py
-    configure_vllm_env(Settings(engine_reserved_cpus=0, engine_spin_sleep_us=0))
+    configure_vllm_env(Settings(engine_reserved_cpus=0, engine_spin_sleep_us=0, engine_omp_spincount=7))
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert os.environ["GOMP_SPINCOUNT"] == "7"
     assert float(os.environ[VLLM_SPIN_ENV]) == 0
+    # auto: no reserved core on a machine this small or smaller, vLLM's default on a larger one
+    cpus = usable_cpus()
+    assert cpus >= 1
+    assert reserved_cpus(Settings(engine_reserve_none_up_to_cpus=cpus)) == 0
+    assert reserved_cpus(Settings(engine_reserve_none_up_to_cpus=cpus - 1)) is None
+    assert reserved_cpus(Settings(engine_reserved_cpus=3)) == 3
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    configure_vllm_env(Settings(engine_reserve_none_up_to_cpus=cpus - 1))
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    configure_vllm_env(Settings(engine_reserve_none_up_to_cpus=cpus))
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
 
 
 def test_the_vllm_plugin_replaces_the_spin_only_when_kaizen_asks(monkeypatch: pytest.MonkeyPatch) -> None:

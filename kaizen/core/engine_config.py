@@ -28,13 +28,34 @@ def configure_vllm_env(settings: Settings) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine_kv_cache_gib)
     # read by kaizen/core/vllm_plugin.py in each process vLLM starts
     os.environ[VLLM_SPIN_ENV] = str(settings.engine_spin_sleep_us)
-    if settings.engine_reserved_cpus is not None:
-        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(settings.engine_reserved_cpus)
+    reserved = reserved_cpus(settings)
+    log.info("engine reserved cores %s of %d usable (engine_reserved_cpus=%s)",
+             "vLLM default" if reserved is None else reserved, usable_cpus(), settings.engine_reserved_cpus)
+    if reserved is not None:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+    if settings.engine_omp_spincount is not None:  # read by libgomp as each engine process starts
+        os.environ["GOMP_SPINCOUNT"] = str(settings.engine_omp_spincount)
     # No usage reporting, no hub look-ups: nothing outside this machine is reachable.
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (its affinity mask: a container's cpuset, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def reserved_cpus(settings: Settings) -> int | None:
+    """engine_reserved_cpus with `auto` resolved for this machine (None: vLLM's own default)."""
+    if settings.engine_reserved_cpus != "auto":
+        return settings.engine_reserved_cpus
+    cpus = usable_cpus()
+    return 0 if cpus <= settings.engine_reserve_none_up_to_cpus else None
 
 
 def scheduling_args(settings: Settings, max_model_len: int) -> dict[str, Any]:
@@ -73,6 +94,7 @@ def running_config(llm: Any) -> dict[str, str]:
         "chunked_prefill": str(bool(scheduler.enable_chunked_prefill)).lower(),
         "seed": str(model.seed),
         "reserved_cpus": "vllm default" if reserved is None else str(reserved),
+        "omp_spincount": os.environ.get("GOMP_SPINCOUNT", "libgomp default"),
     }
 
 

@@ -123,6 +123,11 @@ class Settings(SupervisorSettings, RoundUpkeepSettings, RolloutSettings, Trainin
         out["engine_dtype (effective)"] = str(choose_dtype(self.engine_dtype, serving=True))
         out["reward_dtype (effective)"] = str(choose_dtype(self.reward_dtype))
         out["ppo_dtype (effective)"] = str(choose_dtype(self.ppo_dtype))
+        from kaizen.core.engine_config import reserved_cpus, usable_cpus
+
+        reserved = reserved_cpus(self)
+        out["engine_reserved_cpus (effective)"] = (
+            f"{'vLLM default' if reserved is None else reserved} ({usable_cpus()} usable cores)")
         out["kafka (effective)"] = (
             f"embedded broker at {self.bootstrap_servers}"
             if self.embedded_broker

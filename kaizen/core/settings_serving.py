@@ -132,12 +132,22 @@ class EngineSettings(BaseSettings):
     engine_enforce_eager: bool = True
     """Skip graph capture: faster start, and what was measured on CPU here."""
     engine_max_num_seqs: int = Field(default=32, ge=1)
-    engine_reserved_cpus: int | None = Field(default=None, ge=0)
+    engine_reserved_cpus: int | Literal["auto"] | None = "auto"
     """Cores vLLM's CPU backend keeps for its scheduler process (VLLM_CPU_NUM_OF_RESERVED_CPU); the
-    model's threads get the rest. Unset: vLLM's default, 1 on a small machine, which on 2 cores
-    leaves the model one core. Measured on a 2-core EPYC (bf16, 32 sampled answers of 64 tokens,
-    one engine alone): 0 gave 664 output tokens/s against 441-468 with the default. Not the
-    default yet: not measured with the trainer or several engines sharing the cores."""
+    model's threads get the rest. vLLM's own default, 1 (None here), leaves a 2-core machine's
+    model one core. `auto`: 0 on a machine with at most `engine_reserve_none_up_to_cpus` usable
+    cores, vLLM's default above (measured only on 2 cores). On a 2-core EPYC (bf16, 32 sampled
+    answers of 64 tokens): one engine 677 output tokens/s with 0 against 459 with 1 (another
+    engine idle beside it); two engines generating at once 584 against 454 in all, with
+    `engine_omp_spincount` (bench/README.md "Serving")."""
+    engine_reserve_none_up_to_cpus: int = Field(default=4, ge=0)
+    """`engine_reserved_cpus=auto` reserves no core on machines with this many usable cores or fewer."""
+    engine_omp_spincount: int | None = Field(default=5000, ge=0)
+    """How long the engine's OpenMP threads spin before they sleep while waiting at a barrier
+    (GOMP_SPINCOUNT, libgomp: torch's OpenMP on Linux), in spins. libgomp's default (None) spins
+    for up to 300,000: two engines sharing two cores (a canary beside the champion, the trainer's
+    rollouts beside the API) then spend each other's cores spinning, 373 tokens/s in all against
+    584 with 5,000, while one engine alone is as fast (677 against 664-706)."""
     engine_spin_sleep_us: float = Field(default=500.0, ge=0.0, le=100_000.0)
     """How long vLLM's processes sleep between polls while they wait for each other's messages,
     instead of vLLM's `sched_yield` spin (kaizen/core/vllm_plugin.py). On kernels that schedule by
