@@ -37,7 +37,7 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import provenance  # noqa: E402
-from kaizen.core.engine_config import reserved_cpus, serving_dtype  # noqa: E402
+from kaizen.core.engine_config import serving_dtype, vllm_env  # noqa: E402
 from kaizen.core.settings import Settings  # noqa: E402
 
 SCENARIOS = {"alone": (True, False), "shared": (True, True)}
@@ -45,12 +45,11 @@ SCENARIOS = {"alone": (True, False), "shared": (True, True)}
 
 
 def arms(s: Settings) -> dict[str, dict[str, str]]:
-    """arm → environment variables it sets (and removes where absent)."""
-    reserved = reserved_cpus(s)
-    kaizen = {"GOMP_SPINCOUNT": str(s.engine_omp_spincount)} if s.engine_omp_spincount is not None else {}
-    if reserved is not None:
-        kaizen["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
-    return {"vllm": {}, "reserve0": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}, "kaizen": kaizen}
+    """arm → the environment vLLM's processes get (kaizen/core/engine_config.py `vllm_env`); every arm
+    keeps Kaizen's sleep instead of vLLM's sched_yield spin (kaizen/core/vllm_plugin.py)."""
+    plain = s.model_copy(update={"engine_reserved_cpus": None, "engine_omp_spincount": None})
+    reserve0 = plain.model_copy(update={"engine_reserved_cpus": 0})
+    return {"vllm": vllm_env(plain), "reserve0": vllm_env(reserve0), "kaizen": vllm_env(s)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -132,11 +131,8 @@ def main() -> None:
     s = Settings()
     args.model = str(Path(args.model or s.model_dir).resolve())
     args.dtype = serving_dtype(s)
-    ours = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "GOMP_SPINCOUNT")
+    ours = set(vllm_env(s)) | {"VLLM_CPU_NUM_OF_RESERVED_CPU", "GOMP_SPINCOUNT"}
     base = {k: v for k, v in os.environ.items() if k not in ours}
-    # Kaizen's sleep instead of vLLM's sched_yield spin in every arm (kaizen/core/vllm_plugin.py)
-    base.update({"VLLM_CPU_KVCACHE_SPACE": str(s.engine_kv_cache_gib),
-                 "KAIZEN_VLLM_PLUGIN_SPIN_SLEEP_US": str(s.engine_spin_sleep_us)})
     log_dir = Path(tempfile.mkdtemp(prefix="kaizen-bench-cores-"))
     results: dict[str, dict[str, list[dict[str, float | str]]]] = {}
     with Progress() as progress:

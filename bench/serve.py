@@ -32,7 +32,7 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import free_port, percentile, provenance, start, stop, wait_ready  # noqa: E402
-from kaizen.core.engine_config import reserved_cpus, serving_dtype  # noqa: E402
+from kaizen.core.engine_config import serving_dtype, vllm_env  # noqa: E402
 from kaizen.core.settings import Settings  # noqa: E402
 
 PROMPTS = [
@@ -185,7 +185,7 @@ def report(args: argparse.Namespace, model: Path, s: Settings,
           f"{args.max_tokens} tokens, {args.rounds} round(s) ({provenance()}); dtype kaizen "
           f"{serving_dtype(s)}, vllm {args.vllm_dtype or serving_dtype(s)}"
           f"{' compiled' if args.vllm_compile else ' eager'}; reserved cores kaizen "
-          f"{'vllm default' if reserved_cpus(s) is None else reserved_cpus(s)}, vllm its default")
+          f"{vllm_env(s).get('VLLM_CPU_NUM_OF_RESERVED_CPU', 'vllm default')}, vllm its default")
     tps = {}
     for name, runs in results.items():
         wall = sum(r[0] for r in runs)

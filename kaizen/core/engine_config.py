@@ -23,18 +23,26 @@ from kaizen.core.vllm_plugin import ENV as VLLM_SPIN_ENV
 log = logging.getLogger(__name__)
 
 
+def vllm_env(settings: Settings) -> dict[str, str]:
+    """The environment variables vLLM's processes read, from our settings (`auto` resolved)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.engine_kv_cache_gib),
+           # read by kaizen/core/vllm_plugin.py in each process vLLM starts
+           VLLM_SPIN_ENV: str(settings.engine_spin_sleep_us)}
+    reserved = reserved_cpus(settings)
+    if reserved is not None:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+    if settings.engine_omp_spincount is not None:  # read by libgomp as each engine process starts
+        env["GOMP_SPINCOUNT"] = str(settings.engine_omp_spincount)
+    return env
+
+
 def configure_vllm_env(settings: Settings) -> None:
     """vLLM reads a few knobs from the environment; set them from our settings."""
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.engine_kv_cache_gib)
-    # read by kaizen/core/vllm_plugin.py in each process vLLM starts
-    os.environ[VLLM_SPIN_ENV] = str(settings.engine_spin_sleep_us)
-    reserved = reserved_cpus(settings)
+    env = vllm_env(settings)
     log.info("engine reserved cores %s of %d usable (engine_reserved_cpus=%s)",
-             "vLLM default" if reserved is None else reserved, usable_cpus(), settings.engine_reserved_cpus)
-    if reserved is not None:
-        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
-    if settings.engine_omp_spincount is not None:  # read by libgomp as each engine process starts
-        os.environ["GOMP_SPINCOUNT"] = str(settings.engine_omp_spincount)
+             env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"), usable_cpus(),
+             settings.engine_reserved_cpus)
+    os.environ.update(env)
     # No usage reporting, no hub look-ups: nothing outside this machine is reachable.
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
