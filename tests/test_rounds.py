@@ -428,3 +428,24 @@ def test_weight_sync_checks_dev_shm_first(tiny_model: Path, small_shm: Path) -> 
         sync_weights(policy, None, folder)  # type: ignore[arg-type] # refused before the engine is used
     assert exc.value.needed > 8 * exc.value.free
     assert list(folder.iterdir()) == []  # nothing half-written
+
+
+def test_the_round_summary_compares_the_first_and_last_quarters_of_ppo() -> None:
+    """One iteration's batch is 16 answers to 16 prompts (std ~1 on a real run), so the round
+    record's reward_first / reward_last are means over a quarter of the iterations, not one each."""
+    from trainer.ppo import IterationStats
+    from trainer.round_phases import _summary
+
+    def it(i: int, reward: float) -> IterationStats:
+        return IterationStats(i, reward, 1.0, reward, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 40.0,
+                              10.0, 1.0, {"rollout": 1.0})
+
+    # a noisy rise: the ends alone (-0.2 -> -1.6) say it fell; the quarters say it rose by 1
+    rewards = [-0.2, -1.4, -0.9, -1.5, 0.1, 0.3, -0.5, 0.4, 0.6, -0.1, 0.5, 0.7, 0.2, 1.0, 0.4, -1.6]
+    s = _summary([it(i, r) for i, r in enumerate(rewards)])
+    assert s["reward_window"] == 4 and s["iterations"] == 16
+    assert s["reward_first"] == pytest.approx(sum(rewards[:4]) / 4)
+    assert s["reward_last"] == pytest.approx(sum(rewards[-4:]) / 4)
+    assert s["reward_last"] - s["reward_first"] == pytest.approx(1.0)
+    assert _summary([it(0, 0.3)])["reward_first"] == pytest.approx(0.3)
+    assert s["seconds"] == {"rollout": 16.0}
