@@ -10,6 +10,8 @@ same way. Then, for every (train size, config) combination, a reward model is tr
 the policy's weights with `reward_*` settings overridden by the config, and its accuracy on
 the test pairs is printed with its Wilson 95% interval. All combinations run in one process on
 the same pairs, so the accuracies compare; times are only indicative (a noisy machine).
+With the rubric judge, `--by-rubric-part` also splits the test accuracy by the quality that decided
+each pair (`simulation.judges.deciding_part`): which of the judge's preferences the votes taught.
 A report, never a pass/fail test.
 """
 
@@ -30,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kaizen.core.settings import get_settings  # noqa: E402
-from simulation.judges import load_judge  # noqa: E402
+from simulation.judges import deciding_part, load_judge  # noqa: E402
 from trainer.reward_data import Pair, encode_pairs  # noqa: E402
-from trainer.reward_eval import evaluate, wilson_interval  # noqa: E402
+from trainer.reward_eval import pairwise_metrics, score_pairs, wilson_interval  # noqa: E402
 from trainer.reward_model import RewardConfig, load_reward_model  # noqa: E402
 from trainer.reward_train import train_reward_model  # noqa: E402
 from simulation.simulate import DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, read_prompts  # noqa: E402
@@ -60,6 +62,14 @@ def judged_pairs(engine: object, tokenizer: object, prompts: list[str], judge: o
     return pairs, undecided
 
 
+def by_part(pairs: list[Pair], right: list[bool]) -> dict[str, dict[str, float]]:
+    """Accuracy over the pairs grouped by the rubric quality that decided them."""
+    groups: dict[str, list[bool]] = {}
+    for p, ok in zip(pairs, right, strict=True):
+        groups.setdefault(deciding_part(p.prompt[-1]["content"], p.chosen, p.rejected), []).append(ok)
+    return {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(groups.items())}
+
+
 def main() -> None:
     settings = get_settings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +82,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--by-rubric-part", action="store_true",
+                    help="split the test accuracy by the rubric quality that decided each pair")
     args = ap.parse_args()
     sizes = args.train or [150]
     configs = [json.loads(c) for c in (args.config or ["{}"])]
@@ -103,12 +115,18 @@ def main() -> None:
         config = RewardConfig.from_settings(settings, threads=args.threads, eval_fraction=0.0, **overrides)
         model, tok = load_reward_model(args.model, seed=0)
         result = train_reward_model(model, tok, train, [], config, progress=sys.stderr.isatty())
-        m = evaluate(model, encode_pairs(tok, test, config.max_length), config, tok.pad_token_id)
+        chosen, rejected = score_pairs(model, encode_pairs(tok, test, config.max_length), config,
+                                       tok.pad_token_id)
+        m = pairwise_metrics(chosen, rejected)
         lo, hi = wilson_interval(round(m["accuracy"] * m["pairs"]), m["pairs"])
         rows.append({"train_pairs": len(train), "config": overrides, "accuracy": m["accuracy"], "ci95": [lo, hi],
                      "test_pairs": m["pairs"], "train_s": result.seconds, "steps": result.steps})
         print(f"| {len(train)} | `{json.dumps(overrides)}` | {m['accuracy']:.3f} | {lo:.3f}-{hi:.3f} | "
               f"{result.seconds:.0f} |", flush=True)
+        if args.by_rubric_part:
+            parts = rows[-1]["by_rubric_part"] = by_part(test, (chosen > rejected).tolist())
+            print("  by deciding part:", ", ".join(f"{k} {v['accuracy']:.2f} (n={v['pairs']})"
+                                                   for k, v in parts.items()), flush=True)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()

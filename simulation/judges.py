@@ -140,21 +140,36 @@ def _distinct_ratio(words: list[str], n: int = 3) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def rubric_score(question: str, answer: str, w: RubricWeights = RUBRIC) -> float:
-    """0..1: language match, topic overlap, little repetition, a finished last sentence, adequate length."""
+#: The rubric's qualities, each 0..1, in the order of RubricWeights.
+RUBRIC_PARTS = ("language", "topic", "repetition", "complete", "length")
+
+
+def rubric_parts(question: str, answer: str) -> dict[str, float]:
+    """Each quality 0..1: language match, topic overlap, little repetition, a finished last sentence,
+    adequate length (`rubric_score` weighs them)."""
     words = _words(answer)
     if not words:
-        return 0.0
-    language = 1.0 if language_of(answer) == language_of(question) else 0.0
+        return dict.fromkeys(RUBRIC_PARTS, 0.0)
     q_content = {x for x in _words(question) if len(x) > 3 and not any(x in s for s in STOPWORDS.values())}
-    a_content = set(words)
-    topic = min(1.0, 3 * len(q_content & a_content) / len(q_content)) if q_content else 1.0
-    repetition = _distinct_ratio(words) ** 2
-    complete = 1.0 if answer.rstrip().endswith((".", "!", "?", "```", ")", '"')) else 0.0
     n = len(words)
-    length = 1.0 if 8 <= n <= 250 else (n / 8 if n < 8 else max(0.0, 1 - (n - 250) / 250))
-    return (w.language * language + w.topic * topic + w.repetition * repetition + w.complete * complete
-            + w.length * length)
+    return {
+        "language": 1.0 if language_of(answer) == language_of(question) else 0.0,
+        "topic": min(1.0, 3 * len(q_content & set(words)) / len(q_content)) if q_content else 1.0,
+        "repetition": _distinct_ratio(words) ** 2,
+        "complete": 1.0 if answer.rstrip().endswith((".", "!", "?", "```", ")", '"')) else 0.0,
+        "length": 1.0 if 8 <= n <= 250 else (n / 8 if n < 8 else max(0.0, 1 - (n - 250) / 250)),
+    }
+
+
+def rubric_score(question: str, answer: str, w: RubricWeights = RUBRIC) -> float:
+    """0..1: the weighted sum of `rubric_parts`."""
+    return float(sum(getattr(w, k) * v for k, v in rubric_parts(question, answer).items()))
+
+
+def deciding_part(question: str, answer_a: str, answer_b: str, w: RubricWeights = RUBRIC) -> str:
+    """The quality whose weighted difference between two answers is largest: what decided the pair."""
+    pa, pb = rubric_parts(question, answer_a), rubric_parts(question, answer_b)
+    return max(RUBRIC_PARTS, key=lambda k: abs(getattr(w, k) * (pa[k] - pb[k])))
 
 
 def _last_user(messages: Messages) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kaizen.core.settings import Settings
-from simulation.judges import language_of, load_judge, rubric, rubric_score
+from simulation.judges import deciding_part, language_of, load_judge, rubric, rubric_parts, rubric_score
 from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_PROMPTS, SimulateConfig, read_prompts,
                                  simulate)
 from tests.conftest import OTHER_KEY, ROOT, USER_KEY
@@ -33,6 +33,19 @@ def test_rubric_prefers_the_better_answer_either_side() -> None:
     assert rubric(Q, "", "") == "both_bad"
     assert language_of(FRENCH) == "fr" and language_of(GOOD) == "en" and language_of("Привет, как дела?") == "non-latin"
     assert rubric_score(Q[0]["content"], GOOD) > 0.8 > rubric_score(Q[0]["content"], REPETITIVE)
+
+
+def test_the_rubric_names_the_quality_that_decided_a_pair() -> None:
+    """bench/reward_votes.py --by-rubric-part groups pairs by it."""
+    q = Q[0]["content"]
+    assert deciding_part(q, GOOD, FRENCH) == "language"
+    assert deciding_part(q, GOOD, TRUNCATED) == "complete"
+    assert deciding_part(q, GOOD, REPETITIVE) == "repetition"
+    off_topic = "Trees are tall plants with a trunk, and many of them live for hundreds of years."
+    assert deciding_part(q, GOOD, off_topic) == "topic"
+    parts = rubric_parts(q, GOOD)
+    assert parts["topic"] == 1.0 and parts["complete"] == 1.0 and rubric_parts(q, "")["language"] == 0.0
+    assert rubric_score(q, off_topic) == pytest.approx(rubric_score(q, GOOD) - 0.25)
 
 
 def test_judges_load_from_modules_and_files(tmp_path: Path) -> None:
