@@ -27,6 +27,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -68,6 +69,26 @@ def by_part(pairs: list[Pair], right: list[bool]) -> dict[str, dict[str, float]]
     for p, ok in zip(pairs, right, strict=True):
         groups.setdefault(deciding_part(p.prompt[-1]["content"], p.chosen, p.rejected), []).append(ok)
     return {k: {"accuracy": sum(v) / len(v), "pairs": len(v)} for k, v in sorted(groups.items())}
+
+
+def train_and_test(args: argparse.Namespace, settings: Any, train: list[Pair], test: list[Pair],
+                   overrides: dict[str, Any]) -> dict[str, Any]:
+    """One table row: a reward model trained on `train` with the overrides, scored on `test`."""
+    config = RewardConfig.from_settings(settings, threads=args.threads, eval_fraction=0.0, **overrides)
+    model, tok = load_reward_model(args.model, seed=0)
+    result = train_reward_model(model, tok, train, [], config, progress=sys.stderr.isatty())
+    chosen, rejected = score_pairs(model, encode_pairs(tok, test, config.max_length), config, tok.pad_token_id)
+    m = pairwise_metrics(chosen, rejected)
+    lo, hi = wilson_interval(round(m["accuracy"] * m["pairs"]), m["pairs"])
+    row = {"train_pairs": len(train), "config": overrides, "accuracy": m["accuracy"], "ci95": [lo, hi],
+           "test_pairs": m["pairs"], "train_s": result.seconds, "steps": result.steps}
+    print(f"| {len(train)} | `{json.dumps(overrides)}` | {m['accuracy']:.3f} | {lo:.3f}-{hi:.3f} | "
+          f"{result.seconds:.0f} |", flush=True)
+    if args.by_rubric_part:
+        parts = row["by_rubric_part"] = by_part(test, (chosen > rejected).tolist())
+        print("  by deciding part:", ", ".join(f"{k} {v['accuracy']:.2f} (n={v['pairs']})"
+                                               for k, v in parts.items()), flush=True)
+    return row
 
 
 def main() -> None:
@@ -112,21 +133,7 @@ def main() -> None:
     print("\n| train pairs | config | test accuracy | 95% CI | train s |\n| --- | --- | --- | --- | --- |", flush=True)
     for n, overrides in itertools.product(sizes, configs):
         train = rng.sample(train_all, min(n, len(train_all)))
-        config = RewardConfig.from_settings(settings, threads=args.threads, eval_fraction=0.0, **overrides)
-        model, tok = load_reward_model(args.model, seed=0)
-        result = train_reward_model(model, tok, train, [], config, progress=sys.stderr.isatty())
-        chosen, rejected = score_pairs(model, encode_pairs(tok, test, config.max_length), config,
-                                       tok.pad_token_id)
-        m = pairwise_metrics(chosen, rejected)
-        lo, hi = wilson_interval(round(m["accuracy"] * m["pairs"]), m["pairs"])
-        rows.append({"train_pairs": len(train), "config": overrides, "accuracy": m["accuracy"], "ci95": [lo, hi],
-                     "test_pairs": m["pairs"], "train_s": result.seconds, "steps": result.steps})
-        print(f"| {len(train)} | `{json.dumps(overrides)}` | {m['accuracy']:.3f} | {lo:.3f}-{hi:.3f} | "
-              f"{result.seconds:.0f} |", flush=True)
-        if args.by_rubric_part:
-            parts = rows[-1]["by_rubric_part"] = by_part(test, (chosen > rejected).tolist())
-            print("  by deciding part:", ", ".join(f"{k} {v['accuracy']:.2f} (n={v['pairs']})"
-                                                   for k, v in parts.items()), flush=True)
+        rows.append(train_and_test(args, settings, train, test, overrides))
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
