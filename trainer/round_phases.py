@@ -226,10 +226,10 @@ def _summary(history: list[IterationStats]) -> dict[str, Any]:
         return {"iterations": 0}
     first, last = history[0], history[-1]
     # one iteration's mean is 16 answers to 16 different prompts (std ~1): compare quarters, not ends
-    k = max(1, len(history) // 4)
-    return {"iterations": len(history), "reward_window": k,
-            "reward_first": sum(h.reward_mean for h in history[:k]) / k,
-            "reward_last": sum(h.reward_mean for h in history[-k:]) / k,
+    window = max(1, len(history) // 4)
+    return {"iterations": len(history), "reward_window": window,
+            "reward_first": sum(h.reward_mean for h in history[:window]) / window,
+            "reward_last": sum(h.reward_mean for h in history[-window:]) / window,
             "kl_last": last.kl, "kl_coef_last": last.kl_coef,
             "samples_per_s": sum(h.samples_per_s for h in history) / len(history),
             "seconds": {k: sum(h.seconds.get(k, 0.0) for h in history) for k in first.seconds}}
