@@ -5,10 +5,12 @@
 What a training round sees, without the service: the default model answers the voters'
 prompts (trainer/data/prompts.jsonl) four times each at temperature 1.0, 64 tokens (what
 `kaizen bench loop` asks for), a judge (default the rubric) decides every pair of answers to
-one prompt, ties dropped; the evaluation prompts (never trained on) give the test pairs the
-same way. Then, for every (train size, config) combination, a reward model is trained from
+one prompt; the evaluation prompts (never trained on) give the test pairs the same way, decided
+ones only. Then, for every (train size, config) combination, a reward model is trained from
 the policy's weights with `reward_*` settings overridden by the config, and its accuracy on
-the test pairs is printed with its Wilson 95% interval. All combinations run in one process on
+the test pairs is printed with its Wilson 95% interval. A train size draws that many votes,
+ties included, once for all configs; a config trains on their ties (pairs labelled 0.5) only
+when its `tie_weight` is above 0, as a refresh does. All combinations run in one process on
 the same pairs, so the accuracies compare; times are only indicative (a noisy machine).
 With the rubric judge, `--by-rubric-part` also splits the test accuracy by the quality that decided
 each pair (`simulation.judges.deciding_part`): which of the judge's preferences the votes taught.
@@ -58,6 +60,8 @@ def judged_pairs(engine: object, tokenizer: object, prompts: list[str], judge: o
             if verdict in (0, 1):
                 chosen, rejected = (a, b) if verdict == 0 else (b, a)
                 pairs.append(Pair(messages, chosen, rejected, key=f"{tag}{i}"))
+            elif verdict == "tie":
+                pairs.append(Pair(messages, a, b, key=f"{tag}{i}", label=0.5))
             else:
                 undecided += 1
     return pairs, undecided
@@ -75,6 +79,7 @@ def train_and_test(args: argparse.Namespace, settings: Any, train: list[Pair], t
                    overrides: dict[str, Any]) -> dict[str, Any]:
     """One table row: a reward model trained on `train` with the overrides, scored on `test`."""
     config = RewardConfig.from_settings(settings, threads=args.threads, eval_fraction=0.0, **overrides)
+    train = [p for p in train if p.decided or config.tie_weight > 0]
     model, tok = load_reward_model(args.model, seed=0)
     result = train_reward_model(model, tok, train, [], config, progress=sys.stderr.isatty())
     chosen, rejected = score_pairs(model, encode_pairs(tok, test, config.max_length), config, tok.pad_token_id)
@@ -122,18 +127,22 @@ def main() -> None:
                                                   args.samples, args.max_tokens, args.seed, "train")
         test, test_undecided = judged_pairs(engine, tokenizer, read_prompts(DEFAULT_EVAL_PROMPTS), judge,
                                             args.samples, args.max_tokens, args.seed + 1, "test")
+        test_undecided += sum(not p.decided for p in test)
+        test = [p for p in test if p.decided]
         sampling_s = time.monotonic() - t
     finally:
         engine.shutdown()
-    print(f"pairs: {len(train_all)} to train from ({train_undecided} undecided), {len(test)} to test "
+    ties = sum(not p.decided for p in train_all)
+    print(f"pairs: {len(train_all)} to train from ({ties} of them ties; {train_undecided} both bad), "
+          f"{len(test)} to test "
           f"({test_undecided} undecided); sampling {sampling_s:.0f} s", flush=True)
 
     rows = []
     rng = random.Random(args.seed)
     print("\n| train pairs | config | test accuracy | 95% CI | train s |\n| --- | --- | --- | --- | --- |", flush=True)
+    drawn = {n: rng.sample(train_all, min(n, len(train_all))) for n in sizes}  # the same for every config
     for n, overrides in itertools.product(sizes, configs):
-        train = rng.sample(train_all, min(n, len(train_all)))
-        rows.append(train_and_test(args, settings, train, test, overrides))
+        rows.append(train_and_test(args, settings, drawn[n], test, overrides))
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()

@@ -16,6 +16,7 @@ import torch
 from trainer.policy import collate, freeze_lower_layers, load_policy, sequence_logprobs, shared_trunk_depth
 from trainer.ppo_math import (
     AdaptiveKLController,
+    LengthFit,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -166,6 +167,60 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target() -> None:
     assert ctl.update(1.1, 10) == pytest.approx(0.1 * 1.01)  # error 0.1, inside the clip
     fixed = AdaptiveKLController(0.1, target=1.0, horizon=100, fixed=True)
     assert fixed.update(5.0, 10) == 0.1
+
+
+def test_the_length_fit_takes_the_slope_of_ended_answers_out() -> None:
+    fit = LengthFit(min_answers=3)
+    lengths = torch.tensor([10.0, 20.0, 30.0, 64.0])
+    scores = torch.tensor([3.0, 2.0, 1.0, -5.0])
+    ended = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    fit.add(lengths[:2], scores[:2], ended[:2])
+    assert fit.slope == 0.0  # 2 ended answers < min_answers: no fit yet
+    fit.add(lengths[2:], scores[2:], ended[2:])
+    # the ended rows (10, 3), (20, 2), (30, 1): slope -0.1 per token about mean length 20; the
+    # cut-off row (64, -5) is not in the fit (with it the slope would be about -0.13)
+    assert fit.slope == pytest.approx(-0.1) and fit.mean_length == pytest.approx(20.0)
+    # share 1: 3 - (-0.1)(10 - 20) = 2, 2, 1 - (-0.1)(30 - 20) = 2; the cut-off one -5 + 0.1 (64 - 20)
+    assert fit.neutral(scores, lengths, 1.0).tolist() == pytest.approx([2.0, 2.0, 2.0, -5.0 + 0.1 * 44])
+    assert fit.neutral(scores, lengths, 0.5).tolist() == pytest.approx([2.5, 2.0, 1.5, -5.0 + 0.05 * 44])
+    assert fit.neutral(scores, lengths, 0.0).tolist() == pytest.approx(scores.tolist())
+    flat = LengthFit(min_answers=1)
+    flat.add(torch.tensor([7.0, 7.0]), torch.tensor([1.0, 2.0]), torch.ones(2))
+    assert flat.slope == 0.0  # no spread in length: nothing to fit
+
+
+def test_a_length_neutral_run_scores_without_the_reward_models_length_slope(tiny_model: Path) -> None:
+    from tests.dist_worker import fixed_rollout
+    from trainer.policy import RewardScorer
+    from trainer.ppo import PPOTrainer
+    from trainer.ppo_config import PPOConfig
+    from trainer.reward_model import load_reward_model
+
+    torch.set_num_threads(1)
+    rm, rm_tok = load_reward_model(tiny_model, seed=1)
+    scored = {}
+    for share in (0.0, 1.0):
+        config = PPOConfig(batch_size=16, response_length=8, train_layers=1, threads=1, dtype="float32",
+                           length_neutral=share)
+        policy, tok, _ = load_policy(tiny_model)
+        reference, _, _ = load_policy(tiny_model)
+        trainer = PPOTrainer(config, policy, reference, tok, None, RewardScorer(rm, rm_tok, max_length=64),
+                             None)
+        trainer.length_fit = LengthFit(min_answers=2)
+        scored[share] = trainer.score(*fixed_rollout(tok, config))
+    plain, neutral = scored[0.0], scored[1.0]
+    assert torch.equal(plain.scores, neutral.scores)  # the reward model's own scores are kept
+    lengths = plain.batch.response_mask.sum(-1).double()
+    ended = plain.ended > 0
+    assert 2 <= int(ended.sum()) < 16
+    x, y = lengths[ended], plain.scores[ended].double()
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    assert abs(slope) > 1e-4  # the untrained head does depend on length: the test has something to remove
+    expected = plain.penalised.double() - slope * (lengths - x.mean())
+    assert neutral.penalised.double().tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    # what is left among the ended answers no longer moves with their length
+    residual = neutral.penalised.double()[ended]
+    assert float(((x - x.mean()) * (residual - residual.mean())).sum()) == pytest.approx(0.0, abs=1e-4)
 
 
 def test_policy_logprobs_match_the_hf_model_on_a_left_padded_batch(tiny_model: Path) -> None:

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from kaizen.core.events import Answer, Message, PreferenceEvent
 from kaizen.core.settings import Settings
 from kaizen.reward_cli import reward_app
-from trainer.reward import RewardModelMissing, current_version, refresh_reward_model, reward_root
+from trainer.reward import (RefreshPlan, RewardModelMissing, current_version, plan_refresh, refresh_reward_model,
+                            reward_root)
 from trainer.reward_data import (
     Pair,
     encode_pairs,
@@ -31,7 +32,7 @@ from trainer.reward_data import (
     read_pairs_file,
     split_pairs,
 )
-from trainer.reward_eval import evaluate, pairwise_metrics, wilson_interval
+from trainer.reward_eval import evaluate, pairwise_metrics, score_pairs, wilson_interval
 from trainer.reward_model import (
     FROM_SETTINGS,
     RewardConfig,
@@ -87,6 +88,22 @@ def test_bradley_terry_loss_equals_the_closed_form() -> None:
     # logsigmoid keeps a confidently wrong pair finite; log(sigmoid(.)) in float32 gives inf
     far = bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([0.0]))
     assert far.item() == pytest.approx(200.0) and torch.isinf(-torch.log(torch.sigmoid(torch.tensor(-200.0))))
+
+
+def test_a_tie_is_half_a_win_each_way_without_the_margin() -> None:
+    d = torch.tensor([1.0])
+    half = bradley_terry_loss(d, torch.zeros(1), labels=torch.tensor([0.5]))
+    # -1/2 log σ(1) - 1/2 log σ(-1) = (log(1 + e^-1) + log(1 + e)) / 2 = 0.8133
+    assert half.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2, rel=1e-6)
+    # a tie's loss is smallest at equal rewards, whatever the margin; a decided pair keeps its margin
+    at_zero = bradley_terry_loss(torch.zeros(1), torch.zeros(1), margin=1.0, labels=torch.tensor([0.5]))
+    assert at_zero.item() == pytest.approx(math.log(2), abs=1e-7) and at_zero < half
+    chosen, rejected = torch.tensor([2.0, -1.0]), torch.tensor([0.0, 1.0])
+    assert bradley_terry_loss(chosen, rejected, 0.5, labels=torch.ones(2)).item() == pytest.approx(
+        bradley_terry_loss(chosen, rejected, 0.5).item(), rel=1e-6)
+    # weights: the tie's term scaled, the mean still over both pairs
+    mixed = bradley_terry_loss(chosen, rejected, labels=torch.tensor([1.0, 0.5]), weights=torch.tensor([1.0, 0.0]))
+    assert mixed.item() == pytest.approx(math.log1p(math.exp(-2)) / 2, rel=1e-6)
 
 
 def test_bradley_terry_gradient_raises_chosen_and_lowers_rejected() -> None:
@@ -173,6 +190,13 @@ def test_votes_become_pairs_ties_and_both_bad_are_counted_not_paired() -> None:
     assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b"), ("b", "a")]
     assert [p.key for p in pairs] == [prompt_key([{"role": "user", "content": f"q {c}"}]) for c in ("c1", "c2")]
     assert counts.as_dict() == {"pairs": 2, "ties": 2, "both_bad": 1}
+    assert all(p.decided and p.label == 1.0 for p in pairs)
+    # asked for ties (reward_tie_weight > 0): each one a pair labelled 0.5, in the answers' order
+    with_ties, counts = pairs_from_events([vote("c1", 0), vote("c3", "tie", good="x", bad="y"),
+                                           vote("c4", "both_bad")], ties=True)
+    assert [(p.chosen, p.rejected, p.label) for p in with_ties] == [("a", "b", 1.0), ("x", "y", 0.5)]
+    assert [p.decided for p in with_ties] == [True, False]
+    assert counts.as_dict() == {"pairs": 1, "ties": 1, "both_bad": 1}
 
 
 def test_held_out_split_is_stable_and_disjoint() -> None:
@@ -260,6 +284,43 @@ def test_synthetic_preference_is_learned_and_every_parameter_changes(tiny_model:
     assert result.history[0]["accuracy"] == start and result.steps == 40 and result.pairs_seen == 320
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged, f"parameters not trained: {unchanged}"
+
+
+def length_and_marker_pairs(n: int, seed: int, tie: bool) -> list[Pair]:
+    """Decided pairs (tie False): the chosen answer has MARKER and is the longer one, so a model may
+    learn either. Tie pairs: neither has MARKER and one is much longer; the voter saw no difference."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        question = " ".join(rng.choices(WORDS, k=6)) + "?"
+        short = " ".join(rng.choices(WORDS, k=3)) + "."
+        long = " ".join(rng.choices(WORDS, k=12)) + "."
+        chosen, rejected = (long, short) if rng.random() < 0.5 or not tie else (short, long)
+        if not tie:
+            chosen = f"{chosen} {MARKER}"
+        out.append(Pair([{"role": "user", "content": question}], chosen, rejected, key=f"{seed}-{i}",
+                        label=0.5 if tie else 1.0))
+    return out
+
+
+def test_ties_teach_that_what_differs_between_two_answers_is_worth_nothing(tiny_model: Path) -> None:
+    decided, ties = length_and_marker_pairs(96, seed=1, tie=False), length_and_marker_pairs(96, seed=2, tie=True)
+    held_ties = length_and_marker_pairs(48, seed=3, tie=True)
+    held_decided = length_and_marker_pairs(48, seed=4, tie=False)
+    gaps, accuracies = {}, {}
+    for weight in (0.0, 1.0):
+        model, tok = load_reward_model(tiny_model, seed=0)
+        config = tiny_config(tie_weight=weight, epochs=3)
+        # with weight 0 the ties are in the batches but add nothing to the loss
+        train_reward_model(model, tok, decided + ties, [], config, progress=False)
+        enc = encode_pairs(tok, [dataclasses.replace(p, label=1.0) for p in held_ties], config.max_length)
+        chosen, rejected = score_pairs(model, enc, config, tok.pad_token_id)
+        gaps[weight] = float((chosen - rejected).abs().mean())
+        accuracies[weight] = evaluate(model, encode_pairs(tok, held_decided, 64), config,
+                                      tok.pad_token_id)["accuracy"]
+    # trained on ties, the reward for length alone shrinks; the decided preference is still learned
+    assert gaps[1.0] < 0.5 * gaps[0.0], gaps
+    assert accuracies[1.0] > 0.9 and accuracies[0.0] > 0.9, accuracies
 
 
 def test_frozen_lower_layers_stay_put(tiny_model: Path) -> None:
@@ -382,6 +443,28 @@ def test_refresh_early_stops_on_a_large_enough_slice(tmp_path: Path, tiny_model:
     manifest = read_manifest(reward_root(settings) / "rm-v1")
     assert manifest["data"]["early_stop_pairs"] >= 5
     assert manifest["metrics"]["train"]["history"][0]["step"] == 0  # judged from the untrained head on
+
+
+def test_a_refresh_trains_on_ties_when_asked_and_never_tests_on_them(tmp_path: Path, tiny_model: Path) -> None:
+    settings = refresh_settings(tmp_path, tiny_model).model_copy(update={"reward_early_stop_min_pairs": 5})
+    rng = random.Random(4)
+    votes = [marker_vote(i, rng) for i in range(80)]
+    tied = [marker_vote(100 + i, rng).model_copy(update={"choice": "tie"}) for i in range(40)]
+    store = PreferenceStore(settings.preferences_db)
+    store.add_many(votes + tied)
+    store.close()
+    trainable_ties = sum(not held_out(ev, settings.reward_holdout_fraction) for ev in tied)
+    assert 10 <= trainable_ties < 40
+    without = plan_refresh(settings, tiny_config())
+    with_ties = plan_refresh(settings, tiny_config(tie_weight=0.5, eval_fraction=0.25))
+    assert isinstance(without, RefreshPlan) and isinstance(with_ties, RefreshPlan)
+    assert all(p.decided for p in without.train + without.early_stop + without.held)
+    assert with_ties.early_stop and all(p.decided for p in with_ties.early_stop + with_ties.held)
+    trained_ties = [p for p in with_ties.train if not p.decided]
+    assert trained_ties and {p.label for p in trained_ties} == {0.5}
+    # every trainable tie is trained on, but for those whose prompt hashed to the early-stop side
+    assert 0.6 * trainable_ties <= len(trained_ties) <= trainable_ties
+    assert with_ties.new_counts.ties == without.new_counts.ties == trainable_ties
 
 
 def test_refresh_needs_enough_held_out_votes(tmp_path: Path, tiny_model: Path) -> None:

@@ -41,31 +41,12 @@ import torch
 from torch import nn
 
 from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
-from trainer.policy import (
-    Batch,
-    PolicyWithValue,
-    RewardScorer,
-    collate,
-    encode_prompt,
-    freeze_lower_layers,
-    sequence_logprobs,
-    shared_trunk_depth,
-)
+from trainer.policy import (Batch, PolicyWithValue, RewardScorer, collate, encode_prompt,
+                            freeze_lower_layers, sequence_logprobs, shared_trunk_depth)
 from trainer.ppo_config import PPOConfig
-from trainer.ppo_math import (
-    AdaptiveKLController,
-    entropy_from_logits,
-    explained_variance,
-    gae,
-    kl_per_token,
-    logprobs_from_logits,
-    masked_mean,
-    masked_whiten,
-    policy_loss,
-    rloo_advantages,
-    shaped_rewards,
-    value_loss,
-)
+from trainer.ppo_math import (AdaptiveKLController, LengthFit, entropy_from_logits, explained_variance, gae,
+                              kl_per_token, logprobs_from_logits, masked_mean, masked_whiten, policy_loss,
+                              rloo_advantages, shaped_rewards, value_loss)
 from trainer.reward_model import autocast_to
 from trainer.rollout_engine import RolloutEngine, Sample, sync_weights
 from trainer.timing import PhaseTimer
@@ -164,6 +145,7 @@ class PPOTrainer:
     """The policy as trained: wrapped in DistributedDataParallel on several ranks."""
     compute_dtype: torch.dtype = field(init=False)
     """The autocast dtype of every policy and reference pass (`ppo_dtype` for this hardware)."""
+    length_fit: LengthFit = field(default_factory=LengthFit)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -271,7 +253,11 @@ class PPOTrainer:
         if c.algorithm == "rloo":
             old_values = torch.zeros_like(old_values)  # no value head: the siblings are the baseline
         ended = torch.tensor([s.finished for s in samples], dtype=torch.float32, device=dist.device)  # (B,)
-        penalised = scores - c.missing_eos_penalty * (1 - ended)  # Huang et al. 2024: no EOS, lower score
+        lengths = batch.response_mask.sum(-1).float()  # (B,) answer tokens
+        if c.length_neutral:  # the reward model's slope on length taken out (ppo_math.LengthFit)
+            self.length_fit.add(lengths, scores, ended)
+        neutral = self.length_fit.neutral(scores, lengths, c.length_neutral)
+        penalised = neutral - c.missing_eos_penalty * (1 - ended)  # Huang et al. 2024: no EOS, lower score
         kl = kl_per_token(old_logprobs, ref_logprobs, "k1") * batch.response_mask  # (B, R)
         groups = torch.tensor([s.prompt for s in samples], device=dist.device)  # (B,)
         return Scored(batch, scores, penalised, ended, old_logprobs, old_values, ref_logprobs, kl, groups,
@@ -381,9 +367,10 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
                 picked.append(prompts[order.pop()])
             stats = trainer.step(picked)
             history.append(stats)
-            log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s",
-                     stats.iteration, stats.reward_mean, stats.kl, stats.kl_coef, stats.clipfrac,
-                     stats.samples_per_s)
+            log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s, "
+                     "%.1f tokens, length slope %.4f", stats.iteration, stats.reward_mean, stats.kl,
+                     stats.kl_coef, stats.clipfrac, stats.samples_per_s, stats.answer_tokens,
+                     trainer.length_fit.slope)
             if on_iteration is not None:
                 on_iteration(stats)
             bar.update(task, advance=1, reward=stats.reward_mean, kl=stats.kl)

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 #: PPOConfig fields whose value is the setting `ppo_<name>` (kaizen/core/settings.py documents each).
 FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_length", "epochs", "minibatches",
                  "lr", "kl_coef", "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value",
-                 "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "train_layers", "threads",
-                 "seed", "sync_dir", "dtype")
+                 "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "length_neutral",
+                 "train_layers", "threads", "seed", "sync_dir", "dtype")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k"}
 
@@ -77,6 +77,9 @@ class PPOConfig:
     missing_eos_penalty: float = _setting("ppo_missing_eos_penalty")
     """Subtracted from the normalised score of an answer that hit `response_length` without
     ending (TRL: missing_eos_penalty; Huang et al. 2024, detail 4)."""
+    length_neutral: float = _setting("ppo_length_neutral")
+    """Share (0..1) of the reward model's slope on answer length taken out of each score, fitted on
+    the run's ended answers (ppo_math.LengthFit); 0 scores as the reward model does."""
     train_layers: int = _setting("ppo_train_layers")
     """Top decoder layers trained, plus final norm, value head and (when not tied to the input
     embeddings) the LM head; 0 trains all. The frozen layers below run once per batch."""

@@ -4,8 +4,9 @@
 
 Tensor helpers (masked mean, variance, whitening, log-probs, entropy), the k1/k3 KL estimates,
 KL-shaped per-token rewards, GAE and RLOO advantages, the clipped policy and value losses,
-explained variance and the adaptive KL controller. No model, no engine, no state beyond the
-controller's β: inputs are tensors, shapes in each docstring.
+explained variance, the adaptive KL controller and the length-neutral score. No model, no engine,
+no state beyond the controller's β and the length fit's sums: inputs are tensors, shapes in each
+docstring.
 """
 
 from __future__ import annotations
@@ -204,3 +205,55 @@ class AdaptiveKLController:
             proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))  # Ziegler et al. 2019
             self.value *= 1 + proportional_error * n_steps / self.horizon
         return self.value
+
+
+# -- length-neutral scores ----------------------------------------------------------------------
+
+
+@dataclass
+class LengthFit:
+    """Least squares of reward-model score on answer length (tokens), over the ended answers a run
+    has scored so far, and the score with `share` of that slope taken out.
+
+    A reward model that learns "ends before the cut" surely and "stays on the question" weakly
+    (bench/README.md, "Why the rubric does not move") pays PPO for short answers as such; the policy
+    then halves its length and loses what the question asked about. Taking out the linear effect of
+    length, as the length-controlled win rate does for the evaluation (Dubois et al. 2024), leaves
+    the reward for what differs at equal length. The fit reads ended answers only: the step between
+    an answer cut off at the limit and one that ends stays in the score (and in the missing-EOS
+    penalty)."""
+
+    n: float = 0.0
+    sum_x: float = 0.0
+    sum_y: float = 0.0
+    sum_xx: float = 0.0
+    sum_xy: float = 0.0
+    min_answers: int = 8
+    """Fewer ended answers than this: slope 0 (a handful of points fits noise)."""
+
+    def add(self, lengths: torch.Tensor, scores: torch.Tensor, ended: torch.Tensor) -> None:
+        """lengths, scores, ended (B,): the ended rows join the fit."""
+        keep = ended > 0
+        x, y = lengths[keep].double(), scores[keep].double()
+        self.n += len(x)
+        self.sum_x += float(x.sum())
+        self.sum_y += float(y.sum())
+        self.sum_xx += float((x * x).sum())
+        self.sum_xy += float((x * y).sum())
+
+    @property
+    def mean_length(self) -> float:
+        return self.sum_x / self.n if self.n else 0.0
+
+    @property
+    def slope(self) -> float:
+        """d score / d token; 0 until min_answers ended answers with some spread in length."""
+        if self.n < self.min_answers:
+            return 0.0
+        var = self.sum_xx / self.n - self.mean_length ** 2
+        cov = self.sum_xy / self.n - self.mean_length * self.sum_y / self.n
+        return cov / var if var > 1e-9 else 0.0
+
+    def neutral(self, scores: torch.Tensor, lengths: torch.Tensor, share: float) -> torch.Tensor:
+        """scores - share * slope * (length - mean length), (B,): at the fit's mean length unchanged."""
+        return scores - share * self.slope * (lengths.to(scores.dtype) - self.mean_length)

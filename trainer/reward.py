@@ -130,9 +130,10 @@ def plan_refresh(settings: Settings, config: RewardConfig,
     held_events = [ev for _, ev in rows if held_out(ev, fraction)]
     new_events = [ev for rid, ev in rows if rid > mark and not held_out(ev, fraction)]
     old_events = [ev for rid, ev in rows if rid <= mark and not held_out(ev, fraction)]
+    ties = config.tie_weight > 0  # tied votes train as pairs labelled 0.5; the test reads decided ones
     held, held_counts = pairs_from_events(held_events)
-    new, new_counts = pairs_from_events(new_events)
-    old, _ = pairs_from_events(old_events)
+    new, new_counts = pairs_from_events(new_events, ties)
+    old, _ = pairs_from_events(old_events, ties)
     name = current.name if current else None
     if not new:
         return RefreshResult(False, f"no new votes with a preference since {name or 'the start'}", name)
@@ -142,8 +143,9 @@ def plan_refresh(settings: Settings, config: RewardConfig,
     rng = random.Random(f"{config.seed}:{through}")
     replay = rng.sample(old, min(len(old), round(settings.reward_replay_fraction * len(new))))
     train_pairs, stop_pairs = split_pairs(new + replay, config.eval_fraction, salt="early-stop:")
-    if len(stop_pairs) < settings.reward_early_stop_min_pairs:
+    if sum(p.decided for p in stop_pairs) < settings.reward_early_stop_min_pairs:
         train_pairs, stop_pairs = train_pairs + stop_pairs, []
+    stop_pairs = [p for p in stop_pairs if p.decided]  # a tie has no right answer to stop on
     # the lineage's first policy: what this RM was first trained from
     lineage = str(parent.get("base_model")) if parent else str(base_model or settings.model_dir)
     return RefreshPlan(config, current or base_model or settings.model_dir, name, parent, lineage,

@@ -10,10 +10,13 @@ Two file formats are read, one JSON object per line:
     list's messages before its last (TRL's "implicit prompt" form).
 
 Votes from the store become pairs here, and only here (ARCHITECTURE.md: a pair is derived,
-never stored). Choice 0/1 gives one pair. "tie" and "both_bad" give none: the Bradley–Terry
-likelihood has no outcome for them (a tie model such as Rao–Kupper needs an extra parameter
-that a few ties cannot pin down, and treating "both bad" as a pair would invent an order).
-They are counted, so the manifest and `kaizen prefs stats` can show how often they happen.
+never stored). Choice 0/1 gives one pair. A "tie" gives a pair with label 0.5 when the caller asks
+for ties (`reward_tie_weight` above 0): half a win each way, as Chatbot Arena's Bradley–Terry fit
+counts a tie; its loss −½ log σ(d) − ½ log σ(−d) is smallest at equal rewards, so a tie teaches
+the model that what differs between the two answers (often their length) is worth nothing. No
+tie model with its own parameter (Rao–Kupper): a few hundred ties cannot pin one down. "both_bad"
+gives none: treating it as a pair would invent an order. Both are counted, so the manifest and
+`kaizen prefs stats` can show how often they happen.
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ class Pair:
     """What the held-out split hashes: the comparison_id for votes, the prompt text for files
     (so two pairs on one prompt always land on the same side)."""
     source: str = ""
+    label: float = 1.0
+    """P(chosen ≻ rejected) the judgement says: 1 for a decided vote, 0.5 for a tie (no order)."""
+
+    @property
+    def decided(self) -> bool:
+        return self.label == 1.0
 
 
 @dataclass
@@ -108,17 +117,21 @@ def read_pairs_file(path: Path) -> list[Pair]:
     return pairs
 
 
-def pairs_from_events(events: Iterable[PreferenceEvent]) -> tuple[list[Pair], PairCounts]:
-    """Votes 0/1 as pairs; ties and both-bad counted, not paired (module docstring)."""
+def pairs_from_events(events: Iterable[PreferenceEvent], ties: bool = False) -> tuple[list[Pair], PairCounts]:
+    """Votes 0/1 as pairs; with `ties`, each tie as a pair labelled 0.5; both-bad (and ties without
+    `ties`) counted, not paired (module docstring). `counts.pairs` counts the decided pairs."""
     pairs, counts = [], PairCounts()
     for ev in events:
-        if ev.choice == "tie":
-            counts.ties += 1
-            continue
         if ev.choice == "both_bad":
             counts.both_bad += 1
             continue
         prompt = [{"role": m.role, "content": m.content} for m in ev.messages]
+        if ev.choice == "tie":
+            counts.ties += 1
+            if ties:
+                pairs.append(Pair(prompt, ev.answers[0].text, ev.answers[1].text, key=prompt_key(prompt),
+                                  source="store", label=0.5))
+            continue
         chosen, rejected = ev.answers[ev.choice].text, ev.answers[1 - ev.choice].text
         pairs.append(Pair(prompt, chosen, rejected, key=prompt_key(prompt), source="store"))
         counts.pairs += 1
@@ -143,6 +156,8 @@ class EncodedPair:
     chosen: list[int]
     rejected: list[int]
     truncated: bool = field(default=False)
+    label: float = 1.0
+    """The pair's label (Pair.label): 1 decided, 0.5 a tie."""
 
     @property
     def length(self) -> int:
@@ -168,7 +183,7 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], max_length: int) -> list
     for p in pairs:
         c, ct = encode_conversation(tokenizer, p.prompt, p.chosen, max_length)
         r, rt = encode_conversation(tokenizer, p.prompt, p.rejected, max_length)
-        out.append(EncodedPair(c, r, ct or rt))
+        out.append(EncodedPair(c, r, ct or rt, p.label))
     return out
 
 

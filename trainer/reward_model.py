@@ -40,9 +40,9 @@ MANIFEST = "manifest.json"
 
 #: RewardConfig fields whose value is the setting `reward_<name>`
 #: (kaizen/core/settings_training.py documents each).
-FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "train_layers", "dtype",
-                 "threads", "eval_fraction", "eval_every", "patience", "seed", "max_minutes",
-                 "trunk_cache_mb")
+FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "tie_weight",
+                 "train_layers", "dtype", "threads", "eval_fraction", "eval_every", "patience", "seed",
+                 "max_minutes", "trunk_cache_mb")
 
 
 def _setting(name: str) -> Any:
@@ -69,6 +69,8 @@ class RewardConfig:
     """Passes over the training pairs."""
     margin: float = _setting("margin")
     """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
+    tie_weight: float = _setting("tie_weight")
+    """Weight of a tie (a pair labelled 0.5) in the loss; 0 trains on decided votes only."""
     train_layers: int = _setting("train_layers")
     """Top decoder layers trained, plus final norm and score head; 0 trains everything."""
     dtype: str = _setting("dtype")
@@ -233,15 +235,26 @@ def model_device(model: Any) -> torch.device:
 
 
 def bradley_terry_loss(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float | torch.Tensor = 0.0
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: float | torch.Tensor = 0.0,
+    labels: torch.Tensor | None = None, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over pairs of -log σ(r₊ − r₋ − m). chosen_rewards, rejected_rewards: (B,); returns ().
 
     P(chosen ≻ rejected) = σ(r₊ − r₋): Bradley & Terry (1952), the reward-model loss of
     Ouyang et al. 2022 (InstructGPT, eq. 1); the margin m is Touvron et al. 2023 (Llama 2, eq. 2).
     logsigmoid, not log(sigmoid(.)), stays finite for large negative differences.
+
+    labels (B,): P(chosen ≻ rejected) per pair, 1 by default; a tie's 0.5 gives the cross-entropy
+    −½ log σ(d) − ½ log σ(−d), smallest at d = 0, and no margin (m is scaled by 2y − 1).
+    weights (B,): each pair's share of the mean (a tie's `reward_tie_weight`), 1 by default.
     """
-    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()  # Ouyang et al. 2022, eq. 1
+    d = chosen_rewards - rejected_rewards  # (B,)
+    if labels is None:
+        losses = -F.logsigmoid(d - margin)  # Ouyang et al. 2022, eq. 1
+    else:
+        shifted = d - margin * (2 * labels - 1)
+        losses = -(labels * F.logsigmoid(shifted) + (1 - labels) * F.logsigmoid(-shifted))
+    return (losses if weights is None else losses * weights).mean()
 
 
 # -- scoring ----------------------------------------------------------------------

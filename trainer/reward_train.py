@@ -249,11 +249,15 @@ def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequenc
                     [(x, side) for side in (0, 1) for x in group[j]], ids.to(device), mask.to(device))
                 rewards = forward(ids, mask, states, trunk.depth if trunk else 0)  # (2b,)
             chosen_rewards, rejected_rewards = rewards.chunk(2)  # (b,), (b,)
-            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin)
+            labels = torch.tensor([encoded[x].label for x in group[j]], device=rewards.device)  # (b,)
+            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin, labels,
+                                      torch.where(labels == 1, 1.0, config.tie_weight))
             (loss * (weight * scale)).backward()  # type: ignore[no-untyped-call]
         if weight:
             pairs += len(group[j])
-            acc = (chosen_rewards > rejected_rewards).float().mean()
+            decided = labels == 1  # a tie has no right answer
+            acc = (chosen_rewards[decided] > rejected_rewards[decided]).float().mean() if decided.any() \
+                else torch.tensor(0.5)
             sums += torch.stack([loss.detach().float().cpu(), acc.cpu()]) / len(group)
     sums = dist.all_reduce_sum(sums)
     return float(sums[0]), float(sums[1]), pairs

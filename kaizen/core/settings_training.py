@@ -43,6 +43,10 @@ class TrainingSettings(BaseSettings):
     300 pairs 0.71 (bench/README.md, "Reward model from votes")."""
     reward_margin: float = Field(default=0.0, ge=0)
     """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
+    reward_tie_weight: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Weight of a tied vote in a refresh's Bradley–Terry loss, as a pair labelled 0.5 (half a win
+    each way, trainer/reward_data.py); 0 leaves ties out, as before. Held-out and early-stopping
+    accuracy read decided votes only: a tie has no right answer."""
     reward_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (with the final norm and the score head); 0 trains all.
     SmolLM2 (30 layers) on 2 busy CPU cores: 44 s per 8 pairs with 8 layers, 64 s with all."""
@@ -137,6 +141,11 @@ class TrainingSettings(BaseSettings):
     ppo_temperature: float = Field(default=1.0, gt=0)
     ppo_missing_eos_penalty: float = Field(default=1.0, ge=0)
     """Subtracted from the (normalised) score of an answer that hit ppo_response_length."""
+    ppo_length_neutral: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of the reward model's linear preference for answer length (least squares of score on
+    tokens over the run's ended answers) removed from each PPO reward. 1: PPO gains nothing from
+    length as such, only from what differs at equal length (and from ending before the cut, which
+    the fit leaves in); 0: the reward model's score as it is. trainer/ppo_math.py, LengthFit."""
     ppo_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (plus norm, value head, and the LM head unless it is tied to the
     embeddings); the frozen layers below run once per batch. 0 trains all."""
