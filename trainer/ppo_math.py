@@ -215,13 +215,14 @@ class LengthFit:
     """Least squares of reward-model score on answer length (tokens), over the ended answers a run
     has scored so far, and the score with `share` of that slope taken out.
 
-    A reward model that learns "ends before the cut" surely and "stays on the question" weakly
-    (bench/README.md, "Why the rubric does not move") pays PPO for short answers as such; the policy
-    then halves its length and loses what the question asked about. Taking out the linear effect of
-    length, as the length-controlled win rate does for the evaluation (Dubois et al. 2024), leaves
-    the reward for what differs at equal length. The fit reads ended answers only: the step between
-    an answer cut off at the limit and one that ends stays in the score (and in the missing-EOS
-    penalty)."""
+    A reward model that pays for length as such lets PPO win by writing longer (or shorter)
+    answers rather than better ones (Singhal et al. 2023, "A Long Way to Go": much of RLHF's
+    gain was length). Taking out the linear effect of length, as the length-controlled win rate
+    does for the evaluation (Dubois et al. 2024), leaves the reward for what differs at equal
+    length. The fit reads ended answers only: the step between an answer cut off at the limit
+    and one that ends stays in the score (and in the missing-EOS penalty). Measured in the loop
+    (bench/README.md, "The loop"): the votes' reward model pays for length among ended answers
+    (slope > 0), so on its own votes this setting shortens answers further; it is off by default."""
 
     n: float = 0.0
     sum_x: float = 0.0

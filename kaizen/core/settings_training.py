@@ -46,7 +46,8 @@ class TrainingSettings(BaseSettings):
     reward_tie_weight: float = Field(default=0.0, ge=0.0, le=1.0)
     """Weight of a tied vote in a refresh's Bradley–Terry loss, as a pair labelled 0.5 (half a win
     each way, trainer/reward_data.py); 0 leaves ties out, as before. Held-out and early-stopping
-    accuracy read decided votes only: a tie has no right answer."""
+    accuracy read decided votes only: a tie has no right answer. 0: on 700 rubric votes, weights 1
+    and 0.5 read the test pairs at 0.799 and 0.803 against 0.807 without (bench/README.md)."""
     reward_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (with the final norm and the score head); 0 trains all.
     SmolLM2 (30 layers) on 2 busy CPU cores: 44 s per 8 pairs with 8 layers, 64 s with all."""
@@ -145,7 +146,9 @@ class TrainingSettings(BaseSettings):
     """Share of the reward model's linear preference for answer length (least squares of score on
     tokens over the run's ended answers) removed from each PPO reward. 1: PPO gains nothing from
     length as such, only from what differs at equal length (and from ending before the cut, which
-    the fit leaves in); 0: the reward model's score as it is. trainer/ppo_math.py, LengthFit."""
+    the fit leaves in); 0: the reward model's score as it is. trainer/ppo_math.py, LengthFit.
+    Off: on the loop's votes the reward model pays for length among ended answers, so 1 shortened
+    answers further (rubric 0.515 against v0; bench/README.md, "The loop", eleventh row)."""
     ppo_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (plus norm, value head, and the LM head unless it is tied to the
     embeddings); the frozen layers below run once per batch. 0 trains all."""
