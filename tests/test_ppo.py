@@ -178,7 +178,7 @@ def test_the_length_fit_takes_the_slope_of_ended_answers_out() -> None:
     assert fit.slope == 0.0  # 2 ended answers < min_answers: no fit yet
     fit.add(lengths[2:], scores[2:], ended[2:])
     # the ended rows (10, 3), (20, 2), (30, 1): slope -0.1 per token about mean length 20; the
-    # cut-off row (64, -5) is not in the fit (with it the slope would be about -0.13)
+    # cut-off row (64, -5) is not in the fit (with it the slope would be about -0.15)
     assert fit.slope == pytest.approx(-0.1) and fit.mean_length == pytest.approx(20.0)
     # share 1: 3 - (-0.1)(10 - 20) = 2, 2, 1 - (-0.1)(30 - 20) = 2; the cut-off one -5 + 0.1 (64 - 20)
     assert fit.neutral(scores, lengths, 1.0).tolist() == pytest.approx([2.0, 2.0, 2.0, -5.0 + 0.1 * 44])
