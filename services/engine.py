@@ -327,15 +327,22 @@ class Engine:
     ) -> AsyncIterator[Any]:
         """vLLM `RequestOutput`s in delta mode; cancelling the iteration aborts the request.
 
-        If the EngineCore dies under it: `EngineUnavailable("engine_dead")`, and a restart begins."""
+        If the EngineCore dies under it: `EngineUnavailable("engine_dead")`, and a restart begins;
+        if the engine is stopped under it (`stop`, `retire`): `EngineUnavailable("engine_stopped")`."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        stopped = EngineUnavailable("engine_stopped", "this model version stopped being served while "
+                                    "answering: retry")
         try:
             async for out in self.llm.generate(
                 {"prompt_token_ids": prompt_ids}, params, request_id
             ):
+                if self._closed and any(c.finish_reason == "abort" for c in out.outputs):
+                    raise stopped  # cut short by the stop: an error, not a short answer
                 yield out
         except EngineDeadError:
+            if self._closed:
+                raise stopped from None
             self.ensure_recovering()
             raise EngineUnavailable("engine_dead", "the model engine stopped while answering; it is "
                                     "being restarted: retry shortly") from None
@@ -343,12 +350,37 @@ class Engine:
     def unfinished_requests(self) -> int:
         return int(self.llm.get_num_unfinished_requests())
 
-    def shutdown(self) -> None:
+    async def retire(self, drain_s: float) -> None:
+        """Stop once the answers in flight are done, or after `drain_s` (the rest end with 503).
+        The caller routes no new requests here any more (a canary withdrawn or promoted)."""
+        deadline = time.monotonic() + drain_s
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Refuse new requests, stop the vLLM engine (in a thread: seconds), and end every answer
+        it left unfinished with `EngineUnavailable("engine_stopped")`.
+
+        That last step matters: vLLM's shutdown cancels its output handler, which then does not
+        end the answers still open (it does so only on an error). If the event loop was busy
+        while the engine shut down, the handler never read the engine's final `abort` outputs,
+        and those answers waited forever (a canary retired under load hung a pair for good)."""
         self._closed = True
-        self._open.set()  # waiting requests wake up and are refused (`stopped`)
+        self._open.set()  # requests waiting at the gate wake up and are refused (`engine_stopped`)
+        await asyncio.to_thread(self._shutdown_llm)
+        self._end_unfinished()
+
+    def _shutdown_llm(self) -> None:
         self._export_config(None)
         self.llm.shutdown()
         freeze_heap()  # this engine's client objects were frozen with the rest: collect them now
+
+    def _end_unfinished(self) -> None:
+        """End each answer still open on this (stopped) engine with an error (event loop only)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self.llm.output_processor.propagate_error(EngineDeadError())
 
 
 def freeze_heap() -> None:

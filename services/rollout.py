@@ -135,7 +135,7 @@ class Rollout(RolloutDecisions):
             task.cancel()
         for engine in (self.canary, self.champion):
             if engine is not None:
-                engine.shutdown()
+                await engine.stop()
         self.canary = self.champion = None
         await asyncio.to_thread(self.lease.release)
         metrics.ROLLOUT_LEADER.set(0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from kaizen.core import metrics
 from services.comparisons import ComparisonStore
@@ -163,10 +162,7 @@ class RolloutEngines:
 
     def _retire(self, engine: Engine) -> None:
         async def drain_then_stop() -> None:
-            deadline = time.monotonic() + self.settings.swap_drain_timeout_s
-            while engine.admitted and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await asyncio.to_thread(engine.shutdown)
+            await engine.retire(self.settings.canary_retire_drain_s)
             log.info("canary engine %s stopped", engine.version)
 
         task = asyncio.create_task(drain_then_stop())

@@ -62,6 +62,11 @@ class RolloutSettings(BaseSettings):
     (a freshly loaded engine's first answers, a busy machine), not a slower version."""
     canary_min_requests: int = Field(default=20, ge=1)
     """Requests per version before error rate and latency are compared at all."""
+    canary_retire_drain_s: float = Field(default=60.0, ge=0)
+    """A canary engine that is withdrawn or promoted takes no new requests; the answers it is
+    still generating get this long to finish before the engine stops (the rest end with 503
+    `engine_stopped`). Nobody waits on it, so it can be long: a pair answered half by the
+    canary is not cut short on a busy machine."""
     swap_drain_timeout_s: float = Field(default=2.0, ge=0)
     """A weight swap first lets in-flight answers finish (so each comes from one version),
     for at most this long; the rest are frozen, resumed on the new weights and labelled
