@@ -260,12 +260,10 @@ class Engine:
         In-flight requests end with `EngineUnavailable`; new ones wait at the closed gate.
         A start that fails is retried every `engine_watchdog_interval_s` until one works or
         the engine is shut down; liveness fails meanwhile once `engine_stall_timeout_s` passes."""
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         self.restarting = True
         self._open.clear()
         old = self.llm
-        old.output_processor.propagate_error(EngineDeadError())  # frozen or queued answers end now
+        end_open_answers(old)  # frozen or queued answers end now
         await asyncio.to_thread(old.shutdown)  # kills the EngineCore and its workers if they hang
         if self._ping is not None:
             self._ping.cancel()
@@ -331,18 +329,16 @@ class Engine:
         if the engine is stopped under it (`stop`, `retire`): `EngineUnavailable("engine_stopped")`."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        stopped = EngineUnavailable("engine_stopped", "this model version stopped being served while "
-                                    "answering: retry")
         try:
             async for out in self.llm.generate(
                 {"prompt_token_ids": prompt_ids}, params, request_id
             ):
                 if self._closed and any(c.finish_reason == "abort" for c in out.outputs):
-                    raise stopped  # cut short by the stop: an error, not a short answer
+                    raise _stopped_mid_answer()  # cut short by the stop: an error, not a short answer
                 yield out
         except EngineDeadError:
             if self._closed:
-                raise stopped from None
+                raise _stopped_mid_answer() from None
             self.ensure_recovering()
             raise EngineUnavailable("engine_dead", "the model engine stopped while answering; it is "
                                     "being restarted: retry shortly") from None
@@ -362,25 +358,25 @@ class Engine:
         """Refuse new requests, stop the vLLM engine (in a thread: seconds), and end every answer
         it left unfinished with `EngineUnavailable("engine_stopped")`.
 
-        That last step matters: vLLM's shutdown cancels its output handler, which then does not
-        end the answers still open (it does so only on an error). If the event loop was busy
-        while the engine shut down, the handler never read the engine's final `abort` outputs,
-        and those answers waited forever (a canary retired under load hung a pair for good)."""
+        That last step matters: vLLM's shutdown cancels its output handler, which ends open answers
+        only on an error. If the event loop was busy meanwhile, the handler never read the engine's
+        final `abort` outputs and those answers waited forever (a canary retired under load)."""
         self._closed = True
         self._open.set()  # requests waiting at the gate wake up and are refused (`engine_stopped`)
         await asyncio.to_thread(self._shutdown_llm)
-        self._end_unfinished()
+        end_open_answers(self.llm)
 
     def _shutdown_llm(self) -> None:
         self._export_config(None)
         self.llm.shutdown()
         freeze_heap()  # this engine's client objects were frozen with the rest: collect them now
 
-    def _end_unfinished(self) -> None:
-        """End each answer still open on this (stopped) engine with an error (event loop only)."""
-        from vllm.v1.engine.exceptions import EngineDeadError
 
-        self.llm.output_processor.propagate_error(EngineDeadError())
+def end_open_answers(llm: Any) -> None:
+    """End every answer still open on `llm` with `EngineDeadError` (in the event loop's thread)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    llm.output_processor.propagate_error(EngineDeadError())
 
 
 def freeze_heap() -> None:
@@ -393,6 +389,10 @@ def freeze_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def _stopped_mid_answer() -> EngineUnavailable:
+    return EngineUnavailable("engine_stopped", "this model version stopped being served while answering: retry")
 
 
 def _why(exc: BaseException) -> str:

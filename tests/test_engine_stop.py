@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from kaizen.core.settings import Settings
 from services.engine import Engine, EngineUnavailable
 from tests.conftest import make_settings
 
@@ -50,14 +49,13 @@ async def answer(engine: Engine, request_id: str, max_tokens: int, first: asynci
     return tokens, reason
 
 
-def start_engine(tiny_model: Path, tmp_path: Path) -> tuple[Settings, Engine]:
-    settings = make_settings(tmp_path)
-    return settings, Engine(settings, tiny_model, "v1", log_stats=False)
+def start_engine(tiny_model: Path, tmp_path: Path) -> Engine:
+    return Engine(make_settings(tmp_path), tiny_model, "v1", log_stats=False)
 
 
 def test_an_answer_open_when_its_engine_stops_under_a_busy_loop_ends_with_503(tiny_model: Path,
                                                                                tmp_path: Path) -> None:
-    _, engine = start_engine(tiny_model, tmp_path)
+    engine = start_engine(tiny_model, tmp_path)
 
     async def scenario() -> tuple[Any, str]:
         first = asyncio.Event()
@@ -86,7 +84,7 @@ def test_an_answer_open_when_its_engine_stops_under_a_busy_loop_ends_with_503(ti
 
 
 def test_a_retired_engine_lets_the_answer_in_flight_finish_then_stops(tiny_model: Path, tmp_path: Path) -> None:
-    _, engine = start_engine(tiny_model, tmp_path)
+    engine = start_engine(tiny_model, tmp_path)
 
     async def scenario() -> tuple[tuple[int, str], bool]:
         first = asyncio.Event()
