@@ -1,12 +1,13 @@
 """A training job for tests/test_distributed.py, run alone or under torchrun.
 
-    python -m tests.dist_worker reward|reward-top|ppo|rloo MODEL OUT   # one process
+    python -m tests.dist_worker reward|reward-top|ppo|rloo|dpo MODEL OUT   # one process
     torchrun --standalone --nproc-per-node 2 -m tests.dist_worker ...  # two, as a round runs them
 
 `reward`: trains the reward model on synthetic pairs (tests/test_reward.py's marker preference);
 rank 0 writes the loss curve, the held-out history and the final held-out metrics to OUT (JSON).
 `ppo`: one PPO update (score + minibatch steps, no rollout engine) on a fixed rollout batch;
-rank 0 writes the trained parameters and the update's stats to OUT (torch.save).
+rank 0 writes the trained parameters and the update's stats to OUT (torch.save). `rloo` and `dpo`:
+the same with that update; DPO adds three users' pairs (an odd count: rank 1 owns one, rank 0 two).
 """
 
 from __future__ import annotations
@@ -69,19 +70,29 @@ def fixed_rollout(tok: Any, config: Any) -> tuple[list[Any], list[list[int]], li
     return prompts, prompt_ids, samples
 
 
+def vote_pairs() -> list[Any]:
+    """Three users' pairs for the DPO job: one cut off, two ended."""
+    from trainer.round_inputs import VotePair
+
+    ask = [{"role": "user", "content": "apple river?"}]
+    return [VotePair(ask, "green stone.", "quick quick quick", True, False),
+            VotePair(ask, "paper window", "cloud", True, True),
+            VotePair([{"role": "user", "content": "silent orange?"}], "river", "apple green", False, True)]
+
+
 def ppo_job(model_dir: Path, out: Path, dist: distributed.Dist, algorithm: str = "ppo") -> None:
+    from trainer.dpo import policy_trainer
     from trainer.policy import RewardScorer, load_policy
-    from trainer.ppo import PPOTrainer
     from trainer.ppo_config import PPOConfig
     from trainer.reward_model import load_reward_model
 
-    config = PPOConfig(**PPO_JOB, algorithm=algorithm)  # type: ignore[arg-type]
+    config = PPOConfig(**PPO_JOB, algorithm=algorithm, dpo_vote_pairs=3)  # type: ignore[arg-type]
     policy, tok, _ = load_policy(model_dir)
     reference, _, _ = load_policy(model_dir)
     rm, rm_tok = load_reward_model(model_dir, seed=1)
     scorer = RewardScorer(rm, rm_tok, max_length=64)
     prompts, prompt_ids, samples = fixed_rollout(tok, config)
-    trainer = PPOTrainer(config, policy, reference, tok, None, scorer, None, dist)
+    trainer = policy_trainer(config, policy, reference, tok, None, scorer, None, dist, vote_pairs=vote_pairs())
     scored = trainer.score(prompts, prompt_ids, samples)
     adv = trainer.advantages(scored)
     stats = trainer.update(scored, adv)
@@ -96,8 +107,8 @@ def main(argv: list[str]) -> int:
     job, model_dir, out = argv[0], Path(argv[1]), Path(argv[2])
     dist = distributed.init(Settings())
     try:
-        if job == "rloo":
-            ppo_job(model_dir, out, dist, algorithm="rloo")
+        if job in ("rloo", "dpo"):
+            ppo_job(model_dir, out, dist, algorithm=job)
         elif job == "reward-top":  # the top layer only: the frozen trunk comes from the cache
             reward_job(model_dir, out, dist, train_layers=1)
         else:

@@ -86,13 +86,14 @@ def test_reward_model_on_two_processes_matches_one(job: str, tiny_model: Path, t
     assert one["accuracy"] == two["accuracy"] and abs(one["bt_loss"] - two["bt_loss"]) < TOLERANCE
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "dpo"])
 def test_one_policy_update_on_two_processes_matches_one(tiny_model: Path, tmp_path: Path, algorithm: str) -> None:
-    """One PPO (or RLOO) update (sharded scoring, minibatches split by rank, DDP) on a fixed rollout batch."""
+    """One PPO (or RLOO, or DPO with three users' pairs) update (sharded scoring, minibatches split by
+    rank, DDP) on a fixed rollout batch."""
     run_job(algorithm, tiny_model, tmp_path / "one.pt", 1)
     run_job(algorithm, tiny_model, tmp_path / "two.pt", 2)
     one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
-    if algorithm == "rloo":  # no value head: it stays at its zero initialisation, untrained
+    if algorithm != "ppo":  # no value head: it stays at its zero initialisation, untrained
         assert "v_head.weight" not in one["params"] and float(one["v_head"].abs().max()) == 0.0
         assert one["stats"]["vf_loss"] == 0.0
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["trunk_depth"] == 1
@@ -107,6 +108,8 @@ def test_one_policy_update_on_two_processes_matches_one(tiny_model: Path, tmp_pa
         assert torch.allclose(p, two["params"][name], atol=TOLERANCE), name
     for key in ("pg_loss", "vf_loss"):
         assert abs(one["stats"][key] - two["stats"][key]) < TOLERANCE, key
+    if algorithm == "dpo":  # the loss is DPO's: log 2 where policy and reference still agree
+        assert 0.0 < one["stats"]["pg_loss"] < 1.0 and 0.0 <= one["stats"]["pair_accuracy"] <= 1.0
 
 
 def _rank_process(torchrun: subprocess.Popen[bytes], rank: int) -> psutil.Process | None:

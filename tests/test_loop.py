@@ -129,11 +129,12 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
                                                                   overrides={})
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "dpo"])
 def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
                                       algorithm: str) -> None:
-    """The whole loop with each policy update (KAIZEN_POLICY_ALGORITHM): PPO, and RLOO with two answers
-    per prompt; the rest of the round (reward model, gate, publish, canary) is shared."""
+    """The whole loop with each policy update (KAIZEN_POLICY_ALGORITHM): PPO, RLOO with two answers
+    per prompt, and online DPO (with the users' votes); the rest of the round (reward model, gate,
+    publish, canary) is shared."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("loop")
     champion = sft_yes_no(tiny_model, root / "yes-no")
@@ -186,6 +187,8 @@ def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest
     assert set(report["phases_s"]) >= {"start", "votes", "train", "evaluate"}
     for v in published:  # the algorithm the round ran is recorded with the version
         assert registry.info(v).training["config"]["algorithm"] == algorithm
+        if algorithm == "dpo":  # and DPO learned from the users' own votes as well
+            assert registry.info(v).training["ppo"]["vote_pairs"] > 0
     png = (config.out_dir / "loop.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]

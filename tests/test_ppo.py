@@ -17,6 +17,7 @@ from trainer.policy import collate, freeze_lower_layers, load_policy, sequence_l
 from trainer.ppo_math import (
     AdaptiveKLController,
     LengthFit,
+    dpo_loss,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -155,6 +156,26 @@ def test_rloo_loss_matches_a_hand_computed_value() -> None:
     #   answer 3 (A=+4): r=0.9 -> -3.6; r=1.0 -> -4
     # sum 0.8 over 6 tokens
     assert loss.item() == pytest.approx(0.8 / 6, abs=1e-6)
+
+
+def test_dpo_loss_matches_a_hand_computed_value() -> None:
+    """DPO on a toy batch of two pairs, β = 0.5: summed answer log-probs under the policy and the
+    reference."""
+    chosen, rejected = torch.tensor([-4.0, -10.0]), torch.tensor([-6.0, -7.0])
+    ref_chosen, ref_rejected = torch.tensor([-5.0, -9.0]), torch.tensor([-5.0, -8.0])
+    loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5)
+    # pair 0: 0.5 * ((-4 + 5) - (-6 + 5)) = 0.5 * (1 + 1) = 1.0  -> -log σ(1) = 0.31326
+    # pair 1: 0.5 * ((-10 + 9) - (-7 + 8)) = 0.5 * (-1 - 1) = -1.0 -> -log σ(-1) = 1.31326
+    assert loss.item() == pytest.approx((0.313262 + 1.313262) / 2, abs=1e-5)
+    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == pytest.approx(0.0)
+    # one rank's share of a minibatch of 4 pairs: the same sum over 4, not over its own 2
+    share, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5, pair_count=4)
+    assert share.item() == pytest.approx(loss.item() / 2, abs=1e-6)
+    # the gradient raises the chosen answer's log-prob and lowers the rejected one's
+    c = chosen.clone().requires_grad_(True)
+    r = rejected.clone().requires_grad_(True)
+    dpo_loss(c, r, ref_chosen, ref_rejected, beta=0.5)[0].backward()
+    assert bool((c.grad < 0).all()) and bool((r.grad > 0).all())
 
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target() -> None:

@@ -31,3 +31,11 @@ def test_from_settings_reads_the_settings_then_the_overrides() -> None:
 def test_rloo_batch_must_split_into_whole_groups() -> None:
     with pytest.raises(ValueError, match="multiple of rloo_k"):
         PPOConfig.from_settings(Settings(ppo_batch_size=6, policy_algorithm="rloo", rloo_k=4))
+
+
+def test_dpo_takes_two_answers_per_prompt_and_an_even_batch() -> None:
+    config = PPOConfig.from_settings(Settings(ppo_batch_size=8, policy_algorithm="dpo", dpo_beta=0.2))
+    assert (config.prompts_per_iteration, config.answers_per_prompt, config.dpo_beta) == (4, 2, 0.2)
+    assert not config.value_head and PPOConfig().value_head  # only PPO trains a value head
+    with pytest.raises(ValueError, match="must be even"):
+        PPOConfig.from_settings(Settings(ppo_batch_size=7, policy_algorithm="dpo"))

@@ -81,6 +81,11 @@ class IterationStats:
     samples_per_s: float
     seconds: dict[str, float] = field(default_factory=dict)
     """Time split: rollout, scoring (RM + log-probs of policy and reference), training, sync."""
+    pair_accuracy: float | None = None
+    """DPO (trainer/dpo.py) only, where pg_loss is the DPO loss: the share of pairs whose implicit
+    rewards the policy orders as labelled, mean over the update's steps."""
+    dpo_margin: float | None = None
+    """DPO only: the mean implicit-reward margin β((log π - log π_ref)(chosen) - (...)(rejected))."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +103,7 @@ class Scored:
     penalised: torch.Tensor  # (B,) after the missing-EOS penalty
     ended: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor  # (B, R)
-    old_values: torch.Tensor  # (B, R) zeros under RLOO (no value head)
+    old_values: torch.Tensor  # (B, R) zeros under RLOO and DPO (no value head)
     ref_logprobs: torch.Tensor  # (B, R)
     kl: torch.Tensor  # (B, R) per-token k1 to the reference
     groups: torch.Tensor  # (B,) the prompt each answer is for
@@ -165,7 +170,7 @@ class PPOTrainer:
         for p in self.reference.parameters():
             p.requires_grad_(False)
         freeze_lower_layers(self.policy, c.train_layers)
-        if c.algorithm == "rloo":
+        if not c.value_head:
             self.policy.v_head.requires_grad_(False)  # unused: DDP must not wait for its gradient
         self.trunk_depth = shared_trunk_depth(self.policy, self.reference)
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -221,6 +226,10 @@ class PPOTrainer:
         out: list[Sample] = self.dist.broadcast(samples)
         return out
 
+    def own_rows(self, B: int) -> torch.Tensor:
+        """The rows of a B-answer batch this rank scores and trains on: every N-th."""
+        return torch.arange(self.dist.rank, B, self.dist.world_size)
+
     @torch.no_grad()
     def score(self, prompts: Sequence[Messages], prompt_ids: Sequence[list[int]],
               samples: Sequence[Sample]) -> Scored:
@@ -231,7 +240,7 @@ class PPOTrainer:
         batch = collate([prompt_ids[s.prompt] for s in samples], [s.token_ids for s in samples],
                         pad_id).to(dist.device)
         B, R = batch.response_mask.shape
-        own = torch.arange(dist.rank, B, dist.world_size)  # (b,) this rank's rows
+        own = self.own_rows(B)  # (b,) this rank's rows
         mine = batch.rows(own.to(dist.device))
         self.policy.eval()
         depth = self.trunk_depth
@@ -250,8 +259,8 @@ class PPOTrainer:
         full = dist.all_reduce_sum(full)
         scores, old_logprobs = full[:, 0], full[:, 1:1 + R]
         old_values, ref_logprobs = full[:, 1 + R:1 + 2 * R], full[:, 1 + 2 * R:]
-        if c.algorithm == "rloo":
-            old_values = torch.zeros_like(old_values)  # no value head: the siblings are the baseline
+        if not c.value_head:
+            old_values = torch.zeros_like(old_values)  # RLOO's baseline is the siblings; DPO needs none
         ended = torch.tensor([s.finished for s in samples], dtype=torch.float32, device=dist.device)  # (B,)
         lengths = batch.response_mask.sum(-1).float()  # (B,) answer tokens
         if c.length_neutral:  # the reward model's slope on length taken out (ppo_math.LengthFit)
@@ -312,10 +321,9 @@ class PPOTrainer:
             rows, weight = [int(sc.own[0])], 0.0
         idx = torch.tensor(rows, device=dist.device)
         trunk = None if sc.trunk is None else sc.trunk[torch.tensor([local_index[r] for r in rows])]
-        rloo = c.algorithm == "rloo"  # no value head: the siblings are the baseline
         with autocast_to(self.compute_dtype, self.dist.device):
             logits, values = self.model(batch.input_ids[idx], batch.attention_mask[idx], batch.start,
-                                        c.temperature, with_values=not rloo, trunk=trunk,
+                                        c.temperature, with_values=c.value_head, trunk=trunk,
                                         depth=self.trunk_depth)  # (b, R, V) float32, (b, R)
         logprobs = logprobs_from_logits(logits, batch.input_ids[idx, batch.start:])  # (b, R)
         tokens = mask[mb.to(dist.device)].sum().clamp(min=1)  # the whole minibatch's answer tokens

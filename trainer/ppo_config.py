@@ -26,7 +26,8 @@ FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_leng
                  "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "length_neutral",
                  "train_layers", "threads", "seed", "sync_dir", "dtype")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
-RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k"}
+RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
+           "dpo_vote_pairs": "dpo_vote_pairs"}
 
 
 def _setting(name: str) -> Any:
@@ -90,28 +91,40 @@ class PPOConfig:
     sync_dir: Path | None = _setting("ppo_sync_dir")
     """Folder the policy is saved to for vLLM's reload_weights; unset: under /dev/shm."""
     algorithm: str = _setting("policy_algorithm")
-    """"ppo" (value head + GAE) or "rloo" (leave-one-out baseline over rloo_k answers per prompt)."""
+    """"ppo" (value head + GAE), "rloo" (leave-one-out baseline over rloo_k answers per prompt) or
+    "dpo" (online DPO on reward-model-labelled pairs of two answers per prompt, plus users' votes)."""
     rloo_k: int = _setting("rloo_k")
     """Answers per prompt in RLOO: an iteration samples batch_size / rloo_k prompts x rloo_k."""
+    dpo_beta: float = _setting("dpo_beta")
+    """β of the DPO loss (Rafailov et al. 2023; TRL 0.1)."""
+    dpo_vote_pairs: int = _setting("dpo_vote_pairs")
+    """Users' decided votes added to each DPO iteration's on-policy pairs."""
     # -- not settings: fixed parts of the recipe --
     whiten_rewards: bool = False
     """Whiten per-token rewards before GAE (TRL default off)."""
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("ppo", "rloo"):
-            raise ValueError(f"algorithm must be ppo or rloo, got {self.algorithm!r}")
+        if self.algorithm not in ("ppo", "rloo", "dpo"):
+            raise ValueError(f"algorithm must be ppo, rloo or dpo, got {self.algorithm!r}")
+        if self.algorithm == "dpo" and self.batch_size % 2:
+            raise ValueError(f"dpo: batch_size {self.batch_size} must be even (two answers per prompt)")
         if self.algorithm == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
             raise ValueError(f"rloo: batch_size {self.batch_size} must be a multiple of rloo_k "
                              f"{self.rloo_k} >= 2")
 
     @property
     def prompts_per_iteration(self) -> int:
-        return self.batch_size // self.rloo_k if self.algorithm == "rloo" else self.batch_size
+        return self.batch_size // self.answers_per_prompt
 
     @property
     def answers_per_prompt(self) -> int:
-        return self.rloo_k if self.algorithm == "rloo" else 1
+        return {"rloo": self.rloo_k, "dpo": 2}.get(self.algorithm, 1)
+
+    @property
+    def value_head(self) -> bool:
+        """Whether the update trains a value head (PPO); RLOO and DPO need none."""
+        return self.algorithm == "ppo"
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> PPOConfig:

@@ -1,10 +1,10 @@
-"""The PPO and RLOO math: pure tensor functions, each beside its equation.
+"""The PPO, RLOO and DPO math: pure tensor functions, each beside its equation.
 
     from trainer.ppo_math import gae, policy_loss   # used by trainer/ppo.py; tests/test_ppo.py checks each
 
 Tensor helpers (masked mean, variance, whitening, log-probs, entropy), the k1/k3 KL estimates,
-KL-shaped per-token rewards, GAE and RLOO advantages, the clipped policy and value losses,
-explained variance, the adaptive KL controller and the length-neutral score. No model, no engine,
+KL-shaped per-token rewards, GAE and RLOO advantages, the clipped policy and value losses, the DPO
+loss, explained variance, the adaptive KL controller and the length-neutral score. No model, no engine,
 no state beyond the controller's β and the length fit's sums: inputs are tensors, shapes in each
 docstring.
 """
@@ -160,6 +160,23 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         clipfrac = masked_mean((pg_losses2 > pg_losses).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # Schulman 2020, k3
     return pg_loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float, pair_count: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), as a loss to minimise.
+
+    All inputs (P,): the summed log-prob of each pair's chosen and rejected answer under the policy
+    and the frozen reference. The implicit reward of an answer is β (log π - log π_ref); the loss is
+    -log σ(r_chosen - r_rejected), averaged over pairs (over `pair_count`, the whole minibatch's
+    pairs, when these are one rank's share of it). Stats: accuracy (share of pairs whose implicit
+    rewards already order them as labelled) and margin (mean r_chosen - r_rejected).
+    """
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (P,)
+    loss = -F.logsigmoid(margin).sum() / (pair_count if pair_count is not None else max(1, len(margin)))
+    with torch.no_grad():
+        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+    return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

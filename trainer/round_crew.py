@@ -21,7 +21,8 @@ from typing import Any
 from kaizen.core.settings import Settings
 from trainer.distributed import Dist
 from trainer.policy import RewardScorer, load_policy
-from trainer.ppo import PPOTrainer, run_ppo
+from trainer.dpo import policy_trainer
+from trainer.ppo import run_ppo
 from trainer.reward import train_refresh
 
 log = logging.getLogger(__name__)
@@ -72,5 +73,6 @@ def _follow_ppo(settings: Settings, dist: Dist, stop: threading.Event, payload: 
     model, tokenizer, _ = load_policy(payload["champion"])
     reference, _, _ = load_policy(payload["champion"])
     scorer = RewardScorer.load(payload["reward_model"], settings.reward_max_length, settings.reward_dtype)
-    trainer = PPOTrainer(config, model, reference, tokenizer, None, scorer, None, dist)
+    trainer = policy_trainer(config, model, reference, tokenizer, None, scorer, None, dist,
+                             vote_pairs=payload.get("vote_pairs", ()))
     run_ppo(config, trainer, payload["prompts"], should_stop=stop.is_set)

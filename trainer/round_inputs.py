@@ -2,6 +2,7 @@
 
     from trainer.round_inputs import last_mark, new_votes_since   # the daemon's schedule
     from trainer.round_inputs import store_prompts                 # the round's PPO and gate prompts
+    from trainer.round_inputs import store_vote_pairs              # the users' pairs DPO learns from
 
 The daemon starts a round when enough votes arrived since the store row the last round started
 from (`last_mark`, `new_votes_since`). A round's prompts are the users' turns stored with the
@@ -13,6 +14,7 @@ only reads. Light at import (no torch): the daemon imports this module.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from kaizen.core.rounds_log import read_rounds
@@ -74,6 +76,39 @@ def store_prompts(settings: Settings) -> tuple[list[Messages], list[Messages]]:
             if _key(m) not in held:
                 train.setdefault(_key(m), m)
     return list(train.values()), list(held.values())
+
+
+@dataclass(frozen=True)
+class VotePair:
+    """A user's decided vote as DPO reads it: the conversation, the chosen and the rejected answer,
+    and whether each ended by itself (False: cut at max_tokens, so no end-of-turn token follows)."""
+
+    messages: Messages
+    chosen: str
+    rejected: str
+    chosen_ended: bool
+    rejected_ended: bool
+
+
+def store_vote_pairs(settings: Settings) -> list[VotePair]:
+    """The store's decided votes on training prompts (never a held-out one: the gate's), oldest
+    first, every round's; ties and both-bad teach no order and are left out."""
+    store = PreferenceStore(settings.preferences_db)
+    try:
+        rows = store.events_between(0)
+    finally:
+        store.close()
+    pairs = []
+    for _, ev in rows:
+        if not isinstance(ev.choice, int) or held_out(ev, settings.reward_holdout_fraction):
+            continue
+        messages = [{"role": m.role, "content": m.content} for m in ev.messages]
+        if messages[-1]["role"] != "user":
+            continue
+        chosen, rejected = ev.answers[ev.choice], ev.answers[1 - ev.choice]
+        pairs.append(VotePair(messages, chosen.text, rejected.text, chosen.finish_reason == "stop",
+                              rejected.finish_reason == "stop"))
+    return pairs
 
 
 def read_prompt_file(path: Path) -> list[Messages]:

@@ -30,13 +30,14 @@ from kaizen.core.registry import Registry
 from trainer.distributed import ONE_PROCESS
 from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate
 from trainer.policy import RewardScorer, load_policy, save_policy
-from trainer.ppo import IterationStats, PPOTrainer, run_ppo
+from trainer.dpo import policy_trainer
+from trainer.ppo import IterationStats, run_ppo
 from trainer.ppo_config import PPOConfig
 from trainer.reward import current_version, refresh_reward_model
 from trainer.reward_model import RewardConfig, read_manifest
 from trainer.rollout_engine import RolloutEngine, Sample, sync_folder
 from trainer.round_crew import Crew
-from trainer.round_inputs import Messages, new_votes_since, store_prompts
+from trainer.round_inputs import Messages, new_votes_since, store_prompts, store_vote_pairs
 from trainer.round_record import RoundContext, finish, json_line, record_iteration_metrics
 from trainer.timing import PhaseTimer
 
@@ -167,19 +168,21 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
             record_iteration_metrics(rec)
         ctx.phase("ppo", iterations_done=st.iteration)
 
+    # DPO learns from the users' own pairs too (trainer/dpo.py)
+    votes = store_vote_pairs(ctx.settings) if config.algorithm == "dpo" and config.dpo_vote_pairs else []
     with job.timer("ppo"):
         job.crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": job.reward_model,
-                               "prompts": job.train_prompts})
+                               "prompts": job.train_prompts, "vote_pairs": votes})
         with sync_folder(config.sync_dir) as sync_dir:
             ctx.state["sync_dir"] = str(sync_dir)  # a kill leaves it in /dev/shm: the next start removes it
             ctx.save()
-            trainer = PPOTrainer(config, policy, models.reference, models.tokenizer, job.engine,
-                                 models.scorer, sync_dir, job.crew.dist or ONE_PROCESS)
+            trainer = policy_trainer(config, policy, models.reference, models.tokenizer, job.engine,
+                                     models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
                               should_stop=job.stopped, progress=ctx.options.progress)
     if job.stopped():
         return finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"})
-    ctx.state["ppo"] = _summary(history)
+    ctx.state["ppo"] = {**_summary(history), **({"vote_pairs": len(votes)} if votes else {})}
     ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
     ctx.state["distributed"] = trainer.dist.describe()
     save_policy(policy, models.tokenizer, candidate, saved_dtype)
@@ -231,5 +234,6 @@ def _summary(history: list[IterationStats]) -> dict[str, Any]:
             "reward_first": sum(h.reward_mean for h in history[:window]) / window,
             "reward_last": sum(h.reward_mean for h in history[-window:]) / window,
             "kl_last": last.kl, "kl_coef_last": last.kl_coef,
+            **({"pair_accuracy_last": last.pair_accuracy} if last.pair_accuracy is not None else {}),
             "samples_per_s": sum(h.samples_per_s for h in history) / len(history),
             "seconds": {k: sum(h.seconds.get(k, 0.0) for h in history) for k in first.seconds}}

@@ -163,14 +163,23 @@ class TrainingSettings(BaseSettings):
     """Extra prompts, JSONL: {"prompt": str} or {"messages": [...]}, added to the store's user turns."""
     ppo_sync_dir: Path | None = None
     """Where the policy is written for the rollout engine to reload. Unset: /dev/shm (RAM)."""
-    policy_algorithm: Literal["ppo", "rloo"] = "ppo"
+    policy_algorithm: Literal["ppo", "rloo", "dpo"] = "ppo"
     """The policy update of a round. ppo: clipped PPO with a value head and GAE (the design).
     rloo: REINFORCE Leave-One-Out (Ahmadian et al. 2024): rloo_k answers per prompt, each one's
     KL-penalised reward minus the mean of its siblings' as the advantage, the same clipped loss,
-    no value head. Both share the round, the KL controller, the gate and publishing; a PPO
-    iteration's ppo_batch_size answers are ppo_batch_size / rloo_k prompts x rloo_k in RLOO."""
+    no value head. dpo: online DPO (Guo et al. 2024): two answers per prompt, the one the reward
+    model scores higher (after the missing-EOS penalty) is chosen, plus dpo_vote_pairs of the users'
+    own decided votes, all in one DPO loss against the reference (dpo_beta), no value head. All
+    share the round, the gate and publishing; a PPO iteration's ppo_batch_size answers are
+    ppo_batch_size / rloo_k prompts x rloo_k in RLOO, ppo_batch_size / 2 prompts x 2 in DPO."""
     rloo_k: int = Field(default=2, ge=2)
     """Answers sampled per prompt in RLOO (TRL's rloo_k; 2 to 4 in the paper)."""
+    dpo_beta: float = Field(default=0.1, gt=0)
+    """β of the DPO loss: the strength of the implicit KL to the reference (TRL and the paper: 0.1)."""
+    dpo_vote_pairs: int = Field(default=8, ge=0)
+    """The users' decided votes (training side of the store, chosen and rejected as voted) added to
+    each DPO iteration's on-policy pairs, drawn in turn from all rounds' votes. They teach what the
+    voters preferred directly, not only through the reward model. 0: reward-model pairs only."""
     gate_prompts: int = Field(default=32, ge=1)
     """Held-out prompts the gate compares candidate and champion on."""
     gate_samples: int = Field(default=8, ge=1)

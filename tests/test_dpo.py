@@ -1,0 +1,112 @@
+"""Online DPO (trainer/dpo.py): which answer of a pair is chosen, how a user's answer becomes tokens,
+which votes DPO reads from the store (real SQLite), and that a DPO update on the tiny real model
+moves the policy toward the users' chosen answers. The loss itself is checked against a
+hand-computed value in tests/test_ppo.py; one process against two in tests/test_distributed.py;
+the whole loop with KAIZEN_POLICY_ALGORITHM=dpo in tests/test_loop.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from kaizen.core.events import Answer, Message, PreferenceEvent
+from kaizen.core.settings import Settings
+from trainer.dpo import OnlineDPOTrainer, answer_ids, chosen_first
+from trainer.policy import collate, encode_prompt, load_policy, sequence_logprobs
+from trainer.round_inputs import VotePair, store_vote_pairs
+from trainer.store import PreferenceStore, held_out
+
+
+def test_the_higher_scored_answer_of_each_pair_comes_first() -> None:
+    # pairs (rows 0-1, 2-3, 4-5): the second is better, an exact tie keeps the sampled order, the first
+    rows = chosen_first(torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0, -1.0]))
+    assert rows.tolist() == [[1, 0], [2, 3], [4, 5]]
+
+
+def test_a_users_answer_ends_with_the_end_token_only_if_it_ended(tiny_model: Path) -> None:
+    _, tok, _ = load_policy(tiny_model)
+    text = tok.decode(tok("one two three four", add_special_tokens=False)["input_ids"])
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    assert answer_ids(tok, text, ended=True, max_tokens=64) == [*plain, tok.eos_token_id]
+    assert answer_ids(tok, text, ended=False, max_tokens=64) == plain
+    # cut to max_tokens (the policy's answer length), it no longer ends there
+    assert answer_ids(tok, text, ended=True, max_tokens=2) == plain[:2]
+
+
+def _vote(i: int, question: str, choice: object, finish: tuple[str, str] = ("stop", "length")) -> PreferenceEvent:
+    return PreferenceEvent(comparison_id=f"c{i}", user="u1", served_at=datetime.now(UTC),
+                           messages=[Message(role="user", content=question)],
+                           answers=[Answer(text=f"a{i}", model_version="v0", finish_reason=finish[0]),
+                                    Answer(text=f"b{i}", model_version="v0", finish_reason=finish[1])],
+                           choice=choice)  # type: ignore[arg-type]
+
+
+def test_dpo_reads_the_decided_votes_on_training_prompts_only(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, reward_holdout_fraction=0.3)
+    questions = [f"question {k}?" for k in range(40)]
+    held = [q for q in questions if held_out(_vote(0, q, 0), 0.3)]
+    train = [q for q in questions if q not in held]
+    assert held and train  # the split has both sides for the test to tell apart
+    events = [_vote(1, train[0], 0), _vote(2, train[1], 1, ("length", "stop")), _vote(3, train[2], "tie"),
+              _vote(4, train[3], "both_bad"), _vote(5, held[0], 0)]
+    store = PreferenceStore(settings.preferences_db)
+    try:
+        store.add_many(events)
+    finally:
+        store.close()
+    pairs = store_vote_pairs(settings)
+    # the tie, the both-bad vote and the held-out prompt (the gate's) are not learned from
+    assert pairs == [
+        VotePair([{"role": "user", "content": train[0]}], "a1", "b1", chosen_ended=True, rejected_ended=False),
+        VotePair([{"role": "user", "content": train[1]}], "b2", "a2", chosen_ended=True, rejected_ended=False),
+    ]
+
+
+def test_a_dpo_update_moves_the_policy_toward_the_users_chosen_answers(tiny_model: Path) -> None:
+    """Only the users' pairs carry a signal here (the on-policy pairs' order comes from an untrained
+    reward head): after a few updates the policy's implicit reward orders every user's pair as voted."""
+    from tests.dist_worker import fixed_rollout
+    from trainer.policy import RewardScorer
+    from trainer.ppo_config import PPOConfig
+    from trainer.reward_model import load_reward_model
+
+    torch.set_num_threads(1)
+    config = PPOConfig(algorithm="dpo", batch_size=8, response_length=8, train_layers=1, threads=1,
+                       dtype="float32", lr=1e-3, epochs=2, minibatches=1, dpo_vote_pairs=4, dpo_beta=0.5)
+    policy, tok, _ = load_policy(tiny_model)
+    reference, _, _ = load_policy(tiny_model)
+    rm, rm_tok = load_reward_model(tiny_model, seed=1)
+    ask = [{"role": "user", "content": "apple river?"}]
+    votes = [VotePair(ask, "green stone.", "quick quick quick", True, False),
+             VotePair(ask, "paper window", "cloud cloud", True, True),
+             VotePair([{"role": "user", "content": "orange?"}], "river.", "silent apple", True, False),
+             VotePair([{"role": "user", "content": "window?"}], "stone paper", "green", False, True)]
+    trainer = OnlineDPOTrainer(config, policy, reference, tok, None, RewardScorer(rm, rm_tok, max_length=64),
+                               None, vote_pairs=votes)
+
+    def margins() -> list[float]:
+        """log π/π_ref of each vote's chosen answer minus that of its rejected one, built here from
+        the texts (not by the trainer's own batching, which the test must not trust)."""
+        prompts = [encode_prompt(tok, v.messages, 64) for v in votes for _ in range(2)]
+        answers = [answer_ids(tok, text, ended, 8) for v in votes
+                   for text, ended in ((v.chosen, v.chosen_ended), (v.rejected, v.rejected_ended))]
+        batch = collate(prompts, answers, tok.pad_token_id)
+        lp, ref = (sequence_logprobs(m, batch, 1.0, with_values=False)[0] for m in (policy, reference))
+        logratio = ((lp - ref) * batch.response_mask).sum(-1)
+        return (logratio[0::2] - logratio[1::2]).tolist()
+
+    assert margins() == pytest.approx([0.0] * 4, abs=1e-4)  # policy = reference: no preference yet
+    prompts, prompt_ids, samples = fixed_rollout(tok, config)
+    history = []
+    for _ in range(3):
+        scored = trainer.score(prompts, prompt_ids, samples)
+        history.append(trainer.update(scored, trainer.advantages(scored)))
+        trainer.iteration += 1
+    assert all(m > 0.05 for m in margins()), margins()
+    assert history[-1]["pg_loss"] < history[0]["pg_loss"]
+    assert history[-1]["pair_accuracy"] > history[0]["pair_accuracy"]
+    assert float(policy.v_head.weight.abs().max()) == 0.0  # no value head is trained
