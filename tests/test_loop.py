@@ -151,6 +151,8 @@ def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest
         ppo_train_layers=0, ppo_threads=1, gate_prompts=8, gate_samples=2, gate_min_win=0.55, gate_max_kl=3.0,
         gate_sanity_file=sanity, canary_min_votes=6, canary_fraction=0.5, registry_poll_interval_s=0.5,
         kafka_max_poll_interval_ms=10_000, policy_algorithm=algorithm, rloo_k=2)
+    if algorithm == "dpo":  # DPO moves the tiny model further: KL 2.1-3.1 after a round here, so 3.0
+        overrides["gate_max_kl"] = 8.0  # refused both rounds in some runs; the KL limit is not under test
     config = LoopConfig(out_dir=root / "out", rounds=2, votes_per_round=40, canary_votes=24, users=4,
                         judge=f"{judge}:prefers_yes", prompts=prompt_file(root / "p.jsonl", 60, 1),
                         eval_prompts=prompt_file(root / "e.jsonl", 8, 2), max_tokens=8, eval_samples=2,
