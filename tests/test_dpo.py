@@ -17,7 +17,7 @@ from kaizen.core.events import Answer, Message, PreferenceEvent
 from kaizen.core.settings import Settings
 from trainer.dpo import OnlineDPOTrainer, answer_ids, chosen_first
 from trainer.policy import collate, encode_prompt, load_policy, sequence_logprobs
-from trainer.round_inputs import VotePair, store_vote_pairs
+from trainer.round_inputs import VotePair, read_round_inputs
 from trainer.store import PreferenceStore, held_out
 
 
@@ -45,7 +45,7 @@ def _vote(i: int, question: str, choice: object, finish: tuple[str, str] = ("sto
                            choice=choice)  # type: ignore[arg-type]
 
 
-def test_dpo_reads_the_decided_votes_on_training_prompts_only(tmp_path: Path) -> None:
+def test_a_round_reads_its_prompts_and_the_decided_votes_on_training_prompts(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, reward_holdout_fraction=0.3)
     questions = [f"question {k}?" for k in range(40)]
     held = [q for q in questions if held_out(_vote(0, q, 0), 0.3)]
@@ -58,9 +58,12 @@ def test_dpo_reads_the_decided_votes_on_training_prompts_only(tmp_path: Path) ->
         store.add_many(events)
     finally:
         store.close()
-    pairs = store_vote_pairs(settings)
+    inputs = read_round_inputs(settings)
+    # every training prompt is PPO's, the held-out one only the gate's (one read gives both)
+    assert inputs.train_prompts == [[{"role": "user", "content": q}] for q in train[:4]]
+    assert inputs.held_prompts == [[{"role": "user", "content": held[0]}]]
     # the tie, the both-bad vote and the held-out prompt (the gate's) are not learned from
-    assert pairs == [
+    assert inputs.vote_pairs == [
         VotePair([{"role": "user", "content": train[0]}], "a1", "b1", chosen_ended=True, rejected_ended=False),
         VotePair([{"role": "user", "content": train[1]}], "b2", "a2", chosen_ended=True, rejected_ended=False),
     ]

@@ -383,7 +383,7 @@ def marker_vote(i: int, rng: random.Random, *, flipped: bool = False, held_out: 
 
 def refresh_settings(data_dir: Path, tiny_model: Path) -> Settings:
     return Settings(data_dir=data_dir, model=tiny_model, reward_holdout_fraction=0.3, reward_min_holdout=10,
-                    reward_replay_fraction=0.0, reward_gate_tolerance=0.05, reward_threads=1)
+                    reward_replay_fraction=0.0, reward_gate_tolerance=0.05, reward_threads=1, reward_warm_epochs=2)
 
 
 def test_refresh_accepts_a_good_rm_then_rejects_flipped_labels(tmp_path: Path, tiny_model: Path) -> None:
@@ -393,6 +393,8 @@ def test_refresh_accepts_a_good_rm_then_rejects_flipped_labels(tmp_path: Path, t
     store = PreferenceStore(settings.preferences_db)
     store.add_many([marker_vote(i, rng) for i in range(120)] + [vote("t1", "tie"), vote("t2", "both_bad")])
 
+    first = plan_refresh(settings, config)
+    assert isinstance(first, RefreshPlan) and first.config.epochs == 3  # from the policy: reward_epochs
     assert refresh_reward_model(settings, config).reason.startswith("accepted")
     v1 = current_version(settings)
     assert v1 is not None and v1.name == "rm-v1"
@@ -416,6 +418,8 @@ def test_refresh_accepts_a_good_rm_then_rejects_flipped_labels(tmp_path: Path, t
 
     # a batch of votes with the preference reversed, none in the held-out slice
     store.add_many([marker_vote(i, rng, flipped=True, held_out=False) for i in range(96)])
+    warm = plan_refresh(settings, config)
+    assert isinstance(warm, RefreshPlan) and warm.config.epochs == 2  # from rm-v1: reward_warm_epochs
     flipped = refresh_reward_model(settings, config)
     assert not flipped.accepted and flipped.reason.startswith("rejected") and "rm-v1 stays current" in flipped.reason
     assert flipped.metrics["holdout"]["accuracy"] < flipped.metrics["parent_holdout"]["accuracy"] - 0.05

@@ -6,7 +6,7 @@ Each iteration (Guo et al. 2024, "Direct Language Model Alignment from Online AI
 OnlineDPOTrainer) samples two answers per prompt from the current policy on the rollout engine,
 and the reward model labels them: the one it scores higher after the missing-EOS penalty is
 chosen. `dpo_vote_pairs` of the users' own decided votes join them (trainer/round_inputs.py,
-`store_vote_pairs`: every round's, drawn in turn), labelled as the users voted. Both kinds of pair
+`read_round_inputs`: every round's, drawn in turn), labelled as the users voted. Both kinds of pair
 go through one loss, DPO's (Rafailov et al. 2023; trainer/ppo_math.py `dpo_loss`), whose β ties the
 policy to the frozen reference in place of PPO's KL penalty; there is no value head.
 

@@ -21,7 +21,7 @@ import logging
 import random
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,8 @@ def plan_refresh(settings: Settings, config: RewardConfig,
     if len(held) < settings.reward_min_holdout:
         return RefreshResult(False, f"only {len(held)} held-out pairs, need {settings.reward_min_holdout} "
                                     "to judge a new reward model", name)
+    if current is not None and settings.reward_warm_epochs is not None:
+        config = replace(config, epochs=settings.reward_warm_epochs)  # warm: the parent knows the old votes
     rng = random.Random(f"{config.seed}:{through}")
     replay = rng.sample(old, min(len(old), round(settings.reward_replay_fraction * len(new))))
     train_pairs, stop_pairs = split_pairs(new + replay, config.eval_fraction, salt="early-stop:")
@@ -187,7 +189,8 @@ def refresh_reward_model(settings: Settings, config: RewardConfig | None = None,
        for all versions.
     2. New votes: stored after the current RM's mark (`trained_through_rowid`), plus a replay
        sample of older ones (`reward_replay_fraction` x the new ones) against forgetting.
-    3. Warm-start from the current RM (the policy `base_model` for the first), train.
+    3. Warm-start from the current RM (the policy `base_model` for the first), train: a warm start
+       for `reward_warm_epochs`, a first RM for `reward_epochs`.
     4. Gate: accept unless held-out accuracy falls more than `reward_gate_tolerance` below the
        current RM's (below 0.5, chance, for the first RM). Rejected votes are not marked as
        trained: the next refresh sees them again together with newer ones.

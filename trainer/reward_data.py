@@ -125,15 +125,16 @@ def pairs_from_events(events: Iterable[PreferenceEvent], ties: bool = False) -> 
         if ev.choice == "both_bad":
             counts.both_bad += 1
             continue
-        prompt = [{"role": m.role, "content": m.content} for m in ev.messages]
-        if ev.choice == "tie":
+        prompt = ev.conversation()
+        ranked = ev.ranked()
+        if ranked is None:  # a tie
             counts.ties += 1
             if ties:
                 pairs.append(Pair(prompt, ev.answers[0].text, ev.answers[1].text, key=prompt_key(prompt),
                                   source="store", label=0.5))
             continue
-        chosen, rejected = ev.answers[ev.choice].text, ev.answers[1 - ev.choice].text
-        pairs.append(Pair(prompt, chosen, rejected, key=prompt_key(prompt), source="store"))
+        chosen, rejected = ranked
+        pairs.append(Pair(prompt, chosen.text, rejected.text, key=prompt_key(prompt), source="store"))
         counts.pairs += 1
     return pairs, counts
 

@@ -1,14 +1,13 @@
 """What a training round reads before it trains: whether one is due, and its prompts.
 
     from trainer.round_inputs import last_mark, new_votes_since   # the daemon's schedule
-    from trainer.round_inputs import store_prompts                 # the round's PPO and gate prompts
-    from trainer.round_inputs import store_vote_pairs              # the users' pairs DPO learns from
+    from trainer.round_inputs import read_round_inputs             # prompts and the users' pairs
 
 The daemon starts a round when enough votes arrived since the store row the last round started
 from (`last_mark`, `new_votes_since`). A round's prompts are the users' turns stored with the
 votes: the held-out slice (store.held_out, the same the reward model's refresh holds out) goes
-to the gate, the rest (plus `ppo_prompt_file`) to PPO. Votes live in the store, which a round
-only reads. Light at import (no torch): the daemon imports this module.
+to the gate, the rest (plus `ppo_prompt_file`) to PPO, and the decided votes on the rest to DPO.
+Votes live in the store, which a round only reads. Light at import (no torch): the daemon imports this module.
 """
 
 from __future__ import annotations
@@ -52,32 +51,6 @@ def _key(messages: Messages) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
-def store_prompts(settings: Settings) -> tuple[list[Messages], list[Messages]]:
-    """(training prompts, held-out prompts) from the conversations stored with the votes,
-    de-duplicated; held out = the prompts the RM refresh holds out (store.held_out), so the
-    gate never sees a prompt PPO trained on. A prompt on both sides counts as held out."""
-    store = PreferenceStore(settings.preferences_db)
-    try:
-        rows = store.events_between(0)
-    finally:
-        store.close()
-    train: dict[str, Messages] = {}
-    held: dict[str, Messages] = {}
-    for _, ev in rows:
-        messages = [{"role": m.role, "content": m.content} for m in ev.messages]
-        if not messages or messages[-1]["role"] != "user":
-            continue
-        side = held if held_out(ev, settings.reward_holdout_fraction) else train
-        side.setdefault(_key(messages), messages)
-    for k in held:
-        train.pop(k, None)
-    if settings.ppo_prompt_file is not None:
-        for m in read_prompt_file(settings.ppo_prompt_file):
-            if _key(m) not in held:
-                train.setdefault(_key(m), m)
-    return list(train.values()), list(held.values())
-
-
 @dataclass(frozen=True)
 class VotePair:
     """A user's decided vote as DPO reads it: the conversation, the chosen and the rejected answer,
@@ -90,25 +63,50 @@ class VotePair:
     rejected_ended: bool
 
 
-def store_vote_pairs(settings: Settings) -> list[VotePair]:
-    """The store's decided votes on training prompts (never a held-out one: the gate's), oldest
-    first, every round's; ties and both-bad teach no order and are left out."""
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round learns from, read from the store in one pass (`read_round_inputs`)."""
+
+    train_prompts: list[Messages]
+    """PPO's prompts: the users' turns of every round plus `ppo_prompt_file`, de-duplicated."""
+    held_prompts: list[Messages]
+    """The gate's: the prompts the reward model's refresh holds out (store.held_out)."""
+    vote_pairs: list[VotePair]
+    """Decided votes on training prompts, oldest first, every round's: what DPO learns from
+    (trainer/dpo.py). Ties and both-bad teach no order and are left out."""
+
+
+def read_round_inputs(settings: Settings) -> RoundInputs:
+    """The round's prompts and the users' pairs. Held out = what the RM refresh holds out, so the
+    gate never sees a prompt PPO trained on or a vote DPO learned from; a prompt on both sides
+    counts as held out."""
     store = PreferenceStore(settings.preferences_db)
     try:
         rows = store.events_between(0)
     finally:
         store.close()
-    pairs = []
+    train: dict[str, Messages] = {}
+    held: dict[str, Messages] = {}
+    pairs: list[tuple[str, VotePair]] = []
     for _, ev in rows:
-        if not isinstance(ev.choice, int) or held_out(ev, settings.reward_holdout_fraction):
-            continue
-        messages = [{"role": m.role, "content": m.content} for m in ev.messages]
+        messages = ev.conversation()
         if messages[-1]["role"] != "user":
             continue
-        chosen, rejected = ev.answers[ev.choice], ev.answers[1 - ev.choice]
-        pairs.append(VotePair(messages, chosen.text, rejected.text, chosen.finish_reason == "stop",
-                              rejected.finish_reason == "stop"))
-    return pairs
+        key = _key(messages)
+        is_held = held_out(ev, settings.reward_holdout_fraction)
+        (held if is_held else train).setdefault(key, messages)
+        ranked = ev.ranked()
+        if ranked is not None and not is_held:
+            chosen, rejected = ranked
+            pairs.append((key, VotePair(messages, chosen.text, rejected.text, chosen.finish_reason == "stop",
+                                        rejected.finish_reason == "stop")))
+    for k in held:
+        train.pop(k, None)
+    if settings.ppo_prompt_file is not None:
+        for m in read_prompt_file(settings.ppo_prompt_file):
+            if _key(m) not in held:
+                train.setdefault(_key(m), m)
+    return RoundInputs(list(train.values()), list(held.values()), [p for k, p in pairs if k not in held])
 
 
 def read_prompt_file(path: Path) -> list[Messages]:

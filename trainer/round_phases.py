@@ -37,7 +37,7 @@ from trainer.reward import current_version, refresh_reward_model
 from trainer.reward_model import RewardConfig, read_manifest
 from trainer.rollout_engine import RolloutEngine, Sample, sync_folder
 from trainer.round_crew import Crew
-from trainer.round_inputs import Messages, new_votes_since, store_prompts, store_vote_pairs
+from trainer.round_inputs import Messages, VotePair, new_votes_since, read_round_inputs
 from trainer.round_record import RoundContext, finish, json_line, record_iteration_metrics
 from trainer.timing import PhaseTimer
 
@@ -54,6 +54,8 @@ class RoundJob:
     champion: str
     train_prompts: list[Messages]
     held_prompts: list[Messages]
+    vote_pairs: list[VotePair]
+    """The users' decided votes on training prompts, for DPO (trainer/dpo.py)."""
     stopped: Callable[[], bool]
     """True once SIGTERM asked the round to stop."""
     crew: Crew
@@ -84,8 +86,8 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
     ctx.state["reward_model"] = rm.name
     holdout = read_manifest(rm).get("metrics", {}).get("holdout") or {}
     ctx.state["reward_accuracy"] = holdout.get("accuracy")
-    train_prompts, held_prompts = store_prompts(settings)
-    held_prompts = held_prompts[: settings.gate_prompts]
+    inputs = read_round_inputs(settings)
+    train_prompts, held_prompts = inputs.train_prompts, inputs.held_prompts[: settings.gate_prompts]
     if not train_prompts:
         return finish(ctx, "skipped", {"reason": "no training prompts"})
     if not held_prompts:
@@ -107,7 +109,7 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
     ctx.state["rollout_engine"] = engine.config
     job = RoundJob(registry=registry, engine=engine, config=PPOConfig.from_settings(settings),
                    reward_model=rm, champion=champion, train_prompts=train_prompts, held_prompts=held_prompts,
-                   stopped=stopped, crew=crew, resuming=resuming, timer=timer)
+                   vote_pairs=inputs.vote_pairs, stopped=stopped, crew=crew, resuming=resuming, timer=timer)
     try:
         return _ppo_gate_publish(ctx, job)
     finally:
@@ -169,7 +171,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
         ctx.phase("ppo", iterations_done=st.iteration)
 
     # DPO learns from the users' own pairs too (trainer/dpo.py)
-    votes = store_vote_pairs(ctx.settings) if config.algorithm == "dpo" and config.dpo_vote_pairs else []
+    votes = job.vote_pairs if config.algorithm == "dpo" and config.dpo_vote_pairs else []
     with job.timer("ppo"):
         job.crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": job.reward_model,
                                "prompts": job.train_prompts, "vote_pairs": votes})

@@ -55,6 +55,16 @@ class PreferenceEvent(BaseModel):
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
 
+    def conversation(self) -> list[dict[str, str]]:
+        """The messages as a chat template reads them: role and content."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    def ranked(self) -> tuple[Answer, Answer] | None:
+        """(chosen, rejected) as the user voted; None for a tie or both-bad, which order nothing."""
+        if not isinstance(self.choice, int):
+            return None
+        return self.answers[self.choice], self.answers[1 - self.choice]
+
 
 class InvalidEvent(ValueError):
     """A message on a topic that is not a valid event; the reason says why."""

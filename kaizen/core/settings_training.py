@@ -41,6 +41,12 @@ class TrainingSettings(BaseSettings):
     """Passes over a refresh's pairs. Measured on SmolLM2 with 150 rubric-judged pairs of its own
     answers (254 test pairs): 1 epoch at lr 2e-5 0.49 accuracy (chance), 3 epochs at 5e-5 0.65;
     300 pairs 0.71 (bench/README.md, "Reward model from votes")."""
+    reward_warm_epochs: int | None = Field(default=1, ge=1)
+    """Passes over a warm-started refresh's pairs (new votes plus the replayed older ones, trained
+    from the current reward model); unset: reward_epochs. A first reward model starts from the
+    policy's weights and needs reward_epochs. 1: in the DPO hour's second refresh (727 pairs, 3
+    epochs, 348 s) the early-stopping accuracy was at its best (0.811) by step 25 of 123, and the
+    two epochs after it took the time of most of a third round (bench/README.md, "The loop")."""
     reward_margin: float = Field(default=0.0, ge=0)
     """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
     reward_tie_weight: float = Field(default=0.0, ge=0.0, le=1.0)
