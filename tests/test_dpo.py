@@ -2,7 +2,8 @@
 which votes DPO reads from the store (real SQLite), and that a DPO update on the tiny real model
 moves the policy toward the users' chosen answers. The loss itself is checked against a
 hand-computed value in tests/test_ppo.py; one process against two in tests/test_distributed.py;
-the whole loop with KAIZEN_POLICY_ALGORITHM=dpo in tests/test_loop.py.
+the whole loop with KAIZEN_POLICY_ALGORITHM=dpo in tests/test_loop.py. The last test reads the
+Prometheus gauge a DPO iteration sets.
 """
 
 from __future__ import annotations
@@ -113,3 +114,16 @@ def test_a_dpo_update_moves_the_policy_toward_the_users_chosen_answers(tiny_mode
     assert history[-1]["pg_loss"] < history[0]["pg_loss"]
     assert history[-1]["pair_accuracy"] > history[0]["pair_accuracy"]
     assert float(policy.v_head.weight.abs().max()) == 0.0  # no value head is trained
+
+
+def test_a_dpo_iteration_exports_its_pair_accuracy_and_a_ppo_one_leaves_it() -> None:
+    from prometheus_client import REGISTRY
+
+    from trainer.round_record import record_iteration_metrics
+
+    iteration = {"reward_mean": 0.1, "kl": 0.2, "kl_coef_next": 0.05, "samples_per_s": 1.0}
+    record_iteration_metrics({**iteration, "pair_accuracy": 0.75})
+    assert REGISTRY.get_sample_value("kaizen_dpo_pair_accuracy") == 0.75
+    record_iteration_metrics({**iteration, "pair_accuracy": None})  # PPO's and RLOO's iterations
+    assert REGISTRY.get_sample_value("kaizen_dpo_pair_accuracy") == 0.75
+    assert REGISTRY.get_sample_value("kaizen_ppo_kl") == 0.2

@@ -129,3 +129,5 @@ def record_iteration_metrics(it: dict[str, Any]) -> None:
     metrics.PPO_KL_COEF.set(float(it["kl_coef_next"]))
     metrics.PPO_ITERATIONS.inc()
     metrics.PPO_SAMPLES_PER_SECOND.set(float(it["samples_per_s"]))
+    if it.get("pair_accuracy") is not None:  # DPO's (trainer/dpo.py); PPO and RLOO have none
+        metrics.DPO_PAIR_ACCURACY.set(float(it["pair_accuracy"]))

@@ -145,6 +145,11 @@ PPO_ITERATIONS = Counter("kaizen_ppo_iterations_total", "PPO iterations complete
 PPO_SAMPLES_PER_SECOND = Gauge(
     "kaizen_ppo_samples_per_second", "Answers per second through the last PPO iteration (all phases)."
 )
+DPO_PAIR_ACCURACY = Gauge(
+    "kaizen_dpo_pair_accuracy",
+    "Share of the last DPO iteration's pairs (on-policy and users') that the policy's implicit reward "
+    "orders as labelled; set by DPO rounds only.",
+)
 GATE_WIN_RATE = Gauge(
     "kaizen_gate_win_rate", "Reward-model win rate of the last gated candidate over the champion."
 )
