@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -70,50 +71,71 @@ def test_a_round_reads_its_prompts_and_the_decided_votes_on_training_prompts(tmp
     ]
 
 
-def test_a_dpo_update_moves_the_policy_toward_the_users_chosen_answers(tiny_model: Path) -> None:
-    """Only the users' pairs carry a signal here (the on-policy pairs' order comes from an untrained
-    reward head): after a few updates the policy's implicit reward orders every user's pair as voted."""
+VOTES = [VotePair([{"role": "user", "content": "apple river?"}], "green stone.", "quick quick quick", True, False),
+         VotePair([{"role": "user", "content": "apple river?"}], "paper window", "cloud cloud", True, True),
+         VotePair([{"role": "user", "content": "orange?"}], "river.", "silent apple", True, False),
+         VotePair([{"role": "user", "content": "window?"}], "stone paper", "green", False, True)]
+
+
+def _vote_logprobs(tok: Any, *models: Any) -> list[torch.Tensor]:
+    """Each model's summed log-prob of every vote's chosen (even rows) and rejected answer (odd),
+    built here from the texts (not by the trainer's own batching, which the tests must not trust)."""
+    prompts = [encode_prompt(tok, v.messages, 64) for v in VOTES for _ in range(2)]
+    answers = [answer_ids(tok, text, ended, 8) for v in VOTES
+               for text, ended in ((v.chosen, v.chosen_ended), (v.rejected, v.rejected_ended))]
+    batch = collate(prompts, answers, tok.pad_token_id)
+    return [(sequence_logprobs(m, batch, 1.0, with_values=False)[0] * batch.response_mask).sum(-1) for m in models]
+
+
+def _dpo_updates(tiny_model: Path, iterations: int, **config: Any) -> tuple[Any, Any, Any, list[dict[str, float]]]:
+    """(policy, reference, tokenizer, each update's stats) after `iterations` DPO updates on the tiny
+    model: fixed on-policy pairs labelled by an untrained reward head, and the four VOTES."""
     from tests.dist_worker import fixed_rollout
     from trainer.policy import RewardScorer
     from trainer.ppo_config import PPOConfig
     from trainer.reward_model import load_reward_model
 
     torch.set_num_threads(1)
-    config = PPOConfig(algorithm="dpo", batch_size=8, response_length=8, train_layers=1, threads=1,
-                       dtype="float32", lr=1e-3, epochs=2, minibatches=1, dpo_vote_pairs=4, dpo_beta=0.5)
+    cfg = PPOConfig(algorithm="dpo", batch_size=8, response_length=8, train_layers=1, threads=1,
+                    dtype="float32", lr=1e-3, epochs=2, minibatches=1, dpo_vote_pairs=4, dpo_beta=0.5, **config)
     policy, tok, _ = load_policy(tiny_model)
     reference, _, _ = load_policy(tiny_model)
     rm, rm_tok = load_reward_model(tiny_model, seed=1)
-    ask = [{"role": "user", "content": "apple river?"}]
-    votes = [VotePair(ask, "green stone.", "quick quick quick", True, False),
-             VotePair(ask, "paper window", "cloud cloud", True, True),
-             VotePair([{"role": "user", "content": "orange?"}], "river.", "silent apple", True, False),
-             VotePair([{"role": "user", "content": "window?"}], "stone paper", "green", False, True)]
-    trainer = OnlineDPOTrainer(config, policy, reference, tok, None, RewardScorer(rm, rm_tok, max_length=64),
-                               None, vote_pairs=votes)
-
-    def margins() -> list[float]:
-        """log π/π_ref of each vote's chosen answer minus that of its rejected one, built here from
-        the texts (not by the trainer's own batching, which the test must not trust)."""
-        prompts = [encode_prompt(tok, v.messages, 64) for v in votes for _ in range(2)]
-        answers = [answer_ids(tok, text, ended, 8) for v in votes
-                   for text, ended in ((v.chosen, v.chosen_ended), (v.rejected, v.rejected_ended))]
-        batch = collate(prompts, answers, tok.pad_token_id)
-        lp, ref = (sequence_logprobs(m, batch, 1.0, with_values=False)[0] for m in (policy, reference))
-        logratio = ((lp - ref) * batch.response_mask).sum(-1)
-        return (logratio[0::2] - logratio[1::2]).tolist()
-
-    assert margins() == pytest.approx([0.0] * 4, abs=1e-4)  # policy = reference: no preference yet
-    prompts, prompt_ids, samples = fixed_rollout(tok, config)
+    trainer = OnlineDPOTrainer(cfg, policy, reference, tok, None, RewardScorer(rm, rm_tok, max_length=64),
+                               None, vote_pairs=VOTES)
+    prompts, prompt_ids, samples = fixed_rollout(tok, cfg)
     history = []
-    for _ in range(3):
+    for _ in range(iterations):
         scored = trainer.score(prompts, prompt_ids, samples)
         history.append(trainer.update(scored, trainer.advantages(scored)))
         trainer.iteration += 1
-    assert all(m > 0.05 for m in margins()), margins()
+    return policy, reference, tok, history
+
+
+def test_a_dpo_update_moves_the_policy_toward_the_users_chosen_answers(tiny_model: Path) -> None:
+    """Only the users' pairs carry a signal here (the on-policy pairs' order comes from an untrained
+    reward head): after a few updates the policy's implicit reward orders every user's pair as voted."""
+    policy, reference, tok, history = _dpo_updates(tiny_model, 0)
+    lp, ref = _vote_logprobs(tok, policy, reference)
+    assert (lp - ref).abs().max().item() < 1e-4  # policy = reference: no preference yet
+    policy, reference, tok, history = _dpo_updates(tiny_model, 3)
+    lp, ref = _vote_logprobs(tok, policy, reference)
+    margins = ((lp - ref)[0::2] - (lp - ref)[1::2]).tolist()  # log π/π_ref, chosen minus rejected
+    assert all(m > 0.05 for m in margins), margins
     assert history[-1]["pg_loss"] < history[0]["pg_loss"]
     assert history[-1]["pair_accuracy"] > history[0]["pair_accuracy"]
     assert float(policy.v_head.weight.abs().max()) == 0.0  # no value head is trained
+
+
+def test_rpo_keeps_the_chosen_answers_likelier_than_plain_dpo(tiny_model: Path) -> None:
+    """dpo_nll_coef (RPO) reaches the update: from the same start and data, the users' chosen answers
+    end likelier under the policy than after plain DPO, and still ordered above the rejected ones."""
+    plain, reference, tok, _ = _dpo_updates(tiny_model, 3)
+    rpo, _, _, _ = _dpo_updates(tiny_model, 3, dpo_nll_coef=1.0)
+    lp_plain, lp_rpo, ref = _vote_logprobs(tok, plain, rpo, reference)
+    assert lp_rpo[0::2].sum().item() > lp_plain[0::2].sum().item() + 0.1, (lp_rpo[0::2], lp_plain[0::2])
+    margins = ((lp_rpo - ref)[0::2] - (lp_rpo - ref)[1::2]).tolist()
+    assert all(m > 0 for m in margins), margins
 
 
 def test_a_dpo_iteration_exports_its_pair_accuracy_and_a_ppo_one_leaves_it() -> None:

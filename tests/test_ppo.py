@@ -176,6 +176,19 @@ def test_dpo_loss_matches_a_hand_computed_value() -> None:
     r = rejected.clone().requires_grad_(True)
     dpo_loss(c, r, ref_chosen, ref_rejected, beta=0.5)[0].backward()
     assert bool((c.grad < 0).all()) and bool((r.grad > 0).all())
+    # RPO: + α x the chosen answers' NLL per token, -(-4) / 2 = 2 and -(-10) / 5 = 2, averaged: 2
+    tokens = torch.tensor([2.0, 5.0])
+    rpo, rpo_stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5, nll_coef=0.25,
+                              chosen_tokens=tokens)
+    assert rpo.item() == pytest.approx(loss.item() + 0.25 * 2.0, abs=1e-5)
+    assert rpo_stats["nll"].item() == pytest.approx(2.0)
+    # its gradient on a chosen log-prob adds -α / (tokens x pairs): -0.25 / (2 x 2) on pair 0
+    c2 = chosen.clone().requires_grad_(True)
+    dpo_loss(c2, rejected, ref_chosen, ref_rejected, beta=0.5, nll_coef=0.25, chosen_tokens=tokens)[0].backward()
+    assert c2.grad is not None and c.grad is not None
+    assert (c2.grad - c.grad).tolist() == pytest.approx([-0.25 / 4, -0.25 / 10])
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5, nll_coef=0.25)
 
 
 def test_adaptive_kl_controller_moves_beta_toward_the_target() -> None:

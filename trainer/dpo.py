@@ -176,7 +176,8 @@ class OnlineDPOTrainer(PPOTrainer):
         mask = batch.response_mask[idx]  # (2m, R)
         logps = (logprobs_from_logits(logits, batch.input_ids[idx, batch.start:]) * mask).sum(-1).view(-1, 2)
         ref = ps.ref[idx].view(-1, 2)
-        loss, stats = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.dpo_beta, pair_count=len(mb))
+        loss, stats = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], c.dpo_beta, pair_count=len(mb),
+                               nll_coef=c.dpo_nll_coef, chosen_tokens=mask.sum(-1).view(-1, 2)[:, 0])
         self.optimizer.zero_grad(set_to_none=True)
         (loss * (weight * dist.world_size)).backward()  # type: ignore[no-untyped-call]  # DDP divides by N
         torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], c.max_grad_norm)

@@ -27,7 +27,7 @@ FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_leng
                  "train_layers", "threads", "seed", "sync_dir", "dtype")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
-           "dpo_vote_pairs": "dpo_vote_pairs"}
+           "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs"}
 
 
 def _setting(name: str) -> Any:
@@ -97,6 +97,8 @@ class PPOConfig:
     """Answers per prompt in RLOO: an iteration samples batch_size / rloo_k prompts x rloo_k."""
     dpo_beta: float = _setting("dpo_beta")
     """β of the DPO loss (Rafailov et al. 2023; TRL 0.1)."""
+    dpo_nll_coef: float = _setting("dpo_nll_coef")
+    """α of RPO's per-token NLL term on the chosen answers (0: plain DPO)."""
     dpo_vote_pairs: int = _setting("dpo_vote_pairs")
     """Users' decided votes added to each DPO iteration's on-policy pairs."""
     # -- not settings: fixed parts of the recipe --

@@ -163,19 +163,30 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float, pair_count: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             beta: float, pair_count: int | None = None, *, nll_coef: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), as a loss to minimise.
 
     All inputs (P,): the summed log-prob of each pair's chosen and rejected answer under the policy
     and the frozen reference. The implicit reward of an answer is β (log π - log π_ref); the loss is
     -log σ(r_chosen - r_rejected), averaged over pairs (over `pair_count`, the whole minibatch's
     pairs, when these are one rank's share of it). Stats: accuracy (share of pairs whose implicit
-    rewards already order them as labelled) and margin (mean r_chosen - r_rejected).
+    rewards already order them as labelled), margin (mean r_chosen - r_rejected) and nll.
+
+    With `nll_coef` α > 0 (RPO, Pang et al. 2024) each pair adds α times its chosen answer's
+    negative log-likelihood per token, -log π(chosen) / `chosen_tokens` (P,), averaged as the
+    DPO term is.
     """
+    pairs = pair_count if pair_count is not None else max(1, len(chosen))
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (P,)
-    loss = -F.logsigmoid(margin).sum() / (pair_count if pair_count is not None else max(1, len(margin)))
+    nll = -chosen / (chosen_tokens.clamp(min=1) if chosen_tokens is not None else 1.0)  # (P,)
+    loss = -F.logsigmoid(margin).sum() / pairs
+    if nll_coef:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: the NLL term needs chosen_tokens")
+        loss = loss + nll_coef * nll.sum() / pairs
     with torch.no_grad():
-        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean(), "nll": nll.mean()}
     return loss, stats
 
 

@@ -182,6 +182,11 @@ class TrainingSettings(BaseSettings):
     """Answers sampled per prompt in RLOO (TRL's rloo_k; 2 to 4 in the paper)."""
     dpo_beta: float = Field(default=0.1, gt=0)
     """β of the DPO loss: the strength of the implicit KL to the reference (TRL and the paper: 0.1)."""
+    dpo_nll_coef: float = Field(default=0.0, ge=0)
+    """Weight α of a negative log-likelihood term on each pair's chosen answer (per token), added to
+    the DPO loss: RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's
+    rpo_alpha, 1.0 in the paper). DPO alone may lower the likelihood of both answers of a pair as
+    long as the rejected one falls faster; the term keeps the chosen one likely. 0: plain DPO."""
     dpo_vote_pairs: int = Field(default=8, ge=0)
     """The users' decided votes (training side of the store, chosen and rejected as voted) added to
     each DPO iteration's on-policy pairs, drawn in turn from all rounds' votes. They teach what the
