@@ -166,10 +166,10 @@ class Users:
         if self.done():
             return
         self.claimed += 1  # no await since the check: no other user can claim in between
-        r = await http.post("/v1/feedback", json={"comparison_id": cid, "choice": verdict})
-        if r.status_code != 202:
+        failed = await self.vote(http, cid, verdict)
+        if failed:
             self.claimed -= 1
-            self.stats.errors[f"feedback {r.status_code}"] += 1
+            self.stats.errors[failed] += 1
             return
         self.stats.votes += 1
         self.stats.verdicts[str(verdict)] += 1
@@ -178,6 +178,23 @@ class Users:
                                "judge": judged, "vote": verdict, "model_version": extra.get("model_version")})
         if self.progress is not None:
             self.progress()
+
+    async def vote(self, http: httpx.AsyncClient, cid: str, verdict: object) -> str | None:
+        """Send the vote; None once it is stored, else what went wrong. A connection dropped
+        before the answer came (seen: httpx.ReadError on a kept-alive connection the server had
+        just closed) is sent once more on a fresh one: the server takes one vote per comparison,
+        so a 409 then means the first one was stored, never a second vote."""
+        body = {"comparison_id": cid, "choice": verdict}
+        try:
+            r = await http.post("/v1/feedback", json=body)
+        except httpx.TransportError:
+            try:
+                r = await http.post("/v1/feedback", json=body)
+            except httpx.TransportError as exc:
+                return f"feedback {type(exc).__name__}"
+            if r.status_code == 409 and "already_voted" in r.text:
+                return None
+        return None if r.status_code == 202 else f"feedback {r.status_code}"
 
     async def ask(self, client: Any, messages: list[dict[str, str]]) -> Any:
         """The chat completion with a forced comparison; None (counted as an error) without a pair."""

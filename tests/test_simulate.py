@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kaizen.core.settings import Settings
@@ -125,3 +128,46 @@ def test_reward_model_judge_follows_its_model(tiny_model: Path, tmp_path: Path, 
     swapped = [judge(p.prompt, p.rejected, p.chosen) for p in pairs]
     assert verdicts.count(0) >= 16 and swapped.count(1) >= 16, (verdicts, swapped)
     assert judge(pairs[0].prompt, pairs[0].chosen, pairs[0].chosen) == "tie"
+
+
+def test_a_vote_whose_connection_drops_is_sent_once_more_and_never_counted_twice() -> None:
+    """The loop benchmark died once on httpx.ReadError from /v1/feedback (a kept-alive connection the
+    server had just closed). A real loopback server here resets connections (RST, as a peer that
+    closed does) or answers, in the order each case scripts; the API's one-vote-per-comparison rule
+    is its 409 already_voted."""
+    from simulation.simulate import Users
+
+    async def run(script: list[str]) -> tuple[str | None, int]:
+        seen = 0
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal seen
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            action, seen = script[seen], seen + 1
+            if action == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            status, body = {"202": ("202 Accepted", b"{}"),
+                            "409": ("409 Conflict", b'{"error": {"code": "already_voted"}}')}[action]
+            writer.write(f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\ncontent-type: application/json\r\n"
+                         f"connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        users = Users(SimulateConfig(base_url=f"http://127.0.0.1:{port}", votes=1), lambda *a: 0, ["q"])
+        async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            failed = await users.vote(http, "c1", 0)
+        return failed, seen
+
+    assert asyncio.run(run(["202"])) == (None, 1)
+    assert asyncio.run(run(["reset", "202"])) == (None, 2)  # the dropped one never arrived: sent again
+    assert asyncio.run(run(["reset", "409"])) == (None, 2)  # it had arrived: stored once, not twice
+    failed, seen = asyncio.run(run(["reset", "reset"]))
+    assert seen == 2 and failed is not None and failed.startswith("feedback ") and "Error" in failed
+    assert asyncio.run(run(["409"])) == ("feedback 409", 1)  # a 409 without a dropped send is an error
