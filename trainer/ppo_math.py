@@ -171,7 +171,8 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     and the frozen reference. The implicit reward of an answer is β (log π - log π_ref); the loss is
     -log σ(r_chosen - r_rejected), averaged over pairs (over `pair_count`, the whole minibatch's
     pairs, when these are one rank's share of it). Stats: accuracy (share of pairs whose implicit
-    rewards already order them as labelled), margin (mean r_chosen - r_rejected) and nll.
+    rewards already order them as labelled), margin (mean r_chosen - r_rejected) and, given
+    `chosen_tokens`, nll (the chosen answers' mean NLL per token).
 
     With `nll_coef` α > 0 (RPO, Pang et al. 2024) each pair adds α times its chosen answer's
     negative log-likelihood per token, -log π(chosen) / `chosen_tokens` (P,), averaged as the
@@ -179,14 +180,16 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     """
     pairs = pair_count if pair_count is not None else max(1, len(chosen))
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))  # (P,)
-    nll = -chosen / (chosen_tokens.clamp(min=1) if chosen_tokens is not None else 1.0)  # (P,)
+    nll = None if chosen_tokens is None else -chosen / chosen_tokens.clamp(min=1)  # (P,)
     loss = -F.logsigmoid(margin).sum() / pairs
     if nll_coef:
-        if chosen_tokens is None:
+        if nll is None:
             raise ValueError("dpo_loss: the NLL term needs chosen_tokens")
         loss = loss + nll_coef * nll.sum() / pairs
     with torch.no_grad():
-        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean(), "nll": nll.mean()}
+        stats = {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
+        if nll is not None:
+            stats["nll"] = nll.mean()
     return loss, stats
 
 
