@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
-from simulation.judges import load_judge
+from simulation.judges import judge_many, load_judge
 from simulation.simulate import read_prompts
 
 if TYPE_CHECKING:
@@ -105,24 +105,20 @@ def judge_pairs(judge: Any, messages: list[Any], mine: dict[int, list[Any]], bas
     shown to the judge in a random order: win rate with its bootstrap interval over prompts, the
     length-controlled win rate with its interval, tie and both-bad shares."""
     rng = random.Random(seed)
-    per_prompt: list[float] = []
+    pairs = [(i, a, b, rng.random() < 0.5) for i in range(len(messages))
+             for a, b in zip(mine.get(i, []), base.get(i, []), strict=False)]
+    said = judge_many(judge, [(messages[i], *((b.text, a.text) if flip else (a.text, b.text)))
+                              for i, a, b, flip in pairs])
     verdicts: list[tuple[int, float, float]] = []  # (prompt, outcome, length difference in tokens)
     ties = both_bad = 0
-    for i, m in enumerate(messages):
-        scores = []
-        for a, b in zip(mine.get(i, []), base.get(i, []), strict=False):
-            flip = rng.random() < 0.5
-            left, right = (b.text, a.text) if flip else (a.text, b.text)
-            verdict = judge(m, left, right)
-            if verdict in ("tie", "both_bad"):
-                ties += verdict == "tie"
-                both_bad += verdict == "both_bad"
-                scores.append(0.5)
-            else:
-                scores.append(1.0 if (verdict == 1) == flip else 0.0)
-            verdicts.append((i, scores[-1], float(len(a.token_ids) - len(b.token_ids))))
-        if scores:
-            per_prompt.append(sum(scores) / len(scores))
+    scores: dict[int, list[float]] = {}
+    for (i, a, b, flip), verdict in zip(pairs, said, strict=True):
+        ties += verdict == "tie"
+        both_bad += verdict == "both_bad"
+        outcome = 0.5 if verdict in ("tie", "both_bad") else 1.0 if (verdict == 1) == flip else 0.0
+        scores.setdefault(i, []).append(outcome)
+        verdicts.append((i, outcome, float(len(a.token_ids) - len(b.token_ids))))
+    per_prompt = [sum(v) / len(v) for v in scores.values()]
     n = len(verdicts)
     win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
     lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)

@@ -1,8 +1,9 @@
 """Judges for simulated users: `judge(messages, answer_a, answer_b) -> 0 | 1 | "tie" | "both_bad"`.
 
 A judge is any Python function with that signature, named as
-`package.module:function` or `path/to/file.py:function` (`load_judge`).
-Two ship here:
+`package.module:function` or `path/to/file.py:function` (`load_judge`); a callable object
+may add `many(items)`, verdicts on a list of (messages, answer_a, answer_b) at once, which the
+loop's evaluation uses (`judge_many`). Two ship here:
 
 * `simulation.judges:rubric` — a transparent rubric: the answer should be in the
   language of the question, on its topic, not repetitive, and complete; an
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -194,6 +196,8 @@ def rubric(messages: Messages, answer_a: str, answer_b: str) -> Verdict:
 
 #: Reward difference (in the model's units) below which two answers tie.
 RM_TIE_MARGIN = 0.1
+#: Scores the reward-model judge keeps (one evaluation holds a few thousand).
+RM_SCORE_CACHE = 100_000
 
 
 @lru_cache(maxsize=2)
@@ -203,25 +207,67 @@ def _load_rm(path: str) -> tuple[Any, Any]:
     return load_reward_model(Path(path))
 
 
-def reward_model(messages: Messages, answer_a: str, answer_b: str) -> Verdict:
-    """Prefer the answer the judge reward model scores higher (`KAIZEN_JUDGE_REWARD_MODEL`)."""
-    import torch
+class RewardModelJudge:
+    """Prefer the answer the judge reward model scores higher (`KAIZEN_JUDGE_REWARD_MODEL`).
 
-    from kaizen.core.settings import get_settings
-    from trainer.reward_data import encode_conversation
-    from trainer.reward_model import RewardConfig, score_texts
+    Called on one pair it scores two sequences; `many` scores a whole evaluation's answers in
+    length-sorted batches and keeps each (conversation, answer)'s score, so the baseline's answers,
+    compared with every version, are scored once (`judge_many`)."""
 
-    path = os.environ.get("KAIZEN_JUDGE_REWARD_MODEL")
-    if not path:
-        raise RuntimeError("set KAIZEN_JUDGE_REWARD_MODEL to a reward-model folder trained on human "
-                           "preference pairs (kaizen reward train --data PAIRS.jsonl --out DIR)")
-    model, tokenizer = _load_rm(path)
-    settings = get_settings()
-    config = RewardConfig.from_settings(settings)
-    seqs = [encode_conversation(tokenizer, messages, a, settings.reward_max_length)[0]
-            for a in (answer_a, answer_b)]
-    with torch.no_grad():
-        ra, rb = (float(x) for x in score_texts(model, tokenizer, seqs, config))
+    def __init__(self) -> None:
+        self._scores: dict[tuple[str, str, str], float] = {}
+
+    def __call__(self, messages: Messages, answer_a: str, answer_b: str) -> Verdict:
+        return self.many([(messages, answer_a, answer_b)])[0]
+
+    def many(self, items: Sequence[tuple[Messages, str, str]]) -> list[Verdict]:
+        path = os.environ.get("KAIZEN_JUDGE_REWARD_MODEL")
+        if not path:
+            raise RuntimeError("set KAIZEN_JUDGE_REWARD_MODEL to a reward-model folder trained on human "
+                               "preference pairs (kaizen reward train --data PAIRS.jsonl --out DIR)")
+        keys = [((path, _conversation_key(m), a), (path, _conversation_key(m), b)) for m, a, b in items]
+        texts = {k: (m, text) for (ka, kb), (m, a, b) in zip(keys, items, strict=True)
+                 for k, text in ((ka, a), (kb, b))}
+        self._score_missing(path, texts)
+        return [_rm_verdict(self._scores[ka], self._scores[kb]) for ka, kb in keys]
+
+    def _score_missing(self, path: str, texts: dict[tuple[str, str, str], tuple[Messages, str]]) -> None:
+        import torch
+
+        from kaizen.core.settings import get_settings
+        from trainer.reward_data import encode_conversation
+        from trainer.reward_model import RewardConfig, score_texts
+
+        todo = [k for k in texts if k not in self._scores]
+        if not todo:
+            return
+        model, tokenizer = _load_rm(path)
+        settings = get_settings()
+        seqs = [encode_conversation(tokenizer, texts[k][0], texts[k][1], settings.reward_max_length)[0]
+                for k in todo]
+        with torch.no_grad():
+            scores = score_texts(model, tokenizer, seqs, RewardConfig.from_settings(settings))
+        if len(self._scores) + len(todo) > RM_SCORE_CACHE:
+            self._scores.clear()
+        self._scores.update(zip(todo, (float(x) for x in scores), strict=True))
+
+
+def _conversation_key(messages: Messages) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _rm_verdict(ra: float, rb: float) -> Verdict:
     if abs(ra - rb) < RM_TIE_MARGIN:
         return "tie"
     return 0 if ra > rb else 1
+
+
+reward_model = RewardModelJudge()
+"""The reward-model judge (see the module docstring)."""
+
+
+def judge_many(judge: Judge, items: Sequence[tuple[Messages, str, str]]) -> list[Verdict]:
+    """Verdicts on many pairs at once: the judge's own batched `many` when it has one (a model
+    judge), else one call per pair (any function with the judge signature)."""
+    many = getattr(judge, "many", None)
+    return list(many(items)) if callable(many) else [judge(m, a, b) for m, a, b in items]

@@ -17,16 +17,35 @@ import torch
 
 from kaizen.core.events import Answer, Message, PreferenceEvent
 from kaizen.core.settings import Settings
-from trainer.dpo import OnlineDPOTrainer, answer_ids, chosen_first
+from trainer.dpo import OnlineDPOTrainer, answer_ids, best_and_worst
 from trainer.policy import collate, encode_prompt, load_policy, sequence_logprobs
 from trainer.round_inputs import VotePair, read_round_inputs
 from trainer.store import PreferenceStore, held_out
 
 
-def test_the_higher_scored_answer_of_each_pair_comes_first() -> None:
-    # pairs (rows 0-1, 2-3, 4-5): the second is better, an exact tie keeps the sampled order, the first
-    rows = chosen_first(torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0, -1.0]))
+def test_the_pair_is_the_best_and_the_worst_scored_answer_of_each_prompt() -> None:
+    # two answers per prompt (rows 0-1, 2-3, 4-5): the second is better, an exact tie keeps the
+    # sampled order, the first is better
+    rows = best_and_worst(torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0, -1.0]))
     assert rows.tolist() == [[1, 0], [2, 3], [4, 5]]
+    # three per prompt (rows 0-2, 3-5, 6-8): best against worst; among equals the first sampled
+    # is the best and the last the worst, never one row twice
+    rows = best_and_worst(torch.tensor([1.0, 3.0, 2.0, 5.0, 5.0, 0.0, 4.0, 4.0, 4.0]), 3)
+    assert rows.tolist() == [[1, 0], [3, 5], [6, 8]]
+
+
+def test_each_rank_owns_whole_prompts_so_no_pair_straddles_two() -> None:
+    """`own_rows` with 4 answers per prompt, 16 answers, 2 ranks: prompts 0 and 2 on rank 0, 1 and 3
+    on rank 1, each with all four of its answers."""
+    from types import SimpleNamespace
+
+    def rows(rank: int) -> list[int]:
+        me = SimpleNamespace(dist=SimpleNamespace(rank=rank, world_size=2),
+                             config=SimpleNamespace(dpo_samples=4))
+        return OnlineDPOTrainer.own_rows(me, 16).tolist()  # type: ignore[arg-type]
+
+    assert rows(0) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert rows(1) == [4, 5, 6, 7, 12, 13, 14, 15]
 
 
 def test_a_users_answer_ends_with_the_end_token_only_if_it_ended(tiny_model: Path) -> None:
@@ -125,6 +144,31 @@ def test_a_dpo_update_moves_the_policy_toward_the_users_chosen_answers(tiny_mode
     assert history[-1]["pg_loss"] < history[0]["pg_loss"]
     assert history[-1]["pair_accuracy"] > history[0]["pair_accuracy"]
     assert float(policy.v_head.weight.abs().max()) == 0.0  # no value head is trained
+
+
+def test_best_of_four_against_worst_of_four_trains_on_the_reward_models_extremes(tiny_model: Path) -> None:
+    """dpo_samples=4: an iteration of 8 answers is 2 prompts x 4; the on-policy pairs are each
+    prompt's highest- and lowest-scored answers (after the missing-EOS penalty), and the update runs."""
+    _, _, _, history = _dpo_updates(tiny_model, 1, dpo_samples=4)
+    assert history[0]["pg_loss"] > 0 and 0 <= history[0]["pair_accuracy"] <= 1
+    policy, tok, _ = load_policy(tiny_model)
+    reference, _, _ = load_policy(tiny_model)
+    from tests.dist_worker import fixed_rollout
+    from trainer.policy import RewardScorer
+    from trainer.ppo_config import PPOConfig
+    from trainer.reward_model import load_reward_model
+
+    cfg = PPOConfig(algorithm="dpo", batch_size=8, response_length=8, train_layers=1, threads=1,
+                    dtype="float32", dpo_samples=4, dpo_vote_pairs=0)
+    rm, rm_tok = load_reward_model(tiny_model, seed=1)
+    trainer = OnlineDPOTrainer(cfg, policy, reference, tok, None, RewardScorer(rm, rm_tok, max_length=64), None)
+    scored = trainer.score(*fixed_rollout(tok, cfg))
+    pairs = trainer._policy_pairs(scored)
+    scores = scored.penalised.view(2, 4)
+    assert pairs.rows.tolist() == [[int(scores[p].argmax()) + 4 * p, int(scores[p].argmin()) + 4 * p]
+                                   for p in range(2)]
+    with pytest.raises(ValueError, match="multiple of dpo_samples"):
+        PPOConfig(algorithm="dpo", batch_size=8, dpo_samples=3)
 
 
 def test_rpo_keeps_the_chosen_answers_likelier_than_plain_dpo(tiny_model: Path) -> None:

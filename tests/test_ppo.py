@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.policy import collate, freeze_lower_layers, load_policy, sequence_logprobs, shared_trunk_depth
+from trainer.policy import (collate, freeze_lower_layers, kl_to_reference, load_policy, sequence_logprobs,
+                            shared_trunk_depth)
 from trainer.ppo_math import (
     AdaptiveKLController,
     LengthFit,
@@ -373,6 +374,11 @@ def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_pat
         sums.append(float((a - b).sum()))
     assert got != 0 and got == pytest.approx(round(sum(sums) / len(sums), 4), abs=2e-4)
     assert kl_to_base(tiny_model, tiny_model, prompts, samples) == 0
+    # batched in order of length (3, 1, 5 and 0 tokens: each batch of 2 mixes the callers' order),
+    # each answer's KL comes back in its own place
+    each = kl_to_reference(v1, v0, tok, [prompts[s.prompt] for s in samples], [s.token_ids for s in samples],
+                           batch_size=2)
+    assert each == pytest.approx(sums, abs=1e-4)
 
 
 def test_the_reward_scorer_runs_in_the_reward_models_dtype(tiny_model: Path, tmp_path: Path) -> None:

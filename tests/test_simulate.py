@@ -128,6 +128,14 @@ def test_reward_model_judge_follows_its_model(tiny_model: Path, tmp_path: Path, 
     swapped = [judge(p.prompt, p.rejected, p.chosen) for p in pairs]
     assert verdicts.count(0) >= 16 and swapped.count(1) >= 16, (verdicts, swapped)
     assert judge(pairs[0].prompt, pairs[0].chosen, pairs[0].chosen) == "tie"
+    # the evaluation's batched path: one length-sorted pass over all answers, each scored once,
+    # gives the verdicts of one pair at a time; a plain function judge is called pair by pair
+    items = [(p.prompt, p.chosen, p.rejected) for p in pairs] + [(p.prompt, p.rejected, p.chosen) for p in pairs]
+    fresh = judges.RewardModelJudge()
+    assert judges.judge_many(fresh, items) == verdicts + swapped
+    assert len(fresh._scores) == 2 * len(pairs)
+    calls: list[str] = []
+    assert judges.judge_many(lambda m, a, b: calls.append(a) or 0, items[:3]) == [0, 0, 0] and len(calls) == 3
 
 
 def test_a_vote_whose_connection_drops_is_sent_once_more_and_never_counted_twice() -> None:

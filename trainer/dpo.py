@@ -3,9 +3,11 @@
     trainer = policy_trainer(config, policy, reference, tokenizer, engine, scorer, sync_dir, vote_pairs=...)
 
 Each iteration (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; TRL's
-OnlineDPOTrainer) samples two answers per prompt from the current policy on the rollout engine,
-and the reward model labels them: the one it scores higher after the missing-EOS penalty is
-chosen. `dpo_vote_pairs` of the users' own decided votes join them (trainer/round_inputs.py,
+OnlineDPOTrainer) samples `dpo_samples` answers per prompt from the current policy on the rollout
+engine, and the reward model labels them: the one it scores highest after the missing-EOS penalty
+is chosen, the lowest rejected (two: Guo et al.'s pair; more: best-of-n against worst-of-n, as in
+Xiong et al. 2024's iterative DPO, a wider reward gap that a noisy reward model orders right more
+often). `dpo_vote_pairs` of the users' own decided votes join them (trainer/round_inputs.py,
 `read_round_inputs`: every round's, drawn in turn), labelled as the users voted. Both kinds of pair
 go through one loss, DPO's (Rafailov et al. 2023; trainer/ppo_math.py `dpo_loss`), whose β ties the
 policy to the frozen reference in place of PPO's KL penalty; there is no value head.
@@ -17,8 +19,8 @@ voters' chosen answers do differently, at the strength β allows.
 
 Everything else is PPOTrainer's: the rollout, the scoring (reward model, the policy's and the
 reference's log-probs, the frozen trunk run once), the weight sync, the stats, the round, the gate.
-On N ranks each rank trains on the pairs it owns (rows 2p and 2p + 1 of an iteration's answers: a
-pair never straddles ranks) and every rank the same minibatch steps, as PPO does.
+On N ranks each rank trains on the pairs it owns (the answers of its prompts: a pair never
+straddles ranks) and every rank the same minibatch steps, as PPO does.
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ class PairSet:
     """The pairs whose loss this rank computes."""
 
 
-def chosen_first(scores: torch.Tensor) -> torch.Tensor:
-    """(P, 2) rows of each on-policy pair, the higher-scored answer first; scores (2P,) hold the two
-    answers of prompt p at rows 2p and 2p + 1 (an exact tie keeps the order sampled)."""
-    pairs = torch.arange(len(scores)).view(-1, 2)  # (P, 2)
-    swap = scores.view(-1, 2)[:, 1] > scores.view(-1, 2)[:, 0]  # (P,)
-    return torch.where(swap[:, None], pairs.flip(1), pairs)
+def best_and_worst(scores: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """(P, 2) rows of each on-policy pair: the best- and the worst-scored of prompt p's k answers,
+    which sit at rows kp .. kp + k - 1 of scores (kP,). With k = 2 the higher-scored answer first;
+    an exact tie keeps the order sampled (a stable sort)."""
+    groups = scores.view(-1, k)  # (P, k)
+    order = torch.sort(-groups, dim=1, stable=True).indices  # (P, k) best first
+    base = torch.arange(len(groups))[:, None] * k  # (P, 1)
+    return base + order[:, [0, -1]]
 
 
 def answer_ids(tokenizer: Any, text: str, ended: bool, max_tokens: int) -> list[int]:
@@ -87,9 +91,11 @@ class OnlineDPOTrainer(PPOTrainer):
         super().__post_init__()
 
     def own_rows(self, B: int) -> torch.Tensor:
-        """Whole pairs: rows 2p and 2p + 1 for the pairs p of this rank."""
-        pairs = torch.arange(self.dist.rank, B // 2, self.dist.world_size)
-        return torch.stack([2 * pairs, 2 * pairs + 1], dim=1).flatten()
+        """Whole prompts: rows kp .. kp + k - 1 (k = dpo_samples) for the prompts p of this rank, so
+        a pair, drawn from one prompt's answers, never straddles ranks."""
+        k = self.config.dpo_samples
+        prompts = torch.arange(self.dist.rank, B // k, self.dist.world_size)
+        return (prompts[:, None] * k + torch.arange(k)).flatten()
 
     def advantages(self, sc: Scored) -> Advantages:
         """DPO regresses on no advantage: the update reads the pairs from the scores."""
@@ -120,7 +126,7 @@ class OnlineDPOTrainer(PPOTrainer):
     def _policy_pairs(self, sc: Scored) -> PairSet:
         ref = (sc.ref_logprobs * sc.batch.response_mask).sum(-1)  # (B,)
         local = {int(row): k for k, row in enumerate(sc.own)}
-        rows = chosen_first(sc.penalised.cpu())
+        rows = best_and_worst(sc.penalised.cpu(), self.config.dpo_samples)
         mine = [p for p in range(len(rows)) if int(rows[p, 0]) in local]
         return PairSet(sc.batch, rows, ref, local, sc.trunk, mine)
 

@@ -244,13 +244,18 @@ def sequence_logprobs(model: PolicyWithValue, batch: Batch, temperature: float, 
 def kl_to_reference(policy: PolicyWithValue, reference: PolicyWithValue, tokenizer: Any,
                     prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], temperature: float = 1.0,
                     batch_size: int = 16) -> list[float]:
-    """Σ_t k1 per answer (nats) of answers sampled from `policy`: an estimate of KL(π || π_ref)."""
+    """Σ_t k1 per answer (nats) of answers sampled from `policy`: an estimate of KL(π || π_ref).
+    Batched in order of length (a batch pads to its longest answer and prompt), returned in the
+    callers' order."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[float] = []
+    order = sorted(range(len(answers)), key=lambda j: (len(answers[j]), len(prompt_ids[j])))
+    out = [0.0] * len(answers)
     policy.eval()
-    for i in range(0, len(answers), batch_size):
-        batch = collate(prompt_ids[i:i + batch_size], answers[i:i + batch_size], pad)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        batch = collate([prompt_ids[j] for j in idx], [answers[j] for j in idx], pad)
         lp, _ = sequence_logprobs(policy, batch, temperature, with_values=False)
         ref, _ = sequence_logprobs(reference, batch, temperature, with_values=False)
-        out += (kl_per_token(lp, ref) * batch.response_mask).sum(-1).tolist()
+        for j, kl in zip(idx, (kl_per_token(lp, ref) * batch.response_mask).sum(-1).tolist(), strict=True):
+            out[j] = kl
     return out

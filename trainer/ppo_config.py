@@ -27,7 +27,7 @@ FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_leng
                  "train_layers", "threads", "seed", "sync_dir", "dtype")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
-           "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs"}
+           "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs", "dpo_samples": "dpo_samples"}
 
 
 def _setting(name: str) -> Any:
@@ -92,7 +92,8 @@ class PPOConfig:
     """Folder the policy is saved to for vLLM's reload_weights; unset: under /dev/shm."""
     algorithm: str = _setting("policy_algorithm")
     """"ppo" (value head + GAE), "rloo" (leave-one-out baseline over rloo_k answers per prompt) or
-    "dpo" (online DPO on reward-model-labelled pairs of two answers per prompt, plus users' votes)."""
+    "dpo" (online DPO on the reward model's best and worst of dpo_samples answers per prompt, plus
+    users' votes)."""
     rloo_k: int = _setting("rloo_k")
     """Answers per prompt in RLOO: an iteration samples batch_size / rloo_k prompts x rloo_k."""
     dpo_beta: float = _setting("dpo_beta")
@@ -101,6 +102,8 @@ class PPOConfig:
     """α of RPO's per-token NLL term on the chosen answers (0: plain DPO)."""
     dpo_vote_pairs: int = _setting("dpo_vote_pairs")
     """Users' decided votes added to each DPO iteration's on-policy pairs."""
+    dpo_samples: int = _setting("dpo_samples")
+    """Answers per prompt in DPO: the pair is the reward model's best and worst of them."""
     # -- not settings: fixed parts of the recipe --
     whiten_rewards: bool = False
     """Whiten per-token rewards before GAE (TRL default off)."""
@@ -109,8 +112,9 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ("ppo", "rloo", "dpo"):
             raise ValueError(f"algorithm must be ppo, rloo or dpo, got {self.algorithm!r}")
-        if self.algorithm == "dpo" and self.batch_size % 2:
-            raise ValueError(f"dpo: batch_size {self.batch_size} must be even (two answers per prompt)")
+        if self.algorithm == "dpo" and (self.dpo_samples < 2 or self.batch_size % self.dpo_samples):
+            raise ValueError(f"dpo: batch_size {self.batch_size} must be a multiple of dpo_samples "
+                             f"{self.dpo_samples} >= 2 (answers per prompt)")
         if self.algorithm == "rloo" and (self.rloo_k < 2 or self.batch_size % self.rloo_k):
             raise ValueError(f"rloo: batch_size {self.batch_size} must be a multiple of rloo_k "
                              f"{self.rloo_k} >= 2")
@@ -121,7 +125,7 @@ class PPOConfig:
 
     @property
     def answers_per_prompt(self) -> int:
-        return {"rloo": self.rloo_k, "dpo": 2}.get(self.algorithm, 1)
+        return {"rloo": self.rloo_k, "dpo": self.dpo_samples}.get(self.algorithm, 1)
 
     @property
     def value_head(self) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kaizen.core.rounds_log import read_rounds
 from kaizen.core.settings import Settings
-from trainer.store import PreferenceStore, held_out
+from trainer.store import PreferenceStore, held_out, prompt_key
 
 Messages = list[dict[str, str]]
 
@@ -45,10 +45,6 @@ def new_votes_since(settings: Settings, mark: int) -> int:
 
 
 # -- prompts --------------------------------------------------------------------------------
-
-
-def _key(messages: Messages) -> str:
-    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -80,32 +76,31 @@ def read_round_inputs(settings: Settings) -> RoundInputs:
     """The round's prompts and the users' pairs. Held out = what the RM refresh holds out, so the
     gate never sees a prompt PPO trained on or a vote DPO learned from; a prompt on both sides
     counts as held out."""
-    store = PreferenceStore(settings.preferences_db)
-    try:
-        rows = store.events_between(0)
-    finally:
-        store.close()
     train: dict[str, Messages] = {}
     held: dict[str, Messages] = {}
     pairs: list[tuple[str, VotePair]] = []
-    for _, ev in rows:
-        messages = ev.conversation()
-        if messages[-1]["role"] != "user":
-            continue
-        key = _key(messages)
-        is_held = held_out(ev, settings.reward_holdout_fraction)
-        (held if is_held else train).setdefault(key, messages)
-        ranked = ev.ranked()
-        if ranked is not None and not is_held:
-            chosen, rejected = ranked
-            pairs.append((key, VotePair(messages, chosen.text, rejected.text, chosen.finish_reason == "stop",
-                                        rejected.finish_reason == "stop")))
+    store = PreferenceStore(settings.preferences_db)
+    try:
+        for _, ev in store.iter_events(0):  # one row at a time: a round keeps prompts and pairs only
+            messages = ev.conversation()
+            if messages[-1]["role"] != "user":
+                continue
+            key = prompt_key(messages)
+            is_held = held_out(ev, settings.reward_holdout_fraction)
+            (held if is_held else train).setdefault(key, messages)
+            ranked = ev.ranked()
+            if ranked is not None and not is_held:
+                good, bad = ranked
+                pairs.append((key, VotePair(messages, good.text, bad.text,
+                                            good.finish_reason == "stop", bad.finish_reason == "stop")))
+    finally:
+        store.close()
     for k in held:
         train.pop(k, None)
     if settings.ppo_prompt_file is not None:
         for m in read_prompt_file(settings.ppo_prompt_file):
-            if _key(m) not in held:
-                train.setdefault(_key(m), m)
+            if prompt_key(m) not in held:
+                train.setdefault(prompt_key(m), m)
     return RoundInputs(list(train.values()), list(held.values()), [p for k, p in pairs if k not in held])
 
 

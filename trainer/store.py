@@ -174,12 +174,19 @@ class PreferenceStore:
 
     def events_between(self, after: int = 0, through: int | None = None) -> list[tuple[int, PreferenceEvent]]:
         """(rowid, event) with `after < rowid <= through`, oldest first."""
+        return list(self.iter_events(after, through))
+
+    def iter_events(self, after: int = 0,
+                    through: int | None = None) -> Iterator[tuple[int, PreferenceEvent]]:
+        """`events_between` one row at a time (a cursor, not a list of the whole store): for a
+        reader that keeps less than every event. Consume it before the store is closed."""
         through = self.last_rowid() if through is None else through
-        rows = self.db.execute(
+        cursor = self.db.execute(
             "SELECT rowid, event FROM preferences WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
             (after, through),
-        ).fetchall()
-        return [(int(rowid), PreferenceEvent.model_validate_json(event)) for rowid, event in rows]
+        )
+        for rowid, event in cursor:
+            yield int(rowid), PreferenceEvent.model_validate_json(event)
 
 
 def holdout_share(key: str) -> float:
