@@ -33,9 +33,13 @@ def test_rloo_batch_must_split_into_whole_groups() -> None:
         PPOConfig.from_settings(Settings(ppo_batch_size=6, policy_algorithm="rloo", rloo_k=4))
 
 
-def test_dpo_takes_two_answers_per_prompt_and_an_even_batch() -> None:
+def test_dpo_takes_dpo_samples_answers_per_prompt_and_a_batch_of_whole_groups() -> None:
     config = PPOConfig.from_settings(Settings(ppo_batch_size=8, policy_algorithm="dpo", dpo_beta=0.2))
     assert (config.prompts_per_iteration, config.answers_per_prompt, config.dpo_beta) == (4, 2, 0.2)
     assert not config.value_head and PPOConfig().value_head  # only PPO trains a value head
-    with pytest.raises(ValueError, match="must be even"):
+    with pytest.raises(ValueError, match="multiple of dpo_samples 2"):
         PPOConfig.from_settings(Settings(ppo_batch_size=7, policy_algorithm="dpo"))
+    best_of_4 = PPOConfig.from_settings(Settings(ppo_batch_size=12, policy_algorithm="dpo", dpo_samples=4))
+    assert (best_of_4.prompts_per_iteration, best_of_4.answers_per_prompt) == (3, 4)
+    with pytest.raises(ValueError, match="multiple of dpo_samples 4"):
+        PPOConfig.from_settings(Settings(ppo_batch_size=10, policy_algorithm="dpo", dpo_samples=4))
