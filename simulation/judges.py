@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -225,7 +224,9 @@ class RewardModelJudge:
         if not path:
             raise RuntimeError("set KAIZEN_JUDGE_REWARD_MODEL to a reward-model folder trained on human "
                                "preference pairs (kaizen reward train --data PAIRS.jsonl --out DIR)")
-        keys = [((path, _conversation_key(m), a), (path, _conversation_key(m), b)) for m, a, b in items]
+        from trainer.store import prompt_key
+
+        keys = [((path, prompt_key(m), a), (path, prompt_key(m), b)) for m, a, b in items]
         texts = {k: (m, text) for (ka, kb), (m, a, b) in zip(keys, items, strict=True)
                  for k, text in ((ka, a), (kb, b))}
         self._score_missing(path, texts)
@@ -250,10 +251,6 @@ class RewardModelJudge:
         if len(self._scores) + len(todo) > RM_SCORE_CACHE:
             self._scores.clear()
         self._scores.update(zip(todo, (float(x) for x in scores), strict=True))
-
-
-def _conversation_key(messages: Messages) -> str:
-    return json.dumps(messages, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def _rm_verdict(ra: float, rb: float) -> Verdict:

@@ -99,8 +99,8 @@ def read_round_inputs(settings: Settings) -> RoundInputs:
         train.pop(k, None)
     if settings.ppo_prompt_file is not None:
         for m in read_prompt_file(settings.ppo_prompt_file):
-            if prompt_key(m) not in held:
-                train.setdefault(prompt_key(m), m)
+            if (key := prompt_key(m)) not in held:
+                train.setdefault(key, m)
     return RoundInputs(list(train.values()), list(held.values()), [p for k, p in pairs if k not in held])
 
 
