@@ -10,15 +10,21 @@ and the plot of it (`loop.png`). The rounds that publish the versions are simula
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kaizen.core.atomic_files import write_atomic
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from simulation.judges import judge_many, load_judge
 from simulation.simulate import read_prompts
+from trainer.rollout_engine import Sample
+
+#: The evaluation's answers in the loop's output folder (`write_answers`).
+ANSWERS_FILE = "answers.jsonl"
 
 if TYPE_CHECKING:
     from simulation.loop import LoopConfig
@@ -76,6 +82,7 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                       for s, g in zip(sanity, greedy, strict=True)]
             sanity_ok[v] = sum(passed) / max(1, len(passed))
             bar.advance(task)
+        write_answers(config.out_dir / ANSWERS_FILE, eval_prompts, answers)
         task = bar.add_task("evaluation: judge and KL", total=len(versions))
         out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
                                "max_tokens": config.eval_max_tokens,
@@ -97,6 +104,34 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                                                                  seed=config.seed + 1)
             bar.advance(task)
     return out
+
+
+def write_answers(path: Path, prompts: list[str], answers: dict[str, list[Any]]) -> None:
+    """Every evaluation answer, one JSON line each (version, prompt, its text and tokens, whether it
+    ended): what `kaizen bench judge` re-reads with another judge, without sampling again."""
+    lines = [json.dumps({"version": v, "prompt_index": s.prompt, "prompt": prompts[s.prompt], "text": s.text,
+                         "token_ids": list(s.token_ids), "finished": s.finished})
+             for v, samples in answers.items() for s in samples]
+    write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def read_answers(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    """The prompts and each version's answers, as `write_answers` wrote them (a clear error if the
+    file is not one)."""
+    prompts: dict[int, str] = {}
+    answers: dict[str, list[Sample]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            i = int(row["prompt_index"])
+            prompts[i] = str(row["prompt"])
+            answers.setdefault(str(row["version"]), []).append(
+                Sample(i, [int(t) for t in row["token_ids"]], str(row["text"]), bool(row["finished"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not an evaluation answer ({e!r})") from e
+    if sorted(prompts) != list(range(len(prompts))):
+        raise ValueError(f"{path}: the prompts are not numbered 0..{len(prompts) - 1}")
+    return [prompts[i] for i in range(len(prompts))], answers
 
 
 def judge_pairs(judge: Any, messages: list[Any], mine: dict[int, list[Any]], base: dict[int, list[Any]],
