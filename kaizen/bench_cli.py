@@ -87,6 +87,42 @@ def loop(
         console.print(f"recorded in {README}")
 
 
+@bench_app.command("judge")
+def judge_answers(
+    source: Annotated[Path, typer.Argument(help="output folder of `kaizen bench loop --out DIR`, or its "
+                                                "answers.jsonl")],
+    judge: Annotated[str, typer.Option(help="module:function or file.py:function")] = "simulation.judges:rubric",
+    seed: Annotated[int | None, typer.Option(help="bootstrap and answer-order seed (default: the loop's)")] = None,
+    bootstrap: Annotated[int | None, typer.Option(min=1, help="resamples (default: the loop's)")] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the report here as JSON")] = None,
+) -> None:
+    """Judge a finished loop benchmark's saved evaluation answers again, with any judge (nothing is
+    sampled): every version against v0, as the loop's report reads it."""
+    from rich.table import Table
+
+    from kaizen.core.atomic_files import write_atomic
+    from simulation.rejudge import rejudge
+
+    try:
+        report = rejudge(source, judge, bootstrap=bootstrap, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    table = Table(title=f"{report['answers']}: judged by {judge} ({report['prompts']} prompts)")
+    for column in ("version", "win rate vs v0 [95%]", "length-controlled [95%]", "ties", "tokens", "cut off"):
+        table.add_column(column)
+    for v, r in report["versions"].items():
+        if v == "v0":
+            table.add_row(v, "", "", "", f"{r['mean_answer_tokens']}", f"{r['truncated_share']}")
+            continue
+        table.add_row(v, f"{r['win_rate_vs_v0']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]",
+                      f"{r['lc_win_rate_vs_v0']:.3f} [{r['lc_ci95'][0]:.3f}, {r['lc_ci95'][1]:.3f}]",
+                      f"{r['tie_share']}", f"{r['mean_answer_tokens']}", f"{r['truncated_share']}")
+    console.print(table)
+    if out is not None:
+        write_atomic(out, json.dumps(report, indent=2) + "\n")
+        console.print(f"report {out}")
+
+
 LOOP_SECTION = "## The loop (`kaizen bench loop`)"
 
 

@@ -88,20 +88,22 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                                "max_tokens": config.eval_max_tokens,
                                "judge": config.eval_judge or config.judge,
                                "second_judge": config.second_judge, "versions": {}}
-        base = _by_prompt(answers["v0"])
-        out["versions"]["v0"] = {"mean_answer_tokens": _mean_len(answers["v0"]),
+        base = by_prompt(answers["v0"])
+        out["versions"]["v0"] = {"mean_answer_tokens": mean_tokens(answers["v0"]),
                                  "sanity_pass": sanity_ok["v0"],
-                                 "truncated_share": _truncated(answers["v0"])}
+                                 "truncated_share": truncated_share(answers["v0"])}
         for v in versions:
-            mine = _by_prompt(answers[v])
+            mine = by_prompt(answers[v])
             out["versions"][v] = {
-                **judge_pairs(judge, messages, mine, base, config, seed=config.seed),
-                "mean_answer_tokens": _mean_len(answers[v]), "truncated_share": _truncated(answers[v]),
+                **judge_pairs(judge, messages, mine, base, config.bootstrap, config.seed),
+                "mean_answer_tokens": mean_tokens(answers[v]),
+                "truncated_share": truncated_share(answers[v]),
                 "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
                 "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
             if second is not None:
-                out["versions"][v]["second_judge"] = judge_pairs(second, messages, mine, base, config,
-                                                                 seed=config.seed + 1)
+                out["versions"][v]["second_judge"] = judge_pairs(second, messages, mine, base,
+                                                                 config.bootstrap, config.seed,
+                                                                 flip_seed=config.seed + 1)
             bar.advance(task)
     return out
 
@@ -135,11 +137,12 @@ def read_answers(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
 
 
 def judge_pairs(judge: Any, messages: list[Any], mine: dict[int, list[Any]], base: dict[int, list[Any]],
-                config: LoopConfig, seed: int) -> dict[str, Any]:
+                bootstrap: int, seed: int, flip_seed: int | None = None) -> dict[str, Any]:
     """A version's answers against v0's, prompt by prompt (same seeds, paired in order), each pair
-    shown to the judge in a random order: win rate with its bootstrap interval over prompts, the
-    length-controlled win rate with its interval, tie and both-bad shares."""
-    rng = random.Random(seed)
+    shown to the judge in a random order (drawn from `flip_seed`, default `seed`): win rate with its
+    bootstrap interval over prompts (`bootstrap` resamples drawn from `seed`), the length-controlled
+    win rate with its interval, tie and both-bad shares."""
+    rng = random.Random(seed if flip_seed is None else flip_seed)
     pairs = [(i, a, b, rng.random() < 0.5) for i in range(len(messages))
              for a, b in zip(mine.get(i, []), base.get(i, []), strict=False)]
     said = judge_many(judge, [(messages[i], *((b.text, a.text) if flip else (a.text, b.text)))
@@ -156,9 +159,9 @@ def judge_pairs(judge: Any, messages: list[Any], mine: dict[int, list[Any]], bas
     per_prompt = [sum(v) / len(v) for v in scores.values()]
     n = len(verdicts)
     win = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
-    lo, hi = bootstrap_interval(per_prompt, config.bootstrap, config.seed)
+    lo, hi = bootstrap_interval(per_prompt, bootstrap, seed)
     lc = length_controlled_win_rate([o for _, o, _ in verdicts], [d for _, _, d in verdicts])
-    lc_lo, lc_hi = lc_bootstrap_interval(verdicts, config.bootstrap, config.seed)
+    lc_lo, lc_hi = lc_bootstrap_interval(verdicts, bootstrap, seed)
     return {"win_rate_vs_v0": round(win, 4), "ci95": [round(lo, 4), round(hi, 4)],
             "lc_win_rate_vs_v0": round(lc, 4), "lc_ci95": [round(lc_lo, 4), round(lc_hi, 4)],
             "tie_share": round(ties / n, 4) if n else None,
@@ -197,10 +200,10 @@ def length_controlled_win_rate(outcomes: list[float], length_diffs: list[float],
 
 def lc_bootstrap_interval(verdicts: list[tuple[int, float, float]], n: int, seed: int) -> tuple[float, float]:
     """95% percentile bootstrap interval of the length-controlled win rate, resampling prompts."""
-    by_prompt: dict[int, list[tuple[float, float]]] = {}
+    per_prompt: dict[int, list[tuple[float, float]]] = {}
     for i, outcome, diff in verdicts:
-        by_prompt.setdefault(i, []).append((outcome, diff))
-    groups = list(by_prompt.values())
+        per_prompt.setdefault(i, []).append((outcome, diff))
+    groups = list(per_prompt.values())
     if not groups:
         return float("nan"), float("nan")
     rng = random.Random(seed)
@@ -212,19 +215,19 @@ def lc_bootstrap_interval(verdicts: list[tuple[int, float, float]], n: int, seed
     return stats[int(0.025 * (n - 1))], stats[int(0.975 * (n - 1))]
 
 
-def _truncated(samples: list[Any]) -> float:
+def truncated_share(samples: list[Any]) -> float:
     """Share of answers cut off at max_tokens (no end of turn)."""
     return round(sum(not s.finished for s in samples) / max(1, len(samples)), 4)
 
 
-def _by_prompt(samples: list[Any]) -> dict[int, list[Any]]:
+def by_prompt(samples: list[Any]) -> dict[int, list[Any]]:
     out: dict[int, list[Any]] = {}
     for s in samples:
         out.setdefault(s.prompt, []).append(s)
     return out
 
 
-def _mean_len(samples: list[Any]) -> float:
+def mean_tokens(samples: list[Any]) -> float:
     return round(sum(len(s.token_ids) for s in samples) / max(1, len(samples)), 2)
 
 

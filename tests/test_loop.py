@@ -21,6 +21,7 @@ from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from simulation.evaluate import bootstrap_interval
 from simulation.loop import LoopConfig, run_loop
+from simulation.rejudge import rejudge
 from tests.test_rounds import WORDS, sft_yes_no
 from trainer.store import PreferenceStore
 
@@ -194,6 +195,14 @@ def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest
     png = (config.out_dir / "loop.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]
+    # every evaluation answer is saved (8 prompts x 2 per version, v0 included), and judging them again
+    # (`kaizen bench judge`) gives the loop's own figures: the same pairs, in the same order
+    assert len((config.out_dir / "answers.jsonl").read_text().splitlines()) == len(versions) * 8 * 2
+    first = rejudge(config.out_dir, config.judge)["versions"]
+    again = rejudge(config.out_dir, str(config.second_judge), flip_seed=config.seed + 1)["versions"]
+    for v in published:
+        assert first[v] == {k: versions[v][k] for k in first[v]}
+        assert again[v] == {k: versions[v]["second_judge"].get(k, versions[v].get(k)) for k in again[v]}
     print(json.dumps({"rounds": report["rounds"], "evaluation": versions, "phases": report["phases_s"]},
                      default=str)[:3000])
 

@@ -1,0 +1,80 @@
+"""`kaizen bench judge`: another judge reads the answers a loop benchmark's evaluation wrote.
+
+    from simulation.rejudge import rejudge
+    report = rejudge(Path("runs/hour"), "my_judges.py:strict")   # the folder of `kaizen bench loop --out`
+    report["versions"]["v3"]["win_rate_vs_v0"], report["versions"]["v3"]["lc_ci95"]
+
+The loop's proof should not rest on the judge that drove its voters. Its evaluation writes every
+answer to `answers.jsonl` (simulation/evaluate.py `write_answers`); this reads them back and judges
+each version against v0 with any judge (`module:function` or `file.py:function`, the loop's own
+form), on the same pairs shown in the same order (the same seeds), so the loop's own judge gives
+back loop.json's figures exactly and any other judge gives its own: the win rate with its
+bootstrap interval over prompts, the length-controlled win rate with its interval, tie and
+both-bad shares. Nothing is sampled and no policy is loaded: the time is the judge's own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from simulation.evaluate import (ANSWERS_FILE, by_prompt, judge_pairs, mean_tokens, read_answers,
+                                 truncated_share)
+from simulation.judges import ready_judge
+
+#: What the loop's defaults are when its loop.json is not beside the answers.
+DEFAULT_BOOTSTRAP = 2000
+DEFAULT_SEED = 0
+
+
+def answers_path(source: Path) -> Path:
+    """The answers file: `source` itself, or `answers.jsonl` in the loop's output folder `source`."""
+    path = source / ANSWERS_FILE if source.is_dir() else source
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: give the output folder of `kaizen bench loop --out DIR` "
+                         f"(its evaluation writes {ANSWERS_FILE}) or the file itself")
+    return path
+
+
+def loop_config(path: Path) -> dict[str, Any]:
+    """The run's settings from loop.json beside the answers ({} when there is none)."""
+    report = path.parent / "loop.json"
+    if not report.is_file():
+        return {}
+    config = json.loads(report.read_text()).get("config", {})
+    return config if isinstance(config, dict) else {}
+
+
+def rejudge(source: Path, judge_spec: str, *, bootstrap: int | None = None, seed: int | None = None,
+            flip_seed: int | None = None) -> dict[str, Any]:
+    """Every version's saved answers against v0's, read by `judge_spec`.
+
+    `seed` and `bootstrap` default to the loop's own (from loop.json beside the answers); `flip_seed`
+    (which answer the judge sees first) to `seed`, as for the loop's first judge (its second judge
+    used seed + 1). ValueError with the cause for a missing or malformed file or a judge that fails."""
+    path = answers_path(source)
+    config = loop_config(path)
+    bootstrap = bootstrap if bootstrap is not None else int(config.get("bootstrap", DEFAULT_BOOTSTRAP))
+    seed = seed if seed is not None else int(config.get("seed", DEFAULT_SEED))
+    prompts, answers = read_answers(path)
+    if "v0" not in answers:
+        raise ValueError(f"{path} has no answers of v0, the version every other is judged against")
+    judge = ready_judge(judge_spec)
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    base = by_prompt(answers["v0"])
+    versions: dict[str, Any] = {"v0": {"mean_answer_tokens": mean_tokens(answers["v0"]),
+                                       "truncated_share": truncated_share(answers["v0"])}}
+    for v in sorted((v for v in answers if v != "v0"), key=version_order):
+        versions[v] = {**judge_pairs(judge, messages, by_prompt(answers[v]), base, bootstrap, seed,
+                                     flip_seed=flip_seed),
+                       "mean_answer_tokens": mean_tokens(answers[v]),
+                       "truncated_share": truncated_share(answers[v])}
+    return {"answers": str(path), "judge": judge_spec, "prompts": len(prompts), "bootstrap": bootstrap,
+            "seed": seed, "versions": versions}
+
+
+def version_order(name: str) -> tuple[int, str]:
+    """v2 before v10."""
+    digits = name.removeprefix("v")
+    return (int(digits), "") if digits.isdigit() else (1 << 30, name)
