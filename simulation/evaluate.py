@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kaizen.core.atomic_files import write_atomic
 from kaizen.core.registry import Registry
+from kaizen.core.registry_schema import VERSION_RE
 from kaizen.core.settings import Settings
 from simulation.judges import judge_many, load_judge
 from simulation.simulate import read_prompts
@@ -60,7 +61,7 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     judge = load_judge(config.eval_judge or config.judge)
     second = load_judge(config.second_judge) if config.second_judge else None
     eval_prompts = read_prompts(config.eval_prompts)
-    messages = [[{"role": "user", "content": p}] for p in eval_prompts]
+    messages = user_messages(eval_prompts)
     gate_rejected = {e.version for e in registry.audit()
                      if e.action == "publish" and e.to_stage == "rejected"}
     versions = [v for v in registry.names() if v != "v0" and v not in gate_rejected]
@@ -89,15 +90,12 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                                "judge": config.eval_judge or config.judge,
                                "second_judge": config.second_judge, "versions": {}}
         base = by_prompt(answers["v0"])
-        out["versions"]["v0"] = {"mean_answer_tokens": mean_tokens(answers["v0"]),
-                                 "sanity_pass": sanity_ok["v0"],
-                                 "truncated_share": truncated_share(answers["v0"])}
+        out["versions"]["v0"] = {**answer_figures(answers["v0"]), "sanity_pass": sanity_ok["v0"]}
         for v in versions:
             mine = by_prompt(answers[v])
             out["versions"][v] = {
                 **judge_pairs(judge, messages, mine, base, config.bootstrap, config.seed),
-                "mean_answer_tokens": mean_tokens(answers[v]),
-                "truncated_share": truncated_share(answers[v]),
+                **answer_figures(answers[v]),
                 "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
                 "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
             if second is not None:
@@ -127,7 +125,10 @@ def read_answers(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
             row = json.loads(line)
             i = int(row["prompt_index"])
             prompts[i] = str(row["prompt"])
-            answers.setdefault(str(row["version"]), []).append(
+            version = str(row["version"])
+            if not VERSION_RE.match(version):
+                raise ValueError(f"{version!r} is not a version name (v0, v1, ...)")
+            answers.setdefault(version, []).append(
                 Sample(i, [int(t) for t in row["token_ids"]], str(row["text"]), bool(row["finished"])))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: not an evaluation answer ({e!r})") from e
@@ -213,6 +214,16 @@ def lc_bootstrap_interval(verdicts: list[tuple[int, float, float]], n: int, seed
         stats.append(length_controlled_win_rate([o for o, _ in sample], [d for _, d in sample]))
     stats.sort()
     return stats[int(0.025 * (n - 1))], stats[int(0.975 * (n - 1))]
+
+
+def user_messages(prompts: list[str]) -> list[list[dict[str, str]]]:
+    """Each prompt as a one-turn conversation, as the evaluation asks it."""
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def answer_figures(samples: list[Any]) -> dict[str, float]:
+    """A version's answers at a glance: mean length in tokens, share cut off at max_tokens."""
+    return {"mean_answer_tokens": mean_tokens(samples), "truncated_share": truncated_share(samples)}
 
 
 def truncated_share(samples: list[Any]) -> float:

@@ -19,13 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from simulation.evaluate import (ANSWERS_FILE, by_prompt, judge_pairs, mean_tokens, read_answers,
-                                 truncated_share)
+from kaizen.core.registry_schema import version_number
+from simulation.evaluate import (ANSWERS_FILE, answer_figures, by_prompt, judge_pairs, read_answers,
+                                 user_messages)
 from simulation.judges import ready_judge
-
-#: What the loop's defaults are when its loop.json is not beside the answers.
-DEFAULT_BOOTSTRAP = 2000
-DEFAULT_SEED = 0
+from simulation.loop import LoopConfig
 
 
 def answers_path(source: Path) -> Path:
@@ -55,26 +53,21 @@ def rejudge(source: Path, judge_spec: str, *, bootstrap: int | None = None, seed
     used seed + 1). ValueError with the cause for a missing or malformed file or a judge that fails."""
     path = answers_path(source)
     config = loop_config(path)
-    bootstrap = bootstrap if bootstrap is not None else int(config.get("bootstrap", DEFAULT_BOOTSTRAP))
-    seed = seed if seed is not None else int(config.get("seed", DEFAULT_SEED))
+    loop_defaults = LoopConfig.__dataclass_fields__  # when no loop.json is beside the answers
+    if bootstrap is None:
+        bootstrap = int(config.get("bootstrap", loop_defaults["bootstrap"].default))
+    if seed is None:
+        seed = int(config.get("seed", loop_defaults["seed"].default))
     prompts, answers = read_answers(path)
     if "v0" not in answers:
         raise ValueError(f"{path} has no answers of v0, the version every other is judged against")
     judge = ready_judge(judge_spec)
-    messages = [[{"role": "user", "content": p}] for p in prompts]
+    messages = user_messages(prompts)
     base = by_prompt(answers["v0"])
-    versions: dict[str, Any] = {"v0": {"mean_answer_tokens": mean_tokens(answers["v0"]),
-                                       "truncated_share": truncated_share(answers["v0"])}}
-    for v in sorted((v for v in answers if v != "v0"), key=version_order):
+    versions: dict[str, Any] = {"v0": answer_figures(answers["v0"])}
+    for v in sorted((v for v in answers if v != "v0"), key=version_number):
         versions[v] = {**judge_pairs(judge, messages, by_prompt(answers[v]), base, bootstrap, seed,
-                                     flip_seed=flip_seed),
-                       "mean_answer_tokens": mean_tokens(answers[v]),
-                       "truncated_share": truncated_share(answers[v])}
+                                     flip_seed=flip_seed), **answer_figures(answers[v])}
     return {"answers": str(path), "judge": judge_spec, "prompts": len(prompts), "bootstrap": bootstrap,
             "seed": seed, "versions": versions}
 
-
-def version_order(name: str) -> tuple[int, str]:
-    """v2 before v10."""
-    digits = name.removeprefix("v")
-    return (int(digits), "") if digits.isdigit() else (1 << 30, name)
