@@ -109,3 +109,15 @@ def test_written_answers_read_back_unchanged(tmp_path: Path) -> None:
     assert prompts == ["Why?", "How?", "Where?"]
     assert [s.text for s in read["v1"]] == ["a b", "a b c", "a b c", "a b c", "x y z", "a"]
     assert read["v0"][3] == Sample(1, [0, 1], "a b", False)
+
+
+def test_versions_are_listed_in_number_order(tmp_path: Path) -> None:
+    """v9 before v10 (a sort by name would put v10 first), whatever order the file has them in."""
+    judge = tmp_path / "judge.py"
+    judge.write_text(LONGER)
+    one = [Sample(0, [0], "a", True)]
+    write_answers(tmp_path / "answers.jsonl", ["Why?"], {"v10": one, "v0": one, "v9": one})
+    assert list(rejudge(tmp_path, f"{judge}:prefers_longer")["versions"]) == ["v0", "v9", "v10"]
+    write_answers(tmp_path / "answers.jsonl", ["Why?"], {"v0": one, "best": one})
+    with pytest.raises(ValueError, match="'best' is not a version name"):
+        rejudge(tmp_path, f"{judge}:prefers_longer")
