@@ -12,7 +12,6 @@ reported and restarted, up to `restart_limit` times per `restart_window_s`.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -31,12 +30,12 @@ from rich.text import Text
 
 from services.auth import admin_token, admin_url, local_admin_allowed
 from kaizen.core.broker import broker_command, ensure_topics, port_in_use
+from kaizen.core.parent_death import die_with_parent
 from services.models import ModelError, require_model
 from kaizen.core.settings import Settings
 
 console = Console(highlight=False, soft_wrap=True)
 COLORS = {"broker": "magenta", "api": "cyan", "trainer": "green", "up": "bold yellow"}
-PR_SET_PDEATHSIG = 1
 #: What a first start's engine load took on this project's 2-core CPU machines (SmolLM2-135M,
 #: float32: 25-60 s; minutes on a busy machine). Said before the first start, when no earlier
 #: start's time is known; later starts say what the last one took (`<data_dir>/logs/startup.json`).
@@ -51,11 +50,6 @@ TAIL_LINES = 8
 
 class UpError(RuntimeError):
     """`kaizen up` cannot start; the message says why and what to do."""
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def say(name: str, text: str) -> None:
@@ -168,7 +162,7 @@ class Supervisor:
         child.tail.clear()
         child.proc = subprocess.Popen(
             child.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
         )
         assert child.proc.stdout is not None
         threading.Thread(target=self._pump, args=(child, child.proc.stdout), daemon=True).start()

@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from kaizen.core.parent_death import die_with_parent
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from simulation.evaluate import evaluate_versions, plot, progress_bar
@@ -204,10 +205,12 @@ def voter(config: LoopConfig, settings: Settings) -> Votes:
 
 
 def start_api(settings: Settings) -> subprocess.Popen[bytes]:
-    """`kaizen serve` in its own session, its output appended to serve.log in the data dir."""
+    """`kaizen serve` in its own session, its output appended to serve.log in the data dir; it gets
+    SIGTERM (and stops its engine) if this process dies, even by SIGKILL."""
     with open(settings.data_dir / "serve.log", "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "kaizen", "serve"], env=settings.child_env(), cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
 
 
 def wait_ready(settings: Settings, server: subprocess.Popen[bytes]) -> None:

@@ -24,6 +24,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from kaizen.core.parent_death import die_with_parent
 from kaizen.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def start_embedded_broker(
     """Start Tansu and wait until it accepts connections.
 
     Restarting on a port that was just freed can fail with "Address in use"
-    for a few seconds, so a start that exits early is retried.
+    for a few seconds, so a start that exits early is retried. The broker dies with the thread
+    that started it (kaizen/core/parent_death.py): a killed test run or loop leaves no broker.
     """
     if port_in_use(settings.broker_host, settings.broker_port):
         raise BrokerError(
@@ -105,7 +107,7 @@ def start_embedded_broker(
     cmd = broker_command(settings)
     for attempt in range(1, attempts + 1):
         out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
             if port_in_use(settings.broker_host, settings.broker_port):
