@@ -138,9 +138,10 @@ def snapshot(registry: Path) -> dict[str, Any]:
     return files
 
 
-def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, Any], engine: Any,
-                                                             tmp_path: Path) -> None:
-    settings = round_settings(tmp_path, world["champion"], world["broker"], world["pass"])
+def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, Any], engine: Any) -> None:
+    # in the module's folder, not tmp_path: later tests start from this round's reward model, and a
+    # passing test's tmp_path is deleted as it ends (pyproject.toml, tmp_path_retention_policy)
+    settings = round_settings(world["root"] / "first-round", world["champion"], world["broker"], world["pass"])
     assert fill_store(settings) == 80
     world["first"] = settings.data_dir
     record = run_round(settings, engine=engine)
