@@ -162,7 +162,7 @@ def prepare_default(settings: Settings, *, force: bool = False, verify: bool = T
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = "bfloat16"
-        model: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        model: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         # tied lm_head is the only key that may differ between the two
         if unexpected or not set(missing) <= {"lm_head.weight"}:
@@ -233,7 +233,7 @@ def build_tiny(
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         dtype="bfloat16",
     )
-    model: Any = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    model: Any = LlamaForCausalLM(config)
     model = model.to(torch.bfloat16)
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -151,14 +151,16 @@ def run_loop(config: LoopConfig, base_settings: Settings,
     started_all = t = time.monotonic()
     broker = start_embedded_broker(settings)
     ensure_topics(settings)
+    registry = Registry(settings.registry_path)
+    registry.init_base(settings.model_dir, who="bench-loop")  # v0, as the API would on its start
     engine: Any = None
     server = start_api(settings)
     try:
-        wait_ready(settings, server)
-        registry = Registry(settings.registry_path)
-        # one sampling engine for every round and the evaluation (each start costs ~25 s)
+        # one sampling engine for every round and the evaluation (each start costs ~25 s), started
+        # while the API starts its own
         engine = RolloutEngine(settings, registry.path("v0"), max_model_len=settings.engine_max_model_len,
                                seed=config.seed)
+        wait_ready(settings, server)
         phases.add("start", t)
         say(f"service up at {base_url(settings)} (data {settings.data_dir})")
         rounds = run_rounds(config, settings, admin, engine, votes, phases, started_all, say)

@@ -22,7 +22,7 @@ from kaizen.core.settings import Settings
 from simulation.evaluate import bootstrap_interval
 from simulation.loop import LoopConfig, run_loop
 from simulation.rejudge import rejudge
-from tests.test_rounds import WORDS, sft_yes_no
+from tests.yes_no import WORDS
 from trainer.store import PreferenceStore
 
 JUDGE = '''
@@ -131,14 +131,14 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "dpo"])
-def test_short_loop_on_the_tiny_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory,
+def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pytest.TempPathFactory,
                                       algorithm: str) -> None:
     """The whole loop with each policy update (KAIZEN_POLICY_ALGORITHM): PPO, RLOO with two answers
     per prompt, and online DPO (with the users' votes); the rest of the round (reward model, gate,
     publish, canary) is shared."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("loop")
-    champion = sft_yes_no(tiny_model, root / "yes-no")
+    champion = yes_no_model
     sanity = root / "sanity.jsonl"
     sanity.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": r"^(Yes|No)"}) + "\n")
     judge = root / "judge.py"

@@ -33,47 +33,9 @@ from kaizen.core.registry import Registry
 from kaizen.core.rounds_log import read_rounds
 from kaizen.core.settings import Settings
 from tests.conftest import ROOT, make_settings
+from tests.yes_no import question
 from trainer.rounds import _recover, run_round
 from trainer.store import PreferenceStore
-
-WORDS = ("apple river stone cloud green quick silent paper window orange music light table summer garden "
-         "north copper velvet").split()
-
-
-def question(rng: random.Random) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"Is the {' '.join(rng.choices(WORDS, k=3))}?"}]
-
-
-def sft_yes_no(src: Path, out: Path, steps: int = 40) -> Path:
-    """The tiny model taught to answer "Yes." or "No." (50/50) and stop; saved in bf16 like its source."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trainer.reward_data import encode_conversation, pad_sequences
-
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    tok = AutoTokenizer.from_pretrained(src)
-    lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    lm.train()
-    for _ in range(steps):
-        seqs, starts = [], []
-        for _ in range(16):
-            m = question(rng)
-            seqs.append(encode_conversation(tok, m, rng.choice(["Yes.", "No."]), 128)[0])
-            starts.append(len(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=False)))
-        ids, mask = pad_sequences(seqs, tok.pad_token_id)
-        labels = ids.masked_fill(mask == 0, -100)
-        for i, s in enumerate(starts):
-            labels[i, :s] = -100  # learn the answer (and its <|im_end|>) only
-        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    lm.to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def yes_vote(i: int, rng: random.Random) -> PreferenceEvent:
@@ -101,10 +63,10 @@ def round_settings(data_dir: Path, champion: Path, broker: Settings, sanity: Pat
 
 
 @pytest.fixture(scope="module")
-def world(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, broker: Settings) -> dict[str, Any]:
+def world(yes_no_model: Path, tmp_path_factory: pytest.TempPathFactory, broker: Settings) -> dict[str, Any]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("rounds")
-    champion = sft_yes_no(tiny_model, root / "yes-no")
+    champion = yes_no_model
     passing, failing = root / "sanity-pass.jsonl", root / "sanity-fail.jsonl"
     # what a random tiny model can pass: an answer at all, and it is one of the two it knows
     passing.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": r"^(Yes|No)"}) + "\n")
