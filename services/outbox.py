@@ -25,7 +25,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from kaizen.core import metrics
-from kaizen.core.broker import ensure_topics
+from kaizen.core.broker import BrokerError, ensure_topics
 from services.comparisons import ComparisonStore
 from kaizen.core.settings import Settings
 
@@ -53,14 +53,20 @@ class OutboxRelay:
 
     def stop(self, timeout_s: float = 10.0, flush_s: float = 5.0) -> None:
         """Stop the thread, then try for `flush_s` to deliver what is still pending (a pod
-        being replaced should hand its votes to Kafka, not leave them on its disk)."""
+        being replaced should hand its votes to Kafka, not leave them on its disk). Returns
+        within about `timeout_s + flush_s` even while no broker answers: a thread still waiting
+        on one after `timeout_s` is left to die with the process, and nothing is flushed."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("outbox relay still waiting on Kafka after %.0f s; undelivered votes stay in %s",
+                            timeout_s, self.store.where)
+                return
         deadline = time.monotonic() + flush_s
         try:
-            while time.monotonic() < deadline and self.deliver_once() > 0:
+            while (left := deadline - time.monotonic()) > 0 and self.deliver_once(connect_s=left) > 0:
                 pass
         except Exception as exc:  # noqa: BLE001 - the votes stay in the outbox for the next start
             log.warning("final outbox flush failed (%s); undelivered votes stay in %s", exc, self.store.where)
@@ -71,13 +77,16 @@ class OutboxRelay:
         self._wake.set()
 
     # -- kafka ---------------------------------------------------------------------------
-    def _producer_or_new(self) -> KafkaProducer:
+    def _producer_or_new(self, connect_s: float) -> KafkaProducer:
+        """The producer; a new one waits at most `connect_s` for the topics and again for the
+        broker (BrokerError, KafkaError)."""
         if self._producer is None:
             # Make the topics first: a broker that restarted empty would otherwise
             # auto-create the topic on our first send, with its default partitions.
-            ensure_topics(self.settings)
+            ensure_topics(self.settings, timeout_s=connect_s)
             self._producer = KafkaProducer(
                 **self.settings.kafka_options(),
+                bootstrap_timeout_ms=max(100, int(connect_s * 1000)),
                 client_id="kaizen-outbox",
                 acks="all",
                 enable_idempotence=True,
@@ -135,7 +144,7 @@ class OutboxRelay:
                     self.housekeeping()
                     self._wake.wait(self.settings.outbox_poll_interval_s)
                     self._wake.clear()
-            except KafkaError as exc:
+            except (KafkaError, BrokerError) as exc:  # Kafka down or unreachable: no traceback
                 metrics.OUTBOX_DELIVERY_ERRORS.inc()
                 log.warning("outbox delivery failed (%s); retrying in %.1f s", exc, backoff)
                 self._close_producer()
@@ -150,8 +159,9 @@ class OutboxRelay:
             finally:
                 self.update_metrics()
 
-    def deliver_once(self) -> int:
-        """Send one batch of pending rows and mark the acknowledged ones; return how many.
+    def deliver_once(self, connect_s: float | None = None) -> int:
+        """Send one batch of pending rows and mark the acknowledged ones; return how many. A new
+        producer waits up to `connect_s` (default: the Kafka request timeout) for the broker.
 
         The rows are claimed first (services/comparisons.py, `claim`): with several API
         replicas on one PostgreSQL each relay sends rows no other relay holds. Events are
@@ -162,7 +172,7 @@ class OutboxRelay:
         with self.store.claim(self.settings.outbox_batch_size) as claim:
             if not claim.rows:
                 return 0
-            producer = self._producer_or_new()
+            producer = self._producer_or_new(connect_s or self.settings.kafka_request_timeout_ms / 1000)
             futures = [
                 (row.seq,
                  producer.send(self.settings.topic_preferences, key=row.key.encode(), value=row.payload))

@@ -15,7 +15,7 @@ from services.comparisons import ComparisonStore, OutboxFull
 from kaizen.core.events import Answer, PreferenceEvent
 from services.outbox import OutboxRelay
 from kaizen.core.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import free_port, make_settings
 
 
 def read_topic(settings: Settings, expect: int, timeout_s: float = 30) -> list[PreferenceEvent]:
@@ -83,6 +83,28 @@ def test_relay_survives_a_broker_that_restarts_empty(tmp_path: Path) -> None:
         relay.stop()
         broker.kill()
         broker.wait()
+        store.close()
+
+
+def test_the_relay_stops_within_its_timeouts_while_no_broker_answers(tmp_path: Path) -> None:
+    """Stopping the chat API while Kafka was down took a minute: kafka-python waits 30 s to bootstrap
+    whatever the caller's timeout, and the relay's thread, then its final flush, each waited that long
+    (the pod's grace period is 30 s: it was SIGKILLed). Now each connection attempt waits what its
+    caller allows, and stop() returns within about timeout_s + flush_s; the votes stay in the outbox."""
+    settings = make_settings(tmp_path, broker_port=free_port(), kafka_request_timeout_ms=2000,  # nothing there
+                             outbox_backoff_max_s=0.5)
+    store = ComparisonStore(settings.api_db, timedelta(hours=1))
+    relay = OutboxRelay(settings, store)
+    try:
+        waiting = vote_n(store, 3)
+        relay.start()
+        time.sleep(1.0)  # the thread is trying to reach the broker
+        started = time.monotonic()
+        relay.stop(timeout_s=4, flush_s=2)
+        took = time.monotonic() - started
+        assert took < 4 + 2 + 3, f"stop() took {took:.1f} s"  # was 60 s
+        assert [e.event_id for e in store.outbox_events()] == [e.event_id for e in waiting]  # nothing lost
+    finally:
         store.close()
 
 

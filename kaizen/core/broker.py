@@ -122,7 +122,8 @@ def start_embedded_broker(
 
 
 def admin_client(settings: Settings, timeout_s: float = 20.0) -> KafkaAdminClient:
-    """An admin client, retried until the cluster answers or `timeout_s` passes."""
+    """An admin client, retried until the cluster answers or `timeout_s` passes (each try waits
+    only what is left of it: kafka-python's own bootstrap wait is 30 s)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -130,6 +131,7 @@ def admin_client(settings: Settings, timeout_s: float = 20.0) -> KafkaAdminClien
                 **settings.kafka_options(),
                 client_id="kaizen-admin",
                 request_timeout_ms=settings.kafka_request_timeout_ms,
+                bootstrap_timeout_ms=max(100, int((deadline - time.monotonic()) * 1000)),
             )
         except (KafkaConnectionError, KafkaError):
             if time.monotonic() > deadline:
@@ -139,10 +141,11 @@ def admin_client(settings: Settings, timeout_s: float = 20.0) -> KafkaAdminClien
             time.sleep(0.2)
 
 
-def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> list[str]:
-    """Create Kaizen's topics where missing; return those that were created."""
+def ensure_topics(settings: Settings, names: Iterable[str] | None = None, timeout_s: float = 20.0) -> list[str]:
+    """Create Kaizen's topics where missing; return those that were created. No broker answering
+    within `timeout_s`: BrokerError."""
     wanted = list(names) if names is not None else topics(settings)
-    admin = admin_client(settings)
+    admin = admin_client(settings, timeout_s)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in wanted if t not in existing]
