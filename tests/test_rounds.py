@@ -171,6 +171,23 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     assert any(e["type"] == "published" and e["details"].get("round_id") == record["round_id"] for e in events)
 
 
+def test_an_rloo_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, Any], engine: Any,
+                                                                     tmp_path: Path) -> None:
+    """The round with KAIZEN_POLICY_ALGORITHM=rloo (two answers per prompt, the leave-one-out baseline)
+    publishes as PPO's does, through the same gate. The short loop (tests/test_loop.py) runs PPO and DPO
+    end to end; this is RLOO's round on the same engine, without a loop of its own."""
+    settings = round_settings(tmp_path, world["champion"], world["broker"], world["pass"],
+                              policy_algorithm="rloo", rloo_k=2, ppo_iterations=8)
+    fill_store(settings)  # and its own reward refresh, so the test reads the same alone or after the first
+    record = run_round(settings, engine=engine)
+    assert record["outcome"] == "published", json.dumps({k: record.get(k) for k in ("gate", "ppo")}, default=str)
+    gate = record["gate"]
+    assert gate["passed"] and gate["win_rate"] >= 0.55 and gate["reward_candidate"] > gate["reward_champion"], gate
+    print(f"\nrloo: win rate {gate['win_rate']:.3f} {gate['win_rate_ci95']}, KL {gate['kl']:.3f}")
+    info = Registry(settings.registry_path).info(record["version"])
+    assert info.training["config"]["algorithm"] == "rloo" and info.parent == "v0"
+
+
 def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any], engine: Any,
                                                           tmp_path: Path) -> None:
     """A candidate that fails the sanity prompts is rejected, never served. #19 item 6: retention runs
