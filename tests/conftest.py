@@ -58,7 +58,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, isolated_data_dir: Path
 
 
 @pytest.fixture(scope="session")
-def yes_no_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def yes_no_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model taught to answer "Yes." or "No." (tests/yes_no.py), trained once on one thread;
     read-only for the tests that start from it (the registry copies or links it as v0)."""
     import torch
@@ -68,10 +68,9 @@ def yes_no_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        path = sft_yes_no(tiny_model, tmp_path_factory.mktemp("models") / "yes-no")
+        return sft_yes_no(tiny_model, tmp_path_factory.mktemp("models") / "yes-no")
     finally:
         torch.set_num_threads(threads)
-    yield path
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:

@@ -66,12 +66,11 @@ def round_settings(data_dir: Path, champion: Path, broker: Settings, sanity: Pat
 def world(yes_no_model: Path, tmp_path_factory: pytest.TempPathFactory, broker: Settings) -> dict[str, Any]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("rounds")
-    champion = yes_no_model
     passing, failing = root / "sanity-pass.jsonl", root / "sanity-fail.jsonl"
     # what a random tiny model can pass: an answer at all, and it is one of the two it knows
     passing.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": r"^(Yes|No)"}) + "\n")
     failing.write_text(json.dumps({"prompt": "What is the capital of France?", "expect": "Paris"}) + "\n")
-    return {"root": root, "champion": champion, "pass": passing, "fail": failing, "broker": broker}
+    return {"root": root, "champion": yes_no_model, "pass": passing, "fail": failing, "broker": broker}
 
 
 def fill_store(settings: Settings, n: int = 80) -> int:
