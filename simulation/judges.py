@@ -213,24 +213,29 @@ class RewardModelJudge:
     length-sorted batches and keeps each (conversation, answer)'s score, so the baseline's answers,
     compared with every version, are scored once (`judge_many`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
+        self._path = path
+        """The reward model's folder; None: `KAIZEN_JUDGE_REWARD_MODEL`, read at each call."""
         self._scores: dict[tuple[str, str, str], float] = {}
 
     def __call__(self, messages: Messages, answer_a: str, answer_b: str) -> Verdict:
         return self.many([(messages, answer_a, answer_b)])[0]
 
     def many(self, items: Sequence[tuple[Messages, str, str]]) -> list[Verdict]:
-        path = os.environ.get("KAIZEN_JUDGE_REWARD_MODEL")
+        scores = self.scores([(m, text) for m, a, b in items for text in (a, b)])
+        return [_rm_verdict(scores[2 * k], scores[2 * k + 1]) for k in range(len(items))]
+
+    def scores(self, items: Sequence[tuple[Messages, str]]) -> list[float]:
+        """The reward model's score of each (conversation, answer), each distinct one computed once."""
+        path = str(self._path) if self._path is not None else os.environ.get("KAIZEN_JUDGE_REWARD_MODEL")
         if not path:
             raise RuntimeError("set KAIZEN_JUDGE_REWARD_MODEL to a reward-model folder trained on human "
                                "preference pairs (kaizen reward train --data PAIRS.jsonl --out DIR)")
         from trainer.store import prompt_key
 
-        keys = [((path, prompt_key(m), a), (path, prompt_key(m), b)) for m, a, b in items]
-        texts = {k: (m, text) for (ka, kb), (m, a, b) in zip(keys, items, strict=True)
-                 for k, text in ((ka, a), (kb, b))}
-        self._score_missing(path, texts)
-        return [_rm_verdict(self._scores[ka], self._scores[kb]) for ka, kb in keys]
+        keys = [(path, prompt_key(m), text) for m, text in items]
+        self._score_missing(path, dict(zip(keys, items, strict=True)))
+        return [self._scores[k] for k in keys]
 
     def _score_missing(self, path: str, texts: dict[tuple[str, str, str], tuple[Messages, str]]) -> None:
         import torch
@@ -248,8 +253,8 @@ class RewardModelJudge:
                 for k in todo]
         with torch.no_grad():
             scores = score_texts(model, tokenizer, seqs, RewardConfig.from_settings(settings))
-        if len(self._scores) + len(todo) > RM_SCORE_CACHE:
-            self._scores.clear()
+        if len(self._scores) + len(todo) > RM_SCORE_CACHE:  # keep what this call still reads
+            self._scores = {k: self._scores[k] for k in texts if k in self._scores}
         self._scores.update(zip(todo, (float(x) for x in scores), strict=True))
 
 
