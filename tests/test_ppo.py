@@ -27,6 +27,7 @@ from trainer.ppo_math import (
     masked_mean,
     masked_whiten,
     policy_loss,
+    raft_loss,
     rloo_advantages,
     shaped_rewards,
     value_loss,
@@ -157,6 +158,20 @@ def test_rloo_loss_matches_a_hand_computed_value() -> None:
     #   answer 3 (A=+4): r=0.9 -> -3.6; r=1.0 -> -4
     # sum 0.8 over 6 tokens
     assert loss.item() == pytest.approx(0.8 / 6, abs=1e-6)
+
+
+def test_raft_loss_matches_a_hand_computed_value() -> None:
+    """RAFT on a toy batch of two best answers: summed log-probs -6 over 3 tokens and -2 over 4."""
+    logps, tokens = torch.tensor([-6.0, -2.0]), torch.tensor([3.0, 4.0])
+    loss, stats = raft_loss(logps, tokens)
+    # per token: 6 / 3 = 2.0 and 2 / 4 = 0.5, averaged over the two answers: 1.25
+    assert loss.item() == pytest.approx(1.25) and stats["nll"].item() == pytest.approx(1.25)
+    # one rank's share of a minibatch of 4 answers: the same sum over 4
+    assert raft_loss(logps, tokens, count=4)[0].item() == pytest.approx(2.5 / 4)
+    # the gradient raises each answer's log-prob, by 1 / (its tokens x answers)
+    lp = logps.clone().requires_grad_(True)
+    raft_loss(lp, tokens)[0].backward()
+    assert torch.allclose(lp.grad, torch.tensor([-1 / 6, -1 / 8]))  # type: ignore[arg-type]
 
 
 def test_dpo_loss_matches_a_hand_computed_value() -> None:

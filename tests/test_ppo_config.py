@@ -43,3 +43,11 @@ def test_dpo_takes_dpo_samples_answers_per_prompt_and_a_batch_of_whole_groups() 
     assert (best_of_4.prompts_per_iteration, best_of_4.answers_per_prompt) == (3, 4)
     with pytest.raises(ValueError, match="multiple of dpo_samples 4"):
         PPOConfig.from_settings(Settings(ppo_batch_size=10, policy_algorithm="dpo", dpo_samples=4))
+
+
+def test_raft_takes_raft_samples_answers_per_prompt_and_a_batch_of_whole_groups() -> None:
+    config = PPOConfig.from_settings(Settings(ppo_batch_size=16, policy_algorithm="raft", raft_samples=8))
+    assert (config.algorithm, config.answers_per_prompt, config.prompts_per_iteration) == ("raft", 8, 2)
+    assert not config.value_head
+    with pytest.raises(ValueError, match="multiple of raft_samples 8"):
+        PPOConfig.from_settings(Settings(ppo_batch_size=12, policy_algorithm="raft", raft_samples=8))

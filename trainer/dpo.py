@@ -66,6 +66,12 @@ def best_and_worst(scores: torch.Tensor, k: int = 2) -> torch.Tensor:
     return base + order[:, [0, -1]]
 
 
+def whole_prompt_rows(B: int, k: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rows kp .. kp + k - 1 of a B-row batch (k answers per prompt) for the prompts p of `rank`."""
+    prompts = torch.arange(rank, B // k, world_size)
+    return (prompts[:, None] * k + torch.arange(k)).flatten()
+
+
 def answer_ids(tokenizer: Any, text: str, ended: bool, max_tokens: int) -> list[int]:
     """An answer's tokens as the engine would have sampled them: the text, then the end-of-turn token
     when the answer ended by itself (and still fits in `max_tokens`)."""
@@ -91,11 +97,9 @@ class OnlineDPOTrainer(PPOTrainer):
         super().__post_init__()
 
     def own_rows(self, B: int) -> torch.Tensor:
-        """Whole prompts: rows kp .. kp + k - 1 (k = dpo_samples) for the prompts p of this rank, so
-        a pair, drawn from one prompt's answers, never straddles ranks."""
-        k = self.config.dpo_samples
-        prompts = torch.arange(self.dist.rank, B // k, self.dist.world_size)
-        return (prompts[:, None] * k + torch.arange(k)).flatten()
+        """Whole prompts (k = dpo_samples), so a pair, drawn from one prompt's answers, never
+        straddles ranks."""
+        return whole_prompt_rows(B, self.config.dpo_samples, self.dist.rank, self.dist.world_size)
 
     def advantages(self, sc: Scored) -> Advantages:
         """DPO regresses on no advantage: the update reads the pairs from the scores."""
@@ -197,8 +201,13 @@ def policy_trainer(config: PPOConfig, policy: PolicyWithValue, reference: Policy
                    engine: RolloutEngine | None, scorer: RewardScorer, sync_dir: Path | None, dist: Dist = ONE_PROCESS,
                    *, vote_pairs: Sequence[VotePair] = ()) -> PPOTrainer:
     """The trainer of `config.algorithm`: PPOTrainer for ppo and rloo, OnlineDPOTrainer (with the
-    users' `vote_pairs`) for dpo. The other arguments are PPOTrainer's."""
+    users' `vote_pairs`) for dpo, RaftTrainer (trainer/raft.py) for raft. The other arguments are
+    PPOTrainer's."""
     args = (config, policy, reference, tokenizer, engine, scorer, sync_dir, dist)
     if config.algorithm == "dpo":
         return OnlineDPOTrainer(*args, vote_pairs=vote_pairs)
+    if config.algorithm == "raft":
+        from trainer.raft import RaftTrainer  # raft imports this module
+
+        return RaftTrainer(*args)
     return PPOTrainer(*args)

@@ -86,6 +86,9 @@ class IterationStats:
     rewards the policy orders as labelled, mean over the update's steps."""
     dpo_margin: float | None = None
     """DPO only: the mean implicit-reward margin β((log π - log π_ref)(chosen) - (...)(rejected))."""
+    best_reward: float | None = None
+    """RAFT (trainer/raft.py) only, where pg_loss is the fine-tuning NLL per token: the mean reward of
+    the answers fine-tuned on (each prompt's best of raft_samples), to set beside reward_mean."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

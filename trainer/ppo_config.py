@@ -27,7 +27,8 @@ FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_leng
                  "train_layers", "threads", "seed", "sync_dir", "dtype")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
-           "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs", "dpo_samples": "dpo_samples"}
+           "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs", "dpo_samples": "dpo_samples",
+           "raft_samples": "raft_samples"}
 
 
 def _setting(name: str) -> Any:
@@ -93,7 +94,7 @@ class PPOConfig:
     algorithm: str = _setting("policy_algorithm")
     """"ppo" (value head + GAE), "rloo" (leave-one-out baseline over rloo_k answers per prompt) or
     "dpo" (online DPO on the reward model's best and worst of dpo_samples answers per prompt, plus
-    users' votes)."""
+    users' votes) or "raft" (fine-tuning on the reward model's best of raft_samples answers)."""
     rloo_k: int = _setting("rloo_k")
     """Answers per prompt in RLOO: an iteration samples batch_size / rloo_k prompts x rloo_k."""
     dpo_beta: float = _setting("dpo_beta")
@@ -104,14 +105,19 @@ class PPOConfig:
     """Users' decided votes added to each DPO iteration's on-policy pairs."""
     dpo_samples: int = _setting("dpo_samples")
     """Answers per prompt in DPO: the pair is the reward model's best and worst of them."""
+    raft_samples: int = _setting("raft_samples")
+    """Answers per prompt in RAFT: the reward model's best of them is fine-tuned on."""
     # -- not settings: fixed parts of the recipe --
     whiten_rewards: bool = False
     """Whiten per-token rewards before GAE (TRL default off)."""
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("ppo", "rloo", "dpo"):
-            raise ValueError(f"algorithm must be ppo, rloo or dpo, got {self.algorithm!r}")
+        if self.algorithm not in ("ppo", "rloo", "dpo", "raft"):
+            raise ValueError(f"algorithm must be ppo, rloo, dpo or raft, got {self.algorithm!r}")
+        if self.algorithm == "raft" and (self.raft_samples < 2 or self.batch_size % self.raft_samples):
+            raise ValueError(f"raft: batch_size {self.batch_size} must be a multiple of raft_samples "
+                             f"{self.raft_samples} >= 2 (answers per prompt)")
         if self.algorithm == "dpo" and (self.dpo_samples < 2 or self.batch_size % self.dpo_samples):
             raise ValueError(f"dpo: batch_size {self.batch_size} must be a multiple of dpo_samples "
                              f"{self.dpo_samples} >= 2 (answers per prompt)")
@@ -125,11 +131,11 @@ class PPOConfig:
 
     @property
     def answers_per_prompt(self) -> int:
-        return {"rloo": self.rloo_k, "dpo": self.dpo_samples}.get(self.algorithm, 1)
+        return {"rloo": self.rloo_k, "dpo": self.dpo_samples, "raft": self.raft_samples}.get(self.algorithm, 1)
 
     @property
     def value_head(self) -> bool:
-        """Whether the update trains a value head (PPO); RLOO and DPO need none."""
+        """Whether the update trains a value head (PPO); RLOO, DPO and RAFT need none."""
         return self.algorithm == "ppo"
 
     @classmethod

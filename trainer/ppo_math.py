@@ -193,6 +193,20 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     return loss, stats
 
 
+def raft_loss(logprobs: torch.Tensor, tokens: torch.Tensor,
+              count: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """RAFT's fine-tuning loss (Dong et al. 2023, "RAFT: Reward rAnked FineTuning"): each chosen
+    answer's negative log-likelihood per token, -log π(y) / |y|, averaged over answers (over `count`,
+    the whole minibatch's, when these are one rank's share of it).
+
+    logprobs (m,): the policy's summed log-prob of each answer; tokens (m,): its length. Stats: nll,
+    the mean per-token NLL of these answers.
+    """
+    nll = -logprobs / tokens.clamp(min=1)  # (m,)
+    loss = nll.sum() / (count if count is not None else max(1, len(nll)))
+    return loss, {"nll": nll.detach().mean()}
+
+
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                cliprange_value: float,
                token_count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -169,16 +169,18 @@ class TrainingSettings(BaseSettings):
     """Extra prompts, JSONL: {"prompt": str} or {"messages": [...]}, added to the store's user turns."""
     ppo_sync_dir: Path | None = None
     """Where the policy is written for the rollout engine to reload. Unset: /dev/shm (RAM)."""
-    policy_algorithm: Literal["ppo", "rloo", "dpo"] = "ppo"
+    policy_algorithm: Literal["ppo", "rloo", "dpo", "raft"] = "ppo"
     """The policy update of a round. ppo: clipped PPO with a value head and GAE (the design).
     rloo: REINFORCE Leave-One-Out (Ahmadian et al. 2024): rloo_k answers per prompt, each one's
     KL-penalised reward minus the mean of its siblings' as the advantage, the same clipped loss,
     no value head. dpo: online DPO (Guo et al. 2024): dpo_samples answers per prompt, the one the
     reward model scores highest (after the missing-EOS penalty) chosen over the lowest, plus
     dpo_vote_pairs of the users' own decided votes, all in one DPO loss against the reference
-    (dpo_beta), no value head. All share the round, the gate and publishing; a PPO iteration's
-    ppo_batch_size answers are ppo_batch_size / rloo_k prompts x rloo_k in RLOO,
-    ppo_batch_size / dpo_samples prompts x dpo_samples in DPO."""
+    (dpo_beta), no value head. raft: reward-ranked fine-tuning (Dong et al. 2023): raft_samples
+    answers per prompt, the reward model's best of them fine-tuned on (its NLL), no value head, no
+    reference in the loss (trainer/raft.py). All share the round, the gate and publishing; a PPO
+    iteration's ppo_batch_size answers are ppo_batch_size / rloo_k prompts x rloo_k in RLOO,
+    ppo_batch_size / dpo_samples prompts x dpo_samples in DPO, and likewise raft_samples in RAFT."""
     rloo_k: int = Field(default=2, ge=2)
     """Answers sampled per prompt in RLOO (TRL's rloo_k; 2 to 4 in the paper)."""
     dpo_beta: float = Field(default=0.1, gt=0)
@@ -198,6 +200,11 @@ class TrainingSettings(BaseSettings):
     iterative DPO), a wider reward gap that a reward model of ~0.7 held-out accuracy orders right
     more often, for n / 2 times the rollout and scoring of an iteration (ppo_batch_size must be a
     multiple; raise it with dpo_samples to keep the pairs per iteration)."""
+    raft_samples: int = Field(default=8, ge=2)
+    """Answers sampled per prompt in RAFT; the reward model's best of them (after the missing-EOS
+    penalty) is fine-tuned on. ppo_batch_size must be a multiple (8 x 16 prompts: 128). Best-of-8
+    from v0 with the loop's votes' reward model read 0.604 on the rubric, best-of-16 0.657
+    (bench/README.md, "Best of n")."""
     gate_prompts: int = Field(default=32, ge=1)
     """Held-out prompts the gate compares candidate and champion on."""
     gate_samples: int = Field(default=8, ge=1)
