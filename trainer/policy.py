@@ -229,6 +229,12 @@ def collate(prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], pad_i
     return Batch(ids, mask, mask[:, P:].float(), P)
 
 
+def collate_answers(tokenizer: Any, prompt_ids: Sequence[list[int]], samples: Sequence[Any]) -> Batch:
+    """A rollout's answers (`Sample`s: .prompt indexes prompt_ids, .token_ids) after their prompts."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return collate([prompt_ids[s.prompt] for s in samples], [s.token_ids for s in samples], pad_id)
+
+
 @torch.no_grad()
 def sequence_logprobs(model: PolicyWithValue, batch: Batch, temperature: float, with_values: bool = True,
                       trunk: torch.Tensor | None = None,

@@ -22,10 +22,9 @@ values), a shared-trunk design (Stiennon et al. 2020 used a separate value netwo
 PPO trainer does too, which costs a second model's forward and backward per step).
 
 Where things are: the hyperparameters (PPOConfig, from the `ppo_*` settings) in trainer/ppo_config.py;
-the math (losses, GAE, RLOO, KL estimates, whitening) in trainer/ppo_math.py; the policy and reward
-models, batches and log-probs in trainer/policy.py; the vLLM engine and the weight sync in
-trainer/rollout_engine.py; the phase timer in trainer/timing.py. Here: one iteration
-(`PPOTrainer.step`) and the loop over them (`run_ppo`).
+the math (losses, GAE, RLOO, KL estimates, whitening) in trainer/ppo_math.py; the policy and reward models,
+batches and log-probs in trainer/policy.py; the vLLM engine and the weight sync in trainer/rollout_engine.py;
+the phase timer in trainer/timing.py. Here: one iteration (`PPOTrainer.step`) and the loop (`run_ppo`).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
-from trainer.policy import (Batch, PolicyWithValue, RewardScorer, collate, encode_prompt,
+from trainer.policy import (Batch, PolicyWithValue, RewardScorer, collate_answers, encode_prompt,
                             freeze_lower_layers, sequence_logprobs, shared_trunk_depth)
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import (AdaptiveKLController, LengthFit, entropy_from_logits, explained_variance, gae,
@@ -86,9 +85,7 @@ class IterationStats:
     rewards the policy orders as labelled, mean over the update's steps."""
     dpo_margin: float | None = None
     """DPO only: the mean implicit-reward margin β((log π - log π_ref)(chosen) - (...)(rejected))."""
-    best_reward: float | None = None
-    """RAFT (trainer/raft.py) only, where pg_loss is the fine-tuning NLL per token: the mean reward of
-    the answers fine-tuned on (each prompt's best of raft_samples), to set beside reward_mean."""
+    best_reward: float | None = None  # RAFT only (pg_loss is its NLL): mean reward of the answers trained on
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,7 +195,7 @@ class PPOTrainer:
     def _finish_iteration(self, scored: Scored, adv: Advantages, losses: dict[str, float],
                           phases: dict[str, float], sync: dict[str, float]) -> IterationStats:
         """Adapt β to this batch's KL (Ziegler et al. 2019, sec. 2.2) and gather the iteration's stats."""
-        mean_kl = float(scored.kl.sum(-1).mean())  # nats per answer
+        mean_kl = self.answer_kl(scored)  # nats per answer
         kl_coef_used = self.kl_ctl.value
         B = len(scored.penalised)
         self.kl_ctl.update(mean_kl, B)
@@ -238,10 +235,8 @@ class PPOTrainer:
               samples: Sequence[Sample]) -> Scored:
         """Reward-model scores (less the missing-EOS penalty), old log-probs and values, KL to the
         reference."""
-        c, tok, dist = self.config, self.tokenizer, self.dist
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        batch = collate([prompt_ids[s.prompt] for s in samples], [s.token_ids for s in samples],
-                        pad_id).to(dist.device)
+        c, dist = self.config, self.dist
+        batch = collate_answers(self.tokenizer, prompt_ids, samples).to(dist.device)
         B, R = batch.response_mask.shape
         own = self.own_rows(B)  # (b,) this rank's rows
         mine = batch.rows(own.to(dist.device))
@@ -264,16 +259,24 @@ class PPOTrainer:
         old_values, ref_logprobs = full[:, 1 + R:1 + 2 * R], full[:, 1 + 2 * R:]
         if not c.value_head:
             old_values = torch.zeros_like(old_values)  # RLOO's baseline is the siblings; DPO needs none
-        ended = torch.tensor([s.finished for s in samples], dtype=torch.float32, device=dist.device)  # (B,)
-        lengths = batch.response_mask.sum(-1).float()  # (B,) answer tokens
-        if c.length_neutral:  # the reward model's slope on length taken out (ppo_math.LengthFit)
-            self.length_fit.add(lengths, scores, ended)
-        neutral = self.length_fit.neutral(scores, lengths, c.length_neutral)
-        penalised = neutral - c.missing_eos_penalty * (1 - ended)  # Huang et al. 2024: no EOS, lower score
+        penalised, ended = self.penalise(scores, batch, samples)
         kl = kl_per_token(old_logprobs, ref_logprobs, "k1") * batch.response_mask  # (B, R)
         groups = torch.tensor([s.prompt for s in samples], device=dist.device)  # (B,)
         return Scored(batch, scores, penalised, ended, old_logprobs, old_values, ref_logprobs, kl, groups,
                       own, trunk)
+
+    def penalise(self, scores: torch.Tensor, batch: Batch, samples: Sequence[Sample]) -> tuple[Any, Any]:
+        """(penalised, ended), (B,) each: the scores less the reward model's slope on length (its
+        `length_neutral` share, ppo_math.LengthFit), less the missing-EOS penalty (Huang et al. 2024)."""
+        ended = torch.tensor([s.finished for s in samples], dtype=torch.float32, device=scores.device)  # (B,)
+        lengths = batch.response_mask.sum(-1).float()  # (B,) answer tokens
+        if self.config.length_neutral:
+            self.length_fit.add(lengths, scores, ended)
+        neutral = self.length_fit.neutral(scores, lengths, self.config.length_neutral)
+        return neutral - self.config.missing_eos_penalty * (1 - ended), ended
+
+    def answer_kl(self, sc: Scored) -> float:  # nats per answer: the mean over answers of Σ_t k1
+        return float(sc.kl.sum(-1).mean())
 
     @torch.no_grad()
     def advantages(self, sc: Scored) -> Advantages:

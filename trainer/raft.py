@@ -22,14 +22,17 @@ round, gate). On N ranks each rank trains on the prompts it owns, every rank the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from trainer.dpo import best_and_worst, whole_prompt_rows
-from trainer.ppo import Advantages, PPOTrainer, Scored
-from trainer.ppo_math import entropy_from_logits, logprobs_from_logits, masked_mean, raft_loss
+from trainer.policy import collate_answers, sequence_logprobs
+from trainer.ppo import Advantages, Messages, PPOTrainer, Scored
+from trainer.ppo_math import entropy_from_logits, kl_per_token, logprobs_from_logits, masked_mean, raft_loss
 from trainer.reward_model import autocast_to
+from trainer.rollout_engine import Sample
 
 
 @dataclass
@@ -48,6 +51,49 @@ class RaftTrainer(PPOTrainer):
         """Whole prompts, as DPO's: a prompt's answers are ranked on the rank that scored them."""
         return whole_prompt_rows(B, self.config.raft_samples, self.dist.rank, self.dist.world_size)
 
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Messages], prompt_ids: Sequence[list[int]],
+              samples: Sequence[Sample]) -> Scored:
+        """The reward model's score of every answer, then the policy's and the reference's log-probs
+        (and the frozen trunk) of two answers per prompt only: its best, which the update trains on,
+        and its first sampled, an unbiased draw of the policy for the KL (`answer_kl`). PPO computes
+        them for all raft_samples answers, most of an iteration's time for nothing here."""
+        c, dist = self.config, self.dist
+        batch = collate_answers(self.tokenizer, prompt_ids, samples).to(dist.device)
+        B, R = batch.response_mask.shape
+        own = self.own_rows(B)  # (b,) whole prompts
+        scores = torch.zeros(B, device=dist.device)
+        scores[own.to(dist.device)] = self.scorer([prompts[samples[i].prompt] for i in own.tolist()],
+                                                  [samples[i].text for i in own.tolist()]).to(dist.device)
+        scores = dist.all_reduce_sum(scores)
+        penalised, ended = self.penalise(scores, batch, samples)
+        best = best_and_worst(penalised.cpu(), c.raft_samples)[:, 0]  # (P,)
+        probes = torch.arange(0, B, c.raft_samples)  # (P,) each prompt's first answer
+        mine = sorted(set(own.tolist()) & (set(best.tolist()) | set(probes.tolist())))
+        rows = torch.tensor(mine, dtype=torch.long)
+        sub = batch.rows(rows.to(dist.device))
+        self.policy.eval()
+        depth = self.trunk_depth
+        with autocast_to(self.compute_dtype, dist.device):
+            trunk = self.policy.trunk(sub.input_ids, sub.attention_mask, depth) if depth else None
+            logprobs, _ = sequence_logprobs(self.policy, sub, c.temperature, with_values=False, trunk=trunk,
+                                            depth=depth)
+            ref_logprobs, _ = sequence_logprobs(self.reference, sub, c.temperature, with_values=False,
+                                                trunk=trunk, depth=depth)
+        full = torch.zeros(B, 2 * R, device=dist.device)  # rows no rank computed stay zero
+        full[rows.to(dist.device)] = torch.cat([logprobs, ref_logprobs], dim=1)
+        full = dist.all_reduce_sum(full)
+        old_logprobs, ref_logprobs = full[:, :R], full[:, R:]
+        kl = kl_per_token(old_logprobs, ref_logprobs, "k1") * batch.response_mask  # (B, R); 0: not computed
+        groups = torch.tensor([s.prompt for s in samples], device=dist.device)
+        values = torch.zeros_like(old_logprobs)  # no value head
+        return Scored(batch, scores, penalised, ended, old_logprobs, values, ref_logprobs, kl, groups, rows,
+                      trunk)
+
+    def answer_kl(self, sc: Scored) -> float:
+        """KL per answer over each prompt's first sampled answer (the best ones are not a fair draw)."""
+        return float(sc.kl[torch.arange(0, len(sc.kl), self.config.raft_samples)].sum(-1).mean())
+
     def advantages(self, sc: Scored) -> Advantages:
         """RAFT regresses on no advantage: the update reads the best answers from the scores."""
         zeros = torch.zeros_like(sc.old_logprobs)
@@ -57,7 +103,7 @@ class RaftTrainer(PPOTrainer):
         """`epochs` passes of `minibatches` steps over the prompts' best answers; mean stats."""
         c, dist = self.config, self.dist
         best = best_and_worst(sc.penalised.cpu(), c.raft_samples)[:, 0]  # (P,) row of each prompt's best
-        local = {int(row): k for k, row in enumerate(sc.own)}  # row -> its place in sc.trunk
+        local = {int(row): k for k, row in enumerate(sc.own)}  # row -> its place in sc.trunk (`score`)
         order_rng = torch.Generator().manual_seed(c.seed * 1_000_003 + self.iteration)
         self.policy.train()
         sums, steps = torch.zeros(2), 0
@@ -88,7 +134,8 @@ class RaftTrainer(PPOTrainer):
         loss, _ = raft_loss(logps, mask.sum(-1), count)
         self.optimizer.zero_grad(set_to_none=True)
         (loss * (weight * dist.world_size)).backward()  # type: ignore[no-untyped-call]  # DDP divides by N
-        torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], c.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
+                                       c.max_grad_norm)
         self.optimizer.step()
         with torch.no_grad():
             entropy = masked_mean(entropy_from_logits(logits), mask)
