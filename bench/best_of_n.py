@@ -50,7 +50,7 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, Selector]]:
     ap.add_argument("--samples", type=int, default=4, help="baseline answers per prompt (the loop's 4)")
     ap.add_argument("--max-tokens", type=int, default=256, help="the loop evaluation's 256")
     ap.add_argument("--temperature", type=float, default=0.7, help="the loop evaluation's 0.7")
-    ap.add_argument("--seed", type=int, default=0, help="the loop's seed: baseline answers drawn at seed + 17")
+    ap.add_argument("--seed", type=int, default=0, help="the loop's seed (baseline answers: seed + 17)")
     ap.add_argument("--judge", default="simulation.judges:rubric")
     ap.add_argument("--second-judge", default=None)
     ap.add_argument("--reward-model", action="append", default=[], metavar="NAME=DIR",
@@ -108,8 +108,8 @@ def main() -> None:
             scores = select(messages, pool)
             report.setdefault("scoring_s", {})[name] = round(time.monotonic() - t0, 1)
             for k in ks(n):
-                report["rows"].append(judged_row(name, k, best_of(pool, scores, k, args.samples, len(prompts)),
-                                                 base, judges, messages, args))
+                chosen = best_of(pool, scores, k, args.samples, len(prompts))
+                report["rows"].append(judged_row(name, k, chosen, base, judges, messages, args))
                 bar.console.print(row_line(report["rows"][-1]), markup=False, soft_wrap=True)
                 bar.advance(task)
     path = folder / "best-of-n.json"
@@ -151,8 +151,8 @@ def reward_model_selector(folder: Path) -> Selector:
     return select
 
 
-def sample(settings: Any, model: Path, messages: list[Any], args: argparse.Namespace) -> tuple[dict[int, list[Any]],
-                                                                                            list[Any]]:
+def sample(settings: Any, model: Path, messages: list[Any],
+           args: argparse.Namespace) -> tuple[dict[int, list[Any]], list[Any]]:
     """v0's baseline answers (the loop evaluation's seed) and the pool of n answers per prompt to
     choose from (another seed); the engine is shut before anything is scored."""
     from simulation.evaluate import by_prompt
@@ -166,7 +166,7 @@ def sample(settings: Any, model: Path, messages: list[Any], args: argparse.Names
         tokenizer = AutoTokenizer.from_pretrained(model)
         ids = [encode_prompt(tokenizer, m, settings.ppo_max_prompt_length) for m in messages]
         draw = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-        print(f"sampling {len(ids)} prompts x ({args.samples} baseline + {args.n} pool) answers ...", flush=True)
+        print(f"sampling {len(ids)} prompts x ({args.samples} baseline + {args.n} pool) answers", flush=True)
         base = by_prompt(engine.generate(ids, n=args.samples, seed=args.seed + 17, **draw))
         pool = engine.generate(ids, n=args.n, seed=args.seed + 100_003, **draw)
     finally:
@@ -244,7 +244,8 @@ def mean_len(samples: Any) -> float:
 
 
 def row_line(row: dict[str, Any]) -> str:
-    parts = [f"{row['selector']:>8} best of {row['n']:>2} (KL <= {row['kl_bound']:.2f}, {row['mean_tokens']} tok)"]
+    parts = [f"{row['selector']:>8} best of {row['n']:>2} "
+             f"(KL <= {row['kl_bound']:.2f}, {row['mean_tokens']} tok)"]
     for key in ("judge", "second_judge"):
         if key in row:
             r = row[key]
