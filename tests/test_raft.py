@@ -19,7 +19,8 @@ from trainer.raft import RaftTrainer
 from trainer.reward_model import load_reward_model
 
 
-def _per_token_logprobs(model: Any, prompt_ids: list[list[int]], samples: list[Any], pad_id: int) -> torch.Tensor:
+def _per_token_logprobs(model: Any, prompt_ids: list[list[int]], samples: list[Any],
+                        pad_id: int) -> torch.Tensor:
     """Each answer's mean log-prob per token under `model`, built here from the samples (not by the
     trainer's own batching, which the test must not trust)."""
     batch = collate([prompt_ids[s.prompt] for s in samples], [s.token_ids for s in samples], pad_id)
