@@ -153,7 +153,8 @@ def test_key_then_streamed_answer(api_server: tuple[str, Settings], browser: Bro
     final = answer.get_attribute("data-raw") or ""
     assert final.strip(), "the streamed answer is empty"
     lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
-    assert len(set(lengths)) >= 2 and lengths == sorted(lengths) and lengths[-1] == len(final), lengths
+    js_length = len(final.encode("utf-16-le")) // 2  # JavaScript counts UTF-16 units: an emoji is 2
+    assert len(set(lengths)) >= 2 and lengths == sorted(lengths) and lengths[-1] == js_length, lengths
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator(".notice")).to_have_count(0)
 

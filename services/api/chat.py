@@ -72,10 +72,13 @@ def check_capacity(parts: list[Part], settings: Settings) -> None:
 
 
 def engine_params(req: ChatCompletionRequest, used: dict[str, Any], parts: list[Part]) -> list[Any]:
-    """vLLM's sampling parameters for each part; 400 for what vLLM's own validation refuses."""
+    """vLLM's sampling parameters for each part; 400 for what vLLM's own validation refuses (n above
+    1 with temperature 0, say: its VLLMValidationError is not a ValueError)."""
+    from vllm.exceptions import VLLMValidationError
+
     try:
         return [sampling_params(req, used, p.n, req.stream) for p in parts]
-    except ValueError as exc:  # vLLM's own validation of what our models let through
+    except (ValueError, VLLMValidationError) as exc:  # vLLM's own validation of what our models let through
         raise APIError(400, f"invalid sampling parameters: {exc}", code="invalid_value") from exc
 
 
