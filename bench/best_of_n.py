@@ -47,7 +47,7 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, Selector]]:
     ap.add_argument("--model", type=Path, default=None, help="v0's folder (default: the served model)")
     ap.add_argument("--eval-prompts", type=Path, default=ROOT / "trainer" / "data" / "eval_prompts.jsonl")
     ap.add_argument("--n", type=int, default=16, help="answers sampled per prompt to choose from")
-    ap.add_argument("--samples", type=int, default=4, help="baseline answers per prompt (the loop's 4)")
+    ap.add_argument("--samples", type=int, default=1, help="baseline answers per prompt (the loop's 1)")
     ap.add_argument("--max-tokens", type=int, default=256, help="the loop evaluation's 256")
     ap.add_argument("--temperature", type=float, default=0.7, help="the loop evaluation's 0.7")
     ap.add_argument("--seed", type=int, default=0, help="the loop's seed (baseline answers: seed + 17)")

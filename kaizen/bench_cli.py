@@ -47,7 +47,7 @@ def loop(
     noise: Annotated[float, typer.Option(min=0, max=1, help="probability of a random vote")] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    eval_samples: Annotated[int, typer.Option(min=1, help="answers per evaluation prompt and version")] = 4,
+    eval_samples: Annotated[int, typer.Option(min=1, help="answers per evaluation prompt and version")] = 1,
     eval_max_tokens: Annotated[int, typer.Option(min=1, help="tokens per evaluation answer (few cut off)")] = 256,
     second_judge: Annotated[str | None, typer.Option(
         help="a second evaluation judge, e.g. simulation.judges:reward_model "

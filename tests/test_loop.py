@@ -118,7 +118,7 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
 
     report = {"champion": "v2", "wall_s": 3000.0, "evaluation": {"versions": {
         "v0": {"mean_answer_tokens": 50.0}, "v1": version(0.7), "v2": version(0.6)}},
-        "config": {"canary_votes": 120, "users": 8, "max_tokens": 64, "eval_samples": 4, "budget_s": 3000.0}}
+        "config": {"canary_votes": 120, "users": 8, "max_tokens": 64, "eval_samples": 1, "budget_s": 3000.0}}
     line = result_line(report, rounds=2, votes=100, judge="simulation.judges:rubric", seed=0,
                        overrides={"ppo_lr": "1e-5"})
     assert "v2: win rate 0.600 [0.500, 0.700]" in line and "0.700 [" not in line
