@@ -85,8 +85,7 @@ class OutboxRelay:
             # auto-create the topic on our first send, with its default partitions.
             ensure_topics(self.settings, timeout_s=connect_s)
             self._producer = KafkaProducer(
-                **self.settings.kafka_options(),
-                bootstrap_timeout_ms=max(100, int(connect_s * 1000)),
+                **self.settings.kafka_options(bootstrap_timeout_s=connect_s),
                 client_id="kaizen-outbox",
                 acks="all",
                 enable_idempotence=True,

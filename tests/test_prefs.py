@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import pytest
+from kafka.errors import KafkaTimeoutError
+
 from kaizen.core.broker import ensure_topics
 from kaizen.core.settings import Settings
-from tests.conftest import ROOT, make_settings
+from tests.conftest import ROOT, free_port, make_settings
 from trainer import daemon
+from trainer.consumer import PreferenceConsumer
+from trainer.prefs import topic_size
 from trainer.store import PreferenceStore
 
 # 40 pairs from Anthropic HH-RLHF (MIT), harmless-base test split, as in ../shared/data
@@ -65,3 +71,16 @@ def test_import_of_a_bad_file_names_the_line(tmp_path: Path) -> None:
     bad.write_text(SAMPLE.read_text().splitlines()[0] + "\n{\"chosen\": \"x\"}\n")
     out = kaizen(make_settings(tmp_path), "prefs", "import", str(bad))
     assert out.returncode == 1 and "bad.jsonl:2" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_clients_give_up_on_an_absent_broker_after_the_bootstrap_timeout(tmp_path: Path) -> None:
+    """`kaizen prefs` and the trainer's consumer waited kafka-python's own 30 s for a broker that was
+    down before they raised. Nothing listens on the port: a real outage, not a fake client."""
+    settings = make_settings(tmp_path, broker_port=free_port(), kafka_bootstrap_timeout_s=2.0)
+    for what, build in (("prefs", lambda: topic_size(settings, settings.topic_preferences)),
+                        ("trainer consumer", lambda: PreferenceConsumer(settings, PreferenceStore(tmp_path / "p.db")))):
+        started = time.monotonic()
+        with pytest.raises(KafkaTimeoutError, match="Unable to bootstrap"):
+            build()
+        took = time.monotonic() - started
+        assert took < 2.0 + 4, f"{what} took {took:.1f} s to give up"  # was 30 s

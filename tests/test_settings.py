@@ -70,13 +70,16 @@ def test_kaizen_config_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_kafka_security_reaches_every_client_through_one_method(tmp_path: Path) -> None:
     plain = Settings(data_dir=tmp_path)
-    assert plain.kafka_options() == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT"}
+    assert plain.kafka_options() == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT",
+                                     "bootstrap_timeout_ms": 10_000}
+    assert plain.kafka_options(bootstrap_timeout_s=2.5)["bootstrap_timeout_ms"] == 2500
     scram = Settings(data_dir=tmp_path, kafka_bootstrap="kafka:9093", kafka_security_protocol="SASL_SSL",
                      kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="kaizen",
                      kafka_sasl_password="s3cret",  # type: ignore[arg-type]
                      kafka_ssl_cafile=tmp_path / "ca.pem")
     assert scram.kafka_options() == {
-        "bootstrap_servers": "kafka:9093", "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+        "bootstrap_servers": "kafka:9093", "security_protocol": "SASL_SSL", "bootstrap_timeout_ms": 10_000,
+        "sasl_mechanism": "SCRAM-SHA-512",
         "sasl_plain_username": "kaizen", "sasl_plain_password": "s3cret",
         "ssl_cafile": str(tmp_path / "ca.pem")}
     assert "s3cret" not in str(scram.masked())

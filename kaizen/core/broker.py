@@ -128,10 +128,9 @@ def admin_client(settings: Settings, timeout_s: float = 20.0) -> KafkaAdminClien
     while True:
         try:
             return KafkaAdminClient(
-                **settings.kafka_options(),
+                **settings.kafka_options(bootstrap_timeout_s=deadline - time.monotonic()),
                 client_id="kaizen-admin",
                 request_timeout_ms=settings.kafka_request_timeout_ms,
-                bootstrap_timeout_ms=max(100, int((deadline - time.monotonic()) * 1000)),
             )
         except (KafkaConnectionError, KafkaError):
             if time.monotonic() > deadline:

@@ -41,9 +41,8 @@ def emit(settings: Settings, type_: EventType, version: str | None, *, who: str 
         from kafka import KafkaProducer
 
         producer = KafkaProducer(
-            **settings.kafka_options(), client_id="kaizen-model-events", acks="all",
+            **settings.kafka_options(bootstrap_timeout_s=timeout_s), client_id="kaizen-model-events", acks="all",
             request_timeout_ms=int(timeout_s * 1000), max_block_ms=int(timeout_s * 1000),
-            bootstrap_timeout_ms=int(timeout_s * 1000),  # kafka-python's own default is 30 s
         )
         try:
             producer.send(settings.topic_model_events, key=(version or "").encode(),

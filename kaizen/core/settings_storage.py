@@ -42,6 +42,10 @@ class KafkaSettings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=6_000, ge=1000)
     """With the 10 s default a first group join took 23 s on Tansu; 6 s took 3 s."""
     kafka_heartbeat_interval_ms: int = Field(default=2_000, ge=100)
+    kafka_bootstrap_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a Kafka client waits for the first broker to answer before it raises (kafka-python's
+    own default, 30 s, held `kaizen prefs`, the trainer's consumer and its dead-letter producer that
+    long when the broker was down). Clients with a deadline of their own pass it instead."""
     kafka_request_timeout_ms: int = Field(default=15_000, ge=1000)
     kafka_metadata_max_age_ms: int = Field(default=10_000, ge=1000)
     """Clients re-read topic metadata this often (default 5 min): a topic that was
@@ -83,10 +87,13 @@ class KafkaSettings(BaseSettings):
             return self.kafka_bootstrap
         return f"{self.broker_host}:{self.broker_port}"
 
-    def kafka_options(self) -> dict[str, Any]:
-        """Connection and security parameters every kafka-python client of Kaizen is built with."""
+    def kafka_options(self, bootstrap_timeout_s: float | None = None) -> dict[str, Any]:
+        """Connection and security parameters every kafka-python client of Kaizen is built with; its
+        first connection waits `bootstrap_timeout_s` (default `kafka_bootstrap_timeout_s`)."""
+        wait_s = self.kafka_bootstrap_timeout_s if bootstrap_timeout_s is None else bootstrap_timeout_s
         opts: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
-                                "security_protocol": self.kafka_security_protocol}
+                                "security_protocol": self.kafka_security_protocol,
+                                "bootstrap_timeout_ms": max(100, int(wait_s * 1000))}
         if self.kafka_security_protocol.startswith("SASL"):
             assert self.kafka_sasl_password is not None  # _check_kafka_security
             opts.update(sasl_mechanism=self.kafka_sasl_mechanism,
