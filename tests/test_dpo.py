@@ -42,6 +42,7 @@ def test_each_rank_owns_whole_prompts_so_no_pair_straddles_two() -> None:
     def rows(rank: int) -> list[int]:
         me = SimpleNamespace(dist=SimpleNamespace(rank=rank, world_size=2),
                              config=SimpleNamespace(dpo_samples=4))
+        me.per_prompt = lambda: OnlineDPOTrainer.per_prompt(me)  # type: ignore[arg-type]
         return OnlineDPOTrainer.own_rows(me, 16).tolist()  # type: ignore[arg-type]
 
     assert rows(0) == [0, 1, 2, 3, 8, 9, 10, 11]

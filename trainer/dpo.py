@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -72,6 +72,29 @@ def whole_prompt_rows(B: int, k: int, rank: int, world_size: int) -> torch.Tenso
     return (prompts[:, None] * k + torch.arange(k)).flatten()
 
 
+@dataclass
+class WholePromptTrainer(PPOTrainer):
+    """A PPOTrainer whose rows are whole prompts, `per_prompt()` answers each: a prompt's answers are
+    ranked on the rank that scored them (DPO's pairs, RAFT's best), so every rank needs a prompt."""
+
+    algorithm: ClassVar[str]
+
+    def per_prompt(self) -> int:
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        c = self.config
+        if c.algorithm != self.algorithm:
+            raise ValueError(f"{type(self).__name__} runs algorithm {self.algorithm}, not {c.algorithm!r}")
+        if c.prompts_per_iteration < self.dist.world_size:
+            raise ValueError(f"{self.algorithm}: {c.prompts_per_iteration} prompts per iteration for "
+                             f"{self.dist.world_size} training processes: every rank needs one")
+        super().__post_init__()
+
+    def own_rows(self, B: int) -> torch.Tensor:
+        return whole_prompt_rows(B, self.per_prompt(), self.dist.rank, self.dist.world_size)
+
+
 def answer_ids(tokenizer: Any, text: str, ended: bool, max_tokens: int) -> list[int]:
     """An answer's tokens as the engine would have sampled them: the text, then the end-of-turn token
     when the answer ended by itself (and still fits in `max_tokens`)."""
@@ -82,24 +105,16 @@ def answer_ids(tokenizer: Any, text: str, ended: bool, max_tokens: int) -> list[
 
 
 @dataclass
-class OnlineDPOTrainer(PPOTrainer):
+class OnlineDPOTrainer(WholePromptTrainer):
     """PPOTrainer whose update is online DPO (module docstring); `vote_pairs` are the users'."""
 
+    algorithm = "dpo"
     vote_pairs: Sequence[VotePair] = ()
     _vote_order: list[int] = field(default_factory=list, init=False)
 
-    def __post_init__(self) -> None:
-        if self.config.algorithm != "dpo":
-            raise ValueError(f"OnlineDPOTrainer runs algorithm dpo, not {self.config.algorithm!r}")
-        if self.config.prompts_per_iteration < self.dist.world_size:
-            raise ValueError(f"dpo: {self.config.prompts_per_iteration} pairs per iteration for "
-                             f"{self.dist.world_size} training processes: every rank needs a pair")
-        super().__post_init__()
-
-    def own_rows(self, B: int) -> torch.Tensor:
-        """Whole prompts (k = dpo_samples), so a pair, drawn from one prompt's answers, never
-        straddles ranks."""
-        return whole_prompt_rows(B, self.config.dpo_samples, self.dist.rank, self.dist.world_size)
+    def per_prompt(self) -> int:
+        """dpo_samples: a pair, drawn from one prompt's answers, never straddles ranks."""
+        return self.config.dpo_samples
 
     def advantages(self, sc: Scored) -> Advantages:
         """DPO regresses on no advantage: the update reads the pairs from the scores."""

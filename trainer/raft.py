@@ -27,29 +27,22 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.dpo import best_and_worst, whole_prompt_rows
+from trainer.dpo import WholePromptTrainer, best_and_worst
 from trainer.policy import collate_answers, sequence_logprobs
-from trainer.ppo import Advantages, Messages, PPOTrainer, Scored
+from trainer.ppo import Advantages, Messages, Scored
 from trainer.ppo_math import entropy_from_logits, kl_per_token, logprobs_from_logits, masked_mean, raft_loss
 from trainer.reward_model import autocast_to
 from trainer.rollout_engine import Sample
 
 
 @dataclass
-class RaftTrainer(PPOTrainer):
+class RaftTrainer(WholePromptTrainer):
     """PPOTrainer whose update fine-tunes on the reward model's best answer of each prompt."""
 
-    def __post_init__(self) -> None:
-        if self.config.algorithm != "raft":
-            raise ValueError(f"RaftTrainer runs algorithm raft, not {self.config.algorithm!r}")
-        if self.config.prompts_per_iteration < self.dist.world_size:
-            raise ValueError(f"raft: {self.config.prompts_per_iteration} prompts per iteration for "
-                             f"{self.dist.world_size} training processes: every rank needs one")
-        super().__post_init__()
+    algorithm = "raft"
 
-    def own_rows(self, B: int) -> torch.Tensor:
-        """Whole prompts, as DPO's: a prompt's answers are ranked on the rank that scored them."""
-        return whole_prompt_rows(B, self.config.raft_samples, self.dist.rank, self.dist.world_size)
+    def per_prompt(self) -> int:
+        return self.config.raft_samples
 
     @torch.no_grad()
     def score(self, prompts: Sequence[Messages], prompt_ids: Sequence[list[int]],
