@@ -109,6 +109,25 @@ def test_bench_loop_refuses_an_unknown_setting(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()  # refused before anything started
 
 
+def test_bench_loop_defaults_are_the_loop_configs() -> None:
+    """`kaizen bench loop`'s options repeat LoopConfig's defaults (typer needs them in the signature):
+    a default changed on one side only would make the CLI's hour differ from the one recorded."""
+    import inspect
+    from dataclasses import MISSING, fields
+
+    from kaizen.bench_cli import loop
+    from simulation.loop import LoopConfig
+
+    renamed = {"votes": "votes_per_round", "budget": "budget_s"}
+    options = {renamed.get(n, n): p.default for n, p in inspect.signature(loop).parameters.items()}
+    compared = 0
+    for f in fields(LoopConfig):
+        if f.name in options and f.default is not MISSING and options[f.name] is not None:
+            assert options[f.name] == f.default, (f.name, options[f.name], f.default)
+            compared += 1
+    assert compared >= 10, compared  # rounds, votes, canary votes, budget, judge, users, noise, seed, ...
+
+
 def test_result_line_reports_the_champion_not_the_best_version() -> None:
     from kaizen.bench_cli import result_line
 
