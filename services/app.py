@@ -36,6 +36,7 @@ from services.comparisons import ComparisonStore, DatabaseUnavailable
 from services.engine import EngineUnavailable, freeze_heap
 from services.models import require_model
 from services.outbox import OutboxRelay
+from kaizen.core.engine_config import release_rpc_dir
 from kaizen.core.registry_schema import CorruptState
 from services.rollout import Rollout
 from services.vote_writer import VoteWriter
@@ -72,6 +73,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics.ENGINE_REQUESTS_IN_FLIGHT.set_function(lambda: 0)
         app.state.rollout = None
         await rollout.stop()
+        release_rpc_dir()  # the engines' socket files (kaizen/core/engine_config.py)
         app.state.vote_writer.stop()  # commits the votes already queued; the relay then flushes them
         relay.stop()
         app.state.comparisons.close()

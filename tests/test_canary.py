@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from kaizen.core.engine_config import RPC_PREFIX
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from tests.conftest import ADMIN_TOKEN, make_settings, stop_group
@@ -190,7 +192,10 @@ def test_restart_mid_canary_resumes_the_same_split(
     assert r.json()["serving"]["canary"] == "v3"
     before = labels_of(base, KEYS[:40])
     assert set(before.values()) == {"v1", "v3"}
+    pid = server["proc"].pid
     stop_group(server["proc"])
+    # its two engines' socket files went with it (uvicorn ends the process by the SIGTERM: no exit handlers)
+    assert not list(Path(tempfile.gettempdir()).glob(f"{RPC_PREFIX}{pid}-*"))
     server["proc"] = start_server(settings)
     status = rollout(base)
     assert (status["champion"], status["canary"], status["serving"]["canary"]) == ("v1", "v3", "v3")

@@ -13,13 +13,14 @@ engines run with chunked prefill off and a step budget that holds any whole prom
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from pathlib import Path
 
 import httpx
 import pytest
 
-from kaizen.core.engine_config import scheduling_args, serving_dtype
+from kaizen.core.engine_config import RPC_PREFIX, scheduling_args, serving_dtype
 from kaizen.core.settings import Settings
 from tests.conftest import USER_KEY
 
@@ -71,6 +72,9 @@ def test_the_rollout_engine_never_splits_a_prefill_and_vllm_would(tiny_model: Pa
     prompts = [list(range(100 + i, 400 + i)) for i in range(6)]  # 300 tokens each
     engine = RolloutEngine(settings, tiny_model, max_model_len=512)
     try:
+        # vLLM's socket files are in this process's own folder (kaizen/core/engine_config.py, rpc_dir)
+        rpc = Path(os.environ["VLLM_RPC_BASE_PATH"])
+        assert rpc.name.startswith(RPC_PREFIX) and any(p.is_socket() for p in rpc.iterdir()), rpc
         scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
         assert scheduler.enable_chunked_prefill is False and scheduler.max_num_batched_tokens >= 512
         # and it runs in the dtype resolved for this machine (float32 on any CPU)

@@ -48,7 +48,7 @@ def test_reserved_cpus_and_spincount_reach_vllm_as_resolved(monkeypatch: pytest.
 
     # everything configure_vllm_env writes is put back after the test (set, then removed: recorded)
     for name in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_KVCACHE_SPACE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", VLLM_SPIN_ENV, "GOMP_SPINCOUNT"):
+                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", VLLM_SPIN_ENV, "GOMP_SPINCOUNT", "VLLM_RPC_BASE_PATH"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     configure_vllm_env(Settings(engine_reserved_cpus=None, engine_omp_spincount=None))
@@ -70,6 +70,42 @@ def test_reserved_cpus_and_spincount_reach_vllm_as_resolved(monkeypatch: pytest.
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
     configure_vllm_env(Settings(engine_reserve_none_up_to_cpus=cpus))
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+def test_vllm_sockets_live_in_a_folder_of_the_process_that_goes_with_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM binds a socket file per engine link in VLLM_RPC_BASE_PATH (the temp folder by default) and a
+    killed process leaves its files: thousands piled up in /tmp. Each Kaizen process now gets a folder of
+    its own, removed at its exit; a killed process's folder is removed by the next one to start."""
+    import signal
+    import subprocess
+    import sys
+
+    from kaizen.core.engine_config import RPC_PREFIX, rpc_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # tempfile reads it once: reset its cache
+    monkeypatch.setattr("tempfile.tempdir", None)
+    code = ("import sys, time; from kaizen.core.engine_config import rpc_dir; print(rpc_dir(None), flush=True); "
+            "time.sleep(float(sys.argv[1]))")
+    # a process that exits: its folder goes with it
+    done = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True, check=True)
+    left = Path(done.stdout.strip())
+    assert left.parent == tmp_path and left.name.startswith(RPC_PREFIX) and not left.exists()
+    # a process killed by SIGKILL leaves its folder (and the sockets in it) ...
+    child = subprocess.Popen([sys.executable, "-c", code, "60"], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    killed = Path(child.stdout.readline().strip())
+    (killed / "a-socket-of-its-engine").touch()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert killed.is_dir()
+    # ... until the next process starts; a live process's folder stays (here: this one's)
+    mine = Path(rpc_dir(None))
+    assert not killed.exists() and mine.is_dir() and mine.name.startswith(f"{RPC_PREFIX}{os.getpid()}-")
+    assert rpc_dir(str(mine)) == str(mine)  # each engine start asks again: the same folder
+    assert Path(rpc_dir(None)).is_dir() and mine.is_dir()
+    # a folder the operator chose is kept as it is
+    assert rpc_dir("/var/run/kaizen-sockets") == "/var/run/kaizen-sockets"
 
 
 def test_the_vllm_plugin_replaces_the_spin_only_when_kaizen_asks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,7 @@ started engine reports it runs with.
     scheduling_args(settings, n)       # the CPU backend's no-split prefill (also the trainer's engine)
     serving_dtype(settings)            # engine_dtype with `auto` resolved for this machine
     running_config(llm)                # read back from a started engine (kaizen_engine_config_info)
+    configure_vllm_env(settings)       # the environment vLLM reads, and rpc_dir: its sockets' folder
 
 The chat API's engines (services/engine.py) and the trainer's rollout engine
 (trainer/rollout_engine.py) both build on these, so a setting means the same in both.
@@ -43,11 +44,60 @@ def configure_vllm_env(settings: Settings) -> None:
              env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "vLLM default"), usable_cpus(),
              settings.engine_reserved_cpus)
     os.environ.update(env)
+    os.environ["VLLM_RPC_BASE_PATH"] = rpc_dir(os.environ.get("VLLM_RPC_BASE_PATH"))
     # No usage reporting, no hub look-ups: nothing outside this machine is reachable.
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+RPC_PREFIX = "kaizen-vllm-"
+
+
+def rpc_dir(current: str | None) -> str:
+    """The folder of vLLM's IPC sockets (VLLM_RPC_BASE_PATH) for this process: its own, under the temp
+    folder, removed at exit. vLLM binds a socket file per engine and worker link in the temp folder
+    itself and leaves them there, even when its engines shut down in order (one hour of `kaizen bench
+    loop` left 28; thousands piled up in /tmp on a test machine). A folder of a process that no
+    longer runs (killed: its exit handlers never ran) is removed here too. A path the operator set
+    (not one of ours) is kept. `release_rpc_dir` removes it before the exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if current and not Path(current).name.startswith(RPC_PREFIX):
+        return current  # the operator's choice
+    if current and Path(current).name.startswith(f"{RPC_PREFIX}{os.getpid()}-") and Path(current).is_dir():
+        return current  # made by this process already (each engine start calls configure_vllm_env)
+    for old in Path(tempfile.gettempdir()).glob(f"{RPC_PREFIX}*"):
+        pid = old.name.removeprefix(RPC_PREFIX).partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    mine = tempfile.mkdtemp(prefix=f"{RPC_PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, mine, ignore_errors=True)
+    return mine
+
+
+def release_rpc_dir() -> None:
+    """Remove this process's socket folder now, once its engines have stopped. The chat API calls it
+    as it shuts down: uvicorn re-raises the SIGTERM it stopped on after its orderly shutdown, and a
+    process ended by a signal runs no exit handlers."""
+    import shutil
+
+    current = os.environ.get("VLLM_RPC_BASE_PATH", "")
+    if Path(current).name.startswith(f"{RPC_PREFIX}{os.getpid()}-"):
+        shutil.rmtree(current, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def usable_cpus() -> int:
