@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kaizen.core.disk import require_free
+from kaizen.core.pid_folders import stale_pid_folders
 from kaizen.core.settings import Settings
 from trainer.distributed import launcher_env_hidden
 from trainer.policy import PolicyWithValue
@@ -138,19 +139,7 @@ def sync_base(sync_dir: Path | None) -> Path | None:
 
 def stale_sync_folders(base: Path | None) -> list[Path]:
     """Sync folders under `base` (default: the temp dir) whose process no longer runs (SIGKILL, OOM)."""
-    root = base if base is not None else Path(tempfile.gettempdir())
-    stale = []
-    for folder in root.glob(f"{SYNC_PREFIX}*"):
-        pid, dash, _ = folder.name[len(SYNC_PREFIX):].partition("-")
-        if not (dash and pid.isdigit()):
-            continue  # not ours to judge: an older name without the pid (mkdtemp's suffix has no "-")
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            stale.append(folder)
-        except PermissionError:
-            pass  # alive, someone else's
-    return stale
+    return stale_pid_folders(base if base is not None else Path(tempfile.gettempdir()), SYNC_PREFIX)
 
 
 @contextlib.contextmanager

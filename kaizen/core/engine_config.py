@@ -66,14 +66,14 @@ def rpc_dir(current: str | None) -> str:
     import shutil
     import tempfile
 
+    from kaizen.core.pid_folders import stale_pid_folders
+
     if current and not Path(current).name.startswith(RPC_PREFIX):
         return current  # the operator's choice
-    if current and Path(current).name.startswith(f"{RPC_PREFIX}{os.getpid()}-") and Path(current).is_dir():
+    if current and _this_process(current) and Path(current).is_dir():
         return current  # made by this process already (each engine start calls configure_vllm_env)
-    for old in Path(tempfile.gettempdir()).glob(f"{RPC_PREFIX}*"):
-        pid = old.name.removeprefix(RPC_PREFIX).partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+    for old in stale_pid_folders(Path(tempfile.gettempdir()), RPC_PREFIX):
+        shutil.rmtree(old, ignore_errors=True)
     mine = tempfile.mkdtemp(prefix=f"{RPC_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, mine, ignore_errors=True)
     return mine
@@ -86,18 +86,12 @@ def release_rpc_dir() -> None:
     import shutil
 
     current = os.environ.get("VLLM_RPC_BASE_PATH", "")
-    if Path(current).name.startswith(f"{RPC_PREFIX}{os.getpid()}-"):
+    if _this_process(current):
         shutil.rmtree(current, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
+def _this_process(folder: str) -> bool:
+    return Path(folder).name.startswith(f"{RPC_PREFIX}{os.getpid()}-")
 
 
 def usable_cpus() -> int:
