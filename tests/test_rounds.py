@@ -113,6 +113,9 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     assert gate["reward_candidate"] > gate["reward_champion"] + 0.2, gate
     assert gate["win_rate"] >= 0.55 and gate["passed"] and gate["sanity_passed"]
     assert 0 <= gate["kl"] <= settings.gate_max_kl  # bounded: the KL penalty holds the policy near v0
+    # read at the service's answer length (16 here), longer than the rollouts' 8
+    assert gate["kl_max_tokens"] == settings.default_max_tokens > settings.ppo_response_length
+    assert "kl_rollout_length" in gate and 0 < gate["kl_answer_tokens"] <= settings.default_max_tokens
     print(f"\nheld-out reward champion {gate['reward_champion']:+.3f} -> candidate {gate['reward_candidate']:+.3f}, "
           f"win rate {gate['win_rate']:.3f}, KL {gate['kl']:.3f}; ppo {record['ppo']}")
 
@@ -209,6 +212,39 @@ def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any],
     assert trail[1].details["round_id"] == record["round_id"]
     events = [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]
     assert [e["versions"] for e in events if e["kind"] == "retention"] == [[record["version"]]]
+
+
+def test_the_gate_reads_kl_at_the_services_answer_length(world: dict[str, Any], engine: Any,
+                                                          tiny_model: Path) -> None:
+    """The gate's KL is read on answers as long as the service's (default_max_tokens), not cut at the
+    rollouts' length: a policy PPO shaped over 64 tokens drifted past them unseen (v2 of the loop's
+    twenty-seventh row: 1.46 nats at 64 tokens, 4.88 at 256). The candidate here is the random tiny
+    model, whose answers run to any limit, against the yes/no champion as the reference."""
+    from trainer.gate import GateModels, candidate_kl
+    from trainer.policy import encode_prompt, load_policy
+    from trainer.ppo_config import PPOConfig
+
+    reference, tokenizer, _ = load_policy(world["champion"])
+    models = GateModels(scorer=None, reference=reference, tokenizer=tokenizer)  # type: ignore[arg-type]
+    held_ids = [encode_prompt(tokenizer, question(random.Random(i)), 64) for i in range(4)]
+    engine.load_weights(tiny_model)
+    try:
+        def kl_at(service_tokens: int) -> dict[str, Any]:
+            settings = round_settings(world["root"] / "kl", world["champion"], world["broker"], world["pass"],
+                                      default_max_tokens=service_tokens)
+            config = PPOConfig.from_settings(settings)  # rollouts of 8 tokens
+            cand = engine.generate(held_ids, max_tokens=config.response_length, temperature=1.0, n=2, seed=3)
+            return candidate_kl(engine, tiny_model, models, held_ids, cand, settings, config)
+
+        longer = kl_at(32)
+        assert longer["kl_max_tokens"] == 32 and longer["kl_answer_tokens"] > 8, longer
+        # KL sums over an answer's tokens: four times the tokens, well over the rollouts' reading
+        assert longer["kl"] > 2 * longer["kl_rollout_length"] > 0, longer
+        same = kl_at(8)  # the service no longer than the rollouts: the gate's own answers, no second pass
+        assert same["kl_max_tokens"] == 8 and "kl_rollout_length" not in same
+        assert same["kl_answer_tokens"] <= 8
+    finally:
+        engine.load_weights(world["champion"])
 
 
 def test_sigkill_mid_round_leaves_the_registry_as_it_was(world: dict[str, Any], tmp_path: Path) -> None:

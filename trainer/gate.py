@@ -7,7 +7,9 @@ seeds; the reward model scores both (less the missing-EOS penalty). The candidat
 
   * its win rate over the champion is >= gate_min_win, a tie counting half: the same answer, or
     rewards within gate_tie_margin of each other (closer than the reward model can tell apart);
-  * the mean KL of its answers to the reference (the champion) is <= gate_max_kl, nats per answer;
+  * the mean KL of its answers to the reference (the champion) is <= gate_max_kl, nats per answer,
+    on answers as long as the service's (gate_kl_max_tokens; default_max_tokens), not the
+    rollouts': past the rollouts' cut PPO never saw the policy's answers, and it drifted there;
   * every sanity prompt's greedy answer matches its expected regex.
 
 `measure_gate` runs the models (engine, reward model, policy) and returns the numbers;
@@ -137,6 +139,38 @@ class GateModels:
     tokenizer: Any
 
 
+def kl_max_tokens(settings: Settings) -> int:
+    """The answer length the gate reads the candidate's KL at: gate_kl_max_tokens, else the service's."""
+    return settings.gate_kl_max_tokens or settings.default_max_tokens
+
+
+def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, held_ids: list[list[int]],
+                 cand: list[Sample], settings: Settings, config: PPOConfig) -> dict[str, Any]:
+    """The candidate's mean KL to the reference (nats per answer, k1 summed over the answer's tokens),
+    on answers `engine` (holding the candidate) samples at `kl_max_tokens`; `cand` (the gate's own
+    answers, at the rollouts' length) stand in when that is no longer. Returns the gate record's KL
+    fields: kl (what the gate checks), kl_max_tokens, kl_answer_tokens (mean length) and, when a
+    longer pass ran, kl_rollout_length (the same KL on `cand`, as the gate read it before)."""
+    limit = kl_max_tokens(settings)
+    longer = limit > config.response_length
+    answers = (engine.generate(held_ids, max_tokens=limit, temperature=config.temperature,
+                               n=settings.gate_kl_samples, seed=settings.ppo_seed + 104_729)
+               if longer else cand)
+    policy, _, _ = load_policy(candidate)
+
+    def mean_kl(samples: list[Sample]) -> float:
+        kls = kl_to_reference(policy, models.reference, models.tokenizer,
+                              [held_ids[s.prompt] for s in samples], [s.token_ids for s in samples],
+                              config.temperature)
+        return sum(kls) / len(kls)
+
+    out = {"kl": mean_kl(answers), "kl_max_tokens": limit if longer else config.response_length,
+           "kl_answer_tokens": sum(len(s.token_ids) for s in answers) / len(answers)}
+    if longer:
+        out["kl_rollout_length"] = mean_kl(cand)
+    return out
+
+
 def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, held_prompts: list[Messages],
                  held_ids: list[list[int]], champ: list[Sample], settings: Settings,
                  config: PPOConfig) -> tuple[dict[str, Any], GateVerdict]:
@@ -144,10 +178,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
     both sides against `champ` (the champion's answers), run the sanity prompts; returns (the
     gate's record, its verdict)."""
     _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
-    cand_policy, _, _ = load_policy(candidate)
-    kls = kl_to_reference(cand_policy, models.reference, models.tokenizer, [held_ids[s.prompt] for s in cand],
-                          [s.token_ids for s in cand], config.temperature)
-    del cand_policy
+    kl = candidate_kl(engine, candidate, models, held_ids, cand, settings, config)
     cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
     champ = sorted(champ, key=lambda s: int(s.prompt))
 
@@ -158,7 +189,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
 
     r_cand, r_champ = reward(cand), reward(champ)
     sanity = sanity_answers(engine, models.tokenizer, settings, config)
-    mean_kl = sum(kls) / len(kls)
+    mean_kl = kl["kl"]
     same = [a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, mean_kl,  # float32 gaps, as the RM scored
                            [s["prompt"] for s in sanity if not s["passed"]],
@@ -169,7 +200,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         "pairs": len(r_cand), "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
         "min_win": settings.gate_min_win,
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
-        "kl": mean_kl, "max_kl": settings.gate_max_kl,
+        **kl, "max_kl": settings.gate_max_kl,
         "sanity": sanity, "sanity_passed": all(s["passed"] for s in sanity),
         "passed": verdict.passed, "failed": verdict.failed,
     }

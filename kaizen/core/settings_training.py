@@ -228,9 +228,20 @@ class TrainingSettings(BaseSettings):
     as a tie in the gate's win rate, as an identical answer does: differences below the RM's
     noise are not wins or losses."""
     gate_max_kl: float = Field(default=3.0, gt=0.0)
-    """Mean per-answer KL (nats) to the reference policy a candidate may reach. Measured on SmolLM2:
-    answers that learned to end within 64 tokens (36% -> 64% ended) sat ~2 nats from v0, and the
-    sanity prompts still passed; 0.5 refused every candidate that had moved enough to matter."""
+    """Mean per-answer KL (nats) to the reference policy (the champion) a candidate may reach, on
+    answers of gate_kl_max_tokens. Measured on SmolLM2: answers that learned to end within 64
+    tokens (36% -> 64% ended) sat ~2 nats from v0, and the sanity prompts still passed; 0.5 refused
+    every candidate that had moved enough to matter."""
+    gate_kl_max_tokens: int | None = Field(default=None, ge=1)
+    """Answer length (tokens) the gate measures the candidate's KL at. None: the service's own,
+    default_max_tokens, where users read the answers; PPO never sees the policy past the rollouts'
+    cut. The loop's v1 of 2026-12-01 read 1.04 nats to v0 at the rollouts' 64 tokens and 1.58 at
+    256 (answers 44 -> 69 tokens); its shorter v2 0.96 and 1.07 to v1. When this is no longer than
+    ppo_response_length the gate's own answers are measured instead."""
+    gate_kl_samples: int = Field(default=1, ge=1)
+    """Answers per held-out prompt the gate samples from the candidate at gate_kl_max_tokens for its
+    KL, only when that is longer than ppo_response_length. One per prompt: on the 2-core EPYC 64
+    answers of up to 256 tokens, sampled and read by both models, took 77 s; the gate has 32 prompts."""
 
     @model_validator(mode="after")
     def _check_node_rank(self) -> Self:
