@@ -139,19 +139,15 @@ class GateModels:
     tokenizer: Any
 
 
-def kl_max_tokens(settings: Settings) -> int:
-    """The answer length the gate reads the candidate's KL at: gate_kl_max_tokens, else the service's."""
-    return settings.gate_kl_max_tokens or settings.default_max_tokens
-
-
 def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, held_ids: list[list[int]],
                  cand: list[Sample], settings: Settings, config: PPOConfig) -> dict[str, Any]:
     """The candidate's mean KL to the reference (nats per answer, k1 summed over the answer's tokens),
-    on answers `engine` (holding the candidate) samples at `kl_max_tokens`; `cand` (the gate's own
-    answers, at the rollouts' length) stand in when that is no longer. Returns the gate record's KL
+    on answers `engine` (holding the candidate) samples at gate_kl_max_tokens (else the service's
+    default_max_tokens); `cand` (the gate's own answers, at the rollouts' length) stand in when that
+    is no longer. Returns the gate record's KL
     fields: kl (what the gate checks), kl_max_tokens, kl_answer_tokens (mean length) and, when a
     longer pass ran, kl_rollout_length (the same KL on `cand`, as the gate read it before)."""
-    limit = kl_max_tokens(settings)
+    limit = settings.gate_kl_max_tokens or settings.default_max_tokens
     longer = limit > config.response_length
     answers = (engine.generate(held_ids, max_tokens=limit, temperature=config.temperature,
                                n=settings.gate_kl_samples, seed=settings.ppo_seed + 104_729)
@@ -189,9 +185,8 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
 
     r_cand, r_champ = reward(cand), reward(champ)
     sanity = sanity_answers(engine, models.tokenizer, settings, config)
-    mean_kl = kl["kl"]
     same = [a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)]
-    verdict = gate_verdict((r_cand - r_champ).tolist(), same, mean_kl,  # float32 gaps, as the RM scored
+    verdict = gate_verdict((r_cand - r_champ).tolist(), same, kl["kl"],  # float32 gaps, as the RM scored
                            [s["prompt"] for s in sanity if not s["passed"]],
                            GateThresholds.from_settings(settings))
     gate = {
