@@ -60,14 +60,21 @@ system-deps:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; \
 	  else echo "tests need nginx: sudo apt-get install nginx"; exit 1; fi; }
 
+# Two pytest-xdist workers: the suite mostly waits on one process starting at a time (an engine, a
+# broker, a browser), so a second worker uses the other core. Modules that start several engines run
+# in two groups, one module of each at a time (tests/conftest.py, ENGINE_HEAVY_GROUPS), so the two
+# workers stay within memory. PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 # Installs the same way, builds a tiny model inside the tests, runs pytest: the whole suite.
 test: install system-deps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The inner loop: the same minus the tests marked `slow` (they start whole processes: kaizen up,
 # several API replicas, torchrun; the marker is declared in pyproject.toml). CI runs `make test`.
 test-fast: install system-deps
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,7 +38,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 app.command("simulate")(simulate_cmd)
 console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a path in an error stays one line
 
 
 def settings_with(**overrides: Any) -> Settings:

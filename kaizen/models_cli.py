@@ -36,7 +36,7 @@ from kaizen.core.settings import get_settings
 models_app = typer.Typer(help="Model versions: list, inspect, canary, promote, roll back; retention (gc); "
                          "repair.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a path in an error stays one line
 
 UrlOpt = Annotated[str | None, typer.Option("--url", help="chat API base URL (default: from settings)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the API's JSON")]

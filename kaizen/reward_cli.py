@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch and transformers load inside the commands
 
 reward_app = typer.Typer(help="The reward model: train, evaluate, refresh.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # a path in an error stays one line
 
 Threads = Annotated[int | None, typer.Option(help="torch threads [settings: reward_threads]")]
 MaxLength = Annotated[int | None, typer.Option(help="tokens per sequence [reward_max_length]")]

@@ -54,6 +54,8 @@ def _start_mypy(background: bool) -> tuple[subprocess.Popen[bytes], Any]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # under pytest-xdist every worker collects every test, and both cores are busy anyway
     if any(item.nodeid.startswith("tests/test_typing.py") for item in session.items):
         _MYPY["run"] = _start_mypy(background=True)
 
@@ -64,6 +66,51 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         proc.kill()
         proc.wait()
         out.close()
+
+
+#: Modules that start several engines or whole services (kaizen up, the loop, API replicas, torchrun
+#: ranks, canaries). `make test` runs two pytest-xdist workers with `--dist loadfile`; under it each
+#: group below is one unit of work, like one file (`pytest_xdist_make_scheduler`), so at most one module
+#: of each group runs at a time and the two workers never hold more than two such modules' engines
+#: (each ~1.5 GB of worker memory, its KV cache allocated up front). The two hungriest, three API
+#: replicas (test_scale_out) and engines restarted under load (test_engine_health), share a group: side
+#: by side they left 4.4 of 23 GiB free. The groups are balanced by serial time (~15 and ~13 minutes)
+#: and scheduled first; the other files fill in around them.
+ENGINE_HEAVY_GROUPS = {
+    "engines-a": ("test_loop", "test_scale_out", "test_canary", "test_engine_health"),
+    "engines-b": ("test_distributed", "test_rounds", "test_canary_integrity", "test_pipeline_faults",
+                  "test_parent_death", "test_up"),
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to under `--dist loadfile`: its engine group, else its file."""
+    path = nodeid.split("::", 1)[0]
+    module = path.rsplit("/", 1)[-1].removesuffix(".py")
+    return next((group for group, modules in ENGINE_HEAVY_GROUPS.items() if module in modules), path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile` with the engine groups merged into one unit each. (pytest-xdist's own
+    `--dist loadgroup` cannot do it under pytest 9: xdist 3.8 tags a test's group onto `item._nodeid`,
+    which pytest 9.2 no longer reads, so the marks are silently ignored.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EngineGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return EngineGroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):
+        return  # a serial run keeps pytest's order
+    heavy = list(ENGINE_HEAVY_GROUPS)  # the engine groups first (with --no-loadscope-reorder)
+    items.sort(key=lambda item: heavy.index(u) if (u := work_unit(item.nodeid)) in heavy else len(heavy))
 
 
 def mypy_result(timeout_s: float) -> tuple[int, str]:

@@ -46,15 +46,15 @@ ANSWER_TIMEOUT_MS = 30_000
 # -- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def limited_server_proc(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[subprocess.Popen[bytes], Settings]]:
     """A second `kaizen serve` allowing 2 requests per key, then ~1 per 100 s, serving under
     another KAIZEN_SERVED_MODEL_NAME than the default (the page must not hard-code one).
 
-    Autouse at session scope, so it starts loading before the shared server's
-    wait and both engines start together; only the rate-limit test waits on it.
+    Autouse at module scope, so it starts loading before the shared server's wait and both engines
+    start together (only the rate-limit test waits on it), and stops when this module's tests end.
     """
     settings = make_settings(tmp_path_factory.mktemp("limited-api"), model=tiny_model, api_keys=USER_KEY,
                              rate_limit_rps=0.01, rate_limit_burst=2, served_model_name="acme-assistant")
