@@ -190,6 +190,28 @@ def test_an_rloo_round_publishes_a_candidate_that_beats_the_champion(world: dict
     assert info.training["config"]["algorithm"] == "rloo" and info.parent == "v0"
 
 
+def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: dict[str, Any], engine: Any,
+                                                                        tmp_path: Path) -> None:
+    """KAIZEN_PPO_REFERENCE=base: a round starting from a promoted v1 penalises KL to the root of v1's
+    lineage (v0), not to v1, so drift stays bounded over rounds. Its first rollouts, sampled from v1
+    before any update, already read a KL above zero; with the champion as reference they read zero."""
+    data = tmp_path / "data"
+    shutil.copytree(world["first"], data, symlinks=True)  # the first round's store, reward model, v0, v1
+    base = round_settings(data, world["champion"], world["broker"], world["pass"], ppo_iterations=1)
+    Registry(base.registry_path).promote("v1", who="test")
+
+    def first_kl(settings: Settings) -> tuple[str, float]:
+        record = run_round(settings, engine=engine)
+        events = [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]
+        first = next(x for x in events if x["kind"] == "iteration" and x["round_id"] == record["round_id"])
+        return record["ppo"]["kl_reference"], first["kl"]
+
+    reference, kl = first_kl(base.model_copy(update={"ppo_reference": "base"}))
+    assert reference == "v0" and kl > 0.05, kl
+    reference, kl = first_kl(base)
+    assert reference == "v1" and abs(kl) < 0.02, kl
+
+
 def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any], engine: Any,
                                                           tmp_path: Path) -> None:
     """A candidate that fails the sanity prompts is rejected, never served. #19 item 6: retention runs

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_length", "epochs", "minibatches",
                  "lr", "kl_coef", "adaptive_kl", "target_kl", "kl_horizon", "cliprange", "cliprange_value",
                  "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty", "length_neutral",
-                 "train_layers", "threads", "seed", "sync_dir", "dtype")
+                 "train_layers", "threads", "seed", "sync_dir", "dtype", "reference")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
            "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs", "dpo_samples": "dpo_samples",
@@ -62,6 +62,9 @@ class PPOConfig:
     target_kl: float = _setting("ppo_target_kl")
     """Target of the controller, nats per answer (Ziegler et al.: 6 for long texts; our answers
     are short and the gate refuses more than gate_max_kl=3)."""
+    reference: str = _setting("ppo_reference")
+    """"champion" (the round's starting version) or "base" (the root of its lineage): what the KL
+    penalty and DPO's log-ratios are measured against (`trainer.round_phases.reference_version`)."""
     kl_horizon: int = _setting("ppo_kl_horizon")
     """Samples over which the controller closes its error (Ziegler et al.: 10000)."""
     cliprange: float = _setting("ppo_cliprange")

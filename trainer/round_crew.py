@@ -67,11 +67,11 @@ def follow(settings: Settings, dist: Dist, stop: threading.Event) -> None:
 
 
 def _follow_ppo(settings: Settings, dist: Dist, stop: threading.Event, payload: dict[str, Any]) -> None:
-    """This rank's share of rank 0's PPO: the same config, champion, reward model and prompts;
-    no engine (rank 0 samples the rollouts and broadcasts them)."""
+    """This rank's share of rank 0's PPO: the same config, champion, KL reference, reward model and
+    prompts; no engine (rank 0 samples the rollouts and broadcasts them)."""
     config = payload["config"]
     model, tokenizer, _ = load_policy(payload["champion"])
-    reference, _, _ = load_policy(payload["champion"])
+    reference, _, _ = load_policy(payload["reference"])
     scorer = RewardScorer.load(payload["reward_model"], settings.reward_max_length, settings.reward_dtype)
     trainer = policy_trainer(config, model, reference, tokenizer, None, scorer, None, dist,
                              vote_pairs=payload.get("vote_pairs", ()))

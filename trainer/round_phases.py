@@ -5,7 +5,8 @@
 1. refresh: when votes arrived since the current reward model, `refresh_reward_model` (its own
    gate keeps the better RM); no RM at all: the round is skipped;
 2. train candidate: `ppo_iterations` iterations from the champion (trainer/ppo.py) on the store's
-   training prompts, saved to the round's work folder (then the state file says "gate");
+   training prompts, its KL penalty against the champion or v0 (`ppo_reference`), saved to the
+   round's work folder (then the state file says "gate");
 3. gate: the candidate against the champion on held-out prompts (trainer/gate.py);
 4. publish: `Registry.publish` (rejected=True when the gate fails: kept, never served) and the
    model event.
@@ -161,6 +162,9 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     champion_dir = job.registry.path(job.champion)
     ctx.phase("ppo", iterations_done=0, reward_model=job.reward_model.name)
     policy, _, _ = load_policy(champion_dir)
+    kl_reference = reference_version(job.registry, job.champion, config)
+    reference = (models.reference if kl_reference == job.champion
+                 else load_policy(job.registry.path(kl_reference))[0])
 
     def on_iteration(st: IterationStats) -> None:
         rec = {"kind": "iteration", "round_id": ctx.round_id, "at": datetime.now(UTC).isoformat(),
@@ -174,22 +178,30 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     votes = job.vote_pairs if config.algorithm == "dpo" and config.dpo_vote_pairs else []
     with job.timer("ppo"):
         job.crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": job.reward_model,
-                               "prompts": job.train_prompts, "vote_pairs": votes})
+                               "reference": job.registry.path(kl_reference), "prompts": job.train_prompts,
+                               "vote_pairs": votes})
         with sync_folder(config.sync_dir) as sync_dir:
             ctx.state["sync_dir"] = str(sync_dir)  # a kill leaves it in /dev/shm: the next start removes it
             ctx.save()
-            trainer = policy_trainer(config, policy, models.reference, models.tokenizer, job.engine,
+            trainer = policy_trainer(config, policy, reference, models.tokenizer, job.engine,
                                      models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
                               should_stop=job.stopped, progress=ctx.options.progress)
     if job.stopped():
         return finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"})
-    ctx.state["ppo"] = {**_summary(history), **({"vote_pairs": len(votes)} if votes else {})}
+    ctx.state["ppo"] = {**_summary(history), "kl_reference": kl_reference,
+                        **({"vote_pairs": len(votes)} if votes else {})}
     ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
     ctx.state["distributed"] = trainer.dist.describe()
     save_policy(policy, models.tokenizer, candidate, saved_dtype)
     ctx.phase("gate")
     return None
+
+
+def reference_version(registry: Registry, champion: str, config: PPOConfig) -> str:
+    """The version the round's KL penalty and DPO's log-ratios are measured against
+    (`ppo_reference`): the champion, or the root of its lineage (v0 or an imported model)."""
+    return registry.lineage(champion)[-1] if config.reference == "base" else champion
 
 
 def _gate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path, held_ids: list[list[int]],

@@ -139,6 +139,13 @@ class TrainingSettings(BaseSettings):
     """Adapt β toward ppo_target_kl (Ziegler et al. 2019); off: β stays fixed."""
     ppo_target_kl: float = Field(default=1.0, gt=0)
     """KL (nats per answer) the adaptive controller steers toward; below gate_max_kl."""
+    ppo_reference: Literal["champion", "base"] = "champion"
+    """The policy a round's KL penalty (and DPO's log-ratios) is measured against. champion: the
+    version the round starts from, so each round may move about ppo_target_kl further and the drift
+    from v0 adds up over rounds. base: the root of the champion's lineage (v0, or the imported model
+    it descends from), so every round solves the same KL-bounded problem with the newest reward
+    model, starting from the champion (InstructGPT's and Llama 2's fixed reference). The gate still
+    bounds KL to the champion (gate_max_kl)."""
     ppo_kl_horizon: int = Field(default=1000, ge=1)
     ppo_cliprange: float = Field(default=0.2, gt=0)
     ppo_cliprange_value: float = Field(default=0.2, gt=0)
