@@ -171,8 +171,8 @@ def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pyte
         ppo_train_layers=0, ppo_threads=1, gate_prompts=8, gate_samples=2, gate_min_win=0.55, gate_max_kl=3.0,
         gate_sanity_file=sanity, canary_min_votes=6, canary_fraction=0.5, registry_poll_interval_s=0.5,
         kafka_max_poll_interval_ms=10_000, policy_algorithm=algorithm, rloo_k=2)
-    if algorithm == "dpo":  # DPO moves the tiny model further: KL 2.1-3.1 after a round here, so 3.0
-        overrides["gate_max_kl"] = 8.0  # refused both rounds in some runs; the KL limit is not under test
+    if algorithm == "dpo":  # DPO moves the tiny model further: KL 2.1-8.3 after a round here (3.0 and
+        overrides["gate_max_kl"] = 50.0  # 8.0 each refused a round); the limit is test_rounds' to test
     # PPO's loop runs two rounds (the second trains the promoted v1 on all votes so far); DPO's one,
     # enough to show the second algorithm in the same round (a second round cost ~40 s of the suite)
     rounds = 2 if algorithm == "ppo" else 1
