@@ -99,6 +99,11 @@ def snapshot(registry: Path) -> dict[str, Any]:
     return files
 
 
+def round_events(settings: Settings) -> list[dict[str, Any]]:
+    """The rounds' JSON lines: one per PPO iteration, per round and per retention sweep."""
+    return [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]
+
+
 def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, Any], engine: Any) -> None:
     # in the module's folder, not tmp_path: later tests start from this round's reward model, and a
     # passing test's tmp_path is deleted as it ends (pyproject.toml, tmp_path_retention_policy)
@@ -134,8 +139,7 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
                                                 str(max(settings.engine_max_num_seqs, 64))), rollout_engine
 
     # one JSON line per iteration and per round; read_rounds shows it first
-    lines = [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]
-    iterations = [x for x in lines if x["kind"] == "iteration"]
+    iterations = [x for x in round_events(settings) if x["kind"] == "iteration"]
     assert len(iterations) == settings.ppo_iterations
     for key in ("reward_mean", "reward_std", "kl", "clipfrac", "vf_loss", "entropy", "approx_kl", "kl_coef",
                 "tokens_per_s", "seconds"):
@@ -202,8 +206,8 @@ def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: di
 
     def first_kl(settings: Settings) -> tuple[str, float]:
         record = run_round(settings, engine=engine)
-        events = [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]
-        first = next(x for x in events if x["kind"] == "iteration" and x["round_id"] == record["round_id"])
+        first = next(x for x in round_events(settings)
+                     if x["kind"] == "iteration" and x["round_id"] == record["round_id"])
         return record["ppo"]["kl_reference"], first["kl"]
 
     reference, kl = first_kl(base.model_copy(update={"ppo_reference": "base"}))
@@ -232,8 +236,7 @@ def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any],
     assert [(e.action, e.to_stage) for e in trail] == [("publish", "rejected"), ("delete", None)]
     assert trail[1].details["gate"]["sanity_passed"] is False
     assert trail[1].details["round_id"] == record["round_id"]
-    events = [json.loads(x) for x in (settings.data_dir / "rounds" / "events.jsonl").read_text().splitlines()]
-    assert [e["versions"] for e in events if e["kind"] == "retention"] == [[record["version"]]]
+    assert [e["versions"] for e in round_events(settings) if e["kind"] == "retention"] == [[record["version"]]]
 
 
 def test_the_gate_reads_kl_at_the_services_answer_length(world: dict[str, Any], engine: Any,

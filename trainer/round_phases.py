@@ -163,8 +163,8 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     ctx.phase("ppo", iterations_done=0, reward_model=job.reward_model.name)
     policy, _, _ = load_policy(champion_dir)
     kl_reference = reference_version(job.registry, job.champion, config)
-    reference = (models.reference if kl_reference == job.champion
-                 else load_policy(job.registry.path(kl_reference))[0])
+    reference_dir = job.registry.path(kl_reference)
+    reference = models.reference if kl_reference == job.champion else load_policy(reference_dir)[0]
 
     def on_iteration(st: IterationStats) -> None:
         rec = {"kind": "iteration", "round_id": ctx.round_id, "at": datetime.now(UTC).isoformat(),
@@ -178,7 +178,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     votes = job.vote_pairs if config.algorithm == "dpo" and config.dpo_vote_pairs else []
     with job.timer("ppo"):
         job.crew.order("ppo", {"config": config, "champion": champion_dir, "reward_model": job.reward_model,
-                               "reference": job.registry.path(kl_reference), "prompts": job.train_prompts,
+                               "reference": reference_dir, "prompts": job.train_prompts,
                                "vote_pairs": votes})
         with sync_folder(config.sync_dir) as sync_dir:
             ctx.state["sync_dir"] = str(sync_dir)  # a kill leaves it in /dev/shm: the next start removes it
