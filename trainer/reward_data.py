@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kaizen.core.events import PreferenceEvent
+from kaizen.core.events import Answer, PreferenceEvent
 from trainer.store import holdout_share, prompt_key
 
 Messages = list[dict[str, str]]
@@ -49,6 +49,9 @@ class Pair:
     source: str = ""
     label: float = 1.0
     """P(chosen ≻ rejected) the judgement says: 1 for a decided vote, 0.5 for a tie (no order)."""
+    ended_gap: int = 0
+    """ended(chosen) − ended(rejected), 1 ended, 0 cut off at the vote's max_tokens: +1, −1, or 0
+    when both ended, both were cut or either is not known (files; votes before finish_reason)."""
 
     @property
     def decided(self) -> bool:
@@ -117,6 +120,17 @@ def read_pairs_file(path: Path) -> list[Pair]:
     return pairs
 
 
+#: finish_reason -> ended (1) or cut off at max_tokens (0); any other reason is not known.
+ENDED = {"stop": 1, "length": 0}
+
+
+def ended_gap(a: Answer, b: Answer) -> int:
+    """ended(a) − ended(b) from the answers' finish_reason ("stop": ended, "length": cut off); 0
+    when either is not known."""
+    ea, eb = (ENDED.get(x.finish_reason or "") for x in (a, b))
+    return 0 if ea is None or eb is None else ea - eb
+
+
 def pairs_from_events(events: Iterable[PreferenceEvent], ties: bool = False) -> tuple[list[Pair], PairCounts]:
     """Votes 0/1 as pairs; with `ties`, each tie as a pair labelled 0.5; both-bad (and ties without
     `ties`) counted, not paired (module docstring). `counts.pairs` counts the decided pairs."""
@@ -131,10 +145,11 @@ def pairs_from_events(events: Iterable[PreferenceEvent], ties: bool = False) -> 
             counts.ties += 1
             if ties:
                 pairs.append(Pair(prompt, ev.answers[0].text, ev.answers[1].text, key=prompt_key(prompt),
-                                  source="store", label=0.5))
+                                  source="store", label=0.5, ended_gap=ended_gap(*ev.answers)))
             continue
         chosen, rejected = ranked
-        pairs.append(Pair(prompt, chosen.text, rejected.text, key=prompt_key(prompt), source="store"))
+        pairs.append(Pair(prompt, chosen.text, rejected.text, key=prompt_key(prompt), source="store",
+                          ended_gap=ended_gap(chosen, rejected)))
         counts.pairs += 1
     return pairs, counts
 
@@ -159,6 +174,8 @@ class EncodedPair:
     truncated: bool = field(default=False)
     label: float = 1.0
     """The pair's label (Pair.label): 1 decided, 0.5 a tie."""
+    ended_gap: int = 0
+    """Pair.ended_gap."""
 
     @property
     def length(self) -> int:
@@ -184,7 +201,7 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], max_length: int) -> list
     for p in pairs:
         c, ct = encode_conversation(tokenizer, p.prompt, p.chosen, max_length)
         r, rt = encode_conversation(tokenizer, p.prompt, p.rejected, max_length)
-        out.append(EncodedPair(c, r, ct or rt, p.label))
+        out.append(EncodedPair(c, r, ct or rt, p.label, p.ended_gap))
     return out
 
 

@@ -42,7 +42,7 @@ MANIFEST = "manifest.json"
 #: (kaizen/core/settings_training.py documents each).
 FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "tie_weight",
                  "train_layers", "dtype", "threads", "eval_fraction", "eval_every", "patience", "seed",
-                 "max_minutes", "trunk_cache_mb")
+                 "max_minutes", "trunk_cache_mb", "ended_term")
 
 
 def _setting(name: str) -> Any:
@@ -90,7 +90,12 @@ class RewardConfig:
     trunk_cache_mb: int = _setting("trunk_cache_mb")
     """Memory for the frozen lower layers' output of the training pairs, kept from their first pass
     (trainer/trunk.py); 0: the whole model runs at every pass."""
+    ended_term: bool = _setting("ended_term")
+    """Fit the vote's ended-vs-cut-off step as its own γ beside the model (reward_train.EndedTerm)."""
     # -- not settings: fixed parts of the recipe --
+    ended_lr: float = 0.01
+    """Peak AdamW learning rate of γ: one number started at its log-odds, which the model's lr
+    would hardly move in a refresh of ~100 steps."""
     warmup_fraction: float = 0.05
     """Share of optimizer steps with a linearly rising lr; then linear decay to 0."""
     max_grad_norm: float = 1.0

@@ -50,6 +50,8 @@ class TrainResult:
     """Held-out accuracy at each evaluation: [{"step", "accuracy", "bt_loss"}]."""
     losses: list[float] = field(default_factory=list)
     """The loss curve: mean Bradley-Terry loss of each optimizer step's pairs (all ranks)."""
+    ended_term: dict[str, float] | None = None
+    """With config.ended_term: γ at the start and the end, and the pairs with a gap (EndedTerm)."""
 
     @property
     def pairs_per_s(self) -> float:
@@ -106,15 +108,49 @@ def train_reward_model(
     return fit.finish(time.monotonic() - started)
 
 
+class EndedTerm:
+    """γ of the step between an answer that ended and one cut off at the vote's max_tokens
+    (setting reward_ended_term): a pair is fitted as σ(r₊ − r₋ + γ·gap), gap = ended(chosen) −
+    ended(rejected) (Pair.ended_gap), so r need not learn "ended" from what ending correlates with
+    (in 64-token votes: being short). The confounder is observed, so it gets its own coefficient,
+    as a regression adjusts for a covariate. γ starts at the log-odds that the ended answer won,
+    over the decided training pairs with a gap (add-one smoothed), and trains with the model; r
+    alone is saved, scored and evaluated."""
+
+    def __init__(self, encoded: Sequence[EncodedPair], device: torch.device) -> None:
+        self.won = sum(1 for e in encoded if e.label == 1 and e.ended_gap > 0)
+        self.lost = sum(1 for e in encoded if e.label == 1 and e.ended_gap < 0)
+        self.start = math.log((self.won + 1) / (self.lost + 1))
+        self.gamma = nn.Parameter(torch.tensor(self.start, device=device))
+
+    def offset(self, pairs: Sequence[EncodedPair]) -> torch.Tensor:
+        """γ · gap of each pair, (b,)."""
+        gaps = torch.tensor([float(e.ended_gap) for e in pairs], device=self.gamma.device)  # (b,)
+        return self.gamma * gaps
+
+    def sync(self, dist: Dist) -> None:
+        """γ is outside the DDP module: average its gradient over ranks as DDP does the model's."""
+        if dist.enabled and self.gamma.grad is not None:
+            self.gamma.grad.copy_(dist.all_reduce_sum(self.gamma.grad.detach().clone()) / dist.world_size)
+
+    def describe(self) -> dict[str, float]:
+        return {"gamma_start": round(self.start, 4), "gamma": round(float(self.gamma.detach()), 4),
+                "ended_won": self.won, "ended_lost": self.lost}
+
+
 Schedule = tuple[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]
 
 
-def _schedule(params: list[nn.Parameter], n_pairs: int, config: RewardConfig) -> Schedule:
+def _schedule(params: list[nn.Parameter], n_pairs: int, config: RewardConfig,
+              ended: EndedTerm | None = None) -> Schedule:
     """(optimizer steps in all, AdamW, its schedule: linear warmup, then linear decay to 0)."""
     batches_per_epoch = math.ceil(n_pairs / config.batch_size)
     total_steps = max(1, math.ceil(batches_per_epoch / config.grad_accum) * config.epochs)
     warmup = max(1, int(total_steps * config.warmup_fraction))
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if ended is not None:
+        groups.append({"params": [ended.gamma], "lr": config.ended_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
@@ -142,7 +178,10 @@ class _Fit:
         depth = frozen_depth(len(model.base_model.layers), config.train_layers)
         self.trunk = (TrunkCache(model, depth, config.trunk_cache_mb << 20)
                       if depth and config.trunk_cache_mb else None)
-        self.total_steps, self.optimizer, self.scheduler = _schedule(self.params, len(self.enc_train), config)
+        self.ended = (EndedTerm(self.enc_train, dist.device)
+                      if config.ended_term and any(e.ended_gap for e in self.enc_train) else None)
+        self.total_steps, self.optimizer, self.scheduler = _schedule(self.params, len(self.enc_train), config,
+                                                                     self.ended)
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
         self.best: tuple[float, float] = (-1.0, -math.inf)
@@ -187,7 +226,9 @@ class _Fit:
     def optimizer_step(self, group: Sequence[list[int]]) -> None:
         """One AdamW step over the micro-batches `group`; the running loss and accuracy follow it."""
         step_loss, step_acc, n_pairs = _accumulate(self.forward, group, self.enc_train, self.pad_id,
-                                                   self.config, self.dist, self.trunk)
+                                                   self.config, self.dist, self.trunk, self.ended)
+        if self.ended is not None:
+            self.ended.sync(self.dist)
         self.seen += n_pairs
         self.run_loss = step_loss if self.run_loss is None else 0.9 * self.run_loss + 0.1 * step_loss
         self.run_acc = step_acc if self.run_acc is None else 0.9 * self.run_acc + 0.1 * step_acc
@@ -220,14 +261,15 @@ class _Fit:
         log.info("reward training %s after %d steps (%.0f s, %.2f pairs/s); best held-out step %d",
                  self.stopped, step, seconds, seen / seconds if seconds else 0.0, self.best_step)
         return TrainResult(step, seen, seconds, self.stopped, self.best_step if self.enc_held else step,
-                           self.history, self.losses)
+                           self.history, self.losses, self.ended.describe() if self.ended else None)
 
 
 def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequence[EncodedPair], pad_id: int,
-                config: RewardConfig, dist: Dist,
-                trunk: TrunkCache | None = None) -> tuple[float, float, int]:
+                config: RewardConfig, dist: Dist, trunk: TrunkCache | None = None,
+                ended: EndedTerm | None = None) -> tuple[float, float, int]:
     """Forward and backward of this rank's micro-batches of one optimizer step (with `trunk`, the
-    frozen lower layers' output comes from the cache: trainer/trunk.py).
+    frozen lower layers' output comes from the cache: trainer/trunk.py; with `ended`, the loss reads
+    r₊ − r₋ + γ·gap, the accuracy r alone).
 
     Each micro-batch's loss is weighted N / len(group): DDP averages over the N ranks, so the
     gradient is the mean over the step's micro-batches, as with one process. A rank with no
@@ -250,7 +292,9 @@ def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequenc
                 rewards = forward(ids, mask, states, trunk.depth if trunk else 0)  # (2b,)
             chosen_rewards, rejected_rewards = rewards.chunk(2)  # (b,), (b,)
             labels = torch.tensor([encoded[x].label for x in group[j]], device=rewards.device)  # (b,)
-            loss = bradley_terry_loss(chosen_rewards, rejected_rewards, config.margin, labels,
+            fitted = chosen_rewards if ended is None else \
+                chosen_rewards.float() + ended.offset([encoded[x] for x in group[j]])
+            loss = bradley_terry_loss(fitted, rejected_rewards, config.margin, labels,
                                       torch.where(labels == 1, 1.0, config.tie_weight))
             (loss * (weight * scale)).backward()  # type: ignore[no-untyped-call]
         if weight:

@@ -54,6 +54,13 @@ class TrainingSettings(BaseSettings):
     each way, trainer/reward_data.py); 0 leaves ties out, as before. Held-out and early-stopping
     accuracy read decided votes only: a tie has no right answer. 0: on 700 rubric votes, weights 1
     and 0.5 read the test pairs at 0.799 and 0.803 against 0.807 without (bench/README.md)."""
+    reward_ended_term: bool = False
+    """Fit votes between an answer that ended and one cut off at the vote's max_tokens as
+    σ(r₊ − r₋ + γ·(e₊ − e₋)) (e: 1 ended, 0 cut), γ fitted with the model, and keep r alone: the
+    reward PPO, the gate and DPO read then pays for what an answer says, not for having ended
+    within the voters' limit (in the loop a cut-off answer loses three votes in four, and at the
+    64-token rollouts an answer ends only by being short). The missing-EOS penalty still charges a
+    rollout that hits ppo_response_length. Off: plain Bradley–Terry (trainer/reward_train.py)."""
     reward_train_layers: int = Field(default=8, ge=0)
     """Top decoder layers trained (with the final norm and the score head); 0 trains all.
     SmolLM2 (30 layers) on 2 busy CPU cores: 44 s per 8 pairs with 8 layers, 64 s with all."""
