@@ -155,6 +155,10 @@ def _train(settings: Settings, dist: Dist, data: list[Path] | None, from_store: 
         f"({result.pairs_per_s:.2f} pairs/s); held-out accuracy before training: "
         f"{'-' if before is None else f'{before:.3f}'}")
     say(format_metrics("held-out", metrics))
+    if result.ended_term:
+        say(f"ended-vs-cut-off term γ {result.ended_term['gamma']:+.3f} (started at "
+            f"{result.ended_term['gamma_start']:+.3f}: the ended answer won {result.ended_term['ended_won']} of "
+            f"{result.ended_term['ended_won'] + result.ended_term['ended_lost']} votes with one cut off)")
     manifest = _manifest(TrainedOffline(rm, tokenizer, base, counts, train_pairs, held, result, metrics),
                          config, dist)
     if register:
@@ -223,7 +227,7 @@ def _manifest(trained: TrainedOffline, config: RewardConfig, dist: Dist) -> dict
         "metrics": {"held_out": trained.metrics, "train": {
             "steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
             "stopped": result.stopped, "best_step": result.best_step, "history": result.history,
-            "losses": result.losses}},
+            "losses": result.losses, "ended_term": result.ended_term}},
         "reward_norm": {**reward_stats(trained.model, trained.tokenizer, reference, config),
                         "reference": "held-out split, both answers" if held else "first training pairs"},
         "config": asdict(config),

@@ -86,3 +86,33 @@ def test_the_ended_term_takes_the_cut_off_step_out_of_r_and_keeps_the_content(ti
 def test_the_setting_reaches_the_reward_config() -> None:
     assert RewardConfig.from_settings(Settings(reward_ended_term=True)).ended_term is True
     assert RewardConfig().ended_term is False
+
+
+def test_a_refresh_from_votes_fits_the_term_and_records_it(tmp_path: Path, tiny_model: Path) -> None:
+    from trainer.reward import current_version, refresh_reward_model
+    from trainer.reward_model import read_manifest
+    from trainer.store import PreferenceStore
+
+    rng = random.Random(0)
+    events = []
+    for i, pair in enumerate(confounded_pairs(120, seed=3)):
+        cut = pair.ended_gap == 1  # the rejected answer was cut off at the vote's max_tokens
+        events.append(PreferenceEvent(
+            comparison_id=f"cmp-{i}-{rng.getrandbits(32)}", user=f"u{i % 5}", served_at=datetime.now(UTC),
+            messages=[Message(**pair.prompt[0])],
+            answers=[Answer(text=pair.chosen, model_version="v0", finish_reason="stop"),
+                     Answer(text=pair.rejected, model_version="v0", finish_reason="length" if cut else "stop")],
+            choice=0))
+    settings = Settings(data_dir=tmp_path, model=tiny_model, reward_holdout_fraction=0.3, reward_min_holdout=10,
+                        reward_threads=1, reward_ended_term=True)
+    store = PreferenceStore(settings.preferences_db)
+    store.add_many(events)
+    store.close()
+    config = RewardConfig.from_settings(settings, max_length=64, lr=1e-3, train_layers=0, eval_every=8)
+    result = refresh_reward_model(settings, config)
+    assert result.accepted, result.reason
+    version = current_version(settings)
+    assert version is not None
+    term = read_manifest(version)["metrics"]["train"]["ended_term"]
+    # the training slice's votes with one answer cut: all won by the ended one
+    assert term["ended_lost"] == 0 and term["ended_won"] > 20 and term["gamma"] > 0, term
