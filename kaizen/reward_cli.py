@@ -155,10 +155,9 @@ def _train(settings: Settings, dist: Dist, data: list[Path] | None, from_store: 
         f"({result.pairs_per_s:.2f} pairs/s); held-out accuracy before training: "
         f"{'-' if before is None else f'{before:.3f}'}")
     say(format_metrics("held-out", metrics))
-    if result.ended_term:
-        say(f"ended-vs-cut-off term γ {result.ended_term['gamma']:+.3f} (started at "
-            f"{result.ended_term['gamma_start']:+.3f}: the ended answer won {result.ended_term['ended_won']} of "
-            f"{result.ended_term['ended_won'] + result.ended_term['ended_lost']} votes with one cut off)")
+    if term := result.ended_term:
+        say(f"ended-vs-cut-off term γ {term['gamma']:+.3f} (started at {term['gamma_start']:+.3f}: the ended "
+            f"answer won {term['ended_won']} of {term['ended_won'] + term['ended_lost']} votes with one cut off)")
     manifest = _manifest(TrainedOffline(rm, tokenizer, base, counts, train_pairs, held, result, metrics),
                          config, dist)
     if register:
@@ -224,10 +223,7 @@ def _manifest(trained: TrainedOffline, config: RewardConfig, dist: Dist) -> dict
         "parent": None, "base_model": str(trained.base), "created": datetime.now(UTC).isoformat(),
         "data": {"files": trained.counts, "train_pairs": len(trained.train_pairs),
                  "early_stop_pairs": len(held), "trained_through_rowid": 0},
-        "metrics": {"held_out": trained.metrics, "train": {
-            "steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
-            "stopped": result.stopped, "best_step": result.best_step, "history": result.history,
-            "losses": result.losses, "ended_term": result.ended_term}},
+        "metrics": {"held_out": trained.metrics, "train": {**result.record(), "losses": result.losses}},
         "reward_norm": {**reward_stats(trained.model, trained.tokenizer, reference, config),
                         "reference": "held-out split, both answers" if held else "first training pairs"},
         "config": asdict(config),

@@ -18,10 +18,7 @@ from trainer.reward_data import Pair, encode_pairs, pairs_from_events
 from trainer.reward_eval import evaluate, score_pairs
 from trainer.reward_model import RewardConfig, load_reward_model
 from trainer.reward_train import train_reward_model
-
-WORDS = ("apple river stone cloud green quick silent paper window orange music light table summer garden "
-         "north copper velvet").split()
-MARKER = "I double-checked this answer."
+from tests.test_reward import MARKER, WORDS, tiny_config
 
 
 def vote(choice: object, finish: tuple[str | None, str | None]) -> PreferenceEvent:
@@ -67,8 +64,7 @@ def test_the_ended_term_takes_the_cut_off_step_out_of_r_and_keeps_the_content(ti
     gaps, accuracies, terms = {}, {}, {}
     for on in (False, True):
         model, tok = load_reward_model(tiny_model, seed=0)
-        config = RewardConfig(max_length=64, batch_size=8, grad_accum=1, lr=1e-3, epochs=3, train_layers=0,
-                              eval_every=8, patience=50, threads=1, seed=0, eval_fraction=0.2, ended_term=on)
+        config = tiny_config(epochs=3, ended_term=on)
         result = train_reward_model(model, tok, train, [], config, progress=False)
         chosen, rejected = score_pairs(model, encode_pairs(tok, mixed, 64), config, tok.pad_token_id)
         gaps[on] = float((chosen - rejected).mean())  # r(ended) - r(cut), content at random

@@ -215,9 +215,7 @@ def gate_and_register(settings: Settings, plan: RefreshPlan, trained: Trained,
     result, before, after, name = trained.result, trained.before, trained.after, plan.current
     floor = (before["accuracy"] if before else 0.5) - settings.reward_gate_tolerance
     metrics = {"holdout": after, "parent_holdout": before, "gate_floor": floor,
-               "train": {"steps": result.steps, "seconds": result.seconds, "pairs_per_s": result.pairs_per_s,
-                         "stopped": result.stopped, "best_step": result.best_step, "history": result.history,
-                         "ended_term": result.ended_term}}
+               "train": result.record()}
     against = f"{name}'s {before['accuracy']:.3f}" if before else "chance (0.5)"
     if after["accuracy"] < floor:
         reason = (f"rejected: held-out accuracy {after['accuracy']:.3f} is below {against} by more than "

@@ -57,6 +57,12 @@ class TrainResult:
     def pairs_per_s(self) -> float:
         return self.pairs_seen / self.seconds if self.seconds else 0.0
 
+    def record(self) -> dict[str, Any]:
+        """What a manifest's metrics.train keeps of the run (a refresh's and `kaizen reward train`'s)."""
+        return {"steps": self.steps, "seconds": self.seconds, "pairs_per_s": self.pairs_per_s,
+                "stopped": self.stopped, "best_step": self.best_step, "history": self.history,
+                "ended_term": self.ended_term}
+
 
 def _progress(enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
