@@ -1,10 +1,12 @@
 """A training job for tests/test_distributed.py, run alone or under torchrun.
 
-    python -m tests.dist_worker reward|reward-top|ppo|rloo|dpo MODEL OUT   # one process
+    python -m tests.dist_worker reward|reward-top|reward-ended|ppo|rloo|dpo MODEL OUT   # one process
     torchrun --standalone --nproc-per-node 2 -m tests.dist_worker ...  # two, as a round runs them
 
 `reward`: trains the reward model on synthetic pairs (tests/test_reward.py's marker preference);
 rank 0 writes the loss curve, the held-out history and the final held-out metrics to OUT (JSON).
+`reward-ended`: the same on tests/test_reward_ended.py's confounded pairs with the ended term, whose
+γ lives outside the DDP module (its gradient averaged by hand): OUT also holds γ's fitted values.
 `ppo`: one PPO update (score + minibatch steps, no rollout engine) on a fixed rollout batch;
 rank 0 writes the trained parameters and the update's stats to OUT (torch.save). `rloo` and `dpo`:
 the same with that update; DPO adds three users' pairs (an odd count: rank 1 owns one, rank 0 two).
@@ -35,6 +37,7 @@ PPO_JOB = dict(batch_size=8, response_length=8, epochs=2, minibatches=2, lr=1e-3
 
 def reward_job(model_dir: Path, out: Path, dist: distributed.Dist, **overrides: Any) -> None:
     from tests.test_reward import synthetic_pairs
+    from tests.test_reward_ended import confounded_pairs
     from trainer.reward_data import encode_pairs
     from trainer.reward_eval import evaluate
     from trainer.reward_model import RewardConfig, load_reward_model
@@ -42,13 +45,15 @@ def reward_job(model_dir: Path, out: Path, dist: distributed.Dist, **overrides: 
 
     config = RewardConfig(**{**REWARD_JOB, **overrides})  # type: ignore[arg-type]
     model, tok = load_reward_model(model_dir, seed=0)
-    held = synthetic_pairs(16, seed=2)
-    result = train_reward_model(model, tok, synthetic_pairs(44, seed=1), held, config, progress=False, dist=dist)
+    make = confounded_pairs if config.ended_term else synthetic_pairs
+    held = make(16, seed=2)
+    result = train_reward_model(model, tok, make(44, seed=1), held, config, progress=False, dist=dist)
     final = evaluate(model, encode_pairs(tok, held, config.max_length), config, tok.pad_token_id, dist)
     if dist.is_main:
         out.write_text(json.dumps({"losses": result.losses, "history": result.history, "steps": result.steps,
                                    "pairs_seen": result.pairs_seen, "accuracy": final["accuracy"],
-                                   "bt_loss": final["bt_loss"], "world_size": dist.world_size}))
+                                   "bt_loss": final["bt_loss"], "world_size": dist.world_size,
+                                   "ended_term": result.ended_term}))
 
 
 def fixed_rollout(tok: Any, config: Any) -> tuple[list[Any], list[list[int]], list[Any]]:
@@ -111,6 +116,8 @@ def main(argv: list[str]) -> int:
             ppo_job(model_dir, out, dist, algorithm=job)
         elif job == "reward-top":  # the top layer only: the frozen trunk comes from the cache
             reward_job(model_dir, out, dist, train_layers=1)
+        elif job == "reward-ended":  # γ beside the model: its gradient is averaged outside DDP
+            reward_job(model_dir, out, dist, ended_term=True)
         else:
             {"reward": reward_job, "ppo": ppo_job}[job](model_dir, out, dist)
     finally:

@@ -67,10 +67,11 @@ def test_backend_and_launch_command_follow_the_settings() -> None:
     assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]]
 
 
-@pytest.mark.parametrize("job", ["reward", "reward-top"])
+@pytest.mark.parametrize("job", ["reward", "reward-top", "reward-ended"])
 def test_reward_model_on_two_processes_matches_one(job: str, tiny_model: Path, tmp_path: Path) -> None:
     """Same pairs, global batch and seed: the same loss curve and held-out accuracy on 1 and 2 ranks;
-    `reward-top` trains the top layer only, each rank reading the frozen trunk from its own cache."""
+    `reward-top` trains the top layer only, each rank reading the frozen trunk from its own cache;
+    `reward-ended` fits the ended term's γ too, which DDP does not average (EndedTerm.sync does)."""
     run_job(job, tiny_model, tmp_path / "one.json", 1)
     run_job(job, tiny_model, tmp_path / "two.json", 2)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
@@ -84,6 +85,13 @@ def test_reward_model_on_two_processes_matches_one(job: str, tiny_model: Path, t
     assert all(abs(a["bt_loss"] - b["bt_loss"]) < TOLERANCE and a["accuracy"] == b["accuracy"]
                for a, b in zip(one["history"], two["history"], strict=True))
     assert one["accuracy"] == two["accuracy"] and abs(one["bt_loss"] - two["bt_loss"]) < TOLERANCE
+    if job == "reward-ended":  # 22 of the 44 pairs: the ended answer won; γ moved, the same on both
+        gamma = [r["ended_term"]["gamma"] for r in (one, two)]
+        assert one["ended_term"]["ended_won"] == two["ended_term"]["ended_won"] == 22, one["ended_term"]
+        assert gamma[0] > one["ended_term"]["gamma_start"] + 0.01 and abs(gamma[0] - gamma[1]) < 2 * TOLERANCE, \
+            (one["ended_term"], two["ended_term"])
+    else:
+        assert one["ended_term"] is None
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "dpo"])
