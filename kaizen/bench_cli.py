@@ -158,6 +158,11 @@ def result_line(report: dict[str, Any], *, rounds: int, votes: int, judge: str, 
                       if name in used and used[name] != defaults[name])
     sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
     command = f"`kaizen bench loop --rounds {rounds} --votes {votes}{options} --judge {judge} --seed {seed}{sets}`"
+    if "machine" in report:  # where it ran: the same code reads differently on another CPU
+        from simulation.loop import machine_summary
+
+        machine = report["machine"]
+        command += f" (at {machine.get('commit') or 'an unknown commit'}; {machine_summary(machine)})"
     if champion in evaluation and champion != "v0":
         v = evaluation[champion]
         result = (f"{champion}: win rate {v['win_rate_vs_v0']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], "

@@ -147,6 +147,8 @@ def run_loop(config: LoopConfig, base_settings: Settings,
 
     config.out_dir.mkdir(parents=True, exist_ok=True)
     settings, admin = with_admin_token(loop_settings(base_settings, config))
+    machine = machine_record(settings)
+    say("machine: " + machine_summary(machine))
     votes = voter(config, settings)  # the judge and the prompts load before anything starts
     for spec in filter(None, (config.eval_judge, config.second_judge)):
         ready_judge(spec)  # as do the evaluation's judges: a broken one fails now, not in an hour
@@ -179,7 +181,9 @@ def run_loop(config: LoopConfig, base_settings: Settings,
     finally:
         engine.shutdown()
     phases.add("evaluate", t)
-    return write_report(config, rounds, evaluation, phases, registry.state().champion, started_all)
+    report = {"rounds": rounds, "evaluation": evaluation, "phases_s": phases.seconds,
+              "champion": registry.state().champion, "machine": machine}
+    return write_report(config, report, started_all)
 
 
 def with_admin_token(settings: Settings) -> tuple[Settings, dict[str, str]]:
@@ -299,13 +303,40 @@ def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[st
     return rec
 
 
-def write_report(config: LoopConfig, rounds: list[dict[str, Any]], evaluation: dict[str, Any], phases: Phases,
-                 champion: str | None, started_all: float) -> dict[str, Any]:
-    """The report: loop.json and loop.png in the output folder."""
+def machine_record(settings: Settings) -> dict[str, Any]:
+    """Where the run ran (kaizen.core.hardware.describe_machine), the dtype each `auto` chose there,
+    and the commit of the code (None outside a git checkout)."""
+    from kaizen.core.hardware import describe_machine
+
+    here = Path(__file__).resolve().parent
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True).stdout.strip()
+    commit = git.stdout.strip() + ("+changes" if dirty else "") if git.returncode == 0 else None
+    return {**describe_machine(), "dtypes": {k: c.dtype for k, c in settings.effective_dtypes().items()},
+            "commit": commit}
+
+
+def machine_summary(machine: dict[str, Any]) -> str:
+    """One line: 'AMD EPYC (avx2), 2 cores, float32 engine/reward/ppo, torch 2.13.0+cpu, vllm 0.32.0'."""
+    dtypes = machine.get("dtypes", {})
+    by_dtype: dict[str, list[str]] = {}
+    for name, dtype in dtypes.items():
+        by_dtype.setdefault(dtype, []).append(name.removesuffix("_dtype"))
+    isa = ", ".join(machine.get("isa") or ["no avx2"])
+    parts = [f"{machine.get('cpu')} ({isa})", f"{machine.get('cores')} cores"]
+    parts += [f"{d} {'/'.join(names)}" for d, names in by_dtype.items()]
+    if machine.get("gpu"):
+        parts.append(str(machine["gpu"]))
+    parts += [f"torch {machine.get('torch')}", f"vllm {machine.get('vllm')}"]
+    return ", ".join(parts)
+
+
+def write_report(config: LoopConfig, report: dict[str, Any], started_all: float) -> dict[str, Any]:
+    """The report (rounds, evaluation, phases_s, champion, machine) with the config and the wall time:
+    loop.json and loop.png in the output folder."""
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-              "rounds": rounds, "evaluation": evaluation, "phases_s": phases.seconds,
-              "champion": champion,
-              "wall_s": round(time.monotonic() - started_all, 1)}
+              **report, "wall_s": round(time.monotonic() - started_all, 1)}
     (config.out_dir / "loop.json").write_text(json.dumps(report, indent=2, default=str))
     plot(report, config.out_dir / "loop.png")
     return report

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kaizen.core.engine_config import engine_args, serving_dtype
-from kaizen.core.hardware import choose_dtype, cpu_flags, resolve_dtype
+from kaizen.core.hardware import choose_dtype, cpu_flags, cpu_model, describe_machine, resolve_dtype
 from kaizen.core.settings import Settings
 from kaizen.core.vllm_plugin import ENV as VLLM_SPIN_ENV
 from trainer.ppo_config import PPOConfig
@@ -146,6 +146,10 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
                     "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16 sse4_2\n")
     assert cpu_flags(info) == frozenset({"fpu", "avx2", "avx512_bf16", "sse4_2"})
     assert cpu_flags(tmp_path / "missing") == frozenset()
+    assert cpu_model(info) == "AMD EPYC" and cpu_model(tmp_path / "missing")  # else platform's name
+    machine = describe_machine(info)  # what a benchmark report records of the machine
+    assert machine["cpu"] == "AMD EPYC" and machine["isa"] == ["avx512_bf16", "avx2"]
+    assert machine["torch"] == torch.__version__ and machine["cores"] == len(os.sched_getaffinity(0))
 
 
 def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytest.LogCaptureFixture,

@@ -144,6 +144,13 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
     assert "--set ppo_lr=1e-5`" in line and line.endswith("| 3000 s |\n")
     # the options the run changed are in the command (so it reruns exactly); defaults are not
     assert "--votes 100 --users 8 --judge" in line and "--canary-votes" not in line
+    assert " (at " not in line  # no machine recorded (reports before it was): none invented
+    report["machine"] = {"cpu": "AMD EPYC", "isa": ["avx2"], "cores": 2, "gpu": None, "torch": "2.13.0+cpu",
+                         "vllm": "0.32.0", "commit": "abc1234",
+                         "dtypes": {"engine_dtype": "float32", "reward_dtype": "float32", "ppo_dtype": "bfloat16"}}
+    line = result_line(report, rounds=2, votes=100, judge="j", seed=0, overrides={})
+    assert ("--seed 0` (at abc1234; AMD EPYC (avx2), 2 cores, float32 engine/reward, bfloat16 ppo, "
+            "torch 2.13.0+cpu, vllm 0.32.0) |") in line, line
     report["champion"] = "v0"
     assert "champion still v0 (published: v1, v2)" in result_line(report, rounds=2, votes=100, judge="j", seed=0,
                                                                   overrides={})
@@ -210,6 +217,10 @@ def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pyte
         second = e["second_judge"]  # the same pairs read by another judge (here: one that prefers "No.")
         assert 0.0 <= second["ci95"][0] <= second["win_rate_vs_v0"] <= second["ci95"][1] <= 1.0
     assert set(report["phases_s"]) >= {"start", "votes", "train", "evaluate"}
+    machine = report["machine"]  # where it ran, and what each auto dtype chose there
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch"] == torch.__version__
+    assert machine["dtypes"] == {k: c.dtype for k, c in Settings(model=champion).effective_dtypes().items()}
+    assert machine["commit"], machine  # the tests run in a git checkout
     for v in published:  # the algorithm the round ran is recorded with the version
         assert registry.info(v).training["config"]["algorithm"] == algorithm
         if algorithm == "dpo":  # and DPO learned from the users' own votes as well

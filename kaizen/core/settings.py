@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from kaizen.core.hardware import DtypeChoice, choose_dtype
 from kaizen.core.settings_rollout import RolloutSettings
 from kaizen.core.settings_serving import EngineSettings, ServingSettings, SupervisorSettings
 from kaizen.core.settings_storage import KafkaSettings, StoreSettings
@@ -118,11 +119,7 @@ class Settings(SupervisorSettings, RoundUpkeepSettings, RolloutSettings, Trainin
             else:
                 out[name] = value
         out["model_dir (effective)"] = str(self.model_dir)
-        from kaizen.core.hardware import choose_dtype
-
-        out["engine_dtype (effective)"] = str(choose_dtype(self.engine_dtype, serving=True))
-        out["reward_dtype (effective)"] = str(choose_dtype(self.reward_dtype))
-        out["ppo_dtype (effective)"] = str(choose_dtype(self.ppo_dtype))
+        out.update({f"{name} (effective)": str(choice) for name, choice in self.effective_dtypes().items()})
         from kaizen.core.engine_config import reserved_cpus, usable_cpus
 
         reserved = reserved_cpus(self)
@@ -141,6 +138,11 @@ class Settings(SupervisorSettings, RoundUpkeepSettings, RolloutSettings, Trainin
             shared = make_url(self.database_url.get_secret_value()).render_as_string(hide_password=True)
             out["database (effective)"] = f"shared by the API replicas: {shared}"
         return out
+
+    def effective_dtypes(self) -> dict[str, DtypeChoice]:
+        """What each `*_dtype` setting resolves to on this machine (kaizen.core.hardware)."""
+        return {"engine_dtype": choose_dtype(self.engine_dtype, serving=True),
+                "reward_dtype": choose_dtype(self.reward_dtype), "ppo_dtype": choose_dtype(self.ppo_dtype)}
 
     def child_env(self) -> dict[str, str]:
         """Environment for a child process that must see these same settings."""
