@@ -117,7 +117,10 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     # PPO raised the RM's reward on prompts it never trained on, and the win rate shows it
     assert gate["reward_candidate"] > gate["reward_champion"] + 0.2, gate
     assert gate["win_rate"] >= 0.55 and gate["passed"] and gate["sanity_passed"]
-    assert 0 <= gate["kl"] <= settings.gate_max_kl  # bounded: the KL penalty holds the policy near v0
+    # bounded: the KL penalty holds the policy near v0. The gate's KL is k1 summed per answer, unbiased
+    # but not non-negative (ppo_math.kl_per_token): a candidate this near v0 reads either side of 0
+    # (-0.20 once, on an AVX2-only EPYC), so its size is what is bounded
+    assert abs(gate["kl"]) <= settings.gate_max_kl, gate
     # read at the service's answer length (16 here), longer than the rollouts' 8
     assert gate["kl_max_tokens"] == settings.default_max_tokens > settings.ppo_response_length
     assert "kl_rollout_length" in gate and 0 < gate["kl_answer_tokens"] <= settings.default_max_tokens
