@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,16 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import provenance  # noqa: E402
+from kaizen.core.hardware import cpu_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh_harmless_train.jsonl"
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -127,12 +119,12 @@ def main() -> None:
               f"({r['pairs']} pairs, {r['steps']} steps in {r['seconds']:.1f} s; load {r['load_s']:.1f} s, "
               f"wall {r['wall_s']:.1f} s, final loss {r['final_loss']:.4f})")
     print(f"ratio {args.processes} processes / 1 process: {ratio:.2f}x")
-    print(f"{cpu_name()}, torch capability {one['capability']}, {provenance()}")
+    print(f"{cpu_model()}, torch capability {one['capability']}, {provenance()}")
     with (results / "distributed.jsonl").open("a") as f:
         f.write(json.dumps({"when": stamp, "model": str(args.model), "pairs": args.pairs, "dtype": args.dtype,
                             "max_length": args.max_length, "train_layers": args.train_layers,
                             "global_batch": args.batch_size * args.grad_accum, "one": one, "many": many,
-                            "ratio": ratio, "cpu": cpu_name(), "provenance": provenance()}) + "\n")
+                            "ratio": ratio, "cpu": cpu_model(), "provenance": provenance()}) + "\n")
     for r in (one, many):
         Path(results / f".distributed-{stamp}-{r['processes']}.json").unlink(missing_ok=True)
 

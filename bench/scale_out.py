@@ -36,17 +36,11 @@ from services.comparisons import ComparisonStore  # noqa: E402
 from kaizen.core.events import Answer  # noqa: E402
 from services.models import build_tiny  # noqa: E402
 from kaizen.core.settings import Settings  # noqa: E402
+from kaizen.core.hardware import cpu_model  # noqa: E402
 
 KEY = "bench-key"
 from tests.lb import start_nginx, stop_nginx  # noqa: E402
 from tests.pg import postgres_server  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def seed(target: Path | str, n: int, tag: str) -> list[str]:
