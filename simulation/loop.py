@@ -292,7 +292,8 @@ def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[st
     result = run_round(settings, engine=engine, progress=True)
     phases.add("train", t)
     rec["training"] = {k: result.get(k) for k in ("outcome", "version", "reason", "error", "gate",
-                                                  "reward_accuracy", "ppo", "seconds") if k in result}
+                                                  "reward_accuracy", "missing_eos", "ppo", "seconds")
+                       if k in result}
     say(f"round {r + 1}: {result.get('outcome')} {result.get('version') or ''} {result.get('reason') or ''}")
     version = result.get("version")
     if result.get("outcome") == "published" and version:

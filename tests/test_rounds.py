@@ -113,6 +113,10 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     record = run_round(settings, engine=engine)
     assert record["outcome"] == "published", record
     assert record["reward_refresh"]["accepted"] and record["reward_model"] == "rm-v1"
+    # these votes' answers carry no finish reason: no vote between an ended and a cut-off answer, so
+    # nothing asks for the missing-EOS penalty and the round (PPO and gate) ran without it
+    assert record["missing_eos"] == {"penalty": 0.0, "ended_won": 0, "ended_lost": 0, "ended_share_low": 0.0}
+    assert record["ppo_config"]["missing_eos_penalty"] == 0.0
     gate = record["gate"]
     # PPO raised the RM's reward on prompts it never trained on, and the win rate shows it
     assert gate["reward_candidate"] > gate["reward_champion"] + 0.2, gate
@@ -130,6 +134,7 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     registry = Registry(settings.registry_path)
     info = registry.info(record["version"])
     assert (info.version, info.stage, info.parent) == ("v1", "candidate", "v0")
+    assert info.training["missing_eos"] == record["missing_eos"]
     assert registry.state().champion == "v0"  # publishing never serves: rollout decides
     registry.verify("v1")
     assert info.training["round_id"] == record["round_id"] and info.gate["passed"]
@@ -492,3 +497,28 @@ def test_the_round_summary_compares_the_first_and_last_quarters_of_ppo() -> None
     assert s["reward_last"] - s["reward_first"] == pytest.approx(1.0)
     assert _summary([it(0, 0.3)])["reward_first"] == pytest.approx(0.3)
     assert s["seconds"] == {"rollout": 16.0}
+
+
+def test_the_missing_eos_penalty_is_charged_only_when_the_votes_favour_ended_answers(tmp_path: Path) -> None:
+    from trainer.round_inputs import VotePair
+    from trainer.round_phases import missing_eos_penalty
+
+    def votes(ended_won: int, ended_lost: int, same: int = 5) -> list[VotePair]:
+        m = [{"role": "user", "content": "q"}]
+        return ([VotePair(m, "ended.", "cut", True, False)] * ended_won
+                + [VotePair(m, "cut", "ended.", False, True)] * ended_lost
+                + [VotePair(m, "a.", "b.", True, True), VotePair(m, "a", "b", False, False)] * same)
+
+    settings = make_settings(tmp_path, ppo_missing_eos_penalty=0.8)
+    # rubric-like voters: the ended answer wins 3 in 4 (lower bound 0.61): the setting's penalty
+    rubric = missing_eos_penalty(votes(30, 10), settings)
+    assert rubric["penalty"] == 0.8 and (rubric["ended_won"], rubric["ended_lost"]) == (30, 10)
+    assert 0.5 < rubric["ended_share_low"] < 0.75
+    # voters who prefer the longer, cut answer, or too few votes to tell (2 of 2: lower bound 0.34): none
+    assert missing_eos_penalty(votes(7, 37), settings)["penalty"] == 0.0
+    few = missing_eos_penalty(votes(2, 0), settings)
+    assert few["penalty"] == 0.0 and few["ended_share_low"] < 0.5
+    assert missing_eos_penalty([], settings)["penalty"] == 0.0
+    # the setting off: the penalty whatever the votes say
+    always = make_settings(tmp_path, ppo_missing_eos_penalty=0.8, ppo_missing_eos_from_votes=False)
+    assert missing_eos_penalty(votes(7, 37), always) == {"penalty": 0.8}

@@ -120,15 +120,11 @@ def read_pairs_file(path: Path) -> list[Pair]:
     return pairs
 
 
-#: finish_reason -> ended (1) or cut off at max_tokens (0); any other reason is not known.
-ENDED = {"stop": 1, "length": 0}
-
-
 def ended_gap(a: Answer, b: Answer) -> int:
-    """ended(a) − ended(b) from the answers' finish_reason ("stop": ended, "length": cut off); 0
-    when either is not known."""
-    ea, eb = (ENDED.get(x.finish_reason or "") for x in (a, b))
-    return 0 if ea is None or eb is None else ea - eb
+    """ended(a) − ended(b) (`Answer.ended`: 1 ended, 0 cut off at max_tokens); 0 when either is
+    not known."""
+    ea, eb = a.ended, b.ended
+    return 0 if ea is None or eb is None else int(ea) - int(eb)
 
 
 def pairs_from_events(events: Iterable[PreferenceEvent], ties: bool = False) -> tuple[list[Pair], PairCounts]:

@@ -50,7 +50,8 @@ def new_votes_since(settings: Settings, mark: int) -> int:
 @dataclass(frozen=True)
 class VotePair:
     """A user's decided vote as DPO reads it: the conversation, the chosen and the rejected answer,
-    and whether each ended by itself (False: cut at max_tokens, so no end-of-turn token follows)."""
+    and whether each ended by itself (`Answer.ended`; False: cut at max_tokens or not known, so no
+    end-of-turn token follows)."""
 
     messages: Messages
     chosen: str
@@ -92,7 +93,7 @@ def read_round_inputs(settings: Settings) -> RoundInputs:
             if ranked is not None and not is_held:
                 good, bad = ranked
                 pairs.append((key, VotePair(messages, good.text, bad.text,
-                                            good.finish_reason == "stop", bad.finish_reason == "stop")))
+                                            good.ended is True, bad.ended is True)))
     finally:
         store.close()
     for k in held:

@@ -28,6 +28,7 @@ import torch
 
 from kaizen.core.model_events import emit
 from kaizen.core.registry import Registry
+from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS
 from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate
 from trainer.policy import RewardScorer, load_policy, save_policy
@@ -35,6 +36,7 @@ from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats, run_ppo
 from trainer.ppo_config import PPOConfig
 from trainer.reward import current_version, refresh_reward_model
+from trainer.reward_eval import wilson_interval
 from trainer.reward_model import RewardConfig, read_manifest
 from trainer.rollout_engine import RolloutEngine, Sample, sync_folder
 from trainer.round_crew import Crew
@@ -108,7 +110,10 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
     else:
         timer.seconds["engine_reset"] = engine.load_weights(registry.path(champion))
     ctx.state["rollout_engine"] = engine.config
-    job = RoundJob(registry=registry, engine=engine, config=PPOConfig.from_settings(settings),
+    # a resumed round gates with the penalty its candidate was trained with
+    eos = ctx.state.setdefault("missing_eos", missing_eos_penalty(inputs.vote_pairs, settings))
+    config = PPOConfig.from_settings(settings, missing_eos_penalty=eos["penalty"])
+    job = RoundJob(registry=registry, engine=engine, config=config,
                    reward_model=rm, champion=champion, train_prompts=train_prompts, held_prompts=held_prompts,
                    vote_pairs=inputs.vote_pairs, stopped=stopped, crew=crew, resuming=resuming, timer=timer)
     try:
@@ -116,6 +121,20 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
     finally:
         if own_engine:
             engine.shutdown()
+
+
+def missing_eos_penalty(pairs: list[VotePair], settings: Settings) -> dict[str, Any]:
+    """The round's missing-EOS penalty and why (setting ppo_missing_eos_from_votes): the setting's
+    value while the decided votes between an ended and a cut-off answer favour the ended one (95%
+    Wilson lower bound of its share > 0.5), else 0. Returns {"penalty", "ended_won", "ended_lost",
+    "ended_share_low"}; `ended_*` are absent when the setting is off."""
+    if not settings.ppo_missing_eos_from_votes:
+        return {"penalty": settings.ppo_missing_eos_penalty}
+    won = sum(1 for p in pairs if p.chosen_ended and not p.rejected_ended)
+    lost = sum(1 for p in pairs if p.rejected_ended and not p.chosen_ended)
+    low = wilson_interval(won, won + lost)[0]
+    return {"penalty": settings.ppo_missing_eos_penalty if low > 0.5 else 0.0, "ended_won": won,
+            "ended_lost": lost, "ended_share_low": round(low, 4)}
 
 
 def _refresh(ctx: RoundContext, registry: Registry, serving: str | None, crew: Crew,
@@ -225,6 +244,7 @@ def _publish(ctx: RoundContext, job: RoundJob, candidate: Path, gate: dict[str, 
     timings = job.timer.seconds
     training = {"round_id": ctx.round_id, "ppo": ctx.state.get("ppo"), "config": ctx.state.get("ppo_config"),
                 "reward_refresh": ctx.state.get("reward_refresh"), "timings": timings,
+                "missing_eos": ctx.state.get("missing_eos"),
                 "rollout_engine": ctx.state.get("rollout_engine"),
                 "distributed": ctx.state.get("distributed", {"world_size": 1, "backend": "none"})}
     with job.timer("publish"):

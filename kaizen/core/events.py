@@ -36,6 +36,12 @@ class Answer(BaseModel):
     finish_reason: str | None = None
     sampling: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def ended(self) -> bool | None:
+        """True: the model ended the answer ("stop"); False: cut off at max_tokens ("length");
+        None: not known (an imported pair, an older event). The trainer's one reading of it."""
+        return {"stop": True, "length": False}.get(self.finish_reason or "")
+
 
 class PreferenceEvent(BaseModel):
     """Schema v1 (ARCHITECTURE.md): one vote, with everything needed to learn from it."""

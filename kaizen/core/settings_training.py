@@ -161,7 +161,16 @@ class TrainingSettings(BaseSettings):
     ppo_lam: float = Field(default=0.95, ge=0, le=1)
     ppo_temperature: float = Field(default=1.0, gt=0)
     ppo_missing_eos_penalty: float = Field(default=1.0, ge=0)
-    """Subtracted from the (normalised) score of an answer that hit ppo_response_length."""
+    """Subtracted from the (normalised) score of an answer that hit ppo_response_length (and in the
+    gate), when the votes ask for it (ppo_missing_eos_from_votes)."""
+    ppo_missing_eos_from_votes: bool = True
+    """Charge the missing-EOS penalty only while the users' decided votes between an answer that
+    ended and one cut off at max_tokens favour the ended one (the 95% Wilson lower bound of its
+    share above 0.5); otherwise the round uses 0 and the reward model, which learned from those
+    votes, alone says what a cut-off answer is worth. The penalty is a prior (TRL's), not the
+    users' word: rubric voters pick the ended answer three times in four, a reward-model judge
+    trained on human pairs picks the cut, longer one four times in five (bench/README.md, "The
+    loop"). False: always charge it. The round's record keeps the counts (`missing_eos`)."""
     ppo_length_neutral: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of the reward model's linear preference for answer length (least squares of score on
     tokens over the run's ended answers) removed from each PPO reward. 1: PPO gains nothing from
