@@ -55,11 +55,13 @@ def test_a_users_answer_ends_with_the_end_token_only_if_it_ended(tiny_model: Pat
     plain = tok(text, add_special_tokens=False)["input_ids"]
     assert answer_ids(tok, text, ended=True, max_tokens=64) == [*plain, tok.eos_token_id]
     assert answer_ids(tok, text, ended=False, max_tokens=64) == plain
+    assert answer_ids(tok, text, ended=None, max_tokens=64) == plain  # not known: no end claimed
     # cut to max_tokens (the policy's answer length), it no longer ends there
     assert answer_ids(tok, text, ended=True, max_tokens=2) == plain[:2]
 
 
-def _vote(i: int, question: str, choice: object, finish: tuple[str, str] = ("stop", "length")) -> PreferenceEvent:
+def _vote(i: int, question: str, choice: object,
+          finish: tuple[str | None, str | None] = ("stop", "length")) -> PreferenceEvent:
     return PreferenceEvent(comparison_id=f"c{i}", user="u1", served_at=datetime.now(UTC),
                            messages=[Message(role="user", content=question)],
                            answers=[Answer(text=f"a{i}", model_version="v0", finish_reason=finish[0]),
@@ -74,7 +76,8 @@ def test_a_round_reads_its_prompts_and_the_decided_votes_on_training_prompts(tmp
     train = [q for q in questions if q not in held]
     assert held and train  # the split has both sides for the test to tell apart
     events = [_vote(1, train[0], 0), _vote(2, train[1], 1, ("length", "stop")), _vote(3, train[2], "tie"),
-              _vote(4, train[3], "both_bad"), _vote(5, held[0], 0)]
+              _vote(4, train[3], "both_bad"), _vote(5, held[0], 0),
+              _vote(6, train[4], 1, ("stop", None))]  # an imported vote: one answer's end not known
     store = PreferenceStore(settings.preferences_db)
     try:
         store.add_many(events)
@@ -82,12 +85,13 @@ def test_a_round_reads_its_prompts_and_the_decided_votes_on_training_prompts(tmp
         store.close()
     inputs = read_round_inputs(settings)
     # every training prompt is PPO's, the held-out one only the gate's (one read gives both)
-    assert inputs.train_prompts == [[{"role": "user", "content": q}] for q in train[:4]]
+    assert inputs.train_prompts == [[{"role": "user", "content": q}] for q in train[:5]]
     assert inputs.held_prompts == [[{"role": "user", "content": held[0]}]]
     # the tie, the both-bad vote and the held-out prompt (the gate's) are not learned from
     assert inputs.vote_pairs == [
         VotePair([{"role": "user", "content": train[0]}], "a1", "b1", chosen_ended=True, rejected_ended=False),
         VotePair([{"role": "user", "content": train[1]}], "b2", "a2", chosen_ended=True, rejected_ended=False),
+        VotePair([{"role": "user", "content": train[4]}], "b6", "a6", chosen_ended=None, rejected_ended=True),
     ]
 
 

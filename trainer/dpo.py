@@ -95,11 +95,11 @@ class WholePromptTrainer(PPOTrainer):
         return whole_prompt_rows(B, self.per_prompt(), self.dist.rank, self.dist.world_size)
 
 
-def answer_ids(tokenizer: Any, text: str, ended: bool, max_tokens: int) -> list[int]:
+def answer_ids(tokenizer: Any, text: str, ended: bool | None, max_tokens: int) -> list[int]:
     """An answer's tokens as the engine would have sampled them: the text, then the end-of-turn token
-    when the answer ended by itself (and still fits in `max_tokens`)."""
+    when the answer ended by itself (and still fits in `max_tokens`); not known (None): none."""
     ids: list[int] = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]][:max_tokens]
-    if ended and len(ids) < max_tokens:
+    if ended is True and len(ids) < max_tokens:
         ids.append(int(tokenizer.eos_token_id))
     return ids
 

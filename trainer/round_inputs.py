@@ -50,14 +50,14 @@ def new_votes_since(settings: Settings, mark: int) -> int:
 @dataclass(frozen=True)
 class VotePair:
     """A user's decided vote as DPO reads it: the conversation, the chosen and the rejected answer,
-    and whether each ended by itself (`Answer.ended`; False: cut at max_tokens or not known, so no
-    end-of-turn token follows)."""
+    and whether each ended by itself (`Answer.ended`: True ended, False cut at max_tokens, None not
+    known, as in imported events without a finish reason; only True puts an end-of-turn token after it)."""
 
     messages: Messages
     chosen: str
     rejected: str
-    chosen_ended: bool
-    rejected_ended: bool
+    chosen_ended: bool | None
+    rejected_ended: bool | None
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def read_round_inputs(settings: Settings) -> RoundInputs:
             if ranked is not None and not is_held:
                 good, bad = ranked
                 pairs.append((key, VotePair(messages, good.text, bad.text,
-                                            good.ended is True, bad.ended is True)))
+                                            good.ended, bad.ended)))
     finally:
         store.close()
     for k in held:

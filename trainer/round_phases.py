@@ -126,12 +126,13 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
 def missing_eos_penalty(pairs: list[VotePair], settings: Settings) -> dict[str, Any]:
     """The round's missing-EOS penalty and why (setting ppo_missing_eos_from_votes): the setting's
     value while the decided votes between an ended and a cut-off answer favour the ended one (95%
-    Wilson lower bound of its share > 0.5), else 0. Returns {"penalty", "ended_won", "ended_lost",
+    Wilson lower bound of its share > 0.5), else 0; a vote with an answer whose end is not known
+    (None) counts on neither side. Returns {"penalty", "ended_won", "ended_lost",
     "ended_share_low"}; `ended_*` are absent when the setting is off."""
     if not settings.ppo_missing_eos_from_votes:
         return {"penalty": settings.ppo_missing_eos_penalty}
-    won = sum(1 for p in pairs if p.chosen_ended and not p.rejected_ended)
-    lost = sum(1 for p in pairs if p.rejected_ended and not p.chosen_ended)
+    won = sum(1 for p in pairs if p.chosen_ended is True and p.rejected_ended is False)
+    lost = sum(1 for p in pairs if p.rejected_ended is True and p.chosen_ended is False)
     low = wilson_interval(won, won + lost)[0]
     return {"penalty": settings.ppo_missing_eos_penalty if low > 0.5 else 0.0, "ended_won": won,
             "ended_lost": lost, "ended_share_low": round(low, 4)}
