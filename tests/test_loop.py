@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -281,7 +282,8 @@ def test_a_judge_that_cannot_run_stops_the_loop_before_anything_starts(
             ("eval_judge", f"{judges}:unsure", "answered 'maybe'"),
             ("judge", f"{judges}:missing", "missing is not a function")]:
         out = tmp_path / field / "out"
-        config = LoopConfig(out_dir=out, **{"judge": f"{judges}:prefers_yes", field: spec})
+        specs: dict[str, Any] = {"judge": f"{judges}:prefers_yes", field: spec}
+        config = LoopConfig(out_dir=out, **specs)
         with pytest.raises(ValueError, match=error):
             run_loop(config, Settings())
         assert not (out / "data" / "serve.log").exists()  # no API was started
