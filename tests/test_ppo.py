@@ -23,6 +23,7 @@ from trainer.ppo_math import (
     explained_variance,
     gae,
     kl_per_token,
+    kl_spent,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
@@ -217,6 +218,15 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target() -> None:
     assert ctl.update(1.1, 10) == pytest.approx(0.1 * 1.01)  # error 0.1, inside the clip
     fixed = AdaptiveKLController(0.1, target=1.0, horizon=100, fixed=True)
     assert fixed.update(5.0, 10) == 0.1
+
+
+def test_the_kl_budget_is_spent_when_the_windows_mean_passes_it() -> None:
+    kls = [0.25, 0.5, 1.25, 2.0]  # the last three's mean: 1.25, exactly
+    assert not kl_spent(kls, None, 1)  # no budget: never
+    assert not kl_spent(kls[:2], 0.01, 3)  # fewer iterations than the window: not yet
+    assert kl_spent(kls, 1.2, 3)
+    assert not kl_spent(kls, 1.25, 3)  # the mean must pass the budget, not reach it
+    assert kl_spent(kls, 1.8, 1) and not kl_spent(kls, 1.8, 2)  # one noisy iteration vs two (1.625)
 
 
 def test_the_length_fit_takes_the_slope_of_ended_answers_out() -> None:

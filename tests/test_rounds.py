@@ -206,22 +206,27 @@ def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: di
                                                                         tmp_path: Path) -> None:
     """KAIZEN_PPO_REFERENCE=base: a round starting from a promoted v1 penalises KL to the root of v1's
     lineage (v0), not to v1, so drift stays bounded over rounds. Its first rollouts, sampled from v1
-    before any update, already read a KL above zero; with the champion as reference they read zero."""
+    before any update, already read a KL above zero; with the champion as reference they read zero.
+    That first KL is over a KL budget of 0.05 (KAIZEN_PPO_STOP_KL, a window of one iteration): the
+    round stops its update there, after 1 of 4 iterations, and says why."""
     data = tmp_path / "data"
     shutil.copytree(world["first"], data, symlinks=True)  # the first round's store, reward model, v0, v1
     base = round_settings(data, world["champion"], world["broker"], world["pass"], ppo_iterations=1)
     Registry(base.registry_path).promote("v1", who="test")
 
-    def first_kl(settings: Settings) -> tuple[str, float]:
+    def first_kl(settings: Settings) -> tuple[dict[str, Any], float]:
         record = run_round(settings, engine=engine)
         first = next(x for x in round_events(settings)
                      if x["kind"] == "iteration" and x["round_id"] == record["round_id"])
-        return record["ppo"]["kl_reference"], first["kl"]
+        return record["ppo"], first["kl"]
 
-    reference, kl = first_kl(base.model_copy(update={"ppo_reference": "base"}))
-    assert reference == "v0" and kl > 0.05, kl
-    reference, kl = first_kl(base)
-    assert reference == "v1" and abs(kl) < 0.02, kl
+    ppo, kl = first_kl(base.model_copy(update={"ppo_reference": "base", "ppo_iterations": 4,
+                                               "ppo_stop_kl": 0.05, "ppo_stop_kl_window": 1}))
+    assert ppo["kl_reference"] == "v0" and kl > 0.05, kl
+    assert ppo["iterations"] == 1 and ppo["kl_budget_spent"] is True, ppo
+    ppo, kl = first_kl(base)
+    assert ppo["kl_reference"] == "v1" and abs(kl) < 0.02, kl
+    assert "kl_budget_spent" not in ppo  # no budget set: the key is absent
 
 
 def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any], engine: Any,

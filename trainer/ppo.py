@@ -44,8 +44,8 @@ from trainer.policy import (Batch, PolicyWithValue, RewardScorer, collate_answer
                             freeze_lower_layers, sequence_logprobs, shared_trunk_depth)
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import (AdaptiveKLController, LengthFit, entropy_from_logits, explained_variance, gae,
-                              kl_per_token, logprobs_from_logits, masked_mean, masked_whiten, policy_loss,
-                              rloo_advantages, shaped_rewards, value_loss)
+                              kl_per_token, kl_spent, logprobs_from_logits, masked_mean, masked_whiten,
+                              policy_loss, rloo_advantages, shaped_rewards, value_loss)
 from trainer.reward_model import autocast_to
 from trainer.rollout_engine import RolloutEngine, Sample, sync_weights
 from trainer.timing import PhaseTimer
@@ -363,7 +363,7 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
             should_stop: Callable[[], bool] | None = None, progress: bool = False) -> list[IterationStats]:
     """`config.iterations` iterations, each on `prompts_per_iteration` prompts drawn from `prompts`
     (shuffled, cycling; batch_size answers in all). Stops early, between iterations, when
-    `should_stop()` says so."""
+    `should_stop()` says so or the KL budget is spent (`kl_spent`, setting ppo_stop_kl)."""
     if not prompts:
         raise ValueError("prompts: PPO needs at least one prompt")
     order: list[int] = []
@@ -373,21 +373,21 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
         for _ in range(config.iterations):
             if trainer.dist.any(should_stop is not None and should_stop()):  # SIGTERM on any rank stops all
                 break
-            picked: list[Messages] = []
-            while len(picked) < config.prompts_per_iteration:
-                if not order:
-                    order = list(range(len(prompts)))
-                    trainer.rng.shuffle(order)
-                picked.append(prompts[order.pop()])
-            stats = trainer.step(picked)
+            while len(order) < config.prompts_per_iteration:  # the rest of this pass, then new ones
+                fresh = list(range(len(prompts)))
+                trainer.rng.shuffle(fresh)
+                order = fresh + order
+            stats = trainer.step([prompts[order.pop()] for _ in range(config.prompts_per_iteration)])
             history.append(stats)
-            log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s, "
-                     "%.1f tokens, length slope %.4f", stats.iteration, stats.reward_mean, stats.kl,
-                     stats.kl_coef, stats.clipfrac, stats.samples_per_s, stats.answer_tokens,
-                     trainer.length_fit.slope)
+            log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s, %.1f "
+                     "tokens, length slope %.4f", stats.iteration, stats.reward_mean, stats.kl, stats.kl_coef,
+                     stats.clipfrac, stats.samples_per_s, stats.answer_tokens, trainer.length_fit.slope)
             if on_iteration is not None:
                 on_iteration(stats)
             bar.update(task, advance=1, reward=stats.reward_mean, kl=stats.kl)
+            if trainer.dist.any(kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window)):
+                log.info("ppo: KL budget %.2f spent after %d iterations", config.stop_kl, len(history))
+                break
     return history
 
 

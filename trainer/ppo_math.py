@@ -11,6 +11,7 @@ docstring.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -250,6 +251,14 @@ class AdaptiveKLController:
             proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))  # Ziegler et al. 2019
             self.value *= 1 + proportional_error * n_steps / self.horizon
         return self.value
+
+
+def kl_spent(kls: Sequence[float], stop_kl: float | None, window: int) -> bool:
+    """Whether a run whose iterations read `kls` (nats per answer, oldest first) has spent its KL
+    budget: the mean of the last `window` passes `stop_kl` (setting ppo_stop_kl; None: never)."""
+    if stop_kl is None or len(kls) < window:
+        return False
+    return sum(kls[-window:]) / window > stop_kl
 
 
 # -- length-neutral scores ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats, run_ppo
+from trainer.ppo_math import kl_spent
 from trainer.ppo_config import PPOConfig
 from trainer.reward import current_version, refresh_reward_model
 from trainer.reward_eval import wilson_interval
@@ -209,8 +210,10 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
                               should_stop=job.stopped, progress=ctx.options.progress)
     if job.stopped():
         return finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"})
+    spent = kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window)
     ctx.state["ppo"] = {**_summary(history), "kl_reference": kl_reference,
-                        **({"vote_pairs": len(votes)} if votes else {})}
+                        **({"vote_pairs": len(votes)} if votes else {}),
+                        **({"kl_budget_spent": spent} if config.stop_kl is not None else {})}
     ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
     ctx.state["distributed"] = trainer.dist.describe()
     save_policy(policy, models.tokenizer, candidate, saved_dtype)

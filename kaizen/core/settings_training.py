@@ -146,6 +146,16 @@ class TrainingSettings(BaseSettings):
     """Adapt β toward ppo_target_kl (Ziegler et al. 2019); off: β stays fixed."""
     ppo_target_kl: float = Field(default=1.0, gt=0)
     """KL (nats per answer) the adaptive controller steers toward; below gate_max_kl."""
+    ppo_stop_kl: float | None = Field(default=None, gt=0)
+    """Stop a round's policy update early, between iterations, once the mean KL to the reference
+    (nats per answer at ppo_response_length, as the iterations log it) over the last
+    ppo_stop_kl_window iterations passes this: the candidate has spent the drift the round allows,
+    and more iterations would move it past what the gate accepts (gate_max_kl, read at the service's
+    answer length, where the same policy reads ~1.5-3.4x the rollouts' KL: longer answers carry more).
+    None: every round runs ppo_iterations. With a learning rate that reaches far (ppo_lr), this lets
+    the KL, not the iteration count, decide when a round is done."""
+    ppo_stop_kl_window: int = Field(default=3, ge=1)
+    """Iterations whose mean KL ppo_stop_kl reads: one iteration's KL is 16 answers' (noisy)."""
     ppo_reference: Literal["champion", "base"] = "champion"
     """The policy a round's KL penalty (and DPO's log-ratios) is measured against. champion: the
     version the round starts from, so each round may move about ppo_target_kl further and the drift
