@@ -164,6 +164,10 @@ class TrainingSettings(BaseSettings):
     model, starting from the champion (InstructGPT's and Llama 2's fixed reference). The gate still
     bounds KL to the champion (gate_max_kl)."""
     ppo_kl_horizon: int = Field(default=1000, ge=1)
+    """Samples over which the controller closes its error (Ziegler et al.: 10000). β moves by at
+    most 0.2 x answers / horizon per iteration: 0.32% at 16 answers, so within a round of 20
+    iterations β stays within ~7% of ppo_kl_coef (the loop's rounds of 2026-12-01 ended at
+    0.047-0.050); the KL a round reaches is set by ppo_lr and ppo_iterations (or ppo_stop_kl)."""
     ppo_cliprange: float = Field(default=0.2, gt=0)
     ppo_cliprange_value: float = Field(default=0.2, gt=0)
     ppo_vf_coef: float = Field(default=0.1, ge=0)
