@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kaizen.core.events import Answer, PreferenceEvent
+from kaizen.core.events import PreferenceEvent, ended_gap
 from trainer.store import holdout_share, prompt_key
 
 Messages = list[dict[str, str]]
@@ -120,13 +120,6 @@ def read_pairs_file(path: Path) -> list[Pair]:
     return pairs
 
 
-def ended_gap(a: Answer, b: Answer) -> int:
-    """ended(a) − ended(b) (`Answer.ended`: 1 ended, 0 cut off at max_tokens); 0 when either is
-    not known."""
-    ea, eb = a.ended, b.ended
-    return 0 if ea is None or eb is None else int(ea) - int(eb)
-
-
 def pairs_from_events(events: Iterable[PreferenceEvent], ties: bool = False) -> tuple[list[Pair], PairCounts]:
     """Votes 0/1 as pairs; with `ties`, each tie as a pair labelled 0.5; both-bad (and ties without
     `ties`) counted, not paired (module docstring). `counts.pairs` counts the decided pairs."""
@@ -140,12 +133,13 @@ def pairs_from_events(events: Iterable[PreferenceEvent], ties: bool = False) -> 
         if ranked is None:  # a tie
             counts.ties += 1
             if ties:
-                pairs.append(Pair(prompt, ev.answers[0].text, ev.answers[1].text, key=prompt_key(prompt),
-                                  source="store", label=0.5, ended_gap=ended_gap(*ev.answers)))
+                a, b = ev.answers
+                pairs.append(Pair(prompt, a.text, b.text, key=prompt_key(prompt), source="store", label=0.5,
+                                  ended_gap=ended_gap(a.ended, b.ended)))
             continue
         chosen, rejected = ranked
         pairs.append(Pair(prompt, chosen.text, rejected.text, key=prompt_key(prompt), source="store",
-                          ended_gap=ended_gap(chosen, rejected)))
+                          ended_gap=ended_gap(chosen.ended, rejected.ended)))
         counts.pairs += 1
     return pairs, counts
 

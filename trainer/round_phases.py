@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from kaizen.core.events import ended_gap
 from kaizen.core.model_events import emit
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
@@ -132,8 +133,8 @@ def missing_eos_penalty(pairs: list[VotePair], settings: Settings) -> dict[str, 
     "ended_share_low"}; `ended_*` are absent when the setting is off."""
     if not settings.ppo_missing_eos_from_votes:
         return {"penalty": settings.ppo_missing_eos_penalty}
-    won = sum(1 for p in pairs if p.chosen_ended is True and p.rejected_ended is False)
-    lost = sum(1 for p in pairs if p.rejected_ended is True and p.chosen_ended is False)
+    gaps = [ended_gap(p.chosen_ended, p.rejected_ended) for p in pairs]
+    won, lost = gaps.count(1), gaps.count(-1)
     low = wilson_interval(won, won + lost)[0]
     return {"penalty": settings.ppo_missing_eos_penalty if low > 0.5 else 0.0, "ended_won": won,
             "ended_lost": lost, "ended_share_low": round(low, 4)}

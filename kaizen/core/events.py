@@ -43,6 +43,12 @@ class Answer(BaseModel):
         return {"stop": True, "length": False}.get(self.finish_reason or "")
 
 
+def ended_gap(a: bool | None, b: bool | None) -> int:
+    """ended(a) − ended(b) for two answers' `Answer.ended`: 1 when only a ended, −1 when only b did,
+    0 when both or neither did or either is not known (None)."""
+    return 0 if a is None or b is None else int(a) - int(b)
+
+
 class PreferenceEvent(BaseModel):
     """Schema v1 (ARCHITECTURE.md): one vote, with everything needed to learn from it."""
 
