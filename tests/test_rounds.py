@@ -513,7 +513,8 @@ def test_the_missing_eos_penalty_is_charged_only_when_the_votes_favour_ended_ans
         return ([VotePair(m, "ended.", "cut", True, False)] * ended_won
                 + [VotePair(m, "cut", "ended.", False, True)] * ended_lost
                 + [VotePair(m, "a.", "b.", True, True), VotePair(m, "a", "b", False, False),
-                   VotePair(m, "ended.", "unknown", True, None), VotePair(m, "unknown", "cut", None, False)] * same)
+                   VotePair(m, "ended.", "unknown", True, None),
+                   VotePair(m, "unknown", "cut", None, False)] * same)
 
     settings = make_settings(tmp_path, ppo_missing_eos_penalty=0.8)
     # rubric-like voters: the ended answer wins 3 in 4 (lower bound 0.61): the setting's penalty
