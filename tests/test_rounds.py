@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from kaizen.core.events import Answer, Message, PreferenceEvent
 from kaizen.core.registry import Registry
@@ -155,7 +156,7 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     assert read_rounds(settings, 5)[0]["round_id"] == record["round_id"]
     assert not (settings.data_dir / "rounds" / "state.json").exists()
 
-    # the published folder: same dtype as the champion, loads in transformers and in vLLM
+    # the published folder: the champion's dtype (KAIZEN_CANDIDATE_DTYPE), loads in transformers and vLLM
     from transformers import AutoModelForCausalLM
 
     path = registry.path("v1")
@@ -250,6 +251,73 @@ def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any],
     assert trail[1].details["gate"]["sanity_passed"] is False
     assert trail[1].details["round_id"] == record["round_id"]
     assert [e["versions"] for e in round_events(settings) if e["kind"] == "retention"] == [[record["version"]]]
+
+
+def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weights_back(
+        world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
+    """KAIZEN_PPO_SANITY_EVERY (trainer/ppo_loop.py): the guard reads greedy answers from the engine
+    holding each iteration's weights. Questions v0 answers "Yes." to must keep that answer; a policy
+    whose final norm is negated (its logits too) breaks them at the check, and the guard puts back the
+    weights of the last check that passed, which answer "Yes." again once synced."""
+    from types import SimpleNamespace
+
+    from trainer.distributed import ONE_PROCESS
+    from trainer.policy import load_policy
+    from trainer.ppo_config import PPOConfig
+    from trainer.ppo_loop import SanityGuard
+    from trainer.rollout_engine import sync_weights
+
+    policy, tok, _ = load_policy(world["champion"])
+    rng = random.Random(7)
+    items = [{"prompt": question(rng)[0]["content"], "expect": "^Yes"} for _ in range(4)]
+    items.append({"prompt": "What is the capital of France?", "expect": "Paris"})  # v0 fails it already
+    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS)
+    config = PPOConfig(iterations=6, response_length=8)
+    guard = SanityGuard(items, every=2)
+    engine.load_weights(world["champion"])
+    guard.start(trainer, config)
+    assert guard.baseline_failed == {"What is the capital of France?"}, guard.baseline_failed
+    norm = policy.lm.model.norm.weight
+    before = norm.detach().clone()
+    with torch.no_grad():
+        norm.mul_(1.01)  # a small step: the answers hold
+    sync_weights(policy, engine, tmp_path / "sync")
+    assert not guard.after(trainer, config, 1) and guard.good_iteration == 0  # not a check iteration
+    assert not guard.after(trainer, config, 2) and guard.good_iteration == 2
+    kept = norm.detach().clone()
+    with torch.no_grad():
+        norm.mul_(-1.0)
+    sync_weights(policy, engine, tmp_path / "sync")
+    assert guard.after(trainer, config, 4), guard.record()
+    assert guard.record()["failed_at"] == 4 and guard.record()["kept_iteration"] == 2
+    assert {f["prompt"] for f in guard.failed} <= {x["prompt"] for x in items[:4]} and guard.failed
+    assert torch.equal(norm, kept) and not torch.equal(norm, before)
+    sync_weights(policy, engine, tmp_path / "sync")
+    assert [f["prompt"] for f in guard.failing(trainer, config)] == ["What is the capital of France?"]
+
+
+def test_new_weights_never_read_the_old_weights_cached_prompt(world: dict[str, Any], engine: Any,
+                                                              tiny_model: Path) -> None:
+    """vLLM caches full KV blocks (128 tokens on CPU) by their tokens alone, and reloading weights
+    kept them: the gate's candidate answered its held-out prompts on the champion's keys and values,
+    the evaluation's v1 on v0's. After `load_weights` a long prompt reads the same as from a cache
+    emptied by hand."""
+    from trainer.policy import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(world["champion"])
+    prompt = encode_prompt(tok, [{"role": "user", "content": " ".join(question(random.Random(3))[0]["content"]
+                                                                     for _ in range(40))}], 512)
+    assert len(prompt) > 2 * 128, len(prompt)  # two full blocks at least
+
+    def greedy() -> list[int]:
+        return list(engine.generate([prompt], max_tokens=8, temperature=0.0)[0].token_ids)
+
+    engine.load_weights(world["champion"])
+    champion = greedy()  # its blocks are cached now
+    engine.load_weights(tiny_model)
+    after_reload = greedy()
+    assert engine.llm.reset_prefix_cache()
+    assert after_reload == greedy() != champion, (after_reload, champion)
 
 
 def test_the_gate_reads_kl_at_the_services_answer_length(world: dict[str, Any], engine: Any,

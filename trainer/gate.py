@@ -118,11 +118,12 @@ def gate_answers(engine: RolloutEngine, tokenizer: Any, prompts: list[Messages],
     return ids, samples
 
 
-def sanity_answers(engine: RolloutEngine, tokenizer: Any, settings: Settings,
+def sanity_answers(engine: RolloutEngine, tokenizer: Any, items: list[dict[str, str]],
                    config: PPOConfig) -> list[dict[str, Any]]:
-    """Each sanity prompt with the greedy answer of the weights `engine` holds and whether it matched."""
+    """Each sanity prompt of `items` (`sanity_set`) with the greedy answer of the weights `engine`
+    holds and whether it matched."""
     sanity = []
-    for item in sanity_set(settings):
+    for item in items:
         turn = [{"role": "user", "content": item["prompt"]}]
         ids = [encode_prompt(tokenizer, turn, config.max_prompt_length)]
         answer = engine.generate(ids, max_tokens=config.response_length, temperature=0.0)[0].text
@@ -184,7 +185,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         return scores - float(config.missing_eos_penalty) * unended
 
     r_cand, r_champ = reward(cand), reward(champ)
-    sanity = sanity_answers(engine, models.tokenizer, settings, config)
+    sanity = sanity_answers(engine, models.tokenizer, sanity_set(settings), config)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, kl["kl"],  # float32 gaps, as the RM scored
                            [s["prompt"] for s in sanity if not s["passed"]],

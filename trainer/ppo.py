@@ -24,14 +24,15 @@ PPO trainer does too, which costs a second model's forward and backward per step
 Where things are: the hyperparameters (PPOConfig, from the `ppo_*` settings) in trainer/ppo_config.py;
 the math (losses, GAE, RLOO, KL estimates, whitening) in trainer/ppo_math.py; the policy and reward models,
 batches and log-probs in trainer/policy.py; the vLLM engine and the weight sync in trainer/rollout_engine.py;
-the phase timer in trainer/timing.py. Here: one iteration (`PPOTrainer.step`) and the loop (`run_ppo`).
+the phase timer in trainer/timing.py; the loop of iterations and when it stops (`run_ppo`) in
+trainer/ppo_loop.py. Here: one iteration (`PPOTrainer.step`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from trainer.policy import (Batch, PolicyWithValue, RewardScorer, collate_answer
                             freeze_lower_layers, sequence_logprobs, shared_trunk_depth)
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import (AdaptiveKLController, LengthFit, entropy_from_logits, explained_variance, gae,
-                              kl_per_token, kl_spent, logprobs_from_logits, masked_mean, masked_whiten,
+                              kl_per_token, logprobs_from_logits, masked_mean, masked_whiten,
                               policy_loss, rloo_advantages, shaped_rewards, value_loss)
 from trainer.reward_model import autocast_to
 from trainer.rollout_engine import RolloutEngine, Sample, sync_weights
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
 
 
-# -- the iteration loop -------------------------------------------------------------------------
+# -- one iteration's numbers -------------------------------------------------------------------------
 
 
 @dataclass
@@ -356,45 +357,3 @@ class PPOTrainer:
             return {"save_s": 0.0, "reload_s": 0.0}
         assert self.sync_dir is not None
         return sync_weights(self.policy, self.engine, self.sync_dir)
-
-
-def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,
-            on_iteration: Callable[[IterationStats], None] | None = None,
-            should_stop: Callable[[], bool] | None = None, progress: bool = False) -> list[IterationStats]:
-    """`config.iterations` iterations, each on `prompts_per_iteration` prompts drawn from `prompts`
-    (shuffled, cycling; batch_size answers in all). Stops early, between iterations, when
-    `should_stop()` says so or the KL budget is spent (`kl_spent`, setting ppo_stop_kl)."""
-    if not prompts:
-        raise ValueError("prompts: PPO needs at least one prompt")
-    order: list[int] = []
-    history: list[IterationStats] = []
-    with _progress(progress and trainer.dist.is_main) as bar:
-        task = bar.add_task("PPO", total=config.iterations, reward=float("nan"), kl=float("nan"))
-        for _ in range(config.iterations):
-            if trainer.dist.any(should_stop is not None and should_stop()):  # SIGTERM on any rank stops all
-                break
-            while len(order) < config.prompts_per_iteration:  # the rest of this pass, then new ones
-                fresh = list(range(len(prompts)))
-                trainer.rng.shuffle(fresh)
-                order = fresh + order
-            stats = trainer.step([prompts[order.pop()] for _ in range(config.prompts_per_iteration)])
-            history.append(stats)
-            log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s, %.1f "
-                     "tokens, length slope %.4f", stats.iteration, stats.reward_mean, stats.kl, stats.kl_coef,
-                     stats.clipfrac, stats.samples_per_s, stats.answer_tokens, trainer.length_fit.slope)
-            if on_iteration is not None:
-                on_iteration(stats)
-            bar.update(task, advance=1, reward=stats.reward_mean, kl=stats.kl)
-            if trainer.dist.any(kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window)):
-                log.info("ppo: KL budget %.2f spent after %d iterations", config.stop_kl, len(history))
-                break
-    return history
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("reward {task.fields[reward]:+.3f} KL {task.fields[kl]:.3f}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)

@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 
 #: PPOConfig fields whose value is the setting `ppo_<name>` (kaizen/core/settings.py documents each).
 FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_length", "epochs", "minibatches",
-                 "lr", "kl_coef", "adaptive_kl", "target_kl", "stop_kl", "stop_kl_window", "kl_horizon",
-                 "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "temperature", "missing_eos_penalty",
-                 "length_neutral", "train_layers", "threads", "seed", "sync_dir", "dtype", "reference")
+                 "lr", "kl_coef", "adaptive_kl", "target_kl", "stop_kl", "stop_kl_window", "sanity_every",
+                 "kl_horizon", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "temperature",
+                 "missing_eos_penalty", "length_neutral", "train_layers", "threads", "seed", "sync_dir",
+                 "dtype", "reference")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
            "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs", "dpo_samples": "dpo_samples",
@@ -66,6 +67,8 @@ class PPOConfig:
     """The update stops once the mean KL of the last `stop_kl_window` iterations passes it
     (`ppo_math.kl_spent`); None: `iterations` always."""
     stop_kl_window: int = _setting("ppo_stop_kl_window")
+    sanity_every: int = _setting("ppo_sanity_every")
+    """Iterations between the sanity checks of trainer/ppo_loop.py's SanityGuard; 0: none."""
     reference: str = _setting("ppo_reference")
     """"champion" (the round's starting version) or "base" (the root of its lineage): what the KL
     penalty and DPO's log-ratios are measured against (`trainer.round_phases.reference_version`)."""

@@ -89,9 +89,17 @@ class RolloutEngine:
         return samples
 
     def load_weights(self, folder: Path) -> float:
-        """Reload weights from a folder of safetensors in place; returns seconds."""
+        """Reload weights from a folder of safetensors in place; returns seconds.
+
+        The prefix cache goes too: vLLM keys a cached KV block (128 tokens on CPU) by its tokens, not
+        by the weights that computed it, and `reload_weights` keeps it, so a prompt answered before
+        (the gate's held-out prompts by the champion, the evaluation's by v0) would be answered by the
+        new weights reading the old weights' keys and values. (The chat API's swap pauses with
+        `clear_cache=True`, which resets it.) Nothing runs between calls here, so the reset holds."""
         started = time.monotonic()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache after a weight reload")
         self.weights_version = str(folder)
         return time.monotonic() - started
 

@@ -31,10 +31,11 @@ from kaizen.core.model_events import emit
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS
-from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate
+from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate, sanity_set
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
-from trainer.ppo import IterationStats, run_ppo
+from trainer.ppo import IterationStats
+from trainer.ppo_loop import SanityGuard, run_ppo
 from trainer.ppo_math import kl_spent
 from trainer.ppo_config import PPOConfig
 from trainer.reward import current_version, refresh_reward_model
@@ -207,17 +208,23 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
             ctx.save()
             trainer = policy_trainer(config, policy, reference, models.tokenizer, job.engine,
                                      models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
+            guard = SanityGuard(sanity_set(ctx.settings), config.sanity_every)
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
-                              should_stop=job.stopped, progress=ctx.options.progress)
+                              should_stop=job.stopped, guard=guard, progress=ctx.options.progress)
     if job.stopped():
         return finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"})
     spent = kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window)
     ctx.state["ppo"] = {**_summary(history), "kl_reference": kl_reference,
                         **({"vote_pairs": len(votes)} if votes else {}),
-                        **({"kl_budget_spent": spent} if config.stop_kl is not None else {})}
+                        **({"kl_budget_spent": spent} if config.stop_kl is not None else {}),
+                        **({"sanity_guard": guard.record()} if config.sanity_every else {})}
+    if guard.failed_at is not None and guard.good_iteration == 0:
+        return finish(ctx, "skipped", {"reason": f"PPO iteration {guard.failed_at} broke the sanity prompts "
+                                                 "before any check passed: no candidate"})
     ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
     ctx.state["distributed"] = trainer.dist.describe()
-    save_policy(policy, models.tokenizer, candidate, saved_dtype)
+    save_policy(policy, models.tokenizer, candidate,
+                torch.float32 if ctx.settings.candidate_dtype == "float32" else saved_dtype)
     ctx.phase("gate")
     return None
 

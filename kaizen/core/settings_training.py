@@ -156,6 +156,13 @@ class TrainingSettings(BaseSettings):
     the KL, not the iteration count, decide when a round is done."""
     ppo_stop_kl_window: int = Field(default=3, ge=1)
     """Iterations whose mean KL ppo_stop_kl reads: one iteration's KL is 16 answers' (noisy)."""
+    ppo_sanity_every: int = Field(default=5, ge=0)
+    """Every this many PPO iterations (and after the last), the greedy answers to the gate's sanity
+    prompts (gate_sanity_file) from the rollout engine, which already holds the new weights: when one
+    the round's starting weights answered right now misses, the update stops and its weights go back
+    to the last check that passed, which become the candidate (trainer/ppo_loop.py, SanityGuard). A
+    round that breaks late still hands the gate a plain-speaking candidate; one that breaks before
+    the first check passes publishes nothing. ~1 s a check on SmolLM2. 0: only the gate checks."""
     ppo_reference: Literal["champion", "base"] = "champion"
     """The policy a round's KL penalty (and DPO's log-ratios) is measured against. champion: the
     version the round starts from, so each round may move about ppo_target_kl further and the drift
@@ -204,6 +211,14 @@ class TrainingSettings(BaseSettings):
     ppo_seed: int = 0
     ppo_prompt_file: Path | None = None
     """Extra prompts, JSONL: {"prompt": str} or {"messages": [...]}, added to the store's user turns."""
+    candidate_dtype: Literal["float32", "champion"] = "champion"
+    """The dtype a round's candidate is saved, gated and published in. champion: the champion's saved
+    dtype (bf16 for SmolLM2), which rounds each trained weight to the nearest bf16 value: a change
+    under half a bf16 step vanishes, a larger one snaps to whole steps (the SmolLM2 v1s of the loop's
+    rounds of 2026-12-01 differed from v0 in only 26-39% of the trained weights, where the update had
+    moved every one; on the tests' tiny model the rounded candidate moved further than the trained
+    one). float32: exactly the weights the update trained and its rollouts sampled from (a bf16
+    engine rounds them as it loads them), twice the disk. bench/README.md, "The loop"."""
     ppo_sync_dir: Path | None = None
     """Where the policy is written for the rollout engine to reload. Unset: /dev/shm (RAM)."""
     policy_algorithm: Literal["ppo", "rloo", "dpo", "raft"] = "ppo"

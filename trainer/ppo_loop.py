@@ -1,0 +1,145 @@
+"""The policy update's loop: `run_ppo` runs a trainer's iterations (trainer/ppo.py, trainer/dpo.py,
+trainer/raft.py) and decides, between iterations, when a round's update is done:
+
+  * SIGTERM on any rank (`should_stop`): the round is abandoned;
+  * the KL budget is spent (`ppo_stop_kl`, `ppo_math.kl_spent`);
+  * the policy broke a sanity prompt (`SanityGuard`, `ppo_sanity_every`): the weights go back to
+    the last check that passed, and those are the round's candidate.
+
+The gate (trainer/gate.py) runs the same sanity prompts on the finished candidate; the guard runs
+them during the update, on the rollout engine that already holds each iteration's weights, so a
+round whose policy degenerates late (one in two at ppo_lr 3e-5 in bench/README.md's thirty-fifth
+loop row: "L'Étoile, la Marseillaise, la femme, la femme, ...") still hands the gate the last
+weights that answered plainly, instead of spending the gate on a broken candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trainer.gate import sanity_answers
+from trainer.ppo import IterationStats, Messages, PPOTrainer
+from trainer.ppo_config import PPOConfig
+from trainer.ppo_math import kl_spent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SanityGuard:
+    """Greedy answers to the sanity prompts every `every` iterations, on rank 0's engine.
+
+    A prompt counts against the policy only when the round's starting weights passed it (a tiny test
+    model fails "capital of France" from the start: that is the gate's concern, not a regression).
+    Every rank keeps a copy of its trained parameters at the last check that passed (iteration 0:
+    the starting weights) and puts it back when a check fails, so all ranks stop on the same weights.
+    """
+
+    prompts: list[dict[str, str]]
+    """{"prompt": str, "expect": regex}, as the gate reads them (`trainer.gate.sanity_set`)."""
+    every: int
+    """Iterations between checks (and the last iteration); 0: no checks (the guard does nothing)."""
+    baseline_failed: set[str] = field(default_factory=set)
+    good: list[torch.Tensor] = field(default_factory=list)
+    good_iteration: int = 0
+    """The iteration whose weights the last passing check saw (0: the starting weights)."""
+    failed_at: int | None = None
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    """The prompts that broke at `failed_at`, with their greedy answers (rank 0)."""
+
+    def failing(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
+        """The sanity prompts whose greedy answer from the engine's weights misses its regex (rank 0;
+        the other ranks hold no engine and answer [])."""
+        if trainer.engine is None:
+            return []
+        answers = sanity_answers(trainer.engine, trainer.tokenizer, self.prompts, config)
+        return [a for a in answers if not a["passed"]]
+
+    def start(self, trainer: PPOTrainer, config: PPOConfig) -> None:
+        """Before the first iteration: what the starting weights fail, and their copy."""
+        if self.every:
+            self.baseline_failed = {f["prompt"] for f in self.failing(trainer, config)}
+            self._keep(trainer, 0)
+
+    def after(self, trainer: PPOTrainer, config: PPOConfig, iteration: int) -> bool:
+        """After `iteration` (its weights synced to the engine): True when a check failed and the
+        weights went back to the last good ones (the update must stop there)."""
+        if not self.every or (iteration % self.every and iteration != config.iterations):
+            return False
+        broke = [f for f in self.failing(trainer, config) if f["prompt"] not in self.baseline_failed]
+        if not trainer.dist.any(bool(broke)):
+            self._keep(trainer, iteration)
+            return False
+        with torch.no_grad():
+            for p, saved in zip(self._trained(trainer), self.good, strict=True):
+                p.copy_(saved)
+        self.failed_at, self.failed = iteration, broke
+        answers = [f"{f['prompt']!r} -> {f['answer'][:60]!r}" for f in broke]
+        log.warning("ppo: iteration %d broke the sanity prompts %s; back to iteration %d's weights",
+                    iteration, answers, self.good_iteration)
+        return True
+
+    def record(self) -> dict[str, Any]:
+        """What the round's record keeps (`ppo.sanity_guard`)."""
+        return {"every": self.every, "failed_at": self.failed_at, "kept_iteration": self.good_iteration,
+                **({"failed": self.failed} if self.failed else {})}
+
+    def _trained(self, trainer: PPOTrainer) -> list[torch.nn.Parameter]:
+        return [p for p in trainer.policy.parameters() if p.requires_grad]
+
+    def _keep(self, trainer: PPOTrainer, iteration: int) -> None:
+        self.good = [p.detach().clone() for p in self._trained(trainer)]
+        self.good_iteration = iteration
+
+
+def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,
+            on_iteration: Callable[[IterationStats], None] | None = None,
+            should_stop: Callable[[], bool] | None = None, guard: SanityGuard | None = None,
+            progress: bool = False) -> list[IterationStats]:
+    """`config.iterations` iterations, each on `prompts_per_iteration` prompts drawn from `prompts`
+    (shuffled, cycling; batch_size answers in all). Stops early, between iterations, when
+    `should_stop()` says so, the KL budget is spent (`kl_spent`, setting ppo_stop_kl) or `guard`
+    found a broken sanity prompt (the policy is then back on the last good weights)."""
+    if not prompts:
+        raise ValueError("prompts: PPO needs at least one prompt")
+    order: list[int] = []
+    history: list[IterationStats] = []
+    if guard is not None:
+        guard.start(trainer, config)
+    with _progress(progress and trainer.dist.is_main) as bar:
+        task = bar.add_task("PPO", total=config.iterations, reward=float("nan"), kl=float("nan"))
+        for _ in range(config.iterations):
+            if trainer.dist.any(should_stop is not None and should_stop()):  # SIGTERM on any rank stops all
+                break
+            while len(order) < config.prompts_per_iteration:  # the rest of this pass, then new ones
+                fresh = list(range(len(prompts)))
+                trainer.rng.shuffle(fresh)
+                order = fresh + order
+            stats = trainer.step([prompts[order.pop()] for _ in range(config.prompts_per_iteration)])
+            history.append(stats)
+            log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s, %.1f "
+                     "tokens, length slope %.4f", stats.iteration, stats.reward_mean, stats.kl, stats.kl_coef,
+                     stats.clipfrac, stats.samples_per_s, stats.answer_tokens, trainer.length_fit.slope)
+            if on_iteration is not None:
+                on_iteration(stats)
+            bar.update(task, advance=1, reward=stats.reward_mean, kl=stats.kl)
+            if guard is not None and guard.after(trainer, config, len(history)):
+                break
+            if trainer.dist.any(kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window)):
+                log.info("ppo: KL budget %.2f spent after %d iterations", config.stop_kl, len(history))
+                break
+    return history
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("reward {task.fields[reward]:+.3f} KL {task.fields[kl]:.3f}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled)
