@@ -170,7 +170,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """How `serve` runs uvicorn. `forwarded_allow_ips`: the proxies whose X-Forwarded-For names the
     client, the address failed authentications are counted against (#19 item 3)."""
     return {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-            "timeout_graceful_shutdown": 10, "proxy_headers": True,
+            "timeout_graceful_shutdown": 10, "timeout_keep_alive": settings.keep_alive_s,
+            "proxy_headers": True,
             "forwarded_allow_ips": settings.forwarded_allow_ips}
 
 

@@ -33,6 +33,7 @@ http {{
     upstream kaizen_api {{
 {servers}
         keepalive 32;
+        keepalive_timeout 30s;
     }}
     server {{
         listen 127.0.0.1:{port};

@@ -161,3 +161,23 @@ def test_client_disconnect_aborts_generation(api_server: tuple[str, Settings]) -
         time.sleep(0.1)
     assert metric(base, "kaizen_client_disconnects_total") == disconnects + 1
     assert metric(base, "kaizen_engine_requests_in_flight") == 0
+
+
+def test_an_idle_pooled_connection_outlives_the_proxys_pool(api_server: tuple[str, Settings]) -> None:
+    """KAIZEN_KEEP_ALIVE_S: a proxy that pools connections to the API (nginx `keepalive`) must be the
+    one to close an idle connection; uvicorn's default closed it after 5 s, and a POST nginx sent on it
+    as it closed came back 502 (tests/test_scale_out.py, "Connection reset by peer"). The same
+    connection, idle past uvicorn's default, still answers."""
+    base, settings = api_server
+    assert settings.keep_alive_s > 30  # deploy/nginx/nginx.conf and tests/lb.py pool for 30 s
+    seen: list[str] = []
+    trace = {"trace": lambda name, info: seen.append(name)}
+    with httpx.Client(limits=httpx.Limits(max_connections=1, keepalive_expiry=60)) as http:
+        assert http.get(f"{base}/healthz", extensions=trace).status_code == 200
+        assert any(name.startswith("connection.connect_tcp") for name in seen), seen  # the trace sees it
+        time.sleep(6.5)
+        seen.clear()
+        second = http.get(f"{base}/healthz", extensions=trace)
+    assert second.status_code == 200
+    # reused, not reconnected: no new TCP connection was opened for the second request
+    assert not any(name.startswith("connection.connect_tcp") for name in seen), seen

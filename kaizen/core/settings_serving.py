@@ -87,6 +87,13 @@ class ServingSettings(BaseSettings):
     the client: the address failed authentications are counted against, and access logs show.
     Unset: uvicorn's default, FORWARDED_ALLOW_IPS or 127.0.0.1. Behind an ingress or a load
     balancer set its addresses, or every client shares the proxy's address and its failure limit."""
+    keep_alive_s: float = Field(default=75.0, gt=0)
+    """How long the API keeps an idle HTTP/1.1 connection open (uvicorn's timeout_keep_alive; its
+    default is 5 s). A proxy that pools connections to the replicas (nginx `keepalive`, a cloud load
+    balancer) must close them first: when the API closes one as the proxy sends a request on it, a
+    POST cannot be re-sent and the client gets 502 (tests/test_scale_out.py did, through nginx's
+    60 s pool). 75 s outlasts nginx's default and the 60 s of common load balancers; deploy/nginx
+    sets its pool to 30 s."""
     open_mode_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     """Comma-separated Host names an open server (loopback, no API keys) answers; any other
     Host is refused (400) as DNS rebinding. Loopback addresses and names under `.localhost`
