@@ -4,15 +4,15 @@ With the evaluation judge (and a second one, when given): the win rate (ties and
 half) with a 95% bootstrap interval over prompts, the length-controlled win rate (the judge's
 verdicts regressed on the length difference, read at equal length, as AlpacaEval 2.0 does), tie and
 both-bad shares, mean answer length, the share of answers cut off at `eval_max_tokens`, KL to v0
-(Monte Carlo: mean over the version's own answers of log p_v − log p_v0), and the sanity prompts;
-and the plot of it (`loop.png`). The rounds that publish the versions are simulation/loop.py.
+(Monte Carlo: mean over the version's own answers of log p_v − log p_v0), and the sanity prompts'
+share of matching answers (trainer/sanity.py); and the plot of it (`loop.png`). The rounds that
+publish the versions are simulation/loop.py.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +55,8 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     """Every published version (not rejected by its gate) against v0 on the evaluation prompts."""
     from transformers import AutoTokenizer
 
-    from trainer.gate import sanity_set
     from trainer.policy import encode_prompt
+    from trainer.sanity import SanityCheck
 
     judge = load_judge(config.eval_judge or config.judge)
     second = load_judge(config.second_judge) if config.second_judge else None
@@ -67,9 +67,7 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     versions = [v for v in registry.names() if v != "v0" and v not in gate_rejected]
     tokenizer = AutoTokenizer.from_pretrained(registry.path("v0"))
     ids = [encode_prompt(tokenizer, m, settings.ppo_max_prompt_length) for m in messages]
-    sanity = sanity_set(settings)
-    sanity_ids = [encode_prompt(tokenizer, [{"role": "user", "content": s["prompt"]}],
-                                settings.ppo_max_prompt_length) for s in sanity]
+    check = SanityCheck.from_settings(settings)
     answers: dict[str, list[Any]] = {}
     sanity_ok: dict[str, float] = {}
     with progress_bar() as bar:
@@ -78,10 +76,10 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
             engine.load_weights(registry.path(v))
             answers[v] = engine.generate(ids, max_tokens=config.eval_max_tokens, temperature=0.7,
                                          n=config.eval_samples, seed=config.seed + 17)
-            greedy = engine.generate(sanity_ids, max_tokens=32, temperature=0.0)
-            passed = [re.search(s["expect"], g.text.strip()) is not None
-                      for s, g in zip(sanity, greedy, strict=True)]
-            sanity_ok[v] = sum(passed) / max(1, len(passed))
+            shares = [a["share"] for a in check.answers(
+                engine, tokenizer, max_prompt_length=settings.ppo_max_prompt_length,
+                max_tokens=settings.ppo_response_length, temperature=settings.ppo_temperature)]
+            sanity_ok[v] = sum(shares) / max(1, len(shares))  # the gate's reading (trainer/sanity.py)
             bar.advance(task)
         write_answers(config.out_dir / ANSWERS_FILE, eval_prompts, answers)
         task = bar.add_task("evaluation: judge and KL", total=len(versions))
@@ -90,14 +88,14 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                                "judge": config.eval_judge or config.judge,
                                "second_judge": config.second_judge, "versions": {}}
         base = by_prompt(answers["v0"])
-        out["versions"]["v0"] = {**answer_figures(answers["v0"]), "sanity_pass": sanity_ok["v0"]}
+        out["versions"]["v0"] = {**answer_figures(answers["v0"]), "sanity_share": sanity_ok["v0"]}
         for v in versions:
             mine = by_prompt(answers[v])
             out["versions"][v] = {
                 **judge_pairs(judge, messages, mine, base, config.bootstrap, config.seed),
                 **answer_figures(answers[v]),
                 "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
-                "sanity_pass": sanity_ok[v], "stage": registry.info(v).stage}
+                "sanity_share": sanity_ok[v], "stage": registry.info(v).stage}
             if second is not None:
                 out["versions"][v]["second_judge"] = judge_pairs(second, messages, mine, base,
                                                                  config.bootstrap, config.seed,

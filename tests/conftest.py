@@ -115,7 +115,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def mypy_result(timeout_s: float) -> tuple[int, str]:
     """(exit code, output) of the background mypy run; started now if collection did not start it."""
-    proc, out = _MYPY.pop("run", None) or _start_mypy(background=False)
+    started = _MYPY.pop("run", None)
+    proc, out = started if started is not None else _start_mypy(background=False)
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:

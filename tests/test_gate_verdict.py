@@ -1,10 +1,13 @@
 """The round's gate decision (trainer/gate.py `gate_verdict`) on hand-made numbers.
 
 Each branch: accepted; rejected for a low win rate, a high KL, a failed sanity prompt, and all
-three at once; ties by the same answer or by rewards within gate_tie_margin counting half.
+three at once; ties by the same answer or by rewards within gate_tie_margin counting half; and the
+sanity check's rule (trainer/sanity.py), a share of matching answers against the champion's.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +91,36 @@ def test_thresholds_come_from_the_settings() -> None:
 
     s = Settings(gate_min_win=0.55, gate_max_kl=2.5, gate_tie_margin=0.02)
     assert GateThresholds.from_settings(s) == GateThresholds(0.55, 2.5, 0.02)
+
+
+def test_a_sanity_prompt_fails_only_when_its_share_drops_past_the_margin() -> None:
+    """trainer/sanity.py: the share of sampled answers that match, against the champion's on the
+    same seeds. A flipped near-tie (v0's greedy first token to "capital of France" is "The" at 0.155
+    against "L" at 0.140) moves the share a little and passes; a model that forgot the answer fails;
+    a prompt the champion never matched cannot fail."""
+    from trainer.sanity import SanityCheck
+
+    check = SanityCheck([], samples=16, max_drop=0.25, seed=0)
+
+    def share(prompt: str, s: float) -> dict[str, object]:
+        return {"prompt": prompt, "expect": "x", "share": s}
+
+    champion = [share("paris", 0.5), share("two", 1.0), share("unknown", 0.0)]
+    assert check.failed(champion, [share("paris", 0.3125), share("two", 0.75), share("unknown", 0.0)]) == []
+    broke = check.failed(champion, [share("paris", 0.0625), share("two", 0.6875), share("unknown", 0.0)])
+    assert [(b["prompt"], b["reference_share"]) for b in broke] == [("paris", 0.5), ("two", 1.0)]
+    assert check.failed(champion, [share("new prompt", 0.0)]) == []  # no reference share: not a regression
+    strict = SanityCheck([], samples=16, max_drop=0.0, seed=0)
+    assert [b["prompt"] for b in strict.failed(champion, [share("two", 0.9375)])] == ["two"]
+
+
+def test_the_sanity_check_comes_from_the_settings(tmp_path: Path) -> None:
+    from kaizen.core.settings import Settings
+    from trainer.sanity import DEFAULT_SANITY, SanityCheck
+
+    check = SanityCheck.from_settings(Settings(gate_sanity_samples=8, gate_sanity_max_drop=0.5, ppo_seed=3))
+    assert (check.items, check.samples, check.max_drop) == (DEFAULT_SANITY, 8, 0.5) and check.seed > 3
+    f = tmp_path / "sanity.jsonl"
+    f.write_text('{"prompt": "2+2?", "expect": "4"}\n\n{"prompt": "Hi", "expect": "(?i)hello"}\n')
+    assert SanityCheck.from_settings(Settings(gate_sanity_file=f)).items == [
+        {"prompt": "2+2?", "expect": "4"}, {"prompt": "Hi", "expect": "(?i)hello"}]

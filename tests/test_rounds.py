@@ -71,7 +71,13 @@ def world(yes_no_model: Path, tmp_path_factory: pytest.TempPathFactory, broker: 
     # what a random tiny model can pass: an answer at all, and it is one of the two it knows
     passing.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": r"^(Yes|No)"}) + "\n")
     failing.write_text(json.dumps({"prompt": "What is the capital of France?", "expect": "Paris"}) + "\n")
-    return {"root": root, "champion": yes_no_model, "pass": passing, "fail": failing, "broker": broker}
+    # v0 answers "No." about half the time; the votes teach "Yes.", so a round that learns them loses it
+    said_no = root / "sanity-no.jsonl"
+    rng = random.Random(3)
+    said_no.write_text("".join(json.dumps({"prompt": question(rng)[0]["content"], "expect": "^No"}) + "\n"
+                               for _ in range(3)))
+    return {"root": root, "champion": yes_no_model, "pass": passing, "fail": failing, "no": said_no,
+            "broker": broker}
 
 
 def fill_store(settings: Settings, n: int = 80) -> int:
@@ -230,17 +236,28 @@ def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: di
     assert "kl_budget_spent" not in ppo  # no budget set: the key is absent
 
 
+#: The tiny champion says "No." to world["no"]'s questions in 19-38% of its 8-token answers, and
+#: two iterations towards "Yes." took 12-19 points of it in one run: a finer check than the default's.
+SAID_NO = {"gate_sanity_samples": 32, "gate_sanity_max_drop": 0.08}
+
+
 def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any], engine: Any,
                                                           tmp_path: Path) -> None:
-    """A candidate that fails the sanity prompts is rejected, never served. #19 item 6: retention runs
-    after the round and deletes the rejected copy (it used to stay forever: ~540 MB a round)."""
-    settings = round_settings(tmp_path, world["champion"], world["broker"], world["fail"], ppo_iterations=1)
+    """A candidate that lost what the champion answered (v0 says "No." to these questions half the
+    time; votes for "Yes." at a large learning rate teach it to stop) is rejected, never served, by
+    the gate (the guard off: KAIZEN_PPO_SANITY_EVERY=0). #19 item 6: retention runs after the round
+    and deletes the rejected copy (it used to stay forever: ~540 MB a round)."""
+    settings = round_settings(tmp_path, world["champion"], world["broker"], world["no"], ppo_iterations=2,
+                              ppo_lr=2e-3, ppo_sanity_every=0, **SAID_NO)
     fill_store(settings)
     record = run_round(settings, engine=engine)
-    assert record["outcome"] == "rejected", record
+    assert record["outcome"] == "rejected", {k: record.get(k) for k in ("gate", "ppo")}
     gate = record["gate"]
     assert not gate["sanity_passed"] and not gate["passed"]
-    assert any("sanity" in f for f in gate["failed"]) and "Paris" not in gate["sanity"][0]["answer"]
+    assert any("sanity" in f for f in gate["failed"]), gate["failed"]
+    champion = {c["prompt"]: c["share"] for c in gate["sanity_champion"]}
+    assert min(champion.values()) >= 0.1, champion  # v0 did say "No." to each
+    assert any(s["share"] < champion[s["prompt"]] - settings.gate_sanity_max_drop for s in gate["sanity"])
     registry = Registry(settings.registry_path)
     assert registry.state().champion == "v0"  # never served
     # #19 item 6: retention ran after the round: the rejected copy is deleted, its audit trail (with
@@ -253,12 +270,32 @@ def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any],
     assert [e["versions"] for e in round_events(settings) if e["kind"] == "retention"] == [[record["version"]]]
 
 
+def test_a_round_whose_update_breaks_the_sanity_prompts_before_any_check_passed_is_skipped(
+        world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
+    """The same update with the guard checking after its last iteration: the check fails with no
+    earlier one passed, so there is no candidate; the round ends `skipped`, publishes nothing, and
+    its record says why, with the PPO figures and config a published round keeps."""
+    settings = round_settings(tmp_path, world["champion"], world["broker"], world["no"], ppo_iterations=2,
+                              ppo_lr=2e-3, ppo_sanity_every=2, **SAID_NO)
+    fill_store(settings)
+    record = run_round(settings, engine=engine)
+    assert record["outcome"] == "skipped", {k: record.get(k) for k in ("outcome", "reason", "ppo", "gate")}
+    assert "broke the sanity prompts before any check passed" in record["reason"]
+    guard = record["ppo"]["sanity_guard"]
+    assert (guard["every"], guard["failed_at"], guard["kept_iteration"]) == (2, 2, 0), guard
+    drop = settings.gate_sanity_max_drop
+    assert all(f["share"] < f["reference_share"] - drop for f in guard["failed"]) and guard["failed"]
+    assert record["ppo_config"]["sanity_every"] == 2 and record["distributed"]["world_size"] == 1
+    assert "gate" not in record and Registry(settings.registry_path).names() == ["v0"]
+
+
 def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weights_back(
         world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
-    """KAIZEN_PPO_SANITY_EVERY (trainer/ppo_loop.py): the guard reads greedy answers from the engine
-    holding each iteration's weights. Questions v0 answers "Yes." to must keep that answer; a policy
-    whose final norm is negated (its logits too) breaks them at the check, and the guard puts back the
-    weights of the last check that passed, which answer "Yes." again once synced."""
+    """KAIZEN_PPO_SANITY_EVERY (trainer/ppo_loop.py): the guard reads the sanity check's sampled answers
+    (trainer/sanity.py) from the engine holding each iteration's weights. v0 answers these questions
+    "Yes." or "No." about half the time each; a small step keeps that share, a policy whose final norm
+    is negated (its logits too) loses it at the check, and the guard puts back the weights of the
+    last check that passed, whose answers are again the starting weights' share."""
     from types import SimpleNamespace
 
     from trainer.distributed import ONE_PROCESS
@@ -266,17 +303,19 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     from trainer.ppo_config import PPOConfig
     from trainer.ppo_loop import SanityGuard
     from trainer.rollout_engine import sync_weights
+    from trainer.sanity import SanityCheck
 
     policy, tok, _ = load_policy(world["champion"])
     rng = random.Random(7)
-    items = [{"prompt": question(rng)[0]["content"], "expect": "^Yes"} for _ in range(4)]
-    items.append({"prompt": "What is the capital of France?", "expect": "Paris"})  # v0 fails it already
+    items = [{"prompt": question(rng)[0]["content"], "expect": "^(Yes|No)"} for _ in range(3)]
+    items.append({"prompt": "What is the capital of France?", "expect": "Paris"})  # v0 never says it
     trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS)
-    config = PPOConfig(iterations=6, response_length=8)
-    guard = SanityGuard(items, every=2)
+    config = PPOConfig(iterations=6, response_length=8, sanity_every=2)
+    guard = SanityGuard(SanityCheck(items, samples=16, max_drop=0.25, seed=11))
     engine.load_weights(world["champion"])
     guard.start(trainer, config)
-    assert guard.baseline_failed == {"What is the capital of France?"}, guard.baseline_failed
+    baseline = {b["prompt"]: b["share"] for b in guard.baseline or []}
+    assert baseline["What is the capital of France?"] == 0.0 and min(list(baseline.values())[:3]) >= 0.75, baseline
     norm = policy.lm.model.norm.weight
     before = norm.detach().clone()
     with torch.no_grad():
@@ -288,12 +327,13 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     with torch.no_grad():
         norm.mul_(-1.0)
     sync_weights(policy, engine, tmp_path / "sync")
-    assert guard.after(trainer, config, 4), guard.record()
-    assert guard.record()["failed_at"] == 4 and guard.record()["kept_iteration"] == 2
-    assert {f["prompt"] for f in guard.failed} <= {x["prompt"] for x in items[:4]} and guard.failed
+    assert guard.after(trainer, config, 4), guard.record(config)
+    assert guard.record(config)["failed_at"] == 4 and guard.record(config)["kept_iteration"] == 2
+    assert guard.failed and {f["prompt"] for f in guard.failed} <= {x["prompt"] for x in items[:3]}
+    assert all(f["share"] < f["reference_share"] - 0.25 for f in guard.failed), guard.failed
     assert torch.equal(norm, kept) and not torch.equal(norm, before)
     sync_weights(policy, engine, tmp_path / "sync")
-    assert [f["prompt"] for f in guard.failing(trainer, config)] == ["What is the capital of France?"]
+    assert guard.failing(trainer, config) == []
 
 
 def test_new_weights_never_read_the_old_weights_cached_prompt(world: dict[str, Any], engine: Any,

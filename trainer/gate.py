@@ -10,7 +10,8 @@ seeds; the reward model scores both (less the missing-EOS penalty). The candidat
   * the mean KL of its answers to the reference (the champion) is <= gate_max_kl, nats per answer,
     on answers as long as the service's (gate_kl_max_tokens; default_max_tokens), not the
     rollouts': past the rollouts' cut PPO never saw the policy's answers, and it drifted there;
-  * every sanity prompt's greedy answer matches its expected regex.
+  * no sanity prompt's share of matching answers fell more than gate_sanity_max_drop below the
+    champion's (trainer/sanity.py: sampled answers, the same seeds for both).
 
 `measure_gate` runs the models (engine, reward model, policy) and returns the numbers;
 `gate_verdict` is the decision, a pure function of those numbers and the thresholds.
@@ -18,8 +19,6 @@ seeds; the reward model scores both (less the missing-EOS penalty). The candidat
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ from trainer.policy import PolicyWithValue, RewardScorer, encode_prompt, kl_to_r
 from trainer.ppo_config import PPOConfig
 from trainer.reward_eval import wilson_interval
 from trainer.rollout_engine import RolloutEngine, Sample
+from trainer.sanity import SanityCheck
 
 Messages = list[dict[str, str]]
-DEFAULT_SANITY = [{"prompt": "What is the capital of France?", "expect": "Paris"}]
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
 
     gaps[i]: candidate's minus champion's reward on held-out pair i; same[i]: both gave the same
     answer; mean_kl: the candidate's mean KL to the reference; failed_sanity: the sanity prompts
-    whose answer missed its regex. A pair is a tie when the answers are the same or
+    whose share of matching answers fell below the champion's (`SanityCheck.failed`). A pair is a tie when the answers are the same or
     |gap| <= tie_margin (a saturated RM scores "Yes." 0.989 and "Yes" 0.982: counting that as a
     loss made the gate a coin toss); win rate = (wins + ties / 2) / pairs.
     """
@@ -96,18 +95,6 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def sanity_set(settings: Settings) -> list[dict[str, str]]:
-    """The sanity prompts and the regex each greedy answer must match (gate_sanity_file, JSONL)."""
-    if settings.gate_sanity_file is None:
-        return DEFAULT_SANITY
-    out = []
-    for line in settings.gate_sanity_file.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out.append({"prompt": str(rec["prompt"]), "expect": str(rec["expect"])})
-    return out
-
-
 def gate_answers(engine: RolloutEngine, tokenizer: Any, prompts: list[Messages], settings: Settings,
                  config: PPOConfig) -> tuple[list[list[int]], list[Sample]]:
     """(prompt ids, sampled answers) to the held-out prompts from whatever weights `engine` holds."""
@@ -118,17 +105,22 @@ def gate_answers(engine: RolloutEngine, tokenizer: Any, prompts: list[Messages],
     return ids, samples
 
 
-def sanity_answers(engine: RolloutEngine, tokenizer: Any, items: list[dict[str, str]],
-                   config: PPOConfig) -> list[dict[str, Any]]:
-    """Each sanity prompt of `items` (`sanity_set`) with the greedy answer of the weights `engine`
-    holds and whether it matched."""
-    sanity = []
-    for item in items:
-        turn = [{"role": "user", "content": item["prompt"]}]
-        ids = [encode_prompt(tokenizer, turn, config.max_prompt_length)]
-        answer = engine.generate(ids, max_tokens=config.response_length, temperature=0.0)[0].text
-        sanity.append({**item, "answer": answer, "passed": re.search(item["expect"], answer) is not None})
-    return sanity
+def sanity_run(check: SanityCheck, engine: RolloutEngine, tokenizer: Any,
+               config: PPOConfig) -> list[dict[str, Any]]:
+    """`check`'s answers from the weights `engine` holds, at the rollouts' length and temperature
+    (what the gate and the PPO loop's guard both read)."""
+    return check.answers(engine, tokenizer, max_prompt_length=config.max_prompt_length,
+                         max_tokens=config.response_length, temperature=config.temperature)
+
+
+@dataclass(frozen=True)
+class ChampionAnswers:
+    """What the gate compares the candidate with, answered while the engine held the champion."""
+
+    held: list[Sample]
+    """The held-out prompts' sampled answers (`gate_answers`)."""
+    sanity: list[dict[str, Any]]
+    """The sanity prompts' shares (`sanity_run`)."""
 
 
 @dataclass
@@ -169,27 +161,28 @@ def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, hel
 
 
 def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, held_prompts: list[Messages],
-                 held_ids: list[list[int]], champ: list[Sample], settings: Settings,
+                 held_ids: list[list[int]], champ: ChampionAnswers, settings: Settings,
                  config: PPOConfig) -> tuple[dict[str, Any], GateVerdict]:
     """With the engine holding the weights saved in `candidate`: answer the held-out prompts, score
-    both sides against `champ` (the champion's answers), run the sanity prompts; returns (the
-    gate's record, its verdict)."""
+    both sides against the champion's answers, run the sanity prompts against the champion's;
+    returns (the gate's record, its verdict)."""
     _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
     kl = candidate_kl(engine, candidate, models, held_ids, cand, settings, config)
     cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
-    champ = sorted(champ, key=lambda s: int(s.prompt))
+    theirs = sorted(champ.held, key=lambda s: int(s.prompt))
 
     def reward(ss: list[Sample]) -> torch.Tensor:  # (N,) RM score less the missing-EOS penalty
         unended = torch.tensor([0.0 if s.finished else 1.0 for s in ss])
         scores: torch.Tensor = models.scorer([held_prompts[s.prompt] for s in ss], [s.text for s in ss])
         return scores - float(config.missing_eos_penalty) * unended
 
-    r_cand, r_champ = reward(cand), reward(champ)
-    sanity = sanity_answers(engine, models.tokenizer, sanity_set(settings), config)
-    same = [a.token_ids == b.token_ids for a, b in zip(cand, champ, strict=True)]
+    r_cand, r_champ = reward(cand), reward(theirs)
+    check = SanityCheck.from_settings(settings)
+    sanity = sanity_run(check, engine, models.tokenizer, config)
+    broke = check.failed(champ.sanity, sanity)
+    same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, kl["kl"],  # float32 gaps, as the RM scored
-                           [s["prompt"] for s in sanity if not s["passed"]],
-                           GateThresholds.from_settings(settings))
+                           [s["prompt"] for s in broke], GateThresholds.from_settings(settings))
     gate = {
         "win_rate": verdict.win_rate,
         "win_rate_ci95": list(wilson_interval(round(verdict.wins), len(r_cand))),
@@ -197,7 +190,8 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         "min_win": settings.gate_min_win,
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
         **kl, "max_kl": settings.gate_max_kl,
-        "sanity": sanity, "sanity_passed": all(s["passed"] for s in sanity),
+        "sanity": sanity, "sanity_champion": [{"prompt": c["prompt"], "share": c["share"]} for c in champ.sanity],
+        "sanity_max_drop": check.max_drop, "sanity_passed": not broke,
         "passed": verdict.passed, "failed": verdict.failed,
     }
     return gate, verdict

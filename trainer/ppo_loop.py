@@ -3,14 +3,13 @@ trainer/raft.py) and decides, between iterations, when a round's update is done:
 
   * SIGTERM on any rank (`should_stop`): the round is abandoned;
   * the KL budget is spent (`ppo_stop_kl`, `ppo_math.kl_spent`);
-  * the policy broke a sanity prompt (`SanityGuard`, `ppo_sanity_every`): the weights go back to
+  * the policy lost a sanity prompt (`SanityGuard`, `ppo_sanity_every`): the weights go back to
     the last check that passed, and those are the round's candidate.
 
-The gate (trainer/gate.py) runs the same sanity prompts on the finished candidate; the guard runs
-them during the update, on the rollout engine that already holds each iteration's weights, so a
-round whose policy degenerates late (one in two at ppo_lr 3e-5 in bench/README.md's thirty-fifth
-loop row: "L'Étoile, la Marseillaise, la femme, la femme, ...") still hands the gate the last
-weights that answered plainly, instead of spending the gate on a broken candidate.
+The gate (trainer/gate.py) runs the same sanity check (trainer/sanity.py) on the finished
+candidate; the guard runs it during the update, on the rollout engine that already holds each
+iteration's weights, so a round whose policy loses what the champion knew late still hands the
+gate the last weights that kept it, instead of spending the gate on a broken candidate.
 """
 
 from __future__ import annotations
@@ -22,56 +21,62 @@ from typing import Any
 
 import torch
 
-from trainer.gate import sanity_answers
+from trainer.gate import sanity_run
 from trainer.ppo import IterationStats, Messages, PPOTrainer
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import kl_spent
+from trainer.sanity import SanityCheck
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SanityGuard:
-    """Greedy answers to the sanity prompts every `every` iterations, on rank 0's engine.
+    """The gate's sanity check (trainer/sanity.py) every `config.sanity_every` iterations and after
+    the last (0: never), on rank 0's engine, against the round's starting weights.
 
-    A prompt counts against the policy only when the round's starting weights passed it (a tiny test
-    model fails "capital of France" from the start: that is the gate's concern, not a regression).
     Every rank keeps a copy of its trained parameters at the last check that passed (iteration 0:
     the starting weights) and puts it back when a check fails, so all ranks stop on the same weights.
+    The other ranks hold no engine and no check (`check` None): they join rank 0's verdict.
     """
 
-    prompts: list[dict[str, str]]
-    """{"prompt": str, "expect": regex}, as the gate reads them (`trainer.gate.sanity_set`)."""
-    every: int
-    """Iterations between checks (and the last iteration); 0: no checks (the guard does nothing)."""
-    baseline_failed: set[str] = field(default_factory=set)
+    check: SanityCheck | None = None
+    baseline: list[dict[str, Any]] | None = None
+    """The starting weights' answers (`SanityCheck.answers`); None: read at `start`."""
     good: list[torch.Tensor] = field(default_factory=list)
     good_iteration: int = 0
     """The iteration whose weights the last passing check saw (0: the starting weights)."""
     failed_at: int | None = None
     failed: list[dict[str, Any]] = field(default_factory=list)
-    """The prompts that broke at `failed_at`, with their greedy answers (rank 0)."""
+    """The prompts that broke at `failed_at`, with their shares and a few answers (rank 0)."""
+
+    def answers(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
+        """The check's answers from the engine's weights (rank 0; the other ranks answer [])."""
+        if trainer.engine is None or self.check is None:
+            return []
+        return sanity_run(self.check, trainer.engine, trainer.tokenizer, config)
 
     def failing(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
-        """The sanity prompts whose greedy answer from the engine's weights misses its regex (rank 0;
-        the other ranks hold no engine and answer [])."""
-        if trainer.engine is None:
+        """The prompts whose share fell more than the check's max_drop below the baseline's."""
+        now = self.answers(trainer, config)
+        if self.check is None or not now:
             return []
-        answers = sanity_answers(trainer.engine, trainer.tokenizer, self.prompts, config)
-        return [a for a in answers if not a["passed"]]
+        return self.check.failed(self.baseline or [], now)
 
     def start(self, trainer: PPOTrainer, config: PPOConfig) -> None:
-        """Before the first iteration: what the starting weights fail, and their copy."""
-        if self.every:
-            self.baseline_failed = {f["prompt"] for f in self.failing(trainer, config)}
+        """Before the first iteration: the starting weights' answers (unless given), and their copy."""
+        if config.sanity_every:
+            if self.baseline is None:
+                self.baseline = self.answers(trainer, config)
             self._keep(trainer, 0)
 
     def after(self, trainer: PPOTrainer, config: PPOConfig, iteration: int) -> bool:
         """After `iteration` (its weights synced to the engine): True when a check failed and the
         weights went back to the last good ones (the update must stop there)."""
-        if not self.every or (iteration % self.every and iteration != config.iterations):
+        every = config.sanity_every
+        if not every or (iteration % every and iteration != config.iterations):
             return False
-        broke = [f for f in self.failing(trainer, config) if f["prompt"] not in self.baseline_failed]
+        broke = self.failing(trainer, config)
         if not trainer.dist.any(bool(broke)):
             self._keep(trainer, iteration)
             return False
@@ -79,14 +84,14 @@ class SanityGuard:
             for p, saved in zip(self._trained(trainer), self.good, strict=True):
                 p.copy_(saved)
         self.failed_at, self.failed = iteration, broke
-        answers = [f"{f['prompt']!r} -> {f['answer'][:60]!r}" for f in broke]
-        log.warning("ppo: iteration %d broke the sanity prompts %s; back to iteration %d's weights",
-                    iteration, answers, self.good_iteration)
+        shares = [f"{f['prompt']!r} {f['reference_share']:.2f} -> {f['share']:.2f}" for f in broke]
+        log.warning("ppo: iteration %d broke the sanity prompts (share of matching answers: %s); back to "
+                    "iteration %d's weights", iteration, shares, self.good_iteration)
         return True
 
-    def record(self) -> dict[str, Any]:
+    def record(self, config: PPOConfig) -> dict[str, Any]:
         """What the round's record keeps (`ppo.sanity_guard`)."""
-        return {"every": self.every, "failed_at": self.failed_at, "kept_iteration": self.good_iteration,
+        return {"every": config.sanity_every, "failed_at": self.failed_at, "kept_iteration": self.good_iteration,
                 **({"failed": self.failed} if self.failed else {})}
 
     def _trained(self, trainer: PPOTrainer) -> list[torch.nn.Parameter]:

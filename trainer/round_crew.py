@@ -78,4 +78,4 @@ def _follow_ppo(settings: Settings, dist: Dist, stop: threading.Event, payload: 
     # the sanity checks run on rank 0's engine; this rank's guard joins their verdict and, on a
     # failure, puts back the same iteration's weights as rank 0
     run_ppo(config, trainer, payload["prompts"], should_stop=stop.is_set,
-            guard=SanityGuard([], config.sanity_every))
+            guard=SanityGuard())

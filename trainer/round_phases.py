@@ -31,17 +31,18 @@ from kaizen.core.model_events import emit
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS
-from trainer.gate import GateModels, GateVerdict, gate_answers, measure_gate, sanity_set
+from trainer.gate import ChampionAnswers, GateModels, GateVerdict, gate_answers, measure_gate, sanity_run
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats
 from trainer.ppo_loop import SanityGuard, run_ppo
+from trainer.sanity import SanityCheck
 from trainer.ppo_math import kl_spent
 from trainer.ppo_config import PPOConfig
 from trainer.reward import current_version, refresh_reward_model
 from trainer.reward_eval import wilson_interval
 from trainer.reward_model import RewardConfig, read_manifest
-from trainer.rollout_engine import RolloutEngine, Sample, sync_folder
+from trainer.rollout_engine import RolloutEngine, sync_folder
 from trainer.round_crew import Crew
 from trainer.round_inputs import Messages, VotePair, new_votes_since, read_round_inputs
 from trainer.round_record import RoundContext, finish, json_line, record_iteration_metrics
@@ -165,12 +166,14 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     reference, tokenizer, saved_dtype = load_policy(job.registry.path(job.champion))
     models = GateModels(scorer, reference, tokenizer)
     config.apply_threads()
-    # champion's answers to the held-out prompts, while the engine still holds its weights
+    # champion's answers to the held-out and the sanity prompts, while the engine still holds its weights
     with job.timer("gate_champion"):
-        held_ids, champ = gate_answers(job.engine, tokenizer, job.held_prompts, settings, config)
+        held_ids, held = gate_answers(job.engine, tokenizer, job.held_prompts, settings, config)
+        champ = ChampionAnswers(held, sanity_run(SanityCheck.from_settings(settings), job.engine, tokenizer,
+                                                 config))
     candidate = ctx.work / "candidate"
     if not job.resuming:
-        abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype)
+        abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype, champ)
         if abandoned is not None:
             return abandoned
     record, verdict = _gate(ctx, job, models, candidate, held_ids, champ)
@@ -178,7 +181,7 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
 
 
 def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path,
-                    saved_dtype: torch.dtype) -> dict[str, Any] | None:
+                    saved_dtype: torch.dtype, champ: ChampionAnswers) -> dict[str, Any] | None:
     """2. PPO from the champion on the training prompts, saved to `candidate` (then the "gate" phase).
     Returns the round's record when SIGTERM cut it short, else None."""
     config = job.config
@@ -208,7 +211,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
             ctx.save()
             trainer = policy_trainer(config, policy, reference, models.tokenizer, job.engine,
                                      models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
-            guard = SanityGuard(sanity_set(ctx.settings), config.sanity_every)
+            guard = SanityGuard(SanityCheck.from_settings(ctx.settings), baseline=champ.sanity)
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
                               should_stop=job.stopped, guard=guard, progress=ctx.options.progress)
     if job.stopped():
@@ -217,12 +220,12 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     ctx.state["ppo"] = {**_summary(history), "kl_reference": kl_reference,
                         **({"vote_pairs": len(votes)} if votes else {}),
                         **({"kl_budget_spent": spent} if config.stop_kl is not None else {}),
-                        **({"sanity_guard": guard.record()} if config.sanity_every else {})}
+                        **({"sanity_guard": guard.record(config)} if config.sanity_every else {})}
+    ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
+    ctx.state["distributed"] = trainer.dist.describe()
     if guard.failed_at is not None and guard.good_iteration == 0:
         return finish(ctx, "skipped", {"reason": f"PPO iteration {guard.failed_at} broke the sanity prompts "
                                                  "before any check passed: no candidate"})
-    ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
-    ctx.state["distributed"] = trainer.dist.describe()
     save_policy(policy, models.tokenizer, candidate,
                 torch.float32 if ctx.settings.candidate_dtype == "float32" else saved_dtype)
     ctx.phase("gate")
@@ -236,7 +239,7 @@ def reference_version(registry: Registry, champion: str, config: PPOConfig) -> s
 
 
 def _gate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path, held_ids: list[list[int]],
-         champ: list[Sample]) -> tuple[dict[str, Any], GateVerdict]:
+          champ: ChampionAnswers) -> tuple[dict[str, Any], GateVerdict]:
     """3. the candidate against the champion on the held-out prompts (trainer/gate.py):
     (record, verdict)."""
     with job.timer("gate"):

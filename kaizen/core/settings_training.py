@@ -157,12 +157,13 @@ class TrainingSettings(BaseSettings):
     ppo_stop_kl_window: int = Field(default=3, ge=1)
     """Iterations whose mean KL ppo_stop_kl reads: one iteration's KL is 16 answers' (noisy)."""
     ppo_sanity_every: int = Field(default=5, ge=0)
-    """Every this many PPO iterations (and after the last), the greedy answers to the gate's sanity
-    prompts (gate_sanity_file) from the rollout engine, which already holds the new weights: when one
-    the round's starting weights answered right now misses, the update stops and its weights go back
-    to the last check that passed, which become the candidate (trainer/ppo_loop.py, SanityGuard). A
-    round that breaks late still hands the gate a plain-speaking candidate; one that breaks before
-    the first check passes publishes nothing. ~1 s a check on SmolLM2. 0: only the gate checks."""
+    """Every this many PPO iterations (and after the last), the gate's sanity check (trainer/sanity.py)
+    on the rollout engine, which already holds the new weights: when a prompt's share of matching
+    answers fell more than gate_sanity_max_drop below the round's starting weights', the update stops
+    and its weights go back to the last check that passed, which become the candidate
+    (trainer/ppo_loop.py, SanityGuard). A round that breaks late still hands the gate a candidate that
+    passes; one that breaks before the first check passes publishes nothing. ~2 s a check on SmolLM2.
+    0: only the gate checks."""
     ppo_reference: Literal["champion", "base"] = "champion"
     """The policy a round's KL penalty (and DPO's log-ratios) is measured against. champion: the
     version the round starts from, so each round may move about ppo_target_kl further and the drift
@@ -268,6 +269,12 @@ class TrainingSettings(BaseSettings):
     scoring rate; the round is ~12 minutes)."""
     gate_sanity_file: Path | None = None
     """Sanity prompts, JSONL {"prompt": str, "expect": regex}; unset: capital of France -> Paris."""
+    gate_sanity_samples: int = Field(default=16, ge=1)
+    """Answers sampled per sanity prompt (rollout temperature, fixed seeds): the check reads the share
+    that matches, not one greedy answer, whose first token is a near-tie on SmolLM2 (trainer/sanity.py)."""
+    gate_sanity_max_drop: float = Field(default=0.25, ge=0.0, le=1.0)
+    """A model fails a sanity prompt when its share of matching answers is more than this below the
+    champion's on the same seeds (v0 names Paris in 47% of its answers: one that forgot it, far fewer)."""
 
     # -- training rounds (PPO) and the gate ------------------------------------------
     min_new_preferences: int = Field(default=64, ge=1)

@@ -1,0 +1,89 @@
+"""The sanity prompts: does a model still answer what its champion answered?
+
+    from trainer.sanity import SanityCheck   # the gate, the PPO loop's guard, the loop's evaluation
+
+Each prompt ({"prompt": str, "expect": regex}, gate_sanity_file) is answered `samples` times, sampled
+at the rollouts' temperature with fixed seeds, and read as the **share** of answers that match. A
+model fails a prompt when its share falls more than `max_drop` below the reference's (the champion's,
+or the round's starting weights) on the same seeds.
+
+Why a share and not one greedy answer, as the check used to read: SmolLM2-135M-Instruct's first
+token to "What is the capital of France?" is "The" at p = 0.155 against "L" at 0.140, and from "L"
+v0 itself goes on "L'Étoile, la Marseillaise, la femme, la femme au martyre, ..." (measured with
+transformers, float32). So any update, however small, could flip the greedy answer: the thirty-fifth
+loop row's "broken" candidate and the thirty-seventh's round, skipped by the guard at iteration 5 with
+a KL of 0.08, were both that coin. Sampled at temperature 1, 47% of v0's answers name Paris; a model
+that forgot it names it far less often, one that flipped a near-tie does not. The same seeds for
+both models couple their draws: where the weights barely moved, the answers are the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kaizen.core.settings import Settings
+from trainer.policy import encode_prompt
+from trainer.rollout_engine import RolloutEngine
+
+DEFAULT_SANITY = [{"prompt": "What is the capital of France?", "expect": "Paris"}]
+#: Offset of the sanity answers' seeds from ppo_seed (apart from the gate's and the KL's).
+SEED_OFFSET = 15_485_863
+#: Sampled answers kept per prompt in a record (a reader's look at what the model says).
+KEPT_ANSWERS = 3
+
+
+def sanity_set(settings: Settings) -> list[dict[str, str]]:
+    """The sanity prompts and the regex their answers should match (gate_sanity_file, JSONL)."""
+    if settings.gate_sanity_file is None:
+        return DEFAULT_SANITY
+    out = []
+    for line in settings.gate_sanity_file.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out.append({"prompt": str(rec["prompt"]), "expect": str(rec["expect"])})
+    return out
+
+
+@dataclass(frozen=True)
+class SanityCheck:
+    """The sanity prompts and how they are read (gate_sanity_samples, gate_sanity_max_drop)."""
+
+    items: list[dict[str, str]]
+    samples: int
+    max_drop: float
+    seed: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SanityCheck:
+        return cls(sanity_set(settings), settings.gate_sanity_samples, settings.gate_sanity_max_drop,
+                   settings.ppo_seed + SEED_OFFSET)
+
+    def answers(self, engine: RolloutEngine, tokenizer: Any, *, max_prompt_length: int, max_tokens: int,
+                temperature: float) -> list[dict[str, Any]]:
+        """Each prompt with the share of the sampled answers of the weights `engine` holds that
+        match its regex ("share", "matched" of "samples") and the first few of those answers."""
+        if not self.items:
+            return []
+        ids = [encode_prompt(tokenizer, [{"role": "user", "content": it["prompt"]}], max_prompt_length)
+               for it in self.items]
+        # `samples` seeds apart per prompt: vLLM seeds a request's n answers seed + j
+        drawn = [engine.generate([p], max_tokens=max_tokens, temperature=temperature, n=self.samples,
+                                 seed=self.seed + i * self.samples) for i, p in enumerate(ids)]
+        out = []
+        for item, samples in zip(self.items, drawn, strict=True):
+            texts = [s.text for s in samples]
+            matched = sum(1 for t in texts if re.search(item["expect"], t) is not None)
+            out.append({**item, "share": matched / len(texts), "matched": matched, "samples": len(texts),
+                        "answers": [t[:200] for t in texts[:KEPT_ANSWERS]]})
+        return out
+
+    def failed(self, reference: list[dict[str, Any]], now: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The prompts of `now` whose share fell more than max_drop below `reference`'s (the same
+        prompts, answered by the reference weights), each with "reference_share" added. A prompt the
+        reference never matched cannot fail: not knowing it is not a regression."""
+        before = {r["prompt"]: float(r["share"]) for r in reference}
+        return [{**n, "reference_share": before.get(n["prompt"], 0.0)} for n in now
+                if float(n["share"]) < before.get(n["prompt"], 0.0) - self.max_drop]
