@@ -315,7 +315,7 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     engine.load_weights(world["champion"])
     guard.start(trainer, config)
     baseline = {b["prompt"]: b["share"] for b in guard.baseline or []}
-    assert baseline["What is the capital of France?"] == 0.0 and min(list(baseline.values())[:3]) >= 0.75, baseline
+    assert baseline.pop("What is the capital of France?") == 0.0 and min(baseline.values()) >= 0.75, baseline
     norm = policy.lm.model.norm.weight
     before = norm.detach().clone()
     with torch.no_grad():

@@ -73,9 +73,10 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
 
     gaps[i]: candidate's minus champion's reward on held-out pair i; same[i]: both gave the same
     answer; mean_kl: the candidate's mean KL to the reference; failed_sanity: the sanity prompts
-    whose share of matching answers fell below the champion's (`SanityCheck.failed`). A pair is a tie when the answers are the same or
-    |gap| <= tie_margin (a saturated RM scores "Yes." 0.989 and "Yes" 0.982: counting that as a
-    loss made the gate a coin toss); win rate = (wins + ties / 2) / pairs.
+    whose share of matching answers fell below the champion's (`SanityCheck.failed`). A pair is a
+    tie when the answers are the same or |gap| <= tie_margin (a saturated RM scores "Yes." 0.989
+    and "Yes" 0.982: counting that as a loss made the gate a coin toss); win rate = (wins + ties /
+    2) / pairs.
     """
     assert len(gaps) == len(same) and gaps, (len(gaps), len(same))
     tie = [s or abs(g) <= thresholds.tie_margin for g, s in zip(gaps, same, strict=True)]
@@ -190,8 +191,8 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         "min_win": settings.gate_min_win,
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
         **kl, "max_kl": settings.gate_max_kl,
-        "sanity": sanity, "sanity_champion": [{"prompt": c["prompt"], "share": c["share"]} for c in champ.sanity],
-        "sanity_max_drop": check.max_drop, "sanity_passed": not broke,
+        "sanity": sanity, "sanity_max_drop": check.max_drop, "sanity_passed": not broke,
+        "sanity_champion": [{"prompt": c["prompt"], "share": c["share"]} for c in champ.sanity],
         "passed": verdict.passed, "failed": verdict.failed,
     }
     return gate, verdict

@@ -91,8 +91,8 @@ class SanityGuard:
 
     def record(self, config: PPOConfig) -> dict[str, Any]:
         """What the round's record keeps (`ppo.sanity_guard`)."""
-        return {"every": config.sanity_every, "failed_at": self.failed_at, "kept_iteration": self.good_iteration,
-                **({"failed": self.failed} if self.failed else {})}
+        return {"every": config.sanity_every, "failed_at": self.failed_at,
+                "kept_iteration": self.good_iteration, **({"failed": self.failed} if self.failed else {})}
 
     def _trained(self, trainer: PPOTrainer) -> list[torch.nn.Parameter]:
         return [p for p in trainer.policy.parameters() if p.requires_grad]
