@@ -162,7 +162,7 @@ class TrainingSettings(BaseSettings):
     answers fell more than gate_sanity_max_drop below the round's starting weights', the update stops
     and its weights go back to the last check that passed, which become the candidate
     (trainer/ppo_loop.py, SanityGuard). A round that breaks late still hands the gate a candidate that
-    passes; one that breaks before the first check passes publishes nothing. ~2 s a check on SmolLM2.
+    passes; one that breaks before the first check passes publishes nothing. Up to ~15 s a check here.
     0: only the gate checks."""
     ppo_reference: Literal["champion", "base"] = "champion"
     """The policy a round's KL penalty (and DPO's log-ratios) is measured against. champion: the
