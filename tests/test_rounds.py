@@ -114,11 +114,14 @@ def round_events(settings: Settings) -> list[dict[str, Any]]:
 def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, Any], engine: Any) -> None:
     # in the module's folder, not tmp_path: later tests start from this round's reward model, and a
     # passing test's tmp_path is deleted as it ends (pyproject.toml, tmp_path_retention_policy)
-    settings = round_settings(world["root"] / "first-round", world["champion"], world["broker"], world["pass"])
+    # lr 4e-4: the candidate is saved in float32 as trained, and four steps at the module's 2e-4 move
+    # the yes/no model too little for its gate to tell (30 ties in 32 pairs)
+    settings = round_settings(world["root"] / "first-round", world["champion"], world["broker"], world["pass"],
+                              ppo_lr=4e-4)
     assert fill_store(settings) == 80
     world["first"] = settings.data_dir
     record = run_round(settings, engine=engine)
-    assert record["outcome"] == "published", record
+    assert record["outcome"] == "published", {k: record.get(k) for k in ("outcome", "reason", "ppo", "gate")}
     assert record["reward_refresh"]["accepted"] and record["reward_model"] == "rm-v1"
     # these votes' answers carry no finish reason: no vote between an ended and a cut-off answer, so
     # nothing asks for the missing-EOS penalty and the round (PPO and gate) ran without it
@@ -162,14 +165,14 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     assert read_rounds(settings, 5)[0]["round_id"] == record["round_id"]
     assert not (settings.data_dir / "rounds" / "state.json").exists()
 
-    # the published folder: the champion's dtype (KAIZEN_CANDIDATE_DTYPE), loads in transformers and vLLM
+    # the published folder: float32 as trained (KAIZEN_CANDIDATE_DTYPE), loads in transformers and vLLM
     from transformers import AutoModelForCausalLM
 
     path = registry.path("v1")
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
         assert (path / name).is_file(), name
     lm = AutoModelForCausalLM.from_pretrained(path)
-    assert lm.dtype == torch.bfloat16
+    assert lm.dtype == torch.float32  # the bf16 champion's update, not rounded back to bf16
     engine.load_weights(path)
     from transformers import AutoTokenizer
 
@@ -280,7 +283,7 @@ def test_a_round_whose_update_breaks_the_sanity_prompts_before_any_check_passed_
     fill_store(settings)
     record = run_round(settings, engine=engine)
     assert record["outcome"] == "skipped", {k: record.get(k) for k in ("outcome", "reason", "ppo", "gate")}
-    assert "broke the sanity prompts before any check passed" in record["reason"]
+    assert "failed the guard's checks (sanity prompts, KL) before any passed" in record["reason"]
     guard = record["ppo"]["sanity_guard"]
     assert (guard["every"], guard["failed_at"], guard["kept_iteration"]) == (2, 2, 0), guard
     drop = settings.gate_sanity_max_drop
@@ -301,7 +304,7 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     from trainer.distributed import ONE_PROCESS
     from trainer.policy import load_policy
     from trainer.ppo_config import PPOConfig
-    from trainer.ppo_loop import SanityGuard
+    from trainer.ppo_loop import UpdateGuard
     from trainer.rollout_engine import sync_weights
     from trainer.sanity import SanityCheck
 
@@ -311,7 +314,7 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     items.append({"prompt": "What is the capital of France?", "expect": "Paris"})  # v0 never says it
     trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS)
     config = PPOConfig(iterations=6, response_length=8, sanity_every=2)
-    guard = SanityGuard(SanityCheck(items, samples=16, max_drop=0.25, seed=11))
+    guard = UpdateGuard(SanityCheck(items, samples=16, max_drop=0.25, seed=11))
     engine.load_weights(world["champion"])
     guard.start(trainer, config)
     baseline = {b["prompt"]: b["share"] for b in guard.baseline or []}
@@ -334,6 +337,59 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     assert torch.equal(norm, kept) and not torch.equal(norm, before)
     sync_weights(policy, engine, tmp_path / "sync")
     assert guard.failing(trainer, config) == []
+
+
+def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the_gate_will(
+        world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
+    """KAIZEN_PPO_GUARD_KL_FRACTION: at each check the guard reads the policy's KL to the champion as
+    the gate does (its held-out prompts and seeds, at the service's answer length). A small step stays
+    under the limit; a policy whose final norm is negated (its logits too) is far past it, and the
+    guard puts back the small step's weights. The gate's own reading of those weights, saved and
+    loaded into the engine as a candidate is, is the guard's: the guard hands over what will pass."""
+    from types import SimpleNamespace
+
+    from trainer.distributed import ONE_PROCESS
+    from trainer.gate import GateModels, candidate_kl, held_answers
+    from trainer.policy import encode_prompt, load_policy, save_policy
+    from trainer.ppo_config import PPOConfig
+    from trainer.ppo_loop import KLProbe, UpdateGuard
+    from trainer.rollout_engine import sync_weights
+
+    policy, tok, _ = load_policy(world["champion"])
+    reference, _, _ = load_policy(world["champion"])
+    settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
+                              default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
+    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2)  # rollouts of 8 tokens
+    held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
+    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS)
+    guard = UpdateGuard(probe=KLProbe(reference, held_ids, settings, max_kl=1.0))
+    engine.load_weights(world["champion"])
+    try:
+        guard.start(trainer, config)
+        norm = policy.lm.model.norm.weight
+        with torch.no_grad():
+            norm.mul_(1.02)
+        sync_weights(policy, engine, tmp_path / "sync")
+        assert not guard.after(trainer, config, 2), guard.record(config)
+        small = guard.kls[2]
+        assert 0.0 < small < 1.0 and guard.good_iteration == 2, guard.kls
+        kept = norm.detach().clone()
+        save_policy(policy, tok, tmp_path / "kept", torch.float32)
+        with torch.no_grad():
+            norm.mul_(-1.0)
+        sync_weights(policy, engine, tmp_path / "sync")
+        assert guard.after(trainer, config, 4), guard.record(config)
+        record = guard.record(config)
+        assert record["failed_at"] == 4 and record["kept_iteration"] == 2 and "failed" not in record, record
+        assert record["kl"]["4"] > 1.0 and record["max_kl"] == 1.0, record
+        assert torch.equal(norm, kept)
+        engine.load_weights(tmp_path / "kept")  # as the gate loads the candidate
+        models = GateModels(scorer=None, reference=reference, tokenizer=tok)  # type: ignore[arg-type]
+        gate = candidate_kl(engine, tmp_path / "kept", models, held_ids,
+                            held_answers(engine, held_ids, settings, config), settings, config)
+        assert gate["kl_max_tokens"] == 24 and gate["kl"] == pytest.approx(small, abs=1e-3), (gate, small)
+    finally:
+        engine.load_weights(world["champion"])
 
 
 def test_new_weights_never_read_the_old_weights_cached_prompt(world: dict[str, Any], engine: Any,

@@ -100,10 +100,15 @@ def gate_answers(engine: RolloutEngine, tokenizer: Any, prompts: list[Messages],
                  config: PPOConfig) -> tuple[list[list[int]], list[Sample]]:
     """(prompt ids, sampled answers) to the held-out prompts from whatever weights `engine` holds."""
     ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
+    return ids, held_answers(engine, ids, settings, config)
+
+
+def held_answers(engine: RolloutEngine, held_ids: list[list[int]], settings: Settings,
+                 config: PPOConfig) -> list[Sample]:
+    """gate_samples answers to each held-out prompt at the rollouts' length, on the gate's seeds."""
     # the same seeds for champion and candidate: differences come from the weights
-    samples = engine.generate(ids, max_tokens=config.response_length, temperature=config.temperature,
-                              n=settings.gate_samples, seed=settings.ppo_seed + 7_919)
-    return ids, samples
+    return engine.generate(held_ids, max_tokens=config.response_length, temperature=config.temperature,
+                           n=settings.gate_samples, seed=settings.ppo_seed + 7_919)
 
 
 def sanity_run(check: SanityCheck, engine: RolloutEngine, tokenizer: Any,
@@ -135,28 +140,38 @@ class GateModels:
 
 def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, held_ids: list[list[int]],
                  cand: list[Sample], settings: Settings, config: PPOConfig) -> dict[str, Any]:
-    """The candidate's mean KL to the reference (nats per answer, k1 summed over the answer's tokens),
-    on answers `engine` (holding the candidate) samples at gate_kl_max_tokens (else the service's
-    default_max_tokens); `cand` (the gate's own answers, at the rollouts' length) stand in when that
-    is no longer. Returns the gate record's KL
-    fields: kl (what the gate checks), kl_max_tokens, kl_answer_tokens (mean length) and, when a
-    longer pass ran, kl_rollout_length (the same KL on `cand`, as the gate read it before)."""
+    """`read_kl` of the candidate saved in `candidate` (which `engine` holds), with `cand` (the
+    gate's own answers, at the rollouts' length) to stand in for, or to compare with, the long ones."""
+    policy, _, _ = load_policy(candidate)
+    return read_kl(engine, policy, models.reference, models.tokenizer, held_ids, settings, config, cand)
+
+
+def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWithValue, tokenizer: Any,
+            held_ids: list[list[int]], settings: Settings, config: PPOConfig,
+            cand: list[Sample] | None = None) -> dict[str, Any]:
+    """The mean KL of `policy` (whose weights `engine` holds) to `reference`, nats per answer (k1 summed
+    over the answer's tokens), as the gate reads it: on answers sampled at gate_kl_max_tokens (else the
+    service's default_max_tokens) with the gate's seeds, or, when that is no longer than the rollouts,
+    on the gate's own answers (`cand`, else sampled again with their seeds). The PPO loop's guard
+    (trainer/ppo_loop.py) reads the same during the update. Returns the gate record's KL fields: kl
+    (what the gate checks), kl_max_tokens, kl_answer_tokens (mean length) and, when a longer pass ran
+    and `cand` was given, kl_rollout_length (the same KL on `cand`)."""
     limit = settings.gate_kl_max_tokens or settings.default_max_tokens
     longer = limit > config.response_length
-    answers = (engine.generate(held_ids, max_tokens=limit, temperature=config.temperature,
-                               n=settings.gate_kl_samples, seed=settings.ppo_seed + 104_729)
-               if longer else cand)
-    policy, _, _ = load_policy(candidate)
+    if longer:
+        answers = engine.generate(held_ids, max_tokens=limit, temperature=config.temperature,
+                                  n=settings.gate_kl_samples, seed=settings.ppo_seed + 104_729)
+    else:
+        answers = cand if cand is not None else held_answers(engine, held_ids, settings, config)
 
     def mean_kl(samples: list[Sample]) -> float:
-        kls = kl_to_reference(policy, models.reference, models.tokenizer,
-                              [held_ids[s.prompt] for s in samples], [s.token_ids for s in samples],
-                              config.temperature)
+        kls = kl_to_reference(policy, reference, tokenizer, [held_ids[s.prompt] for s in samples],
+                              [s.token_ids for s in samples], config.temperature)
         return sum(kls) / len(kls)
 
     out = {"kl": mean_kl(answers), "kl_max_tokens": limit if longer else config.response_length,
            "kl_answer_tokens": sum(len(s.token_ids) for s in answers) / len(answers)}
-    if longer:
+    if longer and cand is not None:
         out["kl_rollout_length"] = mean_kl(cand)
     return out
 

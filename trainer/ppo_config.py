@@ -68,7 +68,7 @@ class PPOConfig:
     (`ppo_math.kl_spent`); None: `iterations` always."""
     stop_kl_window: int = _setting("ppo_stop_kl_window")
     sanity_every: int = _setting("ppo_sanity_every")
-    """Iterations between the sanity checks of trainer/ppo_loop.py's SanityGuard; 0: none."""
+    """Iterations between the sanity checks of trainer/ppo_loop.py's UpdateGuard; 0: none."""
     reference: str = _setting("ppo_reference")
     """"champion" (the round's starting version) or "base" (the root of its lineage): what the KL
     penalty and DPO's log-ratios are measured against (`trainer.round_phases.reference_version`)."""

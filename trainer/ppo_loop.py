@@ -3,13 +3,18 @@ trainer/raft.py) and decides, between iterations, when a round's update is done:
 
   * SIGTERM on any rank (`should_stop`): the round is abandoned;
   * the KL budget is spent (`ppo_stop_kl`, `ppo_math.kl_spent`);
-  * the policy lost a sanity prompt (`SanityGuard`, `ppo_sanity_every`): the weights go back to
-    the last check that passed, and those are the round's candidate.
+  * a check of the gate's failed (`UpdateGuard`, every `ppo_sanity_every` iterations): the policy
+    lost a sanity prompt, or drifted past the KL the gate accepts; the weights go back to the last
+    check that passed, and those are the round's candidate.
 
-The gate (trainer/gate.py) runs the same sanity check (trainer/sanity.py) on the finished
-candidate; the guard runs it during the update, on the rollout engine that already holds each
-iteration's weights, so a round whose policy loses what the champion knew late still hands the
-gate the last weights that kept it, instead of spending the gate on a broken candidate.
+The gate (trainer/gate.py) runs the same sanity check (trainer/sanity.py) and the same KL reading
+on the finished candidate; the guard runs them during the update, on the rollout engine that
+already holds each iteration's weights, so a round whose policy loses what the champion knew, or
+moves too far, late still hands the gate the last weights that passed, instead of spending the
+gate on a candidate it must refuse. The KL matters most: a round's rollouts read the KL at their
+own length (64 tokens), the gate at the service's (256), and the two drift apart late in a round
+(the thirty-sixth and thirty-eighth loop rows: gate win rates 0.742 and 0.775, both refused for
+KL 3.49 and 3.63 > 3.0; 2.90 at the rollouts' length).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 
 import torch
 
-from trainer.gate import sanity_run
+from kaizen.core.settings import Settings
+from trainer.gate import read_kl, sanity_run
+from trainer.policy import PolicyWithValue
 from trainer.ppo import IterationStats, Messages, PPOTrainer
 from trainer.ppo_config import PPOConfig
 from trainer.ppo_math import kl_spent
@@ -30,25 +37,48 @@ from trainer.sanity import SanityCheck
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class KLProbe:
+    """The gate's KL reading (trainer/gate.py, `read_kl`: its held-out prompts and seeds, at
+    gate_kl_max_tokens) of the policy the engine holds, against the gate's reference (the champion)."""
+
+    reference: PolicyWithValue
+    held_ids: list[list[int]]
+    settings: Settings
+    max_kl: float
+    """The most the guard keeps: ppo_guard_kl_fraction x gate_max_kl."""
+
+    def read(self, trainer: PPOTrainer, config: PPOConfig) -> float:
+        assert trainer.engine is not None
+        kl = read_kl(trainer.engine, trainer.policy, self.reference, trainer.tokenizer, self.held_ids,
+                     self.settings, config)
+        trainer.policy.train()  # read_kl reads in eval mode; the update trains
+        return float(kl["kl"])
+
+
 @dataclass
-class SanityGuard:
-    """The gate's sanity check (trainer/sanity.py) every `config.sanity_every` iterations and after
-    the last (0: never), on rank 0's engine, against the round's starting weights.
+class UpdateGuard:
+    """The gate's checks that need no reward model, every `config.sanity_every` iterations and after
+    the last (0: never), on rank 0's engine: the sanity check (trainer/sanity.py) against the round's
+    starting weights and, with a `probe`, the KL to the champion as the gate reads it.
 
     Every rank keeps a copy of its trained parameters at the last check that passed (iteration 0:
     the starting weights) and puts it back when a check fails, so all ranks stop on the same weights.
-    The other ranks hold no engine and no check (`check` None): they join rank 0's verdict.
+    The other ranks hold no engine, no check and no probe: they join rank 0's verdict.
     """
 
     check: SanityCheck | None = None
     baseline: list[dict[str, Any]] | None = None
     """The starting weights' answers (`SanityCheck.answers`); None: read at `start`."""
+    probe: KLProbe | None = None
     good: list[torch.Tensor] = field(default_factory=list)
     good_iteration: int = 0
     """The iteration whose weights the last passing check saw (0: the starting weights)."""
     failed_at: int | None = None
     failed: list[dict[str, Any]] = field(default_factory=list)
     """The prompts that broke at `failed_at`, with their shares and a few answers (rank 0)."""
+    kls: dict[int, float] = field(default_factory=dict)
+    """The probe's KL at each check, by iteration (rank 0)."""
 
     def answers(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
         """The check's answers from the engine's weights (rank 0; the other ranks answer [])."""
@@ -77,7 +107,11 @@ class SanityGuard:
         if not every or (iteration % every and iteration != config.iterations):
             return False
         broke = self.failing(trainer, config)
-        if not trainer.dist.any(bool(broke)):
+        too_far = False
+        if self.probe is not None and trainer.engine is not None:
+            self.kls[iteration] = self.probe.read(trainer, config)
+            too_far = self.kls[iteration] > self.probe.max_kl
+        if not trainer.dist.any(bool(broke) or too_far):
             self._keep(trainer, iteration)
             return False
         with torch.no_grad():
@@ -85,14 +119,23 @@ class SanityGuard:
                 p.copy_(saved)
         self.failed_at, self.failed = iteration, broke
         shares = [f"{f['prompt']!r} {f['reference_share']:.2f} -> {f['share']:.2f}" for f in broke]
-        log.warning("ppo: iteration %d broke the sanity prompts (share of matching answers: %s); back to "
-                    "iteration %d's weights", iteration, shares, self.good_iteration)
+        log.warning("ppo: iteration %d broke the sanity prompts (share of matching answers: %s) or passed "
+                    "the KL limit (%s); back to iteration %d's weights", iteration, shares,
+                    self._kl_text(iteration), self.good_iteration)
         return True
 
     def record(self, config: PPOConfig) -> dict[str, Any]:
         """What the round's record keeps (`ppo.sanity_guard`)."""
-        return {"every": config.sanity_every, "failed_at": self.failed_at,
-                "kept_iteration": self.good_iteration, **({"failed": self.failed} if self.failed else {})}
+        kl = ({"kl": {str(i): k for i, k in self.kls.items()}, "max_kl": self.probe.max_kl}
+              if self.probe is not None else {})
+        failed = {"failed": self.failed} if self.failed else {}
+        return {"every": config.sanity_every, "failed_at": self.failed_at, "kept_iteration": self.good_iteration,
+                **failed, **kl}
+
+    def _kl_text(self, iteration: int) -> str:
+        if self.probe is None or iteration not in self.kls:
+            return "not read on this rank"
+        return f"KL {self.kls[iteration]:.2f} against {self.probe.max_kl:.2f}"
 
     def _trained(self, trainer: PPOTrainer) -> list[torch.nn.Parameter]:
         return [p for p in trainer.policy.parameters() if p.requires_grad]
@@ -104,7 +147,7 @@ class SanityGuard:
 
 def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,
             on_iteration: Callable[[IterationStats], None] | None = None,
-            should_stop: Callable[[], bool] | None = None, guard: SanityGuard | None = None,
+            should_stop: Callable[[], bool] | None = None, guard: UpdateGuard | None = None,
             progress: bool = False) -> list[IterationStats]:
     """`config.iterations` iterations, each on `prompts_per_iteration` prompts drawn from `prompts`
     (shuffled, cycling; batch_size answers in all). Stops early, between iterations, when

@@ -22,7 +22,7 @@ from kaizen.core.settings import Settings
 from trainer.distributed import Dist
 from trainer.policy import RewardScorer, load_policy
 from trainer.dpo import policy_trainer
-from trainer.ppo_loop import SanityGuard, run_ppo
+from trainer.ppo_loop import UpdateGuard, run_ppo
 from trainer.reward import train_refresh
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _follow_ppo(settings: Settings, dist: Dist, stop: threading.Event, payload: 
     scorer = RewardScorer.load(payload["reward_model"], settings.reward_max_length, settings.reward_dtype)
     trainer = policy_trainer(config, model, reference, tokenizer, None, scorer, None, dist,
                              vote_pairs=payload.get("vote_pairs", ()))
-    # the sanity checks run on rank 0's engine; this rank's guard joins their verdict and, on a
+    # the guard's checks run on rank 0's engine; this rank's guard joins their verdict and, on a
     # failure, puts back the same iteration's weights as rank 0
     run_ppo(config, trainer, payload["prompts"], should_stop=stop.is_set,
-            guard=SanityGuard())
+            guard=UpdateGuard())

@@ -35,7 +35,7 @@ from trainer.gate import ChampionAnswers, GateModels, GateVerdict, gate_answers,
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats
-from trainer.ppo_loop import SanityGuard, run_ppo
+from trainer.ppo_loop import KLProbe, UpdateGuard, run_ppo
 from trainer.sanity import SanityCheck
 from trainer.ppo_math import kl_spent
 from trainer.ppo_config import PPOConfig
@@ -173,7 +173,7 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
                                                  config))
     candidate = ctx.work / "candidate"
     if not job.resuming:
-        abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype, champ)
+        abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype, champ, held_ids)
         if abandoned is not None:
             return abandoned
     record, verdict = _gate(ctx, job, models, candidate, held_ids, champ)
@@ -181,7 +181,8 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
 
 
 def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path,
-                    saved_dtype: torch.dtype, champ: ChampionAnswers) -> dict[str, Any] | None:
+                     saved_dtype: torch.dtype, champ: ChampionAnswers,
+                     held_ids: list[list[int]]) -> dict[str, Any] | None:
     """2. PPO from the champion on the training prompts, saved to `candidate` (then the "gate" phase).
     Returns the round's record when SIGTERM cut it short, else None."""
     config = job.config
@@ -211,7 +212,8 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
             ctx.save()
             trainer = policy_trainer(config, policy, reference, models.tokenizer, job.engine,
                                      models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
-            guard = SanityGuard(SanityCheck.from_settings(ctx.settings), baseline=champ.sanity)
+            guard = UpdateGuard(SanityCheck.from_settings(ctx.settings), baseline=champ.sanity,
+                                probe=_kl_probe(ctx.settings, models, held_ids))
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
                               should_stop=job.stopped, guard=guard, progress=ctx.options.progress)
     if job.stopped():
@@ -224,12 +226,20 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
     ctx.state["distributed"] = trainer.dist.describe()
     if guard.failed_at is not None and guard.good_iteration == 0:
-        return finish(ctx, "skipped", {"reason": f"PPO iteration {guard.failed_at} broke the sanity prompts "
-                                                 "before any check passed: no candidate"})
+        return finish(ctx, "skipped", {"reason": f"PPO iteration {guard.failed_at} failed the guard's checks "
+                                                 "(sanity prompts, KL) before any passed: no candidate"})
     save_policy(policy, models.tokenizer, candidate,
                 torch.float32 if ctx.settings.candidate_dtype == "float32" else saved_dtype)
     ctx.phase("gate")
     return None
+
+
+def _kl_probe(settings: Settings, models: GateModels, held_ids: list[list[int]]) -> KLProbe | None:
+    """The guard's KL reading, as the gate's: against the champion, on its held-out prompts."""
+    if not settings.ppo_guard_kl_fraction:
+        return None
+    limit = settings.ppo_guard_kl_fraction * settings.gate_max_kl
+    return KLProbe(models.reference, held_ids, settings, limit)
 
 
 def reference_version(registry: Registry, champion: str, config: PPOConfig) -> str:

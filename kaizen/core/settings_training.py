@@ -157,13 +157,24 @@ class TrainingSettings(BaseSettings):
     ppo_stop_kl_window: int = Field(default=3, ge=1)
     """Iterations whose mean KL ppo_stop_kl reads: one iteration's KL is 16 answers' (noisy)."""
     ppo_sanity_every: int = Field(default=5, ge=0)
-    """Every this many PPO iterations (and after the last), the gate's sanity check (trainer/sanity.py)
-    on the rollout engine, which already holds the new weights: when a prompt's share of matching
-    answers fell more than gate_sanity_max_drop below the round's starting weights', the update stops
-    and its weights go back to the last check that passed, which become the candidate
-    (trainer/ppo_loop.py, SanityGuard). A round that breaks late still hands the gate a candidate that
-    passes; one that breaks before the first check passes publishes nothing. Up to ~15 s a check here.
-    0: only the gate checks."""
+    """Every this many PPO iterations (and after the last), the gate's checks that need no reward
+    model, on the rollout engine, which already holds the new weights: the sanity check
+    (trainer/sanity.py), and the KL to the champion as the gate reads it (ppo_guard_kl_fraction).
+    When a prompt's share of matching answers fell more than gate_sanity_max_drop below the round's
+    starting weights', or the KL passed its limit, the update stops and its weights go back to the
+    last check that passed, which become the candidate (trainer/ppo_loop.py, UpdateGuard). A round
+    that fails late still hands the gate a candidate that passes them; one that fails before the
+    first check passes publishes nothing. Up to ~15 s a check here for the sanity prompts, ~40 s
+    for the KL. 0: only the gate checks."""
+    ppo_guard_kl_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    """The guard's KL limit as a fraction of gate_max_kl: at each check (ppo_sanity_every) it reads the
+    policy's KL to the champion on the gate's held-out prompts and seeds at gate_kl_max_tokens, as the
+    gate will, and keeps the last weights under this. With candidate_dtype=float32 the gate loads the
+    very weights the guard read and samples the same answers; with candidate_dtype=champion the
+    saved candidate is rounded and samples slightly different ones: leave a margin (0.9). The
+    rollouts' own KL (64
+    tokens) does not predict the gate's: 2.90 against 3.63 in the thirty-eighth loop row, 2.67
+    against 3.49 in the thirty-sixth. 0: the guard reads no KL."""
     ppo_reference: Literal["champion", "base"] = "champion"
     """The policy a round's KL penalty (and DPO's log-ratios) is measured against. champion: the
     version the round starts from, so each round may move about ppo_target_kl further and the drift
@@ -212,15 +223,15 @@ class TrainingSettings(BaseSettings):
     ppo_seed: int = 0
     ppo_prompt_file: Path | None = None
     """Extra prompts, JSONL: {"prompt": str} or {"messages": [...]}, added to the store's user turns."""
-    candidate_dtype: Literal["float32", "champion"] = "champion"
-    """The dtype a round's candidate is saved, gated and published in. champion: the champion's saved
-    dtype (bf16 for SmolLM2), which rounds each trained weight to the nearest bf16 value: a change
-    under half a bf16 step vanishes (the SmolLM2 v1s of the loop's rounds of 2026-12-01 differed from
-    v0 in only 26-37% of the trained weights, where the update had moved every one), yet what the
-    policy does survives: the thirty-first loop row's rounded v1 read KL 1.97 at the rollouts' length
-    against its float32 policy's 2.00 in the last iteration. float32: exactly the weights the update
-    trained and its rollouts sampled (a bf16 engine rounds them as it loads them), twice the disk;
-    its one loop row so far (bench/README.md, "The loop", thirty-sixth) was refused for KL 3.49."""
+    candidate_dtype: Literal["float32", "champion"] = "float32"
+    """The dtype a round's candidate is saved, gated and published in. float32: exactly the weights the
+    update trained, its rollouts sampled and its guard (ppo_guard_kl_fraction) read, at twice the disk
+    of bf16 (a bf16 engine rounds them as it loads them). champion: the champion's saved dtype (bf16
+    for SmolLM2), which rounds each trained weight to the nearest bf16 value: a change under half a
+    bf16 step vanishes (the SmolLM2 v1s of the loop's rounds of 2026-12-01 differed from v0 in only
+    26-37% of the trained weights, where the update had moved every one), yet what the policy does
+    survives: the thirty-first loop row's rounded v1 read KL 1.97 at the rollouts' length against its
+    float32 policy's 2.00 in the last iteration."""
     ppo_sync_dir: Path | None = None
     """Where the policy is written for the rollout engine to reload. Unset: /dev/shm (RAM)."""
     policy_algorithm: Literal["ppo", "rloo", "dpo", "raft"] = "ppo"
