@@ -111,6 +111,8 @@ class UpdateGuard:
         if self.probe is not None and trainer.engine is not None:
             self.kls[iteration] = self.probe.read(trainer, config)
             too_far = self.kls[iteration] > self.probe.max_kl
+            log.info("ppo: check after iteration %d: %s, sanity prompts %s", iteration,
+                     self._kl_text(iteration), "broken" if broke else "kept")
         if not trainer.dist.any(bool(broke) or too_far):
             self._keep(trainer, iteration)
             return False
@@ -118,10 +120,10 @@ class UpdateGuard:
             for p, saved in zip(self._trained(trainer), self.good, strict=True):
                 p.copy_(saved)
         self.failed_at, self.failed = iteration, broke
-        shares = [f"{f['prompt']!r} {f['reference_share']:.2f} -> {f['share']:.2f}" for f in broke]
-        log.warning("ppo: iteration %d broke the sanity prompts (share of matching answers: %s) or passed "
-                    "the KL limit (%s); back to iteration %d's weights", iteration, shares,
-                    self._kl_text(iteration), self.good_iteration)
+        why = [f"sanity prompt {f['prompt']!r}: share of matching answers {f['reference_share']:.2f} -> "
+               f"{f['share']:.2f}" for f in broke] + ([self._kl_text(iteration)] if too_far else [])
+        log.warning("ppo: iteration %d failed the guard's checks (%s); back to iteration %d's weights",
+                    iteration, "; ".join(why) or "on another rank", self.good_iteration)
         return True
 
     def record(self, config: PPOConfig) -> dict[str, Any]:
