@@ -125,8 +125,10 @@ class ChampionAnswers:
 
     held: list[Sample]
     """The held-out prompts' sampled answers (`gate_answers`)."""
+    check: SanityCheck
+    """The round's sanity check (gate_sanity_*), which the guard and the gate read the candidate by."""
     sanity: list[dict[str, Any]]
-    """The sanity prompts' shares (`sanity_run`)."""
+    """The sanity prompts' shares (`sanity_run` of `check`)."""
 
 
 @dataclass
@@ -193,7 +195,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         return scores - float(config.missing_eos_penalty) * unended
 
     r_cand, r_champ = reward(cand), reward(theirs)
-    check = SanityCheck.from_settings(settings)
+    check = champ.check
     sanity = sanity_run(check, engine, models.tokenizer, config)
     broke = check.failed(champ.sanity, sanity)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]

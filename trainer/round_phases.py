@@ -169,8 +169,8 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     # champion's answers to the held-out and the sanity prompts, while the engine still holds its weights
     with job.timer("gate_champion"):
         held_ids, held = gate_answers(job.engine, tokenizer, job.held_prompts, settings, config)
-        champ = ChampionAnswers(held, sanity_run(SanityCheck.from_settings(settings), job.engine, tokenizer,
-                                                 config))
+        check = SanityCheck.from_settings(settings)
+        champ = ChampionAnswers(held, check, sanity_run(check, job.engine, tokenizer, config))
     candidate = ctx.work / "candidate"
     if not job.resuming:
         abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype, champ, held_ids)
@@ -212,7 +212,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
             ctx.save()
             trainer = policy_trainer(config, policy, reference, models.tokenizer, job.engine,
                                      models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
-            guard = UpdateGuard(SanityCheck.from_settings(ctx.settings), baseline=champ.sanity,
+            guard = UpdateGuard(champ.check, baseline=champ.sanity,
                                 probe=_kl_probe(ctx.settings, models, held_ids))
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
                               should_stop=job.stopped, guard=guard, progress=ctx.options.progress)
