@@ -78,8 +78,8 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                                          n=config.eval_samples, seed=config.seed + 17)
             shares = [a["share"] for a in check.answers(
                 engine, tokenizer, max_prompt_length=settings.ppo_max_prompt_length,
-                max_tokens=settings.ppo_response_length, temperature=settings.ppo_temperature)]
-            sanity_ok[v] = sum(shares) / max(1, len(shares))  # the gate's reading (trainer/sanity.py)
+                max_tokens=settings.ppo_response_length, temperature=settings.ppo_temperature, full=True)]
+            sanity_ok[v] = sum(shares) / max(1, len(shares))  # as the gate reads a champion
             bar.advance(task)
         write_answers(config.out_dir / ANSWERS_FILE, eval_prompts, answers)
         task = bar.add_task("evaluation: judge and KL", total=len(versions))

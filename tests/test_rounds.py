@@ -314,7 +314,7 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     items.append({"prompt": "What is the capital of France?", "expect": "Paris"})  # v0 never says it
     trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS)
     config = PPOConfig(iterations=6, response_length=8, sanity_every=2)
-    guard = UpdateGuard(SanityCheck(items, samples=16, max_drop=0.25, seed=11))
+    guard = UpdateGuard(SanityCheck(items, samples=16, max_drop=0.25, seed=11, confirm=16))
     engine.load_weights(world["champion"])
     guard.start(trainer, config)
     baseline = {b["prompt"]: b["share"] for b in guard.baseline or []}
@@ -334,9 +334,39 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     assert guard.record(config)["failed_at"] == 4 and guard.record(config)["kept_iteration"] == 2
     assert guard.failed and {f["prompt"] for f in guard.failed} <= {x["prompt"] for x in items[:3]}
     assert all(f["share"] < f["reference_share"] - 0.25 for f in guard.failed), guard.failed
+    assert all(f["samples"] == 32 and "first_share" in f for f in guard.failed), guard.failed  # confirmed
     assert torch.equal(norm, kept) and not torch.equal(norm, before)
     sync_weights(policy, engine, tmp_path / "sync")
     assert guard.failing(trainer, config) == []
+
+
+def test_a_sanity_prompt_that_fails_on_its_first_answers_is_decided_on_all_of_them(
+        world: dict[str, Any], engine: Any) -> None:
+    """KAIZEN_GATE_SANITY_CONFIRM_SAMPLES (trainer/sanity.py): a prompt whose share fails on the first
+    answers is read on more, on the seeds after them, and decided on all. The champion is read here
+    against its own full reading with no drop allowed: a prompt whose first 16 answers say "Yes" less
+    often than all 64 fails that screen by chance alone; its 48 more answers pool to the reference's
+    own count (the same weights on the same seeds), and nothing fails."""
+    from trainer.sanity import SanityCheck
+
+    tok = AutoTokenizer.from_pretrained(world["champion"])
+    rng = random.Random(5)
+    items = [{"prompt": question(rng)[0]["content"], "expect": "^Yes"} for _ in range(10)]
+    check = SanityCheck(items, samples=16, max_drop=0.0, seed=23, confirm=48)
+    sampling: dict[str, Any] = {"max_prompt_length": 64, "max_tokens": 8, "temperature": 1.0}
+    engine.load_weights(world["champion"])
+    reference = check.answers(engine, tok, full=True, **sampling)
+    assert [r["samples"] for r in reference] == [64] * 10 and 0 < reference[0]["share"] < 1, reference
+    first = check.answers(engine, tok, **sampling)
+    screened = {f["prompt"] for f in check.failed(reference, first)}
+    assert screened, [(f["share"], r["share"]) for f, r in zip(first, reference, strict=True)]
+    now, failed = check.read(engine, tok, reference, **sampling)
+    assert failed == [], failed
+    for n, f, r in zip(now, first, reference, strict=True):
+        if n["prompt"] in screened:
+            assert (n["samples"], n["matched"], n["first_share"]) == (64, r["matched"], f["share"]), (n, r)
+        else:
+            assert n["samples"] == 16 and "first_share" not in n, n
 
 
 def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the_gate_will(

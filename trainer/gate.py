@@ -113,10 +113,18 @@ def held_answers(engine: RolloutEngine, held_ids: list[list[int]], settings: Set
 
 def sanity_run(check: SanityCheck, engine: RolloutEngine, tokenizer: Any,
                config: PPOConfig) -> list[dict[str, Any]]:
-    """`check`'s answers from the weights `engine` holds, at the rollouts' length and temperature
-    (what the gate and the PPO loop's guard both read)."""
+    """`check`'s reference reading (all its answers) of the weights `engine` holds, at the rollouts'
+    length and temperature: what the gate and the PPO loop's guard read a candidate against."""
     return check.answers(engine, tokenizer, max_prompt_length=config.max_prompt_length,
-                         max_tokens=config.response_length, temperature=config.temperature)
+                         max_tokens=config.response_length, temperature=config.temperature, full=True)
+
+
+def sanity_read(check: SanityCheck, engine: RolloutEngine, tokenizer: Any, config: PPOConfig,
+                reference: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(answers, failed prompts): `check.read` of the weights `engine` holds against `reference`
+    (`sanity_run`'s), at the rollouts' length and temperature (the gate's and the guard's reading)."""
+    return check.read(engine, tokenizer, reference, max_prompt_length=config.max_prompt_length,
+                      max_tokens=config.response_length, temperature=config.temperature)
 
 
 @dataclass(frozen=True)
@@ -196,8 +204,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
 
     r_cand, r_champ = reward(cand), reward(theirs)
     check = champ.check
-    sanity = sanity_run(check, engine, models.tokenizer, config)
-    broke = check.failed(champ.sanity, sanity)
+    sanity, broke = sanity_read(check, engine, models.tokenizer, config, champ.sanity)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, kl["kl"],  # float32 gaps, as the RM scored
                            [s["prompt"] for s in broke], GateThresholds.from_settings(settings))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kaizen.core.settings import Settings
-from trainer.gate import read_kl, sanity_run
+from trainer.gate import read_kl, sanity_read, sanity_run
 from trainer.policy import PolicyWithValue
 from trainer.ppo import IterationStats, Messages, PPOTrainer
 from trainer.ppo_config import PPOConfig
@@ -81,17 +81,17 @@ class UpdateGuard:
     """The probe's KL at each check, by iteration (rank 0)."""
 
     def answers(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
-        """The check's answers from the engine's weights (rank 0; the other ranks answer [])."""
+        """The check's reference reading of the engine's weights (rank 0; the other ranks answer [])."""
         if trainer.engine is None or self.check is None:
             return []
         return sanity_run(self.check, trainer.engine, trainer.tokenizer, config)
 
     def failing(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
-        """The prompts whose share fell more than the check's max_drop below the baseline's."""
-        now = self.answers(trainer, config)
-        if self.check is None or not now:
+        """The prompts whose share fell more than the check's max_drop below the baseline's (read
+        sequentially, `SanityCheck.read`; rank 0, the other ranks answer [])."""
+        if trainer.engine is None or self.check is None or not self.check.items:
             return []
-        return self.check.failed(self.baseline or [], now)
+        return sanity_read(self.check, trainer.engine, trainer.tokenizer, config, self.baseline or [])[1]
 
     def start(self, trainer: PPOTrainer, config: PPOConfig) -> None:
         """Before the first iteration: the starting weights' answers (unless given), and their copy."""

@@ -5,7 +5,8 @@
 Each prompt ({"prompt": str, "expect": regex}, gate_sanity_file) is answered `samples` times, sampled
 at the rollouts' temperature with fixed seeds, and read as the **share** of answers that match. A
 model fails a prompt when its share falls more than `max_drop` below the reference's (the champion's,
-or the round's starting weights) on the same seeds.
+or the round's starting weights) on the same seeds. The reference is read on `samples + confirm`
+answers; a model on `samples` first, and on `confirm` more where those fail (`SanityCheck.read`).
 
 Why a share and not one greedy answer, as the check used to read: SmolLM2-135M-Instruct's first
 token to "What is the capital of France?" is "The" at p = 0.155 against "L" at 0.140, and from "L"
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,32 +51,63 @@ def sanity_set(settings: Settings) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class SanityCheck:
-    """The sanity prompts and how they are read (gate_sanity_samples, gate_sanity_max_drop)."""
+    """The sanity prompts and how they are read (gate_sanity_samples, gate_sanity_confirm_samples,
+    gate_sanity_max_drop).
+
+    A reading is sequential: `samples` answers per prompt screen it; a prompt whose share falls past
+    `max_drop` on those is read again on `confirm` more answers (the seeds after the first ones) and
+    decided on all of them, against a reference read on all of them (`answers(full=True)`). Sixteen
+    answers are a noisy share (the thirty-ninth loop row's v1 read 0.25 on 16, 0.383 on 128, v0 0.414):
+    the screen keeps a passing check cheap, the confirmation keeps a noisy one from stopping a round."""
 
     items: list[dict[str, str]]
     samples: int
     max_drop: float
     seed: int
+    confirm: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SanityCheck:
         return cls(sanity_set(settings), settings.gate_sanity_samples, settings.gate_sanity_max_drop,
-                   settings.ppo_seed + SEED_OFFSET)
+                   settings.ppo_seed + SEED_OFFSET, settings.gate_sanity_confirm_samples)
 
     def answers(self, engine: RolloutEngine, tokenizer: Any, *, max_prompt_length: int, max_tokens: int,
-                temperature: float) -> list[dict[str, Any]]:
+                temperature: float, full: bool = False) -> list[dict[str, Any]]:
         """Each prompt with the share of the sampled answers of the weights `engine` holds that
-        match its regex ("share", "matched" of "samples") and the first few of those answers."""
-        if not self.items:
-            return []
-        ids = [encode_prompt(tokenizer, [{"role": "user", "content": it["prompt"]}], max_prompt_length)
-               for it in self.items]
-        # `samples` seeds apart per prompt: vLLM seeds a request's n answers seed + j
-        drawn = [engine.generate([p], max_tokens=max_tokens, temperature=temperature, n=self.samples,
-                                 seed=self.seed + i * self.samples) for i, p in enumerate(ids)]
+        match its regex ("share", "matched" of "samples") and the first few of those answers: the
+        first `samples` answers, or with `full` (a reference's reading) `samples + confirm`."""
+        n = self.samples + self.confirm if full else self.samples
+        return self._draw(engine, tokenizer, range(len(self.items)), 0, n,
+                          (max_prompt_length, max_tokens, temperature))
+
+    def read(self, engine: RolloutEngine, tokenizer: Any, reference: list[dict[str, Any]], *,
+             max_prompt_length: int, max_tokens: int,
+             temperature: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(the answers, the prompts that `failed` against `reference`) of the weights `engine` holds,
+        read sequentially: a prompt that fails on the first `samples` answers is decided on `confirm`
+        more (its record then keeps the screen's share as "first_share")."""
+        sampling = (max_prompt_length, max_tokens, temperature)
+        now = self._draw(engine, tokenizer, range(len(self.items)), 0, self.samples, sampling)
+        suspects = {f["prompt"] for f in self.failed(reference, now)}
+        if not suspects or not self.confirm:
+            return now, self.failed(reference, now)
+        again = [i for i, it in enumerate(self.items) if it["prompt"] in suspects]
+        more = iter(self._draw(engine, tokenizer, again, self.samples, self.confirm, sampling))
+        now = [_pooled(n, next(more)) if n["prompt"] in suspects else n for n in now]
+        return now, self.failed(reference, now)
+
+    def _draw(self, engine: RolloutEngine, tokenizer: Any, which: Iterable[int], first: int, n: int,
+              sampling: tuple[int, int, float]) -> list[dict[str, Any]]:
+        """`n` answers to each of the prompts `which` (by index), on seeds `first`.. of each prompt's."""
+        max_prompt_length, max_tokens, temperature = sampling
         out = []
-        for item, samples in zip(self.items, drawn, strict=True):
-            texts = [s.text for s in samples]
+        for i in which:
+            item = self.items[i]
+            ids = encode_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}], max_prompt_length)
+            # a prompt's seeds are samples + confirm apart: vLLM seeds a request's n answers seed + j
+            drawn = engine.generate([ids], max_tokens=max_tokens, temperature=temperature, n=n,
+                                    seed=self.seed + i * (self.samples + self.confirm) + first)
+            texts = [s.text for s in drawn]
             matched = sum(1 for t in texts if re.search(item["expect"], t) is not None)
             out.append({**item, "share": matched / len(texts), "matched": matched, "samples": len(texts),
                         "answers": [t[:200] for t in texts[:KEPT_ANSWERS]]})
@@ -87,3 +120,10 @@ class SanityCheck:
         before = {r["prompt"]: float(r["share"]) for r in reference}
         return [{**n, "reference_share": before.get(n["prompt"], 0.0)} for n in now
                 if float(n["share"]) < before.get(n["prompt"], 0.0) - self.max_drop]
+
+
+def _pooled(screen: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """One prompt's screening answers and its confirming ones, read as one share."""
+    matched, samples = screen["matched"] + more["matched"], screen["samples"] + more["samples"]
+    return {**screen, "share": matched / samples, "matched": matched, "samples": samples,
+            "first_share": screen["share"]}

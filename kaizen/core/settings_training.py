@@ -283,6 +283,11 @@ class TrainingSettings(BaseSettings):
     gate_sanity_samples: int = Field(default=16, ge=1)
     """Answers sampled per sanity prompt (rollout temperature, fixed seeds): the check reads the share
     that matches, not one greedy answer, whose first token is a near-tie on SmolLM2 (trainer/sanity.py)."""
+    gate_sanity_confirm_samples: int = Field(default=48, ge=0)
+    """More answers read for a sanity prompt whose share failed on the first gate_sanity_samples; it is
+    then decided on all of them, against the champion's share on as many (the same seeds). A passing
+    check costs no more; 16 answers alone read v1's Paris share as 0.25 where 128 read 0.383 (v0: 0.414),
+    and stopped the thirty-ninth loop row's update five iterations early. 0: decide on the first ones."""
     gate_sanity_max_drop: float = Field(default=0.25, ge=0.0, le=1.0)
     """A model fails a sanity prompt when its share of matching answers is more than this below the
     champion's on the same seeds (v0 names Paris in 47% of its answers: one that forgot it, far fewer)."""
