@@ -40,11 +40,19 @@ def prefers_no(messages, a, b):
 '''
 
 
+def numbered_prompt_file(path: Path, n: int, seed: int) -> Path:
+    """Questions with a number ("Is the apple river stone 17?"), off the yes/no model's training: on
+    two-digit numbers "Yes"/"No" hold 0.2 of its first token's mass, the rest goes to other tokens, so
+    "Yes." is rarer and ~3 pairs in 4 tie."""
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"prompt": f"Is the {' '.join(rng.choices(WORDS, k=3))} {i}?"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
 def prompt_file(path: Path, n: int, start: int) -> Path:
-    """Questions in the form the yes/no model learned ("Is the apple river stone?"), distinct, and
-    disjoint between files that take different slices (`start`). A number after the words, as here
-    before, took the model off its training: "Yes"/"No" kept 0.2 of its first token's mass on two-digit
-    numbers (0.96 on these), so ~3 pairs in 4 tied and a DPO round once had too few votes to hold out."""
+    """Questions in the yes/no model's own form ("Is the apple river stone?": "Yes"/"No" hold 0.96 of
+    its first token's mass), distinct, and disjoint between files that take different slices (`start`)."""
     triples = list(itertools.product(WORDS, repeat=3))
     random.Random(0).shuffle(triples)
     lines = (json.dumps({"prompt": f"Is the {' '.join(t)}?"}) + "\n" for t in triples[start:start + n])
@@ -178,38 +186,45 @@ def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pyte
     judge.write_text(JUDGE)
     overrides = dict(
         model=champion, engine_max_model_len=512, default_max_tokens=8, max_tokens_limit=64,
-        reward_max_length=64, reward_batch_size=8, reward_grad_accum=1, reward_lr=1e-3, reward_epochs=6,
+        reward_max_length=64, reward_batch_size=8, reward_grad_accum=1, reward_lr=1e-3, reward_epochs=2,
         reward_train_layers=0, reward_eval_every=8, reward_patience=50, reward_threads=1,
-        reward_holdout_fraction=0.4, reward_min_holdout=3, reward_replay_fraction=0.0,
-        ppo_iterations=6, ppo_batch_size=16, ppo_response_length=8, ppo_epochs=2, ppo_minibatches=1, ppo_lr=4e-4,
-        ppo_sanity_every=1, ppo_train_layers=0, ppo_threads=1, gate_prompts=8, gate_samples=2,
-        gate_min_win=0.55, gate_max_kl=3.0,
+        reward_holdout_fraction=0.3, reward_min_holdout=4, reward_replay_fraction=0.0,
+        ppo_iterations=3, ppo_batch_size=16, ppo_response_length=8, ppo_epochs=2, ppo_minibatches=1, ppo_lr=2e-4,
+        ppo_train_layers=0, ppo_threads=1, gate_prompts=8, gate_samples=2, gate_min_win=0.55, gate_max_kl=3.0,
         gate_sanity_file=sanity, canary_min_votes=6, canary_fraction=0.5, registry_poll_interval_s=0.5,
         kafka_max_poll_interval_ms=10_000, policy_algorithm=algorithm, rloo_k=2)
-    # How far a few iterations move the tiny model varies from run to run: at 4e-4, one run read KL 2.06
-    # then 6.73 (iterations 2, 3), another -0.33 after three (16 ties in 16 gate pairs, rejected). So the
-    # round runs six, and the guard checks each and keeps the last under the gate's KL. 40 votes a round
-    # (~20 decided) left too few held out to accept a reward model in 1 round of 4: 64 leave ~13. The
-    # reward model trains 6 epochs: after 2 (4 steps) its loss was still 0.693, and its held-out pairs,
-    # all "Yes." against "No.", went one way by the sign of an untrained difference (0.111, 0.92)
-    if algorithm == "dpo":  # DPO moves the tiny model further: KL 2.1-8.3 after a round here (3.0 and
-        overrides["gate_max_kl"] = 50.0  # 8.0 each refused a round); the limit is test_rounds' to test
-        overrides["ppo_iterations"] = 3  # six swung it past the reward model's choice: win rate 0.125
+    # PPO: numbered questions, where "Yes." starts rare, 40 votes a round; it passed CI run after run so.
+    # DPO failed there once: 30 of 40 votes tied, too few held out to accept a reward model. So DPO asks
+    # the model's own questions (~1 vote in 2 ties) and takes 64 votes (~13 held out); its reward model
+    # trains 6 epochs (after 2, 4 steps, its loss was 0.693 and its held-out pairs, all "Yes." against
+    # "No.", went one way by the sign of an untrained difference: 0.111 once, 0.92 another time). DPO
+    # moves the tiny model further: KL 2.1-13 after a round here, so its gate's limit is 50 (test_rounds
+    # tests the limit), at 4e-4 over 3 iterations (6 swung it past the reward model: win rate 0.125).
+    # (The same questions for PPO were tried this session: its gate read 0.47-0.73 on them, too close to
+    # 0.55 for a test that must pass.)
+    votes = 40 if algorithm == "ppo" else 64
+    if algorithm == "ppo":
+        prompts, eval_prompts = numbered_prompt_file(root / "p.jsonl", 60, 1), numbered_prompt_file(
+            root / "e.jsonl", 8, 2)
+    else:
+        prompts, eval_prompts = prompt_file(root / "p.jsonl", 60, 0), prompt_file(root / "e.jsonl", 8, 60)
+    if algorithm == "dpo":
+        overrides.update(gate_max_kl=50.0, reward_epochs=6, reward_holdout_fraction=0.4, reward_min_holdout=3,
+                         ppo_lr=4e-4, ppo_sanity_every=1)
     # PPO's loop runs two rounds (the second trains the promoted v1 on all votes so far); DPO's one,
     # enough to show the second algorithm in the same round (a second round cost ~40 s of the suite)
     rounds = 2 if algorithm == "ppo" else 1
-    config = LoopConfig(out_dir=root / "out", rounds=rounds, votes_per_round=64, canary_votes=24, users=4,
-                        judge=f"{judge}:prefers_yes", prompts=prompt_file(root / "p.jsonl", 100, 0),
-                        eval_prompts=prompt_file(root / "e.jsonl", 8, 100), max_tokens=8, eval_samples=2,
-                        eval_max_tokens=16, second_judge=f"{judge}:prefers_no",
+    config = LoopConfig(out_dir=root / "out", rounds=rounds, votes_per_round=votes, canary_votes=24, users=4,
+                        judge=f"{judge}:prefers_yes", prompts=prompts, eval_prompts=eval_prompts, max_tokens=8,
+                        eval_samples=2, eval_max_tokens=16, second_judge=f"{judge}:prefers_no",
                         bootstrap=200, settings_overrides=overrides)
     report = run_loop(config, Settings(model=champion))
 
     # votes flowed from the simulated users through the API and Kafka into the trainer's store
-    assert [r["votes"]["votes"] for r in report["rounds"]] == [64] * rounds, report["rounds"]
+    assert [r["votes"]["votes"] for r in report["rounds"]] == [votes] * rounds, report["rounds"]
     store = PreferenceStore(config.out_dir / "data" / "preferences.sqlite")
     try:
-        assert store.count() >= 64 * rounds
+        assert store.count() >= votes * rounds
     finally:
         store.close()
     # rounds ran to an outcome; at least one published a version that went through a canary
