@@ -76,9 +76,7 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
             engine.load_weights(registry.path(v))
             answers[v] = engine.generate(ids, max_tokens=config.eval_max_tokens, temperature=0.7,
                                          n=config.eval_samples, seed=config.seed + 17)
-            shares = [a["share"] for a in check.answers(
-                engine, tokenizer, max_prompt_length=settings.ppo_max_prompt_length,
-                max_tokens=settings.ppo_response_length, temperature=settings.ppo_temperature, full=True)]
+            shares = [a["share"] for a in check.answers(engine, tokenizer, full=True)]
             sanity_ok[v] = sum(shares) / max(1, len(shares))  # as the gate reads a champion
             bar.advance(task)
         write_answers(config.out_dir / ANSWERS_FILE, eval_prompts, answers)

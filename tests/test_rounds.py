@@ -275,11 +275,11 @@ def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any],
 
 def test_a_round_whose_update_breaks_the_sanity_prompts_before_any_check_passed_is_skipped(
         world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
-    """The same update with the guard checking after its last iteration: the check fails with no
-    earlier one passed, so there is no candidate; the round ends `skipped`, publishes nothing, and
+    """The same update with the guard checking after its last iteration, and not halving its step
+    (KAIZEN_PPO_GUARD_HALVINGS=0): the check fails with no earlier one passed, so there is no candidate; the round ends `skipped`, publishes nothing, and
     its record says why, with the PPO figures and config a published round keeps."""
     settings = round_settings(tmp_path, world["champion"], world["broker"], world["no"], ppo_iterations=2,
-                              ppo_lr=2e-3, ppo_sanity_every=2, **SAID_NO)
+                              ppo_lr=2e-3, ppo_sanity_every=2, ppo_guard_halvings=0, **SAID_NO)
     fill_store(settings)
     record = run_round(settings, engine=engine)
     assert record["outcome"] == "skipped", {k: record.get(k) for k in ("outcome", "reason", "ppo", "gate")}
@@ -312,9 +312,10 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     rng = random.Random(7)
     items = [{"prompt": question(rng)[0]["content"], "expect": "^(Yes|No)"} for _ in range(3)]
     items.append({"prompt": "What is the capital of France?", "expect": "Paris"})  # v0 never says it
-    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS)
-    config = PPOConfig(iterations=6, response_length=8, sanity_every=2)
-    guard = UpdateGuard(SanityCheck(items, samples=16, max_drop=0.25, seed=11, confirm=16))
+    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
+                                   sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
+    config = PPOConfig(iterations=6, response_length=8, sanity_every=2, guard_halvings=1)
+    guard = UpdateGuard(SanityCheck(items, samples=16, max_drop=0.25, seed=11, confirm=16, max_tokens=8))
     engine.load_weights(world["champion"])
     guard.start(trainer, config)
     baseline = {b["prompt"]: b["share"] for b in guard.baseline or []}
@@ -335,6 +336,8 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     assert guard.failed and {f["prompt"] for f in guard.failed} <= {x["prompt"] for x in items[:3]}
     assert all(f["share"] < f["reference_share"] - 0.25 for f in guard.failed), guard.failed
     assert all(f["samples"] == 32 and "first_share" in f for f in guard.failed), guard.failed  # confirmed
+    # halfway back (a zero final norm: every logit 0) fails as well, so the kept step's weights return
+    assert "kept_fraction" not in guard.record(config) and not guard.kept_nothing
     assert torch.equal(norm, kept) and not torch.equal(norm, before)
     sync_weights(policy, engine, tmp_path / "sync")
     assert guard.failing(trainer, config) == []
@@ -352,15 +355,15 @@ def test_a_sanity_prompt_that_fails_on_its_first_answers_is_decided_on_all_of_th
     tok = AutoTokenizer.from_pretrained(world["champion"])
     rng = random.Random(5)
     items = [{"prompt": question(rng)[0]["content"], "expect": "^Yes"} for _ in range(10)]
-    check = SanityCheck(items, samples=16, max_drop=0.0, seed=23, confirm=48)
-    sampling: dict[str, Any] = {"max_prompt_length": 64, "max_tokens": 8, "temperature": 1.0}
+    check = SanityCheck(items, samples=16, max_drop=0.0, seed=23, confirm=48, max_tokens=8, temperature=1.0,
+                        max_prompt_length=64)
     engine.load_weights(world["champion"])
-    reference = check.answers(engine, tok, full=True, **sampling)
+    reference = check.answers(engine, tok, full=True)
     assert [r["samples"] for r in reference] == [64] * 10 and 0 < reference[0]["share"] < 1, reference
-    first = check.answers(engine, tok, **sampling)
+    first = check.answers(engine, tok)
     screened = {f["prompt"] for f in check.failed(reference, first)}
     assert screened, [(f["share"], r["share"]) for f, r in zip(first, reference, strict=True)]
-    now, failed = check.read(engine, tok, reference, **sampling)
+    now, failed = check.read(engine, tok, reference)
     assert failed == [], failed
     for n, f, r in zip(now, first, reference, strict=True):
         if n["prompt"] in screened:
@@ -391,7 +394,8 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
                               default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
     config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2)  # rollouts of 8 tokens
     held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
-    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS)
+    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
+                                   sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
     guard = UpdateGuard(probe=KLProbe(reference, held_ids, settings, max_kl=1.0))
     engine.load_weights(world["champion"])
     try:
@@ -412,12 +416,64 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
         record = guard.record(config)
         assert record["failed_at"] == 4 and record["kept_iteration"] == 2 and "failed" not in record, record
         assert record["kl"]["4"] > 1.0 and record["max_kl"] == 1.0, record
+        assert record["kl"]["x0.5"] > 1.0 and "kept_fraction" not in record, record  # halfway: a zero norm
         assert torch.equal(norm, kept)
         engine.load_weights(tmp_path / "kept")  # as the gate loads the candidate
         models = GateModels(scorer=None, reference=reference, tokenizer=tok)  # type: ignore[arg-type]
         gate = candidate_kl(engine, tmp_path / "kept", models, held_ids,
                             held_answers(engine, held_ids, settings, config), settings, config)
         assert gate["kl_max_tokens"] == 24 and gate["kl"] == pytest.approx(small, abs=1e-3), (gate, small)
+    finally:
+        engine.load_weights(world["champion"])
+
+
+def test_the_guard_keeps_half_of_a_step_that_went_too_far_where_half_passes(
+        world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
+    """KAIZEN_PPO_GUARD_HALVINGS: a check that fails does not throw the whole step since the last good
+    weights away: the guard tries halfway between them and keeps that if it passes. The limit is set
+    between the KL of the halfway weights and of the far ones, both read first; the guard keeps the
+    halfway weights (the round's candidate: not `kept_nothing`, though no check had passed before)
+    and its record reads their KL as the probe did."""
+    from types import SimpleNamespace
+
+    from trainer.distributed import ONE_PROCESS
+    from trainer.policy import encode_prompt, load_policy
+    from trainer.ppo_config import PPOConfig
+    from trainer.ppo_loop import KLProbe, UpdateGuard
+    from trainer.rollout_engine import sync_weights
+
+    policy, tok, _ = load_policy(world["champion"])
+    reference, _, _ = load_policy(world["champion"])
+    settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
+                              default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
+    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2, guard_halvings=2)
+    held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
+    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
+                                   sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
+    norm = policy.lm.model.norm.weight
+    start = norm.detach().clone()
+
+    def kl_at(scale: float) -> float:
+        with torch.no_grad():
+            norm.copy_(start * scale)
+        trainer.sync()
+        return KLProbe(reference, held_ids, settings, max_kl=0.0).read(trainer, config)
+
+    engine.load_weights(world["champion"])
+    try:
+        near, far = kl_at(1.25), kl_at(1.5)  # halfway from 1.0 to 1.5, and 1.5
+        assert 0.0 < near < far, (near, far)
+        with torch.no_grad():
+            norm.copy_(start)
+        guard = UpdateGuard(probe=KLProbe(reference, held_ids, settings, max_kl=(near + far) / 2))
+        guard.start(trainer, config)
+        kl_at(1.5)
+        assert guard.after(trainer, config, 2), guard.record(config)
+        record = guard.record(config)
+        assert (record["failed_at"], record["kept_iteration"], record["kept_fraction"]) == (2, 0, 0.5), record
+        assert record["kl"]["2"] == pytest.approx(far, abs=1e-3) and not guard.kept_nothing, record
+        assert record["kl"]["x0.5"] == pytest.approx(near, abs=1e-3), record
+        assert torch.allclose(norm, start * 1.25), (norm[:4], start[:4])
     finally:
         engine.load_weights(world["champion"])
 

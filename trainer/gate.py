@@ -111,22 +111,6 @@ def held_answers(engine: RolloutEngine, held_ids: list[list[int]], settings: Set
                            n=settings.gate_samples, seed=settings.ppo_seed + 7_919)
 
 
-def sanity_run(check: SanityCheck, engine: RolloutEngine, tokenizer: Any,
-               config: PPOConfig) -> list[dict[str, Any]]:
-    """`check`'s reference reading (all its answers) of the weights `engine` holds, at the rollouts'
-    length and temperature: what the gate and the PPO loop's guard read a candidate against."""
-    return check.answers(engine, tokenizer, max_prompt_length=config.max_prompt_length,
-                         max_tokens=config.response_length, temperature=config.temperature, full=True)
-
-
-def sanity_read(check: SanityCheck, engine: RolloutEngine, tokenizer: Any, config: PPOConfig,
-                reference: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(answers, failed prompts): `check.read` of the weights `engine` holds against `reference`
-    (`sanity_run`'s), at the rollouts' length and temperature (the gate's and the guard's reading)."""
-    return check.read(engine, tokenizer, reference, max_prompt_length=config.max_prompt_length,
-                      max_tokens=config.response_length, temperature=config.temperature)
-
-
 @dataclass(frozen=True)
 class ChampionAnswers:
     """What the gate compares the candidate with, answered while the engine held the champion."""
@@ -136,7 +120,7 @@ class ChampionAnswers:
     check: SanityCheck
     """The round's sanity check (gate_sanity_*), which the guard and the gate read the candidate by."""
     sanity: list[dict[str, Any]]
-    """The sanity prompts' shares (`sanity_run` of `check`)."""
+    """The sanity prompts' shares (`check.answers(..., full=True)`: the reference reading)."""
 
 
 @dataclass
@@ -204,7 +188,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
 
     r_cand, r_champ = reward(cand), reward(theirs)
     check = champ.check
-    sanity, broke = sanity_read(check, engine, models.tokenizer, config, champ.sanity)
+    sanity, broke = check.read(engine, models.tokenizer, champ.sanity)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, kl["kl"],  # float32 gaps, as the RM scored
                            [s["prompt"] for s in broke], GateThresholds.from_settings(settings))

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 #: PPOConfig fields whose value is the setting `ppo_<name>` (kaizen/core/settings.py documents each).
 FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_length", "epochs", "minibatches",
                  "lr", "kl_coef", "adaptive_kl", "target_kl", "stop_kl", "stop_kl_window", "sanity_every",
-                 "kl_horizon", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "temperature",
-                 "missing_eos_penalty", "length_neutral", "train_layers", "threads", "seed", "sync_dir",
-                 "dtype", "reference")
+                 "guard_halvings", "kl_horizon", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+                 "temperature", "missing_eos_penalty", "length_neutral", "train_layers", "threads", "seed",
+                 "sync_dir", "dtype", "reference")
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
            "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs", "dpo_samples": "dpo_samples",
@@ -69,6 +69,8 @@ class PPOConfig:
     stop_kl_window: int = _setting("ppo_stop_kl_window")
     sanity_every: int = _setting("ppo_sanity_every")
     """Iterations between the sanity checks of trainer/ppo_loop.py's UpdateGuard; 0: none."""
+    guard_halvings: int = _setting("ppo_guard_halvings")
+    """Times the guard halves a failing check's step toward the last good weights before it drops it."""
     reference: str = _setting("ppo_reference")
     """"champion" (the round's starting version) or "base" (the root of its lineage): what the KL
     penalty and DPO's log-ratios are measured against (`trainer.round_phases.reference_version`)."""

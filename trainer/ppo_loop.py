@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kaizen.core.settings import Settings
-from trainer.gate import read_kl, sanity_read, sanity_run
+from trainer.gate import read_kl
 from trainer.policy import PolicyWithValue
 from trainer.ppo import IterationStats, Messages, PPOTrainer
 from trainer.ppo_config import PPOConfig
@@ -77,21 +77,24 @@ class UpdateGuard:
     failed_at: int | None = None
     failed: list[dict[str, Any]] = field(default_factory=list)
     """The prompts that broke at `failed_at`, with their shares and a few answers (rank 0)."""
-    kls: dict[int, float] = field(default_factory=dict)
-    """The probe's KL at each check, by iteration (rank 0)."""
+    kept_fraction: float = 0.0
+    """The fraction of the failing step (from good_iteration's weights to failed_at's) that the
+    candidate keeps, after `guard_halvings` halvings; 0: none, the weights are good_iteration's."""
+    kls: dict[float, float] = field(default_factory=dict)
+    """The probe's KL at each check, by iteration, and at each halving, by the step's fraction (rank 0)."""
 
     def answers(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
         """The check's reference reading of the engine's weights (rank 0; the other ranks answer [])."""
         if trainer.engine is None or self.check is None:
             return []
-        return sanity_run(self.check, trainer.engine, trainer.tokenizer, config)
+        return self.check.answers(trainer.engine, trainer.tokenizer, full=True)
 
     def failing(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
         """The prompts whose share fell more than the check's max_drop below the baseline's (read
         sequentially, `SanityCheck.read`; rank 0, the other ranks answer [])."""
         if trainer.engine is None or self.check is None or not self.check.items:
             return []
-        return sanity_read(self.check, trainer.engine, trainer.tokenizer, config, self.baseline or [])[1]
+        return self.check.read(trainer.engine, trainer.tokenizer, self.baseline or [])[1]
 
     def start(self, trainer: PPOTrainer, config: PPOConfig) -> None:
         """Before the first iteration: the starting weights' answers (unless given), and their copy."""
@@ -101,43 +104,70 @@ class UpdateGuard:
             self._keep(trainer, 0)
 
     def after(self, trainer: PPOTrainer, config: PPOConfig, iteration: int) -> bool:
-        """After `iteration` (its weights synced to the engine): True when a check failed and the
-        weights went back to the last good ones (the update must stop there)."""
+        """After `iteration` (its weights synced to the engine): True when a check failed (the update
+        must stop there). The weights are then the failing step halved toward the last good ones, as
+        far as `config.guard_halvings` allows, where that passes the checks; else the last good ones."""
         every = config.sanity_every
         if not every or (iteration % every and iteration != config.iterations):
             return False
-        broke = self.failing(trainer, config)
-        too_far = False
-        if self.probe is not None and trainer.engine is not None:
-            self.kls[iteration] = self.probe.read(trainer, config)
-            too_far = self.kls[iteration] > self.probe.max_kl
-            log.info("ppo: check after iteration %d: %s, sanity prompts %s", iteration,
-                     self._kl_text(iteration), "broken" if broke else "kept")
+        broke, too_far = self._verdict(trainer, config, iteration)
         if not trainer.dist.any(bool(broke) or too_far):
             self._keep(trainer, iteration)
             return False
-        with torch.no_grad():
-            for p, saved in zip(self._trained(trainer), self.good, strict=True):
-                p.copy_(saved)
         self.failed_at, self.failed = iteration, broke
         why = [f"sanity prompt {f['prompt']!r}: share of matching answers {f['reference_share']:.2f} -> "
                f"{f['share']:.2f}" for f in broke] + ([self._kl_text(iteration)] if too_far else [])
-        log.warning("ppo: iteration %d failed the guard's checks (%s); back to iteration %d's weights",
-                    iteration, "; ".join(why) or "on another rank", self.good_iteration)
+        log.warning("ppo: iteration %d failed the guard's checks (%s)", iteration,
+                    "; ".join(why) or "on another rank")
+        for halving in range(1, config.guard_halvings + 1):
+            fraction = 0.5 ** halving
+            with torch.no_grad():  # halfway back to the good weights: good + fraction x the failing step
+                for p, saved in zip(self._trained(trainer), self.good, strict=True):
+                    p.add_(saved).mul_(0.5)
+            trainer.sync()
+            broke, too_far = self._verdict(trainer, config, fraction)
+            if not trainer.dist.any(bool(broke) or too_far):
+                self.kept_fraction = fraction
+                log.warning("ppo: kept iteration %d's weights plus %.3g of the step to iteration %d (%s)",
+                            self.good_iteration, fraction, iteration, self._kl_text(fraction))
+                return True
+        with torch.no_grad():
+            for p, saved in zip(self._trained(trainer), self.good, strict=True):
+                p.copy_(saved)
+        log.warning("ppo: back to iteration %d's weights", self.good_iteration)
         return True
 
+    @property
+    def kept_nothing(self) -> bool:
+        """A check failed before any passed and no part of the step was kept: no candidate."""
+        return self.failed_at is not None and self.good_iteration == 0 and not self.kept_fraction
+
     def record(self, config: PPOConfig) -> dict[str, Any]:
-        """What the round's record keeps (`ppo.sanity_guard`)."""
-        kl = ({"kl": {str(i): k for i, k in self.kls.items()}, "max_kl": self.probe.max_kl}
+        """What the round's record keeps (`ppo.sanity_guard`): with a halved step, its `kept_fraction`
+        (the candidate is kept_iteration's weights plus that fraction of the step to failed_at)."""
+        kl = ({"kl": {_key(i): k for i, k in self.kls.items()}, "max_kl": self.probe.max_kl}
               if self.probe is not None else {})
         failed = {"failed": self.failed} if self.failed else {}
-        return {"every": config.sanity_every, "failed_at": self.failed_at, "kept_iteration": self.good_iteration,
-                **failed, **kl}
+        kept = {"kept_fraction": self.kept_fraction} if self.kept_fraction else {}
+        return {"every": config.sanity_every, "failed_at": self.failed_at,
+                "kept_iteration": self.good_iteration, **kept, **failed, **kl}
 
-    def _kl_text(self, iteration: int) -> str:
-        if self.probe is None or iteration not in self.kls:
-            return "not read on this rank"
-        return f"KL {self.kls[iteration]:.2f} against {self.probe.max_kl:.2f}"
+    def _verdict(self, trainer: PPOTrainer, config: PPOConfig,
+                 at: float) -> tuple[list[dict[str, Any]], bool]:
+        """(the broken sanity prompts, whether the KL is past the limit) of the engine's weights; the
+        KL is kept under `at` (an iteration, or the fraction of a failing step a halving tries)."""
+        broke = self.failing(trainer, config)
+        if self.probe is None or trainer.engine is None:
+            return broke, False
+        self.kls[at] = self.probe.read(trainer, config)
+        log.info("ppo: check at %s: %s, sanity prompts %s", _key(at), self._kl_text(at),
+                 "broken" if broke else "kept")
+        return broke, self.kls[at] > self.probe.max_kl
+
+    def _kl_text(self, at: float) -> str:
+        if self.probe is None or at not in self.kls:
+            return "KL not read on this rank"
+        return f"KL {self.kls[at]:.2f} against {self.probe.max_kl:.2f}"
 
     def _trained(self, trainer: PPOTrainer) -> list[torch.nn.Parameter]:
         return [p for p in trainer.policy.parameters() if p.requires_grad]
@@ -145,6 +175,11 @@ class UpdateGuard:
     def _keep(self, trainer: PPOTrainer, iteration: int) -> None:
         self.good = [p.detach().clone() for p in self._trained(trainer)]
         self.good_iteration = iteration
+
+
+def _key(at: float) -> str:
+    """A check's name in the record: its iteration ("20"), or the failing step's fraction ("x0.5")."""
+    return str(int(at)) if at >= 1 else f"x{at:g}"
 
 
 def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,

@@ -31,7 +31,7 @@ from kaizen.core.model_events import emit
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS
-from trainer.gate import ChampionAnswers, GateModels, GateVerdict, gate_answers, measure_gate, sanity_run
+from trainer.gate import ChampionAnswers, GateModels, GateVerdict, gate_answers, measure_gate
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats
@@ -170,7 +170,7 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     with job.timer("gate_champion"):
         held_ids, held = gate_answers(job.engine, tokenizer, job.held_prompts, settings, config)
         check = SanityCheck.from_settings(settings)
-        champ = ChampionAnswers(held, check, sanity_run(check, job.engine, tokenizer, config))
+        champ = ChampionAnswers(held, check, check.answers(job.engine, tokenizer, full=True))
     candidate = ctx.work / "candidate"
     if not job.resuming:
         abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype, champ, held_ids)
@@ -225,7 +225,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
                         **({"sanity_guard": guard.record(config)} if config.sanity_every else {})}
     ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
     ctx.state["distributed"] = trainer.dist.describe()
-    if guard.failed_at is not None and guard.good_iteration == 0:
+    if guard.kept_nothing:
         return finish(ctx, "skipped", {"reason": f"PPO iteration {guard.failed_at} failed the guard's checks "
                                                  "(sanity prompts, KL) before any passed: no candidate"})
     save_policy(policy, models.tokenizer, candidate,

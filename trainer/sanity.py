@@ -37,6 +37,10 @@ SEED_OFFSET = 15_485_863
 KEPT_ANSWERS = 3
 
 
+def _default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
 def sanity_set(settings: Settings) -> list[dict[str, str]]:
     """The sanity prompts and the regex their answers should match (gate_sanity_file, JSONL)."""
     if settings.gate_sanity_file is None:
@@ -65,47 +69,50 @@ class SanityCheck:
     max_drop: float
     seed: int
     confirm: int = 0
+    max_tokens: int = _default("ppo_response_length")
+    """The answers are sampled as the rollouts are: at their length, temperature and prompt cut."""
+    temperature: float = _default("ppo_temperature")
+    max_prompt_length: int = _default("ppo_max_prompt_length")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SanityCheck:
         return cls(sanity_set(settings), settings.gate_sanity_samples, settings.gate_sanity_max_drop,
-                   settings.ppo_seed + SEED_OFFSET, settings.gate_sanity_confirm_samples)
+                   settings.ppo_seed + SEED_OFFSET, settings.gate_sanity_confirm_samples,
+                   settings.ppo_response_length, settings.ppo_temperature, settings.ppo_max_prompt_length)
 
-    def answers(self, engine: RolloutEngine, tokenizer: Any, *, max_prompt_length: int, max_tokens: int,
-                temperature: float, full: bool = False) -> list[dict[str, Any]]:
+    def answers(self, engine: RolloutEngine, tokenizer: Any, *, full: bool = False) -> list[dict[str, Any]]:
         """Each prompt with the share of the sampled answers of the weights `engine` holds that
         match its regex ("share", "matched" of "samples") and the first few of those answers: the
-        first `samples` answers, or with `full` (a reference's reading) `samples + confirm`."""
+        first `samples` answers, or with `full` (a reference's reading: the gate's and the guard's
+        champion, the loop's evaluation) `samples + confirm`."""
         n = self.samples + self.confirm if full else self.samples
-        return self._draw(engine, tokenizer, range(len(self.items)), 0, n,
-                          (max_prompt_length, max_tokens, temperature))
+        return self._draw(engine, tokenizer, range(len(self.items)), 0, n)
 
-    def read(self, engine: RolloutEngine, tokenizer: Any, reference: list[dict[str, Any]], *,
-             max_prompt_length: int, max_tokens: int,
-             temperature: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def read(self, engine: RolloutEngine, tokenizer: Any,
+             reference: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(the answers, the prompts that `failed` against `reference`) of the weights `engine` holds,
         read sequentially: a prompt that fails on the first `samples` answers is decided on `confirm`
         more (its record then keeps the screen's share as "first_share")."""
-        sampling = (max_prompt_length, max_tokens, temperature)
-        now = self._draw(engine, tokenizer, range(len(self.items)), 0, self.samples, sampling)
-        suspects = {f["prompt"] for f in self.failed(reference, now)}
-        if not suspects or not self.confirm:
-            return now, self.failed(reference, now)
+        now = self._draw(engine, tokenizer, range(len(self.items)), 0, self.samples)
+        screened = self.failed(reference, now)
+        if not screened or not self.confirm:
+            return now, screened
+        suspects = {f["prompt"] for f in screened}
         again = [i for i, it in enumerate(self.items) if it["prompt"] in suspects]
-        more = iter(self._draw(engine, tokenizer, again, self.samples, self.confirm, sampling))
+        more = iter(self._draw(engine, tokenizer, again, self.samples, self.confirm))
         now = [_pooled(n, next(more)) if n["prompt"] in suspects else n for n in now]
         return now, self.failed(reference, now)
 
-    def _draw(self, engine: RolloutEngine, tokenizer: Any, which: Iterable[int], first: int, n: int,
-              sampling: tuple[int, int, float]) -> list[dict[str, Any]]:
+    def _draw(self, engine: RolloutEngine, tokenizer: Any, which: Iterable[int], first: int,
+              n: int) -> list[dict[str, Any]]:
         """`n` answers to each of the prompts `which` (by index), on seeds `first`.. of each prompt's."""
-        max_prompt_length, max_tokens, temperature = sampling
         out = []
         for i in which:
             item = self.items[i]
-            ids = encode_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}], max_prompt_length)
+            messages = [{"role": "user", "content": item["prompt"]}]
+            ids = encode_prompt(tokenizer, messages, self.max_prompt_length)
             # a prompt's seeds are samples + confirm apart: vLLM seeds a request's n answers seed + j
-            drawn = engine.generate([ids], max_tokens=max_tokens, temperature=temperature, n=n,
+            drawn = engine.generate([ids], max_tokens=self.max_tokens, temperature=self.temperature, n=n,
                                     seed=self.seed + i * (self.samples + self.confirm) + first)
             texts = [s.text for s in drawn]
             matched = sum(1 for t in texts if re.search(item["expect"], t) is not None)
