@@ -161,8 +161,9 @@ class TrainingSettings(BaseSettings):
     model, on the rollout engine, which already holds the new weights: the sanity check
     (trainer/sanity.py), and the KL to the champion as the gate reads it (ppo_guard_kl_fraction).
     When a prompt's share of matching answers fell more than gate_sanity_max_drop below the round's
-    starting weights', or the KL passed its limit, the update stops and its weights go back to the
-    last check that passed, which become the candidate (trainer/ppo_loop.py, UpdateGuard). A round
+    starting weights', or the KL passed its limit, the update stops; its weights go back toward the
+    last check that passed (halved first, ppo_guard_halvings), and those that pass become the
+    candidate (trainer/ppo_loop.py, UpdateGuard). A round
     that fails late still hands the gate a candidate that passes them; one that fails before the
     first check passes publishes nothing. Up to ~15 s a check here for the sanity prompts, ~40 s
     for the KL. 0: only the gate checks."""
