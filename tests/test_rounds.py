@@ -276,8 +276,9 @@ def test_candidate_failing_the_sanity_prompts_is_rejected(world: dict[str, Any],
 def test_a_round_whose_update_breaks_the_sanity_prompts_before_any_check_passed_is_skipped(
         world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
     """The same update with the guard checking after its last iteration, and not halving its step
-    (KAIZEN_PPO_GUARD_HALVINGS=0): the check fails with no earlier one passed, so there is no candidate; the round ends `skipped`, publishes nothing, and
-    its record says why, with the PPO figures and config a published round keeps."""
+    (KAIZEN_PPO_GUARD_HALVINGS=0): the check fails with no earlier one passed, so there is no
+    candidate; the round ends `skipped`, publishes nothing, and its record says why, with the PPO
+    figures and config a published round keeps."""
     settings = round_settings(tmp_path, world["champion"], world["broker"], world["no"], ppo_iterations=2,
                               ppo_lr=2e-3, ppo_sanity_every=2, ppo_guard_halvings=0, **SAID_NO)
     fill_store(settings)
@@ -392,7 +393,7 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
     reference, _, _ = load_policy(world["champion"])
     settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
                               default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
-    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2)  # rollouts of 8 tokens
+    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2, guard_halvings=1)  # 8 tokens
     held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
     trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
                                    sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))

@@ -176,13 +176,16 @@ class TrainingSettings(BaseSettings):
     rollouts' own KL (64
     tokens) does not predict the gate's: 2.90 against 3.63 in the thirty-eighth loop row, 2.67
     against 3.49 in the thirty-sixth. 0: the guard reads no KL."""
-    ppo_guard_halvings: int = Field(default=1, ge=0, le=4)
+    ppo_guard_halvings: int = Field(default=0, ge=0, le=4)
     """When a guard's check fails (ppo_sanity_every), how many times it halves the last iterations'
     step before giving up on it: the weights go to halfway between the last check that passed and the
     failing ones, are read again (the same sanity prompts and KL), and kept if they pass; else halved
     again toward the good ones. Each try costs one more check. A late failure otherwise throws away
     every iteration since the last check (the thirty-ninth loop row: KL 2.88 and a noisy Paris share at
-    iteration 20 sent it back to iteration 15's KL 2.17). 0: straight back to the last good weights."""
+    iteration 20 sent it back to iteration 15's KL 2.17). 0 (the default): straight back to the last
+    good weights. Off by default: the forty-first loop row kept a halved step (KL 2.19 against 1.83)
+    and the rubric read it no better (0.585 against 0.587), and in the tiny DPO loop of tests/test_loop.py
+    a halved step lost its gate where the last good weights had passed it."""
     ppo_reference: Literal["champion", "base"] = "champion"
     """The policy a round's KL penalty (and DPO's log-ratios) is measured against. champion: the
     version the round starts from, so each round may move about ppo_target_kl further and the drift
