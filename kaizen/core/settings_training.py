@@ -162,7 +162,7 @@ class TrainingSettings(BaseSettings):
     (trainer/sanity.py), and the KL to the champion as the gate reads it (ppo_guard_kl_fraction).
     When a prompt's share of matching answers fell more than gate_sanity_max_drop below the round's
     starting weights', or the KL passed its limit, the update stops; its weights go back toward the
-    last check that passed (halved first, ppo_guard_halvings), and those that pass become the
+    last check that passed (halved first where ppo_guard_halvings allows), and those that pass become the
     candidate (trainer/ppo_loop.py, UpdateGuard). A round
     that fails late still hands the gate a candidate that passes them; one that fails before the
     first check passes publishes nothing. Up to ~15 s a check here for the sanity prompts, ~40 s
