@@ -341,7 +341,7 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     assert "kept_fraction" not in guard.record(config) and not guard.kept_nothing
     assert torch.equal(norm, kept) and not torch.equal(norm, before)
     sync_weights(policy, engine, tmp_path / "sync")
-    assert guard.failing(trainer, config) == []
+    assert guard.failing(trainer) == []
 
 
 def test_a_sanity_prompt_that_fails_on_its_first_answers_is_decided_on_all_of_them(

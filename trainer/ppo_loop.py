@@ -83,13 +83,13 @@ class UpdateGuard:
     kls: dict[float, float] = field(default_factory=dict)
     """The probe's KL at each check, by iteration, and at each halving, by the step's fraction (rank 0)."""
 
-    def answers(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
+    def answers(self, trainer: PPOTrainer) -> list[dict[str, Any]]:
         """The check's reference reading of the engine's weights (rank 0; the other ranks answer [])."""
         if trainer.engine is None or self.check is None:
             return []
         return self.check.answers(trainer.engine, trainer.tokenizer, full=True)
 
-    def failing(self, trainer: PPOTrainer, config: PPOConfig) -> list[dict[str, Any]]:
+    def failing(self, trainer: PPOTrainer) -> list[dict[str, Any]]:
         """The prompts whose share fell more than the check's max_drop below the baseline's (read
         sequentially, `SanityCheck.read`; rank 0, the other ranks answer [])."""
         if trainer.engine is None or self.check is None or not self.check.items:
@@ -100,7 +100,7 @@ class UpdateGuard:
         """Before the first iteration: the starting weights' answers (unless given), and their copy."""
         if config.sanity_every:
             if self.baseline is None:
-                self.baseline = self.answers(trainer, config)
+                self.baseline = self.answers(trainer)
             self._keep(trainer, 0)
 
     def after(self, trainer: PPOTrainer, config: PPOConfig, iteration: int) -> bool:
@@ -121,9 +121,7 @@ class UpdateGuard:
                     "; ".join(why) or "on another rank")
         for halving in range(1, config.guard_halvings + 1):
             fraction = 0.5 ** halving
-            with torch.no_grad():  # halfway back to the good weights: good + fraction x the failing step
-                for p, saved in zip(self._trained(trainer), self.good, strict=True):
-                    p.add_(saved).mul_(0.5)
+            self._toward_good(trainer, 0.5)  # good + fraction x the failing step
             trainer.sync()
             broke, too_far = self._verdict(trainer, config, fraction)
             if not trainer.dist.any(bool(broke) or too_far):
@@ -131,9 +129,7 @@ class UpdateGuard:
                 log.warning("ppo: kept iteration %d's weights plus %.3g of the step to iteration %d (%s)",
                             self.good_iteration, fraction, iteration, self._kl_text(fraction))
                 return True
-        with torch.no_grad():
-            for p, saved in zip(self._trained(trainer), self.good, strict=True):
-                p.copy_(saved)
+        self._toward_good(trainer, 0.0)
         log.warning("ppo: back to iteration %d's weights", self.good_iteration)
         return True
 
@@ -156,7 +152,7 @@ class UpdateGuard:
                  at: float) -> tuple[list[dict[str, Any]], bool]:
         """(the broken sanity prompts, whether the KL is past the limit) of the engine's weights; the
         KL is kept under `at` (an iteration, or the fraction of a failing step a halving tries)."""
-        broke = self.failing(trainer, config)
+        broke = self.failing(trainer)
         if self.probe is None or trainer.engine is None:
             return broke, False
         self.kls[at] = self.probe.read(trainer, config)
@@ -171,6 +167,16 @@ class UpdateGuard:
 
     def _trained(self, trainer: PPOTrainer) -> list[torch.nn.Parameter]:
         return [p for p in trainer.policy.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _toward_good(self, trainer: PPOTrainer, keep: float) -> None:
+        """Each trained parameter p <- good + keep x (p - good): 0.5 halves the step from the last good
+        weights, 0 puts them back (a copy: a step gone to inf or NaN times 0 is not 0)."""
+        for p, saved in zip(self._trained(trainer), self.good, strict=True):
+            if keep:
+                p.sub_(saved).mul_(keep).add_(saved)
+            else:
+                p.copy_(saved)
 
     def _keep(self, trainer: PPOTrainer, iteration: int) -> None:
         self.good = [p.detach().clone() for p in self._trained(trainer)]
