@@ -187,6 +187,10 @@ class Rollout(RolloutDecisions):
             if self.settings.auto_rollout and not await asyncio.to_thread(self.lead):
                 self.decision = await asyncio.to_thread(self.leader_decision)
             elif self.settings.auto_rollout:
+                if self.decision.get("leader") != self.lease.holder:
+                    # just took the lease (its info was cleared): the last decision read as a
+                    # follower is republished as this replica's, so every replica names one leader
+                    await self._publish({k: v for k, v in self.decision.items() if k != "leader"})
                 changed = await self._auto(state)
                 if changed is not None:
                     state = changed

@@ -59,7 +59,9 @@ def rollout(base: str) -> dict[str, Any]:
     return dict(r.json())
 
 
-def wait_for(base: str, check: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> dict[str, Any]:
+def wait_for(base: str, check: Callable[[dict[str, Any]], bool], timeout_s: float = 180) -> dict[str, Any]:
+    """The rollout status once `check` holds. A canary engine starts in ~25 s on an idle machine; in CI
+    beside torchrun, v2's took 57 s (publish at 17:00:37, ready at 17:01:34) and a 60 s wait failed."""
     deadline = time.monotonic() + timeout_s
     while True:
         status = rollout(base)
