@@ -404,6 +404,10 @@ def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_pat
     each = kl_to_reference(v1, v0, tok, [prompts[s.prompt] for s in samples], [s.token_ids for s in samples],
                            batch_size=2)
     assert each == pytest.approx(sums, abs=1e-4)
+    # only the top layer differs: the layers below ran once for both models (the whole-model
+    # forward passes above are what that shortcut must reproduce)
+    assert shared_trunk_depth(v1, v0, frozen=False) == len(v0.lm.model.layers) - 1
+    assert shared_trunk_depth(v1, v0) == 0  # nothing in a loaded model is frozen: PPO's own test
 
 
 def test_the_reward_scorer_runs_in_the_reward_models_dtype(tiny_model: Path, tmp_path: Path) -> None:

@@ -138,6 +138,7 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     # read at the service's answer length (16 here), longer than the rollouts' 8
     assert gate["kl_max_tokens"] == settings.default_max_tokens > settings.ppo_response_length
     assert "kl_rollout_length" in gate and 0 < gate["kl_answer_tokens"] <= settings.default_max_tokens
+    assert set(gate["seconds"]) == {"answers", "kl", "scores", "sanity"}, gate["seconds"]
     print(f"\nheld-out reward champion {gate['reward_champion']:+.3f} -> candidate {gate['reward_candidate']:+.3f}, "
           f"win rate {gate['win_rate']:.3f}, KL {gate['kl']:.3f}; ppo {record['ppo']}")
 

@@ -32,6 +32,7 @@ from trainer.ppo_config import PPOConfig
 from trainer.reward_eval import wilson_interval
 from trainer.rollout_engine import RolloutEngine, Sample
 from trainer.sanity import SanityCheck
+from trainer.timing import PhaseTimer
 
 Messages = list[dict[str, str]]
 
@@ -149,7 +150,9 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
     on the gate's own answers (`cand`, else sampled again with their seeds). The PPO loop's guard
     (trainer/ppo_loop.py) reads the same during the update. Returns the gate record's KL fields: kl
     (what the gate checks), kl_max_tokens, kl_answer_tokens (mean length) and, when a longer pass ran
-    and `cand` was given, kl_rollout_length (the same KL on `cand`)."""
+    and `cand` was given, kl_rollout_length (the same KL at the rollouts' length, on `cand`'s first
+    answer to each prompt: a diagnostic, which on all gate_samples answers cost 129 s of a 352-s gate
+    for SmolLM2 on the 2-core EPYC)."""
     limit = settings.gate_kl_max_tokens or settings.default_max_tokens
     longer = limit > config.response_length
     if longer:
@@ -166,7 +169,8 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
     out = {"kl": mean_kl(answers), "kl_max_tokens": limit if longer else config.response_length,
            "kl_answer_tokens": sum(len(s.token_ids) for s in answers) / len(answers)}
     if longer and cand is not None:
-        out["kl_rollout_length"] = mean_kl(cand)
+        firsts = {s.prompt: s for s in reversed(cand)}  # one answer per prompt, its first
+        out["kl_rollout_length"] = mean_kl(list(firsts.values()))
     return out
 
 
@@ -175,9 +179,12 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
                  config: PPOConfig) -> tuple[dict[str, Any], GateVerdict]:
     """With the engine holding the weights saved in `candidate`: answer the held-out prompts, score
     both sides against the champion's answers, run the sanity prompts against the champion's;
-    returns (the gate's record, its verdict)."""
-    _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
-    kl = candidate_kl(engine, candidate, models, held_ids, cand, settings, config)
+    returns (the gate's record, its verdict). The record's `seconds` times each part."""
+    timer = PhaseTimer()
+    with timer("answers"):
+        _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
+    with timer("kl"):
+        kl = candidate_kl(engine, candidate, models, held_ids, cand, settings, config)
     cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
     theirs = sorted(champ.held, key=lambda s: int(s.prompt))
 
@@ -186,9 +193,11 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         scores: torch.Tensor = models.scorer([held_prompts[s.prompt] for s in ss], [s.text for s in ss])
         return scores - float(config.missing_eos_penalty) * unended
 
-    r_cand, r_champ = reward(cand), reward(theirs)
+    with timer("scores"):
+        r_cand, r_champ = reward(cand), reward(theirs)
     check = champ.check
-    sanity, broke = check.read(engine, models.tokenizer, champ.sanity)
+    with timer("sanity"):
+        sanity, broke = check.read(engine, models.tokenizer, champ.sanity)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, kl["kl"],  # float32 gaps, as the RM scored
                            [s["prompt"] for s in broke], GateThresholds.from_settings(settings))
@@ -202,5 +211,6 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         "sanity": sanity, "sanity_max_drop": check.max_drop, "sanity_passed": not broke,
         "sanity_champion": [{"prompt": c["prompt"], "share": c["share"]} for c in champ.sanity],
         "passed": verdict.passed, "failed": verdict.failed,
+        "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
     }
     return gate, verdict

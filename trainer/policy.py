@@ -78,15 +78,16 @@ class PolicyWithValue(nn.Module):
         return decoder_slice(self.lm.model, layers, norm)
 
 
-def shared_trunk_depth(policy: PolicyWithValue, reference: PolicyWithValue) -> int:
+def shared_trunk_depth(policy: PolicyWithValue, reference: PolicyWithValue, frozen: bool = True) -> int:
     """How many lower decoder layers (with the embeddings) are frozen in `policy` and equal to
     `reference`'s: their outputs are computed once per batch and serve both models and every
-    minibatch pass (0: none can be shared)."""
+    minibatch pass (0: none can be shared). `frozen=False`: equal is enough (a reading that trains
+    nothing, `kl_to_reference`)."""
     mine, ref = policy.lm.model, reference.lm.model
 
     def frozen_and_equal(a: nn.Module, b: nn.Module) -> bool:
         pa, pb = list(a.parameters()), list(b.parameters())
-        return (len(pa) == len(pb) and not any(p.requires_grad for p in pa)
+        return (len(pa) == len(pb) and not (frozen and any(p.requires_grad for p in pa))
                 and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb, strict=True)))
 
     if not frozen_and_equal(mine.embed_tokens, ref.embed_tokens):
@@ -252,16 +253,20 @@ def kl_to_reference(policy: PolicyWithValue, reference: PolicyWithValue, tokeniz
                     batch_size: int = 16) -> list[float]:
     """Σ_t k1 per answer (nats) of answers sampled from `policy`: an estimate of KL(π || π_ref).
     Batched in order of length (a batch pads to its longest answer and prompt), returned in the
-    callers' order."""
+    callers' order. The lower layers the two models share (a round trains only the top ones) run
+    once per batch for both (`shared_trunk_depth`)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(answers)), key=lambda j: (len(answers[j]), len(prompt_ids[j])))
     out = [0.0] * len(answers)
     policy.eval()
+    depth = shared_trunk_depth(policy, reference, frozen=False)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         batch = collate([prompt_ids[j] for j in idx], [answers[j] for j in idx], pad)
-        lp, _ = sequence_logprobs(policy, batch, temperature, with_values=False)
-        ref, _ = sequence_logprobs(reference, batch, temperature, with_values=False)
+        batch = batch.to(policy.v_head.weight.device)
+        trunk = policy.trunk(batch.input_ids, batch.attention_mask, depth) if depth else None
+        lp, _ = sequence_logprobs(policy, batch, temperature, with_values=False, trunk=trunk, depth=depth)
+        ref, _ = sequence_logprobs(reference, batch, temperature, with_values=False, trunk=trunk, depth=depth)
         for j, kl in zip(idx, (kl_per_token(lp, ref) * batch.response_mask).sum(-1).tolist(), strict=True):
             out[j] = kl
     return out
