@@ -196,11 +196,16 @@ def test_a_rank_killed_mid_round_fails_the_round_and_publishes_nothing(tmp_path:
                      train_master_port=free_port())
     settings = round_settings(tmp_path / "data", tiny_model, broker, sanity, **two_nodes)
     node1 = round_settings(tmp_path / "node1", tiny_model, broker, sanity, train_node_rank=1, **two_nodes)
-    worker = subprocess.Popen([sys.executable, "-m", "kaizen", "train"], cwd=ROOT,
-                              env={**node1.child_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    worker_log = tmp_path / "node1.log"  # kept with the failed test's folder: why a worker exited
+    with worker_log.open("wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "kaizen", "train"], cwd=ROOT,
+                                  env={**node1.child_env(), "OMP_NUM_THREADS": "1"}, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{node1.trainer_port}/metrics", 60, worker)
+        try:
+            wait_http(f"http://127.0.0.1:{node1.trainer_port}/metrics", 60, worker)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}; its log ends:\n{worker_log.read_text()[-3000:]}") from exc
         proc = subprocess.run(round_command(settings), env={**settings.child_env(), "OMP_NUM_THREADS": "1"},
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
