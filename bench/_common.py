@@ -1,7 +1,8 @@
-"""Shared helpers of the benchmarks: start real processes, percentiles, the record line."""
+"""Shared helpers of the benchmarks: start real processes, percentiles, the record line, the report file."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -9,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -69,3 +72,14 @@ def provenance() -> str:
                             text=True).stdout.strip() or "unknown"
     return (f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
+
+
+def save_report(folder: Path, name: str, report: dict[str, Any]) -> Path:
+    """Write `report`, stamped with its provenance and time, to folder/name-<UTC time>.json; print the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    path = folder / f"{name}-{now:%Y%m%dT%H%M%S}.json"
+    stamped = report | {"provenance": provenance(), "date": now.isoformat(timespec="seconds")}
+    path.write_text(json.dumps(stamped, indent=2, default=str) + "\n")
+    print(f"report: {path}")
+    return path

@@ -23,16 +23,14 @@ A report, not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, provenance  # noqa: E402
+from bench._common import ROOT, save_report  # noqa: E402
 
 DEFAULT_DATA = ROOT / "tests" / "data" / "hh_harmless_sample.jsonl"
 
@@ -55,19 +53,15 @@ def main() -> None:
     source = read_pairs_file(args.data)
     items = [(p.prompt, p.chosen, p.rejected) if k % 2 == 0 else (p.prompt, p.rejected, p.chosen)
              for k, p in enumerate(source[:args.pairs])]  # each pair once, every other one swapped
-    report: dict[str, Any] = {"pairs": len(items), "data": str(args.data), "provenance": provenance(),
-                              "date": datetime.now(UTC).isoformat(timespec="seconds")}
+    report: dict[str, Any] = {"pairs": len(items), "data": str(args.data)}
     with Progress() as bar:
         report |= time_judge(items, bar)
         report |= time_kl(items, settings, bar)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"eval-judge-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(args.out, "eval-judge", report)
     print(f"judge: {report['judge_per_pair_s']:.1f} s one pair at a time, {report['judge_batched_s']:.1f} s "
           f"batched = {report['judge_speedup']:.2f}x; verdicts agree {report['verdicts_agree']:.3f}")
     print(f"KL:    {report['kl_chunked_s']:.1f} s in order, {report['kl_sorted_s']:.1f} s length-sorted = "
           f"{report['kl_speedup']:.2f}x; largest difference {report['kl_max_abs_diff']:.2e} nats")
-    print(f"report: {path}")
 
 
 def time_judge(items: list[Any], bar: Any) -> dict[str, float]:

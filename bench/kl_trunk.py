@@ -24,19 +24,17 @@ readings must agree); a report, never a pass/fail test.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, provenance  # noqa: E402
+from bench._common import ROOT, save_report  # noqa: E402
 
 
 def answers(prompts: int, k: int, low: int, high: int, seed: int) -> tuple[list[int], list[list[int]]]:
@@ -124,14 +122,11 @@ def main() -> None:
     report = {"model": str(args.model), "prompts": args.prompts, "samples": args.samples,
               "train_layers": args.train_layers, "shared_depth": depths, "rounds": args.rounds,
               "threads": args.threads, "seconds": seconds, "median_s": medians, "ratios": ratios,
-              "kl": readings, "provenance": provenance(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+              "kl": readings}
     for name, m in medians.items():
         print(f"{name:>28}: median {m:.2f} s, KL {readings[name]:.5f}")
     print(f"shared depth {depths}; " + "; ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kl-trunk-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"report: {path}")
+    save_report(args.out, "kl-trunk", report)
 
 
 if __name__ == "__main__":

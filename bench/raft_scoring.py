@@ -15,19 +15,17 @@ Prints the median seconds of each and the ratio; a report, never a pass/fail tes
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, provenance  # noqa: E402
+from bench._common import ROOT, save_report  # noqa: E402
 
 
 def fixed_batch(tok: Any, prompts: int, k: int, seed: int) -> tuple[list[Any], list[list[int]], list[Any]]:
@@ -92,15 +90,11 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in seconds.items()}
     old, new = medians.values()
     report = {"model": str(args.model), "prompts": args.prompts, "samples": args.samples, "rounds": args.rounds,
-              "threads": args.threads, "seconds": seconds, "median_s": medians, "speedup": old / new,
-              "provenance": provenance(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+              "threads": args.threads, "seconds": seconds, "median_s": medians, "speedup": old / new}
     for name, m in medians.items():
         print(f"{name:>36}: median {m:.2f} s")
     print(f"ratio: {old / new:.2f}x faster")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"raft-scoring-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"report: {path}")
+    save_report(args.out, "raft-scoring", report)
 
 
 if __name__ == "__main__":
