@@ -228,6 +228,37 @@ def test_the_leader_judges_health_from_every_replicas_traffic(
     assert leader.fleet_health(["v1"])["v1"].requests == 65
 
 
+def test_a_replica_taking_the_lease_names_itself_leader_before_it_judges(
+        replicas: tuple[ComparisonStore, ComparisonStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new lease holder's status and the followers' name the same leader while it judges.
+
+    A real canary's judging reads the whole tally in a thread (seconds on a long canary); here the
+    judging step (`_auto`) is replaced by one that only records what operators would read at that
+    moment, because the slow tally cannot be timed reliably for real. Without the republish of
+    987bbb1 the new holder's status still named the old leader (test_scale_out failed in CI)."""
+    import asyncio
+
+    from services.rollout import Rollout
+
+    a, b = replicas
+    settings = make_settings(tmp_path, rollout_lease_s=0.6)
+    first, second = Rollout(settings, a), Rollout(settings, b)
+    asyncio.run(first.reconcile())  # first takes the lease and publishes its decision
+    asyncio.run(second.reconcile())  # second follows it
+    assert second.status()["decision"]["leader"] == first.lease.holder != second.lease.holder
+    time.sleep(0.8)  # first stops renewing: second takes over on its next reconcile
+    seen: list[tuple[str, str, str]] = []
+
+    async def judging(state: object) -> None:
+        seen.append((second.status()["decision"]["leader"], first.leader_decision()["leader"],
+                     first.leader_decision()["reason"]))
+
+    monkeypatch.setattr(second, "_auto", judging)
+    asyncio.run(second.reconcile())
+    # both name second; the follower reads the republished decision, not "no decision published yet"
+    assert seen == [(second.lease.holder, second.lease.holder, "no canary")]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_the_migrations_build_exactly_the_declared_tables(
         backend: str, pg: PostgresServer, tmp_path: Path) -> None:
