@@ -154,6 +154,29 @@ def split_pairs(pairs: Sequence[Pair], fraction: float, salt: str = "") -> tuple
     return train, held
 
 
+def relevance_pairs(pairs: Sequence[Pair], share: float, seed: int = 0) -> list[Pair]:
+    """Extra pairs that teach the reward model whether an answer is about the question.
+
+    For `share` of the decided pairs (drawn at random, reproducibly from `seed`, so every rank of a
+    distributed run builds the same), one more pair on the same prompt: its chosen answer against
+    the chosen answer of a pair on another prompt. Both were preferred, so both tend to be fluent
+    and ended; what differs is relevance (the "irrelevant answer" negatives of reward-model
+    training). Such a rejected answer is only rarely good for this prompt too (two prompts about the
+    same thing), noise that a few hundred real votes outweigh. No pairs when fewer than two prompts.
+    """
+    decided = [p for p in pairs if p.decided]
+    if share <= 0 or len({p.key for p in decided}) < 2:
+        return []
+    rng = random.Random(f"relevance:{seed}")
+    out = []
+    for p in rng.sample(decided, round(share * len(decided))):
+        other = rng.choice(decided)
+        while other.key == p.key:
+            other = rng.choice(decided)
+        out.append(Pair(p.prompt, p.chosen, other.chosen, key=p.key, source="relevance"))
+    return out
+
+
 # -- tokens ---------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ MANIFEST = "manifest.json"
 #: (kaizen/core/settings_training.py documents each).
 FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "tie_weight",
                  "train_layers", "dtype", "threads", "eval_fraction", "eval_every", "patience", "seed",
-                 "max_minutes", "trunk_cache_mb", "ended_term")
+                 "max_minutes", "trunk_cache_mb", "ended_term", "relevance_pairs")
 
 
 def _setting(name: str) -> Any:
@@ -92,6 +92,8 @@ class RewardConfig:
     (trainer/trunk.py); 0: the whole model runs at every pass."""
     ended_term: bool = _setting("ended_term")
     """Fit the vote's ended-vs-cut-off step as its own γ beside the model (reward_train.EndedTerm)."""
+    relevance_pairs: float = _setting("relevance_pairs")
+    """Share of decided training pairs that also train as a relevance pair (reward_data.relevance_pairs)."""
     # -- not settings: fixed parts of the recipe --
     ended_lr: float = 0.01
     """Peak AdamW learning rate of γ: one number started at its log-odds, which the model's lr

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from trainer.distributed import ONE_PROCESS, Dist, wrap_ddp
-from trainer.reward_data import EncodedPair, Pair, collate_pairs, encode_pairs, length_batches
+from trainer.reward_data import (EncodedPair, Pair, collate_pairs, encode_pairs, length_batches,
+                                 relevance_pairs)
 from trainer.reward_eval import evaluate
 from trainer.trunk import TrunkCache, frozen_depth
 from trainer.reward_model import (
@@ -83,7 +84,8 @@ def train_reward_model(
 
     Micro-batches of similar-length pairs (dynamic padding), `grad_accum` of them per AdamW
     step, linear warmup then decay. Every `eval_every` steps the held-out accuracy is
-    measured; the best weights (step 0 included) are restored at the end.
+    measured; the best weights (step 0 included) are restored at the end. With
+    `config.relevance_pairs`, `reward_data.relevance_pairs` adds to `train` (never to `held_out`).
 
     On N ranks (trainer/distributed.py) every rank builds the same micro-batches from the same
     seed; of each step's `grad_accum` micro-batches rank r takes those at positions r, r + N, ...
@@ -93,6 +95,7 @@ def train_reward_model(
     """
     if not train:
         raise ValueError("train: no pairs to train on")
+    train = [*train, *relevance_pairs(train, config.relevance_pairs, config.seed)]
     config.apply_threads()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
