@@ -15,7 +15,7 @@ from trainer.reward_data import Pair, encode_pairs, relevance_pairs
 from trainer.reward_eval import evaluate
 from trainer.reward_model import RewardConfig, load_reward_model
 from trainer.reward_train import train_reward_model
-from tests.test_reward import MARKER, WORDS, synthetic_pairs, tiny_config
+from tests.test_reward import synthetic_pairs, tiny_config
 
 
 def test_relevance_pairs_set_a_voted_answer_against_another_prompts() -> None:
@@ -36,6 +36,9 @@ def test_relevance_pairs_set_a_voted_answer_against_another_prompts() -> None:
     assert relevance_pairs(pairs, 0.0) == []
     one_prompt = [Pair(pairs[0].prompt, f"a{i}", f"b{i}", key="same") for i in range(5)]
     assert relevance_pairs(one_prompt, 1.0) == []  # no other prompt to take an answer from
+    # ten votes on one prompt, one on another: every extra pair still takes the other prompt's answer
+    lopsided = [*one_prompt, *one_prompt, Pair(pairs[1].prompt, "other", "x", key="other")]
+    assert [e.rejected for e in relevance_pairs(lopsided, 1.0) if e.key == "same"] == ["other"] * 10
 
 
 def test_relevance_pairs_are_trained_on(tiny_model: Path) -> None:
