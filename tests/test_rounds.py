@@ -219,7 +219,11 @@ def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: di
     lineage (v0), not to v1, so drift stays bounded over rounds. Its first rollouts, sampled from v1
     before any update, already read a KL above zero; with the champion as reference they read zero.
     That first KL is over a KL budget of 0.05 (KAIZEN_PPO_STOP_KL, a window of one iteration): the
-    round stops its update there, after 1 of 4 iterations, and says why."""
+    round stops its update there, after 1 of 4 iterations, and says why. The update's guard and the
+    gate read KL against v0 too, so gate_max_kl bounds the drift of all rounds together: a candidate
+    one iteration from v1 reads v1's distance from v0 there (in the forty-fourth loop row the gate read
+    1.10 nats to v1 for a candidate 4.97 from v0, and passed it), and a bound below that distance
+    refuses it, where the same bound passes the same step measured from v1."""
     data = tmp_path / "data"
     shutil.copytree(world["first"], data, symlinks=True)  # the first round's store, reward model, v0, v1
     base = round_settings(data, world["champion"], world["broker"], world["pass"], ppo_iterations=1)
@@ -229,15 +233,30 @@ def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: di
         record = run_round(settings, engine=engine)
         first = next(x for x in round_events(settings)
                      if x["kind"] == "iteration" and x["round_id"] == record["round_id"])
-        return record["ppo"], first["kl"]
+        return record, first["kl"]
 
-    ppo, kl = first_kl(base.model_copy(update={"ppo_reference": "base", "ppo_iterations": 4,
-                                               "ppo_stop_kl": 0.05, "ppo_stop_kl_window": 1}))
+    record, kl = first_kl(base.model_copy(update={"ppo_reference": "base", "ppo_iterations": 4,
+                                                  "ppo_stop_kl": 0.05, "ppo_stop_kl_window": 1}))
+    ppo, gate = record["ppo"], record["gate"]
     assert ppo["kl_reference"] == "v0" and kl > 0.05, kl
     assert ppo["iterations"] == 1 and ppo["kl_budget_spent"] is True, ppo
-    ppo, kl = first_kl(base)
+    assert gate["kl_reference"] == "v0", gate
+    to_v0 = gate["kl"]
+    record, kl = first_kl(base)
+    ppo, gate = record["ppo"], record["gate"]
     assert ppo["kl_reference"] == "v1" and abs(kl) < 0.02, kl
     assert "kl_budget_spent" not in ppo  # no budget set: the key is absent
+    print(f"\ngate KL of a step from v1: {to_v0:.3f} to v0, {gate['kl']:.3f} to v1")
+    assert gate["kl_reference"] == "v1" and to_v0 > max(0.1, 2 * gate["kl"]), (to_v0, gate)
+    # a bound between the two readings: spent from v0 (the guard keeps nothing), not from v1
+    bound = {"gate_max_kl": (to_v0 + max(gate["kl"], 0.0)) / 2}
+    record, _ = first_kl(base.model_copy(update={"ppo_reference": "base", **bound}))
+    assert record["outcome"] == "skipped" and "guard" in record["reason"], record
+    guard_kl = record["ppo"]["sanity_guard"]["kl"]["1"]  # after the last iteration: what the gate would read
+    assert guard_kl == pytest.approx(to_v0, rel=0.1, abs=0.05), (guard_kl, to_v0)
+    record, _ = first_kl(base.model_copy(update=bound))
+    gate = record["gate"]
+    assert gate["kl"] <= bound["gate_max_kl"] and not any(f.startswith("KL") for f in gate["failed"]), gate
 
 
 #: The tiny champion says "No." to world["no"]'s questions in 19-38% of its 8-token answers, and

@@ -7,7 +7,9 @@ seeds; the reward model scores both (less the missing-EOS penalty). The candidat
 
   * its win rate over the champion is >= gate_min_win, a tie counting half: the same answer, or
     rewards within gate_tie_margin of each other (closer than the reward model can tell apart);
-  * the mean KL of its answers to the reference (the champion) is <= gate_max_kl, nats per answer,
+  * the mean KL of its answers to the reference is <= gate_max_kl, nats per answer: the champion's,
+    or with ppo_reference=base v0's (the root of its lineage), which makes gate_max_kl one budget
+    for all rounds together,
     on answers as long as the service's (gate_kl_max_tokens; default_max_tokens), not the
     rollouts': past the rollouts' cut PPO never saw the policy's answers, and it drifted there;
   * no sanity prompt's share of matching answers fell more than gate_sanity_max_drop below the
@@ -131,6 +133,15 @@ class GateModels:
     scorer: RewardScorer
     reference: PolicyWithValue
     tokenizer: Any
+    base: PolicyWithValue | None = None
+    """With ppo_reference=base, the root of the champion's lineage (v0), when it is not the champion:
+    the penalty's reference, and what the guard and the gate read KL against (`kl_reference`)."""
+    base_version: str | None = None
+
+    @property
+    def kl_reference(self) -> PolicyWithValue:
+        """What KL is read against: the base where there is one, else the champion."""
+        return self.base if self.base is not None else self.reference
 
 
 def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, held_ids: list[list[int]],
@@ -138,7 +149,7 @@ def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, hel
     """`read_kl` of the candidate saved in `candidate` (which `engine` holds), with `cand` (the
     gate's own answers, at the rollouts' length) to stand in for, or to compare with, the long ones."""
     policy, _, _ = load_policy(candidate)
-    return read_kl(engine, policy, models.reference, models.tokenizer, held_ids, settings, config, cand)
+    return read_kl(engine, policy, models.kl_reference, models.tokenizer, held_ids, settings, config, cand)
 
 
 def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWithValue, tokenizer: Any,

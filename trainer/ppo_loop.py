@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class KLProbe:
     """The gate's KL reading (trainer/gate.py, `read_kl`: its held-out prompts and seeds, at
-    gate_kl_max_tokens) of the policy the engine holds, against the gate's reference (the champion)."""
+    gate_kl_max_tokens) of the policy the engine holds, against the gate's reference (the champion, or
+    v0 with ppo_reference=base)."""
 
     reference: PolicyWithValue
     held_ids: list[list[int]]
@@ -60,7 +61,7 @@ class KLProbe:
 class UpdateGuard:
     """The gate's checks that need no reward model, every `config.sanity_every` iterations and after
     the last (0: never), on rank 0's engine: the sanity check (trainer/sanity.py) against the round's
-    starting weights and, with a `probe`, the KL to the champion as the gate reads it.
+    starting weights and, with a `probe`, the KL to the reference as the gate reads it.
 
     Every rank keeps a copy of its trained parameters at the last check that passed (iteration 0:
     the starting weights) and puts it back when a check fails, so all ranks stop on the same weights.

@@ -7,7 +7,9 @@
 2. train candidate: `ppo_iterations` iterations from the champion (trainer/ppo.py) on the store's
    training prompts, its KL penalty against the champion or v0 (`ppo_reference`), saved to the
    round's work folder (then the state file says "gate");
-3. gate: the candidate against the champion on held-out prompts (trainer/gate.py);
+3. gate: the candidate against the champion on held-out prompts (trainer/gate.py); its KL bound,
+   and the update's guard, read KL against the penalty's reference: with ppo_reference=base,
+   gate_max_kl is one budget from v0 for every round;
 4. publish: `Registry.publish` (rejected=True when the gate fails: kept, never served) and the
    model event.
 
@@ -164,7 +166,10 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     settings, config = ctx.settings, job.config
     scorer = RewardScorer.load(job.reward_model, settings.reward_max_length, settings.reward_dtype)
     reference, tokenizer, saved_dtype = load_policy(job.registry.path(job.champion))
+    base = reference_version(job.registry, job.champion, config)
     models = GateModels(scorer, reference, tokenizer)
+    if base != job.champion:  # ppo_reference=base: the penalty, the guard and the gate read KL to v0
+        models.base, models.base_version = load_policy(job.registry.path(base))[0], base
     config.apply_threads()
     # champion's answers to the held-out and the sanity prompts, while the engine still holds its weights
     with job.timer("gate_champion"):
@@ -189,9 +194,8 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     champion_dir = job.registry.path(job.champion)
     ctx.phase("ppo", iterations_done=0, reward_model=job.reward_model.name)
     policy, _, _ = load_policy(champion_dir)
-    kl_reference = reference_version(job.registry, job.champion, config)
+    kl_reference = models.base_version or job.champion
     reference_dir = job.registry.path(kl_reference)
-    reference = models.reference if kl_reference == job.champion else load_policy(reference_dir)[0]
 
     def on_iteration(st: IterationStats) -> None:
         rec = {"kind": "iteration", "round_id": ctx.round_id, "at": datetime.now(UTC).isoformat(),
@@ -210,7 +214,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
         with sync_folder(config.sync_dir) as sync_dir:
             ctx.state["sync_dir"] = str(sync_dir)  # a kill leaves it in /dev/shm: the next start removes it
             ctx.save()
-            trainer = policy_trainer(config, policy, reference, models.tokenizer, job.engine,
+            trainer = policy_trainer(config, policy, models.kl_reference, models.tokenizer, job.engine,
                                      models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
             guard = UpdateGuard(champ.check, baseline=champ.sanity,
                                 probe=_kl_probe(ctx.settings, models, held_ids))
@@ -235,11 +239,12 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
 
 
 def _kl_probe(settings: Settings, models: GateModels, held_ids: list[list[int]]) -> KLProbe | None:
-    """The guard's KL reading, as the gate's: against the champion, on its held-out prompts."""
+    """The guard's KL reading, as the gate's: against the champion (or with ppo_reference=base, v0),
+    on its held-out prompts."""
     if not settings.ppo_guard_kl_fraction:
         return None
     limit = settings.ppo_guard_kl_fraction * settings.gate_max_kl
-    return KLProbe(models.reference, held_ids, settings, limit)
+    return KLProbe(models.kl_reference, held_ids, settings, limit)
 
 
 def reference_version(registry: Registry, champion: str, config: PPOConfig) -> str:
@@ -257,6 +262,7 @@ def _gate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path,
         job.timer.seconds["load_candidate"] = job.engine.load_weights(candidate)
         record, verdict = measure_gate(job.engine, candidate, models, job.held_prompts, held_ids, champ,
                                        ctx.settings, job.config)
+    record["kl_reference"] = models.base_version or job.champion
     ctx.state["gate"] = record
     return record, verdict
 

@@ -168,7 +168,7 @@ class TrainingSettings(BaseSettings):
     ppo_sanity_every: int = Field(default=5, ge=0)
     """Every this many PPO iterations (and after the last), the gate's checks that need no reward
     model, on the rollout engine, which already holds the new weights: the sanity check
-    (trainer/sanity.py), and the KL to the champion as the gate reads it (ppo_guard_kl_fraction).
+    (trainer/sanity.py), and the KL to the reference as the gate reads it (ppo_guard_kl_fraction).
     When a prompt's share of matching answers fell more than gate_sanity_max_drop below the round's
     starting weights', or the KL passed its limit, the update stops; its weights go back toward the
     last check that passed (halved first where ppo_guard_halvings allows), and those that pass become the
@@ -178,13 +178,13 @@ class TrainingSettings(BaseSettings):
     for the KL. 0: only the gate checks."""
     ppo_guard_kl_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
     """The guard's KL limit as a fraction of gate_max_kl: at each check (ppo_sanity_every) it reads the
-    policy's KL to the champion on the gate's held-out prompts and seeds at gate_kl_max_tokens, as the
-    gate will, and keeps the last weights under this. With candidate_dtype=float32 the gate loads the
-    very weights the guard read and samples the same answers; with candidate_dtype=champion the
-    saved candidate is rounded and samples slightly different ones: leave a margin (0.9). The
-    rollouts' own KL (64
-    tokens) does not predict the gate's: 2.90 against 3.63 in the thirty-eighth loop row, 2.67
-    against 3.49 in the thirty-sixth. 0: the guard reads no KL."""
+    policy's KL to the reference (ppo_reference) on the gate's held-out prompts and seeds at
+    gate_kl_max_tokens, as the gate will, and keeps the last weights under this. With
+    candidate_dtype=float32 the gate loads the very weights the guard read and samples the same
+    answers; with candidate_dtype=champion the saved candidate is rounded and samples slightly
+    different ones: leave a margin (0.9). The rollouts' own KL (64 tokens) does not predict the
+    gate's: 2.90 against 3.63 in the thirty-eighth loop row, 2.67 against 3.49 in the thirty-sixth.
+    0: the guard reads no KL."""
     ppo_guard_halvings: int = Field(default=0, ge=0, le=4)
     """When a guard's check fails (ppo_sanity_every), how many times it halves the last iterations'
     step before giving up on it: the weights go to halfway between the last check that passed and the
@@ -200,8 +200,11 @@ class TrainingSettings(BaseSettings):
     version the round starts from, so each round may move about ppo_target_kl further and the drift
     from v0 adds up over rounds. base: the root of the champion's lineage (v0, or the imported model
     it descends from), so every round solves the same KL-bounded problem with the newest reward
-    model, starting from the champion (InstructGPT's and Llama 2's fixed reference). The gate still
-    bounds KL to the champion (gate_max_kl)."""
+    model, starting from the champion (InstructGPT's and Llama 2's fixed reference). The update's
+    guard and the gate read KL against the same reference, so with base gate_max_kl is one budget
+    from v0 for all rounds together (a round that starts with it spent publishes nothing); with
+    champion each round's bound starts afresh. The loop's forty-fourth row, before the guard and gate
+    read v0: round 2 drifted to 4.97 nats from v0 while reading 1.10 from v1."""
     ppo_kl_horizon: int = Field(default=1000, ge=1)
     """Samples over which the controller closes its error (Ziegler et al.: 10000). β moves by at
     most 0.2 x answers / horizon per iteration: 0.32% at 16 answers, so within a round of 20
@@ -324,7 +327,8 @@ class TrainingSettings(BaseSettings):
     as a tie in the gate's win rate, as an identical answer does: differences below the RM's
     noise are not wins or losses."""
     gate_max_kl: float = Field(default=3.0, gt=0.0)
-    """Mean per-answer KL (nats) to the reference policy (the champion) a candidate may reach, on
+    """Mean per-answer KL (nats) to the reference policy (the champion, or v0 with ppo_reference=base)
+    a candidate may reach, on
     answers of gate_kl_max_tokens. Measured on SmolLM2: answers that learned to end within 64
     tokens (36% -> 64% ended) sat ~2 nats from v0, and the sanity prompts still passed; 0.5 refused
     every candidate that had moved enough to matter."""
