@@ -204,7 +204,10 @@ class TrainingSettings(BaseSettings):
     guard and the gate read KL against the same reference, so with base gate_max_kl is one budget
     from v0 for all rounds together (a round that starts with it spent publishes nothing); with
     champion each round's bound starts afresh. The loop's forty-fourth row, before the guard and gate
-    read v0: round 2 drifted to 4.97 nats from v0 while reading 1.10 from v1."""
+    read v0: round 2 drifted to 4.97 nats from v0 while reading 1.10 from v1. The forty-sixth and
+    forty-seventh rows, after: round 1 spent the budget (2.93 and 2.74 of 3.0, β 0.05 and 0.2) and
+    every later round was skipped by the guard's first check, so to let later rounds use their votes
+    cap each round's own movement too (ppo_stop_kl, fewer ppo_iterations). champion: the default."""
     ppo_kl_horizon: int = Field(default=1000, ge=1)
     """Samples over which the controller closes its error (Ziegler et al.: 10000). β moves by at
     most 0.2 x answers / horizon per iteration: 0.32% at 16 answers, so within a round of 20
