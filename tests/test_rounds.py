@@ -236,12 +236,19 @@ def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: di
         return record, first["kl"]
 
     record, kl = first_kl(base.model_copy(update={"ppo_reference": "base", "ppo_iterations": 4,
-                                                  "ppo_stop_kl": 0.05, "ppo_stop_kl_window": 1}))
+                                                  "ppo_stop_kl": 0.05, "ppo_stop_kl_window": 1,
+                                                  "ppo_round_kl": 1.0}))
     ppo, gate = record["ppo"], record["gate"]
     assert ppo["kl_reference"] == "v0" and kl > 0.05, kl
     assert ppo["iterations"] == 1 and ppo["kl_budget_spent"] is True, ppo
     assert gate["kl_reference"] == "v0", gate
     to_v0 = gate["kl"]
+    # KAIZEN_PPO_ROUND_KL: the guard read v1's own distance from v0 first (as v1's gate read it: the same
+    # prompts, seeds and weights; on the tiny model a noisy k1 estimate, of either sign), then capped the
+    # round at 1 more
+    guard, v1_kl = ppo["sanity_guard"], Registry(base.registry_path).manifest("v1").gate["kl"]
+    assert guard["start_kl"] == pytest.approx(v1_kl, abs=1e-4) and guard["start_kl"] != 0.0, (guard, v1_kl)
+    assert guard["max_kl"] == pytest.approx(min(base.gate_max_kl, guard["start_kl"] + 1.0)), guard
     record, kl = first_kl(base)
     ppo, gate = record["ppo"], record["gate"]
     assert ppo["kl_reference"] == "v1" and abs(kl) < 0.02, kl
@@ -495,6 +502,66 @@ def test_the_guard_keeps_half_of_a_step_that_went_too_far_where_half_passes(
         assert record["kl"]["2"] == pytest.approx(far, abs=1e-3) and not guard.kept_nothing, record
         assert record["kl"]["x0.5"] == pytest.approx(near, abs=1e-3), record
         assert torch.allclose(norm, start * 1.25), (norm[:4], start[:4])
+    finally:
+        engine.load_weights(world["champion"])
+
+
+def test_the_guard_caps_what_one_round_adds_to_its_starting_weights_kl(
+        world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
+    """KAIZEN_PPO_ROUND_KL: a round that starts away from its reference (ppo_reference=base from a
+    later version) reads its starting weights' KL first and may add only round_kl to it, however much
+    of the budget (max_kl) is left. A step the budget alone lets through fails the round's cap, and the
+    weights go back to the start; a cap above the step passes it."""
+    from types import SimpleNamespace
+
+    from trainer.distributed import ONE_PROCESS
+    from trainer.policy import encode_prompt, load_policy
+    from trainer.ppo_config import PPOConfig
+    from trainer.ppo_loop import KLProbe, UpdateGuard
+    from trainer.rollout_engine import sync_weights
+
+    policy, tok, _ = load_policy(world["champion"])
+    reference, _, _ = load_policy(world["champion"])
+    settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
+                              default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
+    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2)
+    held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
+    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
+                                   sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
+    norm = policy.lm.model.norm.weight
+    v0 = norm.detach().clone()
+
+    def at(scale: float) -> None:
+        with torch.no_grad():
+            norm.copy_(v0 * scale)
+        trainer.sync()
+
+    def guarded(round_kl: float) -> UpdateGuard:
+        """A round from the weights at 1.25 (a "v1"), stepped to 1.5, under a budget of 100 nats."""
+        at(1.25)
+        probe = KLProbe(reference, held_ids, settings, max_kl=100.0, round_kl=round_kl, from_start=True)
+        guard = UpdateGuard(probe=probe)
+        guard.start(trainer, config)
+        at(1.5)
+        guard.after(trainer, config, 2)
+        return guard
+
+    try:
+        probe = KLProbe(reference, held_ids, settings, max_kl=0.0)
+        at(1.25)
+        near = probe.read(trainer, config)
+        at(1.5)
+        far = probe.read(trainer, config)
+        assert 0.0 < near < far < 100.0, (near, far)
+        capped = guarded((far - near) / 2)
+        record = capped.record(config)
+        assert record["start_kl"] == pytest.approx(near, abs=1e-3), record
+        assert record["max_kl"] == pytest.approx(near + (far - near) / 2, abs=1e-3), record
+        assert record["failed_at"] == 2 and capped.kept_nothing, record  # the budget alone passes it
+        assert torch.allclose(norm, v0 * 1.25), "the weights went back to the round's start"
+        roomy = guarded(2 * (far - near)).record(config)
+        assert roomy["failed_at"] is None and roomy["kept_iteration"] == 2, roomy
+        assert roomy["kl"]["2"] == pytest.approx(far, abs=1e-3) and far < roomy["max_kl"], roomy
     finally:
         engine.load_weights(world["champion"])
 

@@ -45,6 +45,18 @@ def test_bad_values_name_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+def test_a_round_kl_cap_needs_the_guard_that_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KAIZEN_PPO_ROUND_KL is read by the update's guard: without the guard's KL it would be ignored
+    silently, so the settings refuse it and say what it needs."""
+    monkeypatch.setenv("KAIZEN_PPO_ROUND_KL", "1.5")
+    assert Settings(_env_file=None).ppo_round_kl == 1.5  # type: ignore[call-arg]
+    for name in ("KAIZEN_PPO_SANITY_EVERY", "KAIZEN_PPO_GUARD_KL_FRACTION"):
+        with monkeypatch.context() as m:
+            m.setenv(name, "0")
+            with pytest.raises(ValidationError, match="KAIZEN_PPO_ROUND_KL needs the update's guard"):
+                Settings(_env_file=None)  # type: ignore[call-arg]
+
+
 def test_production_refuses_placeholders(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAIZEN_ENVIRONMENT", "production")
     with pytest.raises(ValidationError, match="KAIZEN_API_KEYS"):

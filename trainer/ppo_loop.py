@@ -48,6 +48,12 @@ class KLProbe:
     settings: Settings
     max_kl: float
     """The most the guard keeps: ppo_guard_kl_fraction x gate_max_kl."""
+    round_kl: float | None = None
+    """The most KL to the reference a round may add (ppo_round_kl): the guard then keeps the last
+    weights under min(max_kl, the starting weights' KL + round_kl). None: max_kl alone."""
+    from_start: bool = False
+    """Whether the round's starting weights differ from the reference (ppo_reference=base from a
+    later version): their KL is read before the first iteration; else it is 0."""
 
     def read(self, trainer: PPOTrainer, config: PPOConfig) -> float:
         assert trainer.engine is not None
@@ -83,6 +89,16 @@ class UpdateGuard:
     candidate keeps, after `guard_halvings` halvings; 0: none, the weights are good_iteration's."""
     kls: dict[float, float] = field(default_factory=dict)
     """The probe's KL at each check, by iteration, and at each halving, by the step's fraction (rank 0)."""
+    start_kl: float = 0.0
+    """The starting weights' KL to the probe's reference, with a `round_kl` (rank 0)."""
+
+    @property
+    def max_kl(self) -> float:
+        """The KL the guard keeps the weights under: the probe's max_kl, or less with its round_kl."""
+        assert self.probe is not None
+        if self.probe.round_kl is None:
+            return self.probe.max_kl
+        return min(self.probe.max_kl, self.start_kl + self.probe.round_kl)
 
     def answers(self, trainer: PPOTrainer) -> list[dict[str, Any]]:
         """The check's reference reading of the engine's weights (rank 0; the other ranks answer [])."""
@@ -98,10 +114,16 @@ class UpdateGuard:
         return self.check.read(trainer.engine, trainer.tokenizer, self.baseline or [])[1]
 
     def start(self, trainer: PPOTrainer, config: PPOConfig) -> None:
-        """Before the first iteration: the starting weights' answers (unless given), and their copy."""
+        """Before the first iteration: the starting weights' answers (unless given), their KL to the
+        probe's reference where a round_kl counts from it, and their copy."""
         if config.sanity_every:
             if self.baseline is None:
                 self.baseline = self.answers(trainer)
+            probe = self.probe
+            if probe and probe.round_kl is not None and probe.from_start and trainer.engine is not None:
+                self.start_kl = probe.read(trainer, config)
+                log.info("ppo: the starting weights' KL %.2f; this round keeps the policy under %.2f",
+                         self.start_kl, self.max_kl)
             self._keep(trainer, 0)
 
     def after(self, trainer: PPOTrainer, config: PPOConfig, iteration: int) -> bool:
@@ -142,8 +164,10 @@ class UpdateGuard:
     def record(self, config: PPOConfig) -> dict[str, Any]:
         """What the round's record keeps (`ppo.sanity_guard`): with a halved step, its `kept_fraction`
         (the candidate is kept_iteration's weights plus that fraction of the step to failed_at)."""
-        kl = ({"kl": {_key(i): k for i, k in self.kls.items()}, "max_kl": self.probe.max_kl}
-              if self.probe is not None else {})
+        probe = self.probe
+        kl = ({"kl": {_key(i): k for i, k in self.kls.items()}, "max_kl": self.max_kl} if probe else {})
+        if probe is not None and probe.round_kl is not None:
+            kl |= {"round_kl": probe.round_kl, "start_kl": self.start_kl}
         failed = {"failed": self.failed} if self.failed else {}
         kept = {"kept_fraction": self.kept_fraction} if self.kept_fraction else {}
         return {"every": config.sanity_every, "failed_at": self.failed_at,
@@ -159,12 +183,12 @@ class UpdateGuard:
         self.kls[at] = self.probe.read(trainer, config)
         log.info("ppo: check at %s: %s, sanity prompts %s", _key(at), self._kl_text(at),
                  "broken" if broke else "kept")
-        return broke, self.kls[at] > self.probe.max_kl
+        return broke, self.kls[at] > self.max_kl
 
     def _kl_text(self, at: float) -> str:
         if self.probe is None or at not in self.kls:
             return "KL not read on this rank"
-        return f"KL {self.kls[at]:.2f} against {self.probe.max_kl:.2f}"
+        return f"KL {self.kls[at]:.2f} against {self.max_kl:.2f}"
 
     def _trained(self, trainer: PPOTrainer) -> list[torch.nn.Parameter]:
         return [p for p in trainer.policy.parameters() if p.requires_grad]

@@ -240,11 +240,12 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
 
 def _kl_probe(settings: Settings, models: GateModels, held_ids: list[list[int]]) -> KLProbe | None:
     """The guard's KL reading, as the gate's: against the champion (or with ppo_reference=base, v0),
-    on its held-out prompts."""
+    on its held-out prompts; with ppo_round_kl, what this round may add to its champion's."""
     if not settings.ppo_guard_kl_fraction:
         return None
     limit = settings.ppo_guard_kl_fraction * settings.gate_max_kl
-    return KLProbe(models.kl_reference, held_ids, settings, limit)
+    return KLProbe(models.kl_reference, held_ids, settings, limit, round_kl=settings.ppo_round_kl,
+                   from_start=models.base is not None)
 
 
 def reference_version(registry: Registry, champion: str, config: PPOConfig) -> str:

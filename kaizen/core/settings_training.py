@@ -185,6 +185,17 @@ class TrainingSettings(BaseSettings):
     different ones: leave a margin (0.9). The rollouts' own KL (64 tokens) does not predict the
     gate's: 2.90 against 3.63 in the thirty-eighth loop row, 2.67 against 3.49 in the thirty-sixth.
     0: the guard reads no KL."""
+    ppo_round_kl: float | None = Field(default=None, gt=0.0)
+    """The most KL to the reference (ppo_reference) one round may add, as the guard reads it: it keeps
+    the last weights under min(its limit above, the starting weights' KL + this), reading the
+    starting weights' KL before the first iteration when they are not the reference (0 when they
+    are). With ppo_reference=base this splits the one budget from v0 (gate_max_kl) over rounds, so
+    later rounds, with reward models that learned from more votes, still have room to move: the
+    forty-sixth and forty-seventh loop rows' round 1 spent 2.93 and 2.74 of 3.0 nats and every later
+    round was skipped, and fewer iterations cannot cap a round instead (the forty-eighth row: 8
+    iterations moved 0.14, 0.63 and 0.82 nats from v0 in three rounds). KL is not additive, so this
+    caps the growth of the distance to the reference, not the distance from the champion. Needs the
+    guard (ppo_sanity_every, ppo_guard_kl_fraction above 0). None: no cap of its own."""
     ppo_guard_halvings: int = Field(default=0, ge=0, le=4)
     """When a guard's check fails (ppo_sanity_every), how many times it halves the last iterations'
     step before giving up on it: the weights go to halfway between the last check that passed and the
@@ -207,7 +218,8 @@ class TrainingSettings(BaseSettings):
     read v0: round 2 drifted to 4.97 nats from v0 while reading 1.10 from v1. The forty-sixth and
     forty-seventh rows, after: round 1 spent the budget (2.93 and 2.74 of 3.0, β 0.05 and 0.2) and
     every later round was skipped by the guard's first check, so to let later rounds use their votes
-    cap each round's own movement too (ppo_stop_kl, fewer ppo_iterations). champion: the default."""
+    cap each round's own movement too (ppo_round_kl; fewer ppo_iterations could not). champion: the
+    default."""
     ppo_kl_horizon: int = Field(default=1000, ge=1)
     """Samples over which the controller closes its error (Ziegler et al.: 10000). β moves by at
     most 0.2 x answers / horizon per iteration: 0.32% at 16 answers, so within a round of 20
@@ -351,6 +363,9 @@ class TrainingSettings(BaseSettings):
         if self.train_node_rank >= self.train_nnodes:
             raise ValueError(f"KAIZEN_TRAIN_NODE_RANK={self.train_node_rank} must be below "
                              f"KAIZEN_TRAIN_NNODES={self.train_nnodes}")
+        if self.ppo_round_kl is not None and not (self.ppo_sanity_every and self.ppo_guard_kl_fraction):
+            raise ValueError("KAIZEN_PPO_ROUND_KL needs the update's guard to read KL: "
+                             "KAIZEN_PPO_SANITY_EVERY and KAIZEN_PPO_GUARD_KL_FRACTION above 0")
         return self
 
     @property
