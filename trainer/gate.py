@@ -137,11 +137,20 @@ class GateModels:
     """With ppo_reference=base, the root of the champion's lineage (v0), when it is not the champion:
     the penalty's reference, and what the guard and the gate read KL against (`kl_reference`)."""
     base_version: str | None = None
+    reference_version: str | None = None
+    """The champion's version name (the records name what KL was read against)."""
 
     @property
     def kl_reference(self) -> PolicyWithValue:
         """What KL is read against: the base where there is one, else the champion."""
         return self.base if self.base is not None else self.reference
+
+    @property
+    def kl_reference_version(self) -> str:
+        """`kl_reference`'s version name."""
+        name = self.base_version if self.base is not None else self.reference_version
+        assert name is not None, "GateModels: the reference's version name is not set"
+        return name
 
 
 def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, held_ids: list[list[int]],

@@ -167,7 +167,7 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     scorer = RewardScorer.load(job.reward_model, settings.reward_max_length, settings.reward_dtype)
     reference, tokenizer, saved_dtype = load_policy(job.registry.path(job.champion))
     base = reference_version(job.registry, job.champion, config)
-    models = GateModels(scorer, reference, tokenizer)
+    models = GateModels(scorer, reference, tokenizer, reference_version=job.champion)
     if base != job.champion:  # ppo_reference=base: the penalty, the guard and the gate read KL to v0
         models.base, models.base_version = load_policy(job.registry.path(base))[0], base
     config.apply_threads()
@@ -194,7 +194,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
     champion_dir = job.registry.path(job.champion)
     ctx.phase("ppo", iterations_done=0, reward_model=job.reward_model.name)
     policy, _, _ = load_policy(champion_dir)
-    kl_reference = models.base_version or job.champion
+    kl_reference = models.kl_reference_version
     reference_dir = job.registry.path(kl_reference)
 
     def on_iteration(st: IterationStats) -> None:
@@ -263,7 +263,7 @@ def _gate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path,
         job.timer.seconds["load_candidate"] = job.engine.load_weights(candidate)
         record, verdict = measure_gate(job.engine, candidate, models, job.held_prompts, held_ids, champ,
                                        ctx.settings, job.config)
-    record["kl_reference"] = models.base_version or job.champion
+    record["kl_reference"] = models.kl_reference_version
     ctx.state["gate"] = record
     return record, verdict
 
