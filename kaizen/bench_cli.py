@@ -49,6 +49,8 @@ def loop(
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     eval_samples: Annotated[int, typer.Option(min=1, help="answers per evaluation prompt and version")] = 1,
     eval_max_tokens: Annotated[int, typer.Option(min=1, help="tokens per evaluation answer (few cut off)")] = 256,
+    eval_temperature: Annotated[float, typer.Option(min=0.01, help="the evaluation's sampling temperature "
+                                                              "(its KL to v0 reads the answers at it)")] = 0.7,
     second_judge: Annotated[str | None, typer.Option(
         help="a second evaluation judge, e.g. simulation.judges:reward_model "
              "(KAIZEN_JUDGE_REWARD_MODEL=DIR)")] = None,
@@ -76,7 +78,7 @@ def loop(
                         budget_s=budget, judge=judge, eval_judge=eval_judge, prompts=prompts or DEFAULT_PROMPTS,
                         eval_prompts=eval_prompts or DEFAULT_EVAL_PROMPTS, users=users, noise=noise, seed=seed,
                         max_tokens=max_tokens, eval_samples=eval_samples, eval_max_tokens=eval_max_tokens,
-                        second_judge=second_judge,
+                        eval_temperature=eval_temperature, second_judge=second_judge,
                         settings_overrides={**LOOP_SETTINGS, **overrides})
     report = run_loop(config, get_settings(), say=lambda m: console.print(f"[bold]loop[/bold] {m}"))
     console.print_json(json.dumps(report["evaluation"]))
@@ -152,7 +154,8 @@ def result_line(report: dict[str, Any], *, rounds: int, votes: int, judge: str, 
     used = report.get("config", {})
     flags = {"canary_votes": "--canary-votes", "users": "--users", "noise": "--noise", "max_tokens": "--max-tokens",
              "eval_samples": "--eval-samples", "budget_s": "--budget", "eval_judge": "--eval-judge",
-             "eval_max_tokens": "--eval-max-tokens", "second_judge": "--second-judge"}
+             "eval_max_tokens": "--eval-max-tokens", "eval_temperature": "--eval-temperature",
+             "second_judge": "--second-judge"}
     defaults = {f.name: f.default for f in fields(LoopConfig) if f.name in flags}
     options = "".join(f" {flag} {used[name]}" for name, flag in flags.items()
                       if name in used and used[name] != defaults[name])

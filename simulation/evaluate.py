@@ -74,15 +74,16 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
         task = bar.add_task("evaluation: sampling", total=1 + len(versions))
         for v in ["v0", *versions]:
             engine.load_weights(registry.path(v))
-            answers[v] = engine.generate(ids, max_tokens=config.eval_max_tokens, temperature=0.7,
-                                         n=config.eval_samples, seed=config.seed + 17)
+            answers[v] = engine.generate(ids, max_tokens=config.eval_max_tokens,
+                                         temperature=config.eval_temperature, n=config.eval_samples,
+                                         seed=config.seed + 17)
             shares = [a["share"] for a in check.answers(engine, tokenizer, full=True)]
             sanity_ok[v] = sum(shares) / max(1, len(shares))  # as the gate reads a champion
             bar.advance(task)
         write_answers(config.out_dir / ANSWERS_FILE, eval_prompts, answers)
         task = bar.add_task("evaluation: judge and KL", total=len(versions))
         out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
-                               "max_tokens": config.eval_max_tokens,
+                               "max_tokens": config.eval_max_tokens, "temperature": config.eval_temperature,
                                "judge": config.eval_judge or config.judge,
                                "second_judge": config.second_judge, "versions": {}}
         base = by_prompt(answers["v0"])
@@ -92,7 +93,8 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
             out["versions"][v] = {
                 **judge_pairs(judge, messages, mine, base, config.bootstrap, config.seed),
                 **answer_figures(answers[v]),
-                "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v]),
+                "kl_to_v0": kl_to_base(registry.path(v), registry.path("v0"), ids, answers[v],
+                                       config.eval_temperature),
                 "sanity_share": sanity_ok[v], "stage": registry.info(v).stage}
             if second is not None:
                 out["versions"][v]["second_judge"] = judge_pairs(second, messages, mine, base,
@@ -238,16 +240,19 @@ def mean_tokens(samples: list[Any]) -> float:
     return round(sum(len(s.token_ids) for s in samples) / max(1, len(samples)), 2)
 
 
-def kl_to_base(model_dir: Path, base_dir: Path, prompt_ids: list[list[int]], samples: list[Any]) -> float:
+def kl_to_base(model_dir: Path, base_dir: Path, prompt_ids: list[list[int]], samples: list[Any],
+               temperature: float) -> float:
     """Monte-Carlo KL(version ‖ v0) per answer: mean of Σ_t log p_v(y_t) − log p_v0(y_t) over its own
-    answers
-    (batched forward passes of both models, trainer.policy.kl_to_reference)."""
+    answers, both read at the `temperature` the answers were sampled at (read at another one the
+    mean estimates no KL and can go below zero: at 1.0 for answers sampled at 0.7 the forty-ninth loop
+    row's v3 read −0.22 where its gate had read 1.05) (batched forward passes of both models,
+    trainer.policy.kl_to_reference)."""
     from trainer.policy import kl_to_reference, load_policy
 
     policy, tokenizer, _ = load_policy(model_dir)
     base, _, _ = load_policy(base_dir)
     kls = kl_to_reference(policy, base, tokenizer, [prompt_ids[s.prompt] for s in samples],
-                          [list(s.token_ids) for s in samples])
+                          [list(s.token_ids) for s in samples], temperature)
     return round(sum(kls) / max(1, len(kls)), 4)
 
 

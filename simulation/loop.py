@@ -79,6 +79,9 @@ class LoopConfig:
     eval_max_tokens: int = 256
     """The evaluation's answers: long enough that few are cut off, so a version is not judged
     better just for ending before the limit (its truncated share is reported too)."""
+    eval_temperature: float = 0.7
+    """The evaluation's sampling temperature (a chat client's usual), and what its KL to v0 reads the
+    answers at."""
     second_judge: str | None = None
     """Another judge reading the same evaluation pairs (e.g. simulation.judges:reward_model, a
     Bradley-Terry model trained on human pairs, never on votes): every result read twice."""

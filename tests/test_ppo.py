@@ -383,27 +383,38 @@ def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_pat
 
     prompts = [[5, 6, 7, 8, 9], [11, 12]]
     samples = [S(0, [20, 21, 22]), S(1, [30]), S(1, [31, 32, 33, 34, 35]), S(0, [])]
-    got = kl_to_base(tmp_path / "v1", tiny_model, prompts, samples)
     v1, _, _ = load_policy(tmp_path / "v1")
     v0, _, _ = load_policy(tiny_model)
-    sums = []
-    for s in samples:
-        if not s.token_ids:
-            sums.append(0.0)
-            continue
-        ids = torch.tensor([prompts[s.prompt] + s.token_ids])
-        n = len(prompts[s.prompt])
-        with torch.no_grad():
-            a = logprobs_from_logits(v1.lm(input_ids=ids).logits[:, n - 1: -1], torch.tensor([s.token_ids]))
-            b = logprobs_from_logits(v0.lm(input_ids=ids).logits[:, n - 1: -1], torch.tensor([s.token_ids]))
-        sums.append(float((a - b).sum()))
-    assert got != 0 and got == pytest.approx(round(sum(sums) / len(sums), 4), abs=2e-4)
-    assert kl_to_base(tiny_model, tiny_model, prompts, samples) == 0
+
+    def by_hand(temperature: float) -> list[float]:
+        """Per answer, one at a time, each model's logits divided by the sampling temperature."""
+        sums = []
+        for s in samples:
+            if not s.token_ids:
+                sums.append(0.0)
+                continue
+            ids, y = torch.tensor([prompts[s.prompt] + s.token_ids]), torch.tensor([s.token_ids])
+            n = len(prompts[s.prompt])
+            with torch.no_grad():
+                a = logprobs_from_logits(v1.lm(input_ids=ids).logits[:, n - 1: -1] / temperature, y)
+                b = logprobs_from_logits(v0.lm(input_ids=ids).logits[:, n - 1: -1] / temperature, y)
+            sums.append(float((a - b).sum()))
+        return sums
+
+    def mean(xs: list[float]) -> float:
+        return round(sum(xs) / len(xs), 4)
+
+    # read at the temperature the evaluation sampled at (0.7), not at 1.0: the two differ
+    for temperature in (1.0, 0.7):
+        got = kl_to_base(tmp_path / "v1", tiny_model, prompts, samples, temperature)
+        assert got != 0 and got == pytest.approx(mean(by_hand(temperature)), abs=2e-4), temperature
+    assert abs(mean(by_hand(0.7)) - mean(by_hand(1.0))) > 1e-3
+    assert kl_to_base(tiny_model, tiny_model, prompts, samples, 0.7) == 0
     # batched in order of length (3, 1, 5 and 0 tokens: each batch of 2 mixes the callers' order),
     # each answer's KL comes back in its own place
     each = kl_to_reference(v1, v0, tok, [prompts[s.prompt] for s in samples], [s.token_ids for s in samples],
                            batch_size=2)
-    assert each == pytest.approx(sums, abs=1e-4)
+    assert each == pytest.approx(by_hand(1.0), abs=1e-4)
     # only the top layer differs: the layers below ran once for both models (the whole-model
     # forward passes above are what that shortcut must reproduce)
     assert shared_trunk_depth(v1, v0, frozen=False) == len(v0.lm.model.layers) - 1
