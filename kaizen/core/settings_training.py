@@ -195,7 +195,10 @@ class TrainingSettings(BaseSettings):
     round was skipped, and fewer iterations cannot cap a round instead (the forty-eighth row: 8
     iterations moved 0.14, 0.63 and 0.82 nats from v0 in three rounds). KL is not additive, so this
     caps the growth of the distance to the reference, not the distance from the champion. Needs the
-    guard (ppo_sanity_every, ppo_guard_kl_fraction above 0). None: no cap of its own."""
+    guard (ppo_sanity_every, ppo_guard_kl_fraction above 0). None (the default): no cap of its own.
+    The forty-ninth loop row, 1.5 under base: PPO's KL jumps between checks (1.0-1.3 at iteration 5,
+    2.4-3.1 at 10), so each round kept iteration 5, too small a step to pass the gate's 0.55 twice in
+    three rounds; the v3 that passed (KL 1.05) read no better than v0 on either judge."""
     ppo_guard_halvings: int = Field(default=0, ge=0, le=4)
     """When a guard's check fails (ppo_sanity_every), how many times it halves the last iterations'
     step before giving up on it: the weights go to halfway between the last check that passed and the
