@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,59 @@ def test_a_sanity_prompt_that_fails_on_its_first_answers_is_decided_on_all_of_th
             assert n["samples"] == 16 and "first_share" not in n, n
 
 
+@dataclass
+class GuardRig:
+    """What the guard's tests drive by hand: a policy (the tiny champion) the engine reads through
+    `trainer.sync()`, a second copy as the KL reference, the gate's settings at 24 tokens, six
+    held-out prompts, and a stand-in for the PPO trainer with the parts the guard reads."""
+
+    policy: Any
+    tok: Any
+    reference: Any
+    settings: Settings
+    config: Any
+    held_ids: list[list[int]]
+    trainer: Any
+
+    def unpacked(self) -> tuple[Any, Any, Any, Settings, Any, list[list[int]], Any]:
+        return (self.policy, self.tok, self.reference, self.settings, self.config, self.held_ids,
+                self.trainer)
+
+    def at(self, scale: float) -> torch.Tensor:
+        """The policy with its final norm at `scale` x the champion's, synced to the engine; the norm."""
+        norm: torch.Tensor = self.policy.lm.model.norm.weight
+        with torch.no_grad():
+            norm.copy_(self.reference.lm.model.norm.weight * scale)
+        self.trainer.sync()
+        return norm
+
+    def kl(self) -> float:
+        """The guard's (and the gate's) KL reading of what the engine holds, against the champion."""
+        from trainer.ppo_loop import KLProbe
+
+        probe = KLProbe(self.reference, self.held_ids, self.settings, max_kl=0.0)
+        return probe.read(self.trainer, self.config)
+
+
+def guard_rig(world: dict[str, Any], engine: Any, tmp_path: Path, halvings: int) -> GuardRig:
+    from types import SimpleNamespace
+
+    from trainer.distributed import ONE_PROCESS
+    from trainer.policy import encode_prompt, load_policy
+    from trainer.ppo_config import PPOConfig
+    from trainer.rollout_engine import sync_weights
+
+    policy, tok, _ = load_policy(world["champion"])
+    reference, _, _ = load_policy(world["champion"])
+    settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
+                              default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
+    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2, guard_halvings=halvings)
+    held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
+    trainer = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
+                              sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
+    return GuardRig(policy, tok, reference, settings, config, held_ids, trainer)
+
+
 def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the_gate_will(
         world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
     """KAIZEN_PPO_GUARD_KL_FRACTION: at each check the guard reads the policy's KL to the champion as
@@ -407,23 +461,12 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
     under the limit; a policy whose final norm is negated (its logits too) is far past it, and the
     guard puts back the small step's weights. The gate's own reading of those weights, saved and
     loaded into the engine as a candidate is, is the guard's: the guard hands over what will pass."""
-    from types import SimpleNamespace
-
-    from trainer.distributed import ONE_PROCESS
     from trainer.gate import GateModels, candidate_kl, held_answers
-    from trainer.policy import encode_prompt, load_policy, save_policy
-    from trainer.ppo_config import PPOConfig
+    from trainer.policy import save_policy
     from trainer.ppo_loop import KLProbe, UpdateGuard
-    from trainer.rollout_engine import sync_weights
 
-    policy, tok, _ = load_policy(world["champion"])
-    reference, _, _ = load_policy(world["champion"])
-    settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
-                              default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
-    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2, guard_halvings=1)  # 8 tokens
-    held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
-    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
-                                   sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
+    rig = guard_rig(world, engine, tmp_path, halvings=1)  # 8 tokens
+    policy, tok, reference, settings, config, held_ids, trainer = rig.unpacked()
     guard = UpdateGuard(probe=KLProbe(reference, held_ids, settings, max_kl=1.0))
     engine.load_weights(world["champion"])
     try:
@@ -431,7 +474,7 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
         norm = policy.lm.model.norm.weight
         with torch.no_grad():
             norm.mul_(1.02)
-        sync_weights(policy, engine, tmp_path / "sync")
+        trainer.sync()
         assert not guard.after(trainer, config, 2), guard.record(config)
         small = guard.kls[2]
         assert 0.0 < small < 1.0 and guard.good_iteration == 2, guard.kls
@@ -439,7 +482,7 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
         save_policy(policy, tok, tmp_path / "kept", torch.float32)
         with torch.no_grad():
             norm.mul_(-1.0)
-        sync_weights(policy, engine, tmp_path / "sync")
+        trainer.sync()
         assert guard.after(trainer, config, 4), guard.record(config)
         record = guard.record(config)
         assert record["failed_at"] == 4 and record["kept_iteration"] == 2 and "failed" not in record, record
@@ -462,40 +505,24 @@ def test_the_guard_keeps_half_of_a_step_that_went_too_far_where_half_passes(
     between the KL of the halfway weights and of the far ones, both read first; the guard keeps the
     halfway weights (the round's candidate: not `kept_nothing`, though no check had passed before)
     and its record reads their KL as the probe did."""
-    from types import SimpleNamespace
-
-    from trainer.distributed import ONE_PROCESS
-    from trainer.policy import encode_prompt, load_policy
-    from trainer.ppo_config import PPOConfig
     from trainer.ppo_loop import KLProbe, UpdateGuard
-    from trainer.rollout_engine import sync_weights
 
-    policy, tok, _ = load_policy(world["champion"])
-    reference, _, _ = load_policy(world["champion"])
-    settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
-                              default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
-    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2, guard_halvings=2)
-    held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
-    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
-                                   sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
-    norm = policy.lm.model.norm.weight
-    start = norm.detach().clone()
+    rig = guard_rig(world, engine, tmp_path, halvings=2)
+    _, _, reference, settings, config, held_ids, trainer = rig.unpacked()
+    start = reference.lm.model.norm.weight
 
     def kl_at(scale: float) -> float:
-        with torch.no_grad():
-            norm.copy_(start * scale)
-        trainer.sync()
-        return KLProbe(reference, held_ids, settings, max_kl=0.0).read(trainer, config)
+        rig.at(scale)
+        return rig.kl()
 
     engine.load_weights(world["champion"])
     try:
         near, far = kl_at(1.25), kl_at(1.5)  # halfway from 1.0 to 1.5, and 1.5
         assert 0.0 < near < far, (near, far)
-        with torch.no_grad():
-            norm.copy_(start)
+        rig.at(1.0)
         guard = UpdateGuard(probe=KLProbe(reference, held_ids, settings, max_kl=(near + far) / 2))
         guard.start(trainer, config)
-        kl_at(1.5)
+        norm = rig.at(1.5)
         assert guard.after(trainer, config, 2), guard.record(config)
         record = guard.record(config)
         assert (record["failed_at"], record["kept_iteration"], record["kept_fraction"]) == (2, 0, 0.5), record
@@ -512,46 +539,27 @@ def test_the_guard_caps_what_one_round_adds_to_its_starting_weights_kl(
     later version) reads its starting weights' KL first and may add only round_kl to it, however much
     of the budget (max_kl) is left. A step the budget alone lets through fails the round's cap, and the
     weights go back to the start; a cap above the step passes it."""
-    from types import SimpleNamespace
-
-    from trainer.distributed import ONE_PROCESS
-    from trainer.policy import encode_prompt, load_policy
-    from trainer.ppo_config import PPOConfig
     from trainer.ppo_loop import KLProbe, UpdateGuard
-    from trainer.rollout_engine import sync_weights
 
-    policy, tok, _ = load_policy(world["champion"])
-    reference, _, _ = load_policy(world["champion"])
-    settings = round_settings(tmp_path / "data", world["champion"], world["broker"], world["pass"],
-                              default_max_tokens=24, gate_samples=2, gate_kl_samples=2)
-    config = PPOConfig.from_settings(settings, iterations=6, sanity_every=2)
-    held_ids = [encode_prompt(tok, question(random.Random(40 + i)), 64) for i in range(6)]
-    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
-                                   sync=lambda: sync_weights(policy, engine, tmp_path / "sync"))
-    norm = policy.lm.model.norm.weight
-    v0 = norm.detach().clone()
-
-    def at(scale: float) -> None:
-        with torch.no_grad():
-            norm.copy_(v0 * scale)
-        trainer.sync()
+    rig = guard_rig(world, engine, tmp_path, halvings=0)
+    _, _, reference, settings, config, held_ids, trainer = rig.unpacked()
+    v0 = reference.lm.model.norm.weight
 
     def guarded(round_kl: float) -> UpdateGuard:
         """A round from the weights at 1.25 (a "v1"), stepped to 1.5, under a budget of 100 nats."""
-        at(1.25)
+        rig.at(1.25)
         probe = KLProbe(reference, held_ids, settings, max_kl=100.0, round_kl=round_kl, from_start=True)
         guard = UpdateGuard(probe=probe)
         guard.start(trainer, config)
-        at(1.5)
+        rig.at(1.5)
         guard.after(trainer, config, 2)
         return guard
 
     try:
-        probe = KLProbe(reference, held_ids, settings, max_kl=0.0)
-        at(1.25)
-        near = probe.read(trainer, config)
-        at(1.5)
-        far = probe.read(trainer, config)
+        rig.at(1.25)
+        near = rig.kl()
+        norm = rig.at(1.5)
+        far = rig.kl()
         assert 0.0 < near < far < 100.0, (near, far)
         capped = guarded((far - near) / 2)
         record = capped.record(config)
