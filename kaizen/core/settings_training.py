@@ -187,18 +187,14 @@ class TrainingSettings(BaseSettings):
     0: the guard reads no KL."""
     ppo_round_kl: float | None = Field(default=None, gt=0.0)
     """The most KL to the reference (ppo_reference) one round may add, as the guard reads it: it keeps
-    the last weights under min(its limit above, the starting weights' KL + this), reading the
-    starting weights' KL before the first iteration when they are not the reference (0 when they
-    are). With ppo_reference=base this splits the one budget from v0 (gate_max_kl) over rounds, so
-    later rounds, with reward models that learned from more votes, still have room to move: the
-    forty-sixth and forty-seventh loop rows' round 1 spent 2.93 and 2.74 of 3.0 nats and every later
-    round was skipped, and fewer iterations cannot cap a round instead (the forty-eighth row: 8
-    iterations moved 0.14, 0.63 and 0.82 nats from v0 in three rounds). KL is not additive, so this
-    caps the growth of the distance to the reference, not the distance from the champion. Needs the
-    guard (ppo_sanity_every, ppo_guard_kl_fraction above 0). None (the default): no cap of its own.
-    The forty-ninth loop row, 1.5 under base: PPO's KL jumps between checks (1.0-1.3 at iteration 5,
-    2.4-3.1 at 10), so each round kept iteration 5, too small a step to pass the gate's 0.55 twice in
-    three rounds; the v3 that passed (KL 1.05) read no better than v0 on either judge."""
+    the last weights under min(its limit above, the starting weights' KL + this); the starting KL is
+    read before the first iteration when they are not the reference, else 0. Under base it splits the
+    one budget from v0 over rounds (rows 46-47: round 1 spent 2.74-2.93 of 3.0, later rounds were
+    skipped; row 48: fewer iterations cannot cap a round). KL is not additive: this caps the growth of
+    the distance to the reference. Needs the guard's KL (ppo_sanity_every, ppo_guard_kl_fraction).
+    None (the default): no cap. Row 49, 1.5 under base: KL jumps between checks (1.0-1.3 at iteration
+    5, 2.4-3.1 at 10), so each round kept iteration 5, too small to pass the gate's 0.55 twice in three
+    rounds; the v3 that passed (KL 1.05) read no better than v0 on either judge."""
     ppo_guard_halvings: int = Field(default=0, ge=0, le=4)
     """When a guard's check fails (ppo_sanity_every), how many times it halves the last iterations'
     step before giving up on it: the weights go to halfway between the last check that passed and the
