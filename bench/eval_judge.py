@@ -104,11 +104,11 @@ def time_kl(items: list[Any], settings: Any, bar: Any) -> dict[str, float]:
     t = time.perf_counter()
     chunked: list[float] = []
     for i in range(0, len(items), 16):
-        chunked += kl_to_reference(policy, reference, tokenizer, prompts[i:i + 16], answers[i:i + 16])
+        chunked += kl_to_reference(policy, reference, tokenizer, prompts[i:i + 16], answers[i:i + 16], 1.0)
         bar.advance(task, len(answers[i:i + 16]))
     in_order = time.perf_counter() - t
     t = time.perf_counter()
-    whole = kl_to_reference(policy, reference, tokenizer, prompts, answers)
+    whole = kl_to_reference(policy, reference, tokenizer, prompts, answers, 1.0)  # timing: not sampled
     took = time.perf_counter() - t
     return {"kl_chunked_s": in_order, "kl_sorted_s": took, "kl_speedup": in_order / took,
             "kl_max_abs_diff": max(abs(a - b) for a, b in zip(chunked, whole, strict=True))}

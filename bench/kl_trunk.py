@@ -81,7 +81,7 @@ def make_arms(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Callab
     firsts = [j for j in range(len(short_idx)) if j % args.samples == 0]
 
     def kl(ref: Any, index: list[int], ans: list[list[int]]) -> float:
-        each = kl_to_reference(candidate, ref, tok, [prompt_ids[i] for i in index], ans)
+        each = kl_to_reference(candidate, ref, tok, [prompt_ids[i] for i in index], ans, 1.0)
         return sum(each) / len(each)
 
     arms: dict[str, Callable[[], float]] = {

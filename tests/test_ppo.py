@@ -413,7 +413,7 @@ def test_batched_kl_to_v0_matches_one_answer_at_a_time(tiny_model: Path, tmp_pat
     # batched in order of length (3, 1, 5 and 0 tokens: each batch of 2 mixes the callers' order),
     # each answer's KL comes back in its own place
     each = kl_to_reference(v1, v0, tok, [prompts[s.prompt] for s in samples], [s.token_ids for s in samples],
-                           batch_size=2)
+                           1.0, batch_size=2)
     assert each == pytest.approx(by_hand(1.0), abs=1e-4)
     # only the top layer differs: the layers below ran once for both models (the whole-model
     # forward passes above are what that shortcut must reproduce)

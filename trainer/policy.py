@@ -249,9 +249,11 @@ def sequence_logprobs(model: PolicyWithValue, batch: Batch, temperature: float, 
 
 
 def kl_to_reference(policy: PolicyWithValue, reference: PolicyWithValue, tokenizer: Any,
-                    prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], temperature: float = 1.0,
+                    prompt_ids: Sequence[list[int]], answers: Sequence[list[int]], temperature: float,
                     batch_size: int = 16) -> list[float]:
-    """Σ_t k1 per answer (nats) of answers sampled from `policy`: an estimate of KL(π || π_ref).
+    """Σ_t k1 per answer (nats) of answers sampled from `policy` at `temperature`: an estimate of
+    KL(π || π_ref) between the two read at that temperature (no default: read at another one, the
+    mean is no KL and can go below zero).
     Batched in order of length (a batch pads to its longest answer and prompt), returned in the
     callers' order. The lower layers the two models share (a round trains only the top ones) run
     once per batch for both (`shared_trunk_depth`)."""
