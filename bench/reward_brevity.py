@@ -38,7 +38,7 @@ CUT_EXTRA_WORDS = 4
 
 def variants(text: str) -> tuple[str, str] | None:
     """(first sentence, first sentence + a few words with no sentence end) of `text`, or None when its
-    first sentence is not under half of it or nothing follows it."""
+    first sentence is not under half of it or no more than CUT_EXTRA_WORDS words follow it."""
     m = SENTENCE_END.search(text)
     if not m or m.end() >= len(text) / 2:
         return None
