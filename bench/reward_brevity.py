@@ -61,47 +61,28 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def scorer(reward_model: Path) -> Any:
-    """score(items, label, bar): the reward model's scores of (prompt, answer) items."""
-    import torch
-
-    from kaizen.core.settings import get_settings
-    from trainer.reward_data import encode_conversation
-    from trainer.reward_model import RewardConfig, load_reward_model, score_texts
-
-    settings = get_settings()
-    torch.set_num_threads(settings.reward_threads or torch.get_num_threads())
-    model, tokenizer = load_reward_model(reward_model)
-    config = RewardConfig.from_settings(settings)
-
-    def score(items: list[tuple[str, str]], label: str, bar: Any) -> list[float]:
-        task = bar.add_task(label, total=1)
-        seqs = [encode_conversation(tokenizer, [{"role": "user", "content": p}], a, config.max_length)[0]
-                for p, a in items]
-        out: list[float] = score_texts(model, tokenizer, seqs, config).tolist()
-        bar.advance(task)
-        return out
-
-    return score
-
-
 def main() -> None:
     args = parse_args()
     import numpy as np
-    from rich.progress import Progress
+    import torch
+    from rich.console import Console
 
+    from kaizen.core.settings import get_settings
+    from simulation.judges import RewardModelJudge
     from trainer.reward_eval import wilson_interval as wilson
 
     rows = [json.loads(line) for line in args.answers.read_text().splitlines() if line.strip()]
     ended = [r for r in rows if r["version"] == args.version and len(r["token_ids"]) < args.max_tokens]
     probed = [(r, v) for r in ended if (v := variants(r["text"]))][:args.n]
-    score = scorer(args.reward_model)
-    with Progress() as bar:
-        full = score([(r["prompt"], r["text"]) for r, _ in probed], "full answers", bar)
-        first = score([(r["prompt"], v[0]) for r, v in probed], "first sentences", bar)
-        cut = score([(r["prompt"], v[1]) for r, v in probed], "cut ones", bar)
-        every = score([(r["prompt"], r["text"]) for r in ended[:args.n * 2]], "ended answers", bar)
+    settings = get_settings()
+    torch.set_num_threads(settings.reward_threads or torch.get_num_threads())
+    asked = [(r["prompt"], r["text"]) for r, _ in probed] + [(r["prompt"], v[0]) for r, v in probed]
+    asked += [(r["prompt"], v[1]) for r, v in probed] + [(r["prompt"], r["text"]) for r in ended[:args.n * 2]]
     n = len(probed)
+    with Console().status(f"scoring {len(asked)} answers (each distinct one once)"):
+        scores = RewardModelJudge(args.reward_model).scores(
+            [([{"role": "user", "content": p}], a) for p, a in asked])
+    full, first, cut, every = scores[:n], scores[n:2 * n], scores[2 * n:3 * n], scores[3 * n:]
     shorter_wins = sum(f > a for a, f in zip(full, first))
     cut_wins = sum(c > f for f, c in zip(first, cut))
     lengths = [len(r["token_ids"]) for r in ended[:args.n * 2]]
