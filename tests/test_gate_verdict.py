@@ -93,6 +93,23 @@ def test_thresholds_come_from_the_settings() -> None:
     assert GateThresholds.from_settings(s) == GateThresholds(0.55, 2.5, 0.02)
 
 
+def test_a_budget_per_token_replaces_the_budget_per_answer() -> None:
+    """gate_max_kl_per_token: the gate (and the guard, trainer/ppo_loop.py) bound the KL per answer token
+    instead of per answer, so a long candidate is not refused for the tokens it keeps."""
+    from kaizen.core.settings import Settings
+    from trainer.gate import checked_kl
+
+    s = Settings(gate_min_win=0.55, gate_max_kl=2.5, gate_tie_margin=0.02, gate_max_kl_per_token=0.04)
+    t = GateThresholds.from_settings(s)
+    assert t == GateThresholds(0.55, 0.04, 0.02, per_token=True)
+    long, short = {"kl": 3.6, "kl_per_token": 0.03}, {"kl": 2.0, "kl_per_token": 0.05}
+    assert checked_kl(long, s) == 0.03 and checked_kl(short, s) == 0.05
+    assert verdict([0.5, 0.5], kl=checked_kl(long, s), thresholds=t).passed  # 3.6 per answer: over 2.5
+    assert verdict([0.5, 0.5], kl=checked_kl(short, s), thresholds=t).failed == ["KL 0.050 > 0.04 per token"]
+    per_answer = Settings(gate_max_kl=2.5)
+    assert checked_kl(long, per_answer) == 3.6 and not GateThresholds.from_settings(per_answer).per_token
+
+
 def test_a_sanity_prompt_fails_only_when_its_share_drops_past_the_margin() -> None:
     """trainer/sanity.py: the share of sampled answers that match, against the champion's on the
     same seeds. A flipped near-tie (v0's greedy first token to "capital of France" is "The" at 0.155

@@ -265,6 +265,17 @@ def test_a_round_from_v1_measures_its_kl_penalty_against_v0_when_asked(world: di
     record, _ = first_kl(base.model_copy(update=bound))
     gate = record["gate"]
     assert gate["kl"] <= bound["gate_max_kl"] and not any(f.startswith("KL") for f in gate["failed"]), gate
+    # KAIZEN_GATE_MAX_KL_PER_TOKEN: the same step from v0 under the same per-answer bound, but judged per
+    # token against a budget it is under: the guard keeps it and the gate does not refuse it for KL
+    per_token = 2 * guard_kl / record["gate"]["kl_answer_tokens"] + 0.05
+    record, _ = first_kl(base.model_copy(update={"ppo_reference": "base", **bound,
+                                                 "gate_max_kl_per_token": per_token}))
+    assert record["outcome"] != "skipped", record
+    guard, gate = record["ppo"]["sanity_guard"], record["gate"]
+    assert guard["max_kl"] == pytest.approx(per_token) and guard["failed_at"] is None, guard
+    assert gate["kl"] > bound["gate_max_kl"], gate  # over the per-answer bound, which no longer applies
+    assert gate["kl_per_token"] == pytest.approx(gate["kl"] / gate["kl_answer_tokens"]), gate
+    assert not any(f.startswith("KL") for f in gate["failed"]), gate
 
 
 #: The tiny champion says "No." to world["no"]'s questions in 19-38% of its 8-token answers, and

@@ -7,7 +7,8 @@ seeds; the reward model scores both (less the missing-EOS penalty). The candidat
 
   * its win rate over the champion is >= gate_min_win, a tie counting half: the same answer, or
     rewards within gate_tie_margin of each other (closer than the reward model can tell apart);
-  * the mean KL of its answers to the reference is <= gate_max_kl, nats per answer: the champion's,
+  * the mean KL of its answers to the reference is <= gate_max_kl, nats per answer (or, with
+    gate_max_kl_per_token, their KL per token is <= that: `checked_kl`): the champion's,
     or with ppo_reference=base v0's (the root of its lineage), which makes gate_max_kl one budget
     for all rounds together,
     on answers as long as the service's (gate_kl_max_tokens; default_max_tokens), not the
@@ -46,13 +47,23 @@ class GateThresholds:
     min_win: float
     """gate_min_win: the least win rate over the champion, ties counting half."""
     max_kl: float
-    """gate_max_kl: the most mean KL to the reference, nats per answer."""
+    """gate_max_kl: the most mean KL to the reference, nats per answer (per token with `per_token`)."""
     tie_margin: float
     """gate_tie_margin: rewards this close (or the same answer) are a tie."""
+    per_token: bool = False
+    """max_kl is gate_max_kl_per_token, nats per answer token (`checked_kl`)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GateThresholds:
-        return cls(settings.gate_min_win, settings.gate_max_kl, settings.gate_tie_margin)
+        per_token = settings.gate_max_kl_per_token
+        return cls(settings.gate_min_win, per_token if per_token is not None else settings.gate_max_kl,
+                   settings.gate_tie_margin, per_token is not None)
+
+
+def checked_kl(kl: dict[str, Any], settings: Settings) -> float:
+    """The KL reading (`read_kl`'s record) that the gate and the guard bound: per answer token when
+    gate_max_kl_per_token is set, else per answer."""
+    return float(kl["kl_per_token"] if settings.gate_max_kl_per_token is not None else kl["kl"])
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,8 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
     """The gate's decision from its measured numbers.
 
     gaps[i]: candidate's minus champion's reward on held-out pair i; same[i]: both gave the same
-    answer; mean_kl: the candidate's mean KL to the reference; failed_sanity: the sanity prompts
+    answer; mean_kl: the candidate's mean KL to the reference (per answer, or per token with
+    thresholds.per_token); failed_sanity: the sanity prompts
     whose share of matching answers fell below the champion's (`SanityCheck.failed`). A pair is a
     tie when the answers are the same or |gap| <= tie_margin (a saturated RM scores "Yes." 0.989
     and "Yes" 0.982: counting that as a loss made the gate a coin toss); win rate = (wins + ties /
@@ -90,7 +102,8 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
     if win_rate < thresholds.min_win:
         failed.append(f"win rate {win_rate:.3f} < {thresholds.min_win}")
     if mean_kl > thresholds.max_kl:
-        failed.append(f"KL {mean_kl:.3f} > {thresholds.max_kl}")
+        unit = " per token" if thresholds.per_token else ""
+        failed.append(f"KL {mean_kl:.3f} > {thresholds.max_kl}{unit}")
     if failed_sanity:
         failed.append("sanity: " + ", ".join(repr(p) for p in failed_sanity))
     return GateVerdict(not failed, failed, win_rate, wins, sum(tie))
@@ -165,11 +178,12 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
             held_ids: list[list[int]], settings: Settings, config: PPOConfig,
             cand: list[Sample] | None = None) -> dict[str, Any]:
     """The mean KL of `policy` (whose weights `engine` holds) to `reference`, nats per answer (k1 summed
-    over the answer's tokens), as the gate reads it: on answers sampled at gate_kl_max_tokens (else the
-    service's default_max_tokens) with the gate's seeds, or, when that is no longer than the rollouts,
+    over the answer's tokens) and per token, as the gate reads it: on answers sampled at
+    gate_kl_max_tokens (else the service's default_max_tokens) with the gate's seeds, or, when that is no longer than the rollouts,
     on the gate's own answers (`cand`, else sampled again with their seeds). The PPO loop's guard
     (trainer/ppo_loop.py) reads the same during the update. Returns the gate record's KL fields: kl
-    (what the gate checks), kl_max_tokens, kl_answer_tokens (mean length) and, when a longer pass ran
+    (per answer), kl_per_token (kl over kl_answer_tokens; `checked_kl` says which of the two the gate
+    bounds), kl_max_tokens, kl_answer_tokens (mean length) and, when a longer pass ran
     and `cand` was given, kl_rollout_length (the same KL at the rollouts' length, on `cand`'s first
     answer to each prompt: a diagnostic, which on all gate_samples answers cost 129 s of a 352-s gate
     for SmolLM2 on the 2-core EPYC)."""
@@ -186,8 +200,10 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
                               [s.token_ids for s in samples], config.temperature)
         return sum(kls) / len(kls)
 
+    tokens = sum(len(s.token_ids) for s in answers) / len(answers)
     out = {"kl": mean_kl(answers), "kl_max_tokens": limit if longer else config.response_length,
-           "kl_answer_tokens": sum(len(s.token_ids) for s in answers) / len(answers)}
+           "kl_answer_tokens": tokens}
+    out["kl_per_token"] = out["kl"] / max(tokens, 1.0)
     if longer and cand is not None:
         firsts = {s.prompt: s for s in reversed(cand)}  # one answer per prompt, its first
         out["kl_rollout_length"] = mean_kl(list(firsts.values()))
@@ -219,7 +235,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
     with timer("sanity"):
         sanity, broke = check.read(engine, models.tokenizer, champ.sanity)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
-    verdict = gate_verdict((r_cand - r_champ).tolist(), same, kl["kl"],  # float32 gaps, as the RM scored
+    verdict = gate_verdict((r_cand - r_champ).tolist(), same, checked_kl(kl, settings),  # float32 gaps
                            [s["prompt"] for s in broke], GateThresholds.from_settings(settings))
     gate = {
         "win_rate": verdict.win_rate,
@@ -227,7 +243,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         "pairs": len(r_cand), "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
         "min_win": settings.gate_min_win,
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
-        **kl, "max_kl": settings.gate_max_kl,
+        **kl, "max_kl": settings.gate_max_kl, "max_kl_per_token": settings.gate_max_kl_per_token,
         "sanity": sanity, "sanity_max_drop": check.max_drop, "sanity_passed": not broke,
         "sanity_champion": [{"prompt": c["prompt"], "share": c["share"]} for c in champ.sanity],
         "passed": verdict.passed, "failed": verdict.failed,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kaizen.core.settings import Settings
-from trainer.gate import read_kl
+from trainer.gate import checked_kl, read_kl
 from trainer.policy import PolicyWithValue
 from trainer.ppo import IterationStats, Messages, PPOTrainer
 from trainer.ppo_config import PPOConfig
@@ -41,13 +41,14 @@ log = logging.getLogger(__name__)
 class KLProbe:
     """The gate's KL reading (trainer/gate.py, `read_kl`: its held-out prompts and seeds, at
     gate_kl_max_tokens) of the policy the engine holds, against the gate's reference (the champion, or
-    v0 with ppo_reference=base)."""
+    v0 with ppo_reference=base), in the gate's unit (`checked_kl`: nats per answer, or per token with
+    gate_max_kl_per_token)."""
 
     reference: PolicyWithValue
     held_ids: list[list[int]]
     settings: Settings
     max_kl: float
-    """The most the guard keeps: ppo_guard_kl_fraction x gate_max_kl."""
+    """The most the guard keeps: ppo_guard_kl_fraction x gate_max_kl (or x gate_max_kl_per_token)."""
     round_kl: float | None = None
     """The most KL to the reference a round may add (ppo_round_kl): the guard then keeps the last
     weights under min(max_kl, the starting weights' KL + round_kl). None: max_kl alone."""
@@ -60,7 +61,7 @@ class KLProbe:
         kl = read_kl(trainer.engine, trainer.policy, self.reference, trainer.tokenizer, self.held_ids,
                      self.settings, config)
         trainer.policy.train()  # read_kl reads in eval mode; the update trains
-        return float(kl["kl"])
+        return checked_kl(kl, self.settings)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from kaizen.core.model_events import emit
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS
-from trainer.gate import ChampionAnswers, GateModels, GateVerdict, gate_answers, measure_gate
+from trainer.gate import ChampionAnswers, GateModels, GateThresholds, GateVerdict, gate_answers, measure_gate
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats
@@ -243,7 +243,7 @@ def _kl_probe(settings: Settings, models: GateModels, held_ids: list[list[int]])
     on its held-out prompts; with ppo_round_kl, what this round may add to its champion's."""
     if not settings.ppo_guard_kl_fraction:
         return None
-    limit = settings.ppo_guard_kl_fraction * settings.gate_max_kl
+    limit = settings.ppo_guard_kl_fraction * GateThresholds.from_settings(settings).max_kl  # the gate's unit
     return KLProbe(models.kl_reference, held_ids, settings, limit, round_kl=settings.ppo_round_kl,
                    from_start=models.base is not None)
 

@@ -12,9 +12,9 @@ The fields are declared, with their defaults, limits and what each is for, in
 groups by area that `Settings` inherits: kaizen/core/settings_serving.py (data
 dir, chat API, hardening, vLLM engine, supervisor), kaizen/core/settings_storage.py
 (Kafka, outbox, retention, shared store), kaizen/core/settings_training.py
-(trainer, reward model, torchrun, PPO/RLOO, rounds, gate, disk) and
-kaizen/core/settings_rollout.py (registry, canary). This module holds the one
-class and what is derived from the fields together.
+(trainer, reward model, torchrun, PPO/RLOO, disk), kaizen/core/settings_gate.py
+(when rounds start, the gate) and kaizen/core/settings_rollout.py (registry, canary).
+This module holds the one class and what is derived from the fields together.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from kaizen.core.hardware import DtypeChoice, choose_dtype
+from kaizen.core.settings_gate import RoundGateSettings
 from kaizen.core.settings_rollout import RolloutSettings
 from kaizen.core.settings_serving import EngineSettings, ServingSettings, SupervisorSettings
 from kaizen.core.settings_storage import KafkaSettings, StoreSettings
@@ -42,8 +43,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # pydantic orders the fields (and runs the validators) base by base from the last base listed to the
 # first: the groups are listed last-first so `kaizen config` and `model_dump()` keep the order in which
 # the areas are introduced, serving first.
-class Settings(SupervisorSettings, RoundUpkeepSettings, RolloutSettings, TrainingSettings, StoreSettings,
-               KafkaSettings, EngineSettings, ServingSettings):
+class Settings(SupervisorSettings, RoundUpkeepSettings, RolloutSettings, RoundGateSettings, TrainingSettings,
+               StoreSettings, KafkaSettings, EngineSettings, ServingSettings):
     """Effective configuration of every Kaizen process."""
 
     model_config = SettingsConfigDict(

@@ -1,5 +1,6 @@
 """Settings of the trainer: its endpoint, the reward model, distributed training, the policy update
-(PPO or RLOO), training rounds and their gate, and what rounds keep and need on disk (#19).
+(PPO or RLOO), and what rounds keep and need on disk (#19); when rounds start and their gate are in
+kaizen/core/settings_gate.py.
 
 Field groups only: kaizen/core/settings.py's `Settings` inherits them with the others, and is the one
 class Kaizen reads settings through (`get_settings()`); the environment names are `KAIZEN_` + the
@@ -17,7 +18,7 @@ from pydantic_settings import BaseSettings
 
 
 class TrainingSettings(BaseSettings):
-    """The trainer process, reward model training, torchrun, the policy update and the gate."""
+    """The trainer process, reward model training, torchrun and the policy update."""
 
     # -- trainer ----------------------------------------------------------------
     trainer_host: str = "127.0.0.1"
@@ -307,55 +308,6 @@ class TrainingSettings(BaseSettings):
     penalty) is fine-tuned on. ppo_batch_size must be a multiple (8 x 16 prompts: 128). Best-of-8
     from v0 with the loop's votes' reward model read 0.604 on the rubric, best-of-16 0.657
     (bench/README.md, "Best of n")."""
-    gate_prompts: int = Field(default=32, ge=1)
-    """Held-out prompts the gate compares candidate and champion on."""
-    gate_samples: int = Field(default=8, ge=1)
-    """Sampled answers per held-out prompt and model (pairs compared by the reward model). A loop
-    round on the EPYC (500 votes, 17 held-out prompts) with 2 had 34 pairs: win rate 0.485, 95%
-    interval [0.31, 0.63], so the verdict was a coin toss on a candidate whose mean reward was 0.21
-    higher. 8 give 4x the pairs for about a minute more per round here (an estimate from the
-    scoring rate; the round is ~12 minutes)."""
-    gate_sanity_file: Path | None = None
-    """Sanity prompts, JSONL {"prompt": str, "expect": regex}; unset: capital of France -> Paris."""
-    gate_sanity_samples: int = Field(default=16, ge=1)
-    """Answers sampled per sanity prompt (rollout temperature, fixed seeds): the check reads the share
-    that matches, not one greedy answer, whose first token is a near-tie on SmolLM2 (trainer/sanity.py)."""
-    gate_sanity_confirm_samples: int = Field(default=48, ge=0)
-    """More answers read for a sanity prompt whose share failed on the first gate_sanity_samples; it is
-    then decided on all of them, against the champion's share on as many (the same seeds). A passing
-    check costs no more; 16 answers alone read v1's Paris share as 0.25 where 128 read 0.383 (v0: 0.414),
-    and stopped the thirty-ninth loop row's update five iterations early. 0: decide on the first ones."""
-    gate_sanity_max_drop: float = Field(default=0.25, ge=0.0, le=1.0)
-    """A model fails a sanity prompt when its share of matching answers is more than this below the
-    champion's on the same seeds (v0 names Paris in 47% of its answers: one that forgot it, far fewer)."""
-
-    # -- training rounds (PPO) and the gate ------------------------------------------
-    min_new_preferences: int = Field(default=64, ge=1)
-    """New votes in the store that start a training round."""
-    round_interval: timedelta = timedelta(hours=1)
-    """A round also starts after this long if at least one new vote arrived."""
-    gate_min_win: float = Field(default=0.55, ge=0.0, le=1.0)
-    """A candidate must beat the champion by this reward-model win rate on held-out prompts."""
-    gate_tie_margin: float = Field(default=0.1, ge=0.0)
-    """Rewards (in the reward model's units, normalised by its held-out std) closer than this count
-    as a tie in the gate's win rate, as an identical answer does: differences below the RM's
-    noise are not wins or losses."""
-    gate_max_kl: float = Field(default=3.0, gt=0.0)
-    """Mean per-answer KL (nats) to the reference policy (the champion, or v0 with ppo_reference=base)
-    a candidate may reach, on
-    answers of gate_kl_max_tokens. Measured on SmolLM2: answers that learned to end within 64
-    tokens (36% -> 64% ended) sat ~2 nats from v0, and the sanity prompts still passed; 0.5 refused
-    every candidate that had moved enough to matter."""
-    gate_kl_max_tokens: int | None = Field(default=None, ge=1)
-    """Answer length (tokens) the gate measures the candidate's KL at. None: the service's own,
-    default_max_tokens, where users read the answers; PPO never sees the policy past the rollouts'
-    cut. The loop's v1 of 2026-12-01 read 1.04 nats to v0 at the rollouts' 64 tokens and 1.58 at
-    256 (answers 44 -> 69 tokens); its shorter v2 0.96 and 1.07 to v1. When this is no longer than
-    ppo_response_length the gate's own answers are measured instead."""
-    gate_kl_samples: int = Field(default=1, ge=1)
-    """Answers per held-out prompt the gate samples from the candidate at gate_kl_max_tokens for its
-    KL, only when that is longer than ppo_response_length. One per prompt: on the 2-core EPYC 64
-    answers of up to 256 tokens, sampled and read by both models, took 77 s; the gate has 32 prompts."""
 
     @model_validator(mode="after")
     def _check_node_rank(self) -> Self:
