@@ -179,8 +179,8 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
             cand: list[Sample] | None = None) -> dict[str, Any]:
     """The mean KL of `policy` (whose weights `engine` holds) to `reference`, nats per answer (k1 summed
     over the answer's tokens) and per token, as the gate reads it: on answers sampled at
-    gate_kl_max_tokens (else the service's default_max_tokens) with the gate's seeds, or, when that is no longer than the rollouts,
-    on the gate's own answers (`cand`, else sampled again with their seeds). The PPO loop's guard
+    gate_kl_max_tokens (else the service's default_max_tokens) with the gate's seeds, or, when that is
+    no longer than the rollouts, on the gate's own answers (`cand`, else sampled again with their seeds). The PPO loop's guard
     (trainer/ppo_loop.py) reads the same during the update. Returns the gate record's KL fields: kl
     (per answer), kl_per_token (kl over kl_answer_tokens; `checked_kl` says which of the two the gate
     bounds), kl_max_tokens, kl_answer_tokens (mean length) and, when a longer pass ran
