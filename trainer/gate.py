@@ -180,11 +180,11 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
     """The mean KL of `policy` (whose weights `engine` holds) to `reference`, nats per answer (k1 summed
     over the answer's tokens) and per token, as the gate reads it: on answers sampled at
     gate_kl_max_tokens (else the service's default_max_tokens) with the gate's seeds, or, when that is
-    no longer than the rollouts, on the gate's own answers (`cand`, else sampled again with their seeds). The PPO loop's guard
-    (trainer/ppo_loop.py) reads the same during the update. Returns the gate record's KL fields: kl
-    (per answer), kl_per_token (kl over kl_answer_tokens; `checked_kl` says which of the two the gate
-    bounds), kl_max_tokens, kl_answer_tokens (mean length) and, when a longer pass ran
-    and `cand` was given, kl_rollout_length (the same KL at the rollouts' length, on `cand`'s first
+    no longer than the rollouts, on the gate's own answers (`cand`, else sampled again with their
+    seeds). The PPO loop's guard (trainer/ppo_loop.py) reads the same during the update. Returns the
+    gate record's KL fields: kl (per answer), kl_per_token (kl over kl_answer_tokens; `checked_kl` says
+    which of the two the gate bounds), kl_max_tokens, kl_answer_tokens (mean length) and, when a longer
+    pass ran and `cand` was given, kl_rollout_length (the same KL at the rollouts' length, on `cand`'s first
     answer to each prompt: a diagnostic, which on all gate_samples answers cost 129 s of a 352-s gate
     for SmolLM2 on the 2-core EPYC)."""
     limit = settings.gate_kl_max_tokens or settings.default_max_tokens
