@@ -97,7 +97,7 @@ class RefreshPlan:
 
     config: RewardConfig
     base: Path
-    """Folder the training starts from: the current RM, or the policy for the first one."""
+    """Folder the training starts from: the current RM; for the first, reward_init or the policy."""
     current: str | None
     """The current RM's name (None before the first)."""
     parent: dict[str, Any] | None
@@ -112,12 +112,15 @@ class RefreshPlan:
     replay_pairs: int
     through: int
     """Store rowid the plan read up to: the next refresh starts after it."""
+    init: str | None = None
+    """The `reward_init` folder a first refresh starts from (None: from the policy or the current RM)."""
 
 
 def plan_refresh(settings: Settings, config: RewardConfig,
                  base_model: Path | None = None) -> RefreshPlan | RefreshResult:
     """What the next refresh trains on, or why there is none (module docstring of `refresh_reward_model`)."""
     current = current_version(settings)
+    init = _initial_model(settings) if current is None else None
     parent = read_manifest(current) if current else None
     mark = int(parent["data"]["trained_through_rowid"]) if parent else 0
     store = PreferenceStore(settings.preferences_db)
@@ -150,8 +153,19 @@ def plan_refresh(settings: Settings, config: RewardConfig,
     stop_pairs = [p for p in stop_pairs if p.decided]  # a tie has no right answer to stop on
     # the lineage's first policy: what this RM was first trained from
     lineage = str(parent.get("base_model")) if parent else str(base_model or settings.model_dir)
-    return RefreshPlan(config, current or base_model or settings.model_dir, name, parent, lineage,
-                       train_pairs, stop_pairs, held, held_counts, new_counts, len(replay), through)
+    return RefreshPlan(config, current or init or base_model or settings.model_dir, name, parent, lineage,
+                       train_pairs, stop_pairs, held, held_counts, new_counts, len(replay), through,
+                       init=str(init) if init else None)
+
+
+def _initial_model(settings: Settings) -> Path | None:
+    """`reward_init`, checked on disk: a folder with a model's config.json, or None when unset."""
+    init = settings.reward_init
+    if init is not None and not (init / "config.json").is_file():
+        raise RewardModelMissing(
+            f"reward_init {init} holds no config.json: point KAIZEN_REWARD_INIT at a folder that "
+            f"`kaizen reward train --out` wrote, or unset it to start from the policy")
+    return init
 
 
 @dataclass
@@ -172,7 +186,8 @@ def train_refresh(plan: RefreshPlan, *, progress: bool = False, dist: Dist = ONE
     model, tokenizer = load_reward_model(plan.base, seed=config.seed)
     model.to(dist.device)
     enc_held = encode_pairs(tokenizer, plan.held, config.max_length)
-    before = evaluate(model, enc_held, config, tokenizer.pad_token_id, dist) if plan.current else None
+    started_trained = plan.current or plan.init  # a reward model already: what training must not undo
+    before = evaluate(model, enc_held, config, tokenizer.pad_token_id, dist) if started_trained else None
     result = train_reward_model(model, tokenizer, plan.train, plan.early_stop, config, progress=progress,
                                 dist=dist)
     after = evaluate(model, enc_held, config, tokenizer.pad_token_id, dist)
@@ -189,10 +204,10 @@ def refresh_reward_model(settings: Settings, config: RewardConfig | None = None,
        for all versions.
     2. New votes: stored after the current RM's mark (`trained_through_rowid`), plus a replay
        sample of older ones (`reward_replay_fraction` x the new ones) against forgetting.
-    3. Warm-start from the current RM (the policy `base_model` for the first), train: a warm start
-       for `reward_warm_epochs`, a first RM for `reward_epochs`.
+    3. Warm-start from the current RM (for the first: `reward_init` if set, else the policy
+       `base_model`), train: a warm start for `reward_warm_epochs`, a first RM for `reward_epochs`.
     4. Gate: accept unless held-out accuracy falls more than `reward_gate_tolerance` below the
-       current RM's (below 0.5, chance, for the first RM). Rejected votes are not marked as
+       current RM's (for the first RM: `reward_init`'s, or 0.5, chance). Rejected votes are not marked as
        trained: the next refresh sees them again together with newer ones.
 
     Distributed (called on rank 0 only): `announce(plan)` hands the plan to the other ranks,
@@ -216,7 +231,8 @@ def gate_and_register(settings: Settings, plan: RefreshPlan, trained: Trained,
     floor = (before["accuracy"] if before else 0.5) - settings.reward_gate_tolerance
     metrics = {"holdout": after, "parent_holdout": before, "gate_floor": floor,
                "train": result.record()}
-    against = f"{name}'s {before['accuracy']:.3f}" if before else "chance (0.5)"
+    parent_label = name or ("the initial reward model (reward_init)" if plan.init else None)
+    against = f"{parent_label}'s {before['accuracy']:.3f}" if before else "chance (0.5)"
     if after["accuracy"] < floor:
         reason = (f"rejected: held-out accuracy {after['accuracy']:.3f} is below {against} by more than "
                   f"the tolerance {settings.reward_gate_tolerance} (n={after['pairs']}); "
@@ -226,6 +242,7 @@ def gate_and_register(settings: Settings, plan: RefreshPlan, trained: Trained,
     manifest = {
         "parent": name,
         "base_model": plan.base_model,
+        "init": plan.init,
         "created": datetime.now(UTC).isoformat(),
         "data": {"new": plan.new_counts.as_dict(), "replay_pairs": plan.replay_pairs,
                  "holdout": plan.held_counts.as_dict(), "early_stop_pairs": len(plan.early_stop),

@@ -48,6 +48,12 @@ class TrainingSettings(BaseSettings):
     policy's weights and needs reward_epochs. 1: in the DPO hour's second refresh (727 pairs, 3
     epochs, 348 s) the early-stopping accuracy was at its best (0.811) by step 25 of 123, and the
     two epochs after it took the time of most of a third round (bench/README.md, "The loop")."""
+    reward_init: Path | None = None
+    """A reward model folder the first refresh starts from instead of the policy's weights with a new
+    score head: one `kaizen reward train --out` made from human pairs on the same base model
+    (preference-model pretraining, Askell et al. 2021), so the first votes tune a model that already
+    reads preferences. That refresh trains reward_epochs and must read the held-out votes no worse than
+    this model does (not merely above chance). Unset: the policy's weights."""
     reward_margin: float = Field(default=0.0, ge=0)
     """Bradley-Terry margin m in -log sigma(r+ - r- - m); 0 is the plain loss."""
     reward_tie_weight: float = Field(default=0.0, ge=0.0, le=1.0)
