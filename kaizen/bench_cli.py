@@ -54,6 +54,8 @@ def loop(
     second_judge: Annotated[str | None, typer.Option(
         help="a second evaluation judge, e.g. simulation.judges:reward_model "
              "(KAIZEN_JUDGE_REWARD_MODEL=DIR)")] = None,
+    null_control: Annotated[bool, typer.Option(help="also redraw v0's answers and judge them against v0: "
+                                                    "what no change reads, the noise of one draw")] = True,
     set_: Annotated[list[str] | None, typer.Option("--set", help="a service setting for this run, NAME=VALUE "
                                                    "(as KAIZEN_NAME; repeatable), e.g. --set ppo_lr=1e-5")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: a new temporary one)")] = None,
@@ -79,6 +81,7 @@ def loop(
                         eval_prompts=eval_prompts or DEFAULT_EVAL_PROMPTS, users=users, noise=noise, seed=seed,
                         max_tokens=max_tokens, eval_samples=eval_samples, eval_max_tokens=eval_max_tokens,
                         eval_temperature=eval_temperature, second_judge=second_judge,
+                        null_control=null_control,
                         settings_overrides={**LOOP_SETTINGS, **overrides})
     report = run_loop(config, get_settings(), say=lambda m: console.print(f"[bold]loop[/bold] {m}"))
     console.print_json(json.dumps(report["evaluation"]))
@@ -112,7 +115,9 @@ def judge_answers(
     table = Table(title=f"{report['answers']}: judged by {judge} ({report['prompts']} prompts)")
     for column in ("version", "win rate vs v0 [95%]", "length-controlled [95%]", "ties", "tokens", "cut off"):
         table.add_column(column)
-    for v, r in report["versions"].items():
+    redrawn = {"v0 redrawn": report["null_control"]} if "null_control" in report else {}
+    rows = {**report["versions"], **redrawn}
+    for v, r in rows.items():
         if v == "v0":
             table.add_row(v, "", "", "", f"{r['mean_answer_tokens']}", f"{r['truncated_share']}")
             continue
@@ -159,6 +164,7 @@ def result_line(report: dict[str, Any], *, rounds: int, votes: int, judge: str, 
     defaults = {f.name: f.default for f in fields(LoopConfig) if f.name in flags}
     options = "".join(f" {flag} {used[name]}" for name, flag in flags.items()
                       if name in used and used[name] != defaults[name])
+    options += " --no-null-control" if used.get("null_control") is False else ""
     sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
     command = f"`kaizen bench loop --rounds {rounds} --votes {votes}{options} --judge {judge} --seed {seed}{sets}`"
     if "machine" in report:  # where it ran: the same code reads differently on another CPU
@@ -178,6 +184,8 @@ def result_line(report: dict[str, Any], *, rounds: int, votes: int, judge: str, 
         if "second_judge" in v:
             w = v["second_judge"]
             result += f"; second judge {w['win_rate_vs_v0']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"
+        if null := report["evaluation"].get("null_control"):
+            result += f"; v0 redrawn against v0 {null['win_rate_vs_v0']:.3f}"
     else:
         published = [k for k in evaluation if k != "v0"]
         result = f"champion still v0 (published: {', '.join(published) or 'none'})"

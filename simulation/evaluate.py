@@ -5,8 +5,10 @@ half) with a 95% bootstrap interval over prompts, the length-controlled win rate
 verdicts regressed on the length difference, read at equal length, as AlpacaEval 2.0 does), tie and
 both-bad shares, mean answer length, the share of answers cut off at `eval_max_tokens`, KL to v0
 (Monte Carlo: mean over the version's own answers of log p_v − log p_v0), and the sanity prompts'
-share of matching answers (trainer/sanity.py); and the plot of it (`loop.png`). The rounds that
-publish the versions are simulation/loop.py.
+share of matching answers (trainer/sanity.py); and the plot of it (`loop.png`). With
+`null_control` (on by default), v0 is drawn a second time with other seeds and judged against v0
+as a version is: what "no change" reads here, so a reader sees how far one draw of answers moves a
+figure beyond its interval over prompts. The rounds that publish the versions are simulation/loop.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from trainer.rollout_engine import Sample
 
 #: The evaluation's answers in the loop's output folder (`write_answers`).
 ANSWERS_FILE = "answers.jsonl"
+#: Sampling seeds of the evaluation (added to the loop's seed): every version draws with EVAL_SEED, so
+#: two versions differ by their weights only; the null control redraws v0 with NULL_SEED.
+EVAL_SEED, NULL_SEED = 17, 18
+#: The null control's answers in answers.jsonl and its report: v0 drawn a second time.
+NULL_VERSION = "v0-redraw"
 
 if TYPE_CHECKING:
     from simulation.loop import LoopConfig
@@ -71,12 +78,17 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
     answers: dict[str, list[Any]] = {}
     sanity_ok: dict[str, float] = {}
     with progress_bar() as bar:
-        task = bar.add_task("evaluation: sampling", total=1 + len(versions))
+        task = bar.add_task("evaluation: sampling", total=1 + len(versions) + config.null_control)
         for v in ["v0", *versions]:
             engine.load_weights(registry.path(v))
             answers[v] = engine.generate(ids, max_tokens=config.eval_max_tokens,
                                          temperature=config.eval_temperature, n=config.eval_samples,
-                                         seed=config.seed + 17)
+                                         seed=config.seed + EVAL_SEED)
+            if v == "v0" and config.null_control:  # v0 again, other seeds, while its weights are loaded
+                answers[NULL_VERSION] = engine.generate(ids, max_tokens=config.eval_max_tokens,
+                                                        temperature=config.eval_temperature,
+                                                        n=config.eval_samples, seed=config.seed + NULL_SEED)
+                bar.advance(task)
             shares = [a["share"] for a in check.answers(engine, tokenizer, full=True)]
             sanity_ok[v] = sum(shares) / max(1, len(shares))  # as the gate reads a champion
             bar.advance(task)
@@ -101,6 +113,23 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
                                                                  config.bootstrap, config.seed,
                                                                  flip_seed=config.seed + 1)
             bar.advance(task)
+        if NULL_VERSION in answers:
+            out["null_control"] = null_control(judge, second, messages, answers, config.bootstrap,
+                                               config.seed)
+    return out
+
+
+def null_control(judge: Any, second: Any, messages: list[Any], answers: dict[str, list[Any]], bootstrap: int,
+                 seed: int) -> dict[str, Any]:
+    """v0's second draw (NULL_VERSION) judged against v0 as a version is, by each judge: what "no
+    change" reads in this evaluation. 0.5 in expectation; how far one draw lands from it is the noise
+    every version's figure carries on top of its interval over prompts (the interval resamples
+    prompts, not the answers drawn for them)."""
+    mine, base = by_prompt(answers[NULL_VERSION]), by_prompt(answers["v0"])
+    out = {**judge_pairs(judge, messages, mine, base, bootstrap, seed),
+           **answer_figures(answers[NULL_VERSION]), "seed_offset": NULL_SEED}
+    if second is not None:
+        out["second_judge"] = judge_pairs(second, messages, mine, base, bootstrap, seed, flip_seed=seed + 1)
     return out
 
 
@@ -124,7 +153,7 @@ def read_answers(path: Path) -> tuple[list[str], dict[str, list[Sample]]]:
             i = int(row["prompt_index"])
             prompts[i] = str(row["prompt"])
             version = str(row["version"])
-            if not VERSION_RE.match(version):
+            if not VERSION_RE.match(version) and version != NULL_VERSION:
                 raise ValueError(f"{version!r} is not a version name (v0, v1, ...)")
             answers.setdefault(version, []).append(
                 Sample(i, [int(t) for t in row["token_ids"]], str(row["text"]), bool(row["finished"])))
@@ -282,6 +311,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax2.set_ylabel("KL to v0")
         ax2.legend(loc="lower right")
     ax.axhline(0.5, color="grey", lw=0.8)
+    null = report["evaluation"].get("null_control")
+    if null:
+        ax.axhline(null["win_rate_vs_v0"], color="grey", ls="--", lw=0.8,
+                   label=f"v0 redrawn against v0 (no change): {null['win_rate_vs_v0']:.3f}")
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate over v0")
     ax.set_xlabel("version")

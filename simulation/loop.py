@@ -90,6 +90,11 @@ class LoopConfig:
     of 236 prompts, not four to each of 59: the same cost, a quarter less variance of the win rate
     (a verdict varies 5-9 times as much within a prompt as between prompts, measured on three
     runs' kept answers), and four times as many prompts to generalise from."""
+    null_control: bool = True
+    """Also draw v0's evaluation answers a second time (other seeds) and judge them against v0 like a
+    version (simulation/evaluate.py `null_control`): 0.5 in expectation, and how far this draw lands
+    from it is noise every version's figure carries. One more sampling of v0 and its judging (~3 min
+    of the hour on 2 cores at 236 prompts x 256 tokens)."""
     bootstrap: int = 2000
     settings_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra settings for the service (tests: the tiny model, a relaxed gate)."""

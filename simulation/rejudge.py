@@ -10,7 +10,8 @@ each version against v0 with any judge (`module:function` or `file.py:function`,
 form), on the same pairs shown in the same order (the same seeds), so the loop's own judge gives
 back loop.json's figures exactly and any other judge gives its own: the win rate with its
 bootstrap interval over prompts, the length-controlled win rate with its interval, tie and
-both-bad shares. Nothing is sampled and no policy is loaded: the time is the judge's own.
+both-bad shares; and, where the loop redrew v0 (its null control), that draw against v0 as
+`null_control`. Nothing is sampled and no policy is loaded: the time is the judge's own.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from kaizen.core.registry_schema import version_number
-from simulation.evaluate import (ANSWERS_FILE, answer_figures, by_prompt, judge_pairs, read_answers,
-                                 user_messages)
+from simulation.evaluate import (ANSWERS_FILE, NULL_VERSION, answer_figures, by_prompt, judge_pairs,
+                                 read_answers, user_messages)
 from simulation.judges import ready_judge
 from simulation.loop import LoopConfig
 
@@ -65,9 +66,14 @@ def rejudge(source: Path, judge_spec: str, *, bootstrap: int | None = None, seed
     messages = user_messages(prompts)
     base = by_prompt(answers["v0"])
     versions: dict[str, Any] = {"v0": answer_figures(answers["v0"])}
-    for v in sorted((v for v in answers if v != "v0"), key=version_number):
+    for v in sorted((v for v in answers if v not in ("v0", NULL_VERSION)), key=version_number):
         versions[v] = {**judge_pairs(judge, messages, by_prompt(answers[v]), base, bootstrap, seed,
                                      flip_seed=flip_seed), **answer_figures(answers[v])}
-    return {"answers": str(path), "judge": judge_spec, "prompts": len(prompts), "bootstrap": bootstrap,
-            "seed": seed, "versions": versions}
+    report = {"answers": str(path), "judge": judge_spec, "prompts": len(prompts), "bootstrap": bootstrap,
+              "seed": seed, "versions": versions}
+    if NULL_VERSION in answers:  # v0 drawn again: what "no change" reads with this judge
+        report["null_control"] = {**judge_pairs(judge, messages, by_prompt(answers[NULL_VERSION]), base,
+                                                bootstrap, seed, flip_seed=flip_seed),
+                                  **answer_figures(answers[NULL_VERSION])}
+    return report
 

@@ -21,7 +21,7 @@ import torch
 
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
-from simulation.evaluate import bootstrap_interval
+from simulation.evaluate import EVAL_SEED, NULL_SEED, NULL_VERSION, bootstrap_interval
 from simulation.loop import LoopConfig, run_loop
 from simulation.rejudge import rejudge
 from tests.yes_no import WORDS
@@ -271,12 +271,24 @@ def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pyte
     assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]
     # every evaluation answer is saved (8 prompts x 2 per version, v0 included), and judging them again
     # (`kaizen bench judge`) gives the loop's own figures: the same pairs, in the same order
-    assert len((config.out_dir / "answers.jsonl").read_text().splitlines()) == len(versions) * 8 * 2
-    first = rejudge(config.out_dir, config.judge)["versions"]
-    again = rejudge(config.out_dir, str(config.second_judge), flip_seed=config.seed + 1)["versions"]
+    # (and v0's second draw, the null control: other seeds, judged against v0 as a version is)
+    saved = (config.out_dir / "answers.jsonl").read_text().splitlines()
+    assert len(saved) == (len(versions) + 1) * 8 * 2
+    assert sum(json.loads(line)["version"] == NULL_VERSION for line in saved) == 8 * 2
+    null = report["evaluation"]["null_control"]  # (the tiny model's few answers may repeat v0's exactly)
+    assert null["seed_offset"] == NULL_SEED != EVAL_SEED
+    assert 0.0 <= null["ci95"][0] <= null["win_rate_vs_v0"] <= null["ci95"][1] <= 1.0
+    assert 0.0 <= null["second_judge"]["win_rate_vs_v0"] <= 1.0
+    first_report = rejudge(config.out_dir, config.judge)
+    first = first_report["versions"]
+    again_report = rejudge(config.out_dir, str(config.second_judge), flip_seed=config.seed + 1)
+    again = again_report["versions"]
     for v in published:
         assert first[v] == {k: versions[v][k] for k in first[v]}
         assert again[v] == {k: versions[v]["second_judge"].get(k, versions[v].get(k)) for k in again[v]}
+    assert first_report["null_control"] == {k: null[k] for k in first_report["null_control"]}
+    assert again_report["null_control"] == {k: null["second_judge"].get(k, null.get(k))
+                                            for k in again_report["null_control"]}
     print(json.dumps({"rounds": report["rounds"], "evaluation": versions, "phases": report["phases_s"]},
                      default=str)[:3000])
 

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kaizen.cli import app
-from simulation.evaluate import read_answers, write_answers
+from simulation.evaluate import NULL_VERSION, read_answers, write_answers
 from simulation.rejudge import rejudge
 from trainer.rollout_engine import Sample
 
@@ -58,6 +58,29 @@ def test_another_judge_reads_the_saved_answers_as_worked_out_by_hand(tmp_path: P
                      "    return v if v == 'tie' else 1 - v\n")
     shorter = rejudge(tmp_path, f"{judge}:prefers_shorter", bootstrap=200, seed=3)
     assert shorter["versions"]["v1"]["win_rate_vs_v0"] == pytest.approx(1 - 0.75)
+
+
+def test_the_null_control_is_read_apart_from_the_versions(tmp_path: Path) -> None:
+    """The loop's null control (v0 drawn again, NULL_VERSION) is judged against v0 like a version but
+    reported apart: a redraw with the same lengths is all ties (0.5), one longer in every pair wins all."""
+    judge = tmp_path / "judge.py"
+    judge.write_text(LONGER)
+    prompts, saved = read_answers(answers(tmp_path) / "answers.jsonl")
+    same = [Sample(s.prompt, s.token_ids, " ".join("z" * len(w) for w in s.text.split(" ")), s.finished)
+            for s in saved["v0"]]
+    write_answers(tmp_path / "answers.jsonl", prompts, {**saved, NULL_VERSION: same})
+    report = rejudge(tmp_path, f"{judge}:prefers_longer", bootstrap=100)
+    assert list(report["versions"]) == ["v0", "v1", "v10"]
+    null = report["null_control"]
+    assert null["win_rate_vs_v0"] == 0.5 and null["tie_share"] == 1.0 and null["ci95"] == [0.5, 0.5]
+    longer = [Sample(s.prompt, s.token_ids, s.text + "!", s.finished) for s in saved["v0"]]
+    write_answers(tmp_path / "answers.jsonl", prompts, {**saved, NULL_VERSION: longer})
+    assert rejudge(tmp_path, f"{judge}:prefers_longer", bootstrap=100)["null_control"]["win_rate_vs_v0"] == 1.0
+    (tmp_path / "plain").mkdir()
+    assert "null_control" not in rejudge(answers(tmp_path / "plain"), f"{judge}:prefers_longer", bootstrap=100)
+    result = CliRunner().invoke(app, ["bench", "judge", str(tmp_path), "--judge", f"{judge}:prefers_longer",
+                                      "--bootstrap", "100"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "v0 redrawn" in result.output and "1.000" in result.output, result.output
 
 
 def test_the_cli_prints_every_version_and_writes_the_report(tmp_path: Path) -> None:
