@@ -120,13 +120,13 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
 
 
 def null_control(judge: Any, second: Any, messages: list[Any], answers: dict[str, list[Any]], bootstrap: int,
-                 seed: int) -> dict[str, Any]:
+                 seed: int, flip_seed: int | None = None) -> dict[str, Any]:
     """v0's second draw (NULL_VERSION) judged against v0 as a version is, by each judge: what "no
     change" reads in this evaluation. 0.5 in expectation; how far one draw lands from it is the noise
     every version's figure carries on top of its interval over prompts (the interval resamples
-    prompts, not the answers drawn for them)."""
+    prompts, not the answers drawn for them). `flip_seed` as for `judge_pairs` (the first judge's)."""
     mine, base = by_prompt(answers[NULL_VERSION]), by_prompt(answers["v0"])
-    out = {**judge_pairs(judge, messages, mine, base, bootstrap, seed),
+    out = {**judge_pairs(judge, messages, mine, base, bootstrap, seed, flip_seed=flip_seed),
            **answer_figures(answers[NULL_VERSION]), "seed_offset": NULL_SEED}
     if second is not None:
         out["second_judge"] = judge_pairs(second, messages, mine, base, bootstrap, seed, flip_seed=seed + 1)

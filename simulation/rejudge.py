@@ -22,7 +22,7 @@ from typing import Any
 
 from kaizen.core.registry_schema import version_number
 from simulation.evaluate import (ANSWERS_FILE, NULL_VERSION, answer_figures, by_prompt, judge_pairs,
-                                 read_answers, user_messages)
+                                 null_control, read_answers, user_messages)
 from simulation.judges import ready_judge
 from simulation.loop import LoopConfig
 
@@ -72,8 +72,7 @@ def rejudge(source: Path, judge_spec: str, *, bootstrap: int | None = None, seed
     report = {"answers": str(path), "judge": judge_spec, "prompts": len(prompts), "bootstrap": bootstrap,
               "seed": seed, "versions": versions}
     if NULL_VERSION in answers:  # v0 drawn again: what "no change" reads with this judge
-        report["null_control"] = {**judge_pairs(judge, messages, by_prompt(answers[NULL_VERSION]), base,
-                                                bootstrap, seed, flip_seed=flip_seed),
-                                  **answer_figures(answers[NULL_VERSION])}
+        report["null_control"] = null_control(judge, None, messages, answers, bootstrap, seed,
+                                              flip_seed=flip_seed)
     return report
 
