@@ -83,3 +83,17 @@ def save_report(folder: Path, name: str, report: dict[str, Any]) -> Path:
     path.write_text(json.dumps(stamped, indent=2, default=str) + "\n")
     print(f"report: {path}")
     return path
+
+
+def judged_cells(row: dict[str, Any], lc_interval: bool = False) -> list[str]:
+    """A judged row's "judge: win [lo, hi] LC x" cells, one per judge it holds (the loop's evaluation
+    shape: simulation/evaluate.py judge_pairs)."""
+    cells = []
+    for key in ("judge", "second_judge"):
+        if key in row:
+            r = row[key]
+            lc = f"LC {r['lc_win_rate_vs_v0']:.3f}"
+            if lc_interval:
+                lc += f" [{r['lc_ci95'][0]:.3f}, {r['lc_ci95'][1]:.3f}]"
+            cells.append(f"{key}: {r['win_rate_vs_v0']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] {lc}")
+    return cells

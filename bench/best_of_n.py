@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, provenance  # noqa: E402
+from bench._common import ROOT, judged_cells, provenance  # noqa: E402
 
 Selector = Callable[[list[list[dict[str, str]]], list[Any]], list[float]]
 
@@ -244,15 +244,9 @@ def mean_len(samples: Any) -> float:
 
 
 def row_line(row: dict[str, Any]) -> str:
-    parts = [f"{row['selector']:>8} best of {row['n']:>2} "
-             f"(KL <= {row['kl_bound']:.2f}, {row['mean_tokens']} tok)"]
-    for key in ("judge", "second_judge"):
-        if key in row:
-            r = row[key]
-            parts.append(f"{key}: {r['win_rate_vs_v0']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-                         f"LC {r['lc_win_rate_vs_v0']:.3f}")
-    return " | ".join(parts)
-
+    head = (f"{row['selector']:>8} best of {row['n']:>2} "
+            f"(KL <= {row['kl_bound']:.2f}, {row['mean_tokens']} tok)")
+    return " | ".join([head, *judged_cells(row)])
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, provenance  # noqa: E402
+from bench._common import ROOT, judged_cells, provenance  # noqa: E402
 
 WEIGHTS = "model.safetensors"
 
@@ -157,15 +157,9 @@ def judged_row(alpha: float, target: Path, mine: list[Any], kept: dict[str, list
 
 
 def row_line(row: dict[str, Any]) -> str:
-    parts = [f"alpha {row['alpha']:>4}: {row['mean_answer_tokens']} tok, KL {row['kl_to_v0']:.2f}, "
-             f"same as kept {row['same_answers_as_kept']}"]
-    for key in ("judge", "second_judge"):
-        if key in row:
-            r = row[key]
-            parts.append(f"{key}: {r['win_rate_vs_v0']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-                         f"LC {r['lc_win_rate_vs_v0']:.3f} [{r['lc_ci95'][0]:.3f}, {r['lc_ci95'][1]:.3f}]")
-    return " | ".join(parts)
-
+    head = (f"alpha {row['alpha']:>4}: {row['mean_answer_tokens']} tok, KL {row['kl_to_v0']:.2f}, "
+            f"same as kept {row['same_answers_as_kept']}")
+    return " | ".join([head, *judged_cells(row, lc_interval=True)])
 
 if __name__ == "__main__":
     main()
