@@ -248,5 +248,6 @@ def row_line(row: dict[str, Any]) -> str:
             f"(KL <= {row['kl_bound']:.2f}, {row['mean_tokens']} tok)")
     return " | ".join([head, *judged_cells(row)])
 
+
 if __name__ == "__main__":
     main()

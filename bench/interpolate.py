@@ -161,5 +161,6 @@ def row_line(row: dict[str, Any]) -> str:
             f"same as kept {row['same_answers_as_kept']}")
     return " | ".join([head, *judged_cells(row, lc_interval=True)])
 
+
 if __name__ == "__main__":
     main()
