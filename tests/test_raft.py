@@ -66,3 +66,46 @@ def test_raft_refuses_to_run_another_algorithm(tiny_model: Path) -> None:
     with pytest.raises(ValueError, match="runs algorithm raft"):
         RaftTrainer(PPOConfig(algorithm="ppo", batch_size=8), policy, policy, tok, None,
                     RewardScorer(rm, rm_tok, max_length=64), None)
+
+
+
+@pytest.mark.slow
+def test_raft_sampler_start_ranks_the_starting_weights_answers_every_iteration(tiny_model: Path,
+                                                                               tmp_path: Path) -> None:
+    """raft_sampler=start on the real engine: after two updates (a learning rate that moves the tiny
+    model), the third iteration's rollout is, token for token, what the untrained weights answer with
+    that iteration's seed, and after each update the engine holds the trained weights again (what the
+    guard reads). The same updates with raft_sampler=policy sample something else: the check can fail."""
+    from tests.conftest import make_settings
+    from trainer.policy import encode_prompt
+    from trainer.rollout_engine import RolloutEngine, sync_weights
+
+    torch.set_num_threads(1)
+    engine = RolloutEngine(make_settings(tmp_path / "data", engine_max_model_len=512), tiny_model,
+                           max_model_len=512)
+    prompts = [[{"role": "user", "content": q}] for q in ("apple river?", "green stone window?")]
+    same = {}
+    try:
+        for sampler in ("start", "policy"):
+            cfg = PPOConfig(algorithm="raft", batch_size=8, raft_samples=4, response_length=12,
+                            train_layers=2, threads=1, dtype="float32", lr=5e-2, epochs=2, minibatches=1,
+                            raft_sampler=sampler)
+            policy, tok, _ = load_policy(tiny_model)
+            reference, _, _ = load_policy(tiny_model)
+            sync_weights(reference, engine, tmp_path / f"untrained-{sampler}")  # each run starts untrained
+            rm, rm_tok = load_reward_model(tiny_model, seed=1)
+            sync = tmp_path / f"sync-{sampler}"
+            scorer = RewardScorer(rm, rm_tok, max_length=64)
+            trainer = policy_trainer(cfg, policy, reference, tok, engine, scorer, sync)
+            ids = [encode_prompt(tok, m, cfg.max_prompt_length) for m in prompts]
+            seed = (cfg.seed * 1_000 + 2) * 100_003  # PPOTrainer.rollout's seed at iteration 2
+            untrained = [s.token_ids for s in engine.generate(ids, max_tokens=12, temperature=1.0, n=4,
+                                                              seed=seed)]
+            for _ in range(2):
+                trainer.step(prompts)
+                assert engine.weights_version == str(sync)  # the trained weights, for the guard's checks
+            assert trainer.iteration == 2
+            same[sampler] = [s.token_ids for s in trainer.rollout(ids)] == untrained
+    finally:
+        engine.shutdown()
+    assert same == {"start": True, "policy": False}

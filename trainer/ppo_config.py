@@ -29,7 +29,7 @@ FROM_SETTINGS = ("iterations", "batch_size", "response_length", "max_prompt_leng
 #: PPOConfig fields named otherwise in the settings: field -> setting.
 RENAMED = {"algorithm": "policy_algorithm", "rloo_k": "rloo_k", "dpo_beta": "dpo_beta",
            "dpo_nll_coef": "dpo_nll_coef", "dpo_vote_pairs": "dpo_vote_pairs", "dpo_samples": "dpo_samples",
-           "raft_samples": "raft_samples"}
+           "raft_samples": "raft_samples", "raft_sampler": "raft_sampler"}
 
 
 def _setting(name: str) -> Any:
@@ -119,6 +119,8 @@ class PPOConfig:
     """Answers per prompt in DPO: the pair is the reward model's best and worst of them."""
     raft_samples: int = _setting("raft_samples")
     """Answers per prompt in RAFT: the reward model's best of them is fine-tuned on."""
+    raft_sampler: str = _setting("raft_sampler")
+    """RAFT's answers from the policy as trained ("policy") or from the round's starting weights ("start")."""
     # -- not settings: fixed parts of the recipe --
     whiten_rewards: bool = False
     """Whiten per-token rewards before GAE (TRL default off)."""
@@ -130,6 +132,8 @@ class PPOConfig:
         if self.algorithm == "raft" and (self.raft_samples < 2 or self.batch_size % self.raft_samples):
             raise ValueError(f"raft: batch_size {self.batch_size} must be a multiple of raft_samples "
                              f"{self.raft_samples} >= 2 (answers per prompt)")
+        if self.raft_sampler not in ("policy", "start"):
+            raise ValueError(f"raft_sampler must be policy or start, got {self.raft_sampler!r}")
         if self.algorithm == "dpo" and (self.dpo_samples < 2 or self.batch_size % self.dpo_samples):
             raise ValueError(f"dpo: batch_size {self.batch_size} must be a multiple of dpo_samples "
                              f"{self.dpo_samples} >= 2 (answers per prompt)")

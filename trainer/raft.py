@@ -16,6 +16,10 @@ on the rubric at n = 16 (KL ≤ 1.83), while the PPO and DPO rounds, at KL ~2, r
 (bench/README.md, "Best of n"): the reward model ranks answers well enough, the policy update is
 what loses it. RAFT learns the best-of-n directly; sampling is the cheap part on the engine.
 
+With `raft_sampler=start` every iteration ranks answers of the round's starting weights, not of
+the policy as trained: the round distils one fixed best-of-n (rejection-sampling fine-tuning) instead
+of iterating best-of-n on its own output, which compounds whatever the reward model over-rewards.
+
 Everything else is PPOTrainer's (rollout, scoring with the frozen trunk run once, sync, stats,
 round, gate). On N ranks each rank trains on the prompts it owns, every rank the same steps.
 """
@@ -32,7 +36,7 @@ from trainer.policy import collate_answers, sequence_logprobs
 from trainer.ppo import Advantages, Messages, Scored
 from trainer.ppo_math import entropy_from_logits, kl_per_token, logprobs_from_logits, masked_mean, raft_loss
 from trainer.reward_model import autocast_to
-from trainer.rollout_engine import Sample
+from trainer.rollout_engine import Sample, save_weights
 
 
 @dataclass
@@ -83,9 +87,27 @@ class RaftTrainer(WholePromptTrainer):
         return Scored(batch, scores, penalised, ended, old_logprobs, values, ref_logprobs, kl, groups, rows,
                       trunk)
 
+    def rollout(self, prompt_ids: Sequence[list[int]]) -> list[Sample]:
+        """raft_samples answers per prompt; with raft_sampler=start, from the round's starting weights:
+        written beside the sync folder's before the first iteration (the engine holds them then) and
+        reloaded before each later one (the sync after each update puts the trained weights back,
+        which the guard's checks read)."""
+        if self.config.raft_sampler == "start" and self.engine is not None:
+            assert self.sync_dir is not None
+            start = self.sync_dir / "start"
+            if self.iteration == 0:
+                save_weights(self.policy, start)
+            else:
+                self.engine.load_weights(start)
+        return super().rollout(prompt_ids)
+
     def answer_kl(self, sc: Scored) -> float:
-        """KL per answer over each prompt's first sampled answer (the best ones are not a fair draw)."""
-        return float(sc.kl[torch.arange(0, len(sc.kl), self.config.raft_samples)].sum(-1).mean())
+        """KL per answer over each prompt's first sampled answer (the best ones are not a fair draw).
+        With raft_sampler=start the draws are the starting weights', so Σ_t k1 estimates
+        −KL(π_start ‖ π) where the reference is the starting weights (round 1, or ppo_reference=
+        champion): its negation is reported, the KL the update has moved (reverse direction)."""
+        kl = float(sc.kl[torch.arange(0, len(sc.kl), self.config.raft_samples)].sum(-1).mean())
+        return -kl if self.config.raft_sampler == "start" else kl
 
     def advantages(self, sc: Scored) -> Advantages:
         """RAFT regresses on no advantage: the update reads the best answers from the scores."""

@@ -110,14 +110,23 @@ class RolloutEngine:
 
 
 def sync_weights(policy: PolicyWithValue, engine: RolloutEngine, folder: Path) -> dict[str, float]:
-    """Write the policy's weights (float32 safetensors) into `folder` and reload the engine from it.
+    """Write the policy's weights (`save_weights`) into `folder` and reload the engine from it.
+    Returns {"save_s", "reload_s"}."""
+    started = time.monotonic()
+    save_weights(policy, folder)
+    save_s = time.monotonic() - started
+    return {"save_s": save_s, "reload_s": engine.load_weights(folder)}
+
+
+def save_weights(policy: PolicyWithValue, folder: Path) -> None:
+    """The policy's weights as float32 safetensors in `folder` (renamed into place), for
+    `RolloutEngine.load_weights`.
 
     Only the weights: the engine keeps its config. A tied LM head is written once (vLLM's Llama
-    skips `lm_head.weight` when embeddings are tied). Returns {"save_s", "reload_s"}.
+    skips `lm_head.weight` when embeddings are tied).
     """
     from safetensors.torch import save_file
 
-    started = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True)
     tied = bool(getattr(policy.lm.config, "tie_word_embeddings", False))
     state = {k: v.detach().cpu().contiguous() for k, v in policy.lm.state_dict().items()
@@ -132,8 +141,6 @@ def sync_weights(policy: PolicyWithValue, engine: RolloutEngine, folder: Path) -
     tmp = folder / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
-    save_s = time.monotonic() - started
-    return {"save_s": save_s, "reload_s": engine.load_weights(folder)}
 
 
 #: Weight-sync folders are `kaizen-ppo-<pid>-<random>`: a later round removes one whose process is gone.

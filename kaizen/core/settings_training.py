@@ -314,6 +314,13 @@ class TrainingSettings(BaseSettings):
     penalty) is fine-tuned on. ppo_batch_size must be a multiple (8 x 16 prompts: 128). Best-of-8
     from v0 with the loop's votes' reward model read 0.604 on the rubric, best-of-16 0.657
     (bench/README.md, "Best of n")."""
+    raft_sampler: Literal["policy", "start"] = "policy"
+    """Whose answers RAFT ranks. policy: the policy being trained, each iteration (Dong et al.): the
+    best of n of the best of n, compounding whatever the reward model over-rewards (the loop's RAFT
+    rows halved answer length in one round). start: the round's starting weights every iteration,
+    so the round distils one fixed best-of-n (rejection-sampling fine-tuning, as Llama 2 does;
+    BOND, Sessa et al. 2024), whose KL to them is at most log n − (n − 1)/n; the engine reloads the
+    trained weights after each update only for the guard's checks."""
 
     @model_validator(mode="after")
     def _check_node_rank(self) -> Self:
