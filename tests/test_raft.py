@@ -68,7 +68,6 @@ def test_raft_refuses_to_run_another_algorithm(tiny_model: Path) -> None:
                     RewardScorer(rm, rm_tok, max_length=64), None)
 
 
-
 @pytest.mark.slow
 def test_raft_sampler_start_ranks_the_starting_weights_answers_every_iteration(tiny_model: Path,
                                                                                tmp_path: Path) -> None:
@@ -98,9 +97,8 @@ def test_raft_sampler_start_ranks_the_starting_weights_answers_every_iteration(t
             scorer = RewardScorer(rm, rm_tok, max_length=64)
             trainer = policy_trainer(cfg, policy, reference, tok, engine, scorer, sync)
             ids = [encode_prompt(tok, m, cfg.max_prompt_length) for m in prompts]
-            seed = (cfg.seed * 1_000 + 2) * 100_003  # PPOTrainer.rollout's seed at iteration 2
             untrained = [s.token_ids for s in engine.generate(ids, max_tokens=12, temperature=1.0, n=4,
-                                                              seed=seed)]
+                                                              seed=trainer.rollout_seed(2))]
             for _ in range(2):
                 trainer.step(prompts)
                 assert engine.weights_version == str(sync)  # the trained weights, for the guard's checks

@@ -223,9 +223,13 @@ class PPOTrainer:
         if self.engine is not None:
             samples = self.engine.generate(prompt_ids, max_tokens=c.response_length,
                                            temperature=c.temperature, n=c.answers_per_prompt,
-                                           seed=(c.seed * 1_000 + self.iteration) * 100_003)
+                                           seed=self.rollout_seed(self.iteration))
         out: list[Sample] = self.dist.broadcast(samples)
         return out
+
+    def rollout_seed(self, iteration: int) -> int:
+        """The engine's seed of `iteration`'s rollout (each request adds its index)."""
+        return (self.config.seed * 1_000 + iteration) * 100_003
 
     def own_rows(self, B: int) -> torch.Tensor:
         """The rows of a B-answer batch this rank scores and trains on: every N-th."""
