@@ -163,7 +163,8 @@ def _print_round(r: dict[str, Any]) -> None:
         parts.append(f"PPO {ppo['iterations']} it, reward {ppo['reward_first']:+.3f} -> {ppo['reward_last']:+.3f}, "
                      f"KL {ppo['kl_last']:.3f}")
     if gate:
-        parts.append(f"gate win {gate['win_rate']:.2f} KL {gate['kl']:.3f} sanity "
+        lc = f" (at equal length {gate['lc_win_rate']:.2f})" if gate.get("lc_win_rate") is not None else ""
+        parts.append(f"gate win {gate['win_rate']:.2f}{lc} KL {gate['kl']:.3f} sanity "
                      f"{'ok' if gate['sanity_passed'] else 'FAILED'}")
     for key in ("reason", "error"):
         if r.get(key):

@@ -24,6 +24,7 @@ from kaizen.core.registry_schema import VERSION_RE
 from kaizen.core.settings import Settings
 from simulation.judges import judge_many, load_judge
 from simulation.simulate import read_prompts
+from trainer.reward_eval import length_controlled_win_rate
 from trainer.rollout_engine import Sample
 
 #: The evaluation's answers in the loop's output folder (`write_answers`).
@@ -194,36 +195,6 @@ def judge_pairs(judge: Any, messages: list[Any], mine: dict[int, list[Any]], bas
             "lc_win_rate_vs_v0": round(lc, 4), "lc_ci95": [round(lc_lo, 4), round(lc_hi, 4)],
             "tie_share": round(ties / n, 4) if n else None,
             "both_bad_share": round(both_bad / n, 4) if n else None}
-
-
-def length_controlled_win_rate(outcomes: list[float], length_diffs: list[float], l2: float = 1e-3) -> float:
-    """The win rate at equal length: σ(θ₀) of the logistic regression outcome ~ θ₀ + θ₁·tanh(Δ/s).
-
-    outcomes: 1 win, 0 loss, 0.5 tie (a fractional response: half a win, half a loss);
-    length_diffs: the version's answer minus v0's, in tokens; s: their standard deviation.
-    AlpacaEval 2.0's length-controlled win rate (Dubois et al. 2024) in its simplest form: the
-    judge's preference for longer (or shorter) answers goes into θ₁, what is left at Δ = 0 is
-    the preference for the version itself. Fitted by Newton's method (a tiny L2 keeps it finite
-    when every verdict is the same).
-    """
-    import numpy as np
-
-    y = np.asarray(outcomes, dtype=np.float64)
-    if len(y) == 0:
-        return float("nan")
-    d = np.asarray(length_diffs, dtype=np.float64)
-    scale = d.std() or 1.0
-    X = np.stack([np.ones_like(d), np.tanh(d / scale)], axis=1)  # (n, 2)
-    theta = np.zeros(2)
-    for _ in range(50):
-        p = 1 / (1 + np.exp(-(X @ theta)))
-        grad = X.T @ (p - y) + l2 * theta
-        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        theta -= step
-        if np.abs(step).max() < 1e-9:
-            break
-    return float(1 / (1 + np.exp(-theta[0])))
 
 
 def lc_bootstrap_interval(verdicts: list[tuple[int, float, float]], n: int, seed: int) -> tuple[float, float]:

@@ -1,8 +1,9 @@
 """The round's gate decision (trainer/gate.py `gate_verdict`) on hand-made numbers.
 
-Each branch: accepted; rejected for a low win rate, a high KL, a failed sanity prompt, and all
-three at once; ties by the same answer or by rewards within gate_tie_margin counting half; and the
-sanity check's rule (trainer/sanity.py), a share of matching answers against the champion's.
+Each branch: accepted; rejected for a low win rate (raw, or at equal length), a high KL, a failed
+sanity prompt, and all three at once; ties by the same answer or by rewards within gate_tie_margin
+counting half; and the sanity check's rule (trainer/sanity.py), a share of matching answers
+against the champion's.
 """
 
 from __future__ import annotations
@@ -108,6 +109,34 @@ def test_a_budget_per_token_replaces_the_budget_per_answer() -> None:
     assert verdict([0.5, 0.5], kl=checked_kl(short, s), thresholds=t).failed == ["KL 0.050 > 0.04 per token"]
     per_answer = Settings(gate_max_kl=2.5)
     assert checked_kl(long, per_answer) == 3.6 and not GateThresholds.from_settings(per_answer).per_token
+
+
+def test_a_length_controlled_gate_refuses_a_candidate_that_wins_only_by_being_shorter() -> None:
+    """gate_length_controlled: a reward model that favours short answers makes a candidate that
+    answers shorter win raw; at equal length it wins nothing, and the gate decides by that. A
+    candidate that wins at every length passes both ways."""
+    from kaizen.core.settings import Settings
+
+    # 40 pairs: the shorter answer wins 4 in 5 (30 pairs where the candidate is 40 tokens shorter: 24
+    # won; 10 where it is 40 longer: 2 won); at equal length the candidate is no better than the champion
+    gaps = [0.5] * 24 + [-0.5] * 6 + [0.5] * 2 + [-0.5] * 8
+    diffs = [-40.0] * 30 + [40.0] * 10
+    lc = GateThresholds.from_settings(Settings(gate_min_win=0.55, gate_length_controlled=True))
+    assert lc == GateThresholds(0.55, 3.0, 0.1, length_controlled=True)
+    raw = GateThresholds(0.55, 3.0, 0.1)
+    by_raw = gate_verdict(gaps, [False] * 40, 1.0, [], raw, diffs)
+    assert by_raw.passed and by_raw.win_rate == 0.65
+    assert by_raw.lc_win_rate is not None and abs(by_raw.lc_win_rate - 0.5) < 0.01
+    by_lc = gate_verdict(gaps, [False] * 40, 1.0, [], lc, diffs)
+    assert not by_lc.passed and by_lc.win_rate == 0.65
+    assert by_lc.failed == [f"length-controlled win rate {by_lc.lc_win_rate:.3f} < 0.55"]
+    # wins at both lengths (3 of 4 where shorter, 3 of 4 where longer), ties counting half: passes both
+    gaps2 = [0.5, 0.5, 0.5, -0.5, 0.5, 0.5, 0.5, 0.0] * 5
+    diffs2 = ([-40.0] * 4 + [40.0] * 4) * 5
+    good = gate_verdict(gaps2, [False] * 40, 1.0, [], lc, diffs2)
+    assert good.passed and good.ties == 5 and good.lc_win_rate is not None and good.lc_win_rate > 0.7
+    with pytest.raises(ValueError, match="length differences"):
+        gate_verdict(gaps, [False] * 40, 1.0, [], lc)  # no lengths: the decision cannot be made
 
 
 def test_a_sanity_prompt_fails_only_when_its_share_drops_past_the_margin() -> None:

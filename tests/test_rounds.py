@@ -132,6 +132,9 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     # PPO raised the RM's reward on prompts it never trained on, and the win rate shows it
     assert gate["reward_candidate"] > gate["reward_champion"] + 0.2, gate
     assert gate["win_rate"] >= 0.55 and gate["passed"] and gate["sanity_passed"]
+    # the reading at equal length is recorded beside the raw one (the raw one decides by default)
+    assert 0.0 < gate["lc_win_rate"] < 1.0 and not gate["length_controlled"], gate
+    assert gate["length_candidate"] > 0 and gate["length_champion"] > 0
     # bounded: the KL penalty holds the policy near v0. The gate's KL is k1 summed per answer, unbiased
     # but not non-negative (ppo_math.kl_per_token): a candidate this near v0 reads either side of 0
     # (-0.20 once, on an AVX2-only EPYC), so its size is what is bounded

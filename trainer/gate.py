@@ -7,6 +7,7 @@ seeds; the reward model scores both (less the missing-EOS penalty). The candidat
 
   * its win rate over the champion is >= gate_min_win, a tie counting half: the same answer, or
     rewards within gate_tie_margin of each other (closer than the reward model can tell apart);
+    with gate_length_controlled, the win rate at equal length (`length_controlled_win_rate`);
   * the mean KL of its answers to the reference is <= gate_max_kl, nats per answer (or, with
     gate_max_kl_per_token, their KL per token is <= that: `checked_kl`): the champion's,
     or with ppo_reference=base v0's (the root of its lineage), which makes gate_max_kl one budget
@@ -32,7 +33,7 @@ import torch
 from kaizen.core.settings import Settings
 from trainer.policy import PolicyWithValue, RewardScorer, encode_prompt, kl_to_reference, load_policy
 from trainer.ppo_config import PPOConfig
-from trainer.reward_eval import wilson_interval
+from trainer.reward_eval import length_controlled_win_rate, wilson_interval
 from trainer.rollout_engine import RolloutEngine, Sample
 from trainer.sanity import SanityCheck
 from trainer.timing import PhaseTimer
@@ -52,12 +53,14 @@ class GateThresholds:
     """gate_tie_margin: rewards this close (or the same answer) are a tie."""
     per_token: bool = False
     """max_kl is gate_max_kl_per_token, nats per answer token (`checked_kl`)."""
+    length_controlled: bool = False
+    """gate_length_controlled: min_win bounds the length-controlled win rate, not the raw one."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GateThresholds:
         per_token = settings.gate_max_kl_per_token
         return cls(settings.gate_min_win, per_token if per_token is not None else settings.gate_max_kl,
-                   settings.gate_tie_margin, per_token is not None)
+                   settings.gate_tie_margin, per_token is not None, settings.gate_length_controlled)
 
 
 def checked_kl(kl: dict[str, Any], settings: Settings) -> float:
@@ -75,6 +78,8 @@ class GateVerdict:
     wins: float
     """Pairs won, a tie counting half."""
     ties: int
+    lc_win_rate: float | None = None
+    """The win rate at equal length, when the answers' length differences were given."""
 
     @property
     def reason(self) -> str:
@@ -82,7 +87,7 @@ class GateVerdict:
 
 
 def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, failed_sanity: Sequence[str],
-                 thresholds: GateThresholds) -> GateVerdict:
+                 thresholds: GateThresholds, length_diffs: Sequence[float] | None = None) -> GateVerdict:
     """The gate's decision from its measured numbers.
 
     gaps[i]: candidate's minus champion's reward on held-out pair i; same[i]: both gave the same
@@ -91,22 +96,32 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
     whose share of matching answers fell below the champion's (`SanityCheck.failed`). A pair is a
     tie when the answers are the same or |gap| <= tie_margin (a saturated RM scores "Yes." 0.989
     and "Yes" 0.982: counting that as a loss made the gate a coin toss); win rate = (wins + ties /
-    2) / pairs.
+    2) / pairs. length_diffs[i]: the candidate's answer's length minus the champion's, in tokens; with
+    them the verdict also holds the length-controlled win rate (outcomes 1 / 0.5 / 0 regressed on
+    the length difference), which min_win bounds under thresholds.length_controlled.
     """
     assert len(gaps) == len(same) and gaps, (len(gaps), len(same))
     tie = [s or abs(g) <= thresholds.tie_margin for g, s in zip(gaps, same, strict=True)]
     won = sum(1 for g, t in zip(gaps, tie, strict=True) if g > 0 and not t)
     wins = float(won) + 0.5 * float(sum(tie))
     win_rate = wins / len(gaps)
+    lc = None
+    if length_diffs is not None:
+        outcomes = [0.5 if t else float(g > 0) for g, t in zip(gaps, tie, strict=True)]
+        lc = length_controlled_win_rate(outcomes, length_diffs)
+    elif thresholds.length_controlled:
+        raise ValueError("gate_verdict: a length-controlled gate needs the answers' length differences")
     failed = []
-    if win_rate < thresholds.min_win:
+    if thresholds.length_controlled and lc is not None and lc < thresholds.min_win:
+        failed.append(f"length-controlled win rate {lc:.3f} < {thresholds.min_win}")
+    elif not thresholds.length_controlled and win_rate < thresholds.min_win:
         failed.append(f"win rate {win_rate:.3f} < {thresholds.min_win}")
     if mean_kl > thresholds.max_kl:
         unit = " per token" if thresholds.per_token else ""
         failed.append(f"KL {mean_kl:.3f} > {thresholds.max_kl}{unit}")
     if failed_sanity:
         failed.append("sanity: " + ", ".join(repr(p) for p in failed_sanity))
-    return GateVerdict(not failed, failed, win_rate, wins, sum(tie))
+    return GateVerdict(not failed, failed, win_rate, wins, sum(tie), lc)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -235,13 +250,17 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
     with timer("sanity"):
         sanity, broke = check.read(engine, models.tokenizer, champ.sanity)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
+    diffs = [float(len(a.token_ids) - len(b.token_ids)) for a, b in zip(cand, theirs, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, checked_kl(kl, settings),  # float32 gaps
-                           [s["prompt"] for s in broke], GateThresholds.from_settings(settings))
+                           [s["prompt"] for s in broke], GateThresholds.from_settings(settings), diffs)
     gate = {
         "win_rate": verdict.win_rate,
         "win_rate_ci95": list(wilson_interval(round(verdict.wins), len(r_cand))),
         "pairs": len(r_cand), "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
-        "min_win": settings.gate_min_win,
+        "min_win": settings.gate_min_win, "lc_win_rate": verdict.lc_win_rate,
+        "length_controlled": settings.gate_length_controlled,
+        "length_candidate": sum(len(s.token_ids) for s in cand) / len(cand),
+        "length_champion": sum(len(s.token_ids) for s in theirs) / len(theirs),
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
         **kl, "max_kl": settings.gate_max_kl, "max_kl_per_token": settings.gate_max_kl_per_token,
         "sanity": sanity, "sanity_max_drop": check.max_drop, "sanity_passed": not broke,

@@ -1,6 +1,7 @@
 """Evaluating a reward model on preference pairs: pairwise accuracy with its Wilson interval,
-mean margin, Bradley–Terry loss and calibration, sharded over ranks; and the reward statistics
-PPO normalises with.
+mean margin, Bradley–Terry loss and calibration, sharded over ranks; the reward statistics
+PPO normalises with; and the length-controlled win rate that the round's gate (trainer/gate.py) and
+the loop's evaluation (simulation/evaluate.py) read beside the raw one.
 
     kaizen reward eval --model rm/ --data ../shared/data/hh_harmless_test.jsonl
 
@@ -120,3 +121,35 @@ def reward_stats(model: Any, tokenizer: Any, pairs: Sequence[Pair], config: Rewa
     r = score_texts(model, tokenizer, [e.chosen for e in enc] + [e.rejected for e in enc], config)
     return {"mean": float(r.mean()) if len(r) else 0.0,
             "std": float(r.std()) if len(r) > 1 else 1.0, "n": len(r)}
+
+
+def length_controlled_win_rate(outcomes: Sequence[float], length_diffs: Sequence[float],
+                               l2: float = 1e-3) -> float:
+    """The win rate at equal length: σ(θ₀) of the logistic regression outcome ~ θ₀ + θ₁·tanh(Δ/s).
+
+    outcomes: 1 win, 0 loss, 0.5 tie (a fractional response: half a win, half a loss);
+    length_diffs: the version's answer minus the other's (v0's in the evaluation, the champion's in
+    the gate), in tokens; s: their standard deviation.
+    AlpacaEval 2.0's length-controlled win rate (Dubois et al. 2024) in its simplest form: the
+    judge's preference for longer (or shorter) answers goes into θ₁, what is left at Δ = 0 is
+    the preference for the version itself. Fitted by Newton's method (a tiny L2 keeps it finite
+    when every verdict is the same).
+    """
+    import numpy as np
+
+    y = np.asarray(outcomes, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    d = np.asarray(length_diffs, dtype=np.float64)
+    scale = d.std() or 1.0
+    X = np.stack([np.ones_like(d), np.tanh(d / scale)], axis=1)  # (n, 2)
+    theta = np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(X @ theta)))
+        grad = X.T @ (p - y) + l2 * theta
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(1 / (1 + np.exp(-theta[0])))

@@ -119,6 +119,8 @@ def record_round_metrics(record: dict[str, Any]) -> None:
     gate = record.get("gate") or {}
     if gate.get("win_rate") is not None:
         metrics.GATE_WIN_RATE.set(float(gate["win_rate"]))
+    if gate.get("lc_win_rate") is not None:
+        metrics.GATE_LC_WIN_RATE.set(float(gate["lc_win_rate"]))
     if record.get("reward_accuracy") is not None:
         metrics.REWARD_MODEL_ACCURACY.set(float(record["reward_accuracy"]))
 

@@ -153,6 +153,10 @@ DPO_PAIR_ACCURACY = Gauge(
 GATE_WIN_RATE = Gauge(
     "kaizen_gate_win_rate", "Reward-model win rate of the last gated candidate over the champion."
 )
+GATE_LC_WIN_RATE = Gauge(
+    "kaizen_gate_lc_win_rate",
+    "The same win rate at equal answer length (verdicts regressed on the length difference).",
+)
 # -- disk space and retention (#19; recorded by trainer/daemon.py and trainer/upkeep.py) ---------
 DISK_FREE_BYTES = Gauge(
     "kaizen_disk_free_bytes",

@@ -47,6 +47,12 @@ class RoundGateSettings(BaseSettings):
     """A round also starts after this long if at least one new vote arrived."""
     gate_min_win: float = Field(default=0.55, ge=0.0, le=1.0)
     """A candidate must beat the champion by this reward-model win rate on held-out prompts."""
+    gate_length_controlled: bool = False
+    """Decide by the length-controlled win rate (the gate's verdicts regressed on the candidate's minus
+    the champion's answer length, read at equal length, as the loop's evaluation reads a version)
+    instead of the raw one: a candidate then passes by what it says, not by answering shorter or
+    longer than the champion where the reward model favours one length (one trained on votes cut at
+    64 tokens favours short answers). The gate's record holds both readings either way."""
     gate_tie_margin: float = Field(default=0.1, ge=0.0)
     """Rewards (in the reward model's units, normalised by its held-out std) closer than this count
     as a tie in the gate's win rate, as an identical answer does: differences below the RM's
