@@ -1,8 +1,9 @@
 """The KL reading (`kl_to_reference`) with the shared lower layers run once, side by side with running
-both whole models, and the gate's rollout-length KL on all answers vs one per prompt.
+both whole models, and the gate's KL on all answers vs one per prompt.
 
     python bench/kl_trunk.py                       # SmolLM2-135M-Instruct, the gate's shapes, 3 rounds
     python bench/kl_trunk.py --model /tmp/tiny --rounds 1 --prompts 2   # smoke run
+    python bench/kl_trunk.py --arms "all at 256,first at 256" --prompts 8 --rounds 1   # two arms only
 
 The gate, the PPO guard's checks and the loop's evaluation read a version's KL to its reference by
 forward passes of both models over the version's answers (trainer/policy.py, `kl_to_reference`).
@@ -15,7 +16,10 @@ run once per batch for both models. The arms, taking turns round by round, on on
   the model with its top layers perturbed (as a round leaves them); "whole" makes the reference's
   first layer differ by one part in 10^7, so nothing can be shared and both models run whole;
 * rollout KL, all / rollout KL, one per prompt — the gate's `kl_rollout_length` diagnostic on all
-  gate_samples answers (40-64 tokens) of each prompt, as before, vs the first answer of each.
+  gate_samples answers (40-64 tokens) of each prompt, as before, vs the first answer of each;
+* all at 256 / first at 256 — the gate's and the guard's reading when the rollouts are as long as
+  the service's answers (a RAFT round at 256 tokens): all gate_samples answers of each prompt (120-256
+  tokens), as before, vs the first gate_kl_samples (1) of each.
 
 Prints the median seconds of each arm, the ratios, and the KL each arm read (the shared and whole
 readings must agree); a report, never a pass/fail test.
@@ -53,12 +57,13 @@ def parse_args(settings: Any) -> argparse.Namespace:
     ap.add_argument("--train-layers", type=int, default=settings.ppo_train_layers)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arms", default="", help="comma-separated arm names to run (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     return ap.parse_args()
 
 
 def make_arms(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Callable[[], float]], dict[str, int]]:
-    """The four arms (module docstring) on fresh copies of the model, and the depth each can share."""
+    """The arms (module docstring) on fresh copies of the model, and the depth each can share."""
     import torch
 
     from trainer.policy import encode_prompt, kl_to_reference, load_policy, shared_trunk_depth
@@ -79,6 +84,7 @@ def make_arms(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Callab
     long_idx, long_answers = answers(args.prompts, 1, 120, settings.default_max_tokens, seed=2)
     short_idx, short_answers = answers(args.prompts, args.samples, 40, settings.ppo_response_length, seed=3)
     firsts = [j for j in range(len(short_idx)) if j % args.samples == 0]
+    full_idx, full_answers = answers(args.prompts, args.samples, 120, settings.default_max_tokens, seed=4)
 
     def kl(ref: Any, index: list[int], ans: list[list[int]]) -> float:
         each = kl_to_reference(candidate, ref, tok, [prompt_ids[i] for i in index], ans, 1.0)
@@ -90,7 +96,11 @@ def make_arms(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Callab
         "rollout KL, all": lambda: kl(reference, short_idx, short_answers),
         "rollout KL, one per prompt": lambda: kl(reference, [short_idx[j] for j in firsts],
                                                  [short_answers[j] for j in firsts]),
+        "all at 256": lambda: kl(reference, full_idx, full_answers),
+        "first at 256": lambda: kl(reference, [full_idx[j] for j in firsts], [full_answers[j] for j in firsts]),
     }
+    if args.arms:
+        arms = {name: arms[name] for name in args.arms.split(",")}
     depths = {"shared": shared_trunk_depth(candidate, reference, frozen=False),
               "whole": shared_trunk_depth(candidate, apart, frozen=False)}
     return arms, depths
@@ -117,8 +127,10 @@ def main() -> None:
                 seconds[name].append(time.perf_counter() - started)
                 bar.advance(task)
     medians = {name: statistics.median(v) for name, v in seconds.items()}
-    ratios = {"long: whole / shared": medians["long, whole"] / medians["long, shared"],
-              "rollout KL: all / one per prompt": medians["rollout KL, all"] / medians["rollout KL, one per prompt"]}
+    pairs = {"long: whole / shared": ("long, whole", "long, shared"),
+             "rollout KL: all / one per prompt": ("rollout KL, all", "rollout KL, one per prompt"),
+             "at 256: all / first": ("all at 256", "first at 256")}
+    ratios = {k: medians[a] / medians[b] for k, (a, b) in pairs.items() if a in medians and b in medians}
     report = {"model": str(args.model), "prompts": args.prompts, "samples": args.samples,
               "train_layers": args.train_layers, "shared_depth": depths, "rounds": args.rounds,
               "threads": args.threads, "seconds": seconds, "median_s": medians, "ratios": ratios,

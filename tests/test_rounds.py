@@ -617,8 +617,9 @@ def test_the_gate_reads_kl_at_the_services_answer_length(world: dict[str, Any], 
     """The gate's KL is read on answers as long as the service's (default_max_tokens), not cut at the
     rollouts' length: a policy PPO shaped over 64 tokens drifted past them unseen (v2 of the loop's
     twenty-seventh row: 1.46 nats at 64 tokens, 4.88 at 256). The candidate here is the random tiny
-    model, whose answers run to any limit, against the yes/no champion as the reference."""
-    from trainer.gate import GateModels, candidate_kl
+    model, whose answers run to any limit, against the yes/no champion as the reference. Either way
+    it reads gate_kl_samples answers per prompt."""
+    from trainer.gate import GateModels, candidate_kl, held_answers, read_kl
     from trainer.policy import encode_prompt, load_policy
     from trainer.ppo_config import PPOConfig
 
@@ -627,9 +628,9 @@ def test_the_gate_reads_kl_at_the_services_answer_length(world: dict[str, Any], 
     held_ids = [encode_prompt(tokenizer, question(random.Random(i)), 64) for i in range(4)]
     engine.load_weights(tiny_model)
     try:
-        def kl_at(service_tokens: int) -> dict[str, Any]:
+        def kl_at(service_tokens: int, kl_samples: int = 1) -> dict[str, Any]:
             settings = round_settings(world["root"] / "kl", world["champion"], world["broker"], world["pass"],
-                                      default_max_tokens=service_tokens)
+                                      default_max_tokens=service_tokens, gate_kl_samples=kl_samples)
             config = PPOConfig.from_settings(settings)  # rollouts of 8 tokens
             cand = engine.generate(held_ids, max_tokens=config.response_length, temperature=1.0, n=2, seed=3)
             return candidate_kl(engine, tiny_model, models, held_ids, cand, settings, config)
@@ -638,9 +639,23 @@ def test_the_gate_reads_kl_at_the_services_answer_length(world: dict[str, Any], 
         assert longer["kl_max_tokens"] == 32 and longer["kl_answer_tokens"] > 8, longer
         # KL sums over an answer's tokens: four times the tokens, well over the rollouts' reading
         assert longer["kl"] > 2 * longer["kl_rollout_length"] > 0, longer
+        assert longer["kl_answers"] == 4  # gate_kl_samples (1) per prompt
         same = kl_at(8)  # the service no longer than the rollouts: the gate's own answers, no second pass
         assert same["kl_max_tokens"] == 8 and "kl_rollout_length" not in same
         assert same["kl_answer_tokens"] <= 8
+        # of the gate's two answers per prompt, the first gate_kl_samples are read, not all of them
+        assert same["kl_answers"] == 4 and kl_at(8, kl_samples=2)["kl_answers"] == 8
+        # the guard (no answers of the gate's to hand) samples as many on the gate's seeds: the answers
+        # the gate will read among its own, so both read the same KL
+        settings = round_settings(world["root"] / "kl", world["champion"], world["broker"], world["pass"],
+                                  default_max_tokens=8, gate_samples=3)
+        config = PPOConfig.from_settings(settings)
+        policy, _, _ = load_policy(tiny_model)
+        guard = read_kl(engine, policy, reference, tokenizer, held_ids, settings, config)
+        own = held_answers(engine, held_ids, settings, config)  # the gate's: gate_samples per prompt
+        gate = candidate_kl(engine, tiny_model, models, held_ids, own, settings, config)
+        assert guard["kl_answers"] == gate["kl_answers"] == 4
+        assert guard["kl"] == pytest.approx(gate["kl"], abs=1e-4) and gate["kl"] != 0.0, (guard, gate)
     finally:
         engine.load_weights(world["champion"])
 

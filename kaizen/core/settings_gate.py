@@ -79,6 +79,7 @@ class RoundGateSettings(BaseSettings):
     256 (answers 44 -> 69 tokens); its shorter v2 0.96 and 1.07 to v1. When this is no longer than
     ppo_response_length the gate's own answers are measured instead."""
     gate_kl_samples: int = Field(default=1, ge=1)
-    """Answers per held-out prompt the gate samples from the candidate at gate_kl_max_tokens for its
-    KL, only when that is longer than ppo_response_length. One per prompt: on the 2-core EPYC 64
-    answers of up to 256 tokens, sampled and read by both models, took 77 s; the gate has 32 prompts."""
+    """Answers per held-out prompt the gate (and the update's guard) reads the candidate's KL on: sampled
+    at gate_kl_max_tokens when that is longer than ppo_response_length, else the first of the gate's
+    own answers (gate_samples of them per prompt). One per prompt: on the 2-core EPYC 64 answers of
+    up to 256 tokens, sampled and read by both models, took 77 s; the gate has 32 prompts."""
