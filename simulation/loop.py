@@ -315,7 +315,7 @@ def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[st
 def machine_record(settings: Settings) -> dict[str, Any]:
     """Where the run ran (kaizen.core.hardware.describe_machine), the dtype each `auto` chose there,
     and the commit of the code (None outside a git checkout)."""
-    from kaizen.core.hardware import describe_machine
+    from kaizen.core.hardware import describe_machine, matmul_gflops
 
     here = Path(__file__).resolve().parent
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
@@ -323,17 +323,20 @@ def machine_record(settings: Settings) -> dict[str, Any]:
                            capture_output=True, text=True).stdout.strip()
     commit = git.stdout.strip() + ("+changes" if dirty else "") if git.returncode == 0 else None
     return {**describe_machine(), "dtypes": {k: c.dtype for k, c in settings.effective_dtypes().items()},
-            "commit": commit}
+            "commit": commit, "matmul_gflops": matmul_gflops()}
 
 
 def machine_summary(machine: dict[str, Any]) -> str:
-    """One line: 'AMD EPYC (avx2), 2 cores, float32 engine/reward/ppo, torch 2.13.0+cpu, vllm 0.32.0'."""
+    """One line: 'AMD EPYC (avx2), 2 cores, matmul 64 GFLOPS, float32 engine/reward/ppo, torch 2.13.0+cpu,
+    vllm 0.32.0'."""
     dtypes = machine.get("dtypes", {})
     by_dtype: dict[str, list[str]] = {}
     for name, dtype in dtypes.items():
         by_dtype.setdefault(dtype, []).append(name.removesuffix("_dtype"))
     isa = ", ".join(machine.get("isa") or ["no avx2"])
     parts = [f"{machine.get('cpu')} ({isa})", f"{machine.get('cores')} cores"]
+    if machine.get("matmul_gflops"):
+        parts.append(f"matmul {machine['matmul_gflops']:.0f} GFLOPS")
     parts += [f"{d} {'/'.join(names)}" for d, names in by_dtype.items()]
     if machine.get("gpu"):
         parts.append(str(machine["gpu"]))

@@ -152,6 +152,22 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     assert machine["torch"] == torch.__version__ and machine["cores"] == len(os.sched_getaffinity(0))
 
 
+def test_the_machines_speed_is_measured_and_shown_with_its_name() -> None:
+    """kaizen bench loop records float32 matmul GFLOPS beside the CPU's name (machines of one name
+    differ); the probe leaves torch's thread count as it found it."""
+    from kaizen.core.hardware import matmul_gflops
+    from simulation.loop import machine_summary
+
+    threads = torch.get_num_threads()
+    one = matmul_gflops(threads=1, size=256, seconds=0.05)
+    assert one is not None and 0.1 < one < 1e6, one  # a real figure: not zero, not a division by ~0
+    assert torch.get_num_threads() == threads
+    line = machine_summary({"cpu": "AMD EPYC", "isa": ["avx2"], "cores": 2, "matmul_gflops": 64.3,
+                            "dtypes": {"engine_dtype": "float32"}, "torch": "2.13.0", "vllm": "0.1"})
+    assert line.startswith("AMD EPYC (avx2), 2 cores, matmul 64 GFLOPS, float32 engine"), line
+    assert "GFLOPS" not in machine_summary({"cpu": "AMD EPYC", "isa": ["avx2"], "cores": 2})
+
+
 def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytest.LogCaptureFixture,
                                                                    tiny_model: Path) -> None:
     settings = Settings()
