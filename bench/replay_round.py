@@ -68,13 +68,13 @@ def round_env(config: dict[str, Any], sets: list[str], dest: Path) -> dict[str, 
     """The process environment of the replayed round: RUN's settings, then --set, as KAIZEN_* ."""
     from kaizen.core.settings import get_settings
 
-    values = {"gate_min_win": "0", **config.get("settings_overrides", {}),
+    values = {**config.get("settings_overrides", {}), "gate_min_win": "0",  # over RUN's own, not over --set
               **dict(s.split("=", 1) for s in sets)}
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("KAIZEN_") or k == "KAIZEN_JUDGE_REWARD_MODEL"}
+    env["KAIZEN_MODEL"] = str(get_settings().model_dir.resolve())  # unless RUN named its own, below
     env |= {f"KAIZEN_{k.upper()}": str(v) for k, v in values.items()}
-    env |= {"KAIZEN_DATA_DIR": str(dest / "data"), "KAIZEN_MODEL": str(get_settings().model_dir.resolve()),
-            "PYTHONPATH": str(ROOT)}
+    env |= {"KAIZEN_DATA_DIR": str(dest / "data"), "PYTHONPATH": str(ROOT)}
     return env
 
 
