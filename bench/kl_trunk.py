@@ -97,7 +97,8 @@ def make_arms(args: argparse.Namespace, settings: Any) -> tuple[dict[str, Callab
         "rollout KL, one per prompt": lambda: kl(reference, [short_idx[j] for j in firsts],
                                                  [short_answers[j] for j in firsts]),
         "all at 256": lambda: kl(reference, full_idx, full_answers),
-        "first at 256": lambda: kl(reference, [full_idx[j] for j in firsts], [full_answers[j] for j in firsts]),
+        "first at 256": lambda: kl(reference, [full_idx[j] for j in firsts],
+                                   [full_answers[j] for j in firsts]),
     }
     if args.arms:
         arms = {name: arms[name] for name in args.arms.split(",")}
