@@ -112,10 +112,10 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
     elif thresholds.length_controlled:
         raise ValueError("gate_verdict: a length-controlled gate needs the answers' length differences")
     failed = []
-    if thresholds.length_controlled and lc is not None and lc < thresholds.min_win:
-        failed.append(f"length-controlled win rate {lc:.3f} < {thresholds.min_win}")
-    elif not thresholds.length_controlled and win_rate < thresholds.min_win:
-        failed.append(f"win rate {win_rate:.3f} < {thresholds.min_win}")
+    rate, name = (lc, "length-controlled win rate") if lc is not None and thresholds.length_controlled \
+        else (win_rate, "win rate")
+    if rate < thresholds.min_win:
+        failed.append(f"{name} {rate:.3f} < {thresholds.min_win}")
     if mean_kl > thresholds.max_kl:
         unit = " per token" if thresholds.per_token else ""
         failed.append(f"KL {mean_kl:.3f} > {thresholds.max_kl}{unit}")
@@ -135,11 +135,12 @@ def gate_answers(engine: RolloutEngine, tokenizer: Any, prompts: list[Messages],
 
 
 def held_answers(engine: RolloutEngine, held_ids: list[list[int]], settings: Settings,
-                 config: PPOConfig) -> list[Sample]:
-    """gate_samples answers to each held-out prompt at the rollouts' length, on the gate's seeds."""
+                 config: PPOConfig, n: int | None = None) -> list[Sample]:
+    """gate_samples (or `n`) answers to each held-out prompt at the rollouts' length, on the gate's
+    seeds: the i-th answer of a prompt is the same whatever `n` (vLLM seeds it seed + i)."""
     # the same seeds for champion and candidate: differences come from the weights
     return engine.generate(held_ids, max_tokens=config.response_length, temperature=config.temperature,
-                           n=settings.gate_samples, seed=settings.ppo_seed + 7_919)
+                           n=n or settings.gate_samples, seed=settings.ppo_seed + 7_919)
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,8 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
                                   n=settings.gate_kl_samples, seed=settings.ppo_seed + 104_729)
     elif cand is not None:
         answers = firsts(cand, settings.gate_kl_samples)
-    else:
-        answers = engine.generate(held_ids, max_tokens=config.response_length, temperature=config.temperature,
-                                  n=settings.gate_kl_samples, seed=settings.ppo_seed + 7_919)  # held_answers'
+    else:  # the guard: the gate's first answers, sampled again
+        answers = held_answers(engine, held_ids, settings, config, n=settings.gate_kl_samples)
 
     def mean_kl(samples: list[Sample]) -> float:
         kls = kl_to_reference(policy, reference, tokenizer, [held_ids[s.prompt] for s in samples],
@@ -267,7 +267,8 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
     with timer("sanity"):
         sanity, broke = check.read(engine, models.tokenizer, champ.sanity)
     same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
-    diffs = [float(len(a.token_ids) - len(b.token_ids)) for a, b in zip(cand, theirs, strict=True)]
+    lengths = [len(s.token_ids) for s in cand], [len(s.token_ids) for s in theirs]
+    diffs = [float(a - b) for a, b in zip(*lengths, strict=True)]
     verdict = gate_verdict((r_cand - r_champ).tolist(), same, checked_kl(kl, settings),  # float32 gaps
                            [s["prompt"] for s in broke], GateThresholds.from_settings(settings), diffs)
     gate = {
@@ -276,8 +277,7 @@ def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, hel
         "pairs": len(r_cand), "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
         "min_win": settings.gate_min_win, "lc_win_rate": verdict.lc_win_rate,
         "length_controlled": settings.gate_length_controlled,
-        "length_candidate": sum(len(s.token_ids) for s in cand) / len(cand),
-        "length_champion": sum(len(s.token_ids) for s in theirs) / len(theirs),
+        "length_candidate": sum(lengths[0]) / len(cand), "length_champion": sum(lengths[1]) / len(theirs),
         "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
         **kl, "max_kl": settings.gate_max_kl, "max_kl_per_token": settings.gate_max_kl_per_token,
         "sanity": sanity, "sanity_max_drop": check.max_drop, "sanity_passed": not broke,
