@@ -29,7 +29,6 @@ import asyncio
 import json
 import logging
 import random
-import re
 import secrets
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pydantic import SecretStr
 from kaizen.core.parent_death import die_with_parent
 from kaizen.core.registry import Registry
 from kaizen.core.settings import Settings
+from simulation.canary import Votes, round_minutes, rollout_version, wait_outbox_empty
 from simulation.evaluate import evaluate_versions, plot, progress_bar
 from simulation.judges import ready_judge
 from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PROMPTS, SimulateConfig,
@@ -53,8 +53,6 @@ from simulation.simulate import (DEFAULT_EVAL_PROMPTS, DEFAULT_JUDGE, DEFAULT_PR
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 
-#: A batch of simulated votes: (number of votes, seed, progress label) -> the simulation's numbers.
-Votes = Callable[..., dict[str, Any]]
 
 
 @dataclass
@@ -66,7 +64,15 @@ class LoopConfig:
     canary_votes: int = 120
     """Most votes collected while a canary runs before the loop decides itself."""
     budget_s: float = 3000.0
-    """Wall-clock budget of the start and the rounds; the evaluation after them fits the hour's rest."""
+    """Wall-clock budget of the start and the rounds; the evaluation after them fits the hour's rest.
+    Each round's training gets what is left of it, less its canary (round_max_minutes,
+    simulation/canary.py `round_minutes`), so a slow machine's one round ends within it too."""
+    canary_time_factor: float = 3.0
+    """Before the first canary has run, it is expected to take this many times its votes at the
+    votes' rate (the swap to the canary's weights, the votes, the decision: the fifty-fifth loop row's
+    canary took 265 s for 120 votes at 1.35 per second)."""
+    min_round_minutes: float = 1.0
+    """The least round_max_minutes a round gets, when the budget has no more left."""
     judge: str = DEFAULT_JUDGE
     eval_judge: str | None = None
     prompts: Path = DEFAULT_PROMPTS
@@ -139,12 +145,6 @@ def loop_settings(base: Settings, config: LoopConfig) -> Settings:
               "retention_keep_rejected": 10**6,
               "model": base.model_dir.resolve(), **config.settings_overrides}
     return Settings.model_validate(values)
-
-
-def _status(base: str, admin: dict[str, str]) -> dict[str, Any]:
-    r = httpx.get(f"{base}/admin/rollout", headers=admin, timeout=30)
-    r.raise_for_status()
-    return dict(r.json())
 
 
 def run_loop(config: LoopConfig, base_settings: Settings,
@@ -264,6 +264,7 @@ def run_rounds(config: LoopConfig, settings: Settings, admin: dict[str, str], en
     round's record."""
     rounds: list[dict[str, Any]] = []
     took: list[float] = []
+    canaries: list[float] = []
     for r in range(config.rounds):
         elapsed = time.monotonic() - started_all
         if not next_round_fits(elapsed, took, config.budget_s):
@@ -271,7 +272,8 @@ def run_rounds(config: LoopConfig, settings: Settings, admin: dict[str, str], en
                 f"fit the budget of {config.budget_s:.0f} s")
             break
         t = time.monotonic()
-        rounds.append(run_one_round(r, config, settings, admin, engine, votes, phases, say))
+        rounds.append(run_one_round(r, config, settings, admin, engine, votes, phases, say,
+                                    clock=(started_all, canaries)))
         took.append(time.monotonic() - t)
     return rounds
 
@@ -283,8 +285,10 @@ def next_round_fits(elapsed: float, took: list[float], budget: float) -> bool:
 
 
 def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[str, str], engine: Any,
-                  votes: Votes, phases: Phases, say: Callable[[str], None]) -> dict[str, Any]:
-    """Votes, a training round on them, and the rollout of the version it published (if any)."""
+                  votes: Votes, phases: Phases, say: Callable[[str], None], *,
+                  clock: tuple[float, list[float]]) -> dict[str, Any]:
+    """Votes, a training round on them, and the rollout of the version it published (if any).
+    `clock`: when the loop started (monotonic) and the seconds of each canary so far (appended to)."""
     from trainer import daemon
     from trainer.rounds import run_round
 
@@ -297,7 +301,12 @@ def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[st
     t = time.monotonic()
     wait_outbox_empty(base)
     daemon.run(settings, once=True)
-    result = run_round(settings, engine=engine, progress=True)
+    started_all, canaries = clock
+    minutes = round_minutes(config, time.monotonic() - started_all, rec["votes"], canaries)
+    minutes = min(minutes, settings.round_max_minutes or minutes)
+    rec["round_max_minutes"] = round(minutes, 2)
+    say(f"round {r + 1}: training within {minutes:.1f} minutes (what the budget leaves, less the canary)")
+    result = run_round(settings.model_copy(update={"round_max_minutes": minutes}), engine=engine, progress=True)
     phases.add("train", t)
     rec["training"] = {k: result.get(k) for k in ("outcome", "version", "reason", "error", "gate",
                                                   "reward_accuracy", "missing_eos", "ppo", "seconds")
@@ -308,6 +317,7 @@ def run_one_round(r: int, config: LoopConfig, settings: Settings, admin: dict[st
         t = time.monotonic()
         rec["rollout"] = rollout_version(base, admin, version, votes, config, r)
         phases.add("rollout", t)
+        canaries.append(time.monotonic() - t)
         say(f"round {r + 1}: {version} {rec['rollout']['result']} ({rec['rollout']['reason']})")
     return rec
 
@@ -352,46 +362,3 @@ def write_report(config: LoopConfig, report: dict[str, Any], started_all: float)
     (config.out_dir / "loop.json").write_text(json.dumps(report, indent=2, default=str))
     plot(report, config.out_dir / "loop.png")
     return report
-
-
-def wait_outbox_empty(base: str, timeout_s: float = 60.0) -> None:
-    """Until the API's relay has handed every vote to Kafka (kaizen_outbox_pending 0)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{base}/metrics/", timeout=10).text
-        m = re.search(r"^kaizen_outbox_pending (\S+)$", text, re.M)
-        if m and float(m.group(1)) == 0:
-            return
-        time.sleep(0.25)
-    log.warning("votes still waiting in the outbox after %.0f s", timeout_s)
-
-
-def rollout_version(base: str, admin: dict[str, str], version: str, votes: Votes,
-                    config: LoopConfig, r: int) -> dict[str, Any]:
-    """Wait for the automatic canary of `version`, vote until it is decided (or decide at the budget)."""
-    deadline = time.monotonic() + 120
-    while _status(base, admin)["serving"]["canary"] != version:
-        if time.monotonic() > deadline:
-            return {"result": "not canaried", "reason": json.dumps(_status(base, admin)["refused"])}
-        time.sleep(0.5)
-    spent, batch = 0, max(5, config.canary_votes // 6)
-    while spent < config.canary_votes:
-        votes(batch, config.seed * 1000 + 500 + r * 37 + spent, f"canary {version}: votes")
-        spent += batch
-        time.sleep(1.5)  # the reconcile loop judges every poll interval
-        status = _status(base, admin)
-        if status["canary"] is None:
-            audit = httpx.get(f"{base}/admin/audit?limit=20", headers=admin, timeout=30).json()["data"]
-            last = next((e for e in audit
-                         if e["version"] == version and e["action"] in ("promote", "rollback")), None)
-            result = "promoted" if status["champion"] == version else "rolled back"
-            return {"result": result, "reason": last["why"] if last else "", "votes": spent,
-                    "head_to_head": status["head_to_head"]}
-    status = _status(base, admin)
-    h = status["head_to_head"]
-    action = "promote" if (h["win_rate"] or 0) > 0.5 else "rollback"
-    why = f"loop vote budget spent ({h['votes']} votes, win rate {h['win_rate']})"
-    httpx.post(f"{base}/admin/{action}", headers=admin, json={"reason": why, "who": "bench-loop"},
-               timeout=180)
-    return {"result": "promoted" if action == "promote" else "rolled back", "reason": why, "votes": spent,
-            "head_to_head": h}

@@ -85,6 +85,21 @@ def test_a_round_starts_only_if_one_as_long_as_the_longest_fits_the_budget() -> 
     assert not next_round_fits(2200.0, [700.0, 900.0], 3000)  # 2200 + 900 > 3000: it would overrun
     assert not next_round_fits(2101.0, [900.0], 3000)
 
+def test_a_round_gets_the_budgets_rest_less_its_canary(tmp_path: Path) -> None:
+    """Each round's training gets round_max_minutes = what the loop's budget has left less the canary
+    after it: before any canary, canary_time_factor x its votes at the votes' rate; after, the longest
+    canary so far; never less than min_round_minutes (the first round always runs)."""
+    from simulation.canary import round_minutes
+    from simulation.loop import LoopConfig
+
+    config = LoopConfig(out_dir=tmp_path, budget_s=3000.0, canary_votes=120, canary_time_factor=3.0)
+    assert round_minutes(config, 600.0, {"votes_per_s": 1.0}, []) == pytest.approx((3000 - 600 - 360) / 60)
+    assert round_minutes(config, 600.0, {"votes_per_s": 2.0}, []) == pytest.approx((3000 - 600 - 180) / 60)
+    assert round_minutes(config, 600.0, {"votes_per_s": 1.0}, [500.0, 200.0]) == pytest.approx((3000 - 600 - 500) / 60)
+    assert round_minutes(config, 600.0, {"votes_per_s": None}, []) == pytest.approx(40.0)  # no votes: no rate
+    assert round_minutes(config, 2990.0, {"votes_per_s": 1.0}, []) == config.min_round_minutes == 1.0
+
+
 def test_bootstrap_interval_brackets_the_mean() -> None:
     scores = [1.0] * 70 + [0.0] * 30
     lo, hi = bootstrap_interval(scores, 1000, seed=0)
@@ -237,6 +252,11 @@ def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pyte
     # seeds 0-3, its gate read 0.47-0.63 against its 0.55 (and the guard stopped 2 of 4 at iteration 2).
     outcomes = [r["training"]["outcome"] for r in report["rounds"]]
     assert set(outcomes) <= {"published", "rejected", "skipped"}, report["rounds"]
+    # each round trained within what the hour's budget left it (round_max_minutes), here far more
+    # than the tiny model needs, so no update was cut short by it
+    assert all(30 < r["round_max_minutes"] < 50 for r in report["rounds"]), report["rounds"]
+    assert not any(r["training"].get("ppo", {}).get("time_budget", {}).get("stopped_the_update", True)
+                   for r in report["rounds"] if "ppo" in r["training"]), report["rounds"]
     assert all(0.0 <= r["training"]["gate"]["win_rate"] <= 1.0 for r in report["rounds"]
                if r["training"]["outcome"] != "skipped"), report["rounds"]
     assert algorithm != "ppo" or "published" in outcomes, report["rounds"]

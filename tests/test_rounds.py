@@ -386,6 +386,35 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     assert guard.failing(trainer) == []
 
 
+def test_a_round_out_of_time_stops_its_update_and_checks_the_weights_it_stops_on(
+        world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
+    """KAIZEN_ROUND_MAX_MINUTES: the update starts an iteration only if it still leaves the gate its
+    time (round_gate_factor x the champion's gate answers, measured in the round). Here the factor
+    leaves none, so one iteration of the four runs; the guard, which checks every 5th iteration and
+    the last, checks that one (it is the candidate the gate reads), and the record says why the
+    update stopped. The refresh's share of the budget is the reward training's time limit."""
+    from trainer.round_phases import refresh_minutes
+
+    settings = round_settings(tmp_path, world["champion"], world["broker"], world["pass"], ppo_lr=4e-4,
+                              round_max_minutes=10.0, round_refresh_share=1.0, round_gate_factor=1e6)
+    assert settings.ppo_iterations == 4 and settings.ppo_sanity_every == 5
+    fill_store(settings)
+    record = run_round(settings, engine=engine)
+    assert record["outcome"] in ("published", "rejected"), {k: record.get(k) for k in ("outcome", "reason")}
+    ppo = record["ppo"]
+    assert ppo["iterations"] == 1, ppo
+    assert ppo["time_budget"]["stopped_the_update"] and ppo["time_budget"]["seconds"] < 0, ppo["time_budget"]
+    assert ppo["time_budget"]["longest_iteration_s"] > 0 and ppo["time_budget"]["longest_check_s"] > 0
+    guard = ppo["sanity_guard"]
+    assert (guard["every"], guard["failed_at"], guard["kept_iteration"]) == (5, None, 1), guard
+    assert [e["iteration"] for e in round_events(settings) if e["kind"] == "iteration"] == [1]
+    # the refresh's limit: the round's share, or reward_max_minutes where that is less
+    shares = [refresh_minutes(settings.model_copy(update=u)) for u in (
+        {"round_refresh_share": 0.3}, {"round_refresh_share": 0.3, "reward_max_minutes": 2.0},
+        {"round_max_minutes": None}, {"round_max_minutes": None, "reward_max_minutes": 4.0})]
+    assert shares == [pytest.approx(3.0), 2.0, None, 4.0], shares
+
+
 def test_a_sanity_prompt_that_fails_on_its_first_answers_is_decided_on_all_of_them(
         world: dict[str, Any], engine: Any) -> None:
     """KAIZEN_GATE_SANITY_CONFIRM_SAMPLES (trainer/sanity.py): a prompt whose share fails on the first

@@ -5,7 +5,12 @@ trainer/raft.py) and decides, between iterations, when a round's update is done:
   * the KL budget is spent (`ppo_stop_kl`, `ppo_math.kl_spent`);
   * a check of the gate's failed (`UpdateGuard`, every `ppo_sanity_every` iterations): the policy
     lost a sanity prompt, or drifted past the KL the gate accepts; the weights go back to the last
-    check that passed, and those are the round's candidate.
+    check that passed, and those are the round's candidate;
+  * the round's time is up (`TimeBudget`, setting round_max_minutes): another iteration would end
+    too late to leave the gate its time.
+
+An update that stops between the guard's checks (KL spent, time up) has its last weights checked
+as the last iteration's are, so the candidate the gate reads has always passed the guard.
 
 The gate (trainer/gate.py) runs the same sanity check (trainer/sanity.py) and the same KL reading
 on the finished candidate; the guard runs them during the update, on the rollout engine that
@@ -20,6 +25,7 @@ KL 3.49 and 3.63 > 3.0; 2.90 at the rollouts' length).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,12 +133,19 @@ class UpdateGuard:
                          self.start_kl, self.max_kl)
             self._keep(trainer, 0)
 
-    def after(self, trainer: PPOTrainer, config: PPOConfig, iteration: int) -> bool:
+    @staticmethod
+    def due(config: PPOConfig, iteration: int, last: bool = False) -> bool:
+        """Whether the checks run after `iteration`: every `sanity_every`-th, and the update's last
+        (`config.iterations`, or `last`: the update stops there for another reason)."""
+        every = config.sanity_every
+        return bool(every) and (iteration % every == 0 or iteration == config.iterations or last)
+
+    def after(self, trainer: PPOTrainer, config: PPOConfig, iteration: int, last: bool = False) -> bool:
         """After `iteration` (its weights synced to the engine): True when a check failed (the update
         must stop there). The weights are then the failing step halved toward the last good ones, as
-        far as `config.guard_halvings` allows, where that passes the checks; else the last good ones."""
-        every = config.sanity_every
-        if not every or (iteration % every and iteration != config.iterations):
+        far as `config.guard_halvings` allows, where that passes the checks; else the last good ones.
+        `last`: the update stops after this iteration anyway (checked then, whatever sanity_every says)."""
+        if not self.due(config, iteration, last):
             return False
         broke, too_far = self._verdict(trainer, config, iteration)
         if not trainer.dist.any(bool(broke) or too_far):
@@ -214,14 +227,42 @@ def _key(at: float) -> str:
     return str(int(at)) if at >= 1 else f"x{at:g}"
 
 
+@dataclass
+class TimeBudget:
+    """When a round's policy update must end (monotonic seconds; setting round_max_minutes, the gate's
+    time taken off): another iteration starts only if one as long as the longest so far, plus a
+    guard check as long as the longest so far (the one that follows the last iteration), still ends
+    by then. The first iteration always runs; before the first check its length is not known (0)."""
+
+    ends_at: float
+    steps: list[float] = field(default_factory=list)
+    """Seconds of each iteration's step (rollout, scoring, training, weight sync)."""
+    checks: list[float] = field(default_factory=list)
+    """Seconds of each of the guard's checks."""
+    spent: bool = False
+    """The update stopped here: another iteration would not have fitted."""
+    started: float = field(default_factory=time.monotonic)
+
+    def room_for_another(self) -> bool:
+        need = max(self.steps, default=0.0) + max(self.checks, default=0.0)
+        return time.monotonic() + need <= self.ends_at
+
+    def record(self) -> dict[str, Any]:
+        """What the round's record keeps (`ppo.time_budget`)."""
+        return {"seconds": round(self.ends_at - self.started, 1), "stopped_the_update": self.spent,
+                "longest_iteration_s": round(max(self.steps, default=0.0), 1),
+                "longest_check_s": round(max(self.checks, default=0.0), 1)}
+
+
 def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,
             on_iteration: Callable[[IterationStats], None] | None = None,
             should_stop: Callable[[], bool] | None = None, guard: UpdateGuard | None = None,
-            progress: bool = False) -> list[IterationStats]:
+            progress: bool = False, budget: TimeBudget | None = None) -> list[IterationStats]:
     """`config.iterations` iterations, each on `prompts_per_iteration` prompts drawn from `prompts`
     (shuffled, cycling; batch_size answers in all). Stops early, between iterations, when
-    `should_stop()` says so, the KL budget is spent (`kl_spent`, setting ppo_stop_kl) or `guard`
-    found a broken sanity prompt (the policy is then back on the last good weights)."""
+    `should_stop()` says so, the KL budget is spent (`kl_spent`, setting ppo_stop_kl), `guard`
+    found a broken sanity prompt (the policy is then back on the last good weights) or `budget` has
+    no room for another iteration (rank 0's; the other ranks pass None and join its decision)."""
     if not prompts:
         raise ValueError("prompts: PPO needs at least one prompt")
     order: list[int] = []
@@ -237,6 +278,7 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
                 fresh = list(range(len(prompts)))
                 trainer.rng.shuffle(fresh)
                 order = fresh + order
+            started = time.monotonic()
             stats = trainer.step([prompts[order.pop()] for _ in range(config.prompts_per_iteration)])
             history.append(stats)
             log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s, %.1f "
@@ -245,12 +287,33 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
             if on_iteration is not None:
                 on_iteration(stats)
             bar.update(task, advance=1, reward=stats.reward_mean, kl=stats.kl)
-            if guard is not None and guard.after(trainer, config, len(history)):
-                break
-            if trainer.dist.any(kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window)):
-                log.info("ppo: KL budget %.2f spent after %d iterations", config.stop_kl, len(history))
+            if _stops_after(config, trainer, history, guard, budget, time.monotonic() - started):
                 break
     return history
+
+
+def _stops_after(config: PPOConfig, trainer: PPOTrainer, history: list[IterationStats],
+                 guard: UpdateGuard | None, budget: TimeBudget | None, step_s: float) -> bool:
+    """After an iteration: whether the update stops here (the KL budget spent, no time for another,
+    or a check failed), the guard's checks run on the weights it stops on. Every rank decides alike."""
+    n = len(history)
+    spent = trainer.dist.any(kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window))
+    if budget is not None:
+        budget.steps.append(step_s)
+    late = n < config.iterations and trainer.dist.any(budget is not None and not budget.room_for_another())
+    if guard is not None:
+        started, checked = time.monotonic(), guard.due(config, n, spent or late)
+        if guard.after(trainer, config, n, last=spent or late):
+            return True
+        if budget is not None and checked:
+            budget.checks.append(time.monotonic() - started)
+    if spent:
+        log.info("ppo: KL budget %.2f spent after %d iterations", config.stop_kl, n)
+    if late:
+        log.info("ppo: the round's time budget has no room for iteration %d", n + 1)
+        if budget is not None:
+            budget.spent = True
+    return spent or late
 
 
 def _progress(enabled: bool) -> Any:

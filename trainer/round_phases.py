@@ -20,6 +20,7 @@ the round's record. A round resumed after a crash with its candidate saved runs 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ from trainer.gate import ChampionAnswers, GateModels, GateThresholds, GateVerdic
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats
-from trainer.ppo_loop import KLProbe, UpdateGuard, run_ppo
+from trainer.ppo_loop import KLProbe, TimeBudget, UpdateGuard, run_ppo
 from trainer.sanity import SanityCheck
 from trainer.ppo_math import kl_spent
 from trainer.ppo_config import PPOConfig
@@ -72,6 +73,8 @@ class RoundJob:
     """The candidate was saved before a crash: gate and publish it, no PPO."""
     timer: PhaseTimer
     """Seconds per phase, in the round's record as `timings`."""
+    ends_by: float | None = None
+    """When the round must end (monotonic seconds; setting round_max_minutes); None: no budget."""
 
 
 def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.Event | None, crew: Crew, *,
@@ -83,6 +86,7 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
     def stopped() -> bool:
         return stop is not None and stop.is_set()
 
+    ends_by = time.monotonic() + settings.round_max_minutes * 60 if settings.round_max_minutes else None
     registry = Registry(settings.registry_path)
     serving = registry.state().champion
     timer = PhaseTimer()
@@ -121,7 +125,8 @@ def run_phases(ctx: RoundContext, engine: RolloutEngine | None, stop: threading.
     config = PPOConfig.from_settings(settings, missing_eos_penalty=eos["penalty"])
     job = RoundJob(registry=registry, engine=engine, config=config,
                    reward_model=rm, champion=champion, train_prompts=train_prompts, held_prompts=held_prompts,
-                   vote_pairs=inputs.vote_pairs, stopped=stopped, crew=crew, resuming=resuming, timer=timer)
+                   vote_pairs=inputs.vote_pairs, stopped=stopped, crew=crew, resuming=resuming, timer=timer,
+                   ends_by=ends_by)
     try:
         return _ppo_gate_publish(ctx, job)
     finally:
@@ -155,10 +160,18 @@ def _refresh(ctx: RoundContext, registry: Registry, serving: str | None, crew: C
         mark = int(read_manifest(current)["data"]["trained_through_rowid"]) if current else 0
         if new_votes_since(settings, mark) > 0:
             base = registry.path(serving) if serving else settings.model_dir
-            result = refresh_reward_model(settings, RewardConfig.from_settings(settings), base_model=base,
+            config = RewardConfig.from_settings(settings, max_minutes=refresh_minutes(settings))
+            result = refresh_reward_model(settings, config, base_model=base,
                                           progress=ctx.options.progress, dist=crew.dist or ONE_PROCESS,
                                           announce=lambda plan: crew.order("refresh", plan))
             ctx.state["reward_refresh"] = {"accepted": result.accepted, "reason": result.reason}
+
+
+def refresh_minutes(settings: Settings) -> float | None:
+    """The refresh's time budget: reward_max_minutes, or round_refresh_share of round_max_minutes if
+    that is less; None: none."""
+    share = settings.round_max_minutes * settings.round_refresh_share if settings.round_max_minutes else None
+    return min(filter(None, (settings.reward_max_minutes, share)), default=None)
 
 
 def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
@@ -218,15 +231,19 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
                                      models.scorer, sync_dir, job.crew.dist or ONE_PROCESS, vote_pairs=votes)
             guard = UpdateGuard(champ.check, baseline=champ.sanity,
                                 probe=_kl_probe(ctx.settings, models, held_ids))
+            budget = None if job.ends_by is None else \
+                TimeBudget(job.ends_by - ctx.settings.round_gate_factor * job.timer.seconds["gate_champion"])
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
-                              should_stop=job.stopped, guard=guard, progress=ctx.options.progress)
+                              should_stop=job.stopped, guard=guard, progress=ctx.options.progress,
+                              budget=budget)
     if job.stopped():
         return finish(ctx, "abandoned", {"reason": f"SIGTERM after {len(history)} PPO iterations"})
     spent = kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window)
     ctx.state["ppo"] = {**_summary(history), "kl_reference": kl_reference,
                         **({"vote_pairs": len(votes)} if votes else {}),
                         **({"kl_budget_spent": spent} if config.stop_kl is not None else {}),
-                        **({"sanity_guard": guard.record(config)} if config.sanity_every else {})}
+                        **({"sanity_guard": guard.record(config)} if config.sanity_every else {}),
+                        **({"time_budget": budget.record()} if budget is not None else {})}
     ctx.state["ppo_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
     ctx.state["distributed"] = trainer.dist.describe()
     if guard.kept_nothing:

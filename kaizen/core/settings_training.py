@@ -362,3 +362,18 @@ class RoundUpkeepSettings(BaseSettings):
     it is recorded as failed with its reason; the next round waits for new votes."""
     round_retry_backoff: timedelta = timedelta(seconds=60)
     """Wait before a cut-off round is started again, doubled with each attempt."""
+    round_max_minutes: float | None = Field(default=None, gt=0)
+    """Wall-clock budget of one training round (refresh, policy update, gate), for a machine on which
+    the round's sizes (reward epochs, ppo_iterations) take longer than one can wait: two 2-core
+    AVX2-only EPYCs of one name trained the same reward model 111 and 30 steps in 17 minutes. The
+    refresh gets at most round_refresh_share of it (or reward_max_minutes, the less); the update then
+    starts an iteration only if one as long as the longest so far, and a guard check, still leave
+    the gate round_gate_factor x the seconds the champion's gate answers took in this round
+    (trainer/ppo_loop.py, TimeBudget). One iteration always runs. The round's record says so
+    (`ppo.time_budget`). None: no budget."""
+    round_refresh_share: float = Field(default=0.35, gt=0, le=1)
+    """The refresh's share of round_max_minutes (the loop rows of 2026-12-04/05: 23-33% of a round)."""
+    round_gate_factor: float = Field(default=2.5, ge=0)
+    """The gate's time as a multiple of the champion's gate answers' (the phase before the update):
+    the gate samples as many from the candidate and reads their rewards, KL and sanity prompts (the
+    loop rows of 2026-12-05 on the AVX2-only EPYC: 211 s after 85, 193 s after 88)."""
