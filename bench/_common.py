@@ -68,9 +68,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def provenance() -> str:
+    """Where a report was made: commit, CPU, cores, python, date; for a bench that loaded torch, also
+    the machine's float32 matmul speed (two 2-core EPYCs of one name differed 2-3x in it)."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    return (f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    speed = ""
+    if "torch" in sys.modules:  # an HTTP bench does not load torch for this
+        from kaizen.core.hardware import matmul_gflops
+
+        speed = f", matmul {matmul_gflops() or 0:.0f} GFLOPS"
+    return (f"commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores{speed}, "
             f"python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
 
 

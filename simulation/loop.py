@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 @dataclass
 class LoopConfig:
     out_dir: Path

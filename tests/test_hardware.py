@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -166,6 +167,10 @@ def test_the_machines_speed_is_measured_and_shown_with_its_name() -> None:
                             "dtypes": {"engine_dtype": "float32"}, "torch": "2.13.0", "vllm": "0.1"})
     assert line.startswith("AMD EPYC (avx2), 2 cores, matmul 64 GFLOPS, float32 engine"), line
     assert "GFLOPS" not in machine_summary({"cpu": "AMD EPYC", "isa": ["avx2"], "cores": 2})
+    # every torch bench's report carries it too (bench/_common.py provenance; torch is loaded here)
+    from bench._common import provenance
+
+    assert re.search(r"\d+ cores, matmul [1-9]\d* GFLOPS, python ", provenance()), provenance()
 
 
 def test_the_resolved_dtype_is_what_the_trainer_and_the_engine_use(caplog: pytest.LogCaptureFixture,

@@ -393,7 +393,7 @@ def test_a_round_out_of_time_stops_its_update_and_checks_the_weights_it_stops_on
     leaves none, so one iteration of the four runs; the guard, which checks every 5th iteration and
     the last, checks that one (it is the candidate the gate reads), and the record says why the
     update stopped. The refresh's share of the budget is the reward training's time limit."""
-    from trainer.round_phases import refresh_minutes
+    from trainer.round_phases import gate_factor, refresh_minutes
 
     settings = round_settings(tmp_path, world["champion"], world["broker"], world["pass"], ppo_lr=4e-4,
                               round_max_minutes=10.0, round_refresh_share=1.0, round_gate_factor=1e6)
@@ -408,6 +408,14 @@ def test_a_round_out_of_time_stops_its_update_and_checks_the_weights_it_stops_on
     guard = ppo["sanity_guard"]
     assert (guard["every"], guard["failed_at"], guard["kept_iteration"]) == (5, None, 1), guard
     assert [e["iteration"] for e in round_events(settings) if e["kind"] == "iteration"] == [1]
+    # the next round reserves for its gate what this one's took, in units of its champion's answers
+    # (more than the setting's factor), or the factor where that is more
+    timings = record["timings"]
+    measured = timings["gate"] / timings["gate_champion"]
+    assert gate_factor(settings.model_copy(update={"round_gate_factor": 0.0})) == pytest.approx(measured)
+    assert gate_factor(settings) == 1e6
+    fresh = round_settings(tmp_path / "no-rounds", world["champion"], world["broker"], world["pass"])
+    assert gate_factor(fresh) == fresh.round_gate_factor == 2.5
     # the refresh's limit: the round's share, or reward_max_minutes where that is less
     shares = [refresh_minutes(settings.model_copy(update=u)) for u in (
         {"round_refresh_share": 0.3}, {"round_refresh_share": 0.3, "reward_max_minutes": 2.0},

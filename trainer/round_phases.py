@@ -32,6 +32,7 @@ import torch
 from kaizen.core.events import ended_gap
 from kaizen.core.model_events import emit
 from kaizen.core.registry import Registry
+from kaizen.core.rounds_log import read_rounds
 from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS
 from trainer.gate import ChampionAnswers, GateModels, GateThresholds, GateVerdict, gate_answers, measure_gate
@@ -174,6 +175,17 @@ def refresh_minutes(settings: Settings) -> float | None:
     return min(filter(None, (settings.reward_max_minutes, share)), default=None)
 
 
+def gate_factor(settings: Settings) -> float:
+    """How many times the champion's gate answers' seconds the gate will take: what the latest round
+    that gated measured (its `timings`, rounds.jsonl), where that is more than round_gate_factor (on
+    the slow AVX2-only EPYC of 2026-12-05 the gate took 3.3x, 597 s after 182)."""
+    for record in read_rounds(settings):
+        timings = record.get("timings") or {}
+        if timings.get("gate") and timings.get("gate_champion"):
+            return max(settings.round_gate_factor, float(timings["gate"]) / float(timings["gate_champion"]))
+    return settings.round_gate_factor
+
+
 def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     """2. train candidate (PPO; skipped when resuming) -> 3. gate -> 4. publish."""
     settings, config = ctx.settings, job.config
@@ -232,7 +244,7 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
             guard = UpdateGuard(champ.check, baseline=champ.sanity,
                                 probe=_kl_probe(ctx.settings, models, held_ids))
             budget = None if job.ends_by is None else \
-                TimeBudget(job.ends_by - ctx.settings.round_gate_factor * job.timer.seconds["gate_champion"])
+                TimeBudget(job.ends_by - gate_factor(ctx.settings) * job.timer.seconds["gate_champion"])
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
                               should_stop=job.stopped, guard=guard, progress=ctx.options.progress,
                               budget=budget)

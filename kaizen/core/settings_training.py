@@ -376,4 +376,5 @@ class RoundUpkeepSettings(BaseSettings):
     round_gate_factor: float = Field(default=2.5, ge=0)
     """The gate's time as a multiple of the champion's gate answers' (the phase before the update):
     the gate samples as many from the candidate and reads their rewards, KL and sanity prompts (the
-    loop rows of 2026-12-05 on the AVX2-only EPYC: 211 s after 85, 193 s after 88)."""
+    loop rows of 2026-12-05 on the AVX2-only EPYC: 211 s after 85, 193 s after 88). At least this; the
+    ratio the latest gated round measured where more (a slower EPYC: 597 s after 182, 3.3x)."""
