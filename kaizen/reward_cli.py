@@ -224,7 +224,8 @@ def _manifest(trained: TrainedOffline, config: RewardConfig, dist: Dist) -> dict
         "data": {"files": trained.counts, "train_pairs": len(trained.train_pairs),
                  "early_stop_pairs": len(held), "trained_through_rowid": 0},
         "metrics": {"held_out": trained.metrics, "train": {**result.record(), "losses": result.losses}},
-        "reward_norm": {**reward_stats(trained.model, trained.tokenizer, reference, config),
+        "reward_norm": {**(trained.metrics["norm"] if held else
+                           reward_stats(trained.model, trained.tokenizer, reference, config)),
                         "reference": "held-out split, both answers" if held else "first training pairs"},
         "config": asdict(config),
         "distributed": dist.describe(),

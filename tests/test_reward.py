@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import random
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from trainer.reward_data import (
     read_pairs_file,
     split_pairs,
 )
-from trainer.reward_eval import evaluate, pairwise_metrics, score_pairs, wilson_interval
+from trainer.reward_eval import evaluate, pairwise_metrics, reward_stats, score_pairs, wilson_interval
 from trainer.reward_model import (
     FROM_SETTINGS,
     RewardConfig,
@@ -286,6 +287,20 @@ def test_synthetic_preference_is_learned_and_every_parameter_changes(tiny_model:
     assert not unchanged, f"parameters not trained: {unchanged}"
 
 
+def test_the_time_budget_counts_from_the_clock_it_is_given(tiny_model: Path) -> None:
+    """max_minutes counts from `clock_from` (a round's refresh passes its own start, so loading and
+    scoring before the first step are spent from it): a budget already spent there stops training
+    after its first step; the same budget counted from now lets every step run."""
+    train, config = synthetic_pairs(48, seed=3), tiny_config(max_minutes=1.0, epochs=1)
+    model, tok = load_reward_model(tiny_model, seed=0)
+    spent = train_reward_model(model, tok, train, [], config, progress=False,
+                               clock_from=time.monotonic() - 61)
+    model, tok = load_reward_model(tiny_model, seed=0)
+    fresh = train_reward_model(model, tok, train, [], config, progress=False)
+    assert (spent.stopped, spent.steps) == ("time budget", 1), (spent.stopped, spent.steps)
+    assert (fresh.stopped, fresh.steps) == ("done", 6), (fresh.stopped, fresh.steps)
+
+
 def length_and_marker_pairs(n: int, seed: int, tie: bool) -> list[Pair]:
     """Decided pairs (tie False): the chosen answer has MARKER and is the longer one, so a model may
     learn either. Tie pairs: neither has MARKER and one is much longer; the voter saw no difference."""
@@ -403,7 +418,12 @@ def test_refresh_accepts_a_good_rm_then_rejects_flipped_labels(tmp_path: Path, t
     assert manifest["parent"] is None and manifest["version"] == "rm-v1" and manifest["created"]
     assert manifest["data"]["trained_through_rowid"] == 122
     assert manifest["metrics"]["holdout"]["accuracy"] > 0.9
-    assert manifest["reward_norm"]["std"] > 0 and manifest["reward_norm"]["n"] > 0
+    # the norm comes from the held-out metrics' scores (no second pass): what scoring the slice reads
+    norm, (model, tok) = manifest["reward_norm"], load_reward_model(v1)
+    again = reward_stats(model, tok, first.held, first.config)
+    assert norm["n"] == again["n"] == 2 * len(first.held) and norm["std"] > 0, (norm, again)
+    assert (norm["mean"], norm["std"]) == (pytest.approx(again["mean"], abs=1e-4),
+                                           pytest.approx(again["std"], rel=1e-3)), (norm, again)
     ties = manifest["data"]["new"]["ties"] + manifest["data"]["holdout"]["ties"]
     both_bad = manifest["data"]["new"]["both_bad"] + manifest["data"]["holdout"]["both_bad"]
     assert (ties, both_bad) == (1, 1)

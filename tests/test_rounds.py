@@ -143,6 +143,10 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     assert gate["kl_max_tokens"] == settings.default_max_tokens > settings.ppo_response_length
     assert "kl_rollout_length" in gate and 0 < gate["kl_answer_tokens"] <= settings.default_max_tokens
     assert set(gate["seconds"]) == {"answers", "kl", "scores", "sanity"}, gate["seconds"]
+    # the guard's last check read these very weights (saved in float32 as trained): the gate took its KL
+    guard = record["ppo"]["sanity_guard"]
+    assert gate["kl_read_by"] == "guard", (gate, guard)
+    assert gate["kl"] == guard["kl"]["4"] == guard["candidate_kl"]["kl"], (gate, guard)
     print(f"\nheld-out reward champion {gate['reward_champion']:+.3f} -> candidate {gate['reward_candidate']:+.3f}, "
           f"win rate {gate['win_rate']:.3f}, KL {gate['kl']:.3f}; ppo {record['ppo']}")
 
@@ -483,10 +487,11 @@ class GuardRig:
 
     def kl(self) -> float:
         """The guard's (and the gate's) KL reading of what the engine holds, against the champion."""
+        from trainer.gate import checked_kl
         from trainer.ppo_loop import KLProbe
 
         probe = KLProbe(self.reference, self.held_ids, self.settings, max_kl=0.0)
-        return probe.read(self.trainer, self.config)
+        return checked_kl(probe.read(self.trainer, self.config), self.settings)
 
 
 def guard_rig(world: dict[str, Any], engine: Any, tmp_path: Path, halvings: int) -> GuardRig:
@@ -532,6 +537,8 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
         assert not guard.after(trainer, config, 2), guard.record(config)
         small = guard.kls[2]
         assert 0.0 < small < 1.0 and guard.good_iteration == 2, guard.kls
+        assert guard.candidate_kl == guard.readings[2] and guard.candidate_kl["kl"] == small
+        assert not guard.after(trainer, config, 3) and guard.candidate_kl is None  # moved, not checked
         kept = norm.detach().clone()
         save_policy(policy, tok, tmp_path / "kept", torch.float32)
         with torch.no_grad():
@@ -548,6 +555,13 @@ def test_the_guard_keeps_the_last_weights_under_the_gates_kl_and_reads_it_as_the
         gate = candidate_kl(engine, tmp_path / "kept", models, held_ids,
                             held_answers(engine, held_ids, settings, config), settings, config)
         assert gate["kl_max_tokens"] == 24 and gate["kl"] == pytest.approx(small, abs=1e-3), (gate, small)
+        # back on iteration 2's weights, the guard holds their reading: the gate may take it as its own
+        assert record["candidate_kl"] == guard.readings[2], record
+        taken = candidate_kl(engine, tmp_path / "kept", models, held_ids,
+                             held_answers(engine, held_ids, settings, config), settings, config,
+                             known=record["candidate_kl"])
+        assert (gate["kl_read_by"], taken["kl_read_by"], taken["kl"]) == ("gate", "guard", small), taken
+        assert taken["kl_rollout_length"] == pytest.approx(gate["kl_rollout_length"], abs=1e-3), (taken, gate)
     finally:
         engine.load_weights(world["champion"])
 
@@ -582,6 +596,7 @@ def test_the_guard_keeps_half_of_a_step_that_went_too_far_where_half_passes(
         assert (record["failed_at"], record["kept_iteration"], record["kept_fraction"]) == (2, 0, 0.5), record
         assert record["kl"]["2"] == pytest.approx(far, abs=1e-3) and not guard.kept_nothing, record
         assert record["kl"]["x0.5"] == pytest.approx(near, abs=1e-3), record
+        assert record["candidate_kl"]["kl"] == record["kl"]["x0.5"], record  # what the gate will take
         assert torch.allclose(norm, start * 1.25), (norm[:4], start[:4])
     finally:
         engine.load_weights(world["champion"])

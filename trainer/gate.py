@@ -183,11 +183,23 @@ class GateModels:
 
 
 def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, held_ids: list[list[int]],
-                 cand: list[Sample], settings: Settings, config: PPOConfig) -> dict[str, Any]:
+                 cand: list[Sample], settings: Settings, config: PPOConfig,
+                 known: dict[str, Any] | None = None) -> dict[str, Any]:
     """`read_kl` of the candidate saved in `candidate` (which `engine` holds), with `cand` (the
-    gate's own answers, at the rollouts' length) to stand in for, or to compare with, the long ones."""
+    gate's own answers, at the rollouts' length) to stand in for, or to compare with, the long ones.
+    `known`: the update's guard's reading of these very weights (`UpdateGuard.candidate_kl`), which
+    the gate takes instead of reading it again (kl_read_by "guard"): the same prompts, seeds and
+    weights give the same number (the 2026-12-05 loop row: 0.5962102 both), and on the 2-core EPYC
+    the second reading was 180 s of a 597-s gate. Only the rollout-length diagnostic is read here."""
     policy, _, _ = load_policy(candidate)
-    return read_kl(engine, policy, models.kl_reference, models.tokenizer, held_ids, settings, config, cand)
+    if known is None:
+        return {**read_kl(engine, policy, models.kl_reference, models.tokenizer, held_ids, settings, config,
+                          cand), "kl_read_by": "gate"}
+    out = {**known, "kl_read_by": "guard"}
+    if int(known["kl_max_tokens"]) > config.response_length:
+        out["kl_rollout_length"] = _mean_kl(policy, models.kl_reference, models.tokenizer, held_ids,
+                                            firsts(cand, 1), config)
+    return out
 
 
 def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWithValue, tokenizer: Any,
@@ -217,18 +229,22 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
     else:  # the guard: the gate's first answers, sampled again
         answers = held_answers(engine, held_ids, settings, config, n=settings.gate_kl_samples)
 
-    def mean_kl(samples: list[Sample]) -> float:
-        kls = kl_to_reference(policy, reference, tokenizer, [held_ids[s.prompt] for s in samples],
-                              [s.token_ids for s in samples], config.temperature)
-        return sum(kls) / len(kls)
-
     tokens = sum(len(s.token_ids) for s in answers) / len(answers)
-    out = {"kl": mean_kl(answers), "kl_max_tokens": limit if longer else config.response_length,
+    out = {"kl": _mean_kl(policy, reference, tokenizer, held_ids, answers, config),
+           "kl_max_tokens": limit if longer else config.response_length,
            "kl_answer_tokens": tokens, "kl_answers": len(answers)}
     out["kl_per_token"] = out["kl"] / max(tokens, 1.0)
     if longer and cand is not None:
-        out["kl_rollout_length"] = mean_kl(firsts(cand, 1))
+        out["kl_rollout_length"] = _mean_kl(policy, reference, tokenizer, held_ids, firsts(cand, 1), config)
     return out
+
+
+def _mean_kl(policy: PolicyWithValue, reference: PolicyWithValue, tokenizer: Any, held_ids: list[list[int]],
+             samples: list[Sample], config: PPOConfig) -> float:
+    """The mean over `samples` of `policy`'s k1 KL to `reference`, summed over each answer's tokens."""
+    kls = kl_to_reference(policy, reference, tokenizer, [held_ids[s.prompt] for s in samples],
+                          [s.token_ids for s in samples], config.temperature)
+    return sum(kls) / len(kls)
 
 
 def firsts(samples: Sequence[Sample], n: int) -> list[Sample]:
@@ -244,15 +260,17 @@ def firsts(samples: Sequence[Sample], n: int) -> list[Sample]:
 
 def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, held_prompts: list[Messages],
                  held_ids: list[list[int]], champ: ChampionAnswers, settings: Settings,
-                 config: PPOConfig) -> tuple[dict[str, Any], GateVerdict]:
+                 config: PPOConfig,
+                 known_kl: dict[str, Any] | None = None) -> tuple[dict[str, Any], GateVerdict]:
     """With the engine holding the weights saved in `candidate`: answer the held-out prompts, score
     both sides against the champion's answers, run the sanity prompts against the champion's;
-    returns (the gate's record, its verdict). The record's `seconds` times each part."""
+    returns (the gate's record, its verdict). The record's `seconds` times each part. `known_kl`:
+    the guard's reading of the candidate's KL (`candidate_kl`)."""
     timer = PhaseTimer()
     with timer("answers"):
         _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
     with timer("kl"):
-        kl = candidate_kl(engine, candidate, models, held_ids, cand, settings, config)
+        kl = candidate_kl(engine, candidate, models, held_ids, cand, settings, config, known_kl)
     cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
     theirs = sorted(champ.held, key=lambda s: int(s.prompt))
 

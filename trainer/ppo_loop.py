@@ -13,13 +13,14 @@ An update that stops between the guard's checks (KL spent, time up) has its last
 as the last iteration's are, so the candidate the gate reads has always passed the guard.
 
 The gate (trainer/gate.py) runs the same sanity check (trainer/sanity.py) and the same KL reading
-on the finished candidate; the guard runs them during the update, on the rollout engine that
-already holds each iteration's weights, so a round whose policy loses what the champion knew, or
-moves too far, late still hands the gate the last weights that passed, instead of spending the
-gate on a candidate it must refuse. The KL matters most: a round's rollouts read the KL at their
-own length (64 tokens), the gate at the service's (256), and the two drift apart late in a round
-(the thirty-sixth and thirty-eighth loop rows: gate win rates 0.742 and 0.775, both refused for
-KL 3.49 and 3.63 > 3.0; 2.90 at the rollouts' length).
+on the finished candidate (the KL it takes from the guard, `UpdateGuard.candidate_kl`, where the
+guard's last check read the very weights the gate loads); the guard runs them during the update,
+on the rollout engine that already holds each iteration's weights, so a round whose policy loses
+what the champion knew, or moves too far, late still hands the gate the last weights that passed,
+instead of spending the gate on a candidate it must refuse. The KL matters most: a round's
+rollouts read the KL at their own length (64 tokens), the gate at the service's (256), and the two
+drift apart late in a round (the thirty-sixth and thirty-eighth loop rows: gate win rates 0.742
+and 0.775, both refused for KL 3.49 and 3.63 > 3.0; 2.90 at the rollouts' length).
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ class KLProbe:
     """Whether the round's starting weights differ from the reference (ppo_reference=base from a
     later version): their KL is read before the first iteration; else it is 0."""
 
-    def read(self, trainer: PPOTrainer, config: PPOConfig) -> float:
+    def read(self, trainer: PPOTrainer, config: PPOConfig) -> dict[str, Any]:
+        """`read_kl`'s record of the engine's weights; the guard bounds its `checked_kl`."""
         assert trainer.engine is not None
         kl = read_kl(trainer.engine, trainer.policy, self.reference, trainer.tokenizer, self.held_ids,
                      self.settings, config)
         trainer.policy.train()  # read_kl reads in eval mode; the update trains
-        return checked_kl(kl, self.settings)
+        return kl
 
 
 @dataclass
@@ -96,6 +98,10 @@ class UpdateGuard:
     candidate keeps, after `guard_halvings` halvings; 0: none, the weights are good_iteration's."""
     kls: dict[float, float] = field(default_factory=dict)
     """The probe's KL at each check, by iteration, and at each halving, by the step's fraction (rank 0)."""
+    readings: dict[float, dict[str, Any]] = field(default_factory=dict)
+    """The probe's whole record (`read_kl`) at each check, keyed as `kls` (rank 0)."""
+    read_now: float | None = None
+    """The key in `readings` of the weights the policy holds now; None: moved since the last check."""
     start_kl: float = 0.0
     """The starting weights' KL to the probe's reference, with a `round_kl` (rank 0)."""
 
@@ -128,7 +134,7 @@ class UpdateGuard:
                 self.baseline = self.answers(trainer)
             probe = self.probe
             if probe and probe.round_kl is not None and probe.from_start and trainer.engine is not None:
-                self.start_kl = probe.read(trainer, config)
+                self.start_kl = checked_kl(probe.read(trainer, config), probe.settings)
                 log.info("ppo: the starting weights' KL %.2f; this round keeps the policy under %.2f",
                          self.start_kl, self.max_kl)
             self._keep(trainer, 0)
@@ -146,10 +152,12 @@ class UpdateGuard:
         far as `config.guard_halvings` allows, where that passes the checks; else the last good ones.
         `last`: the update stops after this iteration anyway (checked then, whatever sanity_every says)."""
         if not self.due(config, iteration, last):
+            self.read_now = None
             return False
         broke, too_far = self._verdict(trainer, config, iteration)
         if not trainer.dist.any(bool(broke) or too_far):
             self._keep(trainer, iteration)
+            self.read_now = iteration
             return False
         self.failed_at, self.failed = iteration, broke
         why = [f"sanity prompt {f['prompt']!r}: share of matching answers {f['reference_share']:.2f} -> "
@@ -162,11 +170,12 @@ class UpdateGuard:
             trainer.sync()
             broke, too_far = self._verdict(trainer, config, fraction)
             if not trainer.dist.any(bool(broke) or too_far):
-                self.kept_fraction = fraction
+                self.kept_fraction, self.read_now = fraction, fraction
                 log.warning("ppo: kept iteration %d's weights plus %.3g of the step to iteration %d (%s)",
                             self.good_iteration, fraction, iteration, self._kl_text(fraction))
                 return True
         self._toward_good(trainer, 0.0)
+        self.read_now = self.good_iteration or None
         log.warning("ppo: back to iteration %d's weights", self.good_iteration)
         return True
 
@@ -174,6 +183,12 @@ class UpdateGuard:
     def kept_nothing(self) -> bool:
         """A check failed before any passed and no part of the step was kept: no candidate."""
         return self.failed_at is not None and self.good_iteration == 0 and not self.kept_fraction
+
+    @property
+    def candidate_kl(self) -> dict[str, Any] | None:
+        """The probe's record of the weights the policy holds now, when a check read these very weights
+        (rank 0): at the end of an update, the candidate's KL as the gate would read it again."""
+        return self.readings.get(self.read_now) if self.read_now else None
 
     def record(self, config: PPOConfig) -> dict[str, Any]:
         """What the round's record keeps (`ppo.sanity_guard`): with a halved step, its `kept_fraction`
@@ -184,8 +199,9 @@ class UpdateGuard:
             kl |= {"round_kl": probe.round_kl, "start_kl": self.start_kl}
         failed = {"failed": self.failed} if self.failed else {}
         kept = {"kept_fraction": self.kept_fraction} if self.kept_fraction else {}
+        read = {"candidate_kl": self.candidate_kl} if self.candidate_kl else {}
         return {"every": config.sanity_every, "failed_at": self.failed_at,
-                "kept_iteration": self.good_iteration, **kept, **failed, **kl}
+                "kept_iteration": self.good_iteration, **kept, **failed, **kl, **read}
 
     def _verdict(self, trainer: PPOTrainer, config: PPOConfig,
                  at: float) -> tuple[list[dict[str, Any]], bool]:
@@ -194,7 +210,8 @@ class UpdateGuard:
         broke = self.failing(trainer)
         if self.probe is None or trainer.engine is None:
             return broke, False
-        self.kls[at] = self.probe.read(trainer, config)
+        self.readings[at] = self.probe.read(trainer, config)
+        self.kls[at] = checked_kl(self.readings[at], self.probe.settings)
         log.info("ppo: check at %s: %s, sanity prompts %s", _key(at), self._kl_text(at),
                  "broken" if broke else "kept")
         return broke, self.kls[at] > self.max_kl

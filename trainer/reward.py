@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from kaizen.core.atomic_files import write_atomic
 from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS, Dist
 from trainer.reward_data import Pair, PairCounts, encode_pairs, pairs_from_events, split_pairs
-from trainer.reward_eval import evaluate, reward_stats
+from trainer.reward_eval import evaluate
 from trainer.reward_model import MANIFEST, RewardConfig, load_reward_model, read_manifest, save_model
 from trainer.reward_train import TrainResult, train_reward_model
 from trainer.store import PreferenceStore, held_out
@@ -180,7 +181,9 @@ class Trained:
 
 
 def train_refresh(plan: RefreshPlan, *, progress: bool = False, dist: Dist = ONE_PROCESS) -> Trained:
-    """The part of a refresh every rank runs: load, measure the parent, train, measure again."""
+    """The part of a refresh every rank runs: load, measure the parent, train, measure again. The
+    training's max_minutes counts from here."""
+    started = time.monotonic()
     config = plan.config
     config.apply_threads()
     model, tokenizer = load_reward_model(plan.base, seed=config.seed)
@@ -189,7 +192,7 @@ def train_refresh(plan: RefreshPlan, *, progress: bool = False, dist: Dist = ONE
     started_trained = plan.current or plan.init  # a reward model already: what training must not undo
     before = evaluate(model, enc_held, config, tokenizer.pad_token_id, dist) if started_trained else None
     result = train_reward_model(model, tokenizer, plan.train, plan.early_stop, config, progress=progress,
-                                dist=dist)
+                                dist=dist, clock_from=started)
     after = evaluate(model, enc_held, config, tokenizer.pad_token_id, dist)
     return Trained(model, tokenizer, result, before, after)
 
@@ -248,8 +251,7 @@ def gate_and_register(settings: Settings, plan: RefreshPlan, trained: Trained,
                  "holdout": plan.held_counts.as_dict(), "early_stop_pairs": len(plan.early_stop),
                  "trained_through_rowid": plan.through},
         "metrics": metrics,
-        "reward_norm": {**reward_stats(trained.model, trained.tokenizer, plan.held, plan.config),
-                        "reference": "held-out slice, both answers"},
+        "reward_norm": {**after["norm"], "reference": "held-out slice, both answers"},
         "config": asdict(plan.config),
         "distributed": dist.describe(),
     }

@@ -95,9 +95,11 @@ def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
 
 def evaluate(model: Any, encoded: Sequence[EncodedPair], config: RewardConfig, pad_id: int,
              dist: Dist = ONE_PROCESS) -> dict[str, Any]:
-    """`pairwise_metrics` of `encoded`; the same numbers on every rank (score_pairs)."""
+    """`pairwise_metrics` of `encoded` and, as "norm", the `score_norm` of both answers' scores (what
+    a manifest's reward_norm holds: read here, a refresh need not score its held-out slice a second
+    time after its held-out metrics, as it did until 2026-12-06); the same numbers on every rank."""
     chosen, rejected = score_pairs(model, encoded, config, pad_id, dist)
-    return pairwise_metrics(chosen, rejected)
+    return {**pairwise_metrics(chosen, rejected), "norm": score_norm(torch.cat([chosen, rejected]))}
 
 
 def format_metrics(name: str, m: dict[str, Any]) -> str:
@@ -118,9 +120,14 @@ def format_metrics(name: str, m: dict[str, Any]) -> str:
 def reward_stats(model: Any, tokenizer: Any, pairs: Sequence[Pair], config: RewardConfig) -> dict[str, Any]:
     """Mean and std of rewards over both answers of `pairs`: PPO normalises rewards with them."""
     enc = encode_pairs(tokenizer, pairs, config.max_length)
-    r = score_texts(model, tokenizer, [e.chosen for e in enc] + [e.rejected for e in enc], config)
-    return {"mean": float(r.mean()) if len(r) else 0.0,
-            "std": float(r.std()) if len(r) > 1 else 1.0, "n": len(r)}
+    seqs = [e.chosen for e in enc] + [e.rejected for e in enc]
+    return score_norm(score_texts(model, tokenizer, seqs, config))
+
+
+def score_norm(rewards: torch.Tensor) -> dict[str, Any]:
+    """{"mean", "std", "n"} of rewards (N,); 0 and 1 where there are too few to measure."""
+    return {"mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "std": float(rewards.std()) if len(rewards) > 1 else 1.0, "n": len(rewards)}
 
 
 def length_controlled_win_rate(outcomes: Sequence[float], length_diffs: Sequence[float],

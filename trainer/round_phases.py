@@ -291,10 +291,21 @@ def _gate(ctx: RoundContext, job: RoundJob, models: GateModels, candidate: Path,
         # vLLM reads the saved folder itself
         job.timer.seconds["load_candidate"] = job.engine.load_weights(candidate)
         record, verdict = measure_gate(job.engine, candidate, models, job.held_prompts, held_ids, champ,
-                                       ctx.settings, job.config)
+                                       ctx.settings, job.config, _guards_reading(ctx))
     record["kl_reference"] = models.kl_reference_version
     ctx.state["gate"] = record
     return record, verdict
+
+
+def _guards_reading(ctx: RoundContext) -> dict[str, Any] | None:
+    """The update's guard's KL reading of the candidate's very weights (`UpdateGuard.candidate_kl`),
+    which the gate takes as its own: only where the candidate is saved as trained (candidate_dtype
+    float32; rounded to the champion's dtype, it is other weights)."""
+    if ctx.settings.candidate_dtype != "float32":
+        return None
+    guard = (ctx.state.get("ppo") or {}).get("sanity_guard") or {}
+    reading: dict[str, Any] | None = guard.get("candidate_kl")
+    return reading
 
 
 def _publish(ctx: RoundContext, job: RoundJob, candidate: Path, gate: dict[str, Any],

@@ -100,7 +100,9 @@ class TrainingSettings(BaseSettings):
     """Evaluations without a better held-out accuracy before training stops."""
     reward_seed: int = 0
     reward_max_minutes: float | None = Field(default=None, gt=0)
-    """Wall-clock budget of one training run; unset: none."""
+    """Wall-clock budget of one training run; unset: none. A round's refresh counts it from the
+    refresh's start (model load and the parent's held-out scoring spend it too); `kaizen reward
+    train` from its first step."""
     reward_trunk_cache_mb: int = Field(default=4096, ge=0)
     """With reward_train_layers below the model's depth, the frozen layers' output of each training
     sequence is kept from its first pass and later epochs run the trained layers only
