@@ -191,15 +191,14 @@ def candidate_kl(engine: RolloutEngine, candidate: Path, models: GateModels, hel
     the gate takes instead of reading it again (kl_read_by "guard"): the same prompts, seeds and
     weights give the same number (the 2026-12-05 loop row: 0.5962102 both), and on the 2-core EPYC
     the second reading was 180 s of a 597-s gate. Only the rollout-length diagnostic is read here."""
+    if known is not None and int(known["kl_max_tokens"]) <= config.response_length:
+        return {**known, "kl_read_by": "guard"}  # no longer pass: no diagnostic, nothing to load
     policy, _, _ = load_policy(candidate)
     if known is None:
         return {**read_kl(engine, policy, models.kl_reference, models.tokenizer, held_ids, settings, config,
                           cand), "kl_read_by": "gate"}
-    out = {**known, "kl_read_by": "guard"}
-    if int(known["kl_max_tokens"]) > config.response_length:
-        out["kl_rollout_length"] = _mean_kl(policy, models.kl_reference, models.tokenizer, held_ids,
-                                            firsts(cand, 1), config)
-    return out
+    return {**known, "kl_read_by": "guard", "kl_rollout_length": _mean_kl(
+        policy, models.kl_reference, models.tokenizer, held_ids, firsts(cand, 1), config)}
 
 
 def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWithValue, tokenizer: Any,

@@ -96,10 +96,9 @@ class UpdateGuard:
     kept_fraction: float = 0.0
     """The fraction of the failing step (from good_iteration's weights to failed_at's) that the
     candidate keeps, after `guard_halvings` halvings; 0: none, the weights are good_iteration's."""
-    kls: dict[float, float] = field(default_factory=dict)
-    """The probe's KL at each check, by iteration, and at each halving, by the step's fraction (rank 0)."""
     readings: dict[float, dict[str, Any]] = field(default_factory=dict)
-    """The probe's whole record (`read_kl`) at each check, keyed as `kls` (rank 0)."""
+    """The probe's record (`read_kl`) at each check, by iteration, and at each halving, by the step's
+    fraction (rank 0)."""
     read_now: float | None = None
     """The key in `readings` of the weights the policy holds now; None: moved since the last check."""
     start_kl: float = 0.0
@@ -185,6 +184,13 @@ class UpdateGuard:
         return self.failed_at is not None and self.good_iteration == 0 and not self.kept_fraction
 
     @property
+    def kls(self) -> dict[float, float]:
+        """The KL the guard bounds (`checked_kl`) at each check, keyed as `readings`."""
+        if self.probe is None:
+            return {}
+        return {at: checked_kl(r, self.probe.settings) for at, r in self.readings.items()}
+
+    @property
     def candidate_kl(self) -> dict[str, Any] | None:
         """The probe's record of the weights the policy holds now, when a check read these very weights
         (rank 0): at the end of an update, the candidate's KL as the gate would read it again."""
@@ -211,7 +217,6 @@ class UpdateGuard:
         if self.probe is None or trainer.engine is None:
             return broke, False
         self.readings[at] = self.probe.read(trainer, config)
-        self.kls[at] = checked_kl(self.readings[at], self.probe.settings)
         log.info("ppo: check at %s: %s, sanity prompts %s", _key(at), self._kl_text(at),
                  "broken" if broke else "kept")
         return broke, self.kls[at] > self.max_kl
