@@ -142,7 +142,10 @@ def test_round_publishes_a_candidate_that_beats_the_champion(world: dict[str, An
     # read at the service's answer length (16 here), longer than the rollouts' 8
     assert gate["kl_max_tokens"] == settings.default_max_tokens > settings.ppo_response_length
     assert "kl_rollout_length" in gate and 0 < gate["kl_answer_tokens"] <= settings.default_max_tokens
-    assert set(gate["seconds"]) == {"answers", "kl", "scores", "sanity"}, gate["seconds"]
+    assert {"answers", "kl", "scores", "sanity"} <= set(gate["seconds"]), gate["seconds"]
+    # two stages of 16 pairs (gate_samples 2): the second read only when the first did not settle it
+    assert gate["pairs_planned"] == 32 and gate["pairs"] == gate["stages"][-1]["pairs"] in (16, 32), gate
+    assert ("champion_answers" in gate["seconds"]) == (len(gate["stages"]) == 2), gate
     # the guard's last check read these very weights (saved in float32 as trained): the gate took its KL
     guard = record["ppo"]["sanity_guard"]
     assert gate["kl_read_by"] == "guard", (gate, guard)
@@ -711,6 +714,79 @@ def test_the_gate_reads_kl_at_the_services_answer_length(world: dict[str, Any], 
         gate = candidate_kl(engine, tiny_model, models, held_ids, own, settings, config)
         assert guard["kl_answers"] == gate["kl_answers"] == 4
         assert guard["kl"] == pytest.approx(gate["kl"], abs=1e-4) and gate["kl"] != 0.0, (guard, gate)
+    finally:
+        engine.load_weights(world["champion"])
+
+
+def test_the_gate_in_stages_reads_the_pairs_all_at_once_would_and_stops_when_settled(
+        world: dict[str, Any], engine: Any, tiny_model: Path, tmp_path: Path) -> None:
+    """KAIZEN_GATE_STAGES: the gate reads its answers stage by stage, the champion's later ones drawn
+    with its weights reloaded, on the seeds all at once would use, so read to the end it compares the
+    very pairs of a one-stage gate; and it stops after the first stage when that settles the verdict.
+    The candidate is the random tiny model against the yes/no champion; the reward here is a function
+    of the answer's text (a CRC, mixed wins and losses; then whether it says yes or no, which the
+    random model seldom does):
+    the stages are under test, not a reward model."""
+    import zlib
+
+    from trainer.gate import ChampionAnswers, GateModels, gate_answers, held_answers, measure_gate
+    from trainer.policy import load_policy
+    from trainer.ppo_config import PPOConfig
+    from trainer.sanity import SanityCheck
+
+    anything = tmp_path / "sanity-any.jsonl"  # a sanity prompt every model passes
+    anything.write_text(json.dumps({"prompt": "Is the sky blue?", "expect": ""}) + "\n")
+    reference, tok, _ = load_policy(world["champion"])
+    prompts = [question(random.Random(60 + i)) for i in range(8)]
+
+    def gate(reward: Any, **overrides: Any) -> dict[str, Any]:
+        settings = round_settings(tmp_path / "data", world["champion"], world["broker"], anything,
+                                  gate_samples=4, gate_max_kl=1e9, **overrides)
+        config = PPOConfig.from_settings(settings, missing_eos_penalty=0.0)
+        models = GateModels(reward, reference, tok, reference_version="v0")
+        check = SanityCheck.from_settings(settings)
+        engine.load_weights(world["champion"])
+        first = 4 // settings.gate_stages
+        held_ids, held = gate_answers(engine, tok, prompts, settings, config, n=first)
+        champ = ChampionAnswers(held, check, check.answers(engine, tok, full=True), world["champion"])
+        engine.load_weights(tiny_model)
+        record, verdict = measure_gate(engine, tiny_model, models, prompts, held_ids, champ, settings, config)
+        assert record["passed"] == verdict.passed and record["pairs"] == record["stages"][-1]["pairs"]
+        return record
+
+    def crc(ps: list[Any], texts: list[str]) -> torch.Tensor:
+        return torch.tensor([zlib.crc32(t.encode()) % 1000 / 1000 for t in texts])
+
+    def yes_no(ps: list[Any], texts: list[str]) -> torch.Tensor:
+        return torch.tensor([float(t.startswith(("Yes", "No"))) for t in texts])
+
+    try:
+        # answers 3-4 of each prompt drawn on their own are the same as in a draw of all four
+        engine.load_weights(world["champion"])
+        settings = round_settings(tmp_path / "data", world["champion"], world["broker"], anything, gate_samples=4)
+        config = PPOConfig.from_settings(settings)
+        ids, whole = gate_answers(engine, tok, prompts[:3], settings, config, n=4)
+        later = held_answers(engine, ids, settings, config, n=2, first=2)
+        for p in range(3):
+            assert [s.token_ids for s in whole if s.prompt == p][2:] == \
+                [s.token_ids for s in later if s.prompt == p], (p, whole, later)
+
+        all_at_once = gate(crc, gate_stages=1)
+        read_on = gate(crc, gate_stages=2, gate_settle_z=1e9)  # never settled before the last stage
+        assert [s["pairs"] for s in read_on["stages"]] == [16, 32] and read_on["pairs_planned"] == 32
+        assert all_at_once["pairs"] == read_on["pairs"] == 32 and len(all_at_once["stages"]) == 1
+        for key in ("win_rate", "ties", "reward_candidate", "reward_champion", "length_candidate",
+                    "length_champion", "lc_win_rate"):
+            assert read_on[key] == pytest.approx(all_at_once[key], abs=1e-6), (key, read_on, all_at_once)
+        assert 0.0 < all_at_once["win_rate"] < 1.0, all_at_once  # mixed: the pairs' order matters
+        assert read_on["seconds"]["champion_answers"] > 0 and "reloads" in read_on["seconds"], read_on["seconds"]
+
+        full = gate(yes_no, gate_stages=1)
+        early = gate(yes_no, gate_stages=2)  # the random model seldom says yes or no: clear at once
+        assert not full["passed"] and full["win_rate"] < 0.3, full
+        assert not early["passed"] and [s["pairs"] for s in early["stages"]] == [16], early
+        assert early["pairs"] == 16 and early["win_rate"] < 0.3, early
+        assert "champion_answers" not in early["seconds"], early["seconds"]
     finally:
         engine.load_weights(world["champion"])
 

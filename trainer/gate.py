@@ -23,8 +23,8 @@ seeds; the reward model scores both (less the missing-EOS penalty). The candidat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from kaizen.core.settings import Settings
 from trainer.policy import PolicyWithValue, RewardScorer, encode_prompt, kl_to_reference, load_policy
 from trainer.ppo_config import PPOConfig
+from trainer.gate_stages import settled, stage_sizes
 from trainer.reward_eval import length_controlled_win_rate, wilson_interval
 from trainer.rollout_engine import RolloutEngine, Sample
 from trainer.sanity import SanityCheck
@@ -101,13 +102,11 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
     the length difference), which min_win bounds under thresholds.length_controlled.
     """
     assert len(gaps) == len(same) and gaps, (len(gaps), len(same))
-    tie = [s or abs(g) <= thresholds.tie_margin for g, s in zip(gaps, same, strict=True)]
-    won = sum(1 for g, t in zip(gaps, tie, strict=True) if g > 0 and not t)
-    wins = float(won) + 0.5 * float(sum(tie))
+    outcomes = pair_outcomes(gaps, same, thresholds.tie_margin)
+    wins = sum(outcomes)
     win_rate = wins / len(gaps)
     lc = None
     if length_diffs is not None:
-        outcomes = [0.5 if t else float(g > 0) for g, t in zip(gaps, tie, strict=True)]
         lc = length_controlled_win_rate(outcomes, length_diffs)
     elif thresholds.length_controlled:
         raise ValueError("gate_verdict: a length-controlled gate needs the answers' length differences")
@@ -121,26 +120,35 @@ def gate_verdict(gaps: Sequence[float], same: Sequence[bool], mean_kl: float, fa
         failed.append(f"KL {mean_kl:.3f} > {thresholds.max_kl}{unit}")
     if failed_sanity:
         failed.append("sanity: " + ", ".join(repr(p) for p in failed_sanity))
-    return GateVerdict(not failed, failed, win_rate, wins, sum(tie), lc)
+    return GateVerdict(not failed, failed, win_rate, wins, sum(1 for o in outcomes if o == 0.5), lc)
+
+
+def pair_outcomes(gaps: Sequence[float], same: Sequence[bool], tie_margin: float) -> list[float]:
+    """Each pair's outcome for the candidate: 1 won, 0 lost, 0.5 a tie (the same answer, or rewards
+    within tie_margin: `gate_verdict`)."""
+    return [0.5 if s or abs(g) <= tie_margin else float(g > 0) for g, s in zip(gaps, same, strict=True)]
 
 
 # -- measuring ---------------------------------------------------------------------------------
 
 
 def gate_answers(engine: RolloutEngine, tokenizer: Any, prompts: list[Messages], settings: Settings,
-                 config: PPOConfig) -> tuple[list[list[int]], list[Sample]]:
-    """(prompt ids, sampled answers) to the held-out prompts from whatever weights `engine` holds."""
+                 config: PPOConfig, n: int | None = None) -> tuple[list[list[int]], list[Sample]]:
+    """(prompt ids, gate_samples (or `n`) sampled answers to each) for the held-out prompts from
+    whatever weights `engine` holds."""
     ids = [encode_prompt(tokenizer, m, config.max_prompt_length) for m in prompts]
-    return ids, held_answers(engine, ids, settings, config)
+    return ids, held_answers(engine, ids, settings, config, n)
 
 
 def held_answers(engine: RolloutEngine, held_ids: list[list[int]], settings: Settings,
-                 config: PPOConfig, n: int | None = None) -> list[Sample]:
+                 config: PPOConfig, n: int | None = None, first: int = 0) -> list[Sample]:
     """gate_samples (or `n`) answers to each held-out prompt at the rollouts' length, on the gate's
-    seeds: the i-th answer of a prompt is the same whatever `n` (vLLM seeds it seed + i)."""
+    seeds, from its `first`-th answer on: the i-th answer of a prompt is the same whatever `n` and
+    whichever call draws it (vLLM seeds a request's answers seed, seed + 1, ...; each prompt's request
+    here is seeded base + prompt index, so answers first.. of all prompts are a draw seeded base + first)."""
     # the same seeds for champion and candidate: differences come from the weights
     return engine.generate(held_ids, max_tokens=config.response_length, temperature=config.temperature,
-                           n=n or settings.gate_samples, seed=settings.ppo_seed + 7_919)
+                           n=n or settings.gate_samples, seed=settings.ppo_seed + 7_919 + first)
 
 
 @dataclass(frozen=True)
@@ -148,11 +156,13 @@ class ChampionAnswers:
     """What the gate compares the candidate with, answered while the engine held the champion."""
 
     held: list[Sample]
-    """The held-out prompts' sampled answers (`gate_answers`)."""
+    """The held-out prompts' sampled answers of the gate's first stage (`gate_answers`)."""
     check: SanityCheck
     """The round's sanity check (gate_sanity_*), which the guard and the gate read the candidate by."""
     sanity: list[dict[str, Any]]
     """The sanity prompts' shares (`check.answers(..., full=True)`: the reference reading)."""
+    folder: Path
+    """The champion's weights, which the engine reloads to answer the gate's later stages."""
 
 
 @dataclass
@@ -223,9 +233,10 @@ def read_kl(engine: RolloutEngine, policy: PolicyWithValue, reference: PolicyWit
     if longer:
         answers = engine.generate(held_ids, max_tokens=limit, temperature=config.temperature,
                                   n=settings.gate_kl_samples, seed=settings.ppo_seed + 104_729)
-    elif cand is not None:
-        answers = firsts(cand, settings.gate_kl_samples)
-    else:  # the guard: the gate's first answers, sampled again
+    elif cand is not None and len(own := firsts(cand, settings.gate_kl_samples)) == \
+            len(held_ids) * settings.gate_kl_samples:
+        answers = own
+    else:  # the guard, or a gate stage of fewer answers: the gate's first answers, sampled again
         answers = held_answers(engine, held_ids, settings, config, n=settings.gate_kl_samples)
 
     tokens = sum(len(s.token_ids) for s in answers) / len(answers)
@@ -257,49 +268,120 @@ def firsts(samples: Sequence[Sample], n: int) -> list[Sample]:
     return out
 
 
+@dataclass
+class GatePairs:
+    """The gate's pairs read so far, stage after stage: the candidate's and the champion's answer to
+    the same prompt on the same seed, and their rewards."""
+
+    cand: list[Sample] = field(default_factory=list)
+    theirs: list[Sample] = field(default_factory=list)
+    r_cand: list[float] = field(default_factory=list)
+    r_champ: list[float] = field(default_factory=list)
+
+    def add(self, cand: list[Sample], theirs: list[Sample],
+            score: Callable[[list[Sample]], torch.Tensor]) -> None:
+        """One stage's answers, paired by prompt (the same seeds, the same order), scored by `score`."""
+        cand, theirs = sorted(cand, key=lambda s: int(s.prompt)), sorted(theirs, key=lambda s: int(s.prompt))
+        assert [s.prompt for s in cand] == [s.prompt for s in theirs], "the gate's stages answer unequally"
+        self.cand += cand
+        self.theirs += theirs
+        self.r_cand += score(cand).tolist()
+        self.r_champ += score(theirs).tolist()
+
+    @property
+    def gaps(self) -> list[float]:
+        return [a - b for a, b in zip(self.r_cand, self.r_champ, strict=True)]
+
+    @property
+    def same(self) -> list[bool]:
+        return [a.token_ids == b.token_ids for a, b in zip(self.cand, self.theirs, strict=True)]
+
+    @property
+    def length_diffs(self) -> list[float]:
+        pairs = zip(self.cand, self.theirs, strict=True)
+        return [float(len(a.token_ids) - len(b.token_ids)) for a, b in pairs]
+
+
 def measure_gate(engine: RolloutEngine, candidate: Path, models: GateModels, held_prompts: list[Messages],
                  held_ids: list[list[int]], champ: ChampionAnswers, settings: Settings,
                  config: PPOConfig,
                  known_kl: dict[str, Any] | None = None) -> tuple[dict[str, Any], GateVerdict]:
-    """With the engine holding the weights saved in `candidate`: answer the held-out prompts, score
-    both sides against the champion's answers, run the sanity prompts against the champion's;
-    returns (the gate's record, its verdict). The record's `seconds` times each part. `known_kl`:
-    the guard's reading of the candidate's KL (`candidate_kl`)."""
-    timer = PhaseTimer()
+    """With the engine holding the weights saved in `candidate`: answer the held-out prompts, read
+    the KL and run the sanity prompts against the champion's, then score both sides' answers stage
+    by stage (trainer/gate_stages.py: the champion's first stage is `champ.held`, its later ones are
+    drawn here with its weights reloaded) until the verdict is settled; returns (the gate's record,
+    its verdict). The record's `seconds` times each part. `known_kl`: the guard's reading of the
+    candidate's KL (`candidate_kl`)."""
+    timer, thresholds = PhaseTimer(), GateThresholds.from_settings(settings)
+    sizes = stage_sizes(settings.gate_samples, settings.gate_stages)
+    total = len(held_ids) * sum(sizes)
     with timer("answers"):
-        _, cand = gate_answers(engine, models.tokenizer, held_prompts, settings, config)
+        cand = held_answers(engine, held_ids, settings, config, n=sizes[0])
     with timer("kl"):
         kl = candidate_kl(engine, candidate, models, held_ids, cand, settings, config, known_kl)
-    cand = sorted(cand, key=lambda s: int(s.prompt))  # pairs by prompt: same seeds, same order
-    theirs = sorted(champ.held, key=lambda s: int(s.prompt))
+    with timer("sanity"):
+        sanity, broke = champ.check.read(engine, models.tokenizer, champ.sanity)
+    failing = checked_kl(kl, settings) > thresholds.max_kl or bool(broke)  # no win rate passes it
 
-    def reward(ss: list[Sample]) -> torch.Tensor:  # (N,) RM score less the missing-EOS penalty
+    def score(ss: list[Sample]) -> torch.Tensor:  # (N,) RM score less the missing-EOS penalty
         unended = torch.tensor([0.0 if s.finished else 1.0 for s in ss])
         scores: torch.Tensor = models.scorer([held_prompts[s.prompt] for s in ss], [s.text for s in ss])
         return scores - float(config.missing_eos_penalty) * unended
 
-    with timer("scores"):
-        r_cand, r_champ = reward(cand), reward(theirs)
-    check = champ.check
-    with timer("sanity"):
-        sanity, broke = check.read(engine, models.tokenizer, champ.sanity)
-    same = [a.token_ids == b.token_ids for a, b in zip(cand, theirs, strict=True)]
-    lengths = [len(s.token_ids) for s in cand], [len(s.token_ids) for s in theirs]
-    diffs = [float(a - b) for a, b in zip(*lengths, strict=True)]
-    verdict = gate_verdict((r_cand - r_champ).tolist(), same, checked_kl(kl, settings),  # float32 gaps
-                           [s["prompt"] for s in broke], GateThresholds.from_settings(settings), diffs)
-    gate = {
+    pairs, stages = GatePairs(), []
+    for k, size in enumerate(sizes):
+        theirs = champ.held
+        if k:
+            cand, theirs = _later_stage(engine, (candidate, champ.folder), held_ids, settings, config,
+                                        (size, sum(sizes[:k])), timer)
+        with timer("scores"):
+            pairs.add(cand, theirs, score)
+        outcomes = pair_outcomes(pairs.gaps, pairs.same, thresholds.tie_margin)
+        stages.append({"answers_per_prompt": size, "pairs": len(outcomes),
+                       "win_rate": sum(outcomes) / len(outcomes)})
+        if failing or (not thresholds.length_controlled
+                       and settled(outcomes, total, thresholds.min_win, settings.gate_settle_z)):
+            break
+    verdict = gate_verdict(pairs.gaps, pairs.same, checked_kl(kl, settings), [s["prompt"] for s in broke],
+                           thresholds, pairs.length_diffs)
+    gate = _record(pairs, verdict, kl, settings, champ, (sanity, broke))
+    gate.update(stages=stages, pairs_planned=total,
+                seconds={k: round(v, 2) for k, v in timer.seconds.items()})
+    return gate, verdict
+
+
+def _later_stage(engine: RolloutEngine, weights: tuple[Path, Path], held_ids: list[list[int]],
+                 settings: Settings, config: PPOConfig, answers: tuple[int, int],
+                 timer: PhaseTimer) -> tuple[list[Sample], list[Sample]]:
+    """A later stage's answers, (candidate's, champion's): `answers` = (how many per prompt, from which
+    one on); `weights` = (the candidate's folder, the champion's), which the engine reloads as needed."""
+    n, first = answers
+    out = []
+    for folder, part in zip(weights, ("answers", "champion_answers"), strict=True):
+        with timer(part):
+            if engine.weights_version != str(folder):
+                timer.seconds["reloads"] = timer.seconds.get("reloads", 0.0) + engine.load_weights(folder)
+            out.append(held_answers(engine, held_ids, settings, config, n=n, first=first))
+    return out[0], out[1]
+
+
+def _record(pairs: GatePairs, verdict: GateVerdict, kl: dict[str, Any], settings: Settings,
+            champ: ChampionAnswers,
+            sanity_read: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> dict[str, Any]:
+    """The gate's record (the round's state, the registry's manifest) but for its stages and seconds."""
+    sanity, broke = sanity_read
+    n = len(pairs.cand)
+    return {
         "win_rate": verdict.win_rate,
-        "win_rate_ci95": list(wilson_interval(round(verdict.wins), len(r_cand))),
-        "pairs": len(r_cand), "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
+        "win_rate_ci95": list(wilson_interval(round(verdict.wins), n)),
+        "pairs": n, "ties": verdict.ties, "tie_margin": settings.gate_tie_margin,
         "min_win": settings.gate_min_win, "lc_win_rate": verdict.lc_win_rate,
         "length_controlled": settings.gate_length_controlled,
-        "length_candidate": sum(lengths[0]) / len(cand), "length_champion": sum(lengths[1]) / len(theirs),
-        "reward_candidate": float(r_cand.mean()), "reward_champion": float(r_champ.mean()),
+        "length_candidate": sum(len(s.token_ids) for s in pairs.cand) / n,
+        "length_champion": sum(len(s.token_ids) for s in pairs.theirs) / n,
+        "reward_candidate": sum(pairs.r_cand) / n, "reward_champion": sum(pairs.r_champ) / n,
         **kl, "max_kl": settings.gate_max_kl, "max_kl_per_token": settings.gate_max_kl_per_token,
-        "sanity": sanity, "sanity_max_drop": check.max_drop, "sanity_passed": not broke,
+        "sanity": sanity, "sanity_max_drop": champ.check.max_drop, "sanity_passed": not broke,
         "sanity_champion": [{"prompt": c["prompt"], "share": c["share"]} for c in champ.sanity],
         "passed": verdict.passed, "failed": verdict.failed,
-        "seconds": {k: round(v, 2) for k, v in timer.seconds.items()},
     }
-    return gate, verdict

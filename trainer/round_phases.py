@@ -36,6 +36,7 @@ from kaizen.core.rounds_log import read_rounds
 from kaizen.core.settings import Settings
 from trainer.distributed import ONE_PROCESS
 from trainer.gate import ChampionAnswers, GateModels, GateThresholds, GateVerdict, gate_answers, measure_gate
+from trainer.gate_stages import stage_sizes
 from trainer.policy import RewardScorer, load_policy, save_policy
 from trainer.dpo import policy_trainer
 from trainer.ppo import IterationStats
@@ -176,7 +177,8 @@ def refresh_minutes(settings: Settings) -> float | None:
 
 
 def gate_factor(settings: Settings) -> float:
-    """How many times the champion's gate answers' seconds the gate will take: what the latest round
+    """How many times the champion's gate answers' seconds (its first stage: trainer/gate_stages.py)
+    the gate will take: what the latest round
     that gated measured (its `timings`, rounds.jsonl), where that is more than round_gate_factor (on
     the slow AVX2-only EPYC of 2026-12-05 the gate took 3.3x, 597 s after 182)."""
     for record in read_rounds(settings):
@@ -198,9 +200,11 @@ def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     config.apply_threads()
     # champion's answers to the held-out and the sanity prompts, while the engine still holds its weights
     with job.timer("gate_champion"):
-        held_ids, held = gate_answers(job.engine, tokenizer, job.held_prompts, settings, config)
+        first = stage_sizes(settings.gate_samples, settings.gate_stages)[0]  # the gate's first stage
+        held_ids, held = gate_answers(job.engine, tokenizer, job.held_prompts, settings, config, n=first)
         check = SanityCheck.from_settings(settings)
-        champ = ChampionAnswers(held, check, check.answers(job.engine, tokenizer, full=True))
+        champ = ChampionAnswers(held, check, check.answers(job.engine, tokenizer, full=True),
+                                job.registry.path(job.champion))
     candidate = ctx.work / "candidate"
     if not job.resuming:
         abandoned = _train_candidate(ctx, job, models, candidate, saved_dtype, champ, held_ids)

@@ -26,6 +26,18 @@ class RoundGateSettings(BaseSettings):
     interval [0.31, 0.63], so the verdict was a coin toss on a candidate whose mean reward was 0.21
     higher. 8 give 4x the pairs for about a minute more per round here (an estimate from the
     scoring rate; the round is ~12 minutes)."""
+    gate_stages: int = Field(default=2, ge=1)
+    """The gate reads its gate_samples answers per prompt in this many stages (as equal as they
+    divide; each stage's answers are the full draw's, on the same seeds) and stops after the stage
+    whose verdict is settled: the win rate so far lies more than gate_settle_z of its projected
+    spread from gate_min_win, or the KL or a sanity prompt already failed (trainer/gate_stages.py).
+    The champion's answers of the later stages are drawn then, the engine reloading its weights
+    (under a second on SmolLM2). 1: all answers at once, every round."""
+    gate_settle_z: float = Field(default=2.576, gt=0.0)
+    """How far (in projected standard errors) a stage's win rate must lie from gate_min_win for the
+    gate to stop there: the chance that all gate_samples answers would have decided the other way is
+    then under the normal tail beyond it (2.576: 0.5%). Ignored with gate_length_controlled, whose
+    regression has no such projection here: that gate reads every stage."""
     gate_sanity_file: Path | None = None
     """Sanity prompts, JSONL {"prompt": str, "expect": regex}; unset: capital of France -> Paris."""
     gate_sanity_samples: int = Field(default=16, ge=1)

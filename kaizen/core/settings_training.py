@@ -379,4 +379,6 @@ class RoundUpkeepSettings(BaseSettings):
     """The gate's time as a multiple of the champion's gate answers' (the phase before the update):
     the gate samples as many from the candidate and reads their rewards, KL and sanity prompts (the
     loop rows of 2026-12-05 on the AVX2-only EPYC: 211 s after 85, 193 s after 88). At least this; the
-    ratio the latest gated round measured where more (a slower EPYC: 597 s after 182, 3.3x)."""
+    ratio the latest gated round measured where more (a slower EPYC: 597 s after 182, 3.3x). The
+    champion answers the gate's first stage (gate_stages) then; a gate that settles there takes about
+    this, one that reads on about twice it, and the next round reserves what this one measured."""
