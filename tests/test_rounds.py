@@ -396,11 +396,60 @@ def test_the_sanity_guard_stops_on_a_broken_answer_and_puts_the_last_good_weight
     assert guard.failing(trainer) == []
 
 
+def test_a_check_that_leaves_no_time_for_another_iteration_is_the_updates_last(
+        world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
+    """TimeBudget (trainer/ppo_loop.py): before the first check its length is unknown, so the update
+    reads the room again after each check. Here (seconds on a clock the test keeps: a step takes 10,
+    a check 100, a slow machine's figures, which the tiny model cannot take for real) the budget of
+    200 fits iterations 1 and 2; the check after 2 leaves no room for a third and the check after it,
+    so the update stops on the weights that check read, within its budget, with one check, not two
+    (the slow EPYC's loop row of 2026-12-06 ran iteration 6 after the check at 5 and overran by 185 s).
+    The guard, the sanity check, the engine and the weights are real."""
+    from types import SimpleNamespace
+
+    from trainer.distributed import ONE_PROCESS
+    from trainer.policy import load_policy
+    from trainer.ppo import IterationStats
+    from trainer.ppo_config import PPOConfig
+    from trainer.ppo_loop import TimeBudget, UpdateGuard, run_ppo
+    from trainer.rollout_engine import sync_weights
+    from trainer.sanity import SanityCheck
+
+    policy, tok, _ = load_policy(world["champion"])
+    now = [0.0]
+    norm = policy.lm.model.norm.weight
+
+    def step(prompts: list[Any]) -> IterationStats:
+        with torch.no_grad():
+            norm.mul_(1.001)  # a small step: the sanity answers hold
+        sync_weights(policy, engine, tmp_path / "sync")
+        now[0] += 10.0
+        return IterationStats(len(done) + 1, *[0.0] * 15)
+
+    done: list[int] = []
+    trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
+                                   rng=random.Random(3), length_fit=SimpleNamespace(slope=0.0),
+                                   step=lambda p: (st := step(p), done.append(st.iteration))[0])
+    rng = random.Random(7)
+    guard = UpdateGuard(SanityCheck([{"prompt": question(rng)[0]["content"], "expect": "^(Yes|No)"}],
+                                    samples=8, max_drop=0.5, seed=11, confirm=0, max_tokens=8))
+    read = guard.failing
+    guard.failing = lambda tr: (now.__setitem__(0, now[0] + 100.0), read(tr))[1]  # type: ignore[method-assign]
+    engine.load_weights(world["champion"])
+    budget = TimeBudget(200.0, clock=lambda: now[0])
+    config = PPOConfig(iterations=6, response_length=8, sanity_every=2)
+    history = run_ppo(config, trainer, [[{"role": "user", "content": "Hi"}]] * 4, guard=guard, budget=budget)
+    assert [h.iteration for h in history] == [1, 2], budget.record()
+    assert budget.checks == [100.0] and budget.spent and now[0] <= budget.ends_at, (budget.record(), now)
+    assert guard.good_iteration == 2 and guard.failed_at is None
+    assert guard.record(config)["kept_iteration"] == 2
+
+
 def test_a_round_out_of_time_stops_its_update_and_checks_the_weights_it_stops_on(
         world: dict[str, Any], engine: Any, tmp_path: Path) -> None:
     """KAIZEN_ROUND_MAX_MINUTES: the update starts an iteration only if it still leaves the gate its
-    time (round_gate_factor x the champion's gate answers, measured in the round). Here the factor
-    leaves none, so one iteration of the four runs; the guard, which checks every 5th iteration and
+    expected time (the champion's gate answers, measured in the round, x round_gate_factor averaged
+    with the latest gated rounds' measured ratios). Here the factor leaves none, so one iteration of the four runs; the guard, which checks every 5th iteration and
     the last, checks that one (it is the candidate the gate reads), and the record says why the
     update stopped. The refresh's share of the budget is the reward training's time limit."""
     from trainer.round_phases import gate_factor, refresh_minutes
@@ -418,14 +467,15 @@ def test_a_round_out_of_time_stops_its_update_and_checks_the_weights_it_stops_on
     guard = ppo["sanity_guard"]
     assert (guard["every"], guard["failed_at"], guard["kept_iteration"]) == (5, None, 1), guard
     assert [e["iteration"] for e in round_events(settings) if e["kind"] == "iteration"] == [1]
-    # the next round reserves for its gate what this one's took, in units of its champion's answers
-    # (more than the setting's factor), or the factor where that is more
+    # the next round reserves for its gate the mean of the setting's factor and what the latest gated
+    # rounds' took, in units of their champion's answers
     timings = record["timings"]
     measured = timings["gate"] / timings["gate_champion"]
-    assert gate_factor(settings.model_copy(update={"round_gate_factor": 0.0})) == pytest.approx(measured)
-    assert gate_factor(settings) == 1e6
+    assert gate_factor(settings.model_copy(update={"round_gate_factor": 0.0})) == pytest.approx(measured / 2)
+    assert gate_factor(settings) == pytest.approx((1e6 + measured) / 2)
+    assert gate_factor(settings.model_copy(update={"round_gate_history": 0})) == 1e6
     fresh = round_settings(tmp_path / "no-rounds", world["champion"], world["broker"], world["pass"])
-    assert gate_factor(fresh) == fresh.round_gate_factor == 2.5
+    assert gate_factor(fresh) == fresh.round_gate_factor == 3.5
     # the refresh's limit: the round's share, or reward_max_minutes where that is less
     shares = [refresh_minutes(settings.model_copy(update=u)) for u in (
         {"round_refresh_share": 0.3}, {"round_refresh_share": 0.3, "reward_max_minutes": 2.0},
@@ -1035,3 +1085,25 @@ def test_the_missing_eos_penalty_is_charged_only_when_the_votes_favour_ended_ans
     # the setting off: the penalty whatever the votes say
     always = make_settings(tmp_path, ppo_missing_eos_penalty=0.8, ppo_missing_eos_from_votes=False)
     assert missing_eos_penalty(votes(7, 37), always) == {"penalty": 0.8}
+
+
+def test_the_gates_reserve_is_the_mean_of_the_prior_and_the_latest_gated_rounds(tmp_path: Path) -> None:
+    """KAIZEN_ROUND_GATE_HISTORY: a staged gate takes ~2.3x its champion's answers where its first stage
+    settles and ~4.9x where it reads on, so the update reserves the mean of round_gate_factor and the
+    latest gated rounds' ratios (rounds.jsonl, newest last), not the latest alone; rounds that did not
+    gate (skipped, failed) do not count."""
+    from kaizen.core.rounds_log import ROUNDS_LOG, rounds_dir
+    from trainer.round_phases import gate_factor
+
+    settings = Settings(data_dir=tmp_path, round_gate_factor=3.0, round_gate_history=2)
+    assert gate_factor(settings) == 3.0  # no rounds yet: the prior
+    rounds = [{"timings": {"gate": 100.0, "gate_champion": 10.0}},  # 10x: older than the history
+              {"timings": {"gate": 49.0, "gate_champion": 10.0}},
+              {"outcome": "skipped", "timings": {"refresh": 5.0, "gate_champion": 10.0}},
+              {"timings": {"gate": 23.0, "gate_champion": 10.0}}]
+    path = rounds_dir(settings) / ROUNDS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    assert gate_factor(settings) == pytest.approx((3.0 + 2.3 + 4.9) / 3)
+    assert gate_factor(settings.model_copy(update={"round_gate_history": 3})) == pytest.approx(
+        (3.0 + 2.3 + 4.9 + 10.0) / 4)

@@ -254,7 +254,9 @@ class TimeBudget:
     """When a round's policy update must end (monotonic seconds; setting round_max_minutes, the gate's
     time taken off): another iteration starts only if one as long as the longest so far, plus a
     guard check as long as the longest so far (the one that follows the last iteration), still ends
-    by then. The first iteration always runs; before the first check its length is not known (0)."""
+    by then. The first iteration always runs; before the first check its length is not known (0), so
+    the room is read again after each check: one that leaves none is the update's last.
+    `clock`: the seconds it counts in (time.monotonic; a test's clock can make a check slow)."""
 
     ends_at: float
     steps: list[float] = field(default_factory=list)
@@ -263,11 +265,16 @@ class TimeBudget:
     """Seconds of each of the guard's checks."""
     spent: bool = False
     """The update stopped here: another iteration would not have fitted."""
-    started: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(init=False)
+    """When it was made, by `clock`."""
+
+    def __post_init__(self) -> None:
+        self.started = self.clock()
 
     def room_for_another(self) -> bool:
         need = max(self.steps, default=0.0) + max(self.checks, default=0.0)
-        return time.monotonic() + need <= self.ends_at
+        return self.clock() + need <= self.ends_at
 
     def record(self) -> dict[str, Any]:
         """What the round's record keeps (`ppo.time_budget`)."""
@@ -291,6 +298,7 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
     history: list[IterationStats] = []
     if guard is not None:
         guard.start(trainer, config)
+    clock = budget.clock if budget is not None else time.monotonic
     with _progress(progress and trainer.dist.is_main) as bar:
         task = bar.add_task("PPO", total=config.iterations, reward=float("nan"), kl=float("nan"))
         for _ in range(config.iterations):
@@ -300,7 +308,7 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
                 fresh = list(range(len(prompts)))
                 trainer.rng.shuffle(fresh)
                 order = fresh + order
-            started = time.monotonic()
+            started = clock()
             stats = trainer.step([prompts[order.pop()] for _ in range(config.prompts_per_iteration)])
             history.append(stats)
             log.info("ppo iteration %d: reward %.3f kl %.3f beta %.4f clipfrac %.3f %.1f samples/s, %.1f "
@@ -309,7 +317,7 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
             if on_iteration is not None:
                 on_iteration(stats)
             bar.update(task, advance=1, reward=stats.reward_mean, kl=stats.kl)
-            if _stops_after(config, trainer, history, guard, budget, time.monotonic() - started):
+            if _stops_after(config, trainer, history, guard, budget, clock() - started):
                 break
     return history
 
@@ -317,18 +325,28 @@ def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages],
 def _stops_after(config: PPOConfig, trainer: PPOTrainer, history: list[IterationStats],
                  guard: UpdateGuard | None, budget: TimeBudget | None, step_s: float) -> bool:
     """After an iteration: whether the update stops here (the KL budget spent, no time for another,
-    or a check failed), the guard's checks run on the weights it stops on. Every rank decides alike."""
+    or a check failed), the guard's checks run on the weights it stops on. Every rank decides alike.
+    A periodic check leaves less time than was there when it was due (its length not known before the
+    first): where it leaves no room for another iteration and the check after it, the update stops on
+    the weights it has just read."""
     n = len(history)
     spent = trainer.dist.any(kl_spent([h.kl for h in history], config.stop_kl, config.stop_kl_window))
     if budget is not None:
         budget.steps.append(step_s)
-    late = n < config.iterations and trainer.dist.any(budget is not None and not budget.room_for_another())
+
+    def out_of_time() -> bool:
+        return n < config.iterations and trainer.dist.any(budget is not None and not budget.room_for_another())
+
+    late = out_of_time()
     if guard is not None:
-        started, checked = time.monotonic(), guard.due(config, n, spent or late)
+        clock = budget.clock if budget is not None else time.monotonic
+        started, checked = clock(), guard.due(config, n, spent or late)
         if guard.after(trainer, config, n, last=spent or late):
             return True
-        if budget is not None and checked:
-            budget.checks.append(time.monotonic() - started)
+        if checked:
+            if budget is not None:
+                budget.checks.append(clock() - started)
+            late = late or out_of_time()
     if spent:
         log.info("ppo: KL budget %.2f spent after %d iterations", config.stop_kl, n)
     if late:

@@ -19,6 +19,7 @@ the round's record. A round resumed after a crash with its candidate saved runs 
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -178,14 +179,14 @@ def refresh_minutes(settings: Settings) -> float | None:
 
 def gate_factor(settings: Settings) -> float:
     """How many times the champion's gate answers' seconds (its first stage: trainer/gate_stages.py)
-    the gate will take: what the latest round
-    that gated measured (its `timings`, rounds.jsonl), where that is more than round_gate_factor (on
-    the slow AVX2-only EPYC of 2026-12-05 the gate took 3.3x, 597 s after 182)."""
-    for record in read_rounds(settings):
-        timings = record.get("timings") or {}
-        if timings.get("gate") and timings.get("gate_champion"):
-            return max(settings.round_gate_factor, float(timings["gate"]) / float(timings["gate_champion"]))
-    return settings.round_gate_factor
+    the gate is expected to take: the mean of round_gate_factor (a prior worth one round) and the
+    ratios the latest round_gate_history rounds that gated measured (their `timings`, rounds.jsonl).
+    A staged gate takes ~2.3x where its first stage settles the verdict and ~4.9x where it reads on
+    (the slow EPYC's loop row of 2026-12-06), so one round's ratio is no forecast of the next's."""
+    ratios = [float(t["gate"]) / float(t["gate_champion"])
+              for t in (record.get("timings") or {} for record in read_rounds(settings))
+              if t.get("gate") and t.get("gate_champion")][:settings.round_gate_history]
+    return statistics.fmean([settings.round_gate_factor, *ratios])
 
 
 def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:

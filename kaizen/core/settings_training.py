@@ -375,10 +375,12 @@ class RoundUpkeepSettings(BaseSettings):
     (`ppo.time_budget`). None: no budget."""
     round_refresh_share: float = Field(default=0.35, gt=0, le=1)
     """The refresh's share of round_max_minutes (the loop rows of 2026-12-04/05: 23-33% of a round)."""
-    round_gate_factor: float = Field(default=2.5, ge=0)
-    """The gate's time as a multiple of the champion's gate answers' (the phase before the update):
-    the gate samples as many from the candidate and reads their rewards, KL and sanity prompts (the
-    loop rows of 2026-12-05 on the AVX2-only EPYC: 211 s after 85, 193 s after 88). At least this; the
-    ratio the latest gated round measured where more (a slower EPYC: 597 s after 182, 3.3x). The
-    champion answers the gate's first stage (gate_stages) then; a gate that settles there takes about
-    this, one that reads on about twice it, and the next round reserves what this one measured."""
+    round_gate_factor: float = Field(default=3.5, ge=0)
+    """The gate's time as a multiple of the champion's gate answers' (the phase before the update,
+    which draws the gate's first stage, gate_stages): the gate samples as many from the candidate,
+    reads their rewards, KL and sanity prompts, and where the first stage does not settle the verdict
+    draws the next from both. The slow AVX2-only EPYC's loop row of 2026-12-06: 547 s after 112
+    (4.9x) for a gate that read on; ~2.3x by its parts for one that settles. A prior: the update
+    reserves the mean of this and the ratios the latest round_gate_history gated rounds measured."""
+    round_gate_history: int = Field(default=4, ge=0)
+    """How many of the latest gated rounds' measured gate ratios the reserve above averages."""
