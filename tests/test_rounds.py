@@ -419,30 +419,52 @@ def test_a_check_that_leaves_no_time_for_another_iteration_is_the_updates_last(
     now = [0.0]
     norm = policy.lm.model.norm.weight
 
+    done: list[int] = []
+
     def step(prompts: list[Any]) -> IterationStats:
         with torch.no_grad():
             norm.mul_(1.001)  # a small step: the sanity answers hold
         sync_weights(policy, engine, tmp_path / "sync")
         now[0] += 10.0
-        return IterationStats(len(done) + 1, *[0.0] * 15)
+        done.append(len(done) + 1)
+        return IterationStats(done[-1], *[0.0] * 15)  # type: ignore[arg-type]
 
-    done: list[int] = []
     trainer: Any = SimpleNamespace(engine=engine, tokenizer=tok, policy=policy, dist=ONE_PROCESS,
-                                   rng=random.Random(3), length_fit=SimpleNamespace(slope=0.0),
-                                   step=lambda p: (st := step(p), done.append(st.iteration))[0])
+                                   rng=random.Random(3), length_fit=SimpleNamespace(slope=0.0), step=step)
     rng = random.Random(7)
-    guard = UpdateGuard(SanityCheck([{"prompt": question(rng)[0]["content"], "expect": "^(Yes|No)"}],
-                                    samples=8, max_drop=0.5, seed=11, confirm=0, max_tokens=8))
-    read = guard.failing
-    guard.failing = lambda tr: (now.__setitem__(0, now[0] + 100.0), read(tr))[1]  # type: ignore[method-assign]
+    check = SanityCheck([{"prompt": question(rng)[0]["content"], "expect": "^(Yes|No)"}],
+                        samples=8, max_drop=0.5, seed=11, confirm=0, max_tokens=8)
+
+    def slow(guard: UpdateGuard) -> UpdateGuard:
+        """The guard with its checks taking 100 s on the test's clock."""
+        read = guard.failing
+
+        def failing(trainer: Any) -> list[dict[str, Any]]:
+            now[0] += 100.0
+            return read(trainer)
+
+        guard.failing = failing  # type: ignore[method-assign]
+        return guard
+
+    guard = slow(UpdateGuard(check))
     engine.load_weights(world["champion"])
+    prompts = [[{"role": "user", "content": "Hi"}]] * 4
     budget = TimeBudget(200.0, clock=lambda: now[0])
     config = PPOConfig(iterations=6, response_length=8, sanity_every=2)
-    history = run_ppo(config, trainer, [[{"role": "user", "content": "Hi"}]] * 4, guard=guard, budget=budget)
+    history = run_ppo(config, trainer, prompts, guard=guard, budget=budget)
     assert [h.iteration for h in history] == [1, 2], budget.record()
     assert budget.checks == [100.0] and budget.spent and now[0] <= budget.ends_at, (budget.record(), now)
     assert guard.good_iteration == 2 and guard.failed_at is None
     assert guard.record(config)["kept_iteration"] == 2
+    # checking every 4th, a budget of 125 fits 4 steps but not the check after them, unknown before it
+    # runs: an overrun, unless the check's length is known before (the latest round's: check_prior)
+    config = PPOConfig(iterations=6, response_length=8, sanity_every=4)
+    for prior, iterations in ((0.0, [1, 2, 3, 4]), (100.0, [1, 2])):
+        now[0], done[:] = 0.0, []
+        budget = TimeBudget(125.0, clock=lambda: now[0], check_prior=prior)
+        history = run_ppo(config, trainer, prompts, guard=slow(UpdateGuard(check)), budget=budget)
+        assert [h.iteration for h in history] == iterations, budget.record()
+        assert budget.spent and (now[0] <= budget.ends_at) == bool(prior), (budget.record(), now)
 
 
 def test_a_round_out_of_time_stops_its_update_and_checks_the_weights_it_stops_on(
@@ -1087,23 +1109,26 @@ def test_the_missing_eos_penalty_is_charged_only_when_the_votes_favour_ended_ans
     assert missing_eos_penalty(votes(7, 37), always) == {"penalty": 0.8}
 
 
-def test_the_gates_reserve_is_the_mean_of_the_prior_and_the_latest_gated_rounds(tmp_path: Path) -> None:
+def test_the_budgets_forecasts_read_the_latest_rounds(tmp_path: Path) -> None:
     """KAIZEN_ROUND_GATE_HISTORY: a staged gate takes ~2.3x its champion's answers where its first stage
     settles and ~4.9x where it reads on, so the update reserves the mean of round_gate_factor and the
     latest gated rounds' ratios (rounds.jsonl, newest last), not the latest alone; rounds that did not
-    gate (skipped, failed) do not count."""
+    gate (skipped, failed) do not count. The guard's check is as long as the latest round's longest
+    until the update has measured its own (`check_prior`)."""
     from kaizen.core.rounds_log import ROUNDS_LOG, rounds_dir
-    from trainer.round_phases import gate_factor
+    from trainer.round_phases import check_prior, gate_factor
 
     settings = Settings(data_dir=tmp_path, round_gate_factor=3.0, round_gate_history=2)
-    assert gate_factor(settings) == 3.0  # no rounds yet: the prior
+    assert gate_factor(settings) == 3.0 and check_prior(settings) == 0.0  # no rounds yet: the priors
     rounds = [{"timings": {"gate": 100.0, "gate_champion": 10.0}},  # 10x: older than the history
-              {"timings": {"gate": 49.0, "gate_champion": 10.0}},
+              {"timings": {"gate": 49.0, "gate_champion": 10.0},
+               "ppo": {"time_budget": {"longest_check_s": 165.0}}},
               {"outcome": "skipped", "timings": {"refresh": 5.0, "gate_champion": 10.0}},
-              {"timings": {"gate": 23.0, "gate_champion": 10.0}}]
+              {"timings": {"gate": 23.0, "gate_champion": 10.0}, "ppo": {"iterations": 4}}]
     path = rounds_dir(settings) / ROUNDS_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rounds))
     assert gate_factor(settings) == pytest.approx((3.0 + 2.3 + 4.9) / 3)
     assert gate_factor(settings.model_copy(update={"round_gate_history": 3})) == pytest.approx(
         (3.0 + 2.3 + 4.9 + 10.0) / 4)
+    assert check_prior(settings) == 165.0  # the newest round ran no budget: the one before it

@@ -254,8 +254,9 @@ class TimeBudget:
     """When a round's policy update must end (monotonic seconds; setting round_max_minutes, the gate's
     time taken off): another iteration starts only if one as long as the longest so far, plus a
     guard check as long as the longest so far (the one that follows the last iteration), still ends
-    by then. The first iteration always runs; before the first check its length is not known (0), so
-    the room is read again after each check: one that leaves none is the update's last.
+    by then. The first iteration always runs; before the first check its length is `check_prior`
+    (the previous round's, or 0: not known), so the room is read again after each check: one that
+    leaves none is the update's last.
     `clock`: the seconds it counts in (time.monotonic; a test's clock can make a check slow)."""
 
     ends_at: float
@@ -263,6 +264,8 @@ class TimeBudget:
     """Seconds of each iteration's step (rollout, scoring, training, weight sync)."""
     checks: list[float] = field(default_factory=list)
     """Seconds of each of the guard's checks."""
+    check_prior: float = 0.0
+    """A check's seconds until this update has measured one (the latest round's longest)."""
     spent: bool = False
     """The update stopped here: another iteration would not have fitted."""
     clock: Callable[[], float] = time.monotonic
@@ -273,14 +276,15 @@ class TimeBudget:
         self.started = self.clock()
 
     def room_for_another(self) -> bool:
-        need = max(self.steps, default=0.0) + max(self.checks, default=0.0)
+        need = max(self.steps, default=0.0) + max(self.checks, default=self.check_prior)
         return self.clock() + need <= self.ends_at
 
     def record(self) -> dict[str, Any]:
         """What the round's record keeps (`ppo.time_budget`)."""
+        prior = {"check_prior_s": round(self.check_prior, 1)} if self.check_prior else {}
         return {"seconds": round(self.ends_at - self.started, 1), "stopped_the_update": self.spent,
                 "longest_iteration_s": round(max(self.steps, default=0.0), 1),
-                "longest_check_s": round(max(self.checks, default=0.0), 1)}
+                "longest_check_s": round(max(self.checks, default=0.0), 1), **prior}
 
 
 def run_ppo(config: PPOConfig, trainer: PPOTrainer, prompts: Sequence[Messages], *,

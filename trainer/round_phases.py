@@ -189,6 +189,16 @@ def gate_factor(settings: Settings) -> float:
     return statistics.fmean([settings.round_gate_factor, *ratios])
 
 
+def check_prior(settings: Settings) -> float:
+    """The longest guard check the latest round whose update ran one measured (its
+    `ppo.time_budget`, rounds.jsonl; 0: none), for this update's budget until its own first check."""
+    for record in read_rounds(settings):
+        seconds = ((record.get("ppo") or {}).get("time_budget") or {}).get("longest_check_s")
+        if seconds:
+            return float(seconds)
+    return 0.0
+
+
 def _ppo_gate_publish(ctx: RoundContext, job: RoundJob) -> dict[str, Any]:
     """2. train candidate (PPO; skipped when resuming) -> 3. gate -> 4. publish."""
     settings, config = ctx.settings, job.config
@@ -249,7 +259,8 @@ def _train_candidate(ctx: RoundContext, job: RoundJob, models: GateModels, candi
             guard = UpdateGuard(champ.check, baseline=champ.sanity,
                                 probe=_kl_probe(ctx.settings, models, held_ids))
             budget = None if job.ends_by is None else \
-                TimeBudget(job.ends_by - gate_factor(ctx.settings) * job.timer.seconds["gate_champion"])
+                TimeBudget(job.ends_by - gate_factor(ctx.settings) * job.timer.seconds["gate_champion"],
+                           check_prior=check_prior(ctx.settings) if config.sanity_every else 0.0)
             history = run_ppo(config, trainer, job.train_prompts, on_iteration=on_iteration,
                               should_stop=job.stopped, guard=guard, progress=ctx.options.progress,
                               budget=budget)
