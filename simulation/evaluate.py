@@ -60,19 +60,21 @@ def bootstrap_interval(scores: list[float], n: int, seed: int) -> tuple[float, f
 
 def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig,
                       engine: Any) -> dict[str, Any]:
-    """Every published version (not rejected by its gate) against v0 on the evaluation prompts."""
+    """Every published version (not rejected by its gate) against v0 on the evaluation prompts.
+    With none, nothing is drawn or judged: the report says so (v0 against itself reads 0.5 by
+    construction; on the slow EPYC its draws and the null control took ~25 minutes)."""
     from transformers import AutoTokenizer
 
     from trainer.policy import encode_prompt
     from trainer.sanity import SanityCheck
 
+    versions = gate_passed(registry)
+    eval_prompts = read_prompts(config.eval_prompts)
+    if not versions:
+        return {**_header(config, len(eval_prompts)), "skipped": "no version passed its gate: nothing to evaluate"}
     judge = load_judge(config.eval_judge or config.judge)
     second = load_judge(config.second_judge) if config.second_judge else None
-    eval_prompts = read_prompts(config.eval_prompts)
     messages = user_messages(eval_prompts)
-    gate_rejected = {e.version for e in registry.audit()
-                     if e.action == "publish" and e.to_stage == "rejected"}
-    versions = [v for v in registry.names() if v != "v0" and v not in gate_rejected]
     tokenizer = AutoTokenizer.from_pretrained(registry.path("v0"))
     ids = [encode_prompt(tokenizer, m, settings.ppo_max_prompt_length) for m in messages]
     check = SanityCheck.from_settings(settings)
@@ -95,10 +97,7 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
             bar.advance(task)
         write_answers(config.out_dir / ANSWERS_FILE, eval_prompts, answers)
         task = bar.add_task("evaluation: judge and KL", total=len(versions))
-        out: dict[str, Any] = {"prompts": len(eval_prompts), "samples_per_prompt": config.eval_samples,
-                               "max_tokens": config.eval_max_tokens, "temperature": config.eval_temperature,
-                               "judge": config.eval_judge or config.judge,
-                               "second_judge": config.second_judge, "versions": {}}
+        out = _header(config, len(eval_prompts))
         base = by_prompt(answers["v0"])
         out["versions"]["v0"] = {**answer_figures(answers["v0"]), "sanity_share": sanity_ok["v0"]}
         for v in versions:
@@ -118,6 +117,19 @@ def evaluate_versions(settings: Settings, registry: Registry, config: LoopConfig
             out["null_control"] = null_control(judge, second, messages, answers, config.bootstrap,
                                                config.seed)
     return out
+
+
+def _header(config: LoopConfig, prompts: int) -> dict[str, Any]:
+    """The evaluation's figures before any version's: what it reads, how, and with which judges."""
+    return {"prompts": prompts, "samples_per_prompt": config.eval_samples, "max_tokens": config.eval_max_tokens,
+            "temperature": config.eval_temperature, "judge": config.eval_judge or config.judge,
+            "second_judge": config.second_judge, "versions": {}}
+
+
+def gate_passed(registry: Registry) -> list[str]:
+    """The versions after v0 that their gate published (rolled back or not), oldest first."""
+    rejected = {e.version for e in registry.audit() if e.action == "publish" and e.to_stage == "rejected"}
+    return [v for v in registry.names() if v != "v0" and v not in rejected]
 
 
 def null_control(judge: Any, second: Any, messages: list[Any], answers: dict[str, list[Any]], bootstrap: int,

@@ -186,6 +186,29 @@ def test_result_line_reports_the_champion_not_the_best_version() -> None:
                                                                   overrides={})
 
 
+def test_with_no_version_past_its_gate_the_evaluation_draws_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    """A loop whose every candidate its gate rejected has nothing to evaluate: v0 against itself reads
+    0.5 by construction, and drawing it (with its null control) took ~25 minutes on the slow EPYC. The
+    report says why, draws nothing (no engine is given here: one used would fail), and its plot and
+    bench/README row read it ("champion still v0")."""
+    from kaizen.bench_cli import result_line
+    from simulation.evaluate import evaluate_versions, plot
+
+    registry = Registry(tmp_path / "registry")
+    registry.init_base(tiny_model)
+    registry.publish(tiny_model, parent="v0", who="trainer", rejected=True)
+    config = LoopConfig(out_dir=tmp_path / "out")
+    config.out_dir.mkdir()
+    evaluation = evaluate_versions(Settings(data_dir=tmp_path), registry, config, engine=None)
+    assert evaluation["versions"] == {} and "nothing to evaluate" in evaluation["skipped"], evaluation
+    assert evaluation["prompts"] > 0 and list(config.out_dir.iterdir()) == []  # no answers file
+    report = {"champion": "v0", "wall_s": 10.0, "evaluation": evaluation, "config": {}}
+    plot(report, config.out_dir / "loop.png")
+    assert (config.out_dir / "loop.png").stat().st_size > 0
+    line = result_line(report, rounds=1, votes=10, judge="j", seed=0, overrides={})
+    assert "champion still v0 (published: none)" in line, line
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
 def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pytest.TempPathFactory,
                                       algorithm: str) -> None:
