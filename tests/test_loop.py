@@ -290,6 +290,25 @@ def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pyte
         assert all(r["training"]["ppo"]["vote_pairs"] > 0 for r in report["rounds"]), report["rounds"]
     registry = Registry(config.out_dir / "data" / "registry")
     published = [r["training"]["version"] for r in report["rounds"] if r["training"]["outcome"] == "published"]
+    assert set(report["phases_s"]) >= {"start", "votes", "train", "evaluate"}
+    machine = report["machine"]  # where it ran, and what each auto dtype chose there
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch"] == torch.__version__
+    assert machine["dtypes"] == {k: c.dtype for k, c in Settings(model=champion).effective_dtypes().items()}
+    assert machine["commit"], machine  # the tests run in a git checkout
+    for v in published:  # the algorithm the round ran is recorded with the version
+        assert registry.info(v).training["config"]["algorithm"] == algorithm
+    assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]
+    assert (config.out_dir / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn either way
+    if not published:  # (DPO's one round, rejected by its gate: then nothing is drawn or judged)
+        assert report["evaluation"]["versions"] == {} and "skipped" in report["evaluation"], report["evaluation"]
+        assert not (config.out_dir / "answers.jsonl").exists()
+        return
+    _check_evaluation(config, report, registry, published)
+
+
+def _check_evaluation(config: LoopConfig, report: dict[str, Any], registry: Registry, published: list[str]) -> None:
+    """The short loop's evaluation: every published version judged against v0 by both judges, with
+    intervals, KL and sanity, its answers saved, and `kaizen bench judge` reading them again."""
     # the evaluation judged every published version against v0, with an interval, KL and sanity
     versions = report["evaluation"]["versions"]
     assert set(published) <= set(versions) and "v0" in versions
@@ -302,16 +321,8 @@ def test_short_loop_on_the_tiny_model(yes_no_model: Path, tmp_path_factory: pyte
         assert 0.0 <= e["truncated_share"] <= 1.0
         second = e["second_judge"]  # the same pairs read by another judge (here: one that prefers "No.")
         assert 0.0 <= second["ci95"][0] <= second["win_rate_vs_v0"] <= second["ci95"][1] <= 1.0
-    assert set(report["phases_s"]) >= {"start", "votes", "train", "evaluate"}
-    machine = report["machine"]  # where it ran, and what each auto dtype chose there
-    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch"] == torch.__version__
-    assert machine["dtypes"] == {k: c.dtype for k, c in Settings(model=champion).effective_dtypes().items()}
-    assert machine["commit"], machine  # the tests run in a git checkout
-    for v in published:  # the algorithm the round ran is recorded with the version
-        assert registry.info(v).training["config"]["algorithm"] == algorithm
     png = (config.out_dir / "loop.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert json.loads((config.out_dir / "loop.json").read_text())["evaluation"] == report["evaluation"]
     # every evaluation answer is saved (8 prompts x 2 per version, v0 included), and judging them again
     # (`kaizen bench judge`) gives the loop's own figures: the same pairs, in the same order
     # (and v0's second draw, the null control: other seeds, judged against v0 as a version is)
