@@ -31,17 +31,24 @@ def answers_path(source: Path) -> Path:
     """The answers file: `source` itself, or `answers.jsonl` in the loop's output folder `source`."""
     path = source / ANSWERS_FILE if source.is_dir() else source
     if not path.is_file():
+        if skipped := _loop_report(path).get("evaluation", {}).get("skipped"):  # (no version passed its gate)
+            raise ValueError(f"the loop run in {path.parent} evaluated nothing, so there are no answers to "
+                             f"judge: {skipped}")
         raise ValueError(f"{path} does not exist: give the output folder of `kaizen bench loop --out DIR` "
                          f"(its evaluation writes {ANSWERS_FILE}) or the file itself")
     return path
 
 
+def _loop_report(path: Path) -> dict[str, Any]:
+    """loop.json beside the answers file `path` ({} when there is none)."""
+    report = path.parent / "loop.json"
+    data = json.loads(report.read_text()) if report.is_file() else {}
+    return data if isinstance(data, dict) else {}
+
+
 def loop_config(path: Path) -> dict[str, Any]:
     """The run's settings from loop.json beside the answers ({} when there is none)."""
-    report = path.parent / "loop.json"
-    if not report.is_file():
-        return {}
-    config = json.loads(report.read_text()).get("config", {})
+    config = _loop_report(path).get("config", {})
     return config if isinstance(config, dict) else {}
 
 

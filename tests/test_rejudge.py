@@ -113,6 +113,13 @@ def test_bad_input_is_refused_with_its_cause(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "judge", str(tmp_path / "nothing"), "--judge", spec],
                                 env={"COLUMNS": "400"})
     assert result.exit_code == 2 and "does not exist" in result.output
+    # a run whose candidates all failed their gates evaluated nothing (simulation/evaluate.py): say so
+    skipped = tmp_path / "skipped"
+    skipped.mkdir()
+    (skipped / "loop.json").write_text(json.dumps({"evaluation": {"skipped": "no version passed its gate"}}))
+    result = CliRunner().invoke(app, ["bench", "judge", str(skipped), "--judge", spec], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "evaluated nothing" in result.output, result.output
+    assert "no version passed its gate" in result.output
     answers(tmp_path)
     lines = (tmp_path / "answers.jsonl").read_text().splitlines()
     (tmp_path / "answers.jsonl").write_text("\n".join(lines[:4] + ['{"version": "v1"}'] + lines[4:]) + "\n")
