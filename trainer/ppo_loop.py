@@ -339,17 +339,18 @@ def _stops_after(config: PPOConfig, trainer: PPOTrainer, history: list[Iteration
         budget.steps.append(step_s)
 
     def out_of_time() -> bool:
-        return n < config.iterations and trainer.dist.any(budget is not None and not budget.room_for_another())
+        return n < config.iterations and trainer.dist.any(budget is not None
+                                                          and not budget.room_for_another())
 
     late = out_of_time()
     if guard is not None:
-        clock = budget.clock if budget is not None else time.monotonic
-        started, checked = clock(), guard.due(config, n, spent or late)
+        started = budget.clock() if budget is not None else 0.0
+        checked = guard.due(config, n, spent or late)
         if guard.after(trainer, config, n, last=spent or late):
             return True
         if checked:
             if budget is not None:
-                budget.checks.append(clock() - started)
+                budget.checks.append(budget.clock() - started)
             late = late or out_of_time()
     if spent:
         log.info("ppo: KL budget %.2f spent after %d iterations", config.stop_kl, n)
