@@ -42,7 +42,7 @@ MANIFEST = "manifest.json"
 #: (kaizen/core/settings_training.py documents each).
 FROM_SETTINGS = ("max_length", "batch_size", "grad_accum", "lr", "epochs", "margin", "tie_weight",
                  "train_layers", "dtype", "threads", "eval_fraction", "eval_every", "patience", "seed",
-                 "max_minutes", "trunk_cache_mb", "ended_term", "relevance_pairs")
+                 "max_minutes", "budget_decay", "trunk_cache_mb", "ended_term", "relevance_pairs")
 
 
 def _setting(name: str) -> Any:
@@ -87,6 +87,8 @@ class RewardConfig:
     seed: int = _setting("seed")
     max_minutes: float | None = _setting("max_minutes")
     """Wall-clock budget; None: none."""
+    budget_decay: bool = _setting("budget_decay")
+    """With max_minutes: the learning rate's decay ends with the budget (reward_train.LrPlan)."""
     trunk_cache_mb: int = _setting("trunk_cache_mb")
     """Memory for the frozen lower layers' output of the training pairs, kept from their first pass
     (trainer/trunk.py); 0: the whole model runs at every pass."""

@@ -103,6 +103,11 @@ class TrainingSettings(BaseSettings):
     """Wall-clock budget of one training run; unset: none. A round's refresh counts it from the
     refresh's start (model load and the parent's held-out scoring spend it too); `kaizen reward
     train` from its first step."""
+    reward_budget_decay: bool = True
+    """With a time budget (reward_max_minutes, a round's refresh share), the learning rate's decay is
+    planned to end when the budget does, at the run's pace so far, not at the epochs' last step
+    (trainer/reward_train.LrPlan). false: a run the clock stops is cut at whatever rate it had.
+    bench/README.md, "The reward model's learning rate under a time budget"."""
     reward_trunk_cache_mb: int = Field(default=4096, ge=0)
     """With reward_train_layers below the model's depth, the frozen layers' output of each training
     sequence is kept from its first pass and later epochs run the trained layers only
