@@ -167,7 +167,9 @@ class LrPlan:
     (reward_budget_decay), `replan` sets them before every step to those that fit the time left at
     the run's pace so far (never more than planned), so a run the clock stops ends its decay with
     it instead of being cut at a high rate: the budgeted-training schedule of Li et al. (ICLR
-    2020). A round's refresh on a slow CPU is cut so (33 of 57 planned steps on the 2-core EPYC)."""
+    2020). Off by default: on a round's refresh that the clock cuts hard (14 of 63 planned steps on
+    the slow 2-core EPYC) it taught less than the cut schedule: the model is still far from fitted,
+    and the lower rates move it less (bench/reward_budget.py)."""
 
     def __init__(self, planned: int, warmup_fraction: float) -> None:
         self.planned = self.total = planned

@@ -103,11 +103,12 @@ class TrainingSettings(BaseSettings):
     """Wall-clock budget of one training run; unset: none. A round's refresh counts it from the
     refresh's start (model load and the parent's held-out scoring spend it too); `kaizen reward
     train` from its first step."""
-    reward_budget_decay: bool = True
-    """With a time budget (reward_max_minutes, a round's refresh share), the learning rate's decay is
-    planned to end when the budget does, at the run's pace so far, not at the epochs' last step
-    (trainer/reward_train.LrPlan). false: a run the clock stops is cut at whatever rate it had.
-    bench/README.md, "The reward model's learning rate under a time budget"."""
+    reward_budget_decay: bool = False
+    """true: with a time budget (reward_max_minutes, a round's refresh share), the learning rate's
+    decay is planned to end when the budget does, at the run's pace so far, not at the epochs' last
+    step (trainer/reward_train.LrPlan). Off by default: measured worse where a round's refresh is
+    cut hard (14 of 63 steps on the slow EPYC: held-out Bradley–Terry loss +0.022, accuracy -0.04;
+    the model is still far from fitted and the lower rates teach less). bench/README.md, The reward model's learning rate under a time budget"."""
     reward_trunk_cache_mb: int = Field(default=4096, ge=0)
     """With reward_train_layers below the model's depth, the frozen layers' output of each training
     sequence is kept from its first pass and later epochs run the trained layers only
@@ -378,8 +379,11 @@ class RoundUpkeepSettings(BaseSettings):
     the gate round_gate_factor x the seconds the champion's gate answers took in this round
     (trainer/ppo_loop.py, TimeBudget). One iteration always runs. The round's record says so
     (`ppo.time_budget`). None: no budget."""
-    round_refresh_share: float = Field(default=0.35, gt=0, le=1)
-    """The refresh's share of round_max_minutes (the loop rows of 2026-12-04/05: 23-33% of a round)."""
+    round_refresh_share: float = Field(default=0.2, gt=0, le=1)
+    """The refresh's share of round_max_minutes. 0.2 since 2026-12-06: on the slow 2-core EPYC the
+    refresh at 0.35 left the update 5-6 PPO iterations (KL 0.2-0.3, gate near chance); at 0.2, 12
+    (KL 1.55, gate 0.605) with the reward model's held-out accuracy unchanged (0.744 after 22 of 57
+    steps; 0.73-0.75 after 33-39). bench/README.md, "The loop"."""
     round_gate_factor: float = Field(default=3.5, ge=0)
     """The gate's time as a multiple of the champion's gate answers' (the phase before the update,
     which draws the gate's first stage, gate_stages): the gate samples as many from the candidate,
