@@ -18,7 +18,6 @@ pass/fail test; the times are only indicative (a noisy machine).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -36,16 +35,16 @@ from trainer.reward_data import Pair, encode_pairs, pairs_from_events, read_pair
 from trainer.reward_eval import score_pairs, wilson_interval  # noqa: E402
 from trainer.reward_model import RewardConfig, load_reward_model  # noqa: E402
 from trainer.reward_train import train_reward_model  # noqa: E402
+from trainer.store import PreferenceStore, prompt_key  # noqa: E402
+from simulation.evaluate import bootstrap_interval  # noqa: E402
 
 
 def read_source(path: Path) -> list[Pair]:
     """The decided pairs of a pairs file (.jsonl) or of a preference store (a .sqlite of votes)."""
     if path.suffix == ".sqlite":
-        from trainer.store import PreferenceStore
-
         store = PreferenceStore(path)
         try:
-            events = [ev for _, ev in store.events_between(0, store.last_rowid())]
+            events = [ev for _, ev in store.events_between(0)]
         finally:
             store.close()
         return pairs_from_events(events)[0]
@@ -54,15 +53,11 @@ def read_source(path: Path) -> list[Pair]:
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, resamples: int = 2000,
                       seed: int = 0) -> dict[str, float]:
-    """mean(a - b) over paired values (N,), (N,) with a percentile bootstrap 95% interval."""
-    diff = (a - b).double()
-    n = len(diff)
-    if n == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan")}
-    gen = torch.Generator().manual_seed(seed)
-    means = diff[torch.randint(n, (resamples, n), generator=gen)].mean(-1)  # (resamples,)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"mean": float(diff.mean()), "low": low, "high": high}
+    """mean(a - b) over paired values (N,), (N,) with a percentile bootstrap 95% interval (the loop
+    evaluation's `bootstrap_interval`, over the pairs' differences)."""
+    diff = (a - b).double().tolist()
+    low, high = bootstrap_interval(diff, resamples, seed)
+    return {"mean": sum(diff) / len(diff) if diff else float("nan"), "low": low, "high": high}
 
 
 def per_pair(model: Any, tok: Any, pairs: list[Pair], config: RewardConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +86,11 @@ def train_and_read(args: argparse.Namespace, decay: bool, train: list[Pair],
 
 def split_by_prompt(train: list[Pair], test: list[Pair], limit: int, seed: int) -> dict[str, list[Pair]]:
     """Test pairs whose prompt the training saw, and the others, `limit` each (drawn with `seed`)."""
-    seen_prompts = {json.dumps(p.prompt, sort_keys=True) for p in train}
+    seen_prompts = {prompt_key(p.prompt) for p in train}
     shuffled = list(test)
     random.Random(seed).shuffle(shuffled)
-    seen = [p for p in shuffled if json.dumps(p.prompt, sort_keys=True) in seen_prompts][:limit]
-    unseen = [p for p in shuffled if json.dumps(p.prompt, sort_keys=True) not in seen_prompts][:limit]
+    seen = [p for p in shuffled if prompt_key(p.prompt) in seen_prompts][:limit]
+    unseen = [p for p in shuffled if prompt_key(p.prompt) not in seen_prompts][:limit]
     return {k: v for k, v in (("unseen", unseen), ("seen", seen)) if v}
 
 

@@ -120,7 +120,7 @@ def train_reward_model(
     model.train()
     fit.optimizer.zero_grad(set_to_none=True)
     with _progress(progress and dist.is_main) as bar:
-        task = bar.add_task("reward model", total=fit.total_steps, loss=float("nan"), acc=float("nan"),
+        task = bar.add_task("reward model", total=fit.plan.planned, loss=float("nan"), acc=float("nan"),
                             held=f"{fit.best[0]:.3f}" if fit.enc_held else "-")
         for _epoch in range(config.epochs):
             fit.epoch(length_batches(fit.enc_train, config.batch_size, rng), bar, task, deadline)
@@ -226,9 +226,8 @@ class _Fit:
         self.ended = (EndedTerm(self.enc_train, dist.device)
                       if config.ended_term and any(e.ended_gap for e in self.enc_train) else None)
         self.plan, self.optimizer = _optimizer(self.params, len(self.enc_train), config, self.ended)
-        self.total_steps = self.plan.planned
         self.lr_factor = 0.0  # of the last step taken
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # the first step's start: train_reward_model sets it
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
         self.best: tuple[float, float] = (-1.0, -math.inf)
@@ -311,11 +310,11 @@ class _Fit:
             log.info("frozen trunk (%d layers) of the training sequences: %d passes from the cache, %d run, "
                      "%.0f MB kept", self.trunk.depth, self.trunk.hits, self.trunk.misses, self.trunk.bytes / 2**20)
         log.info("reward training %s after %d of %d steps (%.0f s, %.2f pairs/s, last lr x%.2f); best held-out "
-                 "step %d", self.stopped, step, self.total_steps, seconds, seen / seconds if seconds else 0.0,
+                 "step %d", self.stopped, step, self.plan.planned, seconds, seen / seconds if seconds else 0.0,
                  self.lr_factor, self.best_step)
         return TrainResult(step, seen, seconds, self.stopped, self.best_step if self.enc_held else step,
                            self.history, self.losses, self.ended.describe() if self.ended else None,
-                           self.total_steps, self.lr_factor)
+                           self.plan.planned, self.lr_factor)
 
 
 def _accumulate(forward: nn.Module, group: Sequence[list[int]], encoded: Sequence[EncodedPair], pad_id: int,
