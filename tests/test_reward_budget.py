@@ -8,6 +8,7 @@ it worse where the cut is hard.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.reward_budget import paired_difference
+from bench.reward_budget import paired_difference, parse_arm
 from trainer.distributed import ONE_PROCESS
 from trainer.reward_model import load_reward_model
 from trainer.reward_train import LrPlan, train_reward_model
@@ -99,5 +100,14 @@ def test_the_bench_trains_both_ways_on_files_and_reports(tmp_path: Path, tiny_mo
         assert row["train"]["stopped"] == "time budget" and row["unseen"]["pairs"] == 16, row
         assert "seen" not in row  # the synthetic questions are drawn anew: none repeats a training one
     assert decay["train"]["lr_end"] < cut["train"]["lr_end"], (decay["train"], cut["train"])
-    assert set(report["decay_minus_cut"]["unseen"]) == {"accuracy", "bt_loss"}
-    assert "unseen accuracy" in out.stdout and "decay − cut" in out.stdout, out.stdout
+    assert set(report["first_minus_second"]["unseen"]) == {"accuracy", "bt_loss"}
+    assert "unseen accuracy" in out.stdout and "budget_decay=True − budget_decay=False" in out.stdout, out.stdout
+
+
+def test_an_arm_names_reward_config_fields_with_typed_values() -> None:
+    """`--arm lr=1e-4,budget_decay=true` overrides those RewardConfig fields; a name that is not a
+    field is refused with the fields listed, not silently ignored."""
+    assert parse_arm("lr=1e-4, budget_decay=true") == {"lr": 1e-4, "budget_decay": True}
+    assert parse_arm("dtype=float32,train_layers=4") == {"dtype": "float32", "train_layers": 4}
+    with pytest.raises(argparse.ArgumentTypeError, match="learning_rate=.*budget_decay"):
+        parse_arm("learning_rate=1e-4")

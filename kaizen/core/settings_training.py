@@ -37,7 +37,9 @@ class TrainingSettings(BaseSettings):
     """Pairs per micro-batch (each pair is two sequences)."""
     reward_grad_accum: int = Field(default=2, ge=1)
     """Micro-batches per optimizer step."""
-    reward_lr: float = Field(default=5e-5, gt=0)
+    reward_lr: float = Field(default=2e-4, gt=0)
+    """Peak rate. A refresh cut by its time share (~15-25 steps on 2 slow cores) is rate-limited: on the
+    same votes, 2e-4 beat 1e-4 and 1e-4 beat 5e-5 (bench/README.md, "...under a time budget")."""
     reward_epochs: int = Field(default=3, ge=1)
     """Passes over a refresh's pairs. Measured on SmolLM2 with 150 rubric-judged pairs of its own
     answers (254 test pairs): 1 epoch at lr 2e-5 0.49 accuracy (chance), 3 epochs at 5e-5 0.65;
